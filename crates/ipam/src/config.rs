@@ -1,0 +1,558 @@
+//! Configuration from the Amazon VPC CNI's environment variable names and defaults
+//! (upstream-ipamd.md §1.1 and §1.2). Unlike upstream, a value that does not parse is an error that names
+//! the variable and the value: a typo must not silently become a default.
+
+use crate::net::Ipv4Cidr;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{name}={value:?}: {reason}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{0}")]
+    Conflict(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RandomizeSnat {
+    None,
+    HashRandom,
+    Prng,
+}
+
+impl RandomizeSnat {
+    /// The integer upstream's introspection reports for this setting.
+    pub fn upstream_code(self) -> u8 {
+        match self {
+            RandomizeSnat::None => 0,
+            RandomizeSnat::HashRandom => 1,
+            RandomizeSnat::Prng => 2,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkPolicyMode {
+    Unset,
+    None,
+    Strict,
+    Standard,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SgEnforcingMode {
+    Strict,
+    Standard,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    // Pool (upstream-ipamd.md §1.1).
+    pub warm_eni_target: u32,
+    pub warm_ip_target: u32,
+    pub minimum_ip_target: u32,
+    pub warm_prefix_target: u32,
+    pub prefix_delegation: bool,
+    /// MAX_ENI when it is at least 1; upstream ignores lower values.
+    pub max_eni: Option<u32>,
+    pub ip_cooldown: Duration,
+    pub custom_networking: bool,
+    pub eni_config_annotation: String,
+    pub eni_config_label: String,
+    pub pod_eni: bool,
+    pub ipv4: bool,
+    pub ipv6: bool,
+    pub subnet_discovery: bool,
+    pub manage_enis_non_schedulable: bool,
+    pub disable_provisioning: bool,
+    pub imds_only: bool,
+    pub disable_leaked_eni_cleanup: bool,
+    pub manage_untagged_eni: bool,
+    pub backing_store: String,
+    pub annotate_pod_ip: bool,
+    pub network_policy_mode: NetworkPolicyMode,
+    pub multi_nic: bool,
+    pub cluster_name: String,
+    pub additional_eni_tags: BTreeMap<String, String>,
+    pub introspection_bind: String,
+    pub disable_introspection: bool,
+    pub disable_metrics: bool,
+    pub http_timeout: Duration,
+    pub ec2_endpoint: Option<String>,
+    pub vpc_cni_version: String,
+    pub cluster_endpoint: Option<String>,
+    pub log_level: String,
+    pub log_file: String,
+    // Host networking (§1.2).
+    pub external_snat: bool,
+    pub exclude_snat_cidrs: Vec<Ipv4Cidr>,
+    pub randomize_snat: RandomizeSnat,
+    pub node_port_support: bool,
+    pub connmark: u32,
+    pub external_service_cidrs: Vec<Ipv4Cidr>,
+    pub eni_mtu: u32,
+    pub pod_mtu: u32,
+    pub veth_prefix: String,
+    pub pod_sg_enforcing_mode: SgEnforcingMode,
+    pub v6_egress: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_lookup(|_| None).expect("the defaults are valid")
+    }
+}
+
+/// Reads variables through a lookup function so that the core never touches the process environment.
+struct Env<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Env<'_> {
+    fn raw(&self, name: &'static str) -> Option<String> {
+        (self.lookup)(name).filter(|v| !v.trim().is_empty())
+    }
+
+    fn invalid(name: &'static str, value: &str, reason: impl fmt::Display) -> ConfigError {
+        ConfigError::Invalid {
+            name,
+            value: value.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Go's strconv.ParseBool spellings, which is what upstream accepts.
+    fn bool(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.raw(name) {
+            None => Ok(default),
+            Some(v) => match v.trim() {
+                "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+                "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+                _ => Err(Self::invalid(name, &v, "expected true or false")),
+            },
+        }
+    }
+
+    fn int(&self, name: &'static str) -> Result<Option<i64>, ConfigError> {
+        self.raw(name)
+            .map(|v| {
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|_| Self::invalid(name, &v, "expected an integer"))
+            })
+            .transpose()
+    }
+
+    fn count(&self, name: &'static str, default: u32) -> Result<u32, ConfigError> {
+        match self.int(name)? {
+            None => Ok(default),
+            Some(n) => u32::try_from(n).map_err(|_| {
+                Self::invalid(
+                    name,
+                    &n.to_string(),
+                    "expected a whole number of at least 0",
+                )
+            }),
+        }
+    }
+
+    fn string(&self, name: &'static str, default: &str) -> String {
+        self.raw(name).unwrap_or_else(|| default.to_string())
+    }
+
+    fn cidrs(&self, name: &'static str) -> Result<Vec<Ipv4Cidr>, ConfigError> {
+        let Some(v) = self.raw(name) else {
+            return Ok(Vec::new());
+        };
+        v.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<Ipv4Cidr>()
+                    .map_err(|e| Self::invalid(name, &v, e))
+            })
+            .collect()
+    }
+}
+
+impl Config {
+    /// Every variable this configuration reads, for introspection and for checking manifests.
+    pub const VARIABLES: &'static [&'static str] = &[
+        "WARM_ENI_TARGET",
+        "WARM_IP_TARGET",
+        "MINIMUM_IP_TARGET",
+        "WARM_PREFIX_TARGET",
+        "ENABLE_PREFIX_DELEGATION",
+        "MAX_ENI",
+        "IP_COOLDOWN_PERIOD",
+        "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
+        "ENI_CONFIG_ANNOTATION_DEF",
+        "ENI_CONFIG_LABEL_DEF",
+        "ENABLE_POD_ENI",
+        "ENABLE_IPv4",
+        "ENABLE_IPv6",
+        "ENABLE_SUBNET_DISCOVERY",
+        "AWS_MANAGE_ENIS_NON_SCHEDULABLE",
+        "DISABLE_NETWORK_RESOURCE_PROVISIONING",
+        "ENABLE_IMDS_ONLY_MODE",
+        "DISABLE_LEAKED_ENI_CLEANUP",
+        "MANAGE_UNTAGGED_ENI",
+        "AWS_VPC_K8S_CNI_BACKING_STORE",
+        "ANNOTATE_POD_IP",
+        "NETWORK_POLICY_ENFORCING_MODE",
+        "ENABLE_MULTI_NIC",
+        "CLUSTER_NAME",
+        "ADDITIONAL_ENI_TAGS",
+        "INTROSPECTION_BIND_ADDRESS",
+        "DISABLE_INTROSPECTION",
+        "DISABLE_METRICS",
+        "HTTP_TIMEOUT",
+        "AWS_EC2_ENDPOINT",
+        "VPC_CNI_VERSION",
+        "CLUSTER_ENDPOINT",
+        "AWS_VPC_K8S_CNI_LOGLEVEL",
+        "AWS_VPC_K8S_CNI_LOG_FILE",
+        "AWS_VPC_K8S_CNI_EXTERNALSNAT",
+        "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
+        "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
+        "AWS_VPC_CNI_NODE_PORT_SUPPORT",
+        "AWS_VPC_K8S_CNI_CONNMARK",
+        "AWS_EXTERNAL_SERVICE_CIDRS",
+        "AWS_VPC_ENI_MTU",
+        "POD_MTU",
+        "AWS_VPC_K8S_CNI_VETHPREFIX",
+        "POD_SECURITY_GROUP_ENFORCING_MODE",
+        "ENABLE_V6_EGRESS",
+    ];
+
+    /// Builds the configuration from `lookup(name)`, e.g. `|k| std::env::var(k).ok()`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let env = Env { lookup: &lookup };
+        let max_eni = env
+            .int("MAX_ENI")?
+            .filter(|&n| n >= 1)
+            .map(|n| n.min(u32::MAX as i64) as u32);
+        let http_timeout = env.count("HTTP_TIMEOUT", 10)?;
+        if http_timeout < 10 {
+            return Err(Env::invalid(
+                "HTTP_TIMEOUT",
+                &http_timeout.to_string(),
+                "must be at least 10 seconds",
+            ));
+        }
+        let eni_mtu = mtu(&env, "AWS_VPC_ENI_MTU", 9001)?;
+        let cfg = Config {
+            warm_eni_target: env.count("WARM_ENI_TARGET", 1)?,
+            warm_ip_target: env.count("WARM_IP_TARGET", 0)?,
+            minimum_ip_target: env.count("MINIMUM_IP_TARGET", 0)?,
+            // Upstream's code default is 0 but its shipped manifest sets 1, and with 0 its entrypoint refuses
+            // ENABLE_PREFIX_DELEGATION=true alone: 1 is what users of the manifest actually run.
+            warm_prefix_target: env.count("WARM_PREFIX_TARGET", 1)?,
+            prefix_delegation: env.bool("ENABLE_PREFIX_DELEGATION", false)?,
+            max_eni,
+            ip_cooldown: Duration::from_secs(env.count("IP_COOLDOWN_PERIOD", 30)? as u64),
+            custom_networking: env.bool("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", false)?,
+            eni_config_annotation: env
+                .string("ENI_CONFIG_ANNOTATION_DEF", "k8s.amazonaws.com/eniConfig"),
+            eni_config_label: env.string("ENI_CONFIG_LABEL_DEF", "k8s.amazonaws.com/eniConfig"),
+            pod_eni: env.bool("ENABLE_POD_ENI", false)?,
+            // The code default is false but every manifest and the README say true: IPv4 clusters set nothing.
+            ipv4: env.bool("ENABLE_IPv4", true)?,
+            ipv6: env.bool("ENABLE_IPv6", false)?,
+            subnet_discovery: env.bool("ENABLE_SUBNET_DISCOVERY", true)?,
+            manage_enis_non_schedulable: env.bool("AWS_MANAGE_ENIS_NON_SCHEDULABLE", false)?,
+            disable_provisioning: env.bool("DISABLE_NETWORK_RESOURCE_PROVISIONING", false)?,
+            imds_only: env.bool("ENABLE_IMDS_ONLY_MODE", false)?,
+            disable_leaked_eni_cleanup: env.bool("DISABLE_LEAKED_ENI_CLEANUP", false)?,
+            manage_untagged_eni: env.bool("MANAGE_UNTAGGED_ENI", true)?,
+            backing_store: env.string(
+                "AWS_VPC_K8S_CNI_BACKING_STORE",
+                "/var/run/aws-node/ipam.json",
+            ),
+            annotate_pod_ip: env.bool("ANNOTATE_POD_IP", false)?,
+            network_policy_mode: match env.raw("NETWORK_POLICY_ENFORCING_MODE") {
+                None => NetworkPolicyMode::Unset,
+                Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+                    "none" => NetworkPolicyMode::None,
+                    "strict" => NetworkPolicyMode::Strict,
+                    "standard" => NetworkPolicyMode::Standard,
+                    _ => {
+                        return Err(Env::invalid(
+                            "NETWORK_POLICY_ENFORCING_MODE",
+                            &v,
+                            "expected none, strict or standard",
+                        ))
+                    }
+                },
+            },
+            multi_nic: env.bool("ENABLE_MULTI_NIC", false)?,
+            cluster_name: env.string("CLUSTER_NAME", ""),
+            additional_eni_tags: additional_tags(&env)?,
+            introspection_bind: env.string("INTROSPECTION_BIND_ADDRESS", "127.0.0.1:61679"),
+            disable_introspection: env.bool("DISABLE_INTROSPECTION", false)?,
+            disable_metrics: env.bool("DISABLE_METRICS", false)?,
+            http_timeout: Duration::from_secs(http_timeout as u64),
+            ec2_endpoint: env.raw("AWS_EC2_ENDPOINT"),
+            vpc_cni_version: env.string("VPC_CNI_VERSION", ""),
+            cluster_endpoint: env.raw("CLUSTER_ENDPOINT"),
+            log_level: env.string("AWS_VPC_K8S_CNI_LOGLEVEL", "Debug"),
+            log_file: env.string(
+                "AWS_VPC_K8S_CNI_LOG_FILE",
+                "/host/var/log/aws-routed-eni/ipamd.log",
+            ),
+            external_snat: env.bool("AWS_VPC_K8S_CNI_EXTERNALSNAT", false)?,
+            exclude_snat_cidrs: env.cidrs("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS")?,
+            randomize_snat: match env
+                .raw("AWS_VPC_K8S_CNI_RANDOMIZESNAT")
+                .as_deref()
+                .map(str::trim)
+            {
+                None | Some("prng") => RandomizeSnat::Prng,
+                Some("hashrandom") => RandomizeSnat::HashRandom,
+                Some("none") => RandomizeSnat::None,
+                Some(v) => {
+                    return Err(Env::invalid(
+                        "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
+                        v,
+                        "expected prng, hashrandom or none",
+                    ))
+                }
+            },
+            node_port_support: env.bool("AWS_VPC_CNI_NODE_PORT_SUPPORT", true)?,
+            connmark: connmark(&env)?,
+            external_service_cidrs: env.cidrs("AWS_EXTERNAL_SERVICE_CIDRS")?,
+            eni_mtu,
+            pod_mtu: mtu(&env, "POD_MTU", eni_mtu)?,
+            veth_prefix: veth_prefix(&env)?,
+            pod_sg_enforcing_mode: match env
+                .raw("POD_SECURITY_GROUP_ENFORCING_MODE")
+                .as_deref()
+                .map(str::trim)
+            {
+                None | Some("strict") => SgEnforcingMode::Strict,
+                Some("standard") => SgEnforcingMode::Standard,
+                Some(v) => {
+                    return Err(Env::invalid(
+                        "POD_SECURITY_GROUP_ENFORCING_MODE",
+                        v,
+                        "expected strict or standard",
+                    ))
+                }
+            },
+            v6_egress: env.bool("ENABLE_V6_EGRESS", false)?,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.ipv4 == self.ipv6 {
+            return Err(ConfigError::Conflict(
+                "exactly one of ENABLE_IPv4 and ENABLE_IPv6 must be true".into(),
+            ));
+        }
+        if self.ipv6 && !self.prefix_delegation {
+            return Err(ConfigError::Conflict(
+                "ENABLE_IPv6=true requires ENABLE_PREFIX_DELEGATION=true".into(),
+            ));
+        }
+        if self.ipv6 && self.custom_networking {
+            return Err(ConfigError::Conflict(
+                "ENABLE_IPv6=true cannot be combined with AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true"
+                    .into(),
+            ));
+        }
+        if self.prefix_delegation
+            && self.warm_ip_target == 0
+            && self.warm_prefix_target == 0
+            && self.minimum_ip_target == 0
+        {
+            return Err(ConfigError::Conflict(
+                "with ENABLE_PREFIX_DELEGATION=true, at least one of WARM_PREFIX_TARGET, WARM_IP_TARGET or \
+                 MINIMUM_IP_TARGET must be greater than 0"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// WARM_IP_TARGET or MINIMUM_IP_TARGET set: upstream's "IP-target mode", which overrides the other targets.
+    pub fn ip_targets_defined(&self) -> bool {
+        self.warm_ip_target != 0 || self.minimum_ip_target != 0
+    }
+}
+
+fn mtu(env: &Env, name: &'static str, default: u32) -> Result<u32, ConfigError> {
+    let v = env.count(name, default)?;
+    if !(576..=9001).contains(&v) {
+        return Err(Env::invalid(
+            name,
+            &v.to_string(),
+            "must lie between 576 and 9001",
+        ));
+    }
+    Ok(v)
+}
+
+fn veth_prefix(env: &Env) -> Result<String, ConfigError> {
+    let name = "AWS_VPC_K8S_CNI_VETHPREFIX";
+    let v = env.string(name, "eni");
+    if v.len() > 4 {
+        return Err(Env::invalid(name, &v, "must be at most 4 characters"));
+    }
+    if ["eth", "lo", "vlan"].contains(&v.as_str()) {
+        return Err(Env::invalid(name, &v, "eth, lo and vlan are reserved"));
+    }
+    Ok(v)
+}
+
+fn connmark(env: &Env) -> Result<u32, ConfigError> {
+    let name = "AWS_VPC_K8S_CNI_CONNMARK";
+    let Some(v) = env.raw(name) else {
+        return Ok(0x80);
+    };
+    let t = v.trim();
+    let parsed = if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        u32::from_str_radix(hex, 16)
+    } else if let Some(oct) = t.strip_prefix('0').filter(|s| !s.is_empty()) {
+        u32::from_str_radix(oct, 8)
+    } else {
+        t.parse()
+    };
+    match parsed {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(Env::invalid(
+            name,
+            &v,
+            "expected a mark between 1 and 0xffffffff",
+        )),
+    }
+}
+
+fn additional_tags(env: &Env) -> Result<BTreeMap<String, String>, ConfigError> {
+    let name = "ADDITIONAL_ENI_TAGS";
+    let Some(v) = env.raw(name) else {
+        return Ok(BTreeMap::new());
+    };
+    let tags: BTreeMap<String, String> = serde_json::from_str(&v)
+        .map_err(|e| Env::invalid(name, &v, format!("expected a JSON object of strings: {e}")))?;
+    if let Some(reserved) = tags.keys().find(|k| k.contains("k8s.amazonaws.com")) {
+        return Err(Env::invalid(
+            name,
+            &v,
+            format!("tag key {reserved:?} is reserved (contains k8s.amazonaws.com)"),
+        ));
+    }
+    Ok(tags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: BTreeMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_upstream() {
+        let c = Config::default();
+        assert_eq!(
+            (c.warm_eni_target, c.warm_ip_target, c.minimum_ip_target),
+            (1, 0, 0)
+        );
+        assert_eq!(c.ip_cooldown, Duration::from_secs(30));
+        assert_eq!(c.max_eni, None);
+        assert!(!c.prefix_delegation && c.subnet_discovery && c.manage_untagged_eni && c.ipv4);
+        assert_eq!(c.backing_store, "/var/run/aws-node/ipam.json");
+        assert_eq!((c.eni_mtu, c.pod_mtu, c.connmark), (9001, 9001, 0x80));
+        assert_eq!(c.randomize_snat, RandomizeSnat::Prng);
+        assert_eq!(c.veth_prefix, "eni");
+        assert_eq!(c.introspection_bind, "127.0.0.1:61679");
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = cfg(&[
+            ("WARM_IP_TARGET", "5"),
+            ("MINIMUM_IP_TARGET", "10"),
+            ("MAX_ENI", "2"),
+            ("ENABLE_PREFIX_DELEGATION", "True"),
+            (
+                "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
+                "10.1.0.0/16, 192.168.0.0/24",
+            ),
+            ("AWS_VPC_K8S_CNI_CONNMARK", "0x100"),
+            ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "none"),
+            ("ADDITIONAL_ENI_TAGS", r#"{"team":"net"}"#),
+            ("POD_MTU", "1500"),
+        ])
+        .unwrap();
+        assert!(c.ip_targets_defined() && c.prefix_delegation);
+        assert_eq!(c.max_eni, Some(2));
+        assert_eq!(c.exclude_snat_cidrs.len(), 2);
+        assert_eq!(c.connmark, 0x100);
+        assert_eq!(c.randomize_snat, RandomizeSnat::None);
+        assert_eq!(c.additional_eni_tags["team"], "net");
+        assert_eq!((c.eni_mtu, c.pod_mtu), (9001, 1500));
+        assert_eq!(cfg(&[("MAX_ENI", "-1")]).unwrap().max_eni, None);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_value() {
+        for (name, value) in [
+            ("WARM_IP_TARGET", "five"),
+            ("WARM_ENI_TARGET", "-1"),
+            ("ENABLE_PREFIX_DELEGATION", "yes"),
+            ("IP_COOLDOWN_PERIOD", "30s"),
+            ("AWS_VPC_ENI_MTU", "100"),
+            ("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "10.0.0.0/33"),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", "veth0"),
+            ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "random"),
+            ("HTTP_TIMEOUT", "5"),
+            ("ADDITIONAL_ENI_TAGS", "{not json"),
+            ("NETWORK_POLICY_ENFORCING_MODE", "lax"),
+        ] {
+            let err = cfg(&[(name, value)]).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains(name) && text.contains(value),
+                "{name}={value}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn conflicting_settings_are_refused() {
+        assert!(cfg(&[("ENABLE_IPv4", "false")]).is_err());
+        assert!(cfg(&[("ENABLE_IPv6", "true"), ("ENABLE_IPv4", "false")]).is_err());
+        assert!(cfg(&[
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+            ("WARM_PREFIX_TARGET", "0")
+        ])
+        .is_err());
+        assert!(cfg(&[
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+            ("WARM_PREFIX_TARGET", "0"),
+            ("WARM_IP_TARGET", "1")
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn reserved_tag_keys_are_refused() {
+        let err =
+            cfg(&[("ADDITIONAL_ENI_TAGS", r#"{"node.k8s.amazonaws.com/x":"y"}"#)]).unwrap_err();
+        assert!(err.to_string().contains("reserved"));
+    }
+}

@@ -1,0 +1,19 @@
+//! The pool engine of vpc-cni-rs, free of I/O: it never reads a clock, the environment, a file or a
+//! socket. Callers (the daemon, the simulator) pass `now` and feed it the results of EC2 calls.
+
+pub mod checkpoint;
+pub mod config;
+pub mod limits;
+pub mod maxpods;
+pub mod net;
+pub mod policy;
+pub mod pool;
+pub mod time;
+
+pub use config::Config;
+pub use net::Ipv4Cidr;
+pub use policy::{
+    decide, Action, AddressKind, Decision, Demand, PoolSettings, Stall, SubnetTarget,
+};
+pub use pool::{IpamKey, NodeSpec, PodMeta, Pool};
+pub use time::Time;

@@ -1,0 +1,517 @@
+//! The warm-pool policy: a pure function of (pool, settings, now, demand) that returns the EC2 actions to
+//! take. Same targets as upstream (upstream-ipamd.md §2.3 to §2.5), with three differences:
+//! * addresses cooling down are not counted as available, so a warm target means addresses a pod can get now;
+//! * ADDs waiting for an address count as demand, so the pool grows at once and by as much as they need;
+//! * everything needed is asked for in one pass, in as few EC2 calls as possible (an ENI is created with
+//!   its addresses; one call fills each ENI), where upstream takes one step every 5 s.
+//!
+//! Under prefix delegation, when the subnet has no free aligned /28 the pool grows with /32s for a while,
+//! then tries prefixes again; /32s left over once prefixes come back are released when not needed.
+
+use crate::config::Config;
+use crate::pool::{Pool, PoolStats, MIN_ENI_AGE};
+use crate::time::Time;
+use std::time::Duration;
+
+/// Upstream shrinks at most this often.
+pub const SHRINK_INTERVAL: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AddressKind {
+    /// A secondary /32.
+    Ip,
+    /// A /28 prefix.
+    Prefix,
+}
+
+impl AddressKind {
+    pub fn size(self) -> u32 {
+        match self {
+            AddressKind::Ip => 1,
+            AddressKind::Prefix => 16,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubnetTarget {
+    /// This subnet (the ENIConfig's under custom networking).
+    Subnet(String),
+    /// Subnet discovery (upstream-ipamd.md §2.6): the tagged subnets of the node's AZ with the most free
+    /// addresses, falling back to the primary subnet.
+    Discover { primary: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// AssignPrivateIpAddresses on an attached ENI.
+    AssignAddresses {
+        eni: String,
+        kind: AddressKind,
+        count: u32,
+    },
+    /// CreateNetworkInterface carrying its addresses, then attach it at the lowest free device index.
+    CreateEni {
+        subnet: SubnetTarget,
+        security_groups: Vec<String>,
+        kind: AddressKind,
+        count: u32,
+    },
+    /// UnassignPrivateIpAddresses of idle /32s and /28s of one ENI.
+    ReleaseAddresses {
+        eni: String,
+        cidrs: Vec<crate::Ipv4Cidr>,
+    },
+    /// Detach and delete an ENI without pods.
+    FreeEni { eni: String },
+    /// DescribeNetworkInterfaces of one ENI whose state we got wrong.
+    ResyncEni { eni: String },
+}
+
+impl Action {
+    pub fn eni(&self) -> Option<&str> {
+        match self {
+            Action::AssignAddresses { eni, .. }
+            | Action::ReleaseAddresses { eni, .. }
+            | Action::FreeEni { eni }
+            | Action::ResyncEni { eni } => Some(eni),
+            Action::CreateEni { .. } => None,
+        }
+    }
+
+    pub fn kind(&self) -> Option<AddressKind> {
+        match self {
+            Action::AssignAddresses { kind, .. } | Action::CreateEni { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+/// Why the pool is not growing although it is short.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stall {
+    MaxPodsReached,
+    NoRoomForEni,
+    NoEniConfig,
+    SubnetFullUntil(Time),
+    BackingOffUntil(Time),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub actions: Vec<Action>,
+    /// When to decide again if nothing else happens first (cooldowns ending, ENIs old enough to free,
+    /// holds ending). None: only a new event can change the decision.
+    pub wake_at: Option<Time>,
+    pub stalls: Vec<Stall>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Demand {
+    /// ADDs waiting for an address right now.
+    pub pending_adds: u32,
+}
+
+/// The settings the policy reads, taken from `Config`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub warm_eni_target: u32,
+    pub warm_ip_target: u32,
+    pub minimum_ip_target: u32,
+    pub warm_prefix_target: u32,
+    pub prefix_delegation: bool,
+    pub max_eni: Option<u32>,
+    pub ip_cooldown: Duration,
+    pub custom_networking: bool,
+    pub pod_eni: bool,
+    pub subnet_discovery: bool,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings::from_config(&Config::default())
+    }
+}
+
+impl PoolSettings {
+    pub fn from_config(c: &Config) -> PoolSettings {
+        PoolSettings {
+            warm_eni_target: c.warm_eni_target,
+            warm_ip_target: c.warm_ip_target,
+            minimum_ip_target: c.minimum_ip_target,
+            warm_prefix_target: c.warm_prefix_target,
+            prefix_delegation: c.prefix_delegation,
+            max_eni: c.max_eni,
+            ip_cooldown: c.ip_cooldown,
+            custom_networking: c.custom_networking,
+            pod_eni: c.pod_eni,
+            subnet_discovery: c.subnet_discovery,
+        }
+    }
+
+    pub fn ip_targets_defined(&self) -> bool {
+        self.warm_ip_target != 0 || self.minimum_ip_target != 0
+    }
+}
+
+fn earliest(a: Option<Time>, b: Option<Time>) -> Option<Time> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+fn round_up(n: u32, unit: u32) -> u32 {
+    n.div_ceil(unit) * unit
+}
+
+fn active(until: Option<Time>, now: Time) -> Option<Time> {
+    until.filter(|t| *t > now)
+}
+
+/// Everything the passes share.
+struct Ctx<'a> {
+    pool: &'a Pool,
+    s: &'a PoolSettings,
+    now: Time,
+    stats: PoolStats,
+    /// Prefix delegation in force on this node (the instance supports prefixes).
+    pd: bool,
+    /// The kind of address the pool grows with now.
+    grow_kind: AddressKind,
+}
+
+pub fn decide(pool: &Pool, s: &PoolSettings, now: Time, demand: &Demand) -> Decision {
+    let pd = s.prefix_delegation && pool.node.supports_prefixes;
+    let fallback = pd && active(pool.memory.prefix_fallback_until, now).is_some();
+    let ctx = Ctx {
+        pool,
+        s,
+        now,
+        stats: pool.stats(),
+        pd,
+        grow_kind: if pd && !fallback {
+            AddressKind::Prefix
+        } else {
+            AddressKind::Ip
+        },
+    };
+    let mut d = Decision {
+        wake_at: pool.next_cooldown_end(s.ip_cooldown),
+        ..Decision::default()
+    };
+    if fallback {
+        d.wake_at = earliest(d.wake_at, pool.memory.prefix_fallback_until);
+    }
+    for eni in pool
+        .enis()
+        .iter()
+        .filter(|e| e.needs_resync && !e.resyncing)
+    {
+        d.actions.push(Action::ResyncEni {
+            eni: eni.info.id.clone(),
+        });
+    }
+    grow(&ctx, demand, &mut d);
+    let growing = pool.inflight.addresses > 0 || d.actions.iter().any(|a| a.kind().is_some());
+    if !growing && demand.pending_adds == 0 {
+        shrink(&ctx, &mut d);
+        free_eni(&ctx, &mut d);
+    }
+    d
+}
+
+/// Addresses the pool is short of, in units of the growth kind's slots, and whether to fill whole ENIs.
+fn slots_short(ctx: &Ctx, demand: &Demand) -> (u32, bool) {
+    let (s, st) = (ctx.s, &ctx.stats);
+    let inflight = ctx.pool.inflight.addresses;
+    let available = st.available + inflight;
+    let total = st.total + inflight;
+    let unit = ctx.grow_kind.size();
+    let pending = demand.pending_adds;
+    if s.ip_targets_defined() {
+        let short = (s.warm_ip_target + pending)
+            .saturating_sub(available)
+            .max(s.minimum_ip_target.saturating_sub(total));
+        return (short.div_ceil(unit), false);
+    }
+    if ctx.pd {
+        let wanted = 16 * s.warm_prefix_target + pending;
+        let low = available < wanted || (s.warm_prefix_target == 0 && available == 0);
+        if !low {
+            return (0, false);
+        }
+        let deficit = wanted.saturating_sub(available).max(1);
+        if ctx.grow_kind == AddressKind::Ip {
+            return (deficit, false);
+        }
+        let inflight_prefixes = inflight / 16;
+        let missing_free = s
+            .warm_prefix_target
+            .saturating_sub(st.free_prefixes + inflight_prefixes);
+        return (missing_free.max(1).max(deficit.div_ceil(16)), false);
+    }
+    let wanted = s.warm_eni_target * ctx.pool.node.slots_per_eni + pending;
+    let low = available < wanted || (s.warm_eni_target == 0 && available == 0);
+    (
+        (if low {
+            wanted.saturating_sub(available).max(1)
+        } else {
+            0
+        }),
+        true,
+    )
+}
+
+fn grow(ctx: &Ctx, demand: &Demand, d: &mut Decision) {
+    let (pool, s, now) = (ctx.pool, ctx.s, ctx.now);
+    let (mut remaining, whole_enis) = slots_short(ctx, demand);
+    if remaining == 0 {
+        return;
+    }
+    let unit = ctx.grow_kind.size();
+    let total = ctx.stats.total + pool.inflight.addresses;
+    if total >= pool.node.max_pods {
+        d.stalls.push(Stall::MaxPodsReached);
+        return;
+    }
+    if !whole_enis {
+        remaining = remaining.min((pool.node.max_pods - total).div_ceil(unit));
+    }
+    for until in [
+        active(pool.memory.grow_hold_until, now),
+        active(pool.memory.retry_after, now),
+    ] {
+        if let Some(t) = until {
+            d.stalls.push(if Some(t) == pool.memory.grow_hold_until {
+                Stall::SubnetFullUntil(t)
+            } else {
+                Stall::BackingOffUntil(t)
+            });
+            d.wake_at = earliest(d.wake_at, Some(t));
+            return;
+        }
+    }
+    let slots = pool.node.slots_per_eni;
+    for eni in pool
+        .enis()
+        .iter()
+        .filter(|e| pool.gives_pod_addresses(e) && !e.needs_resync)
+    {
+        let room = slots.saturating_sub(eni.slots_used() + eni.inflight_slots);
+        if room == 0 {
+            continue;
+        }
+        let count = if whole_enis {
+            room
+        } else {
+            room.min(remaining)
+        };
+        d.actions.push(Action::AssignAddresses {
+            eni: eni.info.id.clone(),
+            kind: ctx.grow_kind,
+            count,
+        });
+        remaining = remaining.saturating_sub(count);
+        if remaining == 0 {
+            return;
+        }
+    }
+    let (subnet, security_groups) = match (&pool.node.eni_config, s.custom_networking) {
+        (Some(cfg), true) => (
+            SubnetTarget::Subnet(cfg.subnet.clone()),
+            if cfg.security_groups.is_empty() {
+                pool.node.security_groups.clone()
+            } else {
+                cfg.security_groups.clone()
+            },
+        ),
+        (None, true) => {
+            d.stalls.push(Stall::NoEniConfig);
+            return;
+        }
+        (_, false) if s.subnet_discovery => (
+            SubnetTarget::Discover {
+                primary: pool.node.primary_subnet.clone(),
+            },
+            pool.node.security_groups.clone(),
+        ),
+        (_, false) => (
+            SubnetTarget::Subnet(pool.node.primary_subnet.clone()),
+            pool.node.security_groups.clone(),
+        ),
+    };
+    if let Some(t) = active(pool.memory.eni_hold_until, now) {
+        d.stalls.push(Stall::NoRoomForEni);
+        d.wake_at = earliest(d.wake_at, Some(t));
+        return;
+    }
+    let mut room_for = eni_room(pool, s);
+    while remaining > 0 && room_for > 0 {
+        let count = if whole_enis {
+            slots
+        } else {
+            remaining.min(slots)
+        };
+        d.actions.push(Action::CreateEni {
+            subnet: subnet.clone(),
+            security_groups: security_groups.clone(),
+            kind: ctx.grow_kind,
+            count,
+        });
+        remaining = remaining.saturating_sub(count);
+        room_for -= 1;
+    }
+    if remaining > 0 {
+        d.stalls.push(Stall::NoRoomForEni);
+    }
+}
+
+/// How many more ENIs may be attached: MAX_ENI, unmanaged ENIs and a slot kept for the SGP trunk.
+fn eni_room(pool: &Pool, s: &PoolSettings) -> u32 {
+    let max = s
+        .max_eni
+        .map_or(pool.node.max_enis, |m| m.min(pool.node.max_enis));
+    let has_trunk = pool.enis().iter().any(|e| e.info.is_trunk);
+    let trunk_reserve = u32::from(s.pod_eni && !has_trunk);
+    let used =
+        pool.enis().len() as u32 + pool.inflight.enis + pool.node.unmanaged_enis + trunk_reserve;
+    max.saturating_sub(used)
+}
+
+/// Releases idle addresses beyond the targets, and idle addresses of the kind the pool does not grow with
+/// when the targets hold without them.
+fn shrink(ctx: &Ctx, d: &mut Decision) {
+    let (pool, s, st) = (ctx.pool, ctx.s, &ctx.stats);
+    if let Some(last) = pool.memory.last_shrink {
+        if ctx.now.since(last) < SHRINK_INTERVAL {
+            d.wake_at = earliest(d.wake_at, Some(last + SHRINK_INTERVAL));
+            return;
+        }
+    }
+    // How many addresses (and prefixes) may go while the targets still hold.
+    let (mut spare, mut spare_prefixes) = if s.ip_targets_defined() {
+        let by_warm = st.available.saturating_sub(s.warm_ip_target);
+        let by_min = st.total.saturating_sub(s.minimum_ip_target);
+        let spare = by_warm.min(by_min);
+        let prefixes = if ctx.pd {
+            let keep_for_warm = (st.assigned + st.cooling + s.warm_ip_target).div_ceil(16);
+            let keep_for_min = s.minimum_ip_target.div_ceil(16);
+            st.free_prefixes
+                .min(st.prefixes.saturating_sub(keep_for_warm.max(keep_for_min)))
+        } else {
+            0
+        };
+        (spare, prefixes)
+    } else if ctx.pd {
+        let spare = st.available.saturating_sub(16 * s.warm_prefix_target);
+        (spare, st.free_prefixes.saturating_sub(s.warm_prefix_target))
+    } else {
+        // WARM_ENI_TARGET mode gives back whole ENIs only (free_eni), never single addresses.
+        (
+            st.available
+                .saturating_sub(s.warm_eni_target * pool.node.slots_per_eni),
+            0,
+        )
+    };
+    let plain_warm_eni = !ctx.pd && !s.ip_targets_defined();
+    let mut releases: Vec<Action> = Vec::new();
+    // Highest device numbers first, so that secondary ENIs empty out and can be freed.
+    for eni in pool.enis().iter().rev() {
+        let excluded = eni.info.excluded;
+        if !excluded && !pool.gives_pod_addresses(eni) {
+            continue;
+        }
+        let mut cidrs = Vec::new();
+        for b in eni.blocks().iter().filter(|b| b.is_idle()) {
+            if excluded {
+                // Addresses on an excluded ENI are never used: give them all back.
+                cidrs.push(b.cidr);
+                continue;
+            }
+            let off_mode = b.kind() != ctx.grow_kind;
+            let fits = spare >= b.size();
+            let take = match (b.kind(), ctx.pd) {
+                (AddressKind::Prefix, true) => spare_prefixes > 0 && fits,
+                (AddressKind::Ip, false) => fits && !plain_warm_eni,
+                // Leftovers of the other mode (or of the /32 fallback) go when the pool is fine without them.
+                _ => off_mode && fits,
+            };
+            if take {
+                spare -= b.size();
+                if b.is_prefix() {
+                    spare_prefixes = spare_prefixes.saturating_sub(1);
+                }
+                cidrs.push(b.cidr);
+            }
+        }
+        if !cidrs.is_empty() {
+            releases.push(Action::ReleaseAddresses {
+                eni: eni.info.id.clone(),
+                cidrs,
+            });
+        }
+    }
+    d.actions.extend(releases);
+}
+
+/// Frees at most one ENI per pass, with upstream's eligibility rules (upstream-ipamd.md §2.5 tryFreeENI).
+fn free_eni(ctx: &Ctx, d: &mut Decision) {
+    let (pool, s, st, now) = (ctx.pool, ctx.s, &ctx.stats, ctx.now);
+    if d.actions
+        .iter()
+        .any(|a| matches!(a, Action::ReleaseAddresses { .. }))
+    {
+        return;
+    }
+    let slots = pool.node.slots_per_eni;
+    let worth_trying = if s.ip_targets_defined() {
+        true
+    } else if ctx.pd {
+        st.available >= (s.warm_prefix_target + 1) * slots * 16
+            || pool
+                .enis()
+                .iter()
+                .any(|e| !e.info.is_primary && !e.info.is_trunk && e.assigned() == 0)
+    } else {
+        st.available >= (s.warm_eni_target + 1) * slots
+    };
+    if !worth_trying {
+        return;
+    }
+    let unit = if ctx.pd { 16 } else { 1 };
+    for eni in pool.enis().iter().rev() {
+        let info = &eni.info;
+        if info.is_primary || info.is_trunk || info.is_efa || eni.freeing || eni.inflight_slots > 0
+        {
+            continue;
+        }
+        if eni.assigned() > 0 || eni.has_cooling() {
+            continue;
+        }
+        if now.since(eni.added_at) < MIN_ENI_AGE {
+            d.wake_at = earliest(d.wake_at, Some(eni.added_at + MIN_ENI_AGE));
+            continue;
+        }
+        if !info.excluded && pool.gives_pod_addresses(eni) {
+            let total_here: u32 = eni.blocks().iter().map(|b| b.size()).sum();
+            let prefixes_here = eni.blocks().iter().filter(|b| b.is_prefix()).count() as u32;
+            let others_free = st.available - total_here;
+            let others_total = st.total - total_here;
+            let others_free_prefixes = st.free_prefixes - prefixes_here;
+            if s.ip_targets_defined() {
+                if others_free < round_up(s.warm_ip_target, unit)
+                    || others_total < round_up(s.minimum_ip_target, unit)
+                {
+                    continue;
+                }
+            } else if ctx.pd && others_free_prefixes < s.warm_prefix_target {
+                continue;
+            }
+        }
+        d.actions.push(Action::FreeEni {
+            eni: info.id.clone(),
+        });
+        return;
+    }
+}

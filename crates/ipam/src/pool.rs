@@ -1,0 +1,842 @@
+//! The node's address pool as plain data: ENIs, their /32 secondary IPs and /28 prefixes ("blocks"), the
+//! pods' assignments, addresses in cooldown, and what the policy has asked EC2 for but not yet heard back.
+
+use crate::net::Ipv4Cidr;
+use crate::policy::{Action, AddressKind, PoolSettings};
+use crate::time::Time;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+/// Identifies one attachment of a pod: the same key always gets the same address back.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IpamKey {
+    pub network_name: String,
+    pub container_id: String,
+    pub if_name: String,
+}
+
+impl IpamKey {
+    pub fn new(network_name: &str, container_id: &str, if_name: &str) -> IpamKey {
+        IpamKey {
+            network_name: network_name.to_string(),
+            container_id: container_id.to_string(),
+            if_name: if_name.to_string(),
+        }
+    }
+
+    /// The key upstream gave to pods it migrated from its old CRI-based checkpoint.
+    fn legacy(container_id: &str) -> IpamKey {
+        IpamKey::new("_migrated-from-cri", container_id, "unknown")
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodMeta {
+    pub namespace: String,
+    pub name: String,
+    pub interfaces_count: u32,
+}
+
+/// The ENIConfig that custom networking puts new ENIs in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EniConfigSpec {
+    pub subnet: String,
+    pub security_groups: Vec<String>,
+}
+
+/// Facts about the node that the policy needs, from IMDS, the limits table and the Kubernetes Node.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub instance_type: String,
+    /// Address slots per ENI (IPv4 per ENI minus the primary); a slot holds a /32 or a /28.
+    pub slots_per_eni: u32,
+    /// ENIs the instance type allows on its default network card.
+    pub max_enis: u32,
+    pub max_pods: u32,
+    pub supports_prefixes: bool,
+    pub primary_subnet: String,
+    pub security_groups: Vec<String>,
+    pub eni_config: Option<EniConfigSpec>,
+    /// ENIs attached to the instance that are not ours to manage (upstream-ipamd.md §2.7).
+    pub unmanaged_enis: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EniInfo {
+    pub id: String,
+    pub device_number: u32,
+    pub subnet_id: String,
+    pub subnet_cidr: Ipv4Cidr,
+    pub primary_ip: Ipv4Addr,
+    pub is_primary: bool,
+    pub is_trunk: bool,
+    pub is_efa: bool,
+    /// In a subnet tagged `kubernetes.io/role/cni=0`: never gives addresses to pods.
+    pub excluded: bool,
+}
+
+impl EniInfo {
+    /// Upstream's route table for an ENI on network card 0.
+    pub fn route_table(&self) -> u32 {
+        if self.is_primary {
+            254
+        } else {
+            self.device_number + 1
+        }
+    }
+}
+
+/// A /32 or /28 on an ENI, with a bit per address for "assigned" and "cooling down".
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub cidr: Ipv4Cidr,
+    used: u16,
+    cooling: u16,
+    /// An Unassign call for it is in flight: nothing may be assigned from it.
+    releasing: bool,
+}
+
+impl Block {
+    fn new(cidr: Ipv4Cidr) -> Block {
+        Block {
+            cidr,
+            used: 0,
+            cooling: 0,
+            releasing: false,
+        }
+    }
+
+    pub fn is_prefix(&self) -> bool {
+        self.cidr.len() < 32
+    }
+
+    pub fn kind(&self) -> AddressKind {
+        if self.is_prefix() {
+            AddressKind::Prefix
+        } else {
+            AddressKind::Ip
+        }
+    }
+
+    pub fn size(&self) -> u32 {
+        self.cidr.size() as u32
+    }
+
+    pub fn assigned(&self) -> u32 {
+        self.used.count_ones()
+    }
+
+    pub fn cooling(&self) -> u32 {
+        self.cooling.count_ones()
+    }
+
+    /// Neither assigned nor cooling: the block could go back to EC2.
+    pub fn is_idle(&self) -> bool {
+        self.used == 0 && self.cooling == 0
+    }
+
+    fn full_mask(&self) -> u16 {
+        if self.size() >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << self.size()) - 1
+        }
+    }
+
+    fn free_mask(&self) -> u16 {
+        self.full_mask() & !self.used & !self.cooling
+    }
+
+    fn offset(&self, ip: Ipv4Addr) -> Option<u32> {
+        self.cidr
+            .contains(ip)
+            .then(|| u32::from(ip) - self.cidr.base())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Eni {
+    pub info: EniInfo,
+    pub added_at: Time,
+    blocks: Vec<Block>,
+    /// A FreeEni for it is in flight.
+    pub freeing: bool,
+    /// Slots asked of EC2 for this ENI and not yet answered.
+    pub inflight_slots: u32,
+    /// EC2 said our view of it is wrong (limit exceeded, not found): read it back before using it again.
+    pub needs_resync: bool,
+    pub resyncing: bool,
+}
+
+impl Eni {
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    pub fn slots_used(&self) -> u32 {
+        self.blocks.len() as u32
+    }
+
+    pub fn assigned(&self) -> u32 {
+        self.blocks.iter().map(Block::assigned).sum()
+    }
+
+    pub fn has_cooling(&self) -> bool {
+        self.blocks.iter().any(|b| b.cooling != 0)
+    }
+
+    pub fn has(&self, cidr: &Ipv4Cidr) -> bool {
+        self.blocks.iter().any(|b| b.cidr == *cidr)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Assignment {
+    pub ip: Ipv4Addr,
+    pub eni: String,
+    pub device_number: u32,
+    pub route_table: u32,
+    pub meta: PodMeta,
+    pub assigned_at: Time,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AssignError {
+    #[error("no available IP address in the pool (assigned {assigned} of {total}, {cooling} cooling down)")]
+    NoAvailableAddress {
+        total: u32,
+        assigned: u32,
+        cooling: u32,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UnassignError {
+    #[error("no address is assigned to {0:?}")]
+    UnknownPod(IpamKey),
+}
+
+/// How an EC2 call the policy asked for ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// AssignAddresses: the /32s or /28s EC2 added to the ENI.
+    Assigned(Vec<Ipv4Cidr>),
+    /// CreateEni: the attached ENI and the addresses it was created with.
+    EniCreated {
+        eni: EniInfo,
+        blocks: Vec<Ipv4Cidr>,
+    },
+    /// ReleaseAddresses or FreeEni succeeded.
+    Done,
+    /// ResyncEni: the addresses EC2 says the ENI has (None: the ENI no longer exists).
+    Synced(Option<Vec<Ipv4Cidr>>),
+    Failed(Failure),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// InsufficientFreeAddressesInSubnet.
+    InsufficientAddresses,
+    /// InsufficientCidrBlocks: no free aligned /28 in the subnet.
+    InsufficientCidr,
+    /// PrivateIpAddressLimitExceeded: our count of the ENI's addresses is wrong.
+    AddressLimitExceeded,
+    /// AttachmentLimitExceeded: the instance has more ENIs than we know of.
+    AttachmentLimitExceeded,
+    /// The ENI is gone.
+    EniNotFound,
+    /// Anything else after the caller's retries: try again later.
+    Other,
+}
+
+/// What the policy remembers between passes.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyMemory {
+    /// No growth until then: the subnet ran out of addresses (upstream's 120 s hold).
+    pub grow_hold_until: Option<Time>,
+    /// Prefix delegation grows with /32s until then: the subnet had no free aligned /28.
+    pub prefix_fallback_until: Option<Time>,
+    /// No new ENI until then: EC2 refused an attachment.
+    pub eni_hold_until: Option<Time>,
+    /// No growth until then after an unclassified failure (exponential backoff).
+    pub retry_after: Option<Time>,
+    pub consecutive_failures: u32,
+    pub last_shrink: Option<Time>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InFlight {
+    pub addresses: u32,
+    pub enis: u32,
+}
+
+/// Address counts over the ENIs that may give addresses to pods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub total: u32,
+    pub assigned: u32,
+    pub cooling: u32,
+    /// Free now: neither assigned nor cooling down (upstream counts cooling addresses too).
+    pub available: u32,
+    pub prefixes: u32,
+    /// Prefixes with nothing assigned and nothing cooling.
+    pub free_prefixes: u32,
+}
+
+/// The upstream-compatible record of every assignment, and the restore rules of upstream-ipamd.md §3.2.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    pub node: NodeSpec,
+    enis: Vec<Eni>,
+    assignments: HashMap<IpamKey, Assignment>,
+    /// Released addresses in the order they were released, to end their cooldown.
+    cooling: VecDeque<(Time, Ipv4Addr)>,
+    pub inflight: InFlight,
+    pub memory: PolicyMemory,
+    custom_networking: bool,
+}
+
+pub const MIN_ENI_AGE: Duration = Duration::from_secs(60);
+
+impl Pool {
+    pub fn new(node: NodeSpec, settings: &PoolSettings) -> Pool {
+        Pool {
+            node,
+            enis: Vec::new(),
+            assignments: HashMap::new(),
+            cooling: VecDeque::new(),
+            inflight: InFlight::default(),
+            memory: PolicyMemory::default(),
+            custom_networking: settings.custom_networking,
+        }
+    }
+
+    pub fn enis(&self) -> &[Eni] {
+        &self.enis
+    }
+
+    pub fn eni(&self, id: &str) -> Option<&Eni> {
+        self.enis.iter().find(|e| e.info.id == id)
+    }
+
+    fn eni_mut(&mut self, id: &str) -> Option<&mut Eni> {
+        self.enis.iter_mut().find(|e| e.info.id == id)
+    }
+
+    pub fn assignments(&self) -> impl Iterator<Item = (&IpamKey, &Assignment)> {
+        self.assignments.iter()
+    }
+
+    pub fn assignment(&self, key: &IpamKey) -> Option<&Assignment> {
+        self.assignments.get(key)
+    }
+
+    /// Whether pods may get addresses from this ENI.
+    pub fn gives_pod_addresses(&self, eni: &Eni) -> bool {
+        !(eni.info.excluded
+            || eni.info.is_trunk
+            || eni.info.is_efa
+            || eni.freeing
+            || (eni.info.is_primary && self.custom_networking))
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let mut s = PoolStats::default();
+        for eni in self.enis.iter().filter(|e| self.gives_pod_addresses(e)) {
+            for b in eni.blocks.iter().filter(|b| !b.releasing) {
+                s.total += b.size();
+                s.assigned += b.assigned();
+                s.cooling += b.cooling();
+                if b.is_prefix() {
+                    s.prefixes += 1;
+                    s.free_prefixes += u32::from(b.is_idle());
+                }
+            }
+        }
+        s.available = s.total - s.assigned - s.cooling;
+        s
+    }
+
+    /// When the oldest address in cooldown becomes free again.
+    pub fn next_cooldown_end(&self, cooldown: Duration) -> Option<Time> {
+        self.cooling.front().map(|(t, _)| *t + cooldown)
+    }
+
+    pub fn add_eni(&mut self, info: EniInfo, now: Time) {
+        if self.eni(&info.id).is_some() {
+            return;
+        }
+        let at = self
+            .enis
+            .partition_point(|e| e.info.device_number < info.device_number);
+        self.enis.insert(
+            at,
+            Eni {
+                info,
+                added_at: now,
+                blocks: Vec::new(),
+                freeing: false,
+                inflight_slots: 0,
+                needs_resync: false,
+                resyncing: false,
+            },
+        );
+    }
+
+    /// Adds /32s and /28s that EC2 reports on an ENI; known ones are ignored.
+    pub fn add_blocks(&mut self, eni_id: &str, cidrs: &[Ipv4Cidr]) {
+        if let Some(eni) = self.eni_mut(eni_id) {
+            for c in cidrs {
+                if !eni.has(c) && c.addr() != eni.info.primary_ip {
+                    eni.blocks.push(Block::new(*c));
+                }
+            }
+        }
+    }
+
+    /// Makes an ENI's blocks match what EC2 says it has. Pods on blocks that vanished lose their assignment;
+    /// they are returned so that the caller can count and log them.
+    pub fn sync_eni(&mut self, eni_id: &str, actual: &[Ipv4Cidr]) -> Vec<(IpamKey, Assignment)> {
+        let Some(eni) = self.eni_mut(eni_id) else {
+            return Vec::new();
+        };
+        let gone: Vec<Ipv4Cidr> = eni
+            .blocks
+            .iter()
+            .map(|b| b.cidr)
+            .filter(|c| !actual.contains(c))
+            .collect();
+        eni.blocks.retain(|b| actual.contains(&b.cidr));
+        eni.needs_resync = false;
+        self.add_blocks(eni_id, actual);
+        self.forget_addresses_in(&gone)
+    }
+
+    /// Removes an ENI (detached, or freed); pods still on it lose their assignment and are returned.
+    pub fn remove_eni(&mut self, eni_id: &str) -> Vec<(IpamKey, Assignment)> {
+        let Some(pos) = self.enis.iter().position(|e| e.info.id == eni_id) else {
+            return Vec::new();
+        };
+        let eni = self.enis.remove(pos);
+        let cidrs: Vec<Ipv4Cidr> = eni.blocks.iter().map(|b| b.cidr).collect();
+        self.forget_addresses_in(&cidrs)
+    }
+
+    fn forget_addresses_in(&mut self, cidrs: &[Ipv4Cidr]) -> Vec<(IpamKey, Assignment)> {
+        if cidrs.is_empty() {
+            return Vec::new();
+        }
+        self.cooling
+            .retain(|(_, ip)| !cidrs.iter().any(|c| c.contains(*ip)));
+        let keys: Vec<IpamKey> = self
+            .assignments
+            .iter()
+            .filter(|(_, a)| cidrs.iter().any(|c| c.contains(a.ip)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.into_iter()
+            .map(|k| {
+                let a = self.assignments.remove(&k).expect("key was just listed");
+                (k, a)
+            })
+            .collect()
+    }
+
+    /// Ends the cooldown of addresses released at least `cooldown` ago.
+    pub fn expire_cooldowns(&mut self, now: Time, cooldown: Duration) {
+        while let Some(&(t, ip)) = self.cooling.front() {
+            if now.since(t) < cooldown {
+                break;
+            }
+            self.cooling.pop_front();
+            if let Some((_, b)) = self.block_of_mut(ip) {
+                let off = b.offset(ip).expect("block contains ip");
+                b.cooling &= !(1 << off);
+            }
+        }
+    }
+
+    fn block_of_mut(&mut self, ip: Ipv4Addr) -> Option<(&EniInfo, &mut Block)> {
+        self.enis.iter_mut().find_map(|e| {
+            let info = &e.info;
+            e.blocks
+                .iter_mut()
+                .find(|b| b.cidr.contains(ip))
+                .map(|b| (info, b))
+        })
+    }
+
+    /// Gives the pod an address, or the one it already has. In prefix mode addresses are packed into the
+    /// fullest prefix so that idle prefixes can go back to the subnet.
+    pub fn assign(
+        &mut self,
+        key: &IpamKey,
+        meta: PodMeta,
+        now: Time,
+        cooldown: Duration,
+    ) -> Result<Assignment, AssignError> {
+        if let Some(a) = self.assignments.get(key) {
+            return Ok(a.clone());
+        }
+        self.expire_cooldowns(now, cooldown);
+        let mut best: Option<(usize, usize, (bool, u32))> = None;
+        for (ei, eni) in self.enis.iter().enumerate() {
+            if !self.gives_pod_addresses(eni) {
+                continue;
+            }
+            for (bi, b) in eni.blocks.iter().enumerate() {
+                if b.releasing || b.free_mask() == 0 {
+                    continue;
+                }
+                // Prefer prefixes, then the fullest block; ENIs in device order break ties.
+                let rank = (b.is_prefix(), b.assigned());
+                if best.is_none_or(|(_, _, r)| rank > r) {
+                    best = Some((ei, bi, rank));
+                }
+            }
+        }
+        let Some((ei, bi, _)) = best else {
+            let s = self.stats();
+            return Err(AssignError::NoAvailableAddress {
+                total: s.total,
+                assigned: s.assigned,
+                cooling: s.cooling,
+            });
+        };
+        let eni = &mut self.enis[ei];
+        let b = &mut eni.blocks[bi];
+        let off = b.free_mask().trailing_zeros();
+        b.used |= 1 << off;
+        let a = Assignment {
+            ip: b.cidr.nth(off),
+            eni: eni.info.id.clone(),
+            device_number: eni.info.device_number,
+            route_table: eni.info.route_table(),
+            meta,
+            assigned_at: now,
+        };
+        self.assignments.insert(key.clone(), a.clone());
+        Ok(a)
+    }
+
+    /// Gives the pod exactly this address (restoring a checkpoint); false if no block has it free.
+    pub(crate) fn assign_exact(
+        &mut self,
+        key: &IpamKey,
+        ip: Ipv4Addr,
+        meta: PodMeta,
+        at: Time,
+    ) -> bool {
+        let Some((info, b)) = self.block_of_mut(ip) else {
+            return false;
+        };
+        let off = b.offset(ip).expect("block contains ip");
+        if b.used & (1 << off) != 0 || b.releasing {
+            return false;
+        }
+        b.used |= 1 << off;
+        let a = Assignment {
+            ip,
+            eni: info.id.clone(),
+            device_number: info.device_number,
+            route_table: info.route_table(),
+            meta,
+            assigned_at: at,
+        };
+        self.assignments.insert(key.clone(), a);
+        true
+    }
+
+    /// Takes the pod's address back; it cools down before anyone else gets it.
+    pub fn unassign(&mut self, key: &IpamKey, now: Time) -> Result<Assignment, UnassignError> {
+        let a = match self.assignments.remove(key) {
+            Some(a) => a,
+            None => self
+                .assignments
+                .remove(&IpamKey::legacy(&key.container_id))
+                .ok_or_else(|| UnassignError::UnknownPod(key.clone()))?,
+        };
+        if let Some((_, b)) = self.block_of_mut(a.ip) {
+            let off = b.offset(a.ip).expect("block contains ip");
+            b.used &= !(1 << off);
+            b.cooling |= 1 << off;
+            let at = self.cooling.partition_point(|(t, _)| *t <= now);
+            self.cooling.insert(at, (now, a.ip));
+        }
+        Ok(a)
+    }
+
+    /// Records that an action was sent to EC2.
+    pub fn begin(&mut self, action: &Action, now: Time) {
+        match action {
+            Action::AssignAddresses { eni, kind, count } => {
+                self.inflight.addresses += count * kind.size();
+                if let Some(e) = self.eni_mut(eni) {
+                    e.inflight_slots += count;
+                }
+            }
+            Action::CreateEni { kind, count, .. } => {
+                self.inflight.addresses += count * kind.size();
+                self.inflight.enis += 1;
+            }
+            Action::ReleaseAddresses { eni, cidrs } => {
+                self.memory.last_shrink = Some(now);
+                if let Some(e) = self.eni_mut(eni) {
+                    for b in e.blocks.iter_mut().filter(|b| cidrs.contains(&b.cidr)) {
+                        b.releasing = true;
+                    }
+                }
+            }
+            Action::FreeEni { eni } => {
+                if let Some(e) = self.eni_mut(eni) {
+                    e.freeing = true;
+                }
+            }
+            Action::ResyncEni { eni } => {
+                if let Some(e) = self.eni_mut(eni) {
+                    e.resyncing = true;
+                }
+            }
+        }
+    }
+
+    /// Applies the result of an action started with `begin`. Returns assignments that had to be dropped
+    /// because their addresses no longer exist in EC2.
+    pub fn complete(
+        &mut self,
+        action: &Action,
+        outcome: Outcome,
+        now: Time,
+    ) -> Vec<(IpamKey, Assignment)> {
+        const HOLD: Duration = Duration::from_secs(120);
+        let mut dropped = Vec::new();
+        let failure = match &outcome {
+            Outcome::Failed(f) => Some(*f),
+            _ => None,
+        };
+        match action {
+            Action::AssignAddresses { eni, kind, count } => {
+                self.inflight.addresses -= count * kind.size();
+                if let Some(e) = self.eni_mut(eni) {
+                    e.inflight_slots -= count;
+                }
+                if let Outcome::Assigned(cidrs) = &outcome {
+                    self.add_blocks(eni, cidrs);
+                }
+            }
+            Action::CreateEni { kind, count, .. } => {
+                self.inflight.addresses -= count * kind.size();
+                self.inflight.enis -= 1;
+                if let Outcome::EniCreated { eni, blocks } = &outcome {
+                    let id = eni.id.clone();
+                    self.add_eni(eni.clone(), now);
+                    self.add_blocks(&id, blocks);
+                }
+            }
+            Action::ReleaseAddresses { eni, cidrs } => {
+                if outcome == Outcome::Done {
+                    if let Some(e) = self.eni_mut(eni) {
+                        e.blocks.retain(|b| !cidrs.contains(&b.cidr));
+                    }
+                    dropped = self.forget_addresses_in(cidrs);
+                } else if let Some(e) = self.eni_mut(eni) {
+                    for b in e.blocks.iter_mut().filter(|b| cidrs.contains(&b.cidr)) {
+                        b.releasing = false;
+                    }
+                }
+            }
+            Action::FreeEni { eni } => {
+                if outcome == Outcome::Done || failure == Some(Failure::EniNotFound) {
+                    dropped = self.remove_eni(eni);
+                } else if let Some(e) = self.eni_mut(eni) {
+                    e.freeing = false;
+                }
+            }
+            Action::ResyncEni { eni } => {
+                if let Some(e) = self.eni_mut(eni) {
+                    e.resyncing = false;
+                }
+                match &outcome {
+                    Outcome::Synced(Some(cidrs)) => dropped = self.sync_eni(eni, cidrs),
+                    Outcome::Synced(None) => dropped = self.remove_eni(eni),
+                    _ => {}
+                }
+            }
+        }
+        match failure {
+            None => {
+                if matches!(
+                    action,
+                    Action::AssignAddresses { .. } | Action::CreateEni { .. }
+                ) {
+                    self.memory.consecutive_failures = 0;
+                    self.memory.retry_after = None;
+                }
+            }
+            Some(Failure::InsufficientCidr) if action.kind() == Some(AddressKind::Prefix) => {
+                self.memory.prefix_fallback_until = Some(now + HOLD);
+            }
+            Some(Failure::InsufficientCidr | Failure::InsufficientAddresses) => {
+                self.memory.grow_hold_until = Some(now + HOLD);
+            }
+            Some(Failure::AttachmentLimitExceeded) => self.memory.eni_hold_until = Some(now + HOLD),
+            Some(Failure::AddressLimitExceeded | Failure::EniNotFound) => {
+                if let Some(id) = action.eni() {
+                    if let Some(e) = self.eni_mut(id) {
+                        e.needs_resync = true;
+                    }
+                }
+            }
+            Some(Failure::Other) => {
+                self.memory.consecutive_failures += 1;
+                let backoff = Duration::from_secs(1 << self.memory.consecutive_failures.min(6));
+                self.memory.retry_after = Some(now + backoff);
+            }
+        }
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PoolSettings;
+
+    pub(crate) fn node() -> NodeSpec {
+        NodeSpec {
+            instance_type: "t3.small".into(),
+            slots_per_eni: 3,
+            max_enis: 3,
+            max_pods: 11,
+            supports_prefixes: true,
+            primary_subnet: "subnet-a".into(),
+            security_groups: vec!["sg-1".into()],
+            eni_config: None,
+            unmanaged_enis: 0,
+        }
+    }
+
+    fn primary() -> EniInfo {
+        EniInfo {
+            id: "eni-0".into(),
+            device_number: 0,
+            subnet_id: "subnet-a".into(),
+            subnet_cidr: "10.0.0.0/24".parse().unwrap(),
+            primary_ip: "10.0.0.10".parse().unwrap(),
+            is_primary: true,
+            is_trunk: false,
+            is_efa: false,
+            excluded: false,
+        }
+    }
+
+    fn key(n: u32) -> IpamKey {
+        IpamKey::new("aws-cni", &format!("c{n}"), "eth0")
+    }
+
+    fn pool_with(cidrs: &[&str]) -> Pool {
+        let mut p = Pool::new(node(), &PoolSettings::default());
+        p.add_eni(primary(), Time::ZERO);
+        let cidrs: Vec<Ipv4Cidr> = cidrs.iter().map(|c| c.parse().unwrap()).collect();
+        p.add_blocks("eni-0", &cidrs);
+        p
+    }
+
+    const COOL: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn assign_is_idempotent_per_key() {
+        let mut p = pool_with(&["10.0.0.20/32", "10.0.0.21/32"]);
+        let a = p
+            .assign(&key(1), PodMeta::default(), Time::ZERO, COOL)
+            .unwrap();
+        let again = p
+            .assign(&key(1), PodMeta::default(), Time::from_secs(5), COOL)
+            .unwrap();
+        assert_eq!(a, again);
+        let b = p
+            .assign(&key(2), PodMeta::default(), Time::ZERO, COOL)
+            .unwrap();
+        assert_ne!(a.ip, b.ip);
+        assert!(p
+            .assign(&key(3), PodMeta::default(), Time::ZERO, COOL)
+            .is_err());
+    }
+
+    #[test]
+    fn released_address_cools_down_and_does_not_count_as_available() {
+        let mut p = pool_with(&["10.0.0.20/32"]);
+        let a = p
+            .assign(&key(1), PodMeta::default(), Time::ZERO, COOL)
+            .unwrap();
+        p.unassign(&key(1), Time::from_secs(10)).unwrap();
+        assert_eq!(p.stats().available, 0);
+        assert_eq!(p.stats().cooling, 1);
+        let err = p
+            .assign(&key(2), PodMeta::default(), Time::from_secs(39), COOL)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            AssignError::NoAvailableAddress { cooling: 1, .. }
+        ));
+        let b = p
+            .assign(&key(2), PodMeta::default(), Time::from_secs(40), COOL)
+            .unwrap();
+        assert_eq!(a.ip, b.ip);
+        assert_eq!(p.next_cooldown_end(COOL), None);
+    }
+
+    #[test]
+    fn unknown_pod_and_legacy_key() {
+        let mut p = pool_with(&["10.0.0.20/32"]);
+        assert!(matches!(
+            p.unassign(&key(9), Time::ZERO),
+            Err(UnassignError::UnknownPod(_))
+        ));
+        let legacy = IpamKey::legacy("c1");
+        p.assign(&legacy, PodMeta::default(), Time::ZERO, COOL)
+            .unwrap();
+        assert!(p.unassign(&key(1), Time::ZERO).is_ok());
+    }
+
+    #[test]
+    fn prefixes_are_packed_fullest_first() {
+        let mut p = pool_with(&["10.0.0.32/28", "10.0.0.48/28"]);
+        let a = p
+            .assign(&key(1), PodMeta::default(), Time::ZERO, COOL)
+            .unwrap();
+        let b = p
+            .assign(&key(2), PodMeta::default(), Time::ZERO, COOL)
+            .unwrap();
+        let block: Ipv4Cidr = "10.0.0.32/28".parse().unwrap();
+        assert!(block.contains(a.ip) && block.contains(b.ip));
+        assert_eq!(p.stats().free_prefixes, 1);
+    }
+
+    #[test]
+    fn the_primary_address_is_never_a_block() {
+        let p = pool_with(&["10.0.0.10/32", "10.0.0.11/32"]);
+        assert_eq!(p.stats().total, 1);
+    }
+
+    #[test]
+    fn sync_drops_vanished_addresses_and_their_pods() {
+        let mut p = pool_with(&["10.0.0.20/32", "10.0.0.21/32"]);
+        let a = p
+            .assign(&key(1), PodMeta::default(), Time::ZERO, COOL)
+            .unwrap();
+        let keep: Ipv4Cidr = if a.ip.to_string() == "10.0.0.20" {
+            "10.0.0.21/32"
+        } else {
+            "10.0.0.20/32"
+        }
+        .parse()
+        .unwrap();
+        let dropped = p.sync_eni("eni-0", &[keep, "10.0.0.22/32".parse().unwrap()]);
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(p.stats().total, 2);
+        assert!(p.assignment(&key(1)).is_none());
+    }
+}
