@@ -414,6 +414,13 @@ impl Pool {
         self.forget_addresses_in(&gone)
     }
 
+    /// EC2's view of this ENI is uncertain (a call timed out): the policy reads it back before using it.
+    pub fn mark_for_resync(&mut self, eni_id: &str) {
+        if let Some(e) = self.eni_mut(eni_id) {
+            e.needs_resync = true;
+        }
+    }
+
     /// Removes an ENI (detached, or freed); pods still on it lose their assignment and are returned.
     pub fn remove_eni(&mut self, eni_id: &str) -> Vec<(IpamKey, Assignment)> {
         let Some(pos) = self.enis.iter().position(|e| e.info.id == eni_id) else {

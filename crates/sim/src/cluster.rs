@@ -1,0 +1,408 @@
+use crate::node::{Next, Node, RETRY};
+use crate::report::{Calls, Report, Sample, Waits};
+use crate::scenario::Scenario;
+use ipam::maxpods::{max_pods, MaxPodsOptions};
+use ipam::pool::{EniConfigSpec, EniInfo, NodeSpec};
+use ipam::{limits, Config, Ipv4Cidr, Pool, PoolSettings, Time};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use simvpc::{Category, Op, SimConfig, SimVpc};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Sample,
+    Launch { group: usize },
+    Arrive { node: usize },
+    Leave { node: usize, pod: u64 },
+    Wake { node: usize, at: Time },
+    Reply { node: usize, id: u64 },
+}
+
+/// Many nodes sharing one simulated VPC, on one virtual clock.
+pub struct Cluster {
+    pub scenario: Scenario,
+    pub vpc: SimVpc,
+    pub nodes: Vec<Node>,
+    settings: PoolSettings,
+    config: Config,
+    subnet_ids: Vec<String>,
+    queue: BinaryHeap<Reverse<(Time, u64, Event)>>,
+    seq: u64,
+    rng: SmallRng,
+    pub now: Time,
+    next_pod: u64,
+    pod_events: u64,
+    unschedulable: u64,
+    timeline: Vec<Sample>,
+}
+
+fn exp(rng: &mut SmallRng, mean_secs: f64) -> Duration {
+    Duration::from_secs_f64(-mean_secs * (1.0 - rng.gen::<f64>()).ln())
+}
+
+impl Cluster {
+    pub fn new(scenario: Scenario) -> Result<Cluster, String> {
+        let config = Config::from_lookup(|k| scenario.settings.get(k).cloned())
+            .map_err(|e| e.to_string())?;
+        let settings = PoolSettings::from_config(&config);
+        let mut sim = SimConfig {
+            seed: scenario.seed,
+            ..SimConfig::default()
+        };
+        for (name, ms) in &scenario.ec2.latency_ms {
+            let op = Op::ALL
+                .into_iter()
+                .find(|o| o.name() == name)
+                .ok_or_else(|| format!("unknown EC2 operation {name:?}"))?;
+            sim.latency.insert(op, Duration::from_millis(*ms));
+        }
+        if let Some([cap, rate]) = scenario.ec2.mutating_bucket {
+            sim.buckets.insert(Category::Mutating, (cap, rate));
+        }
+        if let Some([cap, rate]) = scenario.ec2.non_mutating_bucket {
+            sim.buckets.insert(Category::NonMutating, (cap, rate));
+        }
+        sim.error_rate = scenario.ec2.error_rate;
+        sim.timeout_rate = scenario.ec2.timeout_rate;
+        let cidr: Ipv4Cidr = scenario
+            .vpc
+            .cidr
+            .parse()
+            .map_err(|e| format!("vpc.cidr: {e}"))?;
+        let mut vpc = SimVpc::new(cidr, sim);
+        let mut subnet_ids = Vec::new();
+        for s in &scenario.vpc.subnets {
+            let c: Ipv4Cidr = s.cidr.parse().map_err(|e| format!("subnet: {e}"))?;
+            let tags: Vec<(&str, &str)> = s
+                .tags
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let id = vpc.add_subnet(c, &s.az, &tags)?;
+            for r in &s.prefix_reservations {
+                vpc.reserve_for_prefixes(
+                    &id,
+                    r.parse().map_err(|e| format!("prefix reservation: {e}"))?,
+                )?;
+            }
+            subnet_ids.push(id);
+        }
+        let mut cluster = Cluster {
+            rng: SmallRng::seed_from_u64(scenario.seed ^ 0x5eed),
+            scenario,
+            vpc,
+            nodes: Vec::new(),
+            settings,
+            config,
+            subnet_ids,
+            queue: BinaryHeap::new(),
+            seq: 0,
+            now: Time::ZERO,
+            next_pod: 0,
+            pod_events: 0,
+            unschedulable: 0,
+            timeline: Vec::new(),
+        };
+        for (group, g) in cluster.scenario.nodes.clone().iter().enumerate() {
+            for i in 0..g.count {
+                let spread = g.launch_spread_secs as f64 * f64::from(i) / f64::from(g.count.max(1));
+                cluster.schedule(
+                    Time::from_secs(g.start_secs) + Duration::from_secs_f64(spread),
+                    Event::Launch { group },
+                );
+            }
+        }
+        cluster.schedule(Time::ZERO, Event::Sample);
+        Ok(cluster)
+    }
+
+    fn schedule(&mut self, at: Time, e: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq, e)));
+    }
+
+    fn apply(&mut self, node: usize, next: Vec<Next>) {
+        for n in next {
+            match n {
+                Next::Reply(at, id) => self.schedule(at, Event::Reply { node, id }),
+                Next::Wake(at) => self.schedule(at, Event::Wake { node, at }),
+            }
+        }
+    }
+
+    fn launch(&mut self, group: usize) -> Result<(), String> {
+        let g = self.scenario.nodes[group].clone();
+        let subnet = &self.subnet_ids[g.subnet];
+        let id = self
+            .vpc
+            .launch_instance(&g.instance_type, subnet, &["sg-nodes"])?;
+        let inst = self.vpc.instance(&id).expect("just launched").clone();
+        let lim = limits::lookup(&g.instance_type).expect("checked by the scenario");
+        let pd = self.config.prefix_delegation && lim.supports_prefixes();
+        let custom = self.config.custom_networking;
+        let node_spec = NodeSpec {
+            instance_type: g.instance_type.clone(),
+            slots_per_eni: lim.slots_per_eni(),
+            max_enis: lim.enis(),
+            max_pods: max_pods(
+                lim,
+                MaxPodsOptions {
+                    prefix_delegation: pd,
+                    custom_networking: custom,
+                    max_eni: self.config.max_eni,
+                    uncapped: false,
+                },
+            ),
+            supports_prefixes: lim.supports_prefixes(),
+            primary_subnet: subnet.clone(),
+            security_groups: inst.security_groups.clone(),
+            eni_config: g.eni_config_subnet.map(|i| EniConfigSpec {
+                subnet: self.subnet_ids[i].clone(),
+                security_groups: vec!["sg-pods".into()],
+            }),
+            unmanaged_enis: 0,
+        };
+        let primary = self
+            .vpc
+            .interfaces()
+            .find(|e| e.id == inst.primary_eni)
+            .expect("primary ENI")
+            .clone();
+        let mut pool = Pool::new(node_spec, &self.settings);
+        pool.add_eni(
+            EniInfo {
+                id: primary.id.clone(),
+                device_number: 0,
+                subnet_id: primary.subnet_id.clone(),
+                subnet_cidr: primary.subnet_cidr,
+                primary_ip: primary.primary_ip,
+                is_primary: true,
+                is_trunk: false,
+                is_efa: false,
+                excluded: false,
+            },
+            self.now,
+        );
+        let idx = self.nodes.len();
+        self.nodes
+            .push(Node::new(id, inst.az.clone(), pool, self.settings.clone()));
+        let next = self.nodes[idx].plan(&mut self.vpc, self.now);
+        self.apply(idx, next);
+        for _ in 0..self.scenario.workload.initial_burst {
+            self.arrive(idx);
+        }
+        if let Some(gap) = self.next_arrival_gap() {
+            self.schedule(self.now + gap, Event::Arrive { node: idx });
+        }
+        Ok(())
+    }
+
+    /// Time to a node's next pod arrival: a Poisson process with `pods_per_node / mean_lifetime` per second.
+    fn next_arrival_gap(&mut self) -> Option<Duration> {
+        let w = &self.scenario.workload;
+        (w.pods_per_node > 0.0).then(|| exp(&mut self.rng, w.mean_lifetime_secs / w.pods_per_node))
+    }
+
+    fn arrive(&mut self, node: usize) {
+        self.pod_events += 1;
+        // The scheduler does not place more pods than max-pods, two of which are host-network pods.
+        let n = &mut self.nodes[node];
+        if n.pods() as u32 + 2 >= n.pool.node.max_pods {
+            self.unschedulable += 1;
+            return;
+        }
+        let pod = self.next_pod;
+        self.next_pod += 1;
+        n.pod_arrives(pod, self.now);
+        let next = n.plan(&mut self.vpc, self.now);
+        self.apply(node, next);
+        let life = exp(&mut self.rng, self.scenario.workload.mean_lifetime_secs);
+        self.schedule(self.now + life, Event::Leave { node, pod });
+    }
+
+    /// Processes the next event; false when the scenario's time is up.
+    pub fn step(&mut self) -> Result<bool, String> {
+        let end = Time::from_secs(self.scenario.duration_secs);
+        let Some(Reverse((at, _, event))) = self.queue.pop() else {
+            return Ok(false);
+        };
+        if at > end {
+            return Ok(false);
+        }
+        self.now = at;
+        match event {
+            Event::Sample => {
+                let mut s = Sample {
+                    t_secs: at.as_secs_f64(),
+                    ..Sample::default()
+                };
+                for n in &self.nodes {
+                    let st = n.pool.stats();
+                    s.held += u64::from(st.total);
+                    s.in_use += u64::from(st.assigned);
+                    s.pending_adds += n.pending_adds() as u64;
+                }
+                self.timeline.push(s);
+                self.schedule(
+                    at + Duration::from_secs(self.scenario.sample_every_secs.max(1)),
+                    Event::Sample,
+                );
+            }
+            Event::Launch { group } => self.launch(group)?,
+            Event::Arrive { node } => {
+                self.arrive(node);
+                if let Some(gap) = self.next_arrival_gap() {
+                    self.schedule(at + gap, Event::Arrive { node });
+                }
+            }
+            Event::Leave { node, pod } => {
+                self.pod_events += 1;
+                let n = &mut self.nodes[node];
+                n.pod_leaves(pod, at);
+                let next = n.plan(&mut self.vpc, at);
+                self.apply(node, next);
+            }
+            Event::Wake { node, at: when } => {
+                let n = &mut self.nodes[node];
+                if n.next_wake == Some(when) {
+                    n.next_wake = None;
+                    let next = n.plan(&mut self.vpc, at);
+                    self.apply(node, next);
+                }
+            }
+            Event::Reply { node, id } => {
+                let n = &mut self.nodes[node];
+                let next = if id & RETRY != 0 {
+                    n.on_retry(id & !RETRY, &mut self.vpc, at)
+                } else {
+                    n.on_reply(id, &mut self.vpc, at)
+                };
+                self.apply(node, next);
+            }
+        }
+        Ok(true)
+    }
+
+    pub fn run(mut self) -> Result<Report, String> {
+        while self.step()? {}
+        Ok(self.report())
+    }
+
+    pub fn report(&self) -> Report {
+        let mut waits = Vec::new();
+        let mut r = Report {
+            scenario: self.scenario.name.clone(),
+            nodes: self.nodes.len() as u64,
+            simulated_secs: self.scenario.duration_secs,
+            pod_events: self.pod_events,
+            unschedulable_pods: self.unschedulable,
+            timeline: self.timeline.clone(),
+            ..Report::default()
+        };
+        for n in &self.nodes {
+            waits.extend_from_slice(&n.counters.add_waits);
+            r.throttled_retries += n.counters.throttled_retries;
+            r.forced_removals += n.counters.forced_removals;
+        }
+        r.add_wait = Waits::from(waits);
+        for (op, c) in &self.vpc.calls {
+            r.ec2_calls.insert(
+                op.name().to_string(),
+                Calls {
+                    ok: c.ok,
+                    throttled: c.throttled,
+                    failed: c.failed,
+                },
+            );
+        }
+        r.leaked_enis = self
+            .vpc
+            .interfaces()
+            .filter(|e| {
+                e.attachment.is_none() && e.tags.contains_key("node.k8s.amazonaws.com/instance_id")
+            })
+            .count() as u64;
+        r
+    }
+
+    /// The invariants that must hold after every event; an error names the first one broken.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut seen = HashSet::new();
+        for n in &self.nodes {
+            for (key, a) in n.pool.assignments() {
+                if !seen.insert(a.ip) {
+                    return Err(format!("{} assigned twice (again to {key:?})", a.ip));
+                }
+            }
+            if n.counters.cooldown_violations > 0 {
+                return Err(format!(
+                    "{} reused an address inside its cooldown",
+                    n.instance_id
+                ));
+            }
+            let inst = self
+                .vpc
+                .instance(&n.instance_id)
+                .ok_or("node without instance")?;
+            let on_instance: Vec<_> = self
+                .vpc
+                .interfaces()
+                .filter(|e| {
+                    e.attachment
+                        .as_ref()
+                        .is_some_and(|a| a.instance_id == n.instance_id)
+                })
+                .collect();
+            if on_instance.len() as u32 > inst.limits.enis() {
+                return Err(format!(
+                    "{} has {} ENIs, above its limit",
+                    n.instance_id,
+                    on_instance.len()
+                ));
+            }
+            for e in &on_instance {
+                if e.slots() > inst.limits.ipv4_per_eni {
+                    return Err(format!(
+                        "{} holds {} addresses, above the limit",
+                        e.id,
+                        e.slots()
+                    ));
+                }
+            }
+            if n.calls_in_flight() == 0 {
+                let ec2: HashMap<&str, HashSet<Ipv4Cidr>> = on_instance
+                    .iter()
+                    .map(|e| {
+                        let blocks = e
+                            .secondary_ips
+                            .iter()
+                            .map(|ip| Ipv4Cidr::host(*ip))
+                            .chain(e.prefixes.iter().copied());
+                        (e.id.as_str(), blocks.collect())
+                    })
+                    .collect();
+                let pool: HashMap<&str, HashSet<Ipv4Cidr>> = n
+                    .pool
+                    .enis()
+                    .iter()
+                    .map(|e| {
+                        (
+                            e.info.id.as_str(),
+                            e.blocks().iter().map(|b| b.cidr).collect(),
+                        )
+                    })
+                    .collect();
+                if ec2 != pool {
+                    return Err(format!(
+                        "{}: pool {pool:?} differs from EC2 {ec2:?}",
+                        n.instance_id
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,12 @@
+//! The simulator: nodes running the real pool engine (`ipam`) against the strict simulated VPC
+//! (`simvpc`) on a virtual clock, driven by a pod workload. Used by `vpcctl simulate`, the property tests
+//! and the benchmark.
+
+mod cluster;
+mod node;
+pub mod report;
+pub mod scenario;
+
+pub use cluster::Cluster;
+pub use report::Report;
+pub use scenario::Scenario;

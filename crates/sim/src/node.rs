@@ -1,0 +1,534 @@
+//! One simulated node: the real pool engine, the EC2 calls each of its actions takes, and its pods.
+
+use ipam::pool::{EniInfo, Failure, Outcome};
+use ipam::{
+    decide, Action, AddressKind, Demand, IpamKey, Ipv4Cidr, PodMeta, Pool, PoolSettings,
+    SubnetTarget, Time,
+};
+use simvpc::{codes, CreateEniRequest, Ec2Error, NetworkInterface, Reply, SimVpc};
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+/// The calls an action is made of, one step at a time.
+#[derive(Clone, Debug)]
+enum Step {
+    Assign,
+    Release,
+    Resync,
+    DiscoverSubnets,
+    Create {
+        subnets: Vec<String>,
+    },
+    Attach {
+        eni: Box<NetworkInterface>,
+        device: u32,
+    },
+    KeepOnTermination {
+        eni: Box<NetworkInterface>,
+        device: u32,
+    },
+    /// Undo a create whose attach failed, then report `failure`.
+    DeleteUnattached {
+        eni_id: String,
+        failure: Failure,
+    },
+    Detach {
+        attachment: String,
+    },
+    Delete {
+        eni_id: String,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Call {
+    action: Action,
+    step: Step,
+    /// Throttled or failed tries of the current step.
+    tries: u32,
+    /// The reply EC2 gave, to be read when its latency has passed.
+    reply: Option<Result<StepReply, Ec2Error>>,
+}
+
+#[derive(Clone, Debug)]
+enum StepReply {
+    Unit,
+    Addresses(Vec<Ipv4Cidr>),
+    Subnets(Vec<String>),
+    Eni(Box<NetworkInterface>),
+    Attachment(String),
+    Described(Option<Vec<Ipv4Cidr>>),
+}
+
+/// What the cluster has to schedule for a node.
+pub enum Next {
+    /// The reply to call `id` arrives at this time.
+    Reply(Time, u64),
+    /// Run the policy again at this time.
+    Wake(Time),
+}
+
+#[derive(Default, Clone, Debug)]
+pub struct NodeCounters {
+    pub add_waits: Vec<Duration>,
+    pub unschedulable: u64,
+    pub throttled_retries: u64,
+    pub forced_removals: u64,
+    pub cooldown_violations: u64,
+}
+
+pub struct Node {
+    pub instance_id: String,
+    pub az: String,
+    pub pool: Pool,
+    pub settings: PoolSettings,
+    calls: HashMap<u64, Call>,
+    next_call: u64,
+    pending_adds: VecDeque<(u64, Time)>,
+    pub running: HashMap<u64, IpamKey>,
+    attachments: HashMap<String, String>,
+    pub next_wake: Option<Time>,
+    /// Who held each address last and when they let it go, to catch reuse inside the cooldown.
+    released_at: HashMap<std::net::Ipv4Addr, Time>,
+    pub counters: NodeCounters,
+}
+
+fn failure_of(e: &Ec2Error) -> Failure {
+    match e.code {
+        codes::INSUFFICIENT_ADDRESSES => Failure::InsufficientAddresses,
+        codes::INSUFFICIENT_CIDR => Failure::InsufficientCidr,
+        codes::ADDRESS_LIMIT => Failure::AddressLimitExceeded,
+        codes::ATTACHMENT_LIMIT => Failure::AttachmentLimitExceeded,
+        codes::ENI_NOT_FOUND => Failure::EniNotFound,
+        _ => Failure::Other,
+    }
+}
+
+fn blocks_of(eni: &NetworkInterface) -> Vec<Ipv4Cidr> {
+    eni.secondary_ips
+        .iter()
+        .map(|ip| Ipv4Cidr::host(*ip))
+        .chain(eni.prefixes.iter().copied())
+        .collect()
+}
+
+fn eni_info(eni: &NetworkInterface, device: u32) -> EniInfo {
+    EniInfo {
+        id: eni.id.clone(),
+        device_number: device,
+        subnet_id: eni.subnet_id.clone(),
+        subnet_cidr: eni.subnet_cidr,
+        primary_ip: eni.primary_ip,
+        is_primary: device == 0,
+        is_trunk: false,
+        is_efa: false,
+        excluded: false,
+    }
+}
+
+/// Retries of a throttled call wait 200 ms doubling up to 20 s, with full jitter from the call id.
+fn backoff(tries: u32, id: u64) -> Duration {
+    let cap = Duration::from_millis(200 * (1u64 << tries.min(7))).min(Duration::from_secs(20));
+    let jitter = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) as f64 / (1u64 << 31) as f64;
+    cap.mul_f64(0.5 + jitter / 2.0)
+}
+
+const MAX_TRIES: u32 = 12;
+
+/// Upstream waits this long between detach and delete (EC2 takes about 2 to 3 s to detach).
+const DETACH_WAIT: Duration = Duration::from_secs(2);
+
+impl Node {
+    pub fn new(instance_id: String, az: String, pool: Pool, settings: PoolSettings) -> Node {
+        Node {
+            instance_id,
+            az,
+            pool,
+            settings,
+            calls: HashMap::new(),
+            next_call: 0,
+            pending_adds: VecDeque::new(),
+            running: HashMap::new(),
+            attachments: HashMap::new(),
+            next_wake: None,
+            released_at: HashMap::new(),
+            counters: NodeCounters::default(),
+        }
+    }
+
+    pub fn calls_in_flight(&self) -> usize {
+        self.calls.len()
+    }
+
+    pub fn pending_adds(&self) -> usize {
+        self.pending_adds.len()
+    }
+
+    pub fn pods(&self) -> usize {
+        self.running.len() + self.pending_adds.len()
+    }
+
+    pub fn pod_arrives(&mut self, pod: u64, now: Time) {
+        self.pending_adds.push_back((pod, now));
+        self.serve_pending(now);
+    }
+
+    /// A pod deleted while still waiting for an address just stops waiting.
+    pub fn pod_leaves(&mut self, pod: u64, now: Time) {
+        if let Some(key) = self.running.remove(&pod) {
+            let a = self
+                .pool
+                .unassign(&key, now)
+                .expect("running pods hold an address");
+            self.released_at.insert(a.ip, now);
+        } else {
+            self.pending_adds.retain(|(p, _)| *p != pod);
+        }
+    }
+
+    fn serve_pending(&mut self, now: Time) {
+        while let Some(&(pod, since)) = self.pending_adds.front() {
+            let key = IpamKey::new("aws-cni", &format!("pod{pod}"), "eth0");
+            let meta = PodMeta {
+                namespace: "default".into(),
+                name: format!("pod{pod}"),
+                interfaces_count: 1,
+            };
+            match self.pool.assign(&key, meta, now, self.settings.ip_cooldown) {
+                Ok(a) => {
+                    if let Some(t) = self.released_at.get(&a.ip) {
+                        if now.since(*t) < self.settings.ip_cooldown {
+                            self.counters.cooldown_violations += 1;
+                        }
+                    }
+                    self.pending_adds.pop_front();
+                    self.running.insert(pod, key);
+                    self.counters.add_waits.push(now.since(since));
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Runs the policy and starts the EC2 calls it asks for.
+    pub fn plan(&mut self, vpc: &mut SimVpc, now: Time) -> Vec<Next> {
+        self.pool.expire_cooldowns(now, self.settings.ip_cooldown);
+        self.serve_pending(now);
+        let demand = Demand {
+            pending_adds: self.pending_adds.len() as u32,
+        };
+        let d = decide(&self.pool, &self.settings, now, &demand);
+        let mut next = Vec::new();
+        for action in d.actions {
+            self.pool.begin(&action, now);
+            let step = match &action {
+                Action::AssignAddresses { .. } => Step::Assign,
+                Action::ReleaseAddresses { .. } => Step::Release,
+                Action::ResyncEni { .. } => Step::Resync,
+                Action::CreateEni {
+                    subnet: SubnetTarget::Subnet(s),
+                    ..
+                } => Step::Create {
+                    subnets: vec![s.clone()],
+                },
+                Action::CreateEni {
+                    subnet: SubnetTarget::Discover { .. },
+                    ..
+                } => Step::DiscoverSubnets,
+                Action::FreeEni { eni } => match self.attachments.get(eni) {
+                    Some(att) => Step::Detach {
+                        attachment: att.clone(),
+                    },
+                    None => Step::Delete {
+                        eni_id: eni.clone(),
+                    },
+                },
+            };
+            let id = self.next_call;
+            self.next_call += 1;
+            self.calls.insert(
+                id,
+                Call {
+                    action,
+                    step,
+                    tries: 0,
+                    reply: None,
+                },
+            );
+            next.push(self.send(id, vpc, now));
+        }
+        if let Some(w) = d.wake_at {
+            if self.next_wake.is_none_or(|t| w < t || t <= now) {
+                self.next_wake = Some(w);
+                next.push(Next::Wake(w));
+            }
+        }
+        next
+    }
+
+    /// Makes the current step's call and says when its reply arrives.
+    fn send(&mut self, id: u64, vpc: &mut SimVpc, now: Time) -> Next {
+        let call = self.calls.get(&id).expect("live call").clone();
+        let unit = |r: Reply<()>| (r.result.map(|_| StepReply::Unit), r.latency);
+        let (result, latency) = match (&call.step, &call.action) {
+            (Step::Assign, Action::AssignAddresses { eni, kind, count }) => {
+                let (ips, prefixes) = if *kind == AddressKind::Prefix {
+                    (0, *count)
+                } else {
+                    (*count, 0)
+                };
+                let r = vpc.assign_private_ip_addresses(now, eni, ips, prefixes);
+                let blocks = r.result.map(|(ips, pfx)| {
+                    StepReply::Addresses(ips.into_iter().map(Ipv4Cidr::host).chain(pfx).collect())
+                });
+                (blocks, r.latency)
+            }
+            (Step::Release, Action::ReleaseAddresses { eni, cidrs }) => {
+                let ips: Vec<_> = cidrs
+                    .iter()
+                    .filter(|c| c.len() == 32)
+                    .map(|c| c.addr())
+                    .collect();
+                let prefixes: Vec<_> = cidrs.iter().filter(|c| c.len() < 32).copied().collect();
+                unit(vpc.unassign_private_ip_addresses(now, eni, &ips, &prefixes))
+            }
+            (Step::Resync, Action::ResyncEni { eni }) => {
+                let r = vpc.describe_network_interfaces(now, std::slice::from_ref(eni), &[], None);
+                let res = match r.result {
+                    Ok((enis, _)) => Ok(StepReply::Described(enis.first().map(blocks_of))),
+                    Err(e) if e.code == codes::ENI_NOT_FOUND => Ok(StepReply::Described(None)),
+                    Err(e) => Err(e),
+                };
+                (res, r.latency)
+            }
+            (
+                Step::DiscoverSubnets,
+                Action::CreateEni {
+                    subnet: SubnetTarget::Discover { primary },
+                    ..
+                },
+            ) => {
+                let r = vpc.describe_subnets(now, &self.az);
+                let res = r
+                    .result
+                    .map(|subnets| StepReply::Subnets(rank_subnets(subnets, primary)));
+                (res, r.latency)
+            }
+            (
+                Step::Create { subnets },
+                Action::CreateEni {
+                    security_groups,
+                    kind,
+                    count,
+                    ..
+                },
+            ) => {
+                let (ips, prefixes) = if *kind == AddressKind::Prefix {
+                    (0, *count)
+                } else {
+                    (*count, 0)
+                };
+                let req = CreateEniRequest {
+                    subnet_id: subnets[0].clone(),
+                    description: format!("aws-K8S-{}", self.instance_id),
+                    security_groups: security_groups.clone(),
+                    secondary_ip_count: ips,
+                    prefix_count: prefixes,
+                    tags: [
+                        (
+                            "node.k8s.amazonaws.com/instance_id".to_string(),
+                            self.instance_id.clone(),
+                        ),
+                        (
+                            "node.k8s.amazonaws.com/createdAt".to_string(),
+                            format!("{}", now.as_nanos()),
+                        ),
+                    ]
+                    .into(),
+                };
+                let r = vpc.create_network_interface(now, req);
+                (r.result.map(|e| StepReply::Eni(Box::new(e))), r.latency)
+            }
+            (Step::Attach { eni, device }, _) => {
+                let r = vpc.attach_network_interface(now, &eni.id, &self.instance_id, *device, 0);
+                (r.result.map(StepReply::Attachment), r.latency)
+            }
+            (Step::KeepOnTermination { eni, .. }, _) => {
+                unit(vpc.set_delete_on_termination(now, &eni.id, true))
+            }
+            (Step::DeleteUnattached { eni_id, .. } | Step::Delete { eni_id }, _) => {
+                unit(vpc.delete_network_interface(now, eni_id))
+            }
+            (Step::Detach { attachment }, _) => unit(vpc.detach_network_interface(now, attachment)),
+            (step, action) => unreachable!("step {step:?} does not belong to {action:?}"),
+        };
+        self.calls.get_mut(&id).expect("live call").reply = Some(result);
+        Next::Reply(now + latency, id)
+    }
+
+    /// The lowest device index that neither an attached ENI nor an attach in flight uses.
+    fn free_device_index(&self) -> u32 {
+        let in_flight = self.calls.values().filter_map(|c| match &c.step {
+            Step::Attach { device, .. } | Step::KeepOnTermination { device, .. } => Some(*device),
+            _ => None,
+        });
+        let used: Vec<u32> = self
+            .pool
+            .enis()
+            .iter()
+            .map(|e| e.info.device_number)
+            .chain(in_flight)
+            .collect();
+        (0..)
+            .find(|d| !used.contains(d))
+            .expect("some index is free")
+    }
+
+    /// Reads the reply of call `id` and moves it to its next step, or finishes its action.
+    pub fn on_reply(&mut self, id: u64, vpc: &mut SimVpc, now: Time) -> Vec<Next> {
+        let mut call = self.calls.remove(&id).expect("reply to a live call");
+        let reply = call.reply.take().expect("a sent call has a reply");
+        let next_step = match reply {
+            Err(e)
+                if e.code == codes::THROTTLED
+                    || (e.code == codes::ENI_IN_USE
+                        && matches!(call.step, Step::Delete { .. })) =>
+            {
+                // Throttled, or the ENI is still detaching: the same call again after a backoff.
+                call.tries += 1;
+                self.counters.throttled_retries += u64::from(e.code == codes::THROTTLED);
+                if call.tries < MAX_TRIES {
+                    let at = now + backoff(call.tries, id);
+                    self.calls.insert(id, call);
+                    return vec![Next::Reply(at, id | RETRY)];
+                }
+                Err(Failure::Other)
+            }
+            Err(e) => {
+                if e.code == codes::TIMEOUT {
+                    // It may have happened: read the ENI back before trusting our view of it.
+                    if let Some(eni) = call.action.eni() {
+                        self.pool.mark_for_resync(eni);
+                    }
+                }
+                match call.step {
+                    Step::Attach { eni, .. } => Ok(Step::DeleteUnattached {
+                        eni_id: eni.id,
+                        failure: failure_of(&e),
+                    }),
+                    Step::Create { mut subnets }
+                        if subnets.len() > 1 && failure_of(&e) != Failure::Other =>
+                    {
+                        // Subnet discovery: try the next candidate subnet.
+                        subnets.remove(0);
+                        Ok(Step::Create { subnets })
+                    }
+                    Step::Delete { .. } if e.code == codes::ENI_NOT_FOUND => {
+                        Err(Failure::EniNotFound)
+                    }
+                    Step::Detach { .. } if e.code == codes::ATTACHMENT_NOT_FOUND => {
+                        Err(Failure::EniNotFound)
+                    }
+                    Step::DeleteUnattached { failure, .. } => Err(failure),
+                    _ => Err(failure_of(&e)),
+                }
+            }
+            Ok(r) => match (call.step, r) {
+                (Step::Assign, StepReply::Addresses(b)) => {
+                    return self.finish(&call.action, Outcome::Assigned(b), vpc, now)
+                }
+                (Step::Release, _) => return self.finish(&call.action, Outcome::Done, vpc, now),
+                (Step::Resync, StepReply::Described(b)) => {
+                    return self.finish(&call.action, Outcome::Synced(b), vpc, now)
+                }
+                (Step::DiscoverSubnets, StepReply::Subnets(s)) if s.is_empty() => {
+                    Err(Failure::InsufficientAddresses)
+                }
+                (Step::DiscoverSubnets, StepReply::Subnets(subnets)) => {
+                    Ok(Step::Create { subnets })
+                }
+                (Step::Create { .. }, StepReply::Eni(eni)) => Ok(Step::Attach {
+                    eni,
+                    device: self.free_device_index(),
+                }),
+                (Step::Attach { eni, device }, StepReply::Attachment(att)) => {
+                    self.attachments.insert(eni.id.clone(), att);
+                    Ok(Step::KeepOnTermination { eni, device })
+                }
+                (Step::KeepOnTermination { eni, device }, _) => {
+                    let outcome = Outcome::EniCreated {
+                        eni: eni_info(&eni, device),
+                        blocks: blocks_of(&eni),
+                    };
+                    return self.finish(&call.action, outcome, vpc, now);
+                }
+                (Step::DeleteUnattached { failure, .. }, _) => Err(failure),
+                (Step::Detach { .. }, _) => {
+                    // A detaching ENI cannot be deleted: wait as long as detaching usually takes.
+                    let eni_id = call
+                        .action
+                        .eni()
+                        .expect("FreeEni names its ENI")
+                        .to_string();
+                    call.step = Step::Delete { eni_id };
+                    call.tries = 0;
+                    self.calls.insert(id, call);
+                    return vec![Next::Reply(now + DETACH_WAIT, id | RETRY)];
+                }
+                (Step::Delete { .. }, _) => {
+                    return self.finish(&call.action, Outcome::Done, vpc, now);
+                }
+                (step, r) => unreachable!("reply {r:?} to step {step:?}"),
+            },
+        };
+        match next_step {
+            Ok(step) => {
+                call.step = step;
+                call.tries = 0;
+                self.calls.insert(id, call);
+                vec![self.send(id, vpc, now)]
+            }
+            Err(f) => self.finish(&call.action, Outcome::Failed(f), vpc, now),
+        }
+    }
+
+    /// A retry's timer went off: make the call again.
+    pub fn on_retry(&mut self, id: u64, vpc: &mut SimVpc, now: Time) -> Vec<Next> {
+        vec![self.send(id, vpc, now)]
+    }
+
+    fn finish(
+        &mut self,
+        action: &Action,
+        outcome: Outcome,
+        vpc: &mut SimVpc,
+        now: Time,
+    ) -> Vec<Next> {
+        if let (Action::FreeEni { eni }, Outcome::Done) = (action, &outcome) {
+            self.attachments.remove(eni);
+        }
+        let dropped = self.pool.complete(action, outcome, now);
+        self.counters.forced_removals += dropped.len() as u64;
+        for (key, _) in dropped {
+            self.running.retain(|_, k| *k != key);
+        }
+        self.plan(vpc, now)
+    }
+}
+
+/// Marks a call id as a retry timer rather than a reply.
+pub const RETRY: u64 = 1 << 63;
+
+/// Subnet discovery (upstream-ipamd.md §2.6): the primary subnet unless tagged `kubernetes.io/role/cni=0`,
+/// and other subnets only when tagged for the CNI, most free addresses first.
+fn rank_subnets(subnets: Vec<(simvpc::Subnet, Ipv4Cidr, u32)>, primary: &str) -> Vec<String> {
+    const ROLE: &str = "kubernetes.io/role/cni";
+    let mut ok: Vec<(u32, String)> = subnets
+        .into_iter()
+        .filter(|(s, _, _)| s.tags.get(ROLE).map(String::as_str) != Some("0"))
+        .filter(|(s, _, _)| s.id == primary || s.tags.contains_key(ROLE))
+        .map(|(s, _, free)| (free, s.id))
+        .collect();
+    ok.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    ok.into_iter().map(|(_, id)| id).collect()
+}

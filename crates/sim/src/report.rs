@@ -1,0 +1,133 @@
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Sample {
+    pub t_secs: f64,
+    /// Addresses the nodes hold (on ENIs that give pods addresses).
+    pub held: u64,
+    pub in_use: u64,
+    pub pending_adds: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Calls {
+    pub ok: u64,
+    pub throttled: u64,
+    pub failed: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Waits {
+    pub adds: u64,
+    /// ADDs that found an address at once.
+    pub immediate: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Waits {
+    pub fn from(mut waits: Vec<Duration>) -> Waits {
+        waits.sort();
+        let pick = |q: f64| {
+            if waits.is_empty() {
+                0.0
+            } else {
+                let i = ((waits.len() as f64 * q).ceil() as usize).clamp(1, waits.len()) - 1;
+                waits[i].as_secs_f64() * 1000.0
+            }
+        };
+        Waits {
+            adds: waits.len() as u64,
+            immediate: waits.iter().filter(|w| w.is_zero()).count() as u64,
+            p50_ms: pick(0.50),
+            p99_ms: pick(0.99),
+            max_ms: waits.last().map_or(0.0, |w| w.as_secs_f64() * 1000.0),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub nodes: u64,
+    pub simulated_secs: u64,
+    /// Pod creations and deletions processed.
+    pub pod_events: u64,
+    pub unschedulable_pods: u64,
+    pub add_wait: Waits,
+    pub ec2_calls: BTreeMap<String, Calls>,
+    pub throttled_retries: u64,
+    /// ENIs left `available` with our tags at the end (created, but never attached to a live node).
+    pub leaked_enis: u64,
+    pub forced_removals: u64,
+    pub timeline: Vec<Sample>,
+}
+
+impl Report {
+    pub fn total_calls(&self) -> u64 {
+        self.ec2_calls
+            .values()
+            .map(|c| c.ok + c.throttled + c.failed)
+            .sum()
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "scenario {}: {} nodes, {} simulated seconds, {} pod events ({} not schedulable)",
+            self.scenario,
+            self.nodes,
+            self.simulated_secs,
+            self.pod_events,
+            self.unschedulable_pods
+        );
+        let w = &self.add_wait;
+        let _ = writeln!(o, "\nADD wait for an address: {} ADDs, {} at once; p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            w.adds, w.immediate, w.p50_ms, w.p99_ms, w.max_ms);
+        let _ = writeln!(
+            o,
+            "\nEC2 calls                           ok  throttled  failed"
+        );
+        for (op, c) in &self.ec2_calls {
+            let _ = writeln!(
+                o,
+                "  {op:<31} {:>6} {:>10} {:>7}",
+                c.ok, c.throttled, c.failed
+            );
+        }
+        let _ = writeln!(o, "  {:<31} {:>6}", "total", self.total_calls());
+        let _ = writeln!(
+            o,
+            "throttled calls retried: {}; leaked ENIs: {}; assignments lost to EC2 resync: {}",
+            self.throttled_retries, self.leaked_enis, self.forced_removals
+        );
+        let _ = writeln!(o, "\naddresses held vs in use (all nodes)");
+        let peak = self
+            .timeline
+            .iter()
+            .map(|s| s.held)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let rows = self.timeline.len().div_ceil(24).max(1);
+        for s in self.timeline.iter().step_by(rows) {
+            let bar = |n: u64| (n * 40 / peak) as usize;
+            let _ = writeln!(
+                o,
+                "  {:>7.0}s held {:>7} in use {:>7} pending {:>4} |{}{}",
+                s.t_secs,
+                s.held,
+                s.in_use,
+                s.pending_adds,
+                "#".repeat(bar(s.in_use)),
+                ".".repeat(bar(s.held).saturating_sub(bar(s.in_use)))
+            );
+        }
+        o
+    }
+}

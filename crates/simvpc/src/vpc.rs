@@ -1,0 +1,972 @@
+use crate::addresses::SubnetAddresses;
+use crate::throttle::{Category, TokenBucket};
+use ipam::limits::{self, InstanceLimits};
+use ipam::{Ipv4Cidr, Time};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+/// EC2's error codes, as EC2 spells them.
+pub mod codes {
+    pub const INSUFFICIENT_ADDRESSES: &str = "InsufficientFreeAddressesInSubnet";
+    pub const INSUFFICIENT_CIDR: &str = "InsufficientCidrBlocks";
+    pub const ADDRESS_LIMIT: &str = "PrivateIpAddressLimitExceeded";
+    pub const ATTACHMENT_LIMIT: &str = "AttachmentLimitExceeded";
+    pub const ENI_IN_USE: &str = "InvalidNetworkInterface.InUse";
+    pub const ENI_NOT_FOUND: &str = "InvalidNetworkInterfaceID.NotFound";
+    pub const ATTACHMENT_NOT_FOUND: &str = "InvalidAttachmentID.NotFound";
+    pub const INSTANCE_NOT_FOUND: &str = "InvalidInstanceID.NotFound";
+    pub const SUBNET_NOT_FOUND: &str = "InvalidSubnetID.NotFound";
+    pub const THROTTLED: &str = "RequestLimitExceeded";
+    pub const INVALID_PARAMETER: &str = "InvalidParameterValue";
+    pub const INVALID_COMBINATION: &str = "InvalidParameterCombination";
+    pub const NOT_PERMITTED: &str = "OperationNotPermitted";
+    pub const UNAVAILABLE: &str = "Unavailable";
+    /// Not an EC2 code: the client gave up waiting. The call may or may not have taken effect.
+    pub const TIMEOUT: &str = "RequestTimeout";
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ec2Error {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Ec2Error {
+    fn new(code: &'static str, message: impl Into<String>) -> Ec2Error {
+        Ec2Error {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Ec2Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for Ec2Error {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    DescribeInstances,
+    DescribeNetworkInterfaces,
+    DescribeSubnets,
+    CreateNetworkInterface,
+    AttachNetworkInterface,
+    DetachNetworkInterface,
+    DeleteNetworkInterface,
+    ModifyNetworkInterfaceAttribute,
+    AssignPrivateIpAddresses,
+    UnassignPrivateIpAddresses,
+    CreateTags,
+}
+
+impl Op {
+    pub const ALL: [Op; 11] = [
+        Op::DescribeInstances,
+        Op::DescribeNetworkInterfaces,
+        Op::DescribeSubnets,
+        Op::CreateNetworkInterface,
+        Op::AttachNetworkInterface,
+        Op::DetachNetworkInterface,
+        Op::DeleteNetworkInterface,
+        Op::ModifyNetworkInterfaceAttribute,
+        Op::AssignPrivateIpAddresses,
+        Op::UnassignPrivateIpAddresses,
+        Op::CreateTags,
+    ];
+
+    pub fn category(self) -> Category {
+        match self {
+            Op::DescribeInstances | Op::DescribeNetworkInterfaces | Op::DescribeSubnets => {
+                Category::NonMutating
+            }
+            _ => Category::Mutating,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::DescribeInstances => "DescribeInstances",
+            Op::DescribeNetworkInterfaces => "DescribeNetworkInterfaces",
+            Op::DescribeSubnets => "DescribeSubnets",
+            Op::CreateNetworkInterface => "CreateNetworkInterface",
+            Op::AttachNetworkInterface => "AttachNetworkInterface",
+            Op::DetachNetworkInterface => "DetachNetworkInterface",
+            Op::DeleteNetworkInterface => "DeleteNetworkInterface",
+            Op::ModifyNetworkInterfaceAttribute => "ModifyNetworkInterfaceAttribute",
+            Op::AssignPrivateIpAddresses => "AssignPrivateIpAddresses",
+            Op::UnassignPrivateIpAddresses => "UnassignPrivateIpAddresses",
+            Op::CreateTags => "CreateTags",
+        }
+    }
+}
+
+/// How the simulated EC2 behaves: latencies, the account's buckets, and injected faults.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Mean latency per call; each call gets ±25 % of uniform jitter.
+    pub latency: HashMap<Op, Duration>,
+    pub default_latency: Duration,
+    /// (capacity, refill per second) per category, for the whole account.
+    pub buckets: BTreeMap<Category, (f64, f64)>,
+    /// Share of calls that fail with `Unavailable` and take no effect.
+    pub error_rate: f64,
+    /// Share of calls whose reply is lost after `timeout`: half of them took effect.
+    pub timeout_rate: f64,
+    pub timeout: Duration,
+    /// How long a detaching ENI stays `detaching`.
+    pub detach_delay: Duration,
+    pub seed: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        let ms = Duration::from_millis;
+        SimConfig {
+            latency: HashMap::from([
+                (Op::CreateNetworkInterface, ms(400)),
+                (Op::AttachNetworkInterface, ms(1500)),
+                (Op::AssignPrivateIpAddresses, ms(250)),
+                (Op::DetachNetworkInterface, ms(300)),
+                (Op::DeleteNetworkInterface, ms(250)),
+            ]),
+            default_latency: ms(150),
+            buckets: BTreeMap::from([
+                (Category::NonMutating, (100.0, 20.0)),
+                (Category::Mutating, (50.0, 5.0)),
+            ]),
+            error_rate: 0.0,
+            timeout_rate: 0.0,
+            timeout: Duration::from_secs(10),
+            detach_delay: Duration::from_secs(2),
+            seed: 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subnet {
+    pub id: String,
+    pub az: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachmentStatus {
+    Attached,
+    Detaching { until: Time },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub id: String,
+    pub instance_id: String,
+    pub device_index: u32,
+    pub network_card_index: u32,
+    pub status: AttachmentStatus,
+    pub delete_on_termination: bool,
+}
+
+/// A network interface as DescribeNetworkInterfaces shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkInterface {
+    pub id: String,
+    pub subnet_id: String,
+    pub subnet_cidr: Ipv4Cidr,
+    pub vpc_id: String,
+    pub az: String,
+    pub mac: String,
+    pub description: String,
+    pub security_groups: Vec<String>,
+    pub tags: BTreeMap<String, String>,
+    pub interface_type: String,
+    pub primary_ip: Ipv4Addr,
+    pub secondary_ips: Vec<Ipv4Addr>,
+    pub prefixes: Vec<Ipv4Cidr>,
+    pub attachment: Option<Attachment>,
+}
+
+impl NetworkInterface {
+    /// "in-use" while attached or detaching, "available" once detached (EC2's `status`).
+    pub fn status(&self) -> &'static str {
+        if self.attachment.is_some() {
+            "in-use"
+        } else {
+            "available"
+        }
+    }
+
+    /// Address slots used: EC2 counts the primary, each secondary IP and each prefix against the limit.
+    pub fn slots(&self) -> u32 {
+        1 + self.secondary_ips.len() as u32 + self.prefixes.len() as u32
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Instance {
+    pub id: String,
+    pub instance_type: String,
+    pub limits: InstanceLimits,
+    pub az: String,
+    pub subnet_id: String,
+    pub primary_eni: String,
+    pub security_groups: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CreateEniRequest {
+    pub subnet_id: String,
+    pub description: String,
+    pub security_groups: Vec<String>,
+    pub secondary_ip_count: u32,
+    pub prefix_count: u32,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A Describe filter: EC2's name (`attachment.instance-id`, `tag:<key>`, `tag-key`, `status`, ...) and values.
+pub type Filter = (String, Vec<String>);
+
+/// One call's outcome and how long the caller waits for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply<T> {
+    pub result: Result<T, Ec2Error>,
+    pub latency: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallCount {
+    pub ok: u64,
+    pub throttled: u64,
+    pub failed: u64,
+}
+
+pub struct SimVpc {
+    pub vpc_id: String,
+    pub cidrs: Vec<Ipv4Cidr>,
+    subnets: BTreeMap<String, (Subnet, SubnetAddresses)>,
+    enis: BTreeMap<String, NetworkInterface>,
+    instances: BTreeMap<String, Instance>,
+    buckets: BTreeMap<Category, TokenBucket>,
+    config: SimConfig,
+    rng: SmallRng,
+    next_id: u64,
+    pub calls: BTreeMap<Op, CallCount>,
+}
+
+/// What a call does before touching any state: throttle, inject faults, pick a latency.
+enum Gate {
+    Proceed(Duration),
+    Refuse(Ec2Error, Duration),
+    /// The reply is lost; `apply` says whether the call took effect anyway.
+    TimedOut {
+        apply: bool,
+        after: Duration,
+    },
+}
+
+impl SimVpc {
+    pub fn new(cidr: Ipv4Cidr, config: SimConfig) -> SimVpc {
+        let buckets = config
+            .buckets
+            .iter()
+            .map(|(c, (cap, rate))| (*c, TokenBucket::new(*cap, *rate)))
+            .collect();
+        SimVpc {
+            vpc_id: "vpc-00000001".into(),
+            cidrs: vec![cidr],
+            subnets: BTreeMap::new(),
+            enis: BTreeMap::new(),
+            instances: BTreeMap::new(),
+            buckets,
+            rng: SmallRng::seed_from_u64(config.seed),
+            config,
+            next_id: 1,
+            calls: BTreeMap::new(),
+        }
+    }
+
+    pub fn config_mut(&mut self) -> &mut SimConfig {
+        &mut self.config
+    }
+
+    fn id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("{prefix}-{:017x}", self.next_id)
+    }
+
+    // ---- set-up, outside EC2's API: no latency, no throttling ----
+
+    pub fn add_subnet(
+        &mut self,
+        cidr: Ipv4Cidr,
+        az: &str,
+        tags: &[(&str, &str)],
+    ) -> Result<String, String> {
+        if !self.cidrs.iter().any(|v| v.contains_cidr(&cidr)) {
+            return Err(format!("{cidr} is outside the VPC's CIDRs"));
+        }
+        if let Some((s, _)) = self
+            .subnets
+            .values()
+            .find(|(_, a)| a.cidr().overlaps(&cidr))
+        {
+            return Err(format!("{cidr} overlaps {}", s.id));
+        }
+        let id = self.id("subnet");
+        let tags = tags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.subnets.insert(
+            id.clone(),
+            (
+                Subnet {
+                    id: id.clone(),
+                    az: az.into(),
+                    tags,
+                },
+                SubnetAddresses::new(cidr),
+            ),
+        );
+        Ok(id)
+    }
+
+    pub fn add_cidr(&mut self, cidr: Ipv4Cidr) {
+        self.cidrs.push(cidr);
+    }
+
+    /// A subnet CIDR reservation of type prefix.
+    pub fn reserve_for_prefixes(&mut self, subnet_id: &str, cidr: Ipv4Cidr) -> Result<(), String> {
+        let (_, a) = self
+            .subnets
+            .get_mut(subnet_id)
+            .ok_or_else(|| format!("no subnet {subnet_id}"))?;
+        if !a.cidr().contains_cidr(&cidr) {
+            return Err(format!("{cidr} is outside {subnet_id}"));
+        }
+        a.reserve_for_prefixes(cidr);
+        Ok(())
+    }
+
+    /// Launches an instance with its primary ENI at device index 0.
+    pub fn launch_instance(
+        &mut self,
+        instance_type: &str,
+        subnet_id: &str,
+        security_groups: &[&str],
+    ) -> Result<String, String> {
+        let limits = limits::lookup(instance_type)
+            .ok_or_else(|| format!("unknown instance type {instance_type}"))?
+            .clone();
+        let (subnet, addrs) = self
+            .subnets
+            .get_mut(subnet_id)
+            .ok_or_else(|| format!("no subnet {subnet_id}"))?;
+        let az = subnet.az.clone();
+        let ip = addrs
+            .take_ips(1, &mut self.rng)
+            .ok_or_else(|| format!("{subnet_id} is full"))?[0];
+        let id = self.id("i");
+        let eni_id = self.id("eni");
+        let sgs: Vec<String> = security_groups.iter().map(|s| s.to_string()).collect();
+        let eni = self.interface(
+            &eni_id,
+            subnet_id,
+            ip,
+            "primary network interface",
+            &sgs,
+            BTreeMap::new(),
+        );
+        self.enis.insert(eni_id.clone(), eni);
+        self.instances.insert(
+            id.clone(),
+            Instance {
+                id: id.clone(),
+                instance_type: instance_type.into(),
+                limits,
+                az,
+                subnet_id: subnet_id.into(),
+                primary_eni: eni_id.clone(),
+                security_groups: sgs,
+            },
+        );
+        let attachment = self.id("eni-attach");
+        self.enis.get_mut(&eni_id).expect("just added").attachment = Some(Attachment {
+            id: attachment,
+            instance_id: id.clone(),
+            device_index: 0,
+            network_card_index: 0,
+            status: AttachmentStatus::Attached,
+            delete_on_termination: true,
+        });
+        Ok(id)
+    }
+
+    /// Terminates an instance: ENIs with DeleteOnTermination go, the others are left `available` (leaked).
+    pub fn terminate_instance(&mut self, instance_id: &str) {
+        self.instances.remove(instance_id);
+        let ids: Vec<String> = self
+            .enis
+            .values()
+            .filter(|e| {
+                e.attachment
+                    .as_ref()
+                    .is_some_and(|a| a.instance_id == instance_id)
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        for id in ids {
+            let eni = self.enis.get_mut(&id).expect("listed");
+            if eni
+                .attachment
+                .take()
+                .expect("attached")
+                .delete_on_termination
+            {
+                self.remove_interface(&id);
+            }
+        }
+    }
+
+    fn interface(
+        &mut self,
+        id: &str,
+        subnet_id: &str,
+        primary_ip: Ipv4Addr,
+        description: &str,
+        sgs: &[String],
+        tags: BTreeMap<String, String>,
+    ) -> NetworkInterface {
+        let (subnet, addrs) = &self.subnets[subnet_id];
+        let n = self.next_id;
+        NetworkInterface {
+            id: id.into(),
+            subnet_id: subnet_id.into(),
+            subnet_cidr: addrs.cidr(),
+            vpc_id: self.vpc_id.clone(),
+            az: subnet.az.clone(),
+            mac: format!(
+                "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                (n >> 32) & 0xff,
+                (n >> 24) & 0xff,
+                (n >> 16) & 0xff,
+                (n >> 8) & 0xff,
+                n & 0xff
+            ),
+            description: description.into(),
+            security_groups: sgs.to_vec(),
+            tags,
+            interface_type: "interface".into(),
+            primary_ip,
+            secondary_ips: vec![],
+            prefixes: vec![],
+            attachment: None,
+        }
+    }
+
+    fn remove_interface(&mut self, id: &str) {
+        if let Some(eni) = self.enis.remove(id) {
+            let (_, addrs) = self
+                .subnets
+                .get_mut(&eni.subnet_id)
+                .expect("ENIs live in known subnets");
+            addrs.release(eni.primary_ip);
+            for ip in eni.secondary_ips {
+                addrs.release(ip);
+            }
+            for p in eni.prefixes {
+                addrs.release_prefix(p);
+            }
+        }
+    }
+
+    // ---- inspection for tests and reports (no API cost) ----
+
+    pub fn instance(&self, id: &str) -> Option<&Instance> {
+        self.instances.get(id)
+    }
+
+    pub fn interfaces(&self) -> impl Iterator<Item = &NetworkInterface> {
+        self.enis.values()
+    }
+
+    pub fn subnet_free(&self, subnet_id: &str) -> Option<(u32, u32)> {
+        self.subnets
+            .get(subnet_id)
+            .map(|(_, a)| (a.free(), a.free_prefixes()))
+    }
+
+    /// Settles detachments that have finished by `now`.
+    fn settle(&mut self, now: Time) {
+        for eni in self.enis.values_mut() {
+            if let Some(Attachment {
+                status: AttachmentStatus::Detaching { until },
+                ..
+            }) = &eni.attachment
+            {
+                if *until <= now {
+                    eni.attachment = None;
+                }
+            }
+        }
+    }
+
+    fn gate(&mut self, op: Op, now: Time) -> Gate {
+        let mean = self
+            .config
+            .latency
+            .get(&op)
+            .copied()
+            .unwrap_or(self.config.default_latency);
+        let latency = mean.mul_f64(self.rng.gen_range(0.75..1.25));
+        let count = self.calls.entry(op).or_default();
+        if let Some(bucket) = self.buckets.get_mut(&op.category()) {
+            if !bucket.try_take(now) {
+                count.throttled += 1;
+                return Gate::Refuse(
+                    Ec2Error::new(codes::THROTTLED, "Request limit exceeded."),
+                    latency / 4,
+                );
+            }
+        }
+        if self.config.error_rate > 0.0 && self.rng.gen_bool(self.config.error_rate) {
+            count.failed += 1;
+            return Gate::Refuse(
+                Ec2Error::new(codes::UNAVAILABLE, "The service is unavailable."),
+                latency,
+            );
+        }
+        if self.config.timeout_rate > 0.0 && self.rng.gen_bool(self.config.timeout_rate) {
+            count.failed += 1;
+            return Gate::TimedOut {
+                apply: self.rng.gen_bool(0.5),
+                after: self.config.timeout,
+            };
+        }
+        Gate::Proceed(latency)
+    }
+
+    /// Runs one API call through the gate, and counts how it ended.
+    fn call<T>(
+        &mut self,
+        op: Op,
+        now: Time,
+        f: impl FnOnce(&mut Self) -> Result<T, Ec2Error>,
+    ) -> Reply<T> {
+        self.settle(now);
+        match self.gate(op, now) {
+            Gate::Refuse(e, latency) => Reply {
+                result: Err(e),
+                latency,
+            },
+            Gate::TimedOut { apply, after } => {
+                if apply {
+                    let _ = f(self);
+                }
+                Reply {
+                    result: Err(Ec2Error::new(
+                        codes::TIMEOUT,
+                        "no reply before the client's timeout",
+                    )),
+                    latency: after,
+                }
+            }
+            Gate::Proceed(latency) => {
+                let result = f(self);
+                let count = self.calls.entry(op).or_default();
+                if result.is_ok() {
+                    count.ok += 1;
+                } else {
+                    count.failed += 1;
+                }
+                Reply { result, latency }
+            }
+        }
+    }
+
+    fn eni_mut(&mut self, id: &str) -> Result<&mut NetworkInterface, Ec2Error> {
+        self.enis.get_mut(id).ok_or_else(|| {
+            Ec2Error::new(
+                codes::ENI_NOT_FOUND,
+                format!("The networkInterface ID '{id}' does not exist"),
+            )
+        })
+    }
+
+    /// The most address slots an ENI may hold: the attached instance's limit, or the largest of any type.
+    fn slot_limit(&self, eni: &NetworkInterface) -> u32 {
+        eni.attachment
+            .as_ref()
+            .and_then(|a| self.instances.get(&a.instance_id))
+            .map_or(50, |i| i.limits.ipv4_per_eni)
+    }
+
+    // ---- the EC2 API ----
+
+    pub fn create_network_interface(
+        &mut self,
+        now: Time,
+        req: CreateEniRequest,
+    ) -> Reply<NetworkInterface> {
+        self.call(Op::CreateNetworkInterface, now, |vpc| {
+            let Some((_, addrs)) = vpc.subnets.get_mut(&req.subnet_id) else {
+                return Err(Ec2Error::new(
+                    codes::SUBNET_NOT_FOUND,
+                    format!("The subnet ID '{}' does not exist", req.subnet_id),
+                ));
+            };
+            if req.secondary_ip_count > 0 && req.prefix_count > 0 {
+                return Err(Ec2Error::new(
+                    codes::INVALID_COMBINATION,
+                    "secondary IP and prefix counts cannot be combined",
+                ));
+            }
+            if 1 + req.secondary_ip_count + req.prefix_count > 50 {
+                return Err(Ec2Error::new(
+                    codes::ADDRESS_LIMIT,
+                    "Number of private addresses exceeds limit.",
+                ));
+            }
+            let rng = &mut vpc.rng;
+            let Some(primary) = addrs.take_ips(1, rng) else {
+                return Err(Ec2Error::new(
+                    codes::INSUFFICIENT_ADDRESSES,
+                    "insufficient free addresses in the subnet",
+                ));
+            };
+            let Some(ips) = addrs.take_ips(req.secondary_ip_count, rng) else {
+                addrs.release(primary[0]);
+                return Err(Ec2Error::new(
+                    codes::INSUFFICIENT_ADDRESSES,
+                    "insufficient free addresses in the subnet",
+                ));
+            };
+            let Some(prefixes) = addrs.take_prefixes(req.prefix_count, rng) else {
+                addrs.release(primary[0]);
+                return Err(Ec2Error::new(
+                    codes::INSUFFICIENT_CIDR,
+                    "There are not enough free cidr blocks in the specified subnet",
+                ));
+            };
+            let id = vpc.id("eni");
+            let mut eni = vpc.interface(
+                &id,
+                &req.subnet_id,
+                primary[0],
+                &req.description,
+                &req.security_groups,
+                req.tags,
+            );
+            eni.secondary_ips = ips;
+            eni.prefixes = prefixes;
+            vpc.enis.insert(id, eni.clone());
+            Ok(eni)
+        })
+    }
+
+    pub fn attach_network_interface(
+        &mut self,
+        now: Time,
+        eni_id: &str,
+        instance_id: &str,
+        device_index: u32,
+        network_card_index: u32,
+    ) -> Reply<String> {
+        self.call(Op::AttachNetworkInterface, now, |vpc| {
+            let inst = vpc.instances.get(instance_id).cloned().ok_or_else(|| {
+                Ec2Error::new(codes::INSTANCE_NOT_FOUND, format!("The instance ID '{instance_id}' does not exist"))
+            })?;
+            let eni = vpc.enis.get(eni_id).ok_or_else(|| {
+                Ec2Error::new(codes::ENI_NOT_FOUND, format!("The networkInterface ID '{eni_id}' does not exist"))
+            })?;
+            if eni.attachment.is_some() {
+                return Err(Ec2Error::new(codes::ENI_IN_USE, format!("Interface: [{eni_id}] in use.")));
+            }
+            if eni.az != inst.az {
+                return Err(Ec2Error::new(codes::INVALID_COMBINATION, "the ENI and the instance are in different availability zones"));
+            }
+            let Some(&(_, card_max)) = inst.limits.cards.iter().find(|(c, _)| *c == network_card_index) else {
+                return Err(Ec2Error::new(codes::INVALID_PARAMETER, format!("network card index {network_card_index} does not exist")));
+            };
+            let on_instance: Vec<&Attachment> =
+                vpc.enis.values().filter_map(|e| e.attachment.as_ref()).filter(|a| a.instance_id == instance_id).collect();
+            if on_instance.iter().any(|a| a.device_index == device_index && a.network_card_index == network_card_index) {
+                return Err(Ec2Error::new(
+                    codes::INVALID_PARAMETER,
+                    format!("Instance '{instance_id}' already has an interface attached at device index '{device_index}'."),
+                ));
+            }
+            if on_instance.iter().filter(|a| a.network_card_index == network_card_index).count() as u32 >= card_max {
+                return Err(Ec2Error::new(
+                    codes::ATTACHMENT_LIMIT,
+                    format!("Interface count {} exceeds the limit for {}", card_max + 1, inst.instance_type),
+                ));
+            }
+            if eni.slots() > inst.limits.ipv4_per_eni {
+                return Err(Ec2Error::new(codes::ADDRESS_LIMIT, "the interface has more addresses than the instance type allows"));
+            }
+            let id = vpc.id("eni-attach");
+            vpc.enis.get_mut(eni_id).expect("checked").attachment = Some(Attachment {
+                id: id.clone(),
+                instance_id: instance_id.into(),
+                device_index,
+                network_card_index,
+                status: AttachmentStatus::Attached,
+                delete_on_termination: false,
+            });
+            Ok(id)
+        })
+    }
+
+    pub fn set_delete_on_termination(&mut self, now: Time, eni_id: &str, value: bool) -> Reply<()> {
+        self.call(Op::ModifyNetworkInterfaceAttribute, now, |vpc| {
+            let eni = vpc.eni_mut(eni_id)?;
+            let a = eni.attachment.as_mut().ok_or_else(|| {
+                Ec2Error::new(codes::INVALID_PARAMETER, "the interface is not attached")
+            })?;
+            a.delete_on_termination = value;
+            Ok(())
+        })
+    }
+
+    pub fn set_security_groups(&mut self, now: Time, eni_id: &str, groups: &[String]) -> Reply<()> {
+        self.call(Op::ModifyNetworkInterfaceAttribute, now, |vpc| {
+            vpc.eni_mut(eni_id)?.security_groups = groups.to_vec();
+            Ok(())
+        })
+    }
+
+    pub fn detach_network_interface(&mut self, now: Time, attachment_id: &str) -> Reply<()> {
+        let delay = self.config.detach_delay;
+        self.call(Op::DetachNetworkInterface, now, |vpc| {
+            let eni = vpc
+                .enis
+                .values_mut()
+                .find(|e| e.attachment.as_ref().is_some_and(|a| a.id == attachment_id))
+                .ok_or_else(|| {
+                    Ec2Error::new(
+                        codes::ATTACHMENT_NOT_FOUND,
+                        format!("The attachment ID '{attachment_id}' does not exist"),
+                    )
+                })?;
+            let a = eni.attachment.as_mut().expect("found by attachment");
+            if a.device_index == 0 && a.network_card_index == 0 {
+                return Err(Ec2Error::new(
+                    codes::NOT_PERMITTED,
+                    "The primary network interface cannot be detached",
+                ));
+            }
+            if a.status == AttachmentStatus::Attached {
+                a.status = AttachmentStatus::Detaching { until: now + delay };
+            }
+            Ok(())
+        })
+    }
+
+    pub fn delete_network_interface(&mut self, now: Time, eni_id: &str) -> Reply<()> {
+        self.call(Op::DeleteNetworkInterface, now, |vpc| {
+            if vpc.eni_mut(eni_id)?.attachment.is_some() {
+                return Err(Ec2Error::new(
+                    codes::ENI_IN_USE,
+                    format!("The network interface '{eni_id}' is currently in use."),
+                ));
+            }
+            vpc.remove_interface(eni_id);
+            Ok(())
+        })
+    }
+
+    /// AssignPrivateIpAddresses with SecondaryPrivateIpAddressCount or Ipv4PrefixCount.
+    pub fn assign_private_ip_addresses(
+        &mut self,
+        now: Time,
+        eni_id: &str,
+        ip_count: u32,
+        prefix_count: u32,
+    ) -> Reply<(Vec<Ipv4Addr>, Vec<Ipv4Cidr>)> {
+        self.call(Op::AssignPrivateIpAddresses, now, |vpc| {
+            if (ip_count == 0) == (prefix_count == 0) {
+                return Err(Ec2Error::new(
+                    codes::INVALID_PARAMETER,
+                    "give exactly one of a secondary IP count and a prefix count",
+                ));
+            }
+            let eni = vpc.enis.get(eni_id).ok_or_else(|| {
+                Ec2Error::new(
+                    codes::ENI_NOT_FOUND,
+                    format!("The networkInterface ID '{eni_id}' does not exist"),
+                )
+            })?;
+            if eni.slots() + ip_count + prefix_count > vpc.slot_limit(eni) {
+                return Err(Ec2Error::new(
+                    codes::ADDRESS_LIMIT,
+                    "Number of private addresses will exceed limit.",
+                ));
+            }
+            let subnet = eni.subnet_id.clone();
+            let (_, addrs) = vpc.subnets.get_mut(&subnet).expect("known subnet");
+            let ips = addrs.take_ips(ip_count, &mut vpc.rng).ok_or_else(|| {
+                Ec2Error::new(
+                    codes::INSUFFICIENT_ADDRESSES,
+                    "insufficient free addresses in the subnet",
+                )
+            })?;
+            let prefixes = addrs
+                .take_prefixes(prefix_count, &mut vpc.rng)
+                .ok_or_else(|| {
+                    Ec2Error::new(
+                        codes::INSUFFICIENT_CIDR,
+                        "There are not enough free cidr blocks in the specified subnet",
+                    )
+                })?;
+            let eni = vpc.enis.get_mut(eni_id).expect("checked");
+            eni.secondary_ips.extend(&ips);
+            eni.prefixes.extend(&prefixes);
+            Ok((ips, prefixes))
+        })
+    }
+
+    /// UnassignPrivateIpAddresses with PrivateIpAddresses and/or Ipv4Prefixes; unknown addresses are an error
+    /// and nothing is released.
+    pub fn unassign_private_ip_addresses(
+        &mut self,
+        now: Time,
+        eni_id: &str,
+        ips: &[Ipv4Addr],
+        prefixes: &[Ipv4Cidr],
+    ) -> Reply<()> {
+        self.call(Op::UnassignPrivateIpAddresses, now, |vpc| {
+            let eni = vpc.eni_mut(eni_id)?;
+            if let Some(ip) = ips.iter().find(|ip| !eni.secondary_ips.contains(ip)) {
+                return Err(Ec2Error::new(codes::INVALID_PARAMETER, format!("Some of the specified addresses are not assigned to interface {eni_id}: {ip}")));
+            }
+            if let Some(p) = prefixes.iter().find(|p| !eni.prefixes.contains(p)) {
+                return Err(Ec2Error::new(codes::INVALID_PARAMETER, format!("Prefix {p} is not assigned to interface {eni_id}")));
+            }
+            eni.secondary_ips.retain(|ip| !ips.contains(ip));
+            eni.prefixes.retain(|p| !prefixes.contains(p));
+            let subnet = eni.subnet_id.clone();
+            let (_, addrs) = vpc.subnets.get_mut(&subnet).expect("known subnet");
+            for ip in ips {
+                addrs.release(*ip);
+            }
+            for p in prefixes {
+                addrs.release_prefix(*p);
+            }
+            Ok(())
+        })
+    }
+
+    pub fn create_tags(&mut self, now: Time, eni_id: &str, tags: &[(String, String)]) -> Reply<()> {
+        self.call(Op::CreateTags, now, |vpc| {
+            let eni = vpc.eni_mut(eni_id)?;
+            eni.tags.extend(tags.iter().cloned());
+            Ok(())
+        })
+    }
+
+    /// DescribeNetworkInterfaces by ids (an unknown id is NotFound, as in EC2) and filters, paginated.
+    pub fn describe_network_interfaces(
+        &mut self,
+        now: Time,
+        ids: &[String],
+        filters: &[Filter],
+        page: Option<(usize, usize)>,
+    ) -> Reply<(Vec<NetworkInterface>, Option<usize>)> {
+        self.call(Op::DescribeNetworkInterfaces, now, |vpc| {
+            if let Some(id) = ids.iter().find(|id| !vpc.enis.contains_key(*id)) {
+                return Err(Ec2Error::new(
+                    codes::ENI_NOT_FOUND,
+                    format!("The networkInterface ID '{id}' does not exist"),
+                ));
+            }
+            let mut out: Vec<NetworkInterface> = vpc
+                .enis
+                .values()
+                .filter(|e| ids.is_empty() || ids.contains(&e.id))
+                .filter(|e| {
+                    filters
+                        .iter()
+                        .all(|(name, values)| matches_filter(e, name, values))
+                })
+                .cloned()
+                .collect();
+            let next = match page {
+                Some((start, max)) => {
+                    let rest = out.split_off(start.min(out.len()));
+                    out = rest;
+                    (out.len() > max).then(|| {
+                        out.truncate(max);
+                        start + max
+                    })
+                }
+                None => None,
+            };
+            Ok((out, next))
+        })
+    }
+
+    pub fn describe_instance(
+        &mut self,
+        now: Time,
+        instance_id: &str,
+    ) -> Reply<(Instance, Vec<Attachment>)> {
+        self.call(Op::DescribeInstances, now, |vpc| {
+            let inst = vpc.instances.get(instance_id).cloned().ok_or_else(|| {
+                Ec2Error::new(
+                    codes::INSTANCE_NOT_FOUND,
+                    format!("The instance ID '{instance_id}' does not exist"),
+                )
+            })?;
+            let atts = vpc
+                .enis
+                .values()
+                .filter_map(|e| e.attachment.clone())
+                .filter(|a| a.instance_id == instance_id)
+                .collect();
+            Ok((inst, atts))
+        })
+    }
+
+    /// DescribeSubnets of one AZ: (subnet, free addresses), as AvailableIpAddressCount reports them.
+    pub fn describe_subnets(&mut self, now: Time, az: &str) -> Reply<Vec<(Subnet, Ipv4Cidr, u32)>> {
+        self.call(Op::DescribeSubnets, now, |vpc| {
+            Ok(vpc
+                .subnets
+                .values()
+                .filter(|(s, _)| s.az == az)
+                .map(|(s, a)| (s.clone(), a.cidr(), a.free()))
+                .collect())
+        })
+    }
+}
+
+fn matches_filter(e: &NetworkInterface, name: &str, values: &[String]) -> bool {
+    let any = |v: &str| values.iter().any(|x| x == v);
+    match name {
+        "network-interface-id" => any(&e.id),
+        "attachment.instance-id" => e.attachment.as_ref().is_some_and(|a| any(&a.instance_id)),
+        "attachment.status" => any(match e.attachment.as_ref().map(|a| a.status) {
+            Some(AttachmentStatus::Attached) => "attached",
+            Some(AttachmentStatus::Detaching { .. }) => "detaching",
+            None => "detached",
+        }),
+        "status" => any(e.status()),
+        "vpc-id" => any(&e.vpc_id),
+        "subnet-id" => any(&e.subnet_id),
+        "description" => any(&e.description),
+        "tag-key" => values.iter().any(|k| e.tags.contains_key(k)),
+        _ => match name.strip_prefix("tag:") {
+            Some(key) => e.tags.get(key).is_some_and(|v| any(v)),
+            // EC2 rejects unknown filter names; matching nothing is the safe reading here.
+            None => false,
+        },
+    }
+}

@@ -1,0 +1,142 @@
+use clap::{Parser, Subcommand};
+use ipam::limits;
+use ipam::maxpods::{max_pods, MaxPodsOptions};
+use sim::{Cluster, Scenario};
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Operator tools for vpc-cni-rs.
+#[derive(Parser)]
+#[command(name = "vpcctl", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The max-pods value for an instance type, as upstream's calculator computes it.
+    MaxPods {
+        instance_type: String,
+        #[arg(long)]
+        prefix_delegation: bool,
+        #[arg(long)]
+        custom_networking: bool,
+        /// Count at most this many ENIs (MAX_ENI).
+        #[arg(long)]
+        max_eni: Option<u32>,
+        /// Do not apply the 110/250 ceiling (upstream's --show-max-allowed; eni-max-pods.txt is uncapped).
+        #[arg(long)]
+        show_max_allowed: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replays pod churn through the real pool engine against the simulated VPC.
+    Simulate {
+        /// A scenario file (docs/simulate.md); without it, the built-in scenario named by --built-in.
+        #[arg(long)]
+        scenario: Option<String>,
+        /// steady, prefix-fragmented or bench-1000-nodes.
+        #[arg(long, default_value = "steady")]
+        built_in: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vpcctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::MaxPods {
+            instance_type,
+            prefix_delegation,
+            custom_networking,
+            max_eni,
+            show_max_allowed,
+            json,
+        } => {
+            let Some(lim) = limits::lookup(&instance_type) else {
+                let close = limits::suggest(&instance_type);
+                let hint = if close.is_empty() {
+                    String::new()
+                } else {
+                    format!("; did you mean {}?", close.join(", "))
+                };
+                return Err(format!("unknown instance type {instance_type:?}{hint}"));
+            };
+            let opts = MaxPodsOptions {
+                prefix_delegation,
+                custom_networking,
+                max_eni,
+                uncapped: show_max_allowed,
+            };
+            let n = max_pods(lim, opts);
+            if json {
+                let v = serde_json::json!({
+                    "instanceType": instance_type,
+                    "maxPods": n,
+                    "enis": lim.enis(),
+                    "ipv4PerEni": lim.ipv4_per_eni,
+                    "vcpus": lim.vcpus,
+                    "prefixDelegation": prefix_delegation && lim.supports_prefixes(),
+                    "prefixDelegationSupported": lim.supports_prefixes(),
+                    "customNetworking": custom_networking,
+                    "capped": !show_max_allowed,
+                });
+                println!("{v}");
+            } else {
+                if prefix_delegation && !lim.supports_prefixes() {
+                    eprintln!("note: {instance_type} is not a Nitro instance: prefix delegation falls back to secondary IPs");
+                }
+                println!("{n}");
+            }
+            Ok(())
+        }
+        Command::Simulate {
+            scenario,
+            built_in,
+            json,
+        } => {
+            let scenario = match scenario {
+                Some(path) => {
+                    let text =
+                        std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+                    Scenario::parse(&text).map_err(|e| format!("{path}: {e}"))?
+                }
+                None => Scenario::built_in(&built_in).ok_or_else(|| {
+                    let names: Vec<_> = Scenario::built_in_names().collect();
+                    format!(
+                        "no built-in scenario {built_in:?} (there are: {})",
+                        names.join(", ")
+                    )
+                })?,
+            };
+            let started = Instant::now();
+            let report = Cluster::new(scenario)?.run()?;
+            let wall = started.elapsed();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serialises")
+                );
+            } else {
+                print!("{}", report.render());
+                println!(
+                    "\nsimulated in {:.2} s of wall time: {:.0} pod events per second",
+                    wall.as_secs_f64(),
+                    report.pod_events as f64 / wall.as_secs_f64()
+                );
+            }
+            Ok(())
+        }
+    }
+}
