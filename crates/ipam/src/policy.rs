@@ -317,6 +317,12 @@ fn grow(ctx: &Ctx, demand: &Demand, d: &mut Decision) {
             return;
         }
     }
+    // ENIs on their way will take more addresses once attached: wait for them rather than create another.
+    let room_coming = (pool.inflight.enis * slots).saturating_sub(pool.inflight.eni_slots);
+    remaining = remaining.saturating_sub(room_coming);
+    if remaining == 0 {
+        return;
+    }
     let (subnet, security_groups) = match (&pool.node.eni_config, s.custom_networking) {
         (Some(cfg), true) => (
             SubnetTarget::Subnet(cfg.subnet.clone()),

@@ -270,6 +270,8 @@ pub struct PolicyMemory {
 pub struct InFlight {
     pub addresses: u32,
     pub enis: u32,
+    /// Slots requested with the ENIs being created: their other slots can be filled once they exist.
+    pub eni_slots: u32,
 }
 
 /// Address counts over the ENIs that may give addresses to pods.
@@ -587,6 +589,7 @@ impl Pool {
             Action::CreateEni { kind, count, .. } => {
                 self.inflight.addresses += count * kind.size();
                 self.inflight.enis += 1;
+                self.inflight.eni_slots += count;
             }
             Action::ReleaseAddresses { eni, cidrs } => {
                 self.memory.last_shrink = Some(now);
@@ -636,6 +639,7 @@ impl Pool {
             Action::CreateEni { kind, count, .. } => {
                 self.inflight.addresses -= count * kind.size();
                 self.inflight.enis -= 1;
+                self.inflight.eni_slots -= count;
                 if let Outcome::EniCreated { eni, blocks } = &outcome {
                     let id = eni.id.clone();
                     self.add_eni(eni.clone(), now);

@@ -223,6 +223,39 @@ impl Cluster {
         self.schedule(self.now + life, Event::Leave { node, pod });
     }
 
+    /// Starts a pod on a node that stays until `stop_pod` (for tests that need exact pod counts).
+    pub fn start_pod(&mut self, node: usize) -> u64 {
+        let pod = self.next_pod;
+        self.next_pod += 1;
+        let n = &mut self.nodes[node];
+        n.pod_arrives(pod, self.now);
+        let next = n.plan(&mut self.vpc, self.now);
+        self.apply(node, next);
+        pod
+    }
+
+    pub fn stop_pod(&mut self, node: usize, pod: u64) {
+        let n = &mut self.nodes[node];
+        n.pod_leaves(pod, self.now);
+        let next = n.plan(&mut self.vpc, self.now);
+        self.apply(node, next);
+    }
+
+    /// Runs events for `d` of simulated time, checking the invariants after each if asked.
+    pub fn run_for(&mut self, d: Duration, check: bool) -> Result<(), String> {
+        let until = self.now + d;
+        while let Some(Reverse((at, _, _))) = self.queue.peek() {
+            if *at > until || !self.step()? {
+                break;
+            }
+            if check {
+                self.check_invariants()?;
+            }
+        }
+        self.now = until;
+        Ok(())
+    }
+
     /// Processes the next event; false when the scenario's time is up.
     pub fn step(&mut self) -> Result<bool, String> {
         let end = Time::from_secs(self.scenario.duration_secs);
