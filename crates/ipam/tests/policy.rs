@@ -1,11 +1,19 @@
 //! The policy as a pure function: each case builds a pool by hand and checks the actions by hand.
 
 use ipam::pool::{EniInfo, Failure, NodeSpec, Outcome};
-use ipam::{decide, Action, AddressKind, Config, Demand, IpamKey, Ipv4Cidr, PodMeta, Pool, PoolSettings, Stall, Time};
+use ipam::{
+    decide, Action, AddressKind, Config, Demand, IpamKey, Ipv4Cidr, PodMeta, Pool, PoolSettings,
+    Stall, Time,
+};
 use std::time::Duration;
 
 fn settings(vars: &[(&str, &str)]) -> PoolSettings {
-    let cfg = Config::from_lookup(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())).unwrap();
+    let cfg = Config::from_lookup(|k| {
+        vars.iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v.to_string())
+    })
+    .unwrap();
     PoolSettings::from_config(&cfg)
 }
 
@@ -44,13 +52,25 @@ fn pool(s: &PoolSettings, enis: u32, per_eni: u32, prefixes: bool, pods: u32) ->
     for n in 0..enis {
         p.add_eni(eni(n), Time::ZERO);
         let blocks: Vec<Ipv4Cidr> = (0..per_eni)
-            .map(|i| if prefixes { format!("10.0.{n}.{}/28", 16 * (i + 1)) } else { format!("10.0.{n}.{}/32", 10 + i) })
+            .map(|i| {
+                if prefixes {
+                    format!("10.0.{n}.{}/28", 16 * (i + 1))
+                } else {
+                    format!("10.0.{n}.{}/32", 10 + i)
+                }
+            })
             .map(|c| c.parse().unwrap())
             .collect();
         p.add_blocks(&format!("eni-{n}"), &blocks);
     }
     for i in 0..pods {
-        p.assign(&IpamKey::new("aws-cni", &format!("c{i}"), "eth0"), PodMeta::default(), Time::ZERO, s.ip_cooldown).unwrap();
+        p.assign(
+            &IpamKey::new("aws-cni", &format!("c{i}"), "eth0"),
+            PodMeta::default(),
+            Time::ZERO,
+            s.ip_cooldown,
+        )
+        .unwrap();
     }
     p
 }
@@ -58,21 +78,46 @@ fn pool(s: &PoolSettings, enis: u32, per_eni: u32, prefixes: bool, pods: u32) ->
 const LATER: Time = Time::from_secs(3600);
 
 fn act(p: &Pool, s: &PoolSettings, pending: u32) -> Vec<Action> {
-    decide(p, s, LATER, &Demand { pending_adds: pending }).actions
+    decide(
+        p,
+        s,
+        LATER,
+        &Demand {
+            pending_adds: pending,
+        },
+    )
+    .actions
 }
 
 fn assign(eni: u32, kind: AddressKind, count: u32) -> Action {
-    Action::AssignAddresses { eni: format!("eni-{eni}"), kind, count }
+    Action::AssignAddresses {
+        eni: format!("eni-{eni}"),
+        kind,
+        count,
+    }
 }
 
 #[test]
 fn warm_eni_fills_whole_enis_then_creates_whole_enis() {
     let s = settings(&[]);
     // Fresh node: fill the primary ENI.
-    assert_eq!(act(&pool(&s, 1, 0, false, 0), &s, 0), [assign(0, AddressKind::Ip, 5)]);
+    assert_eq!(
+        act(&pool(&s, 1, 0, false, 0), &s, 0),
+        [assign(0, AddressKind::Ip, 5)]
+    );
     // 5 slots full, 1 pod: 4 available < 5: a new ENI with 5 addresses, in the one CreateNetworkInterface call.
     let a = act(&pool(&s, 1, 5, false, 1), &s, 0);
-    assert!(matches!(&a[..], [Action::CreateEni { kind: AddressKind::Ip, count: 5, .. }]), "{a:?}");
+    assert!(
+        matches!(
+            &a[..],
+            [Action::CreateEni {
+                kind: AddressKind::Ip,
+                count: 5,
+                ..
+            }]
+        ),
+        "{a:?}"
+    );
     // Exactly one ENI's worth free: nothing to do.
     assert!(act(&pool(&s, 2, 5, false, 5), &s, 0).is_empty());
 }
@@ -87,7 +132,9 @@ fn ip_target_short_and_over() {
     assert_eq!(a.len(), 2);
     // over = min(available - W, total - M) = min(8 - 2, 10 - 6) = 4 released, from the highest ENI first.
     let a = act(&pool(&s, 2, 5, false, 2), &s, 0);
-    let [Action::ReleaseAddresses { eni, cidrs }] = &a[..] else { panic!("{a:?}") };
+    let [Action::ReleaseAddresses { eni, cidrs }] = &a[..] else {
+        panic!("{a:?}")
+    };
     assert_eq!((eni.as_str(), cidrs.len()), ("eni-1", 4));
 }
 
@@ -95,7 +142,10 @@ fn ip_target_short_and_over() {
 fn pending_adds_grow_the_pool_beyond_the_target_at_once() {
     let s = settings(&[("WARM_IP_TARGET", "1")]);
     // Full pool, 4 ADDs waiting: 4 + 1 warm = 5 addresses in one call.
-    assert_eq!(act(&pool(&s, 1, 0, false, 0), &s, 4), [assign(0, AddressKind::Ip, 5)]);
+    assert_eq!(
+        act(&pool(&s, 1, 0, false, 0), &s, 4),
+        [assign(0, AddressKind::Ip, 5)]
+    );
 }
 
 #[test]
@@ -104,7 +154,8 @@ fn cooling_addresses_are_not_available() {
     let mut p = pool(&s, 1, 3, false, 1);
     // 2 free: at target. One pod leaves: 2 free + 1 cooling; upstream would count 3 available and shrink.
     assert!(act(&p, &s, 0).is_empty());
-    p.unassign(&IpamKey::new("aws-cni", "c0", "eth0"), LATER).unwrap();
+    p.unassign(&IpamKey::new("aws-cni", "c0", "eth0"), LATER)
+        .unwrap();
     let d = decide(&p, &s, LATER, &Demand::default());
     assert!(d.actions.is_empty(), "{:?}", d.actions);
     assert_eq!(d.wake_at, Some(LATER + Duration::from_secs(30)));
@@ -117,17 +168,39 @@ fn max_pods_caps_growth() {
     n.max_pods = 7;
     let mut p = Pool::new(n, &s);
     p.add_eni(eni(0), Time::ZERO);
-    p.add_blocks("eni-0", &["10.0.0.10/32".parse().unwrap(), "10.0.0.11/32".parse().unwrap()]);
+    p.add_blocks(
+        "eni-0",
+        &[
+            "10.0.0.10/32".parse().unwrap(),
+            "10.0.0.11/32".parse().unwrap(),
+        ],
+    );
     // Short 8 but only 5 more fit under max-pods 7.
-    assert_eq!(act(&p, &s, 0), [assign(0, AddressKind::Ip, 3), Action::CreateEni {
-        subnet: ipam::SubnetTarget::Discover { primary: "subnet-a".into() },
-        security_groups: vec!["sg-1".into()],
-        kind: AddressKind::Ip,
-        count: 2,
-    }]);
-    p.add_blocks("eni-0", &(12..17).map(|i| format!("10.0.0.{i}/32").parse().unwrap()).collect::<Vec<_>>());
+    assert_eq!(
+        act(&p, &s, 0),
+        [
+            assign(0, AddressKind::Ip, 3),
+            Action::CreateEni {
+                subnet: ipam::SubnetTarget::Discover {
+                    primary: "subnet-a".into()
+                },
+                security_groups: vec!["sg-1".into()],
+                kind: AddressKind::Ip,
+                count: 2,
+            }
+        ]
+    );
+    p.add_blocks(
+        "eni-0",
+        &(12..17)
+            .map(|i| format!("10.0.0.{i}/32").parse().unwrap())
+            .collect::<Vec<_>>(),
+    );
     let d = decide(&p, &s, LATER, &Demand::default());
-    assert!(d.actions.is_empty() && d.stalls == [Stall::MaxPodsReached], "{d:?}");
+    assert!(
+        d.actions.is_empty() && d.stalls == [Stall::MaxPodsReached],
+        "{d:?}"
+    );
 }
 
 #[test]
@@ -137,7 +210,10 @@ fn max_eni_and_the_trunk_slot_limit_new_enis() {
     assert!(a.is_empty(), "{a:?}");
     let s = settings(&[("ENABLE_POD_ENI", "true")]);
     let d = decide(&pool(&s, 2, 5, false, 6), &s, LATER, &Demand::default());
-    assert!(d.actions.is_empty() && d.stalls == [Stall::NoRoomForEni], "{d:?}");
+    assert!(
+        d.actions.is_empty() && d.stalls == [Stall::NoRoomForEni],
+        "{d:?}"
+    );
 }
 
 #[test]
@@ -146,17 +222,32 @@ fn insufficient_addresses_hold_growth_for_120s() {
     let mut p = pool(&s, 1, 0, false, 0);
     let a = act(&p, &s, 0);
     p.begin(&a[0], LATER);
-    p.complete(&a[0], Outcome::Failed(Failure::InsufficientAddresses), LATER);
+    p.complete(
+        &a[0],
+        Outcome::Failed(Failure::InsufficientAddresses),
+        LATER,
+    );
     let d = decide(&p, &s, LATER + Duration::from_secs(119), &Demand::default());
     assert!(d.actions.is_empty());
-    assert_eq!(d.stalls, [Stall::SubnetFullUntil(LATER + Duration::from_secs(120))]);
+    assert_eq!(
+        d.stalls,
+        [Stall::SubnetFullUntil(LATER + Duration::from_secs(120))]
+    );
     assert_eq!(act(&p, &s, 0).len(), 0);
-    assert_eq!(decide(&p, &s, LATER + Duration::from_secs(120), &Demand::default()).actions.len(), 1);
+    assert_eq!(
+        decide(&p, &s, LATER + Duration::from_secs(120), &Demand::default())
+            .actions
+            .len(),
+        1
+    );
 }
 
 #[test]
 fn prefix_delegation_falls_back_to_ips_and_returns() {
-    let s = settings(&[("ENABLE_PREFIX_DELEGATION", "true"), ("WARM_PREFIX_TARGET", "1")]);
+    let s = settings(&[
+        ("ENABLE_PREFIX_DELEGATION", "true"),
+        ("WARM_PREFIX_TARGET", "1"),
+    ]);
     let mut p = pool(&s, 1, 0, true, 0);
     let a = act(&p, &s, 0);
     assert_eq!(a, [assign(0, AddressKind::Prefix, 1)]);
@@ -165,20 +256,34 @@ fn prefix_delegation_falls_back_to_ips_and_returns() {
     // No aligned /28: 16 /32s instead (they fit: 5 slots hold at most 5 /32s, so 5 now and a new ENI).
     let a = decide(&p, &s, LATER, &Demand::default()).actions;
     assert_eq!(a[0], assign(0, AddressKind::Ip, 5));
-    assert!(matches!(&a[1], Action::CreateEni { kind: AddressKind::Ip, .. }));
+    assert!(matches!(
+        &a[1],
+        Action::CreateEni {
+            kind: AddressKind::Ip,
+            ..
+        }
+    ));
     // After the hold, prefixes again.
     let after = LATER + Duration::from_secs(121);
-    assert_eq!(decide(&p, &s, after, &Demand::default()).actions, [assign(0, AddressKind::Prefix, 1)]);
+    assert_eq!(
+        decide(&p, &s, after, &Demand::default()).actions,
+        [assign(0, AddressKind::Prefix, 1)]
+    );
 }
 
 #[test]
 fn leftover_ips_in_prefix_mode_go_once_prefixes_cover_the_target() {
-    let s = settings(&[("ENABLE_PREFIX_DELEGATION", "true"), ("WARM_PREFIX_TARGET", "1")]);
+    let s = settings(&[
+        ("ENABLE_PREFIX_DELEGATION", "true"),
+        ("WARM_PREFIX_TARGET", "1"),
+    ]);
     let mut p = pool(&s, 1, 2, true, 0);
     p.add_blocks("eni-0", &["10.0.0.200/32".parse().unwrap()]);
     // 2 prefixes (one beyond target) and a /32: release one prefix and the /32.
     let a = act(&p, &s, 0);
-    let [Action::ReleaseAddresses { cidrs, .. }] = &a[..] else { panic!("{a:?}") };
+    let [Action::ReleaseAddresses { cidrs, .. }] = &a[..] else {
+        panic!("{a:?}")
+    };
     assert_eq!(cidrs.len(), 2);
     assert!(cidrs.iter().any(|c| c.len() == 32) && cidrs.iter().any(|c| c.len() == 28));
 }
@@ -189,7 +294,12 @@ fn free_eni_eligibility() {
     // eni-0: 5 addresses, 2 pods, so exactly 3 free. eni-1: attached, no addresses left, a minute old.
     let mut p = pool(&s, 1, 5, false, 2);
     p.add_eni(eni(1), Time::ZERO);
-    assert_eq!(act(&p, &s, 0), [Action::FreeEni { eni: "eni-1".into() }]);
+    assert_eq!(
+        act(&p, &s, 0),
+        [Action::FreeEni {
+            eni: "eni-1".into()
+        }]
+    );
     // Not before it is a minute old: decide again then.
     let young = decide(&p, &s, Time::from_secs(59), &Demand::default());
     assert!(young.actions.is_empty(), "{young:?}");
@@ -199,15 +309,29 @@ fn free_eni_eligibility() {
     assert_eq!(act(&p, &s4, 0), [assign(1, AddressKind::Ip, 1)]);
     // Not the primary, even when empty.
     let empty_primary = pool(&s, 1, 0, false, 0);
-    assert!(!act(&empty_primary, &s, 0).iter().any(|a| matches!(a, Action::FreeEni { .. })));
+    assert!(!act(&empty_primary, &s, 0)
+        .iter()
+        .any(|a| matches!(a, Action::FreeEni { .. })));
     // Not with a pod on it, nor while its released address cools down.
     let mut q = Pool::new(node(), &s);
     q.add_eni(eni(0), Time::ZERO);
     q.add_eni(eni(1), Time::ZERO);
-    q.add_blocks("eni-1", &["10.0.1.10/32".parse().unwrap(), "10.0.1.11/32".parse().unwrap(), "10.0.1.12/32".parse().unwrap()]);
+    q.add_blocks(
+        "eni-1",
+        &[
+            "10.0.1.10/32".parse().unwrap(),
+            "10.0.1.11/32".parse().unwrap(),
+            "10.0.1.12/32".parse().unwrap(),
+        ],
+    );
     let key = IpamKey::new("aws-cni", "x", "eth0");
-    let frees = |p: &Pool| act(p, &s, 0).iter().any(|a| matches!(a, Action::FreeEni { .. }));
-    q.assign(&key, PodMeta::default(), LATER, s.ip_cooldown).unwrap();
+    let frees = |p: &Pool| {
+        act(p, &s, 0)
+            .iter()
+            .any(|a| matches!(a, Action::FreeEni { .. }))
+    };
+    q.assign(&key, PodMeta::default(), LATER, s.ip_cooldown)
+        .unwrap();
     assert!(!frees(&q));
     q.unassign(&key, LATER).unwrap();
     assert!(!frees(&q));
@@ -220,13 +344,19 @@ fn custom_networking_uses_the_eniconfig_and_never_the_primary() {
     let d = decide(&p, &s, LATER, &Demand::default());
     assert_eq!(d.stalls, [Stall::NoEniConfig]);
     let mut n = node();
-    n.eni_config = Some(ipam::pool::EniConfigSpec { subnet: "subnet-pods".into(), security_groups: vec![] });
+    n.eni_config = Some(ipam::pool::EniConfigSpec {
+        subnet: "subnet-pods".into(),
+        security_groups: vec![],
+    });
     let mut p = Pool::new(n, &s);
     p.add_eni(eni(0), Time::ZERO);
-    assert_eq!(act(&p, &s, 0), [Action::CreateEni {
-        subnet: ipam::SubnetTarget::Subnet("subnet-pods".into()),
-        security_groups: vec!["sg-1".into()],
-        kind: AddressKind::Ip,
-        count: 5,
-    }]);
+    assert_eq!(
+        act(&p, &s, 0),
+        [Action::CreateEni {
+            subnet: ipam::SubnetTarget::Subnet("subnet-pods".into()),
+            security_groups: vec!["sg-1".into()],
+            kind: AddressKind::Ip,
+            count: 5,
+        }]
+    );
 }

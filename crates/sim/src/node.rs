@@ -394,10 +394,11 @@ impl Node {
                     || (e.code == codes::ENI_IN_USE
                         && matches!(call.step, Step::Delete { .. })) =>
             {
-                // Throttled, or the ENI is still detaching: the same call again after a backoff.
+                // Throttled, or the ENI is still detaching: the same call again after a backoff. A throttled
+                // call is retried until EC2 takes it, so that no action is lost or started twice.
                 call.tries += 1;
                 self.counters.throttled_retries += u64::from(e.code == codes::THROTTLED);
-                if call.tries < MAX_TRIES {
+                if e.code == codes::THROTTLED || call.tries < MAX_TRIES {
                     let at = now + backoff(call.tries, id);
                     self.calls.insert(id, call);
                     return vec![Next::Reply(at, id | RETRY)];

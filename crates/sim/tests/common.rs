@@ -3,7 +3,10 @@ use std::time::Duration;
 
 /// One node of `instance_type` in a roomy VPC, no random workload, `settings` as upstream env variables.
 pub fn one_node(instance_type: &str, settings: &[(&str, &str)]) -> Cluster {
-    let settings: String = settings.iter().map(|(k, v)| format!("{k} = \"{v}\"\n")).collect();
+    let settings: String = settings
+        .iter()
+        .map(|(k, v)| format!("{k} = \"{v}\"\n"))
+        .collect();
     let text = format!(
         r#"
 name = "table"

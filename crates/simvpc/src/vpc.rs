@@ -253,6 +253,12 @@ pub struct SimVpc {
     subnets: BTreeMap<String, (Subnet, SubnetAddresses)>,
     enis: BTreeMap<String, NetworkInterface>,
     instances: BTreeMap<String, Instance>,
+    /// ENIs attached (or detaching) per instance: attach and DescribeInstances must not scan the VPC.
+    attached: HashMap<String, Vec<String>>,
+    /// Attachment id to ENI id.
+    attachment_enis: HashMap<String, String>,
+    /// ENIs detaching, and when they become available.
+    detaching: Vec<(Time, String)>,
     buckets: BTreeMap<Category, TokenBucket>,
     config: SimConfig,
     rng: SmallRng,
@@ -284,6 +290,9 @@ impl SimVpc {
             subnets: BTreeMap::new(),
             enis: BTreeMap::new(),
             instances: BTreeMap::new(),
+            attached: HashMap::new(),
+            attachment_enis: HashMap::new(),
+            detaching: Vec::new(),
             buckets,
             rng: SmallRng::seed_from_u64(config.seed),
             config,
@@ -398,6 +407,10 @@ impl SimVpc {
             },
         );
         let attachment = self.id("eni-attach");
+        self.attached
+            .entry(id.clone())
+            .or_default()
+            .push(eni_id.clone());
         self.enis.get_mut(&eni_id).expect("just added").attachment = Some(Attachment {
             id: attachment,
             instance_id: id.clone(),
@@ -412,17 +425,7 @@ impl SimVpc {
     /// Terminates an instance: ENIs with DeleteOnTermination go, the others are left `available` (leaked).
     pub fn terminate_instance(&mut self, instance_id: &str) {
         self.instances.remove(instance_id);
-        let ids: Vec<String> = self
-            .enis
-            .values()
-            .filter(|e| {
-                e.attachment
-                    .as_ref()
-                    .is_some_and(|a| a.instance_id == instance_id)
-            })
-            .map(|e| e.id.clone())
-            .collect();
-        for id in ids {
+        for id in self.attached.remove(instance_id).unwrap_or_default() {
             let eni = self.enis.get_mut(&id).expect("listed");
             if eni
                 .attachment
@@ -505,17 +508,28 @@ impl SimVpc {
 
     /// Settles detachments that have finished by `now`.
     fn settle(&mut self, now: Time) {
-        for eni in self.enis.values_mut() {
-            if let Some(Attachment {
-                status: AttachmentStatus::Detaching { until },
-                ..
-            }) = &eni.attachment
-            {
-                if *until <= now {
-                    eni.attachment = None;
+        if !self.detaching.iter().any(|(t, _)| *t <= now) {
+            return;
+        }
+        let (done, waiting): (Vec<_>, Vec<_>) =
+            self.detaching.drain(..).partition(|(t, _)| *t <= now);
+        self.detaching = waiting;
+        for (_, id) in done {
+            if let Some(a) = self.enis.get_mut(&id).and_then(|e| e.attachment.take()) {
+                self.attachment_enis.remove(&a.id);
+                if let Some(list) = self.attached.get_mut(&a.instance_id) {
+                    list.retain(|e| *e != id);
                 }
             }
         }
+    }
+
+    fn attachments_of(&self, instance_id: &str) -> impl Iterator<Item = &Attachment> {
+        self.attached
+            .get(instance_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.enis.get(id).and_then(|e| e.attachment.as_ref()))
     }
 
     fn gate(&mut self, op: Op, now: Time) -> Gate {
@@ -695,8 +709,7 @@ impl SimVpc {
             let Some(&(_, card_max)) = inst.limits.cards.iter().find(|(c, _)| *c == network_card_index) else {
                 return Err(Ec2Error::new(codes::INVALID_PARAMETER, format!("network card index {network_card_index} does not exist")));
             };
-            let on_instance: Vec<&Attachment> =
-                vpc.enis.values().filter_map(|e| e.attachment.as_ref()).filter(|a| a.instance_id == instance_id).collect();
+            let on_instance: Vec<&Attachment> = vpc.attachments_of(instance_id).collect();
             if on_instance.iter().any(|a| a.device_index == device_index && a.network_card_index == network_card_index) {
                 return Err(Ec2Error::new(
                     codes::INVALID_PARAMETER,
@@ -713,6 +726,8 @@ impl SimVpc {
                 return Err(Ec2Error::new(codes::ADDRESS_LIMIT, "the interface has more addresses than the instance type allows"));
             }
             let id = vpc.id("eni-attach");
+            vpc.attached.entry(instance_id.to_string()).or_default().push(eni_id.to_string());
+            vpc.attachment_enis.insert(id.clone(), eni_id.to_string());
             vpc.enis.get_mut(eni_id).expect("checked").attachment = Some(Attachment {
                 id: id.clone(),
                 instance_id: instance_id.into(),
@@ -746,16 +761,13 @@ impl SimVpc {
     pub fn detach_network_interface(&mut self, now: Time, attachment_id: &str) -> Reply<()> {
         let delay = self.config.detach_delay;
         self.call(Op::DetachNetworkInterface, now, |vpc| {
-            let eni = vpc
-                .enis
-                .values_mut()
-                .find(|e| e.attachment.as_ref().is_some_and(|a| a.id == attachment_id))
-                .ok_or_else(|| {
-                    Ec2Error::new(
-                        codes::ATTACHMENT_NOT_FOUND,
-                        format!("The attachment ID '{attachment_id}' does not exist"),
-                    )
-                })?;
+            let eni_id = vpc.attachment_enis.get(attachment_id).cloned();
+            let eni = eni_id.and_then(|id| vpc.enis.get_mut(&id)).ok_or_else(|| {
+                Ec2Error::new(
+                    codes::ATTACHMENT_NOT_FOUND,
+                    format!("The attachment ID '{attachment_id}' does not exist"),
+                )
+            })?;
             let a = eni.attachment.as_mut().expect("found by attachment");
             if a.device_index == 0 && a.network_card_index == 0 {
                 return Err(Ec2Error::new(
@@ -765,6 +777,8 @@ impl SimVpc {
             }
             if a.status == AttachmentStatus::Attached {
                 a.status = AttachmentStatus::Detaching { until: now + delay };
+                let id = eni.id.clone();
+                vpc.detaching.push((now + delay, id));
             }
             Ok(())
         })
@@ -925,12 +939,7 @@ impl SimVpc {
                     format!("The instance ID '{instance_id}' does not exist"),
                 )
             })?;
-            let atts = vpc
-                .enis
-                .values()
-                .filter_map(|e| e.attachment.clone())
-                .filter(|a| a.instance_id == instance_id)
-                .collect();
+            let atts = vpc.attachments_of(instance_id).cloned().collect();
             Ok((inst, atts))
         })
     }
