@@ -113,7 +113,7 @@ impl Pool {
                 },
             })
             .collect();
-        allocations.sort_by(|a, b| a.key().cmp(&b.key()));
+        allocations.sort_by_key(Allocation::key);
         Checkpoint {
             version: VERSION.to_string(),
             allocations,

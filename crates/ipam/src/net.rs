@@ -48,7 +48,7 @@ impl Ipv4Cidr {
         Ipv4Addr::from(self.base)
     }
 
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
 

@@ -278,19 +278,18 @@ fn grow(ctx: &Ctx, demand: &Demand, d: &mut Decision) {
     if !whole_enis {
         remaining = remaining.min((pool.node.max_pods - total).div_ceil(unit));
     }
-    for until in [
+    let holds = [
         active(pool.memory.grow_hold_until, now),
         active(pool.memory.retry_after, now),
-    ] {
-        if let Some(t) = until {
-            d.stalls.push(if Some(t) == pool.memory.grow_hold_until {
-                Stall::SubnetFullUntil(t)
-            } else {
-                Stall::BackingOffUntil(t)
-            });
-            d.wake_at = earliest(d.wake_at, Some(t));
-            return;
-        }
+    ];
+    if let Some(t) = holds.into_iter().flatten().next() {
+        d.stalls.push(if Some(t) == pool.memory.grow_hold_until {
+            Stall::SubnetFullUntil(t)
+        } else {
+            Stall::BackingOffUntil(t)
+        });
+        d.wake_at = earliest(d.wake_at, Some(t));
+        return;
     }
     let slots = pool.node.slots_per_eni;
     for eni in pool
@@ -502,9 +501,9 @@ fn free_eni(ctx: &Ctx, d: &mut Decision) {
         if !info.excluded && pool.gives_pod_addresses(eni) {
             let total_here: u32 = eni.blocks().iter().map(|b| b.size()).sum();
             let prefixes_here = eni.blocks().iter().filter(|b| b.is_prefix()).count() as u32;
-            let others_free = st.available - total_here;
-            let others_total = st.total - total_here;
-            let others_free_prefixes = st.free_prefixes - prefixes_here;
+            let others_free = st.available.saturating_sub(total_here);
+            let others_total = st.total.saturating_sub(total_here);
+            let others_free_prefixes = st.free_prefixes.saturating_sub(prefixes_here);
             if s.ip_targets_defined() {
                 if others_free < round_up(s.warm_ip_target, unit)
                     || others_total < round_up(s.minimum_ip_target, unit)

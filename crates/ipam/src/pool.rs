@@ -109,7 +109,7 @@ impl Block {
     }
 
     pub fn is_prefix(&self) -> bool {
-        self.cidr.len() < 32
+        self.cidr.prefix_len() < 32
     }
 
     pub fn kind(&self) -> AddressKind {

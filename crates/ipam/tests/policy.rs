@@ -285,7 +285,9 @@ fn leftover_ips_in_prefix_mode_go_once_prefixes_cover_the_target() {
         panic!("{a:?}")
     };
     assert_eq!(cidrs.len(), 2);
-    assert!(cidrs.iter().any(|c| c.len() == 32) && cidrs.iter().any(|c| c.len() == 28));
+    assert!(
+        cidrs.iter().any(|c| c.prefix_len() == 32) && cidrs.iter().any(|c| c.prefix_len() == 28)
+    );
 }
 
 #[test]

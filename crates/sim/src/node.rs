@@ -286,16 +286,29 @@ impl Node {
             (Step::Release, Action::ReleaseAddresses { eni, cidrs }) => {
                 let ips: Vec<_> = cidrs
                     .iter()
-                    .filter(|c| c.len() == 32)
+                    .filter(|c| c.prefix_len() == 32)
                     .map(|c| c.addr())
                     .collect();
-                let prefixes: Vec<_> = cidrs.iter().filter(|c| c.len() < 32).copied().collect();
+                let prefixes: Vec<_> = cidrs
+                    .iter()
+                    .filter(|c| c.prefix_len() < 32)
+                    .copied()
+                    .collect();
                 unit(vpc.unassign_private_ip_addresses(now, eni, &ips, &prefixes))
             }
             (Step::Resync, Action::ResyncEni { eni }) => {
                 let r = vpc.describe_network_interfaces(now, std::slice::from_ref(eni), &[], None);
                 let res = match r.result {
-                    Ok((enis, _)) => Ok(StepReply::Described(enis.first().map(blocks_of))),
+                    // An ENI no longer attached to this instance (a detach whose reply was lost) is gone for us.
+                    Ok((enis, _)) => Ok(StepReply::Described(
+                        enis.first()
+                            .filter(|e| {
+                                e.attachment
+                                    .as_ref()
+                                    .is_some_and(|a| a.instance_id == self.instance_id)
+                            })
+                            .map(blocks_of),
+                    )),
                     Err(e) if e.code == codes::ENI_NOT_FOUND => Ok(StepReply::Described(None)),
                     Err(e) => Err(e),
                 };
@@ -413,6 +426,14 @@ impl Node {
                     }
                 }
                 match call.step {
+                    Step::KeepOnTermination { eni, device } => {
+                        // The ENI is attached and ours: DeleteOnTermination is only a safety net.
+                        let outcome = Outcome::EniCreated {
+                            eni: eni_info(&eni, device),
+                            blocks: blocks_of(&eni),
+                        };
+                        return self.finish(&call.action, outcome, vpc, now);
+                    }
                     Step::Attach { eni, .. } => Ok(Step::DeleteUnattached {
                         eni_id: eni.id,
                         failure: failure_of(&e),

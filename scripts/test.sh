@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine or an old one: installs what it needs, then runs everything.
+# Idempotent: a second run reuses the venv and the build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v python3 >/dev/null || ! python3 -m venv --help >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq python3 python3-venv
+fi
+if ! command -v cargo >/dev/null; then
+  echo "scripts/test.sh: cargo is required (the machine's Rust toolchain)" >&2
+  exit 1
+fi
+
+# moto ships EC2's DescribeInstanceTypes data, from which the instance-limits table is generated.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import moto' 2>/dev/null; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q 'moto[server]>=5.1,<6'
+fi
+
+echo "== instance-limits table matches DescribeInstanceTypes data"
+.venv/bin/python scripts/gen-instance-limits.py --check
+
+echo "== cargo fmt and clippy"
+cargo fmt --all -- --check
+cargo clippy -q --all-targets -- -D warnings
+
+echo "== tests"
+cargo test --workspace 2>&1 | tee target/test.log
+echo "== summary"
+python3 - <<'PY'
+import re
+passed = failed = ignored = 0
+for line in open("target/test.log"):
+    m = re.match(r"test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored", line)
+    if m:
+        passed += int(m[1]); failed += int(m[2]); ignored += int(m[3])
+print(f"{passed} passed, {failed} failed, {ignored} skipped")
+PY
