@@ -662,7 +662,9 @@ impl Pool {
                 if outcome == Outcome::Done || failure == Some(Failure::EniNotFound) {
                     dropped = self.remove_eni(eni);
                 } else if let Some(e) = self.eni_mut(eni) {
+                    // It may be half-freed (detached, not deleted): read it back before using it again.
                     e.freeing = false;
+                    e.needs_resync = true;
                 }
             }
             Action::ResyncEni { eni } => {
