@@ -299,13 +299,14 @@ impl Node {
             (Step::Resync, Action::ResyncEni { eni }) => {
                 let r = vpc.describe_network_interfaces(now, std::slice::from_ref(eni), &[], None);
                 let res = match r.result {
-                    // An ENI no longer attached to this instance (a detach whose reply was lost) is gone for us.
+                    // An ENI detaching or detached from this instance (a half-done FreeEni) is gone for us.
                     Ok((enis, _)) => Ok(StepReply::Described(
                         enis.first()
                             .filter(|e| {
-                                e.attachment
-                                    .as_ref()
-                                    .is_some_and(|a| a.instance_id == self.instance_id)
+                                e.attachment.as_ref().is_some_and(|a| {
+                                    a.instance_id == self.instance_id
+                                        && a.status == simvpc::AttachmentStatus::Attached
+                                })
                             })
                             .map(blocks_of),
                     )),
