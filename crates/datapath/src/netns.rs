@@ -1,0 +1,70 @@
+//! Network namespaces by path, and running code inside one on a dedicated thread.
+
+use crate::{Error, Result};
+use std::fs::File;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+pub struct NetNs {
+    file: File,
+    path: PathBuf,
+}
+
+impl NetNs {
+    /// Opens the namespace file (for example `/var/run/netns/x` or `/proc/<pid>/ns/net`). A path that
+    /// does not exist or is not a network namespace is an error naming the path.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|source| Error::Netns {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let ns = Self {
+            file,
+            path: path.to_path_buf(),
+        };
+        // Entering it once proves it is a network namespace and not some other file.
+        ns.run(|| ())?;
+        Ok(ns)
+    }
+
+    /// The namespace of the calling thread.
+    pub fn current() -> Result<Self> {
+        Self::open("/proc/thread-self/ns/net")
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Runs `work` on a new thread that has entered this namespace; the caller's thread stays where
+    /// it is. The thread ends with `work`, so it never has to find its way back.
+    pub fn run<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T> {
+        let fd = self.fd();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    // SAFETY: `fd` stays open for the life of `self`, which outlives this scope.
+                    if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                        return Err(Error::Netns {
+                            path: self.path.display().to_string(),
+                            source: std::io::Error::last_os_error(),
+                        });
+                    }
+                    Ok(work())
+                })
+                .join()
+                .expect("work inside a network namespace panicked")
+        })
+    }
+}
+
+impl std::fmt::Debug for NetNs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NetNs({})", self.path.display())
+    }
+}

@@ -1,0 +1,216 @@
+//! A netlink connection on a single-threaded runtime, and the few lookups every module needs.
+
+use crate::{Context, Error, Result};
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use rtnetlink::packet_route::rule::{RuleAttribute, RuleMessage};
+use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+
+/// Runs `work` with a netlink connection opened in the calling thread's network namespace (the
+/// socket stays bound to the namespace it was created in).
+pub(crate) fn run<T, F>(work: impl FnOnce(Handle) -> F) -> Result<T>
+where
+    F: Future<Output = Result<T>>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context(|| "starting the netlink runtime".into())?;
+    runtime.block_on(async {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().context(|| "opening a netlink socket".into())?;
+        tokio::spawn(connection);
+        work(handle).await
+    })
+}
+
+pub(crate) fn errno(error: &rtnetlink::Error) -> Option<i32> {
+    match error {
+        rtnetlink::Error::NetlinkError(message) => message.code.map(|code| -code.get()),
+        _ => None,
+    }
+}
+
+/// Treats "already there" as success.
+pub(crate) fn tolerate_exists(
+    result: Result<(), rtnetlink::Error>,
+) -> Result<(), rtnetlink::Error> {
+    match result {
+        Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+        other => other,
+    }
+}
+
+/// Treats "not there" as success: deletes must be idempotent.
+pub(crate) fn tolerate_missing(
+    result: Result<(), rtnetlink::Error>,
+) -> Result<(), rtnetlink::Error> {
+    match result {
+        Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::ESRCH | libc::ENODEV)) => Ok(()),
+        other => other,
+    }
+}
+
+pub(crate) async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
+    let found = handle
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await;
+    match found {
+        Ok(link) => Ok(link),
+        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(Error::Netlink {
+            what: format!("looking up link {name}"),
+            source: e,
+        }),
+    }
+}
+
+pub(crate) async fn all_links(handle: &Handle) -> Result<Vec<LinkMessage>> {
+    handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .context(|| "listing links".into())
+}
+
+pub(crate) fn link_name(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.as_str()),
+        _ => None,
+    })
+}
+
+pub(crate) fn link_mac(link: &LinkMessage) -> Option<&[u8]> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(mac) => Some(mac.as_slice()),
+        _ => None,
+    })
+}
+
+pub(crate) fn link_mtu(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(mtu) => Some(*mtu),
+        _ => None,
+    })
+}
+
+pub(crate) fn link_is_up(link: &LinkMessage) -> bool {
+    link.header.flags.contains(LinkFlags::Up)
+}
+
+pub(crate) async fn ipv4_routes(handle: &Handle) -> Result<Vec<RouteMessage>> {
+    handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().table_id(0).build())
+        .execute()
+        .try_collect()
+        .await
+        .context(|| "listing routes".into())
+}
+
+pub(crate) fn route_table(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(route.header.table as u32)
+}
+
+pub(crate) fn route_destination(route: &RouteMessage) -> Option<(Ipv4Addr, u8)> {
+    let address = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    });
+    match (address, route.header.destination_prefix_length) {
+        (Some(ip), len) => Some((ip, len)),
+        (None, 0) => Some((Ipv4Addr::UNSPECIFIED, 0)),
+        (None, _) => None,
+    }
+}
+
+pub(crate) fn route_gateway(route: &RouteMessage) -> Option<Ipv4Addr> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    })
+}
+
+pub(crate) fn route_oif(route: &RouteMessage) -> Option<u32> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(index) => Some(*index),
+        _ => None,
+    })
+}
+
+pub(crate) async fn ipv4_rules(handle: &Handle) -> Result<Vec<RuleMessage>> {
+    handle
+        .rule()
+        .get(IpVersion::V4)
+        .execute()
+        .try_collect()
+        .await
+        .context(|| "listing rules".into())
+}
+
+/// A rule as (priority, from, to, fwmark, table), the fields this crate writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RuleView {
+    pub priority: u32,
+    pub from: Option<(Ipv4Addr, u8)>,
+    pub to: Option<(Ipv4Addr, u8)>,
+    pub fwmark: Option<u32>,
+    pub table: u32,
+}
+
+pub(crate) fn rule_view(rule: &RuleMessage) -> RuleView {
+    let mut view = RuleView {
+        priority: 0,
+        from: None,
+        to: None,
+        fwmark: None,
+        table: rule.header.table as u32,
+    };
+    for attribute in &rule.attributes {
+        match attribute {
+            RuleAttribute::Priority(p) => view.priority = *p,
+            RuleAttribute::Source(IpAddr::V4(ip)) => view.from = Some((*ip, rule.header.src_len)),
+            RuleAttribute::Destination(IpAddr::V4(ip)) => {
+                view.to = Some((*ip, rule.header.dst_len))
+            }
+            RuleAttribute::FwMark(mark) => view.fwmark = Some(*mark),
+            RuleAttribute::Table(t) => view.table = *t,
+            _ => {}
+        }
+    }
+    view
+}
+
+pub(crate) fn mac_string(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Writes a sysctl (`net/ipv4/ip_forward`, slash-separated so that interface names with dots stay
+/// whole) of the calling thread's namespace. `tolerate_missing` covers keys that exist only on kernels
+/// with IPv6.
+pub(crate) fn write_sysctl(key: &str, value: &str, tolerate_missing: bool) -> Result<()> {
+    let path = format!("/proc/sys/{key}");
+    match std::fs::write(&path, value) {
+        Err(e) if tolerate_missing && e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other.context(|| format!("writing {value} to {path}")),
+    }
+}

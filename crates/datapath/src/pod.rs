@@ -1,0 +1,643 @@
+//! Wiring one pod: a veth pair, the pod's /32 behind a link-local gateway with a permanent neighbour,
+//! and on the host a /32 route to the veth plus the policy rules that pick the ENI's route table.
+
+use crate::netns::NetNs;
+use crate::nl::{self, tolerate_exists, tolerate_missing};
+use crate::{Context, Error, Result, MAIN_TABLE};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth};
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use std::net::{IpAddr, Ipv4Addr};
+
+/// The pod's default gateway. It exists nowhere: the permanent neighbour entry sends everything to
+/// the host end of the veth, which needs no address of its own.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// `to <pod> lookup main`: traffic to a pod never leaves by an ENI table.
+pub const TO_POD_PRIORITY: u32 = 512;
+/// `from <pod> lookup <ENI table>`: a pod on a secondary ENI leaves by that ENI.
+pub const FROM_POD_PRIORITY: u32 = 1536;
+
+/// How kernel names and MTUs are bounded; checked before anything is created.
+const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=9001;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodNetwork {
+    pub host_veth: String,
+    /// The interface inside the pod (CNI_IFNAME).
+    pub ifname: String,
+    pub address: Ipv4Addr,
+    pub mtu: u32,
+    /// The host table for traffic from the pod; [`MAIN_TABLE`] for the primary ENI.
+    pub route_table: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wired {
+    pub host_mac: [u8; 6],
+    pub pod_mac: [u8; 6],
+}
+
+impl PodNetwork {
+    fn validate(&self) -> Result<()> {
+        for name in [&self.host_veth, &self.ifname] {
+            if name.is_empty() || name.len() > crate::names::IFNAME_MAX {
+                return Err(Error::Invalid(format!(
+                    "interface name {name:?} must be 1 to 15 characters"
+                )));
+            }
+        }
+        if !MTU_RANGE.contains(&self.mtu) {
+            return Err(Error::Invalid(format!(
+                "MTU {} is outside {}..={}",
+                self.mtu,
+                MTU_RANGE.start(),
+                MTU_RANGE.end()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Wires the pod. On failure everything this call created is removed again before the error is
+/// returned, host rules included.
+pub fn add(netns: &NetNs, pod: &PodNetwork) -> Result<Wired> {
+    pod.validate()?;
+    match add_unchecked(netns, pod) {
+        Ok(wired) => Ok(wired),
+        Err(e) => {
+            let _ = remove(pod);
+            Err(e)
+        }
+    }
+}
+
+fn add_unchecked(netns: &NetNs, pod: &PodNetwork) -> Result<Wired> {
+    let host = NetNs::current()?;
+    let host_mac = nl::run(|handle| async move {
+        // A host veth of the same name is left from an earlier sandbox of the same pod.
+        if let Some(stale) = nl::link_by_name(&handle, &pod.host_veth).await? {
+            tolerate_missing(handle.link().del(stale.header.index).execute().await)
+                .context(|| format!("deleting stale {}", pod.host_veth))?;
+        }
+        let taken: Vec<Vec<u8>> = nl::all_links(&handle)
+            .await?
+            .iter()
+            .filter_map(|l| nl::link_mac(l).map(<[u8]>::to_vec))
+            .collect();
+        Ok(unique_mac(|mac| taken.iter().any(|t| t == mac)))
+    })?;
+
+    let host_fd = host.fd();
+    let pod_mac = netns.run(|| {
+        nl::run(|handle| async move {
+            if nl::link_by_name(&handle, &pod.ifname).await?.is_some() {
+                return Err(Error::Invalid(format!(
+                    "{} already exists in {}",
+                    pod.ifname,
+                    netns.path().display()
+                )));
+            }
+            let peer = LinkMessageBuilder::<LinkUnspec>::new()
+                .name(pod.host_veth.clone())
+                .mtu(pod.mtu)
+                .address(host_mac.to_vec())
+                .setns_by_fd(host_fd)
+                .build();
+            let veth = LinkVeth::new(&pod.ifname, &pod.host_veth)
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                .mtu(pod.mtu)
+                .up()
+                .build();
+            handle
+                .link()
+                .add(veth)
+                .execute()
+                .await
+                .context(|| format!("creating veth {} / {}", pod.ifname, pod.host_veth))?;
+            let link = nl::link_by_name(&handle, &pod.ifname)
+                .await?
+                .ok_or_else(|| Error::Invalid(format!("{} vanished", pod.ifname)))?;
+            let index = link.header.index;
+            let pod_mac = mac_array(nl::link_mac(&link));
+
+            let gateway_route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(GATEWAY, 32)
+                .output_interface(index)
+                .scope(RouteScope::Link)
+                .build();
+            handle
+                .route()
+                .add(gateway_route)
+                .replace()
+                .execute()
+                .await
+                .context(|| format!("adding route {GATEWAY}/32 dev {}", pod.ifname))?;
+            let default_route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(GATEWAY)
+                .output_interface(index)
+                .build();
+            handle
+                .route()
+                .add(default_route)
+                .replace()
+                .execute()
+                .await
+                .context(|| format!("adding default route via {GATEWAY}"))?;
+            handle
+                .address()
+                .add(index, IpAddr::V4(pod.address), 32)
+                .execute()
+                .await
+                .context(|| format!("adding {}/32 to {}", pod.address, pod.ifname))?;
+            handle
+                .neighbours()
+                .add(index, IpAddr::V4(GATEWAY))
+                .link_layer_address(&host_mac)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await
+                .context(|| format!("adding neighbour {GATEWAY}"))?;
+            Ok(pod_mac)
+        })
+    })??;
+
+    // The host end stays down until its IPv6 settings are written, so that it never sends a router
+    // solicitation or accepts an advertisement.
+    for (key, value) in [
+        ("accept_ra", "0"),
+        ("accept_redirects", "1"),
+        ("forwarding", "0"),
+    ] {
+        nl::write_sysctl(
+            &format!("net/ipv6/conf/{}/{key}", pod.host_veth),
+            value,
+            true,
+        )?;
+    }
+    nl::run(|handle| async move {
+        let link = nl::link_by_name(&handle, &pod.host_veth)
+            .await?
+            .ok_or_else(|| Error::Invalid(format!("host end {} not found", pod.host_veth)))?;
+        let index = link.header.index;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .context(|| format!("bringing {} up", pod.host_veth))?;
+        let to_pod = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(pod.address, 32)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .build();
+        handle
+            .route()
+            .add(to_pod)
+            .replace()
+            .execute()
+            .await
+            .context(|| format!("adding route {}/32 dev {}", pod.address, pod.host_veth))?;
+        add_rule(
+            &handle,
+            rule(TO_POD_PRIORITY, None, Some(pod.address), MAIN_TABLE),
+        )
+        .await?;
+        if pod.route_table != MAIN_TABLE {
+            add_rule(
+                &handle,
+                rule(FROM_POD_PRIORITY, Some(pod.address), None, pod.route_table),
+            )
+            .await?;
+        }
+        Ok(())
+    })?;
+    Ok(Wired { host_mac, pod_mac })
+}
+
+/// Removes the pod's host state: its rules, its /32 route and the veth pair. Idempotent. When the
+/// /32 route already points at another interface, the address belongs to a newer pod and only the
+/// veth is removed (upstream deletes the newer pod's rules in that case).
+pub fn remove(pod: &PodNetwork) -> Result<()> {
+    nl::run(|handle| async move {
+        let veth = nl::link_by_name(&handle, &pod.host_veth).await?;
+        let veth_index = veth.as_ref().map(|l| l.header.index);
+        let route = nl::ipv4_routes(&handle).await?.into_iter().find(|r| {
+            nl::route_table(r) == MAIN_TABLE && nl::route_destination(r) == Some((pod.address, 32))
+        });
+        let owned_by_other = match (&route, veth_index) {
+            (Some(route), Some(ours)) => nl::route_oif(route) != Some(ours),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if !owned_by_other {
+            delete_rules(&handle, |r| {
+                r.priority == TO_POD_PRIORITY && r.to == Some((pod.address, 32))
+            })
+            .await?;
+            delete_rules(&handle, |r| {
+                r.priority == FROM_POD_PRIORITY && r.from == Some((pod.address, 32))
+            })
+            .await?;
+            if let Some(route) = route {
+                tolerate_missing(handle.route().del(route).execute().await)
+                    .context(|| format!("deleting route {}/32", pod.address))?;
+            }
+        }
+        if let Some(index) = veth_index {
+            tolerate_missing(handle.link().del(index).execute().await)
+                .context(|| format!("deleting {}", pod.host_veth))?;
+        }
+        Ok(())
+    })
+}
+
+/// Removes a host veth by name when the pod's address is not known. Idempotent.
+pub fn remove_veth(host_veth: &str) -> Result<()> {
+    nl::run(|handle| async move {
+        if let Some(link) = nl::link_by_name(&handle, host_veth).await? {
+            tolerate_missing(handle.link().del(link.header.index).execute().await)
+                .context(|| format!("deleting {host_veth}"))?;
+        }
+        Ok(())
+    })
+}
+
+/// Compares the pod's wiring with what the kernel has, in the pod and on the host, and returns every
+/// difference in words; empty means the pod is wired as it should be.
+pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let host_mac = nl::run(|handle| async move {
+        let mut problems = Vec::new();
+        let Some(veth) = nl::link_by_name(&handle, &pod.host_veth).await? else {
+            problems.push(format!("host veth {} does not exist", pod.host_veth));
+            return Ok((problems, None));
+        };
+        if !nl::link_is_up(&veth) {
+            problems.push(format!("host veth {} is down", pod.host_veth));
+        }
+        if nl::link_mtu(&veth) != Some(pod.mtu) {
+            problems.push(format!(
+                "host veth MTU is {:?}, expected {}",
+                nl::link_mtu(&veth),
+                pod.mtu
+            ));
+        }
+        let routes = nl::ipv4_routes(&handle).await?;
+        let to_pod = routes.iter().find(|r| {
+            nl::route_table(r) == MAIN_TABLE && nl::route_destination(r) == Some((pod.address, 32))
+        });
+        match to_pod {
+            None => problems.push(format!("host has no route to {}/32", pod.address)),
+            Some(r) if nl::route_oif(r) != Some(veth.header.index) => problems.push(format!(
+                "host route to {}/32 does not go to {}",
+                pod.address, pod.host_veth
+            )),
+            Some(_) => {}
+        }
+        let rules: Vec<_> = nl::ipv4_rules(&handle)
+            .await?
+            .iter()
+            .map(nl::rule_view)
+            .collect();
+        let has = |priority: u32, from: Option<Ipv4Addr>, to: Option<Ipv4Addr>, table: u32| {
+            rules.iter().any(|r| {
+                r.priority == priority
+                    && r.from == from.map(|ip| (ip, 32))
+                    && r.to == to.map(|ip| (ip, 32))
+                    && r.table == table
+            })
+        };
+        if !has(TO_POD_PRIORITY, None, Some(pod.address), MAIN_TABLE) {
+            problems.push(format!(
+                "rule 'to {} lookup main priority {TO_POD_PRIORITY}' is missing",
+                pod.address
+            ));
+        }
+        if pod.route_table != MAIN_TABLE
+            && !has(FROM_POD_PRIORITY, Some(pod.address), None, pod.route_table)
+        {
+            problems.push(format!(
+                "rule 'from {} lookup {} priority {FROM_POD_PRIORITY}' is missing",
+                pod.address, pod.route_table
+            ));
+        }
+        Ok((problems, nl::link_mac(&veth).map(<[u8]>::to_vec)))
+    })?;
+    problems.extend(host_mac.0);
+    let host_mac = host_mac.1;
+
+    let pod_problems = netns.run(|| {
+        nl::run(|handle| async move {
+            let mut problems = Vec::new();
+            let Some(link) = nl::link_by_name(&handle, &pod.ifname).await? else {
+                problems.push(format!("{} does not exist in the pod", pod.ifname));
+                return Ok(problems);
+            };
+            let index = link.header.index;
+            if !nl::link_is_up(&link) {
+                problems.push(format!("{} is down", pod.ifname));
+            }
+            if nl::link_mtu(&link) != Some(pod.mtu) {
+                problems.push(format!(
+                    "{} MTU is {:?}, expected {}",
+                    pod.ifname,
+                    nl::link_mtu(&link),
+                    pod.mtu
+                ));
+            }
+            let addresses = pod_addresses(&handle, index).await?;
+            if !addresses.contains(&(pod.address, 32)) {
+                problems.push(format!(
+                    "{} has {addresses:?}, expected {}/32",
+                    pod.ifname, pod.address
+                ));
+            }
+            let routes = nl::ipv4_routes(&handle).await?;
+            let main: Vec<_> = routes
+                .iter()
+                .filter(|r| nl::route_table(r) == MAIN_TABLE && nl::route_oif(r) == Some(index))
+                .collect();
+            if !main
+                .iter()
+                .any(|r| nl::route_destination(r) == Some((GATEWAY, 32)))
+            {
+                problems.push(format!("pod has no route to {GATEWAY}/32"));
+            }
+            if !main.iter().any(|r| {
+                nl::route_destination(r) == Some((Ipv4Addr::UNSPECIFIED, 0))
+                    && nl::route_gateway(r) == Some(GATEWAY)
+            }) {
+                problems.push(format!("pod has no default route via {GATEWAY}"));
+            }
+            let neighbour = gateway_neighbour(&handle, index).await?;
+            match (neighbour, &host_mac) {
+                (None, _) => problems.push(format!("pod has no neighbour entry for {GATEWAY}")),
+                (Some((mac, state)), Some(expected)) => {
+                    if &mac != expected {
+                        problems.push(format!(
+                            "neighbour {GATEWAY} is {}, the host veth is {}",
+                            nl::mac_string(&mac),
+                            nl::mac_string(expected)
+                        ));
+                    }
+                    if state != NeighbourState::Permanent {
+                        problems.push(format!("neighbour {GATEWAY} is {state:?}, not permanent"));
+                    }
+                }
+                (Some(_), None) => {}
+            }
+            Ok(problems)
+        })
+    })??;
+    problems.extend(pod_problems);
+    Ok(problems)
+}
+
+/// Removes host state of pods that are gone: every /32 route in main to a veth named with
+/// `veth_prefix` whose address is not in `keep`, that veth, and the priority-512 and -1536 rules of
+/// addresses not in `keep`. Veths with no route are left alone: an ADD may be halfway through.
+/// Returns what was removed, in words.
+pub fn collect_leftovers(
+    veth_prefix: &str,
+    keep: &std::collections::HashSet<Ipv4Addr>,
+) -> Result<Vec<String>> {
+    nl::run(|handle| async move {
+        let mut removed = Vec::new();
+        let veths: std::collections::HashMap<u32, String> = nl::all_links(&handle)
+            .await?
+            .iter()
+            .filter_map(|l| {
+                let name = nl::link_name(l)?;
+                name.starts_with(veth_prefix)
+                    .then(|| (l.header.index, name.to_string()))
+            })
+            .collect();
+        let mut doomed_veths = std::collections::BTreeMap::new();
+        for route in nl::ipv4_routes(&handle).await? {
+            let (Some((ip, 32)), Some(oif)) =
+                (nl::route_destination(&route), nl::route_oif(&route))
+            else {
+                continue;
+            };
+            let Some(veth) = veths.get(&oif) else {
+                continue;
+            };
+            if nl::route_table(&route) != MAIN_TABLE || keep.contains(&ip) {
+                continue;
+            }
+            tolerate_missing(handle.route().del(route).execute().await)
+                .context(|| format!("deleting route {ip}/32"))?;
+            removed.push(format!("route {ip}/32 dev {veth}"));
+            doomed_veths.insert(oif, veth.clone());
+        }
+        for message in nl::ipv4_rules(&handle).await? {
+            let view = nl::rule_view(&message);
+            let address = match view.priority {
+                TO_POD_PRIORITY => view.to,
+                FROM_POD_PRIORITY => view.from,
+                _ => None,
+            };
+            let Some((ip, 32)) = address else { continue };
+            if keep.contains(&ip) {
+                continue;
+            }
+            tolerate_missing(handle.rule().del(message).execute().await)
+                .context(|| format!("deleting rule {view:?}"))?;
+            removed.push(format!("rule priority {} for {ip}", view.priority));
+        }
+        for (index, name) in doomed_veths {
+            tolerate_missing(handle.link().del(index).execute().await)
+                .context(|| format!("deleting {name}"))?;
+            removed.push(format!("veth {name}"));
+        }
+        Ok(removed)
+    })
+}
+
+async fn pod_addresses(handle: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
+    use futures::TryStreamExt;
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let messages: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .context(|| "listing pod addresses".into())?;
+    Ok(messages
+        .iter()
+        .filter_map(|m| {
+            m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V4(ip)) => Some((*ip, m.header.prefix_len)),
+                _ => None,
+            })
+        })
+        .collect())
+}
+
+async fn gateway_neighbour(
+    handle: &Handle,
+    index: u32,
+) -> Result<Option<(Vec<u8>, NeighbourState)>> {
+    use futures::TryStreamExt;
+    let neighbours: Vec<_> = handle
+        .neighbours()
+        .get()
+        .set_family(rtnetlink::IpVersion::V4)
+        .execute()
+        .try_collect()
+        .await
+        .context(|| "listing neighbours".into())?;
+    Ok(neighbours
+        .iter()
+        .filter(|n| n.header.ifindex == index)
+        .find(|n| {
+            n.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) if *ip == GATEWAY)
+            })
+        })
+        .map(|n| {
+            let mac = n
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    NeighbourAttribute::LinkLayerAddress(mac) => Some(mac.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            (mac, n.header.state)
+        }))
+}
+
+/// A rule of the kind this crate writes: `[from <ip>/32] [to <ip>/32] lookup <table> priority <p>`.
+pub(crate) fn rule(
+    priority: u32,
+    from: Option<Ipv4Addr>,
+    to: Option<Ipv4Addr>,
+    table: u32,
+) -> RuleMessage {
+    let mut message = RuleMessage::default();
+    message.header.family = AddressFamily::Inet;
+    message.header.action = RuleAction::ToTable;
+    // Tables above 255 only fit the attribute; the header keeps the legacy byte.
+    message.header.table = u8::try_from(table).unwrap_or(0);
+    message.attributes.push(RuleAttribute::Table(table));
+    message.attributes.push(RuleAttribute::Priority(priority));
+    if let Some(ip) = from {
+        message.header.src_len = 32;
+        message
+            .attributes
+            .push(RuleAttribute::Source(IpAddr::V4(ip)));
+    }
+    if let Some(ip) = to {
+        message.header.dst_len = 32;
+        message
+            .attributes
+            .push(RuleAttribute::Destination(IpAddr::V4(ip)));
+    }
+    message
+}
+
+pub(crate) async fn add_rule(handle: &Handle, message: RuleMessage) -> Result<()> {
+    let view = nl::rule_view(&message);
+    let mut request = handle.rule().add();
+    *request.message_mut() = message;
+    tolerate_exists(request.execute().await).context(|| format!("adding rule {view:?}"))
+}
+
+/// Deletes every IPv4 rule matching `select`.
+pub(crate) async fn delete_rules(
+    handle: &Handle,
+    select: impl Fn(&nl::RuleView) -> bool,
+) -> Result<()> {
+    for message in nl::ipv4_rules(handle).await? {
+        let view = nl::rule_view(&message);
+        if select(&view) {
+            tolerate_missing(handle.rule().del(message).execute().await)
+                .context(|| format!("deleting rule {view:?}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// A random locally administered unicast MAC that `taken` does not already hold. Two veths with
+/// one MAC on the host confuse bridges and neighbour tables; ten draws make a clash practically
+/// impossible, and the last draw is kept if they all clash.
+fn unique_mac(taken: impl Fn(&[u8]) -> bool) -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    for _ in 0..10 {
+        fill_random(&mut mac);
+        mac[0] = (mac[0] | 0x02) & !0x01;
+        if !taken(&mac) {
+            break;
+        }
+    }
+    mac
+}
+
+fn fill_random(buf: &mut [u8]) {
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    assert_eq!(n as usize, buf.len(), "getrandom failed");
+}
+
+fn mac_array(mac: Option<&[u8]>) -> [u8; 6] {
+    let mut out = [0u8; 6];
+    if let Some(mac) = mac {
+        if mac.len() == 6 {
+            out.copy_from_slice(mac);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_are_local_unicast_and_avoid_taken_ones() {
+        let first = unique_mac(|_| false);
+        assert_eq!(first[0] & 0x03, 0x02);
+        let again = unique_mac(|mac| mac == first);
+        assert_ne!(again, first);
+    }
+
+    #[test]
+    fn bad_names_and_mtus_are_refused_before_anything_is_created() {
+        let ok = PodNetwork {
+            host_veth: "eni0123456789a".into(),
+            ifname: "eth0".into(),
+            address: Ipv4Addr::new(10, 0, 0, 5),
+            mtu: 9001,
+            route_table: MAIN_TABLE,
+        };
+        assert!(ok.validate().is_ok());
+        let long = PodNetwork {
+            ifname: "a-very-long-interface".into(),
+            ..ok.clone()
+        };
+        assert!(long.validate().is_err());
+        let tiny = PodNetwork { mtu: 100, ..ok };
+        assert!(tiny.validate().unwrap_err().to_string().contains("MTU 100"));
+    }
+
+    #[test]
+    fn rules_above_table_255_carry_the_table_attribute() {
+        let message = rule(
+            FROM_POD_PRIORITY,
+            Some(Ipv4Addr::new(10, 0, 0, 5)),
+            None,
+            10101,
+        );
+        let view = nl::rule_view(&message);
+        assert_eq!(view.table, 10101);
+        assert_eq!(view.from, Some((Ipv4Addr::new(10, 0, 0, 5), 32)));
+        assert_eq!(view.priority, FROM_POD_PRIORITY);
+    }
+}

@@ -1,0 +1,247 @@
+//! SNAT and connmark as one nftables table, replaced in a single transaction.
+//!
+//! Pods talk to the VPC with their own address; anything else leaves by the primary ENI, SNATed to
+//! the node's primary IP, unless the operator does SNAT elsewhere (`AWS_VPC_K8S_CNI_EXTERNALSNAT`).
+//! Connections from pods that will be SNATed, and NodePort connections arriving on the primary ENI,
+//! get a connmark; the mark is copied to their packets so that the `fwmark` rule routes them by
+//! main, out of the primary ENI, even from a pod whose ENI has a table of its own.
+//!
+//! The whole table is replaced in one `nft -f` transaction: the kernel applies all of it or none,
+//! so there is never a moment with half the rules. Conntrack keeps the NAT bindings and marks of
+//! established connections, which is why switching external SNAT on a running node does not break
+//! its pods (upstream #1462: rules were removed one by one while the marks still steered replies).
+
+use crate::{Context, Error, Result};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+pub const TABLE: &str = "vpc-cni";
+
+/// `AWS_VPC_K8S_CNI_RANDOMIZESNAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RandomizeSnat {
+    /// `prng`, the default: fully random source ports.
+    FullyRandom,
+    /// `hashrandom`.
+    Random,
+    /// `none`.
+    None,
+}
+
+impl RandomizeSnat {
+    /// Upstream treats unknown values as `prng`; we refuse them so a typo is seen.
+    pub fn parse(value: &str) -> Result<Self> {
+        match value {
+            "" | "prng" => Ok(Self::FullyRandom),
+            "hashrandom" => Ok(Self::Random),
+            "none" => Ok(Self::None),
+            other => Err(Error::Invalid(format!(
+                "AWS_VPC_K8S_CNI_RANDOMIZESNAT={other:?}: expected prng, hashrandom or none"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnatPolicy {
+    pub primary_interface: String,
+    pub primary_ip: Ipv4Addr,
+    pub veth_prefix: String,
+    /// Destinations reached with the pod's own address: the VPC CIDRs and
+    /// `AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS`.
+    pub exempt: Vec<(Ipv4Addr, u8)>,
+    pub external_snat: bool,
+    pub randomize: RandomizeSnat,
+    pub node_port_support: bool,
+    pub connmark: u32,
+}
+
+impl SnatPolicy {
+    /// The table as nftables text.
+    pub fn ruleset(&self) -> String {
+        let mark = format!("{:#x}", self.connmark);
+        let pods = format!("iifname \"{}*\"", self.veth_prefix);
+        let mut out = format!("table ip {TABLE} {{\n");
+        out.push_str("  set snat-exempt {\n    type ipv4_addr\n    flags interval\n");
+        if !self.exempt.is_empty() {
+            let elements: Vec<String> = self
+                .exempt
+                .iter()
+                .map(|(ip, len)| format!("{ip}/{len}"))
+                .collect();
+            out.push_str(&format!("    elements = {{ {} }}\n", elements.join(", ")));
+        }
+        out.push_str("  }\n");
+
+        // Before kube-proxy's DNAT, while the destination is still the node's own address.
+        out.push_str(
+            "  chain nodeport {\n    type filter hook prerouting priority mangle; policy accept;\n",
+        );
+        if self.node_port_support {
+            out.push_str(&format!(
+                "    iifname \"{}\" fib daddr type local ct state new ct mark set ct mark | {mark}\n",
+                self.primary_interface
+            ));
+        }
+        out.push_str("  }\n");
+
+        // After DNAT, so that a pod talking to a Service is judged by the endpoint it reaches.
+        out.push_str(
+            "  chain pods {\n    type filter hook prerouting priority dstnat + 10; policy accept;\n",
+        );
+        if !self.external_snat {
+            out.push_str(&format!(
+                "    {pods} ct state new fib daddr type != local ip daddr != @snat-exempt ct mark set ct mark | {mark}\n"
+            ));
+        }
+        if self.node_port_support || !self.external_snat {
+            out.push_str(&format!("    {pods} meta mark set ct mark & {mark}\n"));
+        }
+        out.push_str("  }\n");
+
+        out.push_str(
+            "  chain snat {\n    type nat hook postrouting priority srcnat; policy accept;\n",
+        );
+        if !self.external_snat {
+            let flags = match self.randomize {
+                RandomizeSnat::FullyRandom => " fully-random",
+                RandomizeSnat::Random => " random",
+                RandomizeSnat::None => "",
+            };
+            out.push_str(&format!(
+                "    oifname != \"vlan*\" ip daddr != @snat-exempt fib daddr type != local snat to {}{flags}\n",
+                self.primary_ip
+            ));
+        }
+        out.push_str("  }\n}\n");
+        out
+    }
+
+    /// Replaces the table in one transaction.
+    pub fn apply(&self) -> Result<()> {
+        nft(&format!(
+            "table ip {TABLE}\ndelete table ip {TABLE}\n{}",
+            self.ruleset()
+        ))
+    }
+}
+
+/// Removes the table (and with it every rule this module added).
+pub fn remove() -> Result<()> {
+    nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
+}
+
+/// The table as nftables prints it, for diagnostics and tests.
+pub fn current() -> Result<String> {
+    let output = Command::new("nft")
+        .args(["list", "table", "ip", TABLE])
+        .output()
+        .context(|| "running nft (is the nftables package installed?)".into())?;
+    if !output.status.success() {
+        return Err(Error::Invalid(format!(
+            "nft list table: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn nft(script: &str) -> Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context(|| "running nft (is the nftables package installed?)".into())?;
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(script.as_bytes())
+        .context(|| "writing the nftables transaction".into())?;
+    let output = child
+        .wait_with_output()
+        .context(|| "waiting for nft".into())?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "nft rejected the transaction: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> SnatPolicy {
+        SnatPolicy {
+            primary_interface: "eth0".into(),
+            primary_ip: Ipv4Addr::new(10, 0, 0, 10),
+            veth_prefix: "eni".into(),
+            exempt: vec![(Ipv4Addr::new(10, 0, 0, 0), 16)],
+            external_snat: false,
+            randomize: RandomizeSnat::FullyRandom,
+            node_port_support: true,
+            connmark: 0x80,
+        }
+    }
+
+    #[test]
+    fn node_snat_marks_pod_connections_and_snats_to_the_primary_ip() {
+        let text = policy().ruleset();
+        assert!(text.contains("elements = { 10.0.0.0/16 }"), "{text}");
+        assert!(text.contains("snat to 10.0.0.10 fully-random"), "{text}");
+        assert!(text.contains("iifname \"eni*\" ct state new"), "{text}");
+        assert!(
+            text.contains("iifname \"eth0\" fib daddr type local"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn external_snat_keeps_only_the_nodeport_marks() {
+        let text = SnatPolicy {
+            external_snat: true,
+            ..policy()
+        }
+        .ruleset();
+        assert!(!text.contains("snat to"), "{text}");
+        assert!(
+            !text.contains("ct state new fib daddr type != local"),
+            "{text}"
+        );
+        assert!(text.contains("meta mark set ct mark & 0x80"), "{text}");
+        let neither = SnatPolicy {
+            external_snat: true,
+            node_port_support: false,
+            ..policy()
+        }
+        .ruleset();
+        assert!(!neither.contains("mark"), "{neither}");
+    }
+
+    #[test]
+    fn randomize_values_as_upstream_and_typos_refused() {
+        assert_eq!(
+            RandomizeSnat::parse("prng").unwrap(),
+            RandomizeSnat::FullyRandom
+        );
+        assert_eq!(
+            RandomizeSnat::parse("hashrandom").unwrap(),
+            RandomizeSnat::Random
+        );
+        assert_eq!(RandomizeSnat::parse("none").unwrap(), RandomizeSnat::None);
+        assert!(RandomizeSnat::parse("prgn").is_err());
+        let text = SnatPolicy {
+            randomize: RandomizeSnat::None,
+            ..policy()
+        }
+        .ruleset();
+        assert!(text.contains("snat to 10.0.0.10\n"), "{text}");
+    }
+}
