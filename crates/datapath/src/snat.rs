@@ -101,7 +101,7 @@ impl SnatPolicy {
         out.push_str("  }\n");
 
         out.push_str(
-            "  chain snat {\n    type nat hook postrouting priority srcnat; policy accept;\n",
+            "  chain egress {\n    type nat hook postrouting priority srcnat; policy accept;\n",
         );
         if !self.external_snat {
             let flags = match self.randomize {

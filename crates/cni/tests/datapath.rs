@@ -1,0 +1,494 @@
+//! The plugin in real network namespaces: a "VPC" namespace routes between a node namespace (whose
+//! primary and secondary ENIs are veth pairs with their own MACs), a VPC host and an outside host;
+//! pods get namespaces of their own. Traffic is real TCP.
+
+mod common;
+
+use common::*;
+use datapath::node::{self, EniLink, HostRouting};
+use datapath::snat::{RandomizeSnat, SnatPolicy};
+use serde_json::{json, Value};
+use std::net::{Ipv4Addr, SocketAddr};
+
+const ETH0_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x10];
+const ETH1_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x20];
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+const ETH1_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20);
+const VPC_HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
+const OUTSIDE_HOST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+const POD_ON_ETH0: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 40);
+const POD_ON_ETH1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The fake VPC: router namespace with a bridge for subnet 10.0.0.0/24, a VPC host in 10.0.1.0/24
+/// and an outside host in 198.51.100.0/24. The router knows which ENI holds which pod address
+/// through static neighbour entries, as the VPC fabric does.
+struct Vpc {
+    router: Netns,
+    vpc_host: Netns,
+    outside: Netns,
+    node: Netns,
+}
+
+impl Vpc {
+    fn build() -> Self {
+        let router = Netns::new("vpc");
+        let vpc_host = Netns::new("vhost");
+        let outside = Netns::new("out");
+        let node = Netns::new("node");
+        let r = &router.name;
+        sh(&format!("ip -n {r} link add br0 type bridge && ip -n {r} addr add 10.0.0.1/24 dev br0 && ip -n {r} link set br0 up"));
+        sh(&format!(
+            "ip netns exec {r} sysctl -qw net.ipv4.ip_forward=1"
+        ));
+        for (eni, m) in [("eth0", ETH0_MAC), ("eth1", ETH1_MAC)] {
+            let port = format!("p{eni}");
+            sh(&format!(
+                "ip -n {r} link add {port} type veth peer name {eni} netns {n} && \
+                 ip -n {r} link set {port} master br0 up && \
+                 ip -n {n} link set {eni} address {m}",
+                n = node.name,
+                m = mac(m)
+            ));
+        }
+        let n = &node.name;
+        sh(&format!(
+            "ip -n {n} addr add {NODE_IP}/24 dev eth0 && ip -n {n} link set eth0 up && \
+             ip -n {n} route add default via 10.0.0.1 dev eth0"
+        ));
+        // Only the ENI that owns an address answers ARP for it, as in a VPC.
+        sh(&format!(
+            "ip netns exec {n} sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2"
+        ));
+        for (ns, net, ip) in [
+            (&vpc_host, "10.0.1", VPC_HOST),
+            (&outside, "198.51.100", OUTSIDE_HOST),
+        ] {
+            sh(&format!(
+                "ip -n {r} link add to{h} type veth peer name eth0 netns {h} && \
+                 ip -n {r} addr add {net}.1/24 dev to{h} && ip -n {r} link set to{h} up && \
+                 ip -n {h} addr add {ip}/24 dev eth0 && ip -n {h} link set eth0 up && \
+                 ip -n {h} route add default via {net}.1",
+                h = ns.name
+            ));
+        }
+        Vpc {
+            router,
+            vpc_host,
+            outside,
+            node,
+        }
+    }
+
+    /// Tells the VPC router that `address` lives on the ENI with `eni_mac`.
+    fn place(&self, address: Ipv4Addr, eni_mac: [u8; 6]) {
+        sh(&format!(
+            "ip -n {} neigh replace {address} lladdr {} dev br0 nud permanent",
+            self.router.name,
+            mac(eni_mac)
+        ));
+    }
+
+    fn node_setup(&self, external_snat: bool) {
+        self.node.run(|| {
+            node::setup_eni(&EniLink {
+                mac: ETH1_MAC,
+                primary_ip: ETH1_IP,
+                subnet: (Ipv4Addr::new(10, 0, 0, 0), 24),
+                route_table: node::route_table_for(1, 0),
+                mtu: 9001,
+            })
+            .unwrap();
+            node::setup_host(&HostRouting {
+                primary_interface: "eth0".into(),
+                fwmark_rule: true,
+                connmark: 0x80,
+            })
+            .unwrap();
+            snat_policy(external_snat).apply().unwrap();
+        });
+    }
+
+    fn tx_packets(&self, link: &str) -> u64 {
+        let out = sh(&format!("ip -n {} -s -j link show {link}", self.node.name));
+        let value: Value = serde_json::from_str(&out).unwrap();
+        value[0]["stats64"]["tx"]["packets"].as_u64().unwrap()
+    }
+}
+
+fn snat_policy(external_snat: bool) -> SnatPolicy {
+    SnatPolicy {
+        primary_interface: "eth0".into(),
+        primary_ip: NODE_IP,
+        veth_prefix: "eni".into(),
+        exempt: vec![(Ipv4Addr::new(10, 0, 0, 0), 16)],
+        external_snat,
+        randomize: RandomizeSnat::FullyRandom,
+        node_port_support: true,
+        connmark: 0x80,
+    }
+}
+
+fn cni_env<'a>(
+    command: &'a str,
+    id: &'a str,
+    netns: &'a str,
+    args: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", id),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/usr/lib/cni"),
+        ("CNI_ARGS", args),
+    ]
+}
+
+/// ADDs a pod through the plugin in the node namespace; returns its result.
+fn add_pod(node: &Netns, server: &AddressServer, pod: &Netns, id: &str, name: &str) -> Value {
+    let path = pod.path();
+    let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}");
+    let run = plugin(
+        Some(node),
+        &cni_env("ADD", id, path.to_str().unwrap(), &args),
+        &conf("1.0.0", &server.socket, json!({})),
+    );
+    assert_eq!(run.status, 0, "ADD failed: {}", run.raw);
+    run.stdout
+}
+
+fn with_prev(server: &AddressServer, prev: &Value) -> String {
+    conf("1.0.0", &server.socket, json!({ "prevResult": prev }))
+}
+
+fn host_state(node: &Netns, address: Ipv4Addr) -> String {
+    format!(
+        "{}{}",
+        node.exec("ip rule show")
+            .lines()
+            .filter(|l| l.contains(&address.to_string()))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        node.exec("ip route show table all")
+            .lines()
+            .filter(|l| l.starts_with(&address.to_string()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    )
+}
+
+#[test]
+fn pods_reach_each_other_the_node_the_vpc_and_the_outside() {
+    if !can_run_datapath_tests("pods_reach_each_other_the_node_the_vpc_and_the_outside") {
+        return;
+    }
+    let vpc = Vpc::build();
+    vpc.node_setup(false);
+    let server = AddressServer::start(&[(POD_ON_ETH0, 0, 254), (POD_ON_ETH1, 1, 2)]);
+    let pod_a = Netns::new("poda");
+    let pod_b = Netns::new("podb");
+    let result_a = add_pod(&vpc.node, &server, &pod_a, "ctr-a", "a");
+    let result_b = add_pod(&vpc.node, &server, &pod_b, "ctr-b", "b");
+    assert_eq!(result_a["ips"][0]["address"], "10.0.0.40/32");
+    assert_eq!(result_b["ips"][0]["address"], "10.0.0.50/32");
+    assert_eq!(
+        result_b["interfaces"][1]["mac"], "2",
+        "route table rides in the result"
+    );
+    vpc.place(POD_ON_ETH0, ETH0_MAC);
+    vpc.place(POD_ON_ETH1, ETH1_MAC);
+
+    // The host's view: upstream's rules and routes, and the veth MTU equal to the pod's.
+    let rules = vpc.node.exec("ip rule show");
+    assert!(
+        rules.contains("512:\tfrom all to 10.0.0.40 lookup main"),
+        "{rules}"
+    );
+    assert!(rules.contains("1536:\tfrom 10.0.0.50 lookup 2"), "{rules}");
+    assert!(
+        !rules.contains("from 10.0.0.40 lookup"),
+        "primary-ENI pods use main: {rules}"
+    );
+    let host_veth = result_a["interfaces"][0]["name"].as_str().unwrap();
+    assert_eq!(
+        host_veth,
+        datapath::names::host_veth_name("eni", "default.a")
+    );
+    assert!(vpc
+        .node
+        .exec(&format!("ip link show {host_veth}"))
+        .contains("mtu 9001"));
+    let pod_view = pod_a.exec("ip -4 route show");
+    assert!(
+        pod_view.contains("default via 169.254.1.1 dev eth0"),
+        "{pod_view}"
+    );
+    assert!(pod_a.exec("ip neigh show").contains("PERMANENT"));
+
+    // Pod to pod across ENIs on one node, both ways.
+    let server_b = peer_echo_server(&pod_b, SocketAddr::from((POD_ON_ETH1, 8080)), 1);
+    assert_eq!(
+        seen_as(&pod_a, SocketAddr::from((POD_ON_ETH1, 8080))).unwrap(),
+        POD_ON_ETH0.to_string()
+    );
+    server_b.join().unwrap();
+
+    // Pod to its node.
+    let node_server = peer_echo_server(&vpc.node, SocketAddr::from((NODE_IP, 8081)), 1);
+    assert_eq!(
+        seen_as(&pod_b, SocketAddr::from((NODE_IP, 8081))).unwrap(),
+        POD_ON_ETH1.to_string()
+    );
+    node_server.join().unwrap();
+
+    // Pod to a VPC host keeps its own address, and a pod on eth1 leaves by eth1.
+    let vpc_server = peer_echo_server(&vpc.vpc_host, SocketAddr::from((VPC_HOST, 8082)), 2);
+    let eth1_before = vpc.tx_packets("eth1");
+    assert_eq!(
+        seen_as(&pod_b, SocketAddr::from((VPC_HOST, 8082))).unwrap(),
+        POD_ON_ETH1.to_string()
+    );
+    assert!(
+        vpc.tx_packets("eth1") > eth1_before,
+        "the pod on the secondary ENI must leave by eth1"
+    );
+    assert_eq!(
+        seen_as(&pod_a, SocketAddr::from((VPC_HOST, 8082))).unwrap(),
+        POD_ON_ETH0.to_string()
+    );
+    vpc_server.join().unwrap();
+
+    // Pods to the outside are SNATed to the node's primary IP, including the pod on eth1 (the
+    // connmark sends it out of eth0). A connection kept open across a switch to external SNAT
+    // keeps working; new connections then keep the pod's address.
+    let outside = peer_echo_server(&vpc.outside, SocketAddr::from((OUTSIDE_HOST, 8083)), 3);
+    let target = SocketAddr::from((OUTSIDE_HOST, 8083));
+    assert_eq!(seen_as(&pod_a, target).unwrap(), NODE_IP.to_string());
+    let mut long_lived = Client::connect(&pod_b, target).unwrap();
+    assert_eq!(long_lived.seen_as().unwrap(), NODE_IP.to_string());
+    vpc.node.run(|| snat_policy(true).apply().unwrap());
+    assert_eq!(
+        long_lived.seen_as().unwrap(),
+        NODE_IP.to_string(),
+        "an established connection survives switching external SNAT on"
+    );
+    assert_eq!(seen_as(&pod_a, target).unwrap(), POD_ON_ETH0.to_string());
+    drop(long_lived);
+    outside.join().unwrap();
+
+    // CHECK passes on a healthy pod, and names what is missing once the host rule is removed.
+    let check = |pod: &Netns, id: &str, prev: &Value| {
+        let path = pod.path();
+        plugin(
+            Some(&vpc.node),
+            &cni_env("CHECK", id, path.to_str().unwrap(), "IgnoreUnknown=1"),
+            &with_prev(&server, prev),
+        )
+    };
+    let healthy = check(&pod_a, "ctr-a", &result_a);
+    assert_eq!(healthy.status, 0, "{}", healthy.raw);
+    vpc.node.exec("ip rule del to 10.0.0.40 priority 512");
+    let broken = check(&pod_a, "ctr-a", &result_a);
+    assert_eq!(broken.stdout["code"], 100, "{}", broken.raw);
+    assert!(broken.stdout["details"]
+        .as_str()
+        .unwrap()
+        .contains("to 10.0.0.40 lookup main priority 512"));
+
+    // DEL removes the host state and returns the address; a second DEL is fine.
+    for pod in [
+        (&pod_a, "ctr-a", &result_a, POD_ON_ETH0),
+        (&pod_b, "ctr-b", &result_b, POD_ON_ETH1),
+    ] {
+        let path = pod.0.path();
+        for _ in 0..2 {
+            let run = plugin(
+                Some(&vpc.node),
+                &cni_env("DEL", pod.1, path.to_str().unwrap(), "IgnoreUnknown=1"),
+                &with_prev(&server, pod.2),
+            );
+            assert_eq!(run.status, 0, "{}", run.raw);
+        }
+        assert_eq!(
+            host_state(&vpc.node, pod.3),
+            "",
+            "host state left for {}",
+            pod.3
+        );
+    }
+    assert!(server.assigned().is_empty());
+    assert!(!vpc.node.exec("ip -o link show").contains("eni"));
+
+    // The ENI's own table and rule are there until torn down.
+    let table = vpc.node.exec("ip route show table 2");
+    assert!(table.contains("default via 10.0.0.1 dev eth1"), "{table}");
+    vpc.node.run(|| {
+        node::teardown_eni(&EniLink {
+            mac: ETH1_MAC,
+            primary_ip: ETH1_IP,
+            subnet: (Ipv4Addr::new(10, 0, 0, 0), 24),
+            route_table: 2,
+            mtu: 9001,
+        })
+        .unwrap();
+        datapath::snat::remove().unwrap();
+    });
+    assert_eq!(vpc.node.exec("ip route show table 2"), "");
+    assert!(!vpc.node.exec("ip rule show").contains("32765"));
+    drop(vpc.router);
+}
+
+#[test]
+fn a_failed_add_leaves_nothing_behind_and_returns_the_address() {
+    if !can_run_datapath_tests("a_failed_add_leaves_nothing_behind_and_returns_the_address") {
+        return;
+    }
+    let node = Netns::new("node");
+    let server = AddressServer::start(&[(POD_ON_ETH1, 1, 2)]);
+    let pod = Netns::new("pod");
+    // Something else already owns eth0 in the pod.
+    pod.exec("ip link add eth0 type veth peer name other");
+    let path = pod.path();
+    let run = plugin(
+        Some(&node),
+        &cni_env("ADD", "ctr-x", path.to_str().unwrap(), "IgnoreUnknown=1"),
+        &conf("1.0.0", &server.socket, json!({})),
+    );
+    assert_eq!(run.status, 1, "{}", run.raw);
+    assert!(
+        run.stdout["msg"]
+            .as_str()
+            .unwrap()
+            .contains("already exists"),
+        "{}",
+        run.raw
+    );
+    assert_eq!(host_state(&node, POD_ON_ETH1), "");
+    assert!(!node.exec("ip -o link show").contains("eni"));
+    assert!(
+        server.assigned().is_empty(),
+        "the address went back at once"
+    );
+    assert!(server.requests().iter().any(|r| matches!(
+        r,
+        proto::Request::Del {
+            reason: proto::DelReason::SetupFailed,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn add_twice_gives_the_same_address_and_one_veth() {
+    if !can_run_datapath_tests("add_twice_gives_the_same_address_and_one_veth") {
+        return;
+    }
+    let node = Netns::new("node");
+    let server = AddressServer::start(&[(POD_ON_ETH0, 0, 254), (POD_ON_ETH1, 1, 2)]);
+    let pod = Netns::new("pod");
+    let first = add_pod(&node, &server, &pod, "ctr-twice", "twice");
+    let second = add_pod(&node, &server, &pod, "ctr-twice", "twice");
+    assert_eq!(first["ips"], second["ips"]);
+    assert_eq!(server.assigned().len(), 1);
+    let veths = node.exec("ip -o link show");
+    assert_eq!(veths.matches("eni").count(), 1, "{veths}");
+    let rules = node.exec("ip rule show");
+    assert_eq!(rules.matches("to 10.0.0.40").count(), 1, "{rules}");
+}
+
+#[test]
+fn del_with_the_daemon_down_cleans_up_from_prev_result() {
+    if !can_run_datapath_tests("del_with_the_daemon_down_cleans_up_from_prev_result") {
+        return;
+    }
+    let node = Netns::new("node");
+    let mut server = AddressServer::start(&[(POD_ON_ETH1, 1, 2)]);
+    let pod = Netns::new("pod");
+    let result = add_pod(&node, &server, &pod, "ctr-down", "down");
+    assert_ne!(host_state(&node, POD_ON_ETH1), "");
+    let conf_with_prev = with_prev(&server, &result);
+    server.stop();
+    let path = pod.path();
+    let run = plugin(
+        Some(&node),
+        &cni_env("DEL", "ctr-down", path.to_str().unwrap(), "IgnoreUnknown=1"),
+        &conf_with_prev,
+    );
+    assert_eq!(run.status, 0, "{}", run.raw);
+    assert_eq!(host_state(&node, POD_ON_ETH1), "");
+    assert!(!node.exec("ip -o link show").contains("eni"));
+}
+
+#[test]
+fn a_late_del_does_not_touch_the_address_of_a_newer_pod() {
+    if !can_run_datapath_tests("a_late_del_does_not_touch_the_address_of_a_newer_pod") {
+        return;
+    }
+    let node = Netns::new("node");
+    let server = AddressServer::start(&[(POD_ON_ETH0, 0, 254)]);
+    let old_pod = Netns::new("pod");
+    let old = add_pod(&node, &server, &old_pod, "ctr-old", "old");
+    // The old pod's address was released by the daemon and went to a new pod...
+    let path = old_pod.path();
+    let del = |conf: &str| {
+        plugin(
+            Some(&node),
+            &cni_env("DEL", "ctr-old", path.to_str().unwrap(), "IgnoreUnknown=1"),
+            conf,
+        )
+    };
+    assert_eq!(del(&with_prev(&server, &old)).status, 0);
+    let new_pod = Netns::new("pod");
+    add_pod(&node, &server, &new_pod, "ctr-new", "new");
+    // ...then the runtime repeats the old DEL with the old prevResult.
+    assert_eq!(del(&with_prev(&server, &old)).status, 0);
+    let rules = node.exec("ip rule show");
+    assert!(
+        rules.contains("to 10.0.0.40 lookup main"),
+        "the new pod lost its rule: {rules}"
+    );
+}
+
+#[test]
+fn gc_removes_the_host_state_of_attachments_no_longer_valid() {
+    if !can_run_datapath_tests("gc_removes_the_host_state_of_attachments_no_longer_valid") {
+        return;
+    }
+    let node = Netns::new("node");
+    let server = AddressServer::start(&[(POD_ON_ETH0, 0, 254), (POD_ON_ETH1, 1, 2)]);
+    let kept = Netns::new("pod");
+    let stale = Netns::new("pod");
+    add_pod(&node, &server, &kept, "ctr-kept", "kept");
+    add_pod(&node, &server, &stale, "ctr-stale", "stale");
+    let run = plugin(
+        Some(&node),
+        &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/usr/lib/cni")],
+        &conf(
+            "1.1.0",
+            &server.socket,
+            json!({"cni.dev/valid-attachments": [{"containerID": "ctr-kept", "ifname": "eth0"}]}),
+        ),
+    );
+    assert_eq!(run.status, 0, "{}", run.raw);
+    assert_eq!(
+        host_state(&node, POD_ON_ETH1),
+        "",
+        "stale pod's host state remains"
+    );
+    assert_ne!(
+        host_state(&node, POD_ON_ETH0),
+        "",
+        "valid pod lost its host state"
+    );
+    assert_eq!(server.assigned().len(), 1);
+    let veths = node.exec("ip -o link show");
+    assert!(!veths.contains(&datapath::names::host_veth_name("eni", "default.stale")));
+    assert!(veths.contains(&datapath::names::host_veth_name("eni", "default.kept")));
+}
