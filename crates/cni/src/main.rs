@@ -193,10 +193,9 @@ fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<String, CniError> {
         host_veth: &network.host_veth,
         host_mac: wired.host_mac,
         ifname: &env.ifname,
+        pod_mac: wired.pod_mac,
         netns: &env.netns,
         address: allocation.address,
-        route_table: allocation.route_table,
-        device_number: allocation.device_number,
     }
     .to_json()
     .to_string())
@@ -226,7 +225,7 @@ fn del(env: &Env, conf: &NetConf, log: &Log) -> Result<(), CniError> {
         reason: DelReason::PodDeleted,
     };
     let released = match proto::call(&conf.ipamd_socket, &request, OTHER_TIMEOUT) {
-        Ok(Reply::Deleted { released }) => released.map(|a| (a.address, a.route_table)),
+        Ok(Reply::Deleted { released }) => released.map(|a| a.address),
         Ok(other) => {
             log.write(&format!("vpc-ipamd answered DEL with {other:?}"));
             None
@@ -240,15 +239,8 @@ fn del(env: &Env, conf: &NetConf, log: &Log) -> Result<(), CniError> {
         .as_ref()
         .map(|r| r.host_veth.clone())
         .unwrap_or_else(|| host_veth(env, conf, &args));
-    let address = released.or_else(|| recorded.as_ref().map(|r| (r.address, r.route_table)));
-    match address {
-        Some((address, route_table)) => pod::remove(&PodNetwork {
-            host_veth,
-            ifname: env.ifname.clone(),
-            address,
-            mtu: conf.mtu,
-            route_table,
-        })?,
+    match released.or_else(|| recorded.as_ref().map(|r| r.address)) {
+        Some(address) => pod::remove(&host_veth, address)?,
         None => pod::remove_veth(&host_veth)?,
     }
     Ok(())
@@ -272,16 +264,49 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
         .ok_or_else(|| CniError::new(Code::InvalidConfig, "CHECK needs prevResult"))?;
     let recorded = result::recorded(prev, &env.ifname)?;
     let netns = NetNs::open(&env.netns)?;
-    let problems = pod::check(
+    let lookup = Request::Lookup {
+        attachment: attachment(env, conf),
+    };
+    let allocation = match proto::call(&conf.ipamd_socket, &lookup, OTHER_TIMEOUT)
+        .map_err(|e| daemon_error(conf, e))?
+    {
+        Reply::Found {
+            allocation: Some(allocation),
+        } => allocation,
+        Reply::Found { allocation: None } => {
+            return Err(CniError::new(
+                Code::CheckFailed,
+                format!(
+                    "vpc-ipamd has no address for this attachment (prevResult says {})",
+                    recorded.address
+                ),
+            ))
+        }
+        Reply::Error { kind, message } => return Err(reply_error(kind, message)),
+        other => {
+            return Err(CniError::new(
+                Code::Internal,
+                format!("vpc-ipamd answered CHECK with {other:?}"),
+            ))
+        }
+    };
+    let mut problems = Vec::new();
+    if allocation.address != recorded.address {
+        problems.push(format!(
+            "vpc-ipamd assigned {}, prevResult says {}",
+            allocation.address, recorded.address
+        ));
+    }
+    problems.extend(pod::check(
         &netns,
         &PodNetwork {
             host_veth: recorded.host_veth,
             ifname: env.ifname.clone(),
             address: recorded.address,
             mtu: conf.mtu,
-            route_table: recorded.route_table,
+            route_table: allocation.route_table,
         },
-    )?;
+    )?);
     if problems.is_empty() {
         Ok(())
     } else {

@@ -1,9 +1,10 @@
-//! The ADD result in upstream's shape, and reading it back as DEL's and CHECK's prevResult.
+//! The ADD result, and reading a prevResult back for DEL and CHECK.
 //!
-//! Upstream smuggles what DEL needs when the daemon is down into the result: the container
-//! interface's `mac` holds the route table, and a fake `dummy<hash>` interface holds the device
-//! number in `sandbox`. Keeping the encoding lets a node switch between the two plugins with pods
-//! running.
+//! Upstream smuggles its route table into the container interface's `mac` and adds a fake
+//! `dummy<hash>` interface whose `mac` is `"0"`. Those are not MAC addresses, and runtimes that parse
+//! results strictly (podman) refuse them, so our result holds real MACs and nothing fake: DEL does
+//! not need the table (rules are found by priority and address), and CHECK asks the daemon. Results
+//! written by upstream's plugin are still read, so pods started before a migration are cleaned up.
 
 use crate::error::{CniError, Code};
 use serde_json::{json, Value};
@@ -14,7 +15,8 @@ use std::net::Ipv4Addr;
 pub struct Recorded {
     pub host_veth: String,
     pub address: Ipv4Addr,
-    pub route_table: u32,
+    /// Only upstream's results carry it.
+    pub route_table: Option<u32>,
 }
 
 pub struct AddResult<'a> {
@@ -22,17 +24,16 @@ pub struct AddResult<'a> {
     pub host_veth: &'a str,
     pub host_mac: [u8; 6],
     pub ifname: &'a str,
+    pub pod_mac: [u8; 6],
     pub netns: &'a str,
     pub address: Ipv4Addr,
-    pub route_table: u32,
-    pub device_number: u32,
 }
 
 impl AddResult<'_> {
     pub fn to_json(&self) -> Value {
-        let hash = &self.host_veth[self.host_veth.len().saturating_sub(11)..];
         let mut ip = json!({
             "address": format!("{}/32", self.address),
+            "gateway": datapath::pod::GATEWAY.to_string(),
             "interface": 1,
         });
         // Results before 1.0.0 carry the IP version on each address.
@@ -43,10 +44,10 @@ impl AddResult<'_> {
             "cniVersion": self.cni_version,
             "interfaces": [
                 {"name": self.host_veth, "mac": mac_string(&self.host_mac)},
-                {"name": self.ifname, "sandbox": self.netns, "mac": self.route_table.to_string()},
-                {"name": format!("dummy{hash}"), "mac": "0", "sandbox": self.device_number.to_string()},
+                {"name": self.ifname, "mac": mac_string(&self.pod_mac), "sandbox": self.netns},
             ],
             "ips": [ip],
+            "routes": [{"dst": "0.0.0.0/0", "gw": datapath::pod::GATEWAY.to_string()}],
             "dns": {},
         })
     }
@@ -72,12 +73,11 @@ pub fn recorded(prev: &Value, ifname: &str) -> Result<Recorded, CniError> {
         .and_then(|i| i["name"].as_str())
         .ok_or_else(|| malformed("no host interface"))?
         .to_string();
+    // Upstream's encoding: a number where the MAC should be, 1 meaning main in old versions.
     let route_table = match interfaces[container_index]["mac"].as_str() {
-        // Upstream wrote 1 for main in old versions.
-        Some("1") | Some("") | None => datapath::MAIN_TABLE,
-        Some(table) => table
-            .parse()
-            .map_err(|_| malformed(&format!("route table {table:?}")))?,
+        Some("1") => Some(datapath::MAIN_TABLE),
+        Some(text) => text.parse().ok(),
+        None => None,
     };
     let addresses: Vec<Ipv4Addr> = prev["ips"]
         .as_array()
@@ -116,20 +116,20 @@ mod tests {
             host_veth: "enib5faff8a083",
             host_mac: [0x02, 0, 0, 0, 0, 1],
             ifname: "eth0",
+            pod_mac: [0x0a, 0, 0, 0, 0, 2],
             netns: "/var/run/netns/x",
             address: Ipv4Addr::new(10, 0, 1, 7),
-            route_table: 2,
-            device_number: 1,
         }
         .to_json()
     }
 
     #[test]
-    fn upstream_encoding_of_table_and_device_number() {
+    fn every_mac_is_a_mac_and_versions_differ_only_in_ip_version() {
         let value = result("0.4.0");
-        assert_eq!(value["interfaces"][1]["mac"], "2");
-        assert_eq!(value["interfaces"][2]["name"], "dummyb5faff8a083");
-        assert_eq!(value["interfaces"][2]["sandbox"], "1");
+        for interface in value["interfaces"].as_array().unwrap() {
+            let mac = interface["mac"].as_str().unwrap();
+            assert_eq!(mac.split(':').count(), 6, "{mac}");
+        }
         assert_eq!(value["ips"][0]["version"], "4");
         assert!(result("1.0.0")["ips"][0].get("version").is_none());
     }
@@ -142,30 +142,41 @@ mod tests {
             Recorded {
                 host_veth: "enib5faff8a083".into(),
                 address: Ipv4Addr::new(10, 0, 1, 7),
-                route_table: 2
+                route_table: None,
             }
         );
     }
 
     #[test]
-    fn an_upstream_prev_result_with_main_as_1_and_no_mac() {
-        let prev = json!({
-            "cniVersion": "0.4.0",
-            "interfaces": [{"name": "eni1234567890a"}, {"name": "eth0", "sandbox": "/proc/1/ns/net", "mac": "1"}],
-            "ips": [{"version": "4", "address": "10.0.0.9/32", "interface": 1}]
-        });
-        let recorded = recorded(&prev, "eth0").unwrap();
-        assert_eq!(recorded.route_table, datapath::MAIN_TABLE);
-        assert_eq!(recorded.address, Ipv4Addr::new(10, 0, 0, 9));
+    fn upstream_prev_results_with_their_table_encoding() {
+        let upstream = |mac: &str| {
+            json!({
+                "cniVersion": "0.4.0",
+                "interfaces": [
+                    {"name": "eni1234567890a"},
+                    {"name": "eth0", "sandbox": "/proc/1/ns/net", "mac": mac},
+                    {"name": "dummy1234567890a", "mac": "0", "sandbox": "1"}
+                ],
+                "ips": [{"version": "4", "address": "10.0.0.9/32", "interface": 1}]
+            })
+        };
+        let main = recorded(&upstream("1"), "eth0").unwrap();
+        assert_eq!(main.route_table, Some(datapath::MAIN_TABLE));
+        assert_eq!(main.address, Ipv4Addr::new(10, 0, 0, 9));
+        assert_eq!(main.host_veth, "eni1234567890a");
+        assert_eq!(
+            recorded(&upstream("10101"), "eth0").unwrap().route_table,
+            Some(10101)
+        );
     }
 
     #[test]
     fn foreign_prev_results_are_refused() {
         assert!(recorded(&json!({"cniVersion": "1.0.0"}), "eth0").is_err());
-        let bad_table = json!({
-            "interfaces": [{"name": "veth"}, {"name": "eth0", "sandbox": "/x", "mac": "aa:bb"}],
-            "ips": [{"address": "10.0.0.9/32", "interface": 1}]
+        let two_addresses = json!({
+            "interfaces": [{"name": "veth"}, {"name": "eth0", "sandbox": "/x"}],
+            "ips": [{"address": "10.0.0.9/32", "interface": 1}, {"address": "10.0.0.8/32", "interface": 1}]
         });
-        assert!(recorded(&bad_table, "eth0").is_err());
+        assert!(recorded(&two_addresses, "eth0").is_err());
     }
 }

@@ -198,9 +198,11 @@ fn pods_reach_each_other_the_node_the_vpc_and_the_outside() {
     let result_b = add_pod(&vpc.node, &server, &pod_b, "ctr-b", "b");
     assert_eq!(result_a["ips"][0]["address"], "10.0.0.40/32");
     assert_eq!(result_b["ips"][0]["address"], "10.0.0.50/32");
+    let pod_mac = pod_b.exec("cat /sys/class/net/eth0/address");
     assert_eq!(
-        result_b["interfaces"][1]["mac"], "2",
-        "route table rides in the result"
+        result_b["interfaces"][1]["mac"].as_str().unwrap(),
+        pod_mac.trim(),
+        "the result names the pod's real MAC"
     );
     vpc.place(POD_ON_ETH0, ETH0_MAC);
     vpc.place(POD_ON_ETH1, ETH1_MAC);
@@ -301,6 +303,13 @@ fn pods_reach_each_other_the_node_the_vpc_and_the_outside() {
         .as_str()
         .unwrap()
         .contains("to 10.0.0.40 lookup main priority 512"));
+    // CHECK also asks the daemon: a pod whose address it no longer holds is not healthy.
+    let orphan = check(&pod_b, "ctr-unknown-to-the-daemon", &result_b);
+    assert_eq!(orphan.stdout["code"], 100, "{}", orphan.raw);
+    assert!(orphan.stdout["msg"]
+        .as_str()
+        .unwrap()
+        .contains("no address"));
 
     // DEL removes the host state and returns the address; a second DEL is fine.
     for pod in [

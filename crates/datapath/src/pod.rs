@@ -68,7 +68,7 @@ pub fn add(netns: &NetNs, pod: &PodNetwork) -> Result<Wired> {
     match add_unchecked(netns, pod) {
         Ok(wired) => Ok(wired),
         Err(e) => {
-            let _ = remove(pod);
+            let _ = remove(&pod.host_veth, pod.address);
             Err(e)
         }
     }
@@ -218,15 +218,16 @@ fn add_unchecked(netns: &NetNs, pod: &PodNetwork) -> Result<Wired> {
     Ok(Wired { host_mac, pod_mac })
 }
 
-/// Removes the pod's host state: its rules, its /32 route and the veth pair. Idempotent. When the
-/// /32 route already points at another interface, the address belongs to a newer pod and only the
-/// veth is removed (upstream deletes the newer pod's rules in that case).
-pub fn remove(pod: &PodNetwork) -> Result<()> {
+/// Removes a pod's host state: the rules of `address` (found by priority and address, whatever
+/// their table), its /32 route and the veth pair. Idempotent. When the /32 route already points at
+/// another interface, the address belongs to a newer pod and only the veth is removed (upstream
+/// deletes the newer pod's rules in that case).
+pub fn remove(host_veth: &str, address: Ipv4Addr) -> Result<()> {
     nl::run(|handle| async move {
-        let veth = nl::link_by_name(&handle, &pod.host_veth).await?;
+        let veth = nl::link_by_name(&handle, host_veth).await?;
         let veth_index = veth.as_ref().map(|l| l.header.index);
         let route = nl::ipv4_routes(&handle).await?.into_iter().find(|r| {
-            nl::route_table(r) == MAIN_TABLE && nl::route_destination(r) == Some((pod.address, 32))
+            nl::route_table(r) == MAIN_TABLE && nl::route_destination(r) == Some((address, 32))
         });
         let owned_by_other = match (&route, veth_index) {
             (Some(route), Some(ours)) => nl::route_oif(route) != Some(ours),
@@ -235,21 +236,21 @@ pub fn remove(pod: &PodNetwork) -> Result<()> {
         };
         if !owned_by_other {
             delete_rules(&handle, |r| {
-                r.priority == TO_POD_PRIORITY && r.to == Some((pod.address, 32))
+                r.priority == TO_POD_PRIORITY && r.to == Some((address, 32))
             })
             .await?;
             delete_rules(&handle, |r| {
-                r.priority == FROM_POD_PRIORITY && r.from == Some((pod.address, 32))
+                r.priority == FROM_POD_PRIORITY && r.from == Some((address, 32))
             })
             .await?;
             if let Some(route) = route {
                 tolerate_missing(handle.route().del(route).execute().await)
-                    .context(|| format!("deleting route {}/32", pod.address))?;
+                    .context(|| format!("deleting route {}/32", address))?;
             }
         }
         if let Some(index) = veth_index {
             tolerate_missing(handle.link().del(index).execute().await)
-                .context(|| format!("deleting {}", pod.host_veth))?;
+                .context(|| format!("deleting {}", host_veth))?;
         }
         Ok(())
     })

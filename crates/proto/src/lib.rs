@@ -60,6 +60,8 @@ pub enum Request {
         pod: Option<PodRef>,
         reason: DelReason,
     },
+    /// The attachment's current address, without changing anything (CHECK uses it).
+    Lookup { attachment: Attachment },
     /// Can the daemon give out addresses now?
     Status,
     /// Release every assignment of `network` whose attachment is not in `valid`.
@@ -96,6 +98,9 @@ pub enum Reply {
     Deleted {
         /// `None` when the daemon did not know the attachment (already released, or never added).
         released: Option<Allocation>,
+    },
+    Found {
+        allocation: Option<Allocation>,
     },
     Status {
         ready: bool,

@@ -137,6 +137,9 @@ fn handle(state: &Mutex<ServerState>, request: Request) -> Reply {
             }
             Reply::Deleted { released }
         }
+        Request::Lookup { attachment } => Reply::Found {
+            allocation: state.assigned.get(&attachment).copied(),
+        },
         Request::Status => Reply::Status {
             ready: true,
             available_addresses: state.free.len() as u32,

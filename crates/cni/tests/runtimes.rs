@@ -1,0 +1,354 @@
+//! Real CNI callers: containerd's `ctr run --cni` and podman run busybox containers whose network
+//! is our plugin chained before Debian's portmap. Each runs inside a node namespace of its own, so
+//! the host side of the pods never touches the machine's own network.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+const MARKER: &str = "served-by-a-vpc-cni-pod";
+/// `ctr run --cni` reads the system's CNI directories; the tests that use them take turns.
+static SYSTEM_CNI_DIRS: Mutex<()> = Mutex::new(());
+
+fn have(tools: &[&str], test: &str) -> bool {
+    if !can_run_datapath_tests(test) {
+        return false;
+    }
+    let missing: Vec<_> = tools
+        .iter()
+        .filter(|t| {
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {t}"))
+                .output()
+                .map(|o| !o.status.success())
+                .unwrap_or(true)
+        })
+        .collect();
+    let portmap = Path::new(REFERENCE_PLUGINS).join("portmap").exists();
+    if !missing.is_empty() || !portmap {
+        eprintln!(
+            "SKIPPED {test}: missing {missing:?} (portmap present: {portmap}); scripts/test.sh installs containerd, runc, podman, busybox-static, iptables and containernetworking-plugins"
+        );
+        return false;
+    }
+    true
+}
+
+/// A busybox root filesystem whose httpd serves the marker.
+fn rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for sub in ["bin", "www", "proc", "sys", "dev", "etc", "tmp"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "httpd", "sleep", "ip"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("www/index.html"), format!("{MARKER}\n")).unwrap();
+    root
+}
+
+fn conflist(server: &AddressServer, log: &Path) -> String {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "aws-cni",
+        "disableCheck": true,
+        "plugins": [
+            {
+                "name": "aws-cni",
+                "type": "vpc-cni",
+                "vethPrefix": "eni",
+                "mtu": "9001",
+                "ipamdSocket": server.socket,
+                "pluginLogFile": log,
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}
+        ]
+    })
+    .to_string()
+}
+
+/// The HTTP body at `address:port`, fetched from inside `ns`, retried until `deadline`.
+fn http_get(ns: &Netns, target: SocketAddr, deadline: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let attempt = ns.run(move || -> std::io::Result<String> {
+            let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            stream.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+            let mut body = String::new();
+            stream.read_to_string(&mut body)?;
+            Ok(body)
+        });
+        match attempt {
+            Ok(body) if body.contains(MARKER) => return body,
+            other if start.elapsed() > deadline => {
+                panic!("no answer from {target} within {deadline:?}: {other:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+fn wait_for_socket(path: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Puts our plugin in the system plugin directory and the conflist first in line, and takes both
+/// away again.
+struct SystemCniFiles {
+    files: Vec<PathBuf>,
+}
+
+impl SystemCniFiles {
+    fn install(conflist: &str) -> Self {
+        let mut files = Vec::new();
+        std::fs::create_dir_all("/opt/cni/bin").unwrap();
+        std::fs::create_dir_all("/etc/cni/net.d").unwrap();
+        for (name, source) in [
+            ("vpc-cni", PathBuf::from(PLUGIN)),
+            ("portmap", Path::new(REFERENCE_PLUGINS).join("portmap")),
+            ("loopback", Path::new(REFERENCE_PLUGINS).join("loopback")),
+        ] {
+            let target = Path::new("/opt/cni/bin").join(name);
+            if !target.exists() || name == "vpc-cni" {
+                std::fs::copy(&source, &target).unwrap();
+                files.push(target);
+            }
+        }
+        let conf = PathBuf::from("/etc/cni/net.d/00-vpc-cni-test.conflist");
+        std::fs::write(&conf, conflist).unwrap();
+        files.push(conf);
+        Self { files }
+    }
+}
+
+impl Drop for SystemCniFiles {
+    fn drop(&mut self) {
+        for file in &self.files {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+/// A node namespace with an address of its own, so that host ports have somewhere to live.
+fn node() -> Netns {
+    let node = Netns::new("rtnode");
+    node.exec("sysctl -qw net.ipv4.ip_forward=1");
+    node.exec("ip link add eth0 type veth peer name peer0");
+    node.exec("ip addr add 10.0.0.10/24 dev eth0");
+    node.exec("ip link set eth0 up");
+    node.exec("ip link set peer0 up");
+    node
+}
+
+const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 60);
+
+#[test]
+fn containerd_ctr_runs_a_container_on_our_network() {
+    if !have(
+        &["containerd", "ctr", "runc"],
+        "containerd_ctr_runs_a_container_on_our_network",
+    ) {
+        return;
+    }
+    let _turn = SYSTEM_CNI_DIRS.lock().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = rootfs(dir.path());
+    let server = AddressServer::start(&[(POD_IP, 0, 254)]);
+    let log = dir.path().join("plugin.log");
+    let _files = SystemCniFiles::install(&conflist(&server, &log));
+    let node = node();
+    let address = dir.path().join("containerd.sock");
+    let _containerd = KillOnDrop(
+        Command::new("containerd")
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--state")
+            .arg(dir.path().join("state"))
+            .arg("--address")
+            .arg(&address)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("containerd.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_socket(&address);
+
+    let id = unique("ctr");
+    // ctr itself calls the plugins, so it runs in the node namespace; `--rm` makes it call DEL when
+    // the container exits.
+    let mut ctr = KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &node.name, "ctr", "--address"])
+            .arg(&address)
+            .args(["run", "--cni", "--rm", "--rootfs"])
+            .arg(&root)
+            .args([&id, "/bin/sh", "-c", "httpd -p 8080 -h /www; sleep 4"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let body = http_get(
+        &node,
+        SocketAddr::from((POD_IP, 8080)),
+        Duration::from_secs(20),
+    );
+    assert!(body.contains(MARKER));
+    assert_eq!(server.assigned().len(), 1);
+    let status = ctr.0.wait().unwrap();
+    let mut stderr = String::new();
+    ctr.0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "ctr run failed: {stderr}");
+    assert!(
+        server.assigned().is_empty(),
+        "ctr's DEL released the address"
+    );
+    assert!(!node.exec("ip rule show").contains(&POD_IP.to_string()));
+    assert!(!node.exec("ip -o link show").contains("eni"));
+}
+
+#[test]
+fn podman_with_a_host_port_through_portmap() {
+    if !have(
+        &["podman", "runc", "iptables"],
+        "podman_with_a_host_port_through_portmap",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = rootfs(dir.path());
+    let server = AddressServer::start(&[(POD_IP, 0, 254)]);
+    let log = dir.path().join("plugin.log");
+    let net_dir = dir.path().join("net.d");
+    let plugin_dir = dir.path().join("bin");
+    std::fs::create_dir_all(&net_dir).unwrap();
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    std::fs::write(net_dir.join("aws-cni.conflist"), conflist(&server, &log)).unwrap();
+    std::fs::copy(PLUGIN, plugin_dir.join("vpc-cni")).unwrap();
+    let containers_conf = dir.path().join("containers.conf");
+    std::fs::write(
+        &containers_conf,
+        format!(
+            "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=4096:4096\"]\n\
+             [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
+             [network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\", \"{REFERENCE_PLUGINS}\"]\nnetwork_config_dir = \"{}\"\n",
+            plugin_dir.display(),
+            net_dir.display()
+        ),
+    )
+    .unwrap();
+    let node = node();
+    let podman = |args: &[&str]| {
+        // nsenter rather than `ip netns exec`, which remounts /sys and hides the cgroup mounts
+        // that runc needs.
+        let output = Command::new("nsenter")
+            .arg(format!("--net={}", node.path().display()))
+            .args(["podman", "--root"])
+            .arg(dir.path().join("storage"))
+            .arg("--runroot")
+            .arg(dir.path().join("run"))
+            .args(args)
+            .env("CONTAINERS_CONF", &containers_conf)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    let image = format!("localhost/{}", unique("bb"));
+    let import = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar -C {} -c . | CONTAINERS_CONF={} podman --root {} --runroot {} import - {image}",
+            root.display(),
+            containers_conf.display(),
+            dir.path().join("storage").display(),
+            dir.path().join("run").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+
+    let name = unique("web");
+    podman(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--network",
+        "aws-cni",
+        "-p",
+        "18080:8080",
+        "--env",
+        "CNI_ARGS=K8S_POD_NAMESPACE=default",
+        &image,
+        "/bin/httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/www",
+    ]);
+    // Straight to the pod's VPC address, and through the host port that portmap set up.
+    http_get(
+        &node,
+        SocketAddr::from((POD_IP, 8080)),
+        Duration::from_secs(20),
+    );
+    http_get(
+        &node,
+        SocketAddr::from(([10, 0, 0, 10], 18080)),
+        Duration::from_secs(20),
+    );
+    let attached = server.assigned();
+    assert_eq!(attached.len(), 1);
+    assert_eq!(attached.keys().next().unwrap().network, "aws-cni");
+
+    podman(&["rm", "-f", &name]);
+    assert!(
+        server.assigned().is_empty(),
+        "podman's DEL released the address"
+    );
+    assert!(!node.exec("ip rule show").contains(&POD_IP.to_string()));
+    let _ = podman(&["rmi", &image]);
+}
