@@ -239,9 +239,8 @@ fn del(env: &Env, conf: &NetConf, log: &Log) -> Result<(), CniError> {
         .as_ref()
         .map(|r| r.host_veth.clone())
         .unwrap_or_else(|| host_veth(env, conf, &args));
-    match released.or_else(|| recorded.as_ref().map(|r| r.address)) {
-        Some(address) => pod::remove(&host_veth, address)?,
-        None => pod::remove_veth(&host_veth)?,
+    if let Some(address) = released.or_else(|| recorded.as_ref().map(|r| r.address)) {
+        pod::remove(&host_veth, address)?;
     }
     Ok(())
 }

@@ -35,8 +35,9 @@ fn have(tools: &[&str], test: &str) -> bool {
         .collect();
     let portmap = Path::new(REFERENCE_PLUGINS).join("portmap").exists();
     if !missing.is_empty() || !portmap {
-        eprintln!(
-            "SKIPPED {test}: missing {missing:?} (portmap present: {portmap}); scripts/test.sh installs containerd, runc, podman, busybox-static, iptables and containernetworking-plugins"
+        skip(
+            test,
+            &format!("missing {missing:?} (portmap present: {portmap}); scripts/test.sh installs containerd, runc, podman, busybox-static, iptables and containernetworking-plugins"),
         );
         return false;
     }

@@ -19,13 +19,19 @@ impl NetNs {
             path: path.display().to_string(),
             source,
         })?;
-        let ns = Self {
+        if !is_namespace_file(&file) {
+            return Err(Error::Netns {
+                path: path.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a namespace file",
+                ),
+            });
+        }
+        Ok(Self {
             file,
             path: path.to_path_buf(),
-        };
-        // Entering it once proves it is a network namespace and not some other file.
-        ns.run(|| ())?;
-        Ok(ns)
+        })
     }
 
     /// The namespace of the calling thread.
@@ -61,6 +67,16 @@ impl NetNs {
                 .expect("work inside a network namespace panicked")
         })
     }
+}
+
+/// Namespace files live on nsfs (bind-mounted ones too); anything else is a wrong path. Cheaper
+/// than entering the namespace to find out, which costs a thread.
+fn is_namespace_file(file: &File) -> bool {
+    const NSFS_MAGIC: libc::c_long = 0x6e73_6673;
+    // SAFETY: `stat` is valid for writes, and the fd is open for the duration of the call.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) };
+    rc == 0 && stat.f_type as libc::c_long == NSFS_MAGIC
 }
 
 impl std::fmt::Debug for NetNs {

@@ -16,6 +16,11 @@ use std::time::Duration;
 
 pub const PLUGIN: &str = env!("CARGO_BIN_EXE_vpc-cni");
 
+/// Says on the terminal, past the test harness's output capture, that a test did not run its body.
+pub fn skip(test: &str, why: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
 /// Root and the tools are needed for anything that touches the kernel; say so loudly when missing.
 pub fn can_run_datapath_tests(test: &str) -> bool {
     let root = unsafe { libc::geteuid() } == 0;
@@ -23,8 +28,9 @@ pub fn can_run_datapath_tests(test: &str) -> bool {
         .iter()
         .all(|t| Command::new(t).arg("-V").output().is_ok());
     if !root || !tools {
-        eprintln!(
-            "SKIPPED {test}: needs root and the ip and nft commands (root: {root}, tools: {tools}); scripts/test.sh installs them"
+        skip(
+            test,
+            &format!("needs root and the ip and nft commands (root: {root}, tools: {tools}); scripts/test.sh installs them"),
         );
         return false;
     }

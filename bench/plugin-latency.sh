@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# ADD and DEL latency of the vpc-cni plugin against Debian's ptp + host-local, 100 pods each, same run.
+# Needs root; installs the reference plugins if they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x /usr/lib/cni/ptp ] || ! command -v ip >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq containernetworking-plugins iproute2 >/dev/null
+fi
+cargo bench -q -p vpc-cni --bench plugin_latency

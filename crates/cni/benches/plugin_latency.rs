@@ -1,0 +1,200 @@
+//! 100 pods through ADD and DEL with our plugin and with the reference ptp + host-local plugins, in
+//! the same run on the same machine, each plugin process started inside the same node namespace.
+//! Prints p50 and p90 of each and our ratio to the reference. Needs root, the reference plugins
+//! (`containernetworking-plugins`) and iproute2.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PODS: usize = 100;
+const REFERENCE: &str = "/usr/lib/cni";
+
+struct Timed {
+    elapsed: Duration,
+    stdout: String,
+}
+
+/// Runs `binary` as the runtime would: inside the node namespace, CNI environment, config on stdin.
+fn invoke(binary: &Path, node: &std::fs::File, env: &[(&str, String)], stdin: &str) -> Timed {
+    let node_fd = node.as_raw_fd();
+    let mut command = Command::new(binary);
+    command
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: setns is async-signal-safe, and the fd stays open across the fork.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(node_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let start = Instant::now();
+    let mut child = command.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let elapsed = start.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{} failed: {stdout}",
+        binary.display()
+    );
+    Timed { elapsed, stdout }
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> f64 {
+    samples.sort();
+    let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[index].as_secs_f64() * 1000.0
+}
+
+struct Figures {
+    add: Vec<Duration>,
+    del: Vec<Duration>,
+}
+
+fn run(name: &str, binary: &Path, conf: &str, node: &std::fs::File, pods: &[Netns]) -> Figures {
+    let mut figures = Figures {
+        add: Vec::new(),
+        del: Vec::new(),
+    };
+    let mut results = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        let env = cni_env("ADD", i, pod);
+        let timed = invoke(binary, node, &env, conf);
+        figures.add.push(timed.elapsed);
+        results.push(timed.stdout);
+    }
+    for (i, pod) in pods.iter().enumerate() {
+        let env = cni_env("DEL", i, pod);
+        let mut with_prev: Value = serde_json::from_str(conf).unwrap();
+        with_prev["prevResult"] = serde_json::from_str(&results[i]).unwrap();
+        figures
+            .del
+            .push(invoke(binary, node, &env, &with_prev.to_string()).elapsed);
+    }
+    eprintln!("{name}: {} pods added and deleted", pods.len());
+    figures
+}
+
+fn cni_env(command: &str, i: usize, pod: &Netns) -> Vec<(&'static str, String)> {
+    vec![
+        ("CNI_COMMAND", command.to_string()),
+        ("CNI_CONTAINERID", format!("bench-{i}")),
+        ("CNI_NETNS", pod.path().display().to_string()),
+        ("CNI_IFNAME", "eth0".to_string()),
+        ("CNI_PATH", REFERENCE.to_string()),
+        (
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME=pod-{i}"),
+        ),
+    ]
+}
+
+fn main() {
+    if unsafe { libc::geteuid() } != 0 || !Path::new(REFERENCE).join("ptp").exists() {
+        eprintln!("plugin_latency needs root and {REFERENCE}/ptp (apt-get install containernetworking-plugins)");
+        std::process::exit(2);
+    }
+    let node = Netns::new("bnode");
+    let node_file = std::fs::File::open(node.path()).unwrap();
+    // Fresh pod namespaces for every run: after DEL the runtime deletes them, which is when the
+    // veths go (for both plugins' pods alike, outside the timed calls).
+    let pods = |n: usize| -> Vec<Netns> { (0..n).map(|_| Netns::new("bpod")).collect() };
+
+    let addresses: Vec<(Ipv4Addr, u32, u32)> = (0..PODS)
+        .map(|i| {
+            let address = Ipv4Addr::new(10, 1, (i / 200) as u8, (i % 200 + 10) as u8);
+            // Half on the primary ENI, half on a secondary one, as on a busy node.
+            if i % 2 == 0 {
+                (address, 0, 254)
+            } else {
+                (address, 1, 2)
+            }
+        })
+        .collect();
+    let server = AddressServer::start(&addresses);
+    let ours_conf = conf("1.0.0", &server.socket, json!({}));
+    let data = tempfile::tempdir().unwrap();
+    let reference_conf = json!({
+        "cniVersion": "1.0.0",
+        "name": "bench",
+        "type": "ptp",
+        "mtu": 9001,
+        "ipam": {"type": "host-local", "subnet": "10.2.0.0/16", "dataDir": data.path()},
+    })
+    .to_string();
+
+    // One warm-up pass each, so that neither pays for cold page caches.
+    run(
+        "warm-up vpc-cni",
+        Path::new(PLUGIN),
+        &ours_conf,
+        &node_file,
+        &pods(5),
+    );
+    run(
+        "warm-up ptp + host-local",
+        &Path::new(REFERENCE).join("ptp"),
+        &reference_conf,
+        &node_file,
+        &pods(5),
+    );
+    let mut ours = run(
+        "vpc-cni",
+        Path::new(PLUGIN),
+        &ours_conf,
+        &node_file,
+        &pods(PODS),
+    );
+    let mut reference = run(
+        "ptp + host-local",
+        &Path::new(REFERENCE).join("ptp"),
+        &reference_conf,
+        &node_file,
+        &pods(PODS),
+    );
+
+    let row = |name: &str, f: &mut Figures| {
+        let add = (percentile(&mut f.add, 0.5), percentile(&mut f.add, 0.9));
+        let del = (percentile(&mut f.del, 0.5), percentile(&mut f.del, 0.9));
+        println!(
+            "{name:<18} ADD p50 {:>6.2} ms  p90 {:>6.2} ms   DEL p50 {:>6.2} ms  p90 {:>6.2} ms",
+            add.0, add.1, del.0, del.1
+        );
+        (add, del)
+    };
+    println!("{PODS} pods, ADD then DEL, each plugin process started in the node namespace");
+    let (our_add, our_del) = row("vpc-cni", &mut ours);
+    let (ref_add, ref_del) = row("ptp + host-local", &mut reference);
+    println!(
+        "ratio ADD p50 {:.3} (target <= 0.25), p90 {:.3}",
+        our_add.0 / ref_add.0,
+        our_add.1 / ref_add.1
+    );
+    println!(
+        "ratio DEL p50 {:.3} (target <= 0.20), p90 {:.3}",
+        our_del.0 / ref_del.0,
+        our_del.1 / ref_del.1
+    );
+}
