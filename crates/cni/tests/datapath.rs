@@ -285,6 +285,35 @@ fn pods_reach_each_other_the_node_the_vpc_and_the_outside() {
     drop(long_lived);
     outside.join().unwrap();
 
+    // NodePort: a connection to the node's primary IP, DNATed (as kube-proxy would) to the pod on
+    // eth1, is answered through eth0, where it arrived, not through the pod's ENI table.
+    vpc.node.exec(
+        "nft add table ip fake-kube-proxy \\; \
+         add chain ip fake-kube-proxy nodeports '{ type nat hook prerouting priority dstnat; }' \\; \
+         add rule ip fake-kube-proxy nodeports iifname eth0 tcp dport 30080 dnat to 10.0.0.50:8080",
+    );
+    const ROUND_TRIPS: u64 = 20;
+    let pod_server = peer_echo_server(&pod_b, SocketAddr::from((POD_ON_ETH1, 8080)), 1);
+    let (eth0_before, eth1_before) = (vpc.tx_packets("eth0"), vpc.tx_packets("eth1"));
+    let mut node_port = Client::connect(&vpc.vpc_host, SocketAddr::from((NODE_IP, 30080))).unwrap();
+    for _ in 0..ROUND_TRIPS {
+        assert_eq!(node_port.seen_as().unwrap(), VPC_HOST.to_string());
+    }
+    let (eth0_sent, eth1_sent) = (
+        vpc.tx_packets("eth0") - eth0_before,
+        vpc.tx_packets("eth1") - eth1_before,
+    );
+    assert!(
+        eth0_sent >= ROUND_TRIPS,
+        "replies left by eth0: {eth0_sent}"
+    );
+    assert!(
+        eth1_sent < ROUND_TRIPS,
+        "replies must not leave by eth1: {eth1_sent}"
+    );
+    drop(node_port);
+    pod_server.join().unwrap();
+
     // CHECK passes on a healthy pod, and names what is missing once the host rule is removed.
     let check = |pod: &Netns, id: &str, prev: &Value| {
         let path = pod.path();

@@ -51,7 +51,7 @@ fn rootfs(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(root.join(sub)).unwrap();
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "httpd", "sleep", "ip"] {
+    for applet in ["sh", "httpd", "sleep", "ip", "cat"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
     std::fs::write(root.join("www/index.html"), format!("{MARKER}\n")).unwrap();
@@ -59,7 +59,12 @@ fn rootfs(dir: &Path) -> PathBuf {
 }
 
 fn conflist(server: &AddressServer, log: &Path) -> String {
-    json!({
+    conflist_with(server, log, &[])
+}
+
+/// Our plugin first, then `chained` reference plugins, then portmap.
+fn conflist_with(server: &AddressServer, log: &Path, chained: &[serde_json::Value]) -> String {
+    let mut list = json!({
         "cniVersion": "1.0.0",
         "name": "aws-cni",
         "disableCheck": true,
@@ -74,8 +79,12 @@ fn conflist(server: &AddressServer, log: &Path) -> String {
             },
             {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}
         ]
-    })
-    .to_string()
+    });
+    let plugins = list["plugins"].as_array_mut().unwrap();
+    for (i, plugin) in chained.iter().enumerate() {
+        plugins.insert(1 + i, plugin.clone());
+    }
+    list.to_string()
 }
 
 /// The HTTP body at `address:port`, fetched from inside `ns`, retried until `deadline`.
@@ -257,7 +266,17 @@ fn podman_with_a_host_port_through_portmap() {
     let plugin_dir = dir.path().join("bin");
     std::fs::create_dir_all(&net_dir).unwrap();
     std::fs::create_dir_all(&plugin_dir).unwrap();
-    std::fs::write(net_dir.join("aws-cni.conflist"), conflist(&server, &log)).unwrap();
+    // tuning and bandwidth chained after us read our result: tuning sets a sysctl in the pod,
+    // bandwidth shapes the host end of our veth.
+    let chained = [
+        json!({"type": "tuning", "sysctl": {"net.ipv4.conf.eth0.accept_local": "1"}}),
+        json!({"type": "bandwidth", "ingressRate": 100_000_000, "ingressBurst": 1_000_000}),
+    ];
+    std::fs::write(
+        net_dir.join("aws-cni.conflist"),
+        conflist_with(&server, &log, &chained),
+    )
+    .unwrap();
     std::fs::copy(PLUGIN, plugin_dir.join("vpc-cni")).unwrap();
     let containers_conf = dir.path().join("containers.conf");
     std::fs::write(
@@ -320,8 +339,6 @@ fn podman_with_a_host_port_through_portmap() {
         "aws-cni",
         "-p",
         "18080:8080",
-        "--env",
-        "CNI_ARGS=K8S_POD_NAMESPACE=default",
         &image,
         "/bin/httpd",
         "-f",
@@ -344,6 +361,24 @@ fn podman_with_a_host_port_through_portmap() {
     let attached = server.assigned();
     assert_eq!(attached.len(), 1);
     assert_eq!(attached.keys().next().unwrap().network, "aws-cni");
+    assert_eq!(
+        podman(&[
+            "exec",
+            &name,
+            "cat",
+            "/proc/sys/net/ipv4/conf/eth0/accept_local"
+        ]),
+        "1",
+        "tuning, chained after us, set its sysctl in the pod"
+    );
+    // podman names the pod but not its namespace, so the veth is named after the container id.
+    let host_veth =
+        datapath::names::host_veth_name("eni", &attached.keys().next().unwrap().container_id);
+    let qdiscs = node.exec(&format!("tc qdisc show dev {host_veth}"));
+    assert!(
+        qdiscs.contains("tbf"),
+        "bandwidth shaped our host veth: {qdiscs}"
+    );
 
     podman(&["rm", "-f", &name]);
     assert!(
