@@ -18,6 +18,7 @@ const VPC_HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
 const OUTSIDE_HOST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 const POD_ON_ETH0: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 40);
 const POD_ON_ETH1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
+const SECOND_POD_ON_ETH1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 51);
 
 fn mac(m: [u8; 6]) -> String {
     m.iter()
@@ -191,7 +192,11 @@ fn pods_reach_each_other_the_node_the_vpc_and_the_outside() {
     }
     let vpc = Vpc::build();
     vpc.node_setup(false);
-    let server = AddressServer::start(&[(POD_ON_ETH0, 0, 254), (POD_ON_ETH1, 1, 2)]);
+    let server = AddressServer::start(&[
+        (POD_ON_ETH0, 0, 254),
+        (POD_ON_ETH1, 1, 2),
+        (SECOND_POD_ON_ETH1, 1, 2),
+    ]);
     let pod_a = Netns::new("poda");
     let pod_b = Netns::new("podb");
     let result_a = add_pod(&vpc.node, &server, &pod_a, "ctr-a", "a");
@@ -241,6 +246,25 @@ fn pods_reach_each_other_the_node_the_vpc_and_the_outside() {
         POD_ON_ETH0.to_string()
     );
     server_b.join().unwrap();
+
+    // Pod to pod on one ENI.
+    let pod_c = Netns::new("podc");
+    let result_c = add_pod(&vpc.node, &server, &pod_c, "ctr-c", "c");
+    assert_eq!(result_c["ips"][0]["address"], "10.0.0.51/32");
+    let server_c = peer_echo_server(&pod_c, SocketAddr::from((SECOND_POD_ON_ETH1, 8080)), 1);
+    assert_eq!(
+        seen_as(&pod_b, SocketAddr::from((SECOND_POD_ON_ETH1, 8080))).unwrap(),
+        POD_ON_ETH1.to_string()
+    );
+    server_c.join().unwrap();
+    let path_c = pod_c.path();
+    let del_c = plugin(
+        Some(&vpc.node),
+        &cni_env("DEL", "ctr-c", path_c.to_str().unwrap(), "IgnoreUnknown=1"),
+        &with_prev(&server, &result_c),
+    );
+    assert_eq!(del_c.status, 0, "{}", del_c.raw);
+    drop(pod_c);
 
     // Pod to its node.
     let node_server = peer_echo_server(&vpc.node, SocketAddr::from((NODE_IP, 8081)), 1);
