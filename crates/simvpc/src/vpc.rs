@@ -946,11 +946,20 @@ impl SimVpc {
 
     /// DescribeSubnets of one AZ: (subnet, free addresses), as AvailableIpAddressCount reports them.
     pub fn describe_subnets(&mut self, now: Time, az: &str) -> Reply<Vec<(Subnet, Ipv4Cidr, u32)>> {
+        self.describe_subnets_where(now, |s| s.az == az)
+    }
+
+    /// DescribeSubnets with the caller's filter (ids, tags, AZ): (subnet, CIDR, free addresses).
+    pub fn describe_subnets_where(
+        &mut self,
+        now: Time,
+        select: impl Fn(&Subnet) -> bool,
+    ) -> Reply<Vec<(Subnet, Ipv4Cidr, u32)>> {
         self.call(Op::DescribeSubnets, now, |vpc| {
             Ok(vpc
                 .subnets
                 .values()
-                .filter(|(s, _)| s.az == az)
+                .filter(|(s, _)| select(s))
                 .map(|(s, a)| (s.clone(), a.cidr(), a.free()))
                 .collect())
         })

@@ -42,6 +42,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The simulated VPC as a service.
+    Simvpc {
+        #[command(subcommand)]
+        command: SimvpcCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SimvpcCommand {
+    /// Serves EC2's Query API and each instance's IMDSv2 on loopback until stopped.
+    Serve {
+        /// Where EC2 listens; each instance's IMDS gets a loopback port of its own.
+        #[arg(long, default_value = "127.0.0.1:4566")]
+        listen: std::net::SocketAddr,
+        /// The VPC, subnets and instances (docs/simvpc.md); without it, one m5.large node.
+        #[arg(long)]
+        config: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -100,6 +118,40 @@ fn run(cli: Cli) -> Result<(), String> {
                 println!("{n}");
             }
             Ok(())
+        }
+        Command::Simvpc {
+            command: SimvpcCommand::Serve { listen, config },
+        } => {
+            let config = match config {
+                Some(path) => {
+                    let text =
+                        std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+                    simvpc_http::ServeConfig::parse(&text).map_err(|e| format!("{path}: {e}"))?
+                }
+                None => simvpc_http::ServeConfig::example(),
+            };
+            let running = simvpc_http::Server::start(&config, listen)?;
+            // One JSON line that scripts and the demo read, then serve until killed.
+            let instances: Vec<_> = running
+                .instances
+                .iter()
+                .map(|i| {
+                    serde_json::json!({
+                        "name": i.name, "instance_id": i.instance_id, "imds": i.imds_url,
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "ec2": running.ec2_url,
+                    "subnets": running.names.subnets,
+                    "instances": instances,
+                })
+            );
+            loop {
+                std::thread::park();
+            }
         }
         Command::Simulate {
             scenario,

@@ -1,0 +1,202 @@
+//! What `vpcctl simvpc serve` builds: the VPC, its subnets and the instances, and how EC2 behaves.
+
+use ipam::net::Ipv4Cidr;
+use serde::Deserialize;
+use simvpc::{Category, SimConfig, SimVpc};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    pub vpc: VpcConfig,
+    #[serde(default)]
+    pub subnets: Vec<SubnetConfig>,
+    #[serde(default)]
+    pub instances: Vec<InstanceConfig>,
+    #[serde(default)]
+    pub ec2: Ec2Behaviour,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VpcConfig {
+    pub cidr: Ipv4Cidr,
+    #[serde(default)]
+    pub secondary_cidrs: Vec<Ipv4Cidr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubnetConfig {
+    /// How instances refer to the subnet in this file; EC2 gives it an id of its own.
+    pub name: String,
+    pub cidr: Ipv4Cidr,
+    pub az: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Subnet CIDR reservations of type prefix.
+    #[serde(default)]
+    pub prefix_reservations: Vec<Ipv4Cidr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub instance_type: String,
+    pub subnet: String,
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ec2Behaviour {
+    /// Multiplies the simulated latencies (400 ms for CreateNetworkInterface, 1.5 s for attach...);
+    /// 0 answers at once.
+    pub latency_scale: f64,
+    /// (capacity, refill per second) of the account's buckets.
+    pub mutating_bucket: (f64, f64),
+    pub non_mutating_bucket: (f64, f64),
+    /// Share of calls that fail with `Unavailable`.
+    pub error_rate: f64,
+    pub seed: u64,
+}
+
+impl Default for Ec2Behaviour {
+    fn default() -> Self {
+        let sim = SimConfig::default();
+        Ec2Behaviour {
+            latency_scale: 0.0,
+            mutating_bucket: sim.buckets[&Category::Mutating],
+            non_mutating_bucket: sim.buckets[&Category::NonMutating],
+            error_rate: 0.0,
+            seed: 1,
+        }
+    }
+}
+
+/// The ids EC2 gave to what the file names.
+#[derive(Debug, Clone, Default)]
+pub struct Names {
+    pub subnets: BTreeMap<String, String>,
+    pub instances: BTreeMap<String, String>,
+}
+
+impl ServeConfig {
+    pub fn parse(text: &str) -> Result<ServeConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// One VPC, one subnet per AZ pair, one m5.large node: what the demo needs by default.
+    pub fn example() -> ServeConfig {
+        Self::parse(
+            r#"
+[vpc]
+cidr = "10.0.0.0/16"
+
+[[subnets]]
+name = "node-a"
+cidr = "10.0.0.0/20"
+az = "us-west-2a"
+tags = { "kubernetes.io/role/cni" = "1" }
+
+[[instances]]
+name = "node-1"
+type = "m5.large"
+subnet = "node-a"
+security_groups = ["sg-0000000000000001"]
+"#,
+        )
+        .expect("the example parses")
+    }
+
+    pub fn build(&self) -> Result<(SimVpc, Names), String> {
+        let sim = SimConfig {
+            buckets: BTreeMap::from([
+                (Category::Mutating, self.ec2.mutating_bucket),
+                (Category::NonMutating, self.ec2.non_mutating_bucket),
+            ]),
+            error_rate: self.ec2.error_rate,
+            seed: self.ec2.seed,
+            ..SimConfig::default()
+        };
+        let mut vpc = SimVpc::new(self.vpc.cidr, sim);
+        for cidr in &self.vpc.secondary_cidrs {
+            vpc.add_cidr(*cidr);
+        }
+        let mut names = Names::default();
+        for subnet in &self.subnets {
+            let tags: Vec<(&str, &str)> = subnet
+                .tags
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let id = vpc
+                .add_subnet(subnet.cidr, &subnet.az, &tags)
+                .map_err(|e| format!("subnet {}: {e}", subnet.name))?;
+            for reservation in &subnet.prefix_reservations {
+                vpc.reserve_for_prefixes(&id, *reservation)
+                    .map_err(|e| format!("subnet {}: {e}", subnet.name))?;
+            }
+            if names.subnets.insert(subnet.name.clone(), id).is_some() {
+                return Err(format!("two subnets are named {}", subnet.name));
+            }
+        }
+        for instance in &self.instances {
+            let subnet = names.subnets.get(&instance.subnet).ok_or_else(|| {
+                format!(
+                    "instance {}: no subnet named {}",
+                    instance.name, instance.subnet
+                )
+            })?;
+            let groups: Vec<&str> = instance
+                .security_groups
+                .iter()
+                .map(String::as_str)
+                .collect();
+            let id = vpc
+                .launch_instance(&instance.instance_type, subnet, &groups)
+                .map_err(|e| format!("instance {}: {e}", instance.name))?;
+            if names.instances.insert(instance.name.clone(), id).is_some() {
+                return Err(format!("two instances are named {}", instance.name));
+            }
+        }
+        Ok((vpc, names))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_builds_a_node() {
+        let (vpc, names) = ServeConfig::example().build().unwrap();
+        let id = &names.instances["node-1"];
+        assert_eq!(vpc.instance(id).unwrap().instance_type, "m5.large");
+    }
+
+    #[test]
+    fn mistakes_name_what_is_wrong() {
+        let unknown_key = ServeConfig::parse("[vpc]\ncidr = \"10.0.0.0/16\"\ncolour = 1\n");
+        assert!(unknown_key.unwrap_err().contains("colour"));
+        let bad_subnet = ServeConfig::parse(
+            "[vpc]\ncidr = \"10.0.0.0/16\"\n[[instances]]\nname = \"n\"\ntype = \"m5.large\"\nsubnet = \"nowhere\"\n",
+        )
+        .unwrap()
+        .build()
+        .err()
+        .unwrap();
+        assert!(bad_subnet.contains("nowhere"), "{bad_subnet}");
+        let bad_type = ServeConfig::parse(
+            "[vpc]\ncidr = \"10.0.0.0/16\"\n[[subnets]]\nname = \"a\"\ncidr = \"10.0.0.0/24\"\naz = \"z\"\n[[instances]]\nname = \"n\"\ntype = \"m5.huge\"\nsubnet = \"a\"\n",
+        )
+        .unwrap()
+        .build()
+        .err()
+        .unwrap();
+        assert!(bad_type.contains("m5.huge"), "{bad_type}");
+    }
+}
