@@ -1,0 +1,83 @@
+//! The boundary to EC2: the calls the daemon makes as a trait ([`Ec2`]), their implementation on the
+//! official AWS SDK ([`aws::AwsEc2`]), what each error means for the engine ([`error`]), and
+//! client-side pacing ([`throttle`]).
+
+pub mod aws;
+pub mod error;
+pub mod throttle;
+mod types;
+
+pub use error::{classify, CloudError, ErrorKind};
+pub use types::*;
+
+use ipam::net::Ipv4Cidr;
+use std::future::Future;
+use std::net::Ipv4Addr;
+
+pub type Result<T, E = CloudError> = std::result::Result<T, E>;
+
+/// The EC2 calls of a node. Throttled calls are retried inside (they did not happen); every other
+/// error is returned classified. Deleting or detaching what is already gone succeeds.
+pub trait Ec2: Send + Sync {
+    fn describe_instance(
+        &self,
+        instance_id: &str,
+    ) -> impl Future<Output = Result<InstanceInfo>> + Send;
+    /// All pages.
+    fn describe_network_interfaces(
+        &self,
+        query: &EniQuery,
+    ) -> impl Future<Output = Result<Vec<Eni>>> + Send;
+    fn create_network_interface(
+        &self,
+        request: &CreateEni,
+    ) -> impl Future<Output = Result<Eni>> + Send;
+    /// Returns the attachment id.
+    fn attach_network_interface(
+        &self,
+        eni_id: &str,
+        instance_id: &str,
+        device_index: u32,
+        network_card: u32,
+    ) -> impl Future<Output = Result<String>> + Send;
+    fn set_delete_on_termination(
+        &self,
+        eni_id: &str,
+        attachment_id: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn set_security_groups(
+        &self,
+        eni_id: &str,
+        groups: &[String],
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn assign_private_ips(
+        &self,
+        eni_id: &str,
+        count: u32,
+    ) -> impl Future<Output = Result<Vec<Ipv4Addr>>> + Send;
+    fn assign_prefixes(
+        &self,
+        eni_id: &str,
+        count: u32,
+    ) -> impl Future<Output = Result<Vec<Ipv4Cidr>>> + Send;
+    fn unassign(
+        &self,
+        eni_id: &str,
+        ips: &[Ipv4Addr],
+        prefixes: &[Ipv4Cidr],
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn detach_network_interface(
+        &self,
+        attachment_id: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn delete_network_interface(&self, eni_id: &str) -> impl Future<Output = Result<()>> + Send;
+    fn create_tags(
+        &self,
+        resource_id: &str,
+        tags: &[(String, String)],
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn describe_subnets(
+        &self,
+        filters: &[(String, Vec<String>)],
+    ) -> impl Future<Output = Result<Vec<SubnetInfo>>> + Send;
+}

@@ -1,0 +1,342 @@
+//! One ENI lifecycle through the real AWS SDK, run twice: against the project's simulated VPC over
+//! HTTP (strict EC2 semantics: limits, prefixes, device indexes) and against moto server (a
+//! third-party EC2 emulator: an independent check of request and reply shapes and error parsing).
+
+use cloud::aws::AwsEc2;
+use cloud::throttle::Pacing;
+use cloud::{CreateEni, Ec2, EniQuery, ErrorKind};
+use simvpc_http::{ServeConfig, Server};
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SG: &str = "sg-0000000000000001";
+
+struct Target {
+    ec2: AwsEc2,
+    instance_id: String,
+    subnet_id: String,
+    /// Whether the far side enforces EC2's semantics (moto does not: no limits, no prefixes).
+    strict: bool,
+}
+
+fn tag(key: &str, value: &str) -> (String, String) {
+    (key.to_string(), value.to_string())
+}
+
+async fn lifecycle(t: &Target) {
+    let instance = t.ec2.describe_instance(&t.instance_id).await.unwrap();
+    assert_eq!(instance.id, t.instance_id);
+    assert_eq!(instance.enis.len(), 1, "{instance:?}");
+    let primary = &instance.enis[0];
+    assert!(!primary.mac.is_empty());
+
+    let created = t
+        .ec2
+        .create_network_interface(&CreateEni {
+            subnet_id: t.subnet_id.clone(),
+            description: format!("aws-K8S-{}", t.instance_id),
+            security_groups: vec![SG.into()],
+            secondary_ips: 2,
+            prefixes: 0,
+            tags: vec![tag("node.k8s.amazonaws.com/instance_id", &t.instance_id)],
+        })
+        .await
+        .unwrap();
+    assert!(created.id.starts_with("eni-"), "{created:?}");
+    assert_eq!(created.secondary_ips.len(), 2, "{created:?}");
+    assert_eq!(
+        created.tags.get("node.k8s.amazonaws.com/instance_id"),
+        Some(&t.instance_id)
+    );
+
+    let attachment = t
+        .ec2
+        .attach_network_interface(&created.id, &t.instance_id, 1, 0)
+        .await
+        .unwrap();
+    t.ec2
+        .set_delete_on_termination(&created.id, &attachment)
+        .await
+        .unwrap();
+    let assigned = t.ec2.assign_private_ips(&created.id, 3).await.unwrap();
+    // moto lists every secondary address of the ENI here; EC2 lists the new ones.
+    if t.strict {
+        assert_eq!(assigned.len(), 3);
+    } else {
+        assert!(assigned.len() >= 3, "{assigned:?}");
+    }
+    t.ec2
+        .create_tags(
+            &created.id,
+            &[tag("cluster.k8s.amazonaws.com/name", "conformance")],
+        )
+        .await
+        .unwrap();
+
+    let by_id = t
+        .ec2
+        .describe_network_interfaces(&EniQuery {
+            ids: vec![created.id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_id.len(), 1);
+    let eni = &by_id[0];
+    if t.strict {
+        assert_eq!(eni.secondary_ips.len(), 5, "{eni:?}");
+        assert!(
+            assigned.iter().all(|ip| eni.secondary_ips.contains(ip)),
+            "{eni:?}"
+        );
+    }
+    let attached = eni.attachment.as_ref().expect("attached");
+    assert_eq!(attached.device_index, 1);
+    assert_eq!(attached.id, attachment);
+    let by_tag = t
+        .ec2
+        .describe_network_interfaces(&EniQuery {
+            filters: vec![(
+                "tag:cluster.k8s.amazonaws.com/name".into(),
+                vec!["conformance".into()],
+            )],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        by_tag.iter().map(|e| &e.id).collect::<Vec<_>>(),
+        [&created.id]
+    );
+
+    let new_secondaries: Vec<_> = assigned
+        .iter()
+        .copied()
+        .filter(|ip| eni.secondary_ips.contains(ip))
+        .collect();
+    t.ec2
+        .unassign(&created.id, &new_secondaries, &[])
+        .await
+        .unwrap();
+
+    if t.strict {
+        assert!(attached.delete_on_termination);
+        let prefixes = t.ec2.assign_prefixes(&created.id, 1).await.unwrap();
+        assert_eq!(prefixes.len(), 1);
+        assert_eq!(prefixes[0].prefix_len(), 28);
+        t.ec2.unassign(&created.id, &[], &prefixes).await.unwrap();
+        let over = t
+            .ec2
+            .assign_private_ips(&created.id, 100)
+            .await
+            .unwrap_err();
+        assert_eq!(over.kind, ErrorKind::AddressLimitExceeded, "{over}");
+        let in_use = t
+            .ec2
+            .delete_network_interface(&created.id)
+            .await
+            .unwrap_err();
+        assert_eq!(in_use.kind, ErrorKind::InUse, "{in_use}");
+        let taken = t
+            .ec2
+            .attach_network_interface(&created.id, &t.instance_id, 0, 0)
+            .await
+            .unwrap_err();
+        assert_eq!(taken.kind, ErrorKind::InUse, "{taken}");
+    }
+
+    t.ec2.detach_network_interface(&attachment).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = t
+            .ec2
+            .describe_network_interfaces(&EniQuery {
+                ids: vec![created.id.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if now[0].status == "available" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never detached: {now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    t.ec2.delete_network_interface(&created.id).await.unwrap();
+    // Deleting or detaching what is gone is done, not an error.
+    t.ec2.delete_network_interface(&created.id).await.unwrap();
+    t.ec2.detach_network_interface(&attachment).await.unwrap();
+    let gone = t
+        .ec2
+        .describe_network_interfaces(&EniQuery {
+            ids: vec![created.id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.kind, ErrorKind::NotFound, "{gone}");
+    let no_subnet = t
+        .ec2
+        .create_network_interface(&CreateEni {
+            subnet_id: "subnet-0000000000000dead".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(no_subnet.kind, ErrorKind::NotFound, "{no_subnet}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_against_the_simulated_vpc() {
+    let running = Server::start(&ServeConfig::example(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let target = Target {
+        ec2: AwsEc2::for_endpoint(&running.ec2_url, "us-west-2", Pacing::default()),
+        instance_id: running.instances[0].instance_id.clone(),
+        subnet_id: running.names.subnets["node-a"].clone(),
+        strict: true,
+    };
+    lifecycle(&target).await;
+}
+
+struct Moto(Child);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_moto() -> Option<(Moto, String)> {
+    let server = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/moto_server");
+    if !server.exists() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED conformance_against_moto: no {} (scripts/test.sh installs moto[server] in .venv)",
+            server.display()
+        );
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(server)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let moto = Moto(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "moto_server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Some((moto, format!("http://127.0.0.1:{port}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_against_moto() {
+    let Some((_moto, endpoint)) = start_moto() else {
+        return;
+    };
+    // moto starts empty: a VPC, a subnet and an instance, made with the plain SDK client.
+    let config = aws_sdk_ec2::config::Builder::new()
+        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+        .region(aws_sdk_ec2::config::Region::new("us-west-2"))
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "t", "t", None, None, "static",
+        ))
+        .endpoint_url(&endpoint)
+        .build();
+    let client = aws_sdk_ec2::Client::from_conf(config);
+    let vpc = client
+        .create_vpc()
+        .cidr_block("10.0.0.0/16")
+        .send()
+        .await
+        .unwrap();
+    let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_string();
+    let subnet = client
+        .create_subnet()
+        .vpc_id(&vpc_id)
+        .cidr_block("10.0.0.0/20")
+        .availability_zone("us-west-2a")
+        .send()
+        .await
+        .unwrap();
+    let subnet_id = subnet.subnet().unwrap().subnet_id().unwrap().to_string();
+    let images = client.describe_images().send().await.unwrap();
+    let image = images.images()[0].image_id().unwrap().to_string();
+    let run = client
+        .run_instances()
+        .image_id(image)
+        .instance_type(aws_sdk_ec2::types::InstanceType::M5Large)
+        .subnet_id(&subnet_id)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .unwrap();
+    let instance_id = run.instances()[0].instance_id().unwrap().to_string();
+    let target = Target {
+        ec2: AwsEc2::for_endpoint(&endpoint, "us-west-2", Pacing::default()),
+        instance_id,
+        subnet_id,
+        strict: false,
+    };
+    lifecycle(&target).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tight_account_bucket_slows_creation_but_each_eni_is_made_once() {
+    let mut config = ServeConfig::example();
+    config.ec2.mutating_bucket = (2.0, 4.0);
+    let running = Server::start(&config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    // The node's own bucket is generous here, so that EC2's throttling is what paces the calls.
+    let pacing = Pacing {
+        mutating: (100.0, 100.0),
+        backoff_base: Duration::from_millis(50),
+        ..Pacing::default()
+    };
+    let ec2 = std::sync::Arc::new(AwsEc2::for_endpoint(&running.ec2_url, "us-west-2", pacing));
+    let subnet = running.names.subnets["node-a"].clone();
+    const ENIS: usize = 8;
+    let creations: Vec<_> = (0..ENIS)
+        .map(|i| {
+            let ec2 = ec2.clone();
+            let subnet = subnet.clone();
+            tokio::spawn(async move {
+                ec2.create_network_interface(&CreateEni {
+                    subnet_id: subnet,
+                    tags: vec![tag("batch", "throttled"), tag("n", &i.to_string())],
+                    ..Default::default()
+                })
+                .await
+            })
+        })
+        .collect();
+    for creation in creations {
+        creation.await.unwrap().unwrap();
+    }
+    let stats = ec2.stats()["CreateNetworkInterface"];
+    assert_eq!(stats.ok, ENIS as u64);
+    assert_eq!(stats.failed, 0);
+    assert!(
+        stats.throttled > 0,
+        "the bucket should have throttled: {stats:?}"
+    );
+    let made = ec2
+        .describe_network_interfaces(&EniQuery {
+            filters: vec![("tag:batch".into(), vec!["throttled".into()])],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(made.len(), ENIS, "every creation happened exactly once");
+}
