@@ -4,6 +4,7 @@
 
 pub mod aws;
 pub mod error;
+pub mod gc;
 pub mod throttle;
 mod types;
 

@@ -4,6 +4,7 @@
 
 pub mod config;
 mod ec2;
+mod http;
 mod imds;
 mod query;
 mod server;

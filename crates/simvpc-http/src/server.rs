@@ -2,6 +2,7 @@
 
 use crate::config::{Names, ServeConfig};
 use crate::ec2;
+use crate::http::{HttpServer, Request, Response};
 use crate::imds::{self, Answer, Tokens};
 use crate::query::Params;
 use crate::xml::Xml;
@@ -10,11 +11,7 @@ use simvpc::{codes, SimVpc};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tiny_http::{Header, Method, Request, Response};
-
-const EC2_WORKERS: usize = 4;
 
 pub struct Server;
 
@@ -31,8 +28,7 @@ pub struct Running {
     pub instances: Vec<InstanceEndpoint>,
     pub vpc: Arc<Mutex<SimVpc>>,
     pub names: Names,
-    servers: Vec<Arc<tiny_http::Server>>,
-    threads: Vec<JoinHandle<()>>,
+    servers: Vec<HttpServer>,
 }
 
 struct Shared {
@@ -65,41 +61,29 @@ impl Server {
             latency_scale: config.ec2.latency_scale,
             request_ids: AtomicU64::new(1),
         });
-        let ec2_server = Arc::new(
-            tiny_http::Server::http(listen).map_err(|e| format!("listening on {listen}: {e}"))?,
-        );
-        let ec2_url = format!("http://{}", ec2_server.server_addr());
-        let mut servers = vec![ec2_server.clone()];
-        let mut threads = Vec::new();
-        for _ in 0..EC2_WORKERS {
-            let server = ec2_server.clone();
+        let ec2_server = {
             let shared = shared.clone();
-            threads.push(std::thread::spawn(move || {
-                while let Ok(request) = server.recv() {
-                    serve_ec2(&shared, request);
-                }
-            }));
-        }
+            HttpServer::start(listen, Arc::new(move |request| serve_ec2(&shared, request)))
+                .map_err(|e| format!("listening on {listen}: {e}"))?
+        };
+        let ec2_url = ec2_server.url();
+        let mut servers = vec![ec2_server];
         let mut instances = Vec::new();
         for (name, instance_id) in &names.instances {
-            let server = Arc::new(
-                tiny_http::Server::http("127.0.0.1:0")
-                    .map_err(|e| format!("IMDS listener: {e}"))?,
-            );
+            let shared = shared.clone();
+            let id = instance_id.clone();
+            let tokens = Mutex::new(Tokens::default());
+            let server = HttpServer::start(
+                "127.0.0.1:0".parse().expect("a socket address"),
+                Arc::new(move |request| serve_imds(&shared, &id, &tokens, request)),
+            )
+            .map_err(|e| format!("IMDS listener: {e}"))?;
             instances.push(InstanceEndpoint {
                 name: name.clone(),
                 instance_id: instance_id.clone(),
-                imds_url: format!("http://{}", server.server_addr()),
+                imds_url: server.url(),
             });
-            servers.push(server.clone());
-            let shared = shared.clone();
-            let instance_id = instance_id.clone();
-            threads.push(std::thread::spawn(move || {
-                let mut tokens = Tokens::default();
-                while let Ok(request) = server.recv() {
-                    serve_imds(&shared, &instance_id, &mut tokens, request);
-                }
-            }));
+            servers.push(server);
         }
         Ok(Running {
             ec2_url,
@@ -107,56 +91,24 @@ impl Server {
             vpc: shared.vpc.clone(),
             names,
             servers,
-            threads,
         })
     }
 }
 
 impl Running {
     pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        for server in &self.servers {
-            for _ in 0..EC2_WORKERS {
-                server.unblock();
-            }
-        }
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
+        for server in &mut self.servers {
+            server.stop();
         }
     }
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-fn header(name: &str, value: &str) -> Header {
-    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("ASCII header")
-}
-
-fn serve_ec2(shared: &Shared, mut request: Request) {
-    let mut body = String::new();
-    let _ = request.as_reader().read_to_string(&mut body);
-    let query = request.url().split_once('?').map(|(_, q)| q).unwrap_or("");
+fn serve_ec2(shared: &Shared, request: Request) -> Response {
+    let body = String::from_utf8_lossy(&request.body);
+    let query = request.target.split_once('?').map(|(_, q)| q).unwrap_or("");
     let params = Params::parse(&format!("{query}&{body}"));
     let request_id = shared.request_id();
-    let outcome = match params.get("Action") {
-        Some(action) => {
-            let action = action.to_string();
-            let outcome = {
-                let mut vpc = shared.vpc.lock().expect("no panics while holding the VPC");
-                ec2::handle(&mut vpc, shared.now(), &action, &params)
-            };
-            Some((action, outcome))
-        }
-        None => None,
-    };
-    let (status, document) = match outcome {
+    let (status, document) = match params.get("Action") {
         None => (
             400,
             Xml::error(
@@ -165,14 +117,18 @@ fn serve_ec2(shared: &Shared, mut request: Request) {
                 &request_id,
             ),
         ),
-        Some((action, outcome)) => {
+        Some(action) => {
+            let outcome = {
+                let mut vpc = shared.vpc.lock().expect("no panics while holding the VPC");
+                ec2::handle(&mut vpc, shared.now(), action, &params)
+            };
             // Latency is served outside the lock, so that slow calls overlap as they do in EC2.
             let latency = outcome.latency.mul_f64(shared.latency_scale);
             if latency > Duration::ZERO {
                 std::thread::sleep(latency);
             }
             match outcome.result {
-                Ok(body) => (200, Xml::response(&action, &request_id, body)),
+                Ok(body) => (200, Xml::response(action, &request_id, body)),
                 Err(e) => (
                     match e.code {
                         codes::THROTTLED | codes::UNAVAILABLE => 503,
@@ -184,26 +140,29 @@ fn serve_ec2(shared: &Shared, mut request: Request) {
             }
         }
     };
-    let response = Response::from_string(document)
-        .with_status_code(status)
-        .with_header(header("Content-Type", "text/xml;charset=UTF-8"))
-        .with_header(header("x-amzn-RequestId", &request_id));
-    let _ = request.respond(response);
+    Response::new(status, document)
+        .with_header("Content-Type", "text/xml;charset=UTF-8")
+        .with_header("x-amzn-RequestId", &request_id)
 }
 
-fn serve_imds(shared: &Shared, instance_id: &str, tokens: &mut Tokens, request: Request) {
-    let find = |name: &str| {
-        request
-            .headers()
-            .iter()
-            .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-            .map(|h| h.value.as_str().to_string())
-    };
-    let path = request.url().split('?').next().unwrap_or("").to_string();
-    let answer = match (request.method(), path.as_str()) {
-        (Method::Put, "/latest/api/token") => tokens.issue(find(imds::TTL_HEADER).as_deref()),
-        (Method::Get, p) if p.starts_with("/latest/") => {
-            if tokens.valid(find(imds::TOKEN_HEADER).as_deref()) {
+fn serve_imds(
+    shared: &Shared,
+    instance_id: &str,
+    tokens: &Mutex<Tokens>,
+    request: Request,
+) -> Response {
+    let path = request.target.split('?').next().unwrap_or("");
+    let answer = match (request.method.as_str(), path) {
+        ("PUT", "/latest/api/token") => tokens
+            .lock()
+            .expect("token lock")
+            .issue(request.header(imds::TTL_HEADER)),
+        ("GET", p) if p.starts_with("/latest/") => {
+            if tokens
+                .lock()
+                .expect("token lock")
+                .valid(request.header(imds::TOKEN_HEADER))
+            {
                 let vpc = shared.vpc.lock().expect("no panics while holding the VPC");
                 imds::metadata(&vpc, instance_id, &p["/latest/".len()..])
             } else {
@@ -213,11 +172,11 @@ fn serve_imds(shared: &Shared, instance_id: &str, tokens: &mut Tokens, request: 
         _ => Answer::Status(404, "not found"),
     };
     let response = match answer {
-        Answer::Text(text) => Response::from_string(text),
+        Answer::Text(text) => Response::new(200, text),
         Answer::Token { token, ttl } => {
-            Response::from_string(token).with_header(header(imds::TTL_HEADER, &ttl.to_string()))
+            Response::new(200, token).with_header(imds::TTL_HEADER, &ttl.to_string())
         }
-        Answer::Status(code, text) => Response::from_string(text).with_status_code(code),
+        Answer::Status(code, text) => Response::new(code, text),
     };
-    let _ = request.respond(response.with_header(header("Content-Type", "text/plain")));
+    response.with_header("Content-Type", "text/plain")
 }
