@@ -5,6 +5,7 @@
 pub mod aws;
 pub mod error;
 pub mod gc;
+pub mod identity;
 pub mod throttle;
 mod types;
 

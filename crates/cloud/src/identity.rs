@@ -1,0 +1,120 @@
+//! The node's identity from IMDSv2, read once at start: never on the allocation path (EC2's own
+//! replies carry new ENIs and addresses).
+
+use crate::{CloudError, ErrorKind, Result};
+use aws_config::imds::Client;
+use ipam::net::Ipv4Cidr;
+use std::net::Ipv4Addr;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedEni {
+    pub mac: String,
+    pub eni_id: String,
+    pub device_number: u32,
+    pub network_card: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub instance_id: String,
+    pub instance_type: String,
+    pub availability_zone: String,
+    pub region: String,
+    pub primary_mac: String,
+    pub primary_ip: Ipv4Addr,
+    pub primary_eni: String,
+    pub vpc_cidrs: Vec<Ipv4Cidr>,
+    pub enis: Vec<AttachedEni>,
+}
+
+/// An IMDSv2 client: `endpoint` overrides the address (the simulated VPC's per-instance listener);
+/// otherwise the SDK's default (169.254.169.254, or `AWS_EC2_METADATA_SERVICE_ENDPOINT`).
+pub fn client(endpoint: Option<&str>) -> Result<Client> {
+    let mut builder = Client::builder();
+    if let Some(endpoint) = endpoint {
+        builder = builder.endpoint(endpoint).map_err(|e| CloudError {
+            kind: ErrorKind::InvalidParameter,
+            operation: "IMDS",
+            code: "endpoint".into(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(builder.build())
+}
+
+async fn get(client: &Client, path: &str) -> Result<String> {
+    client
+        .get(format!("/latest/meta-data/{path}"))
+        .await
+        .map(|s| s.as_ref().trim().to_string())
+        .map_err(|e| CloudError {
+            kind: ErrorKind::Unavailable,
+            operation: "IMDS",
+            code: path.to_string(),
+            message: aws_sdk_ec2::error::DisplayErrorContext(&e).to_string(),
+        })
+}
+
+fn parse<T: std::str::FromStr>(path: &str, text: &str) -> Result<T> {
+    text.parse().map_err(|_| CloudError {
+        kind: ErrorKind::Other,
+        operation: "IMDS",
+        code: path.to_string(),
+        message: format!("{text:?} does not parse"),
+    })
+}
+
+impl Identity {
+    pub async fn fetch(client: &Client) -> Result<Identity> {
+        let primary_mac = get(client, "mac").await?;
+        let macs = get(client, "network/interfaces/macs/").await?;
+        let mut enis = Vec::new();
+        for mac in macs
+            .lines()
+            .map(|m| m.trim_end_matches('/'))
+            .filter(|m| !m.is_empty())
+        {
+            let base = format!("network/interfaces/macs/{mac}");
+            let device = get(client, &format!("{base}/device-number")).await?;
+            // Instances without multiple network cards have no network-card key.
+            let card = get(client, &format!("{base}/network-card"))
+                .await
+                .unwrap_or_else(|_| "0".into());
+            enis.push(AttachedEni {
+                mac: mac.to_string(),
+                eni_id: get(client, &format!("{base}/interface-id")).await?,
+                device_number: parse("device-number", &device)?,
+                network_card: parse("network-card", &card)?,
+            });
+        }
+        let primary_eni = enis
+            .iter()
+            .find(|e| e.mac == primary_mac)
+            .map(|e| e.eni_id.clone())
+            .ok_or_else(|| CloudError {
+                kind: ErrorKind::Other,
+                operation: "IMDS",
+                code: "mac".into(),
+                message: format!("the primary MAC {primary_mac} is not among the interfaces"),
+            })?;
+        let vpc_cidrs = get(
+            client,
+            &format!("network/interfaces/macs/{primary_mac}/vpc-ipv4-cidr-blocks"),
+        )
+        .await?
+        .lines()
+        .map(|c| parse("vpc-ipv4-cidr-blocks", c))
+        .collect::<Result<Vec<Ipv4Cidr>>>()?;
+        Ok(Identity {
+            instance_id: get(client, "instance-id").await?,
+            instance_type: get(client, "instance-type").await?,
+            availability_zone: get(client, "placement/availability-zone").await?,
+            region: get(client, "placement/region").await?,
+            primary_ip: parse("local-ipv4", &get(client, "local-ipv4").await?)?,
+            primary_mac,
+            primary_eni,
+            vpc_cidrs,
+            enis,
+        })
+    }
+}
