@@ -9,6 +9,7 @@ use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     self as sdk, Filter, NetworkInterfaceAttachmentChanges, ResourceType, Tag, TagSpecification,
 };
+use ipam::limits::InstanceLimits;
 use ipam::net::Ipv4Cidr;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -550,6 +551,56 @@ impl Ec2 for AwsEc2 {
         })
         .await
         .map(drop)
+    }
+
+    async fn describe_instance_type(&self, instance_type: &str) -> Result<InstanceLimits> {
+        let output = self
+            .call("DescribeInstanceTypes", Category::NonMutating, || {
+                self.client
+                    .describe_instance_types()
+                    .instance_types(sdk::InstanceType::from(instance_type))
+                    .send()
+            })
+            .await?;
+        let info = output.instance_types().first().ok_or_else(|| {
+            CloudError::new(
+                "DescribeInstanceTypes",
+                "InvalidInstanceType",
+                instance_type,
+            )
+        })?;
+        let network = info.network_info();
+        let mut cards: Vec<(u32, u32)> = network
+            .map(|n| n.network_cards())
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                (
+                    number(c.network_card_index()),
+                    number(c.maximum_network_interfaces()),
+                )
+            })
+            .collect();
+        if cards.is_empty() {
+            cards.push((
+                0,
+                number(network.and_then(|n| n.maximum_network_interfaces())),
+            ));
+        }
+        cards.sort_unstable();
+        Ok(InstanceLimits {
+            instance_type: instance_type.to_string(),
+            vcpus: number(info.v_cpu_info().and_then(|v| v.default_v_cpus())),
+            hypervisor: info
+                .hypervisor()
+                .map(|h| h.as_str().to_string())
+                .unwrap_or_default(),
+            bare_metal: info.bare_metal().unwrap_or(false),
+            ipv4_per_eni: number(network.and_then(|n| n.ipv4_addresses_per_interface())),
+            ipv6_per_eni: number(network.and_then(|n| n.ipv6_addresses_per_interface())),
+            default_card: number(network.and_then(|n| n.default_network_card_index())),
+            cards,
+        })
     }
 
     async fn describe_subnets(

@@ -47,6 +47,7 @@ pub fn classify(code: &str) -> ErrorKind {
         }
         "AttachmentLimitExceeded" => ErrorKind::AttachmentLimitExceeded,
         "InvalidNetworkInterface.InUse" => ErrorKind::InUse,
+        "InvalidInstanceType" => ErrorKind::NotFound,
         "UnauthorizedOperation" | "AuthFailure" => ErrorKind::Unauthorized,
         "Unavailable" | "InternalError" | "ServiceUnavailable" | "RequestTimeout" => {
             ErrorKind::Unavailable

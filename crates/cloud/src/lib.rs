@@ -12,6 +12,7 @@ mod types;
 pub use error::{classify, CloudError, ErrorKind};
 pub use types::*;
 
+use ipam::limits::InstanceLimits;
 use ipam::net::Ipv4Cidr;
 use std::future::Future;
 use std::net::Ipv4Addr;
@@ -78,6 +79,11 @@ pub trait Ec2: Send + Sync {
         resource_id: &str,
         tags: &[(String, String)],
     ) -> impl Future<Output = Result<()>> + Send;
+    /// Limits for an instance type missing from the built-in table.
+    fn describe_instance_type(
+        &self,
+        instance_type: &str,
+    ) -> impl Future<Output = Result<InstanceLimits>> + Send;
     fn describe_subnets(
         &self,
         filters: &[(String, Vec<String>)],

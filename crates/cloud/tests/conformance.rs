@@ -33,6 +33,18 @@ async fn lifecycle(t: &Target) {
     let primary = &instance.enis[0];
     assert!(!primary.mac.is_empty());
 
+    // The limits EC2 reports are the ones the built-in table was generated from.
+    let limits = t.ec2.describe_instance_type("m5.large").await.unwrap();
+    assert_eq!(&limits, ipam::limits::lookup("m5.large").unwrap());
+    if t.strict {
+        let unknown = t
+            .ec2
+            .describe_instance_type("m5.enormous")
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.kind, ErrorKind::NotFound, "{unknown}");
+    }
+
     let created = t
         .ec2
         .create_network_interface(&CreateEni {

@@ -272,10 +272,11 @@ fn run(vpc: &mut SimVpc, now: Time, action: &str, p: &Params) -> Result<Outcome,
             let mut x = Xml::new();
             let mut found = Vec::new();
             for name in p.list("InstanceType") {
-                found.push(ipam::limits::lookup(&name).ok_or_else(|| {
-                    invalid(format!(
+                found.push(ipam::limits::lookup(&name).ok_or_else(|| Ec2Error {
+                    code: "InvalidInstanceType",
+                    message: format!(
                         "The following supplied instance types do not exist: [{name}]"
-                    ))
+                    ),
                 })?);
             }
             x.items("instanceTypeSet", found, |x, limits| {
