@@ -2,8 +2,8 @@
 
 use crate::throttle::{Category, Pacer, Pacing};
 use crate::{
-    CloudError, CreateEni, Ec2, Eni, EniAttachment, EniQuery, ErrorKind, InstanceInfo, Result,
-    SubnetInfo,
+    CloudError, CreateEni, Ec2, Eni, EniAttachment, EniQuery, ErrorKind, InstanceEni, InstanceInfo,
+    Result, SubnetInfo,
 };
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
@@ -210,47 +210,14 @@ fn eni_from(e: &sdk::NetworkInterface) -> Eni {
     }
 }
 
-fn instance_eni_from(e: &sdk::InstanceNetworkInterface, az: &str) -> Eni {
-    Eni {
+fn instance_eni_from(e: &sdk::InstanceNetworkInterface) -> InstanceEni {
+    let attachment = e.attachment();
+    InstanceEni {
         id: e.network_interface_id().unwrap_or_default().to_string(),
         mac: e.mac_address().unwrap_or_default().to_string(),
-        subnet_id: e.subnet_id().unwrap_or_default().to_string(),
-        vpc_id: e.vpc_id().unwrap_or_default().to_string(),
-        availability_zone: az.to_string(),
-        description: e.description().unwrap_or_default().to_string(),
-        status: e
-            .status()
-            .map(|s| s.as_str().to_string())
-            .unwrap_or_default(),
         primary_ip: parse_ip(e.private_ip_address()),
-        secondary_ips: e
-            .private_ip_addresses()
-            .iter()
-            .filter(|a| a.primary() != Some(true))
-            .filter_map(|a| parse_ip(a.private_ip_address()))
-            .collect(),
-        prefixes: e
-            .ipv4_prefixes()
-            .iter()
-            .filter_map(|p| parse_prefix(p.ipv4_prefix()))
-            .collect(),
-        security_groups: e
-            .groups()
-            .iter()
-            .filter_map(|g| g.group_id().map(str::to_string))
-            .collect(),
-        tags: BTreeMap::new(),
-        attachment: e.attachment().map(|a| EniAttachment {
-            id: a.attachment_id().unwrap_or_default().to_string(),
-            instance_id: String::new(),
-            device_index: number(a.device_index()),
-            network_card: number(a.network_card_index()),
-            status: a
-                .status()
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_default(),
-            delete_on_termination: a.delete_on_termination().unwrap_or(false),
-        }),
+        device_index: number(attachment.and_then(|a| a.device_index())),
+        network_card: number(attachment.and_then(|a| a.network_card_index())),
     }
 }
 
@@ -315,7 +282,7 @@ impl Ec2 for AwsEc2 {
             enis: instance
                 .network_interfaces()
                 .iter()
-                .map(|e| instance_eni_from(e, &az))
+                .map(instance_eni_from)
                 .collect(),
             availability_zone: az,
         })

@@ -59,6 +59,16 @@ pub struct SubnetInfo {
     pub tags: BTreeMap<String, String>,
 }
 
+/// An ENI as DescribeInstances lists it: enough to pick a free device index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceEni {
+    pub id: String,
+    pub mac: String,
+    pub primary_ip: Option<Ipv4Addr>,
+    pub device_index: u32,
+    pub network_card: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceInfo {
     pub id: String,
@@ -66,5 +76,5 @@ pub struct InstanceInfo {
     pub availability_zone: String,
     pub subnet_id: String,
     pub primary_ip: Option<Ipv4Addr>,
-    pub enis: Vec<Eni>,
+    pub enis: Vec<InstanceEni>,
 }

@@ -154,6 +154,41 @@ pub(crate) fn route_oif(route: &RouteMessage) -> Option<u32> {
     })
 }
 
+/// `<gateway>/32 dev <index> scope link` and `default via <gateway> dev <index>` in `table`
+/// (replacing what is there): a gateway that is reachable on the link without a subnet route.
+pub(crate) async fn default_via_link_gateway(
+    handle: &Handle,
+    index: u32,
+    gateway: Ipv4Addr,
+    table: u32,
+) -> Result<()> {
+    let gateway_route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(gateway, 32)
+        .output_interface(index)
+        .scope(rtnetlink::packet_route::route::RouteScope::Link)
+        .table_id(table)
+        .build();
+    handle
+        .route()
+        .add(gateway_route)
+        .replace()
+        .execute()
+        .await
+        .context(|| format!("adding {gateway}/32 scope link to table {table}"))?;
+    let default_route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(gateway)
+        .output_interface(index)
+        .table_id(table)
+        .build();
+    handle
+        .route()
+        .add(default_route)
+        .replace()
+        .execute()
+        .await
+        .context(|| format!("adding default via {gateway} to table {table}"))
+}
+
 pub(crate) async fn ipv4_rules(handle: &Handle) -> Result<Vec<RuleMessage>> {
     handle
         .rule()

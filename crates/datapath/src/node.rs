@@ -4,9 +4,8 @@
 use crate::nl::{self, tolerate_missing};
 use crate::pod::{add_rule, delete_rules, rule};
 use crate::{Context, Error, Result, MAIN_TABLE};
-use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::packet_route::rule::RuleAttribute;
-use rtnetlink::{LinkUnspec, RouteMessageBuilder};
+use rtnetlink::LinkUnspec;
 use std::net::{IpAddr, Ipv4Addr};
 
 /// `from <ENI primary IP> lookup <ENI table>`, so that the node's own traffic from a secondary ENI's
@@ -87,32 +86,7 @@ pub fn setup_eni(eni: &EniLink) -> Result<String> {
         )
         .context(|| format!("adding {}/{} to {name}", eni.primary_ip, eni.subnet.1))?;
 
-        let gateway = eni.gateway();
-        let gateway_route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(gateway, 32)
-            .output_interface(index)
-            .scope(RouteScope::Link)
-            .table_id(eni.route_table)
-            .build();
-        handle
-            .route()
-            .add(gateway_route)
-            .replace()
-            .execute()
-            .await
-            .context(|| format!("adding {gateway}/32 to table {}", eni.route_table))?;
-        let default_route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .gateway(gateway)
-            .output_interface(index)
-            .table_id(eni.route_table)
-            .build();
-        handle
-            .route()
-            .add(default_route)
-            .replace()
-            .execute()
-            .await
-            .context(|| format!("adding default via {gateway} to table {}", eni.route_table))?;
+        nl::default_via_link_gateway(&handle, index, eni.gateway(), eni.route_table).await?;
 
         // The kernel's subnet route in main would send traffic for the subnet out of this ENI,
         // whatever its source; the primary ENI's route must win.

@@ -178,29 +178,7 @@ fn wire_pod_side(
         let index = link.header.index;
         let pod_mac = mac_array(nl::link_mac(&link));
 
-        let gateway_route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(GATEWAY, 32)
-            .output_interface(index)
-            .scope(RouteScope::Link)
-            .build();
-        handle
-            .route()
-            .add(gateway_route)
-            .replace()
-            .execute()
-            .await
-            .context(|| format!("adding route {GATEWAY}/32 dev {}", pod.ifname))?;
-        let default_route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .gateway(GATEWAY)
-            .output_interface(index)
-            .build();
-        handle
-            .route()
-            .add(default_route)
-            .replace()
-            .execute()
-            .await
-            .context(|| format!("adding default route via {GATEWAY}"))?;
+        nl::default_via_link_gateway(&handle, index, GATEWAY, MAIN_TABLE).await?;
         handle
             .address()
             .add(index, IpAddr::V4(pod.address), 32)
