@@ -8,6 +8,7 @@ pub mod maxpods;
 pub mod net;
 pub mod policy;
 pub mod pool;
+pub mod subnets;
 pub mod time;
 
 pub use config::Config;

@@ -323,9 +323,17 @@ impl Node {
                 },
             ) => {
                 let r = vpc.describe_subnets(now, &self.az);
-                let res = r
-                    .result
-                    .map(|subnets| StepReply::Subnets(rank_subnets(subnets, primary)));
+                let res = r.result.map(|subnets| {
+                    let candidates: Vec<ipam::subnets::Candidate> = subnets
+                        .into_iter()
+                        .map(|(subnet, _, free)| ipam::subnets::Candidate {
+                            id: subnet.id,
+                            free_addresses: free,
+                            tags: subnet.tags,
+                        })
+                        .collect();
+                    StepReply::Subnets(ipam::subnets::rank(&candidates, primary, None))
+                });
                 (res, r.latency)
             }
             (
@@ -541,17 +549,3 @@ impl Node {
 
 /// Marks a call id as a retry timer rather than a reply.
 pub const RETRY: u64 = 1 << 63;
-
-/// Subnet discovery (upstream-ipamd.md §2.6): the primary subnet unless tagged `kubernetes.io/role/cni=0`,
-/// and other subnets only when tagged for the CNI, most free addresses first.
-fn rank_subnets(subnets: Vec<(simvpc::Subnet, Ipv4Cidr, u32)>, primary: &str) -> Vec<String> {
-    const ROLE: &str = "kubernetes.io/role/cni";
-    let mut ok: Vec<(u32, String)> = subnets
-        .into_iter()
-        .filter(|(s, _, _)| s.tags.get(ROLE).map(String::as_str) != Some("0"))
-        .filter(|(s, _, _)| s.id == primary || s.tags.contains_key(ROLE))
-        .map(|(s, _, free)| (free, s.id))
-        .collect();
-    ok.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-    ok.into_iter().map(|(_, id)| id).collect()
-}
