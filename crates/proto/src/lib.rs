@@ -109,8 +109,9 @@ pub enum Reply {
         detail: String,
     },
     Collected {
-        /// Addresses still assigned in the network after collection; host state for any other
-        /// address of ours is a leftover.
+        /// Addresses still assigned on the node after collection, in every network (the host's
+        /// routes and rules are shared by all of them); host state for any other address of ours
+        /// is a leftover.
         keep: Vec<Ipv4Addr>,
         released: u32,
     },
