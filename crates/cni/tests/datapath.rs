@@ -412,6 +412,10 @@ fn pods_reach_each_other_the_node_the_vpc_and_the_outside() {
         datapath::snat::remove().unwrap();
     });
     assert_eq!(vpc.node.exec("ip route show table 2"), "");
+    assert!(
+        !vpc.node.exec("nft list tables").contains("vpc-cni"),
+        "the SNAT table is gone"
+    );
     assert!(!vpc.node.exec("ip rule show").contains("32765"));
     drop(vpc.router);
 }

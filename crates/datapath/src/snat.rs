@@ -132,21 +132,6 @@ pub fn remove() -> Result<()> {
     nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
 }
 
-/// The table as nftables prints it, for diagnostics and tests.
-pub fn current() -> Result<String> {
-    let output = Command::new("nft")
-        .args(["list", "table", "ip", TABLE])
-        .output()
-        .context(|| "running nft (is the nftables package installed?)".into())?;
-    if !output.status.success() {
-        return Err(Error::Invalid(format!(
-            "nft list table: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 fn nft(script: &str) -> Result<()> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
