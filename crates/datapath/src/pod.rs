@@ -220,11 +220,8 @@ pub fn remove(host_veth: &str, address: Ipv4Addr) -> Result<()> {
         };
         if !owned_by_other {
             delete_rules(&handle, |r| {
-                r.priority == TO_POD_PRIORITY && r.to == Some((address, 32))
-            })
-            .await?;
-            delete_rules(&handle, |r| {
-                r.priority == FROM_POD_PRIORITY && r.from == Some((address, 32))
+                (r.priority == TO_POD_PRIORITY && r.to == Some((address, 32)))
+                    || (r.priority == FROM_POD_PRIORITY && r.from == Some((address, 32)))
             })
             .await?;
             if let Some(route) = route {
