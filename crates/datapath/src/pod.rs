@@ -86,7 +86,7 @@ fn add_unchecked(netns: &NetNs, pod: &PodNetwork) -> Result<Wired> {
         }
         let host_mac = random_mac();
         // Blocking here is fine: this runtime has nothing else to do meanwhile.
-        let pod_mac = netns.run(|| wire_pod_side(netns, pod, host_mac, host_fd))??;
+        let (pod_mac, index) = netns.run(|| wire_pod_side(netns, pod, host_mac, host_fd))??;
 
         // The host end stays down until its IPv6 settings are written, so that it never sends a
         // router solicitation or accepts an advertisement.
@@ -101,10 +101,6 @@ fn add_unchecked(netns: &NetNs, pod: &PodNetwork) -> Result<Wired> {
                 true,
             )?;
         }
-        let link = nl::link_by_name(&handle, &pod.host_veth)
-            .await?
-            .ok_or_else(|| Error::Invalid(format!("host end {} not found", pod.host_veth)))?;
-        let index = link.header.index;
         handle
             .link()
             .set(LinkUnspec::new_with_index(index).up().build())
@@ -141,20 +137,14 @@ fn add_unchecked(netns: &NetNs, pod: &PodNetwork) -> Result<Wired> {
 
 /// Runs inside the pod's namespace: creates the veth with its host end placed straight into the
 /// host namespace (`host_fd`), then the pod's gateway route, default route, address and neighbour.
+/// Returns the pod end's MAC and the host end's index.
 fn wire_pod_side(
     netns: &NetNs,
     pod: &PodNetwork,
     host_mac: [u8; 6],
     host_fd: std::os::unix::io::RawFd,
-) -> Result<[u8; 6]> {
+) -> Result<([u8; 6], u32)> {
     nl::run(|handle| async move {
-        if nl::link_by_name(&handle, &pod.ifname).await?.is_some() {
-            return Err(Error::Invalid(format!(
-                "{} already exists in {}",
-                pod.ifname,
-                netns.path().display()
-            )));
-        }
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(pod.host_veth.clone())
             .mtu(pod.mtu)
@@ -166,17 +156,27 @@ fn wire_pod_side(
             .mtu(pod.mtu)
             .up()
             .build();
-        handle
-            .link()
-            .add(veth)
-            .execute()
-            .await
-            .context(|| format!("creating veth {} / {}", pod.ifname, pod.host_veth))?;
+        // No look before creating: the kernel refuses a name that exists, one round trip less.
+        match handle.link().add(veth).execute().await {
+            Err(e) if nl::errno(&e) == Some(libc::EEXIST) => {
+                return Err(Error::Invalid(format!(
+                    "{} already exists in {}",
+                    pod.ifname,
+                    netns.path().display()
+                )))
+            }
+            other => {
+                other.context(|| format!("creating veth {} / {}", pod.ifname, pod.host_veth))?
+            }
+        }
         let link = nl::link_by_name(&handle, &pod.ifname)
             .await?
             .ok_or_else(|| Error::Invalid(format!("{} vanished", pod.ifname)))?;
         let index = link.header.index;
         let pod_mac = mac_array(nl::link_mac(&link));
+        // The peer's index in the host namespace, so that the host side need not look it up.
+        let host_index = nl::link_peer_index(&link)
+            .ok_or_else(|| Error::Invalid(format!("{} has no peer", pod.ifname)))?;
 
         nl::default_via_link_gateway(&handle, index, GATEWAY, MAIN_TABLE).await?;
         handle
@@ -194,7 +194,7 @@ fn wire_pod_side(
             .execute()
             .await
             .context(|| format!("adding neighbour {GATEWAY}"))?;
-        Ok(pod_mac)
+        Ok((pod_mac, host_index))
     })
 }
 
