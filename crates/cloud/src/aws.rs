@@ -143,6 +143,34 @@ impl AwsEc2 {
     }
 }
 
+/// What one AssignPrivateIpAddresses asks for: EC2 takes addresses or prefixes, never both.
+enum Assign {
+    Ips(u32),
+    Prefixes(u32),
+}
+
+impl AwsEc2 {
+    async fn assign(
+        &self,
+        eni_id: &str,
+        what: Assign,
+    ) -> Result<aws_sdk_ec2::operation::assign_private_ip_addresses::AssignPrivateIpAddressesOutput>
+    {
+        self.call("AssignPrivateIpAddresses", Category::Mutating, || {
+            let call = self
+                .client
+                .assign_private_ip_addresses()
+                .network_interface_id(eni_id);
+            match what {
+                Assign::Ips(n) => call.secondary_private_ip_address_count(n as i32),
+                Assign::Prefixes(n) => call.ipv4_prefix_count(n as i32),
+            }
+            .send()
+        })
+        .await
+    }
+}
+
 fn parse_ip(text: Option<&str>) -> Option<Ipv4Addr> {
     text.and_then(|t| t.parse().ok())
 }
@@ -430,15 +458,7 @@ impl Ec2 for AwsEc2 {
     }
 
     async fn assign_private_ips(&self, eni_id: &str, count: u32) -> Result<Vec<Ipv4Addr>> {
-        let output = self
-            .call("AssignPrivateIpAddresses", Category::Mutating, || {
-                self.client
-                    .assign_private_ip_addresses()
-                    .network_interface_id(eni_id)
-                    .secondary_private_ip_address_count(count as i32)
-                    .send()
-            })
-            .await?;
+        let output = self.assign(eni_id, Assign::Ips(count)).await?;
         Ok(output
             .assigned_private_ip_addresses()
             .iter()
@@ -447,15 +467,7 @@ impl Ec2 for AwsEc2 {
     }
 
     async fn assign_prefixes(&self, eni_id: &str, count: u32) -> Result<Vec<Ipv4Cidr>> {
-        let output = self
-            .call("AssignPrivateIpAddresses", Category::Mutating, || {
-                self.client
-                    .assign_private_ip_addresses()
-                    .network_interface_id(eni_id)
-                    .ipv4_prefix_count(count as i32)
-                    .send()
-            })
-            .await?;
+        let output = self.assign(eni_id, Assign::Prefixes(count)).await?;
         Ok(output
             .assigned_ipv4_prefixes()
             .iter()

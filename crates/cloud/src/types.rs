@@ -50,6 +50,15 @@ pub struct EniQuery {
     pub page_size: Option<u32>,
 }
 
+impl EniQuery {
+    pub fn by_id(id: &str) -> EniQuery {
+        EniQuery {
+            ids: vec![id.to_string()],
+            ..EniQuery::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubnetInfo {
     pub id: String,

@@ -90,10 +90,7 @@ async fn lifecycle(t: &Target) {
 
     let by_id = t
         .ec2
-        .describe_network_interfaces(&EniQuery {
-            ids: vec![created.id.clone()],
-            ..Default::default()
-        })
+        .describe_network_interfaces(&EniQuery::by_id(&created.id))
         .await
         .unwrap();
     assert_eq!(by_id.len(), 1);
@@ -165,10 +162,7 @@ async fn lifecycle(t: &Target) {
     loop {
         let now = t
             .ec2
-            .describe_network_interfaces(&EniQuery {
-                ids: vec![created.id.clone()],
-                ..Default::default()
-            })
+            .describe_network_interfaces(&EniQuery::by_id(&created.id))
             .await
             .unwrap();
         if now[0].status == "available" {
@@ -183,10 +177,7 @@ async fn lifecycle(t: &Target) {
     t.ec2.detach_network_interface(&attachment).await.unwrap();
     let gone = t
         .ec2
-        .describe_network_interfaces(&EniQuery {
-            ids: vec![created.id.clone()],
-            ..Default::default()
-        })
+        .describe_network_interfaces(&EniQuery::by_id(&created.id))
         .await
         .unwrap_err();
     assert_eq!(gone.kind, ErrorKind::NotFound, "{gone}");

@@ -8,58 +8,19 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::unix::io::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PODS: usize = 100;
 const REFERENCE: &str = "/usr/lib/cni";
 
-struct Timed {
-    elapsed: Duration,
-    stdout: String,
-}
-
-/// Runs `binary` as the runtime would: inside the node namespace, CNI environment, config on stdin.
-fn invoke(binary: &Path, node: &std::fs::File, env: &[(&str, String)], stdin: &str) -> Timed {
-    let node_fd = node.as_raw_fd();
-    let mut command = Command::new(binary);
-    command
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    // SAFETY: setns is async-signal-safe, and the fd stays open across the fork.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setns(node_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let start = Instant::now();
-    let mut child = command.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    let elapsed = start.elapsed();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{} failed: {stdout}",
-        binary.display()
-    );
-    Timed { elapsed, stdout }
+/// Runs `binary` as the runtime would; it must succeed.
+fn invoke(binary: &Path, node: &Netns, env: &[(&'static str, String)], stdin: &str) -> PluginRun {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let run = run_cni(binary, Some(node), &env, stdin);
+    assert_eq!(run.status, 0, "{} failed: {}", binary.display(), run.raw);
+    run
 }
 
 fn percentile(samples: &mut [Duration], p: f64) -> f64 {
@@ -73,7 +34,7 @@ struct Figures {
     del: Vec<Duration>,
 }
 
-fn run(name: &str, binary: &Path, conf: &str, node: &std::fs::File, pods: &[Netns]) -> Figures {
+fn run(name: &str, binary: &Path, conf: &str, node: &Netns, pods: &[Netns]) -> Figures {
     let mut figures = Figures {
         add: Vec::new(),
         del: Vec::new(),
@@ -83,7 +44,7 @@ fn run(name: &str, binary: &Path, conf: &str, node: &std::fs::File, pods: &[Netn
         let env = cni_env("ADD", i, pod);
         let timed = invoke(binary, node, &env, conf);
         figures.add.push(timed.elapsed);
-        results.push(timed.stdout);
+        results.push(timed.raw);
     }
     for (i, pod) in pods.iter().enumerate() {
         let env = cni_env("DEL", i, pod);
@@ -117,7 +78,6 @@ fn main() {
         std::process::exit(2);
     }
     let node = Netns::new("bnode");
-    let node_file = std::fs::File::open(node.path()).unwrap();
     // Fresh pod namespaces for every run: after DEL the runtime deletes them, which is when the
     // veths go (for both plugins' pods alike, outside the timed calls).
     let pods = |n: usize| -> Vec<Netns> { (0..n).map(|_| Netns::new("bpod")).collect() };
@@ -150,28 +110,22 @@ fn main() {
         "warm-up vpc-cni",
         Path::new(PLUGIN),
         &ours_conf,
-        &node_file,
+        &node,
         &pods(5),
     );
     run(
         "warm-up ptp + host-local",
         &Path::new(REFERENCE).join("ptp"),
         &reference_conf,
-        &node_file,
+        &node,
         &pods(5),
     );
-    let mut ours = run(
-        "vpc-cni",
-        Path::new(PLUGIN),
-        &ours_conf,
-        &node_file,
-        &pods(PODS),
-    );
+    let mut ours = run("vpc-cni", Path::new(PLUGIN), &ours_conf, &node, &pods(PODS));
     let mut reference = run(
         "ptp + host-local",
         &Path::new(REFERENCE).join("ptp"),
         &reference_conf,
-        &node_file,
+        &node,
         &pods(PODS),
     );
 

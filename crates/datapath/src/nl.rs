@@ -2,6 +2,7 @@
 
 use crate::{Context, Error, Result};
 use futures::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::packet_route::rule::{RuleAttribute, RuleMessage};
@@ -113,6 +114,32 @@ pub(crate) fn link_mtu(link: &LinkMessage) -> Option<u32> {
 
 pub(crate) fn link_is_up(link: &LinkMessage) -> bool {
     link.header.flags.contains(LinkFlags::Up)
+}
+
+/// The IPv4 addresses on link `index`, with the messages that delete them.
+pub(crate) async fn ipv4_addresses(
+    handle: &Handle,
+    index: u32,
+) -> Result<Vec<(AddressMessage, Ipv4Addr, u8)>> {
+    let messages: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .context(|| format!("listing the addresses of link {index}"))?;
+    Ok(messages
+        .into_iter()
+        .filter_map(|m| {
+            let ip = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            })?;
+            let len = m.header.prefix_len;
+            Some((m, ip, len))
+        })
+        .collect())
 }
 
 pub(crate) async fn ipv4_routes(handle: &Handle) -> Result<Vec<RouteMessage>> {

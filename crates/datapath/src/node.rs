@@ -70,7 +70,7 @@ pub fn setup_eni(eni: &EniLink) -> Result<String> {
             .context(|| format!("setting {name} up with MTU {}", eni.mtu))?;
 
         // The ENI carries exactly its primary address: anything else is left from an earlier use.
-        let existing = addresses(&handle, index).await?;
+        let existing = nl::ipv4_addresses(&handle, index).await?;
         for (message, ip, len) in existing {
             if (ip, len) != (eni.primary_ip, eni.subnet.1) {
                 tolerate_missing(handle.address().del(message).execute().await)
@@ -128,39 +128,6 @@ pub fn teardown_eni(eni: &EniLink) -> Result<()> {
         }
         Ok(())
     })
-}
-
-async fn addresses(
-    handle: &rtnetlink::Handle,
-    index: u32,
-) -> Result<
-    Vec<(
-        rtnetlink::packet_route::address::AddressMessage,
-        Ipv4Addr,
-        u8,
-    )>,
-> {
-    use futures::TryStreamExt;
-    use rtnetlink::packet_route::address::AddressAttribute;
-    let messages: Vec<_> = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .context(|| "listing addresses".into())?;
-    Ok(messages
-        .into_iter()
-        .filter_map(|m| {
-            let ip = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            })?;
-            let len = m.header.prefix_len;
-            Some((m, ip, len))
-        })
-        .collect())
 }
 
 /// Host-wide settings for pod traffic.

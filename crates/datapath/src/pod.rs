@@ -327,7 +327,11 @@ pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
                     pod.mtu
                 ));
             }
-            let addresses = pod_addresses(&handle, index).await?;
+            let addresses: Vec<(Ipv4Addr, u8)> = nl::ipv4_addresses(&handle, index)
+                .await?
+                .into_iter()
+                .map(|(_, ip, len)| (ip, len))
+                .collect();
             if !addresses.contains(&(pod.address, 32)) {
                 problems.push(format!(
                     "{} has {addresses:?}, expected {}/32",
@@ -434,28 +438,6 @@ pub fn collect_leftovers(
         }
         Ok(removed)
     })
-}
-
-async fn pod_addresses(handle: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
-    use futures::TryStreamExt;
-    use rtnetlink::packet_route::address::AddressAttribute;
-    let messages: Vec<_> = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .context(|| "listing pod addresses".into())?;
-    Ok(messages
-        .iter()
-        .filter_map(|m| {
-            m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V4(ip)) => Some((*ip, m.header.prefix_len)),
-                _ => None,
-            })
-        })
-        .collect())
 }
 
 async fn gateway_neighbour(

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const PLUGIN: &str = env!("CARGO_BIN_EXE_vpc-cni");
 
@@ -235,19 +235,24 @@ pub struct PluginRun {
     pub status: i32,
     pub stdout: Value,
     pub raw: String,
+    pub elapsed: Duration,
 }
 
-/// Runs the plugin binary with the given CNI environment and stdin, inside `netns` if given (the
+/// Runs the plugin binary with the given CNI environment and stdin, inside `node` if given (the
 /// node's namespace), and parses its stdout.
 pub fn plugin(node: Option<&Netns>, env: &[(&str, &str)], stdin: &str) -> PluginRun {
-    let mut command = match node {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &ns.name, PLUGIN]);
-            c
-        }
-        None => Command::new(PLUGIN),
-    };
+    run_cni(Path::new(PLUGIN), node, env, stdin)
+}
+
+/// Runs a CNI plugin binary as a runtime does: entered into `node`'s namespace before exec, the
+/// CNI environment only, the configuration on stdin. `elapsed` spans spawn to exit.
+pub fn run_cni(
+    binary: &Path,
+    node: Option<&Netns>,
+    env: &[(&str, &str)],
+    stdin: &str,
+) -> PluginRun {
+    let mut command = Command::new(binary);
     command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -255,6 +260,20 @@ pub fn plugin(node: Option<&Netns>, env: &[(&str, &str)], stdin: &str) -> Plugin
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    let namespace = node.map(|ns| std::fs::File::open(ns.path()).unwrap());
+    if let Some(file) = &namespace {
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(file);
+        // SAFETY: setns is async-signal-safe, and the file stays open until the child has spawned.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let start = Instant::now();
     let mut child = command.spawn().unwrap();
     child
         .stdin
@@ -263,6 +282,7 @@ pub fn plugin(node: Option<&Netns>, env: &[(&str, &str)], stdin: &str) -> Plugin
         .write_all(stdin.as_bytes())
         .unwrap();
     let output = child.wait_with_output().unwrap();
+    let elapsed = start.elapsed();
     let raw = String::from_utf8_lossy(&output.stdout).into_owned();
     let stdout = if raw.trim().is_empty() {
         Value::Null
@@ -273,6 +293,7 @@ pub fn plugin(node: Option<&Netns>, env: &[(&str, &str)], stdin: &str) -> Plugin
         status: output.status.code().unwrap_or(-1),
         stdout,
         raw,
+        elapsed,
     }
 }
 
