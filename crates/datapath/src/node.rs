@@ -41,6 +41,17 @@ pub fn route_table_for(device_number: u32, network_card: u32) -> u32 {
     }
 }
 
+/// The name of the link with this MAC, if any (the primary ENI's, to name it in rules and sysctls).
+pub fn link_name_by_mac(mac: [u8; 6]) -> Result<Option<String>> {
+    nl::run(|handle| async move {
+        Ok(nl::all_links(&handle)
+            .await?
+            .iter()
+            .find(|l| nl::link_mac(l) == Some(&mac[..]))
+            .and_then(|l| nl::link_name(l).map(str::to_string)))
+    })
+}
+
 /// Finds the ENI's link by MAC and gives it its MTU, its primary address, a route table with the
 /// subnet gateway and a default route, and the `from <primary IP>` rule. Returns the link's name.
 /// Idempotent: running it again on a configured ENI changes nothing.

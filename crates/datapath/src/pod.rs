@@ -379,6 +379,33 @@ pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
     Ok(problems)
 }
 
+/// The pods wired on this host: each /32 route in main to a veth named with `veth_prefix`, as
+/// (address, host veth name). A restarting daemon uses it to tell live pods from dead ones.
+pub fn wired_addresses(veth_prefix: &str) -> Result<Vec<(Ipv4Addr, String)>> {
+    nl::run(|handle| async move {
+        let veths: std::collections::HashMap<u32, String> = nl::all_links(&handle)
+            .await?
+            .iter()
+            .filter_map(|l| {
+                let name = nl::link_name(l)?;
+                name.starts_with(veth_prefix)
+                    .then(|| (l.header.index, name.to_string()))
+            })
+            .collect();
+        Ok(nl::ipv4_routes(&handle)
+            .await?
+            .iter()
+            .filter(|route| nl::route_table(route) == MAIN_TABLE)
+            .filter_map(
+                |route| match (nl::route_destination(route), nl::route_oif(route)) {
+                    (Some((ip, 32)), Some(oif)) => veths.get(&oif).map(|veth| (ip, veth.clone())),
+                    _ => None,
+                },
+            )
+            .collect())
+    })
+}
+
 /// Removes host state of pods that are gone: every /32 route in main to a veth named with
 /// `veth_prefix` whose address is not in `keep`, that veth, and the priority-512 and -1536 rules of
 /// addresses not in `keep`. Veths with no route are left alone: an ADD may be halfway through.

@@ -4,6 +4,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -51,6 +52,9 @@ pub type Handler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
 
 pub struct HttpServer {
     pub address: SocketAddr,
+    /// The listening socket, shut down to wake the accept loop: connecting to it would not work when
+    /// it listens in another network namespace.
+    listener_fd: RawFd,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
 }
@@ -64,6 +68,7 @@ impl HttpServer {
     pub fn start(listen: SocketAddr, handler: Handler) -> io::Result<HttpServer> {
         let listener = TcpListener::bind(listen)?;
         let address = listener.local_addr()?;
+        let listener_fd = listener.as_raw_fd();
         let stop = Arc::new(AtomicBool::new(false));
         let accept = {
             let stop = stop.clone();
@@ -82,6 +87,7 @@ impl HttpServer {
         };
         Ok(HttpServer {
             address,
+            listener_fd,
             stop,
             accept: Some(accept),
         })
@@ -92,9 +98,11 @@ impl HttpServer {
     }
 
     pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.address);
         if let Some(accept) = self.accept.take() {
+            self.stop.store(true, Ordering::SeqCst);
+            // SAFETY: the accept thread owns the listener and is still running (it is joined just
+            // below), so the descriptor is open; shutdown only makes its accept() fail.
+            unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
             let _ = accept.join();
         }
     }

@@ -11,4 +11,4 @@ mod server;
 mod xml;
 
 pub use config::ServeConfig;
-pub use server::{Running, Server};
+pub use server::{Observer, Running, Server};

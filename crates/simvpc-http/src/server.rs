@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 
 pub struct Server;
 
+/// Called with the VPC after every EC2 call that changed it, before the reply is sent (so a caller
+/// that hot-plugs links for attached ENIs has them in place when the attach returns, as EC2's do).
+pub type Observer = Arc<dyn Fn(&SimVpc) + Send + Sync>;
+
 /// An instance as the caller needs it to act as that node.
 #[derive(Debug, Clone)]
 pub struct InstanceEndpoint {
@@ -36,6 +40,7 @@ struct Shared {
     started: Instant,
     latency_scale: f64,
     request_ids: AtomicU64,
+    observer: Option<Observer>,
 }
 
 impl Shared {
@@ -51,15 +56,27 @@ impl Shared {
 }
 
 impl Server {
-    /// Builds the VPC and starts serving EC2 on `listen` and each instance's IMDS on a loopback
-    /// port of its own.
+    /// Builds the VPC and starts serving EC2 on `listen` and each instance's IMDS on a port of its
+    /// own at the same address.
     pub fn start(config: &ServeConfig, listen: SocketAddr) -> Result<Running, String> {
+        Self::start_observed(config, listen, None)
+    }
+
+    pub fn start_observed(
+        config: &ServeConfig,
+        listen: SocketAddr,
+        observer: Option<Observer>,
+    ) -> Result<Running, String> {
         let (vpc, names) = config.build()?;
+        if let Some(observe) = &observer {
+            observe(&vpc);
+        }
         let shared = Arc::new(Shared {
             vpc: Arc::new(Mutex::new(vpc)),
             started: Instant::now(),
             latency_scale: config.ec2.latency_scale,
             request_ids: AtomicU64::new(1),
+            observer,
         });
         let ec2_server = {
             let shared = shared.clone();
@@ -74,7 +91,7 @@ impl Server {
             let id = instance_id.clone();
             let tokens = Mutex::new(Tokens::default());
             let server = HttpServer::start(
-                "127.0.0.1:0".parse().expect("a socket address"),
+                SocketAddr::new(listen.ip(), 0),
                 Arc::new(move |request| serve_imds(&shared, &id, &tokens, request)),
             )
             .map_err(|e| format!("IMDS listener: {e}"))?;
@@ -120,7 +137,13 @@ fn serve_ec2(shared: &Shared, request: Request) -> Response {
         Some(action) => {
             let outcome = {
                 let mut vpc = shared.vpc.lock().expect("no panics while holding the VPC");
-                ec2::handle(&mut vpc, shared.now(), action, &params)
+                let outcome = ec2::handle(&mut vpc, shared.now(), action, &params);
+                if let (Some(observe), Ok(_)) = (&shared.observer, &outcome.result) {
+                    if !action.starts_with("Describe") {
+                        observe(&vpc);
+                    }
+                }
+                outcome
             };
             // Latency is served outside the lock, so that slow calls overlap as they do in EC2.
             let latency = outcome.latency.mul_f64(shared.latency_scale);

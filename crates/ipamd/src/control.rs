@@ -1,0 +1,602 @@
+//! The control loop: one task owns the pool. Plugin requests, finished EC2 actions, introspection
+//! queries and stop signals arrive as events; after each batch of events the loop serves waiting
+//! ADDs, runs the policy, writes the checkpoint if an assignment changed, and only then sends the
+//! replies. The only timer is the policy's own `wake_at` (and waiting ADDs' deadlines): a quiet node
+//! makes no EC2 calls.
+
+use crate::executor::{Executor, Report};
+use crate::log;
+use crate::metrics::{Metrics, PoolGauges};
+use crate::store::Store;
+use cloud::ErrorKind as CloudErrorKind;
+use ipam::pool::{Assignment, Outcome};
+use ipam::{decide, Action, Demand, IpamKey, PodMeta, Pool, PoolSettings, Stall, Time};
+use proto::{Allocation, Attachment, DelReason, ErrorKind, Reply, Request};
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+
+/// How long an ADD waits for an address before it is told to try again (the plugin gives up at 60 s).
+pub const ADD_WAIT: Duration = Duration::from_secs(45);
+/// After SIGTERM: DEL is still served this long, so that pods deleted during a rollout are cleaned.
+pub const DRAIN: Duration = Duration::from_secs(5);
+
+pub type Inspector = Box<dyn FnOnce(&Control) + Send>;
+
+pub enum Event {
+    Plugin {
+        request: Request,
+        reply: oneshot::Sender<Reply>,
+    },
+    Finished {
+        action: Action,
+        report: Report,
+    },
+    Inspect(Inspector),
+    /// `immediate`: a second signal, stop as soon as EC2 calls in flight are done.
+    Stop {
+        immediate: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Initialised; the pool is being filled to its targets.
+    Warming,
+    Ready,
+    /// No new allocations; DEL is served until `until`.
+    Draining {
+        until: Instant,
+    },
+}
+
+struct Waiting {
+    key: IpamKey,
+    meta: PodMeta,
+    reply: oneshot::Sender<Reply>,
+    since: Instant,
+}
+
+/// A reply held until the checkpoint is on disk; `assigned` is undone if the write fails.
+struct Outgoing {
+    reply: oneshot::Sender<Reply>,
+    message: Reply,
+    assigned: Option<IpamKey>,
+}
+
+pub fn now() -> Time {
+    Time(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64,
+    )
+}
+
+fn key_of(a: &Attachment) -> IpamKey {
+    IpamKey::new(&a.network, &a.container_id, &a.ifname)
+}
+
+fn allocation(a: &Assignment) -> Allocation {
+    Allocation {
+        address: a.ip,
+        device_number: a.device_number,
+        route_table: a.route_table,
+    }
+}
+
+pub struct Control {
+    pool: Pool,
+    settings: PoolSettings,
+    provisioning: bool,
+    phase: Phase,
+    waiting: VecDeque<Waiting>,
+    store: Store,
+    dirty: bool,
+    outbox: Vec<Outgoing>,
+    executor: Arc<Executor>,
+    events: mpsc::UnboundedSender<Event>,
+    metrics: Arc<Metrics>,
+    wake_at: Option<Time>,
+    stalls: Vec<Stall>,
+    started: Instant,
+    actions_in_flight: usize,
+}
+
+impl Control {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        pool: Pool,
+        settings: PoolSettings,
+        provisioning: bool,
+        store: Store,
+        executor: Arc<Executor>,
+        events: mpsc::UnboundedSender<Event>,
+        metrics: Arc<Metrics>,
+        started: Instant,
+    ) -> Control {
+        Control {
+            pool,
+            settings,
+            provisioning,
+            phase: Phase::Warming,
+            waiting: VecDeque::new(),
+            store,
+            dirty: false,
+            outbox: Vec::new(),
+            executor,
+            events,
+            metrics,
+            wake_at: None,
+            stalls: Vec::new(),
+            started,
+            actions_in_flight: 0,
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn stalls(&self) -> &[Stall] {
+        &self.stalls
+    }
+
+    pub fn actions_in_flight(&self) -> usize {
+        self.actions_in_flight
+    }
+
+    pub fn executor(&self) -> &Executor {
+        &self.executor
+    }
+
+    pub fn gauges(&self) -> PoolGauges {
+        let stats = self.pool.stats();
+        let node = &self.pool.node;
+        let eni_max = node.max_enis.saturating_sub(node.unmanaged_enis);
+        PoolGauges {
+            enis: self.pool.enis().len() as u32,
+            total_addresses: stats.total,
+            assigned_addresses: stats.assigned,
+            prefixes: stats.prefixes,
+            eni_max,
+            ip_max: eni_max * node.slots_per_eni,
+            assigned_per_eni: self
+                .pool
+                .enis()
+                .iter()
+                .map(|e| (e.info.id.clone(), e.assigned()))
+                .collect(),
+            pending_adds: self.waiting.len() as u32,
+            ready: self.phase == Phase::Ready,
+        }
+    }
+
+    /// Why the pool is not growing, in words, for STATUS and for ADDs that time out.
+    pub fn stall_detail(&self) -> String {
+        self.stalls
+            .iter()
+            .map(|s| match s {
+                Stall::MaxPodsReached => "the node is at max-pods".to_string(),
+                Stall::NoRoomForEni => "no ENI slot is left on the instance".to_string(),
+                Stall::NoEniConfig => {
+                    "custom networking is on but the node has no ENIConfig".to_string()
+                }
+                Stall::SubnetFullUntil(t) => format!(
+                    "the subnet is out of addresses; retrying in {}s",
+                    t.since(now()).as_secs()
+                ),
+                Stall::BackingOffUntil(t) => format!(
+                    "EC2 calls failed; retrying in {}s",
+                    t.since(now()).as_secs()
+                ),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
+        self.after_events();
+        loop {
+            let timer = self.next_timer();
+            tokio::select! {
+                event = events.recv() => {
+                    let Some(event) = event else { return };
+                    self.handle(event);
+                    while let Ok(event) = events.try_recv() {
+                        self.handle(event);
+                    }
+                }
+                _ = sleep_until(timer) => {}
+            }
+            self.after_events();
+            if let Phase::Draining { until } = self.phase {
+                if Instant::now() >= until && self.actions_in_flight == 0 {
+                    log::info("stopped", &[]);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn next_timer(&self) -> Option<Instant> {
+        let wall = now();
+        let wake = self
+            .wake_at
+            .map(|t| Instant::now() + t.since(wall).max(Duration::from_millis(1)));
+        let deadline = self.waiting.front().map(|w| w.since + ADD_WAIT);
+        let drain = match self.phase {
+            Phase::Draining { until } => Some(until),
+            _ => None,
+        };
+        [wake, deadline, drain].into_iter().flatten().min()
+    }
+
+    fn after_events(&mut self) {
+        self.expire_waiting();
+        self.serve_waiting();
+        self.plan();
+        self.flush();
+        if self.phase == Phase::Warming && self.actions_in_flight == 0 {
+            self.phase = Phase::Ready;
+            self.metrics.started(self.started.elapsed());
+            let stats = self.pool.stats();
+            log::info(
+                "ready",
+                &[
+                    ("after_ms", &self.started.elapsed().as_millis()),
+                    ("addresses", &stats.total),
+                    ("available", &stats.available),
+                    ("enis", &self.pool.enis().len()),
+                ],
+            );
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Plugin { request, reply } => self.request(request, reply),
+            Event::Finished { action, report } => self.finished(action, report),
+            Event::Inspect(inspect) => inspect(self),
+            Event::Stop { immediate } => {
+                let until = if immediate {
+                    Instant::now()
+                } else {
+                    Instant::now() + DRAIN
+                };
+                if !matches!(self.phase, Phase::Draining { .. }) {
+                    log::info(
+                        "stopping: no new allocations, DEL still served",
+                        &[("drain_s", &(until - Instant::now()).as_secs())],
+                    );
+                }
+                self.phase = Phase::Draining { until };
+                for w in self.waiting.drain(..) {
+                    let _ = w.reply.send(Reply::Error {
+                        kind: ErrorKind::Unavailable,
+                        message: "vpc-ipamd is stopping".into(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, reply: oneshot::Sender<Reply>, message: Reply) {
+        self.outbox.push(Outgoing {
+            reply,
+            message,
+            assigned: None,
+        });
+    }
+
+    fn request(&mut self, request: Request, reply: oneshot::Sender<Reply>) {
+        let now = now();
+        match request {
+            Request::Add {
+                attachment, pod, ..
+            } => {
+                self.metrics.count("awscni_add_ip_req_count", &[]);
+                let key = key_of(&attachment);
+                if let Some(a) = self.pool.assignment(&key) {
+                    let message = Reply::Added {
+                        allocation: allocation(a),
+                    };
+                    return self.send(reply, message);
+                }
+                if matches!(self.phase, Phase::Draining { .. }) {
+                    return self.send(
+                        reply,
+                        Reply::Error {
+                            kind: ErrorKind::Unavailable,
+                            message: "vpc-ipamd is stopping".into(),
+                        },
+                    );
+                }
+                let waiting = Waiting {
+                    key,
+                    meta: PodMeta {
+                        namespace: pod.namespace,
+                        name: pod.name,
+                        interfaces_count: 1,
+                    },
+                    reply,
+                    since: Instant::now(),
+                };
+                // A retried ADD takes the place of the one it retries.
+                match self.waiting.iter().position(|w| w.key == waiting.key) {
+                    Some(i) => {
+                        let old = std::mem::replace(&mut self.waiting[i], waiting);
+                        let _ = old.reply.send(Reply::Error {
+                            kind: ErrorKind::Unavailable,
+                            message: "superseded by a retry of the same ADD".into(),
+                        });
+                    }
+                    None => self.waiting.push_back(waiting),
+                }
+            }
+            Request::Del {
+                attachment, reason, ..
+            } => {
+                let reason_label = match reason {
+                    DelReason::PodDeleted => "PodDeleted",
+                    DelReason::SetupFailed => "SetupFailed",
+                };
+                self.metrics
+                    .count("awscni_del_ip_req_count", &[("reason", reason_label)]);
+                let key = key_of(&attachment);
+                if let Some(i) = self.waiting.iter().position(|w| w.key == key) {
+                    let w = self.waiting.remove(i).expect("index is in range");
+                    let _ = w.reply.send(Reply::Error {
+                        kind: ErrorKind::Unavailable,
+                        message: "the pod was deleted while it waited for an address".into(),
+                    });
+                }
+                let released = match self.pool.unassign(&key, now) {
+                    Ok(a) => {
+                        self.dirty = true;
+                        log::debug("released", &[("ip", &a.ip), ("pod", &a.meta.name)]);
+                        Some(allocation(&a))
+                    }
+                    Err(_) => None,
+                };
+                self.send(reply, Reply::Deleted { released });
+            }
+            Request::Lookup { attachment } => {
+                let found = self.pool.assignment(&key_of(&attachment)).map(allocation);
+                self.send(reply, Reply::Found { allocation: found });
+            }
+            Request::Status => {
+                let message = Reply::Status {
+                    ready: self.phase == Phase::Ready,
+                    available_addresses: self.pool.stats().available,
+                    detail: match self.phase {
+                        Phase::Warming => "initialising".to_string(),
+                        Phase::Draining { .. } => "stopping".to_string(),
+                        Phase::Ready => self.stall_detail(),
+                    },
+                };
+                self.send(reply, message);
+            }
+            Request::Gc { network, valid } => {
+                let valid: HashSet<IpamKey> = valid.iter().map(key_of).collect();
+                let doomed: Vec<IpamKey> = self
+                    .pool
+                    .assignments()
+                    .filter(|(k, _)| k.network_name == network && !valid.contains(k))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for key in &doomed {
+                    if let Ok(a) = self.pool.unassign(key, now) {
+                        log::info(
+                            "collected",
+                            &[("ip", &a.ip), ("container", &key.container_id)],
+                        );
+                        self.dirty = true;
+                    }
+                }
+                let keep = self.pool.assignments().map(|(_, a)| a.ip).collect();
+                self.send(
+                    reply,
+                    Reply::Collected {
+                        keep,
+                        released: doomed.len() as u32,
+                    },
+                );
+            }
+        }
+    }
+
+    fn expire_waiting(&mut self) {
+        while let Some(w) = self.waiting.front() {
+            if w.since.elapsed() < ADD_WAIT && !w.reply.is_closed() {
+                break;
+            }
+            let w = self.waiting.pop_front().expect("front exists");
+            if w.reply.is_closed() {
+                continue;
+            }
+            self.metrics.count("awscni_no_available_ip_addresses", &[]);
+            let detail = self.stall_detail();
+            let stats = self.pool.stats();
+            let message = format!(
+                "no address became available in {}s ({} of {} assigned, {} cooling down){}{}",
+                ADD_WAIT.as_secs(),
+                stats.assigned,
+                stats.total,
+                stats.cooling,
+                if detail.is_empty() { "" } else { ": " },
+                detail
+            );
+            log::warn("ADD timed out", &[("pod", &w.meta.name), ("why", &message)]);
+            self.send(
+                w.reply,
+                Reply::Error {
+                    kind: ErrorKind::NoAddressAvailable,
+                    message,
+                },
+            );
+        }
+    }
+
+    fn serve_waiting(&mut self) {
+        let now = now();
+        while let Some(w) = self.waiting.front() {
+            if w.reply.is_closed() {
+                self.waiting.pop_front();
+                continue;
+            }
+            let Ok(a) = self
+                .pool
+                .assign(&w.key, w.meta.clone(), now, self.settings.ip_cooldown)
+            else {
+                break;
+            };
+            let w = self.waiting.pop_front().expect("front exists");
+            self.metrics.add_waited(w.since.elapsed());
+            log::debug(
+                "assigned",
+                &[("ip", &a.ip), ("pod", &w.meta.name), ("eni", &a.eni)],
+            );
+            self.dirty = true;
+            self.outbox.push(Outgoing {
+                reply: w.reply,
+                message: Reply::Added {
+                    allocation: allocation(&a),
+                },
+                assigned: Some(w.key),
+            });
+        }
+    }
+
+    fn plan(&mut self) {
+        if !self.provisioning || matches!(self.phase, Phase::Draining { .. }) {
+            self.wake_at = None;
+            return;
+        }
+        let now = now();
+        self.pool.expire_cooldowns(now, self.settings.ip_cooldown);
+        let demand = Demand {
+            pending_adds: self.waiting.len() as u32,
+        };
+        let decision = decide(&self.pool, &self.settings, now, &demand);
+        if decision.stalls != self.stalls && !decision.stalls.is_empty() {
+            log::warn(
+                "the pool cannot grow",
+                &[("why", &format!("{:?}", decision.stalls))],
+            );
+        }
+        self.stalls = decision.stalls;
+        self.wake_at = decision.wake_at;
+        for action in decision.actions {
+            log::debug("action", &[("action", &format!("{action:?}"))]);
+            self.pool.begin(&action, now);
+            self.actions_in_flight += 1;
+            let executor = self.executor.clone();
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                let report = executor.run(&action).await;
+                let _ = events.send(Event::Finished { action, report });
+            });
+        }
+    }
+
+    fn finished(&mut self, action: Action, report: Report) {
+        self.actions_in_flight -= 1;
+        if let Some(e) = &report.error {
+            let level = match e.kind {
+                CloudErrorKind::Unauthorized => log::Level::Error,
+                _ => log::Level::Warn,
+            };
+            let hint = if e.kind == CloudErrorKind::Unauthorized {
+                format!("the node's IAM role lacks ec2:{}", e.operation)
+            } else {
+                String::new()
+            };
+            log::event(
+                level,
+                "EC2 action failed",
+                &[
+                    ("action", &format!("{action:?}")),
+                    ("error", e),
+                    ("hint", &hint),
+                ],
+            );
+        }
+        // The call may have happened: read the ENI back before trusting our count of it.
+        let unknown_outcome = report
+            .error
+            .as_ref()
+            .is_some_and(|e| e.kind == CloudErrorKind::Unavailable);
+        let failed = matches!(report.outcome, Outcome::Failed(_));
+        let dropped = self.pool.complete(&action, report.outcome, now());
+        if unknown_outcome {
+            if let Some(eni) = action.eni() {
+                self.pool.mark_for_resync(eni);
+            }
+        }
+        if !dropped.is_empty() {
+            self.dirty = true;
+            for (key, a) in &dropped {
+                self.metrics.count("awscni_force_removed_ips", &[]);
+                log::warn(
+                    "EC2 no longer has a pod's address",
+                    &[
+                        ("ip", &a.ip),
+                        ("container", &key.container_id),
+                        ("pod", &a.meta.name),
+                    ],
+                );
+            }
+        }
+        if !failed {
+            log::debug("action done", &[("action", &format!("{action:?}"))]);
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.dirty {
+            self.dirty = false;
+            if let Err(e) = self.store.save(&self.pool.checkpoint()) {
+                log::error(
+                    "checkpoint write failed; ADDs are refused",
+                    &[("error", &e)],
+                );
+                self.metrics
+                    .count("awscni_ipamd_error_count", &[("fn", "checkpoint")]);
+                let now = now();
+                for out in &mut self.outbox {
+                    if let Some(key) = out.assigned.take() {
+                        let _ = self.pool.unassign(&key, now);
+                        out.message = Reply::Error {
+                            kind: ErrorKind::Internal,
+                            message: format!("the checkpoint could not be written: {e}"),
+                        };
+                    }
+                }
+            }
+        }
+        for out in self.outbox.drain(..) {
+            let _ = out.reply.send(out.message);
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

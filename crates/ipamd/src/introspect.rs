@@ -1,0 +1,290 @@
+//! The HTTP endpoints: introspection (`/v1/...`, upstream's shapes where upstream has them) on
+//! INTROSPECTION_BIND_ADDRESS, and `/metrics`, `/healthz`, `/readyz` on the metrics address. Every
+//! answer about the pool is read by the control loop itself, so it is never torn.
+
+use crate::control::{Control, Event, Phase};
+use crate::http::{Response, Routes};
+use ipam::config::Config;
+use ipam::pool::EniConfigSpec;
+use ipam::Ipv4Cidr;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+
+/// Asks the control loop; `None` if it does not answer in time (a wedged loop fails /healthz).
+pub async fn ask<T: Send + 'static>(
+    events: &mpsc::UnboundedSender<Event>,
+    question: impl FnOnce(&Control) -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    events
+        .send(Event::Inspect(Box::new(move |control| {
+            let _ = tx.send(question(control));
+        })))
+        .ok()?;
+    tokio::time::timeout(Duration::from_secs(2), rx)
+        .await
+        .ok()?
+        .ok()
+}
+
+/// Go's encoding of a net.IPMask in JSON: base64 of the mask's bytes.
+fn mask_base64(prefix_len: u8) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mask = u32::MAX
+        .checked_shl(32 - prefix_len as u32)
+        .unwrap_or(0)
+        .to_be_bytes();
+    let bits = (mask[0] as u32) << 16 | (mask[1] as u32) << 8 | mask[2] as u32;
+    let mut out: String = (0..4)
+        .map(|i| ALPHABET[(bits >> (18 - 6 * i) & 63) as usize] as char)
+        .collect();
+    let last = (mask[3] as u32) << 16;
+    out.push(ALPHABET[(last >> 18 & 63) as usize] as char);
+    out.push(ALPHABET[(last >> 12 & 63) as usize] as char);
+    out.push_str("==");
+    out
+}
+
+fn rfc3339_nanos(nanos: u64) -> String {
+    cloud::gc::format_rfc3339(UNIX_EPOCH + Duration::from_nanos(nanos))
+}
+
+/// Go's zero time, which upstream prints for "never".
+const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+/// `/v1/enis`: upstream's shape. Container ids and interface names are left out, as upstream does.
+pub fn enis(control: &Control) -> Value {
+    let pool = control.pool();
+    let owners: HashMap<Ipv4Addr, _> = pool.assignments().map(|(k, a)| (a.ip, (k, a))).collect();
+    let stats = pool.stats();
+    let mut enis = Map::new();
+    for eni in pool.enis() {
+        let mut cidrs = Map::new();
+        for block in eni.blocks() {
+            let mut addresses = Map::new();
+            for i in 0..block.size() {
+                let ip = block.cidr.nth(i);
+                let entry = match owners.get(&ip) {
+                    Some((key, a)) => json!({
+                        "Address": ip.to_string(),
+                        "IPAMKey": {"networkName": key.network_name, "containerID": "", "ifName": ""},
+                        "IPAMMetadata": {"k8sPodNamespace": a.meta.namespace, "k8sPodName": a.meta.name},
+                        "AssignedTime": rfc3339_nanos(a.assigned_at.as_nanos()),
+                        "UnassignedTime": ZERO_TIME,
+                    }),
+                    None => json!({
+                        "Address": ip.to_string(),
+                        "IPAMKey": {"networkName": "", "containerID": "", "ifName": ""},
+                        "IPAMMetadata": {},
+                        "AssignedTime": ZERO_TIME,
+                        "UnassignedTime": ZERO_TIME,
+                    }),
+                };
+                addresses.insert(ip.to_string(), entry);
+            }
+            cidrs.insert(
+                block.cidr.to_string(),
+                json!({
+                    "Cidr": {"IP": block.cidr.addr().to_string(), "Mask": mask_base64(block.cidr.prefix_len())},
+                    "IPAddresses": addresses,
+                    "IsPrefix": block.is_prefix(),
+                    "AddressFamily": "4",
+                }),
+            );
+        }
+        enis.insert(
+            eni.info.id.clone(),
+            json!({
+                "ID": eni.info.id,
+                "IsPrimary": eni.info.is_primary,
+                "IsTrunk": eni.info.is_trunk,
+                "IsEFA": eni.info.is_efa,
+                "DeviceNumber": eni.info.device_number,
+                "AvailableIPv4Cidrs": cidrs,
+                "IPv6Cidrs": {},
+                "IsExcludedForPodIPs": eni.info.excluded || !pool.gives_pod_addresses(eni),
+                "RouteTableID": eni.info.route_table(),
+                "SubnetID": eni.info.subnet_id,
+            }),
+        );
+    }
+    json!({"0": {"TotalIPs": stats.total, "AssignedIPs": stats.assigned, "ENIs": enis}})
+}
+
+/// `/v1/pods`: one entry per assignment.
+pub fn pods(control: &Control) -> Value {
+    let mut pods: Vec<Value> = control
+        .pool()
+        .assignments()
+        .map(|(k, a)| {
+            json!({
+                "namespace": a.meta.namespace,
+                "name": a.meta.name,
+                "network": k.network_name,
+                "ip": a.ip.to_string(),
+                "eni": a.eni,
+                "deviceNumber": a.device_number,
+                "routeTable": a.route_table,
+                "assignedTime": rfc3339_nanos(a.assigned_at.as_nanos()),
+            })
+        })
+        .collect();
+    pods.sort_by_key(|p| (p["namespace"].to_string(), p["name"].to_string()));
+    Value::Array(pods)
+}
+
+/// `/v1/status`: what `vpcctl status` shows.
+pub fn status(control: &Control) -> Value {
+    let stats = control.pool().stats();
+    let node = &control.pool().node;
+    json!({
+        "phase": match control.phase() {
+            Phase::Warming => "warming",
+            Phase::Ready => "ready",
+            Phase::Draining { .. } => "draining",
+        },
+        "instanceType": node.instance_type,
+        "maxPods": node.max_pods,
+        "enis": control.pool().enis().len(),
+        "maxEnis": node.max_enis,
+        "addresses": {
+            "total": stats.total,
+            "assigned": stats.assigned,
+            "coolingDown": stats.cooling,
+            "available": stats.available,
+            "prefixes": stats.prefixes,
+        },
+        "pendingAdds": control.waiting(),
+        "ec2ActionsInFlight": control.actions_in_flight(),
+        "stalled": control.stall_detail(),
+    })
+}
+
+fn cidr_list(cidrs: &[Ipv4Cidr]) -> Vec<String> {
+    cidrs.iter().map(|c| c.to_string()).collect()
+}
+
+pub fn networkutils_settings(config: &Config) -> Value {
+    json!({
+        "AWS_VPC_K8S_CNI_CONNMARK": config.connmark,
+        "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS": cidr_list(&config.exclude_snat_cidrs),
+        "AWS_VPC_K8S_CNI_EXTERNALSNAT": config.external_snat,
+        "AWS_EXTERNAL_SERVICE_CIDRS": cidr_list(&config.external_service_cidrs),
+        "AWS_VPC_ENI_MTU": config.eni_mtu,
+        "AWS_VPC_K8S_CNI_VETHPREFIX": config.veth_prefix,
+        "AWS_VPC_CNI_NODE_PORT_SUPPORT": config.node_port_support,
+        "AWS_VPC_K8S_CNI_RANDOMIZESNAT": config.randomize_snat.upstream_code(),
+    })
+}
+
+pub fn ipamd_settings(config: &Config) -> Value {
+    json!({
+        "WARM_IP_TARGET": config.warm_ip_target,
+        "WARM_ENI_TARGET": config.warm_eni_target,
+        "MINIMUM_IP_TARGET": config.minimum_ip_target,
+        "WARM_PREFIX_TARGET": config.warm_prefix_target,
+        "ENABLE_PREFIX_DELEGATION": config.prefix_delegation,
+        "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG": config.custom_networking,
+        "AWS_MANAGE_ENIS_NON_SCHEDULABLE": config.manage_enis_non_schedulable,
+        "ENABLE_SUBNET_DISCOVERY": config.subnet_discovery,
+        "IP_COOLDOWN_PERIOD": config.ip_cooldown.as_secs(),
+        "MAX_ENI": config.max_eni,
+    })
+}
+
+const COMMANDS: &[&str] = &[
+    "/v1/enis",
+    "/v1/pods",
+    "/v1/status",
+    "/v1/eni-configs",
+    "/v1/networkutils-env-settings",
+    "/v1/ipamd-env-settings",
+];
+
+pub fn introspection_routes(
+    events: mpsc::UnboundedSender<Event>,
+    config: Arc<Config>,
+    eni_config: Option<(String, EniConfigSpec)>,
+) -> Routes {
+    Arc::new(move |path: String| {
+        let events = events.clone();
+        let config = config.clone();
+        let eni_config = eni_config.clone();
+        Box::pin(async move {
+            let from_loop = |answer: Option<Value>| match answer {
+                Some(v) => Response::json(&v),
+                None => Response::text(503, "the control loop did not answer"),
+            };
+            match path.as_str() {
+                "/" => Response::json(&json!({ "AvailableCommands": COMMANDS })),
+                "/v1/enis" => from_loop(ask(&events, enis).await),
+                "/v1/pods" => from_loop(ask(&events, pods).await),
+                "/v1/status" => from_loop(ask(&events, status).await),
+                "/v1/eni-configs" => match eni_config {
+                    Some((source, spec)) => Response::json(&json!({
+                        "source": source,
+                        "subnet": spec.subnet,
+                        "securityGroups": spec.security_groups,
+                    })),
+                    None => Response::text(404, "this node has no ENIConfig"),
+                },
+                "/v1/networkutils-env-settings" => Response::json(&networkutils_settings(&config)),
+                "/v1/ipamd-env-settings" => Response::json(&ipamd_settings(&config)),
+                _ => Response::text(
+                    404,
+                    format!("no such endpoint; try {}", COMMANDS.join(", ")),
+                ),
+            }
+        })
+    })
+}
+
+pub fn metrics_routes(
+    events: mpsc::UnboundedSender<Event>,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Routes {
+    Arc::new(move |path: String| {
+        let events = events.clone();
+        let metrics = metrics.clone();
+        Box::pin(async move {
+            match path.as_str() {
+                "/metrics" => match ask(&events, |c| c.gauges()).await {
+                    Some(gauges) => Response {
+                        status: 200,
+                        content_type: "text/plain; version=0.0.4",
+                        body: metrics.render(&gauges),
+                    },
+                    None => Response::text(503, "the control loop did not answer"),
+                },
+                "/healthz" => match ask(&events, |_| ()).await {
+                    Some(()) => Response::text(200, "ok"),
+                    None => Response::text(503, "the control loop did not answer"),
+                },
+                "/readyz" => match ask(&events, |c| c.phase()).await {
+                    Some(Phase::Ready) => Response::text(200, "ready"),
+                    Some(Phase::Warming) => Response::text(503, "initialising"),
+                    Some(Phase::Draining { .. }) => Response::text(503, "stopping"),
+                    None => Response::text(503, "the control loop did not answer"),
+                },
+                _ => Response::text(404, "try /metrics, /healthz or /readyz"),
+            }
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_encode_as_go_does() {
+        assert_eq!(mask_base64(32), "/////w==");
+        assert_eq!(mask_base64(28), "////8A==");
+        assert_eq!(mask_base64(24), "////AA==");
+        assert_eq!(mask_base64(0), "AAAAAA==");
+    }
+}

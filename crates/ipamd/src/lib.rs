@@ -1,0 +1,10 @@
+//! `vpc-ipamd`: the node daemon. See docs/daemon.md.
+
+pub mod control;
+pub mod executor;
+pub mod http;
+pub mod introspect;
+pub mod log;
+pub mod metrics;
+pub mod startup;
+pub mod store;

@@ -1,0 +1,358 @@
+//! Node initialisation: identity from IMDS, limits, the ENIs EC2 says are attached, the node's links
+//! and host rules, the checkpoint restored against what EC2 and the host show, and a control loop
+//! ready to warm the pool.
+
+use crate::control::{self, Control, Event};
+use crate::executor::{self, blocks_of, Executor, NodeFacts};
+use crate::log;
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+use cloud::aws::AwsEc2;
+use cloud::identity::{self, Identity};
+use cloud::throttle::Pacing;
+use cloud::{Ec2, EniQuery};
+use datapath::node::{self, HostRouting};
+use datapath::snat::{self, SnatPolicy};
+use ipam::checkpoint::{Allocation, Checkpoint, Metadata, VERSION};
+use ipam::config::Config;
+use ipam::maxpods::{max_pods, MaxPodsOptions};
+use ipam::pool::{EniConfigSpec, EniInfo};
+use ipam::{NodeSpec, Pool, PoolSettings};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Upstream's tag that keeps an ENI out of the pool.
+pub const NO_MANAGE_TAG: &str = "node.k8s.amazonaws.com/no_manage";
+/// An assignment this young is kept on restart even without host state: its ADD may still be wiring.
+const YOUNG: Duration = Duration::from_secs(60);
+const IMDS_TRIES: u32 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("IMDS: {0}")]
+    Identity(cloud::CloudError),
+    #[error("EC2: {0}")]
+    Ec2(cloud::CloudError),
+    #[error("instance type {0} is not in the limits table and DescribeInstanceTypes failed: {1}")]
+    Limits(String, cloud::CloudError),
+    #[error("node network setup: {0}")]
+    Datapath(String),
+    #[error("{0}")]
+    Store(StoreError),
+    #[error("{0}")]
+    Config(String),
+}
+
+pub struct Started {
+    pub control: Control,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub receiver: mpsc::UnboundedReceiver<Event>,
+    pub executor: Arc<Executor>,
+    pub identity: Identity,
+    pub vpc_id: String,
+}
+
+async fn fetch_identity() -> Result<Identity, StartError> {
+    let client = identity::client(None).map_err(StartError::Identity)?;
+    let mut attempt = 0;
+    loop {
+        match Identity::fetch(&client).await {
+            Ok(identity) => return Ok(identity),
+            Err(e) if attempt + 1 >= IMDS_TRIES => return Err(StartError::Identity(e)),
+            Err(e) => {
+                log::warn("IMDS not answering yet", &[("error", &e)]);
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+            }
+        }
+    }
+}
+
+fn snat_policy(config: &Config, identity: &Identity, primary_interface: &str) -> SnatPolicy {
+    SnatPolicy {
+        primary_interface: primary_interface.to_string(),
+        primary_ip: identity.primary_ip,
+        veth_prefix: config.veth_prefix.clone(),
+        exempt: identity
+            .vpc_cidrs
+            .iter()
+            .chain(&config.exclude_snat_cidrs)
+            .map(|c| (c.addr(), c.prefix_len()))
+            .collect(),
+        external_snat: config.external_snat,
+        randomize: match config.randomize_snat {
+            ipam::config::RandomizeSnat::Prng => snat::RandomizeSnat::FullyRandom,
+            ipam::config::RandomizeSnat::HashRandom => snat::RandomizeSnat::Random,
+            ipam::config::RandomizeSnat::None => snat::RandomizeSnat::None,
+        },
+        node_port_support: config.node_port_support,
+        connmark: config.connmark,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> datapath::Result<T> + Send + 'static,
+) -> Result<T, StartError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .expect("datapath work does not panic")
+        .map_err(|e| StartError::Datapath(e.to_string()))
+}
+
+pub async fn start(
+    config: &Config,
+    eni_config: Option<EniConfigSpec>,
+    store: Store,
+    metrics: Arc<Metrics>,
+) -> Result<Started, StartError> {
+    let started = Instant::now();
+    if config.ipv6 {
+        return Err(StartError::Config(
+            "ENABLE_IPv6=true: IPv6 pods are not supported yet; run with ENABLE_IPv4=true".into(),
+        ));
+    }
+    let identity = fetch_identity().await?;
+    log::info(
+        "identity",
+        &[
+            ("instance", &identity.instance_id),
+            ("type", &identity.instance_type),
+            ("az", &identity.availability_zone),
+        ],
+    );
+    let ec2 = AwsEc2::from_environment(Pacing::default()).await;
+    let limits = match ipam::limits::lookup(&identity.instance_type) {
+        Some(l) => l.clone(),
+        None => ec2
+            .describe_instance_type(&identity.instance_type)
+            .await
+            .map_err(|e| StartError::Limits(identity.instance_type.clone(), e))?,
+    };
+    let attached = ec2
+        .describe_network_interfaces(&EniQuery {
+            filters: vec![(
+                "attachment.instance-id".into(),
+                vec![identity.instance_id.clone()],
+            )],
+            ..EniQuery::default()
+        })
+        .await
+        .map_err(StartError::Ec2)?;
+    let primary = attached
+        .iter()
+        .find(|e| e.id == identity.primary_eni)
+        .ok_or_else(|| {
+            StartError::Config(format!(
+                "EC2 does not list the primary ENI {} as attached to {}",
+                identity.primary_eni, identity.instance_id
+            ))
+        })?
+        .clone();
+    let subnet_ids: BTreeSet<String> = attached.iter().map(|e| e.subnet_id.clone()).collect();
+    let subnets = ec2
+        .describe_subnets(&[("subnet-id".into(), subnet_ids.into_iter().collect())])
+        .await
+        .map_err(StartError::Ec2)?;
+    let subnet_cidrs: HashMap<String, ipam::Ipv4Cidr> = subnets
+        .iter()
+        .filter_map(|s| Some((s.id.clone(), s.cidr?)))
+        .collect();
+
+    let settings = PoolSettings::from_config(config);
+    let excluded = |e: &cloud::Eni| {
+        e.tags.get(NO_MANAGE_TAG).map(String::as_str) == Some("true")
+            || (!config.manage_untagged_eni
+                && e.id != primary.id
+                && !e.tags.contains_key(cloud::gc::INSTANCE_TAG))
+    };
+    let node_spec = NodeSpec {
+        instance_type: identity.instance_type.clone(),
+        slots_per_eni: limits.slots_per_eni(),
+        max_enis: limits.enis(),
+        max_pods: max_pods(
+            &limits,
+            MaxPodsOptions {
+                prefix_delegation: config.prefix_delegation,
+                custom_networking: config.custom_networking,
+                max_eni: config.max_eni,
+                uncapped: false,
+            },
+        ),
+        supports_prefixes: limits.supports_prefixes(),
+        primary_subnet: primary.subnet_id.clone(),
+        security_groups: primary.security_groups.clone(),
+        eni_config: eni_config.clone(),
+        unmanaged_enis: 0,
+    };
+    let executor = Arc::new(Executor::new(
+        ec2,
+        NodeFacts {
+            instance_id: identity.instance_id.clone(),
+            availability_zone: identity.availability_zone.clone(),
+            vpc_id: primary.vpc_id.clone(),
+            cluster_name: Some(config.cluster_name.clone()).filter(|c| !c.is_empty()),
+            extra_tags: config.additional_eni_tags.clone(),
+            eni_mtu: config.eni_mtu,
+            max_enis: limits.enis(),
+        },
+        metrics.clone(),
+    ));
+    let mut pool = Pool::new(node_spec, &settings);
+    let now = control::now();
+    for eni in &attached {
+        let Some(attachment) = &eni.attachment else {
+            continue;
+        };
+        let (Some(cidr), Some(primary_ip)) = (subnet_cidrs.get(&eni.subnet_id), eni.primary_ip)
+        else {
+            log::warn(
+                "ENI without subnet CIDR or primary address left alone",
+                &[("eni", &eni.id)],
+            );
+            continue;
+        };
+        executor.adopt(eni, *cidr);
+        pool.add_eni(
+            EniInfo {
+                id: eni.id.clone(),
+                device_number: attachment.device_index,
+                subnet_id: eni.subnet_id.clone(),
+                subnet_cidr: *cidr,
+                primary_ip,
+                is_primary: eni.id == primary.id,
+                is_trunk: false,
+                is_efa: false,
+                excluded: excluded(eni),
+            },
+            // Counted as old enough to free: it was attached before this start.
+            now - Duration::from_secs(3600),
+        );
+        pool.add_blocks(&eni.id, &blocks_of(eni));
+    }
+
+    // The host side: rules, SNAT, and a link per secondary ENI.
+    let primary_mac = executor::parse_mac(&primary.mac).ok_or_else(|| {
+        StartError::Config(format!("primary MAC {:?} does not parse", primary.mac))
+    })?;
+    let primary_interface = blocking(move || node::link_name_by_mac(primary_mac))
+        .await?
+        .ok_or_else(|| {
+            StartError::Datapath(format!("no link has the primary ENI's MAC {}", primary.mac))
+        })?;
+    let host = HostRouting {
+        primary_interface: primary_interface.clone(),
+        fwmark_rule: config.node_port_support || !config.external_snat,
+        connmark: config.connmark,
+    };
+    blocking(move || node::setup_host(&host)).await?;
+    let policy = snat_policy(config, &identity, &primary_interface);
+    blocking(move || policy.apply()).await?;
+    for eni in &attached {
+        if eni.id == primary.id {
+            continue;
+        }
+        if let Some(link) = executor.link_of(&eni.id) {
+            executor::configure_link(link)
+                .await
+                .map_err(|e| StartError::Datapath(format!("ENI {}: {e}", eni.id)))?;
+        }
+    }
+
+    // The checkpoint, against what EC2 (the pool) and the host (routes to pod veths) show.
+    let prefix = config.veth_prefix.clone();
+    let wired: HashMap<std::net::Ipv4Addr, String> =
+        blocking(move || datapath::pod::wired_addresses(&prefix))
+            .await?
+            .into_iter()
+            .collect();
+    let checkpoint = match store.load() {
+        Ok(checkpoint) => checkpoint,
+        Err(StoreError::Corrupt { path, source }) => {
+            let aside = store.quarantine().map_err(StartError::Store)?;
+            log::error(
+                "the checkpoint is unreadable: moved aside; the addresses of pods wired on this host stay reserved",
+                &[("checkpoint", &path.display()), ("error", &source), ("kept_at", &aside.display())],
+            );
+            metrics.count("awscni_ipamd_error_count", &[("fn", "checkpoint")]);
+            Some(Checkpoint {
+                version: VERSION.into(),
+                allocations: wired
+                    .iter()
+                    .map(|(ip, veth)| Allocation {
+                        network_name: "recovered".into(),
+                        container_id: veth.clone(),
+                        if_name: "eth0".into(),
+                        ipv4: Some(*ip),
+                        ipv6: None,
+                        allocation_timestamp: now.as_nanos() as i64,
+                        metadata: Metadata::default(),
+                    })
+                    .collect(),
+            })
+        }
+        Err(e) => return Err(StartError::Store(e)),
+    };
+    if let Some(checkpoint) = checkpoint {
+        let young = (now - YOUNG).as_nanos() as i64;
+        let report = pool
+            .restore(&checkpoint, |a| {
+                a.ipv4.is_some_and(|ip| wired.contains_key(&ip)) || a.allocation_timestamp > young
+            })
+            .map_err(|e| {
+                StartError::Store(StoreError::Corrupt {
+                    path: store.path().to_path_buf(),
+                    source: e,
+                })
+            })?;
+        log::info(
+            "checkpoint restored",
+            &[
+                ("restored", &report.restored),
+                ("pods_gone", &report.dead.len()),
+                ("addresses_gone", &report.stale.len()),
+            ],
+        );
+        for a in &report.stale {
+            metrics.count("awscni_force_removed_ips", &[]);
+            log::warn(
+                "a pod's address is no longer on this node's ENIs",
+                &[
+                    ("pod", &a.metadata.k8s_pod_name),
+                    ("ip", &format!("{:?}", a.ipv4)),
+                ],
+            );
+        }
+    }
+    let keep: HashSet<std::net::Ipv4Addr> = pool.assignments().map(|(_, a)| a.ip).collect();
+    let prefix = config.veth_prefix.clone();
+    let removed = blocking(move || datapath::pod::collect_leftovers(&prefix, &keep)).await?;
+    if !removed.is_empty() {
+        log::info(
+            "removed host state of pods that are gone",
+            &[("what", &removed.join(", "))],
+        );
+    }
+    store.save(&pool.checkpoint()).map_err(StartError::Store)?;
+
+    let (events, receiver) = mpsc::unbounded_channel();
+    let control = Control::new(
+        pool,
+        settings,
+        !config.disable_provisioning,
+        store,
+        executor.clone(),
+        events.clone(),
+        metrics,
+        started,
+    );
+    Ok(Started {
+        control,
+        events,
+        receiver,
+        executor,
+        identity,
+        vpc_id: primary.vpc_id.clone(),
+    })
+}
