@@ -68,9 +68,6 @@ impl Server {
         observer: Option<Observer>,
     ) -> Result<Running, String> {
         let (vpc, names) = config.build()?;
-        if let Some(observe) = &observer {
-            observe(&vpc);
-        }
         let shared = Arc::new(Shared {
             vpc: Arc::new(Mutex::new(vpc)),
             started: Instant::now(),

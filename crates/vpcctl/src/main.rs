@@ -1,3 +1,6 @@
+mod inspect;
+mod install;
+
 use clap::{Parser, Subcommand};
 use ipam::limits;
 use ipam::maxpods::{max_pods, MaxPodsOptions};
@@ -47,6 +50,49 @@ enum Command {
         #[command(subcommand)]
         command: SimvpcCommand,
     },
+    /// The whole system on this machine (needs root): the simulated VPC over HTTP, node network
+    /// namespaces whose ENIs are veth pairs, the real vpc-ipamd on each node, pods wired by the real
+    /// plugin, traffic between them; everything is removed at the end.
+    Demo {
+        #[arg(long, default_value_t = 10)]
+        pods: usize,
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        #[arg(long, default_value = "m5.large")]
+        instance_type: String,
+        #[arg(long)]
+        prefix_delegation: bool,
+        /// Pods in their own subnet (100.64.0.0/20) through an ENIConfig.
+        #[arg(long)]
+        custom_networking: bool,
+    },
+    /// The daemon's state, from its introspection endpoint.
+    Status(inspect::Target),
+    /// The node's ENIs and their addresses.
+    Enis(inspect::Target),
+    /// The pods that hold an address.
+    Pods(inspect::Target),
+    /// The daemon's Prometheus metrics.
+    Metrics(inspect::MetricsTarget),
+    /// Run by the DaemonSet: copy the plugin to the host, wait for the daemon, write the conflist.
+    Install {
+        /// The plugin binary to install.
+        #[arg(long, default_value = "/app/vpc-cni")]
+        plugin: std::path::PathBuf,
+        #[arg(long, env = "HOST_CNI_BIN_PATH", default_value = "/host/opt/cni/bin")]
+        bin_dir: std::path::PathBuf,
+        #[arg(
+            long,
+            env = "HOST_CNI_CONFDIR_PATH",
+            default_value = "/host/etc/cni/net.d"
+        )]
+        conf_dir: std::path::PathBuf,
+        #[arg(long, env = "VPC_CNI_IPAMD_SOCKET", default_value = proto::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// How long to wait for the daemon to become ready.
+        #[arg(long, default_value_t = 300)]
+        wait_seconds: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -74,6 +120,55 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
+        Command::Demo {
+            pods,
+            nodes,
+            instance_type,
+            prefix_delegation,
+            custom_networking,
+        } => {
+            if nodes == 0 {
+                return Err("--nodes must be at least 1".into());
+            }
+            let binaries = testbed::Binaries::locate()?;
+            let options = testbed::demo::DemoOptions {
+                nodes,
+                pods,
+                instance_type,
+                prefix_delegation,
+                custom_networking,
+            };
+            let report = testbed::demo::run(&options, binaries, &mut std::io::stdout())?;
+            if report.connected() {
+                Ok(())
+            } else {
+                Err("some connections failed (see above)".into())
+            }
+        }
+        Command::Status(target) => inspect::status(&target),
+        Command::Enis(target) => inspect::enis(&target),
+        Command::Pods(target) => inspect::pods(&target),
+        Command::Metrics(target) => inspect::metrics(&target),
+        Command::Install {
+            plugin,
+            bin_dir,
+            conf_dir,
+            socket,
+            wait_seconds,
+        } => {
+            let written = install::run(
+                &install::Install {
+                    plugin,
+                    bin_dir,
+                    conf_dir,
+                    socket,
+                    wait: std::time::Duration::from_secs(wait_seconds),
+                },
+                &|k| std::env::var(k).ok(),
+            )?;
+            println!("installed; wrote {written}");
+            Ok(())
+        }
         Command::MaxPods {
             instance_type,
             prefix_delegation,

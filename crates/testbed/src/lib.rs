@@ -1,0 +1,627 @@
+//! The local demo's machinery, shared by `vpcctl demo` and the end-to-end tests: the simulated VPC
+//! served over HTTP inside a "VPC" network namespace, a namespace per node whose ENIs are veth pairs
+//! with the MACs EC2 assigned, the real `vpc-ipamd` in each node namespace (the AWS backend with the
+//! endpoint override, exactly as in production), and pods added through the real plugin.
+
+pub mod demo;
+pub mod fabric;
+pub mod netns;
+pub mod probe;
+
+use fabric::{gateway, Fabric};
+pub use netns::Netns;
+use serde_json::{json, Value};
+use simvpc_http::config::{Ec2Behaviour, InstanceConfig, SubnetConfig, VpcConfig};
+use simvpc_http::{Running, ServeConfig, Server};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const NODE_CIDR: &str = "10.0.0.0/20";
+/// Custom networking's pod subnet, from the secondary VPC CIDR, as operators do (100.64.0.0/10).
+pub const POD_CIDR: &str = "100.64.0.0/20";
+pub const AZ: &str = "us-west-2a";
+pub const REGION: &str = "us-west-2";
+pub const NETWORK: &str = "aws-cni";
+pub const INTROSPECTION: &str = "127.0.0.1:61679";
+pub const METRICS: &str = "127.0.0.1:61678";
+
+/// Where the binaries are: `VPC_CNI_BIN_DIR`, else next to the running executable (or one up, for
+/// test executables in `deps/`).
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub ipamd: PathBuf,
+    pub plugin: PathBuf,
+}
+
+impl Binaries {
+    pub fn locate() -> Result<Binaries, String> {
+        let mut dirs = Vec::new();
+        if let Some(dir) = std::env::var_os("VPC_CNI_BIN_DIR") {
+            dirs.push(PathBuf::from(dir));
+        }
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_path_buf))
+        {
+            if let Some(parent) = dir.parent().filter(|_| dir.ends_with("deps")) {
+                dirs.push(parent.to_path_buf());
+            }
+            dirs.push(dir);
+        }
+        for dir in &dirs {
+            let (ipamd, plugin) = (dir.join("vpc-ipamd"), dir.join("vpc-cni"));
+            if ipamd.is_file() && plugin.is_file() {
+                return Ok(Binaries { ipamd, plugin });
+            }
+        }
+        Err(format!(
+            "vpc-ipamd and vpc-cni not found in {}; build them (cargo build --release --bins) or set VPC_CNI_BIN_DIR",
+            dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+        ))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub nodes: usize,
+    pub instance_type: String,
+    /// The daemon's settings (upstream's variables), for every node.
+    pub daemon_env: Vec<(String, String)>,
+    pub ec2: Ec2Behaviour,
+    /// Adds the pod subnet (`POD_CIDR`) for custom networking; the ENIConfig names it.
+    pub custom_networking: bool,
+    /// Size of the node subnet's prefix length (a small subnet runs out sooner).
+    pub node_subnet: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodes: 1,
+            instance_type: "m5.large".into(),
+            daemon_env: Vec::new(),
+            ec2: Ec2Behaviour::default(),
+            custom_networking: false,
+            node_subnet: NODE_CIDR.into(),
+        }
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub netns: Netns,
+    pub instance_id: String,
+    pub primary_ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    /// Socket, checkpoint, logs.
+    pub state: PathBuf,
+    env: Vec<(String, String)>,
+    daemon: Option<Child>,
+}
+
+impl Node {
+    pub fn socket(&self) -> PathBuf {
+        self.state.join("ipamd.sock")
+    }
+
+    pub fn checkpoint(&self) -> PathBuf {
+        self.state.join("ipam.json")
+    }
+
+    pub fn daemon_log(&self) -> PathBuf {
+        self.state.join("ipamd.log")
+    }
+
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
+    /// The last lines of the daemon's log, for error messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.daemon_log()).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// GET on the daemon's introspection or metrics address, from inside the node.
+    pub fn http_get(&self, address: &str, path: &str) -> Result<(u16, String), String> {
+        let address: SocketAddr = address.parse().map_err(|e| format!("{address}: {e}"))?;
+        let path = path.to_string();
+        self.netns.run(move || probe::http_get(address, &path))?
+    }
+
+    pub fn introspect(&self, path: &str) -> Result<Value, String> {
+        let (status, body) = self.http_get(INTROSPECTION, path)?;
+        if status != 200 {
+            return Err(format!("{path}: HTTP {status}: {body}"));
+        }
+        serde_json::from_str(&body).map_err(|e| format!("{path}: {e}: {body}"))
+    }
+
+    pub fn metrics(&self) -> Result<String, String> {
+        match self.http_get(METRICS, "/metrics")? {
+            (200, body) => Ok(body),
+            (status, body) => Err(format!("/metrics: HTTP {status}: {body}")),
+        }
+    }
+
+    /// A metric's value (the first sample whose name and labels start with `series`).
+    pub fn metric(&self, series: &str) -> Result<f64, String> {
+        let text = self.metrics()?;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().ok())?
+            })
+            .ok_or_else(|| format!("no metric {series}"))
+    }
+
+    pub fn status(&self) -> Result<proto::Reply, String> {
+        proto::call(
+            &self.socket(),
+            &proto::Request::Status,
+            Duration::from_secs(5),
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
+pub struct Pod {
+    pub name: String,
+    pub node: usize,
+    pub netns: Netns,
+    pub container_id: String,
+    pub ip: Ipv4Addr,
+    /// The plugin's ADD result, handed back with DEL as runtimes do.
+    pub result: Value,
+}
+
+pub enum Stop {
+    /// SIGTERM, then wait for the exit.
+    Term,
+    /// SIGKILL: no chance to clean up.
+    Kill,
+}
+
+pub struct Testbed {
+    pub vpc: Netns,
+    server: Option<Running>,
+    pub fabric: Arc<Fabric>,
+    pub nodes: Vec<Node>,
+    /// The subnet id custom networking's ENIConfig names.
+    pub pod_subnet: Option<String>,
+    pub node_subnet: String,
+    pub binaries: Binaries,
+    root: PathBuf,
+    ec2_port: u16,
+    next_pod: AtomicU32,
+}
+
+static TESTBEDS: AtomicU32 = AtomicU32::new(0);
+
+fn port_of(url: &str) -> Result<u16, String> {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .ok_or_else(|| format!("no port in {url}"))
+}
+
+impl Testbed {
+    /// Needs root (network namespaces); says so rather than failing obscurely.
+    pub fn start(options: &Options, binaries: Binaries) -> Result<Testbed, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("the demo needs root: it creates network namespaces, links and nftables rules (run it with sudo)".into());
+        }
+        let root = std::env::temp_dir().join(format!(
+            "vpc-cni-testbed-{}-{}",
+            std::process::id(),
+            TESTBEDS.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+        let vpc = Netns::create("vpc")?;
+        netns::sysctl(&vpc.name, "net.ipv4.ip_forward", "1")?;
+        netns::sysctl(&vpc.name, "net.ipv4.conf.all.send_redirects", "0")?;
+        let node_cidr: ipam::Ipv4Cidr = options.node_subnet.parse().map_err(|e| format!("{e}"))?;
+        let mut subnets = vec![SubnetConfig {
+            name: "nodes".into(),
+            cidr: node_cidr,
+            az: AZ.into(),
+            tags: BTreeMap::from([("kubernetes.io/role/cni".into(), "1".into())]),
+            prefix_reservations: Vec::new(),
+        }];
+        if options.custom_networking {
+            subnets.push(SubnetConfig {
+                name: "pods".into(),
+                cidr: POD_CIDR.parse().expect("a CIDR"),
+                az: AZ.into(),
+                tags: BTreeMap::new(),
+                prefix_reservations: Vec::new(),
+            });
+        }
+        let config = ServeConfig {
+            vpc: VpcConfig {
+                cidr: "10.0.0.0/16".parse().expect("a CIDR"),
+                secondary_cidrs: if options.custom_networking {
+                    vec!["100.64.0.0/16".parse().expect("a CIDR")]
+                } else {
+                    Vec::new()
+                },
+            },
+            subnets,
+            instances: (1..=options.nodes)
+                .map(|i| InstanceConfig {
+                    name: format!("node-{i}"),
+                    instance_type: options.instance_type.clone(),
+                    subnet: "nodes".into(),
+                    security_groups: vec!["sg-0000000000000001".into()],
+                })
+                .collect(),
+            ec2: options.ec2.clone(),
+        };
+        let fabric = Arc::new(Fabric::new(&vpc.name));
+        let observer: simvpc_http::Observer = {
+            let fabric = fabric.clone();
+            Arc::new(move |v: &simvpc::SimVpc| fabric.follow(v))
+        };
+        let listen: SocketAddr = "0.0.0.0:0".parse().expect("an address");
+        let server = vpc.run(move || Server::start_observed(&config, listen, Some(observer)))??;
+        let ec2_port = port_of(&server.ec2_url)?;
+        let node_subnet = server.names.subnets["nodes"].clone();
+        let pod_subnet = server.names.subnets.get("pods").cloned();
+        let mut testbed = Testbed {
+            vpc,
+            fabric: fabric.clone(),
+            nodes: Vec::new(),
+            pod_subnet,
+            node_subnet,
+            binaries,
+            root,
+            ec2_port,
+            next_pod: AtomicU32::new(0),
+            server: None,
+        };
+        let endpoints = server.instances.clone();
+        let vpc_model = server.vpc.clone();
+        testbed.server = Some(server);
+        for endpoint in endpoints {
+            let netns = Netns::create(&format!("{}-", endpoint.name))?;
+            fabric.add_node(&endpoint.instance_id, &netns.name);
+            let (primary_ip, cidr) = {
+                let v = vpc_model.lock().expect("vpc lock");
+                let instance = v
+                    .instance(&endpoint.instance_id)
+                    .ok_or("instance vanished")?;
+                let eni = v
+                    .interfaces()
+                    .find(|e| e.id == instance.primary_eni)
+                    .ok_or("primary ENI vanished")?;
+                fabric.follow(&v);
+                (eni.primary_ip, eni.subnet_cidr)
+            };
+            let gw = gateway(cidr);
+            // What the instance's OS does at boot: the primary ENI up with its address and route.
+            netns::ip_batch(
+                &netns.name,
+                &[
+                    format!("addr add {primary_ip}/{} dev eth0", cidr.prefix_len()),
+                    "link set eth0 up".into(),
+                    format!("route add default via {gw} dev eth0"),
+                ],
+            )?;
+            let state = testbed.root.join(&endpoint.name);
+            std::fs::create_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+            let imds_port = port_of(&endpoint.imds_url)?;
+            let mut env: Vec<(String, String)> = vec![
+                ("AWS_EC2_ENDPOINT".into(), format!("http://{gw}:{ec2_port}")),
+                (
+                    "AWS_EC2_METADATA_SERVICE_ENDPOINT".into(),
+                    format!("http://{gw}:{imds_port}"),
+                ),
+                ("AWS_REGION".into(), REGION.into()),
+                ("AWS_ACCESS_KEY_ID".into(), "simulated".into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), "simulated".into()),
+                (
+                    "AWS_VPC_K8S_CNI_BACKING_STORE".into(),
+                    state.join("ipam.json").display().to_string(),
+                ),
+                (
+                    "VPC_CNI_IPAMD_SOCKET".into(),
+                    state.join("ipamd.sock").display().to_string(),
+                ),
+                (
+                    "AWS_VPC_K8S_CNI_LOG_FILE".into(),
+                    state.join("ipamd.log").display().to_string(),
+                ),
+                ("AWS_VPC_K8S_CNI_LOGLEVEL".into(), "DEBUG".into()),
+                ("INTROSPECTION_BIND_ADDRESS".into(), INTROSPECTION.into()),
+                ("VPC_CNI_METRICS_BIND_ADDRESS".into(), METRICS.into()),
+                ("CLUSTER_NAME".into(), "demo".into()),
+            ];
+            if let Some(subnet) = &testbed.pod_subnet {
+                let file = state.join("eniconfig.json");
+                std::fs::write(
+                    &file,
+                    json!({"subnet": subnet, "securityGroups": ["sg-0000000000000002"]})
+                        .to_string(),
+                )
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+                env.push(("VPC_CNI_ENICONFIG_FILE".into(), file.display().to_string()));
+            }
+            env.extend(options.daemon_env.iter().cloned());
+            testbed.nodes.push(Node {
+                name: endpoint.name.clone(),
+                netns,
+                instance_id: endpoint.instance_id.clone(),
+                primary_ip,
+                gateway: gw,
+                state,
+                env,
+                daemon: None,
+            });
+        }
+        let errors = fabric.errors();
+        if !errors.is_empty() {
+            return Err(format!("fabric: {}", errors.join("; ")));
+        }
+        Ok(testbed)
+    }
+
+    /// The simulated VPC's model, to check what EC2 holds.
+    pub fn vpc_model(&self) -> Arc<std::sync::Mutex<simvpc::SimVpc>> {
+        self.server.as_ref().expect("running").vpc.clone()
+    }
+
+    pub fn ec2_port(&self) -> u16 {
+        self.ec2_port
+    }
+
+    /// Changes a daemon setting for later starts of that node's daemon.
+    pub fn set_daemon_env(&mut self, node: usize, name: &str, value: &str) {
+        let env = &mut self.nodes[node].env;
+        env.retain(|(k, _)| k != name);
+        env.push((name.into(), value.into()));
+    }
+
+    /// Starts the node's daemon inside the node's namespace and waits until it says it is ready.
+    pub fn start_daemon(&mut self, node: usize) -> Result<Duration, String> {
+        let started = Instant::now();
+        let n = &mut self.nodes[node];
+        if n.daemon.is_some() {
+            return Err(format!("{}: the daemon is already running", n.name));
+        }
+        let netns = std::fs::File::open(n.netns.path()).map_err(|e| e.to_string())?;
+        let out = std::fs::File::create(n.state.join("ipamd.out")).map_err(|e| e.to_string())?;
+        let mut command = Command::new(&self.binaries.ipamd);
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(n.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().map_err(|e| e.to_string())?)
+            .stderr(out);
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(&netns);
+        // SAFETY: setns is async-signal-safe, and `netns` stays open until the child has spawned.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| format!("{}: {e}", self.binaries.ipamd.display()))?;
+        n.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = n.daemon.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                n.daemon = None;
+                let out = std::fs::read_to_string(n.state.join("ipamd.out")).unwrap_or_default();
+                return Err(format!(
+                    "{}: vpc-ipamd exited with {status}:\n{out}\n{}",
+                    n.name,
+                    n.log_tail(20)
+                ));
+            }
+            if let Ok(proto::Reply::Status { ready: true, .. }) = n.status() {
+                return Ok(started.elapsed());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{}: vpc-ipamd not ready after 60 s:\n{}",
+                    n.name,
+                    n.log_tail(30)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the node's daemon; with `Stop::Term` waits for it to exit by itself.
+    pub fn stop_daemon(&mut self, node: usize, how: Stop) -> Result<(), String> {
+        let n = &mut self.nodes[node];
+        let Some(mut child) = n.daemon.take() else {
+            return Ok(());
+        };
+        match how {
+            Stop::Kill => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Ok(())
+            }
+            Stop::Term => {
+                // SAFETY: the pid is our child's, which has not been reaped yet.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(status)) if status.success() => return Ok(()),
+                        Ok(Some(status)) => {
+                            return Err(format!(
+                                "{}: vpc-ipamd exited with {status} on SIGTERM",
+                                n.name
+                            ))
+                        }
+                        _ if Instant::now() > deadline => {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            return Err(format!(
+                                "{}: vpc-ipamd did not stop within 30 s of SIGTERM",
+                                n.name
+                            ));
+                        }
+                        _ => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            }
+        }
+    }
+
+    fn conf(&self, node: usize, prev: Option<&Value>) -> String {
+        let n = &self.nodes[node];
+        let mut conf = json!({
+            "cniVersion": "1.0.0",
+            "name": NETWORK,
+            "type": "vpc-cni",
+            "vethPrefix": "eni",
+            "mtu": "9001",
+            "ipamdSocket": n.socket().display().to_string(),
+            "pluginLogFile": n.state.join("plugin.log").display().to_string(),
+        });
+        if let Some(prev) = prev {
+            conf["prevResult"] = prev.clone();
+        }
+        conf.to_string()
+    }
+
+    /// Runs the plugin as a runtime does: in the node's namespace, the CNI environment only.
+    pub fn run_plugin(
+        &self,
+        node: usize,
+        command: &str,
+        container_id: &str,
+        pod: &str,
+        netns: &Path,
+        prev: Option<&Value>,
+    ) -> Result<(i32, String), String> {
+        let n = &self.nodes[node];
+        let ns = std::fs::File::open(n.netns.path()).map_err(|e| e.to_string())?;
+        let args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id}"
+        );
+        let mut cmd = Command::new(&self.binaries.plugin);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin")
+            .env("CNI_ARGS", args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(&ns);
+        // SAFETY: as in start_daemon.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("{}: {e}", self.binaries.plugin.display()))?;
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(self.conf(node, prev).as_bytes())
+            .map_err(|e| e.to_string())?;
+        let output = child.wait_with_output().map_err(|e| e.to_string())?;
+        Ok((
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        ))
+    }
+
+    /// A new pod namespace wired by the plugin on `node`.
+    pub fn add_pod(&self, node: usize) -> Result<Pod, String> {
+        let n = self.next_pod.fetch_add(1, Ordering::SeqCst);
+        let name = format!("pod-{n}");
+        let netns = Netns::create("pod")?;
+        let container_id = format!("{:032x}{n:08x}", std::process::id());
+        let (code, stdout) =
+            self.run_plugin(node, "ADD", &container_id, &name, &netns.path(), None)?;
+        if code != 0 {
+            return Err(format!(
+                "ADD {name} on {}: exit {code}: {stdout}",
+                self.nodes[node].name
+            ));
+        }
+        let result: Value =
+            serde_json::from_str(&stdout).map_err(|e| format!("ADD result: {e}: {stdout}"))?;
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("ADD result without an address: {stdout}"))?;
+        Ok(Pod {
+            name,
+            node,
+            netns,
+            container_id,
+            ip,
+            result,
+        })
+    }
+
+    /// DEL through the plugin; the pod's namespace goes away after, as the runtime does.
+    pub fn del_pod(&self, pod: Pod) -> Result<(), String> {
+        let (code, stdout) = self.run_plugin(
+            pod.node,
+            "DEL",
+            &pod.container_id,
+            &pod.name,
+            &pod.netns.path(),
+            Some(&pod.result),
+        )?;
+        if code != 0 {
+            return Err(format!("DEL {}: exit {code}: {stdout}", pod.name));
+        }
+        Ok(())
+    }
+
+    /// Connects from `from` to `to:port` (where a `probe::WhoAmI` listens) and returns the source
+    /// address the far end saw.
+    pub fn seen_as(&self, from: &Netns, to: Ipv4Addr, port: u16) -> Result<Ipv4Addr, String> {
+        from.run(move || probe::seen_as(SocketAddr::from((to, port))))?
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.daemon.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if let Some(server) = self.server.take() {
+            server.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}

@@ -1,0 +1,101 @@
+//! Traffic probes: a listener that tells each client the address it came from, its client, and a
+//! small HTTP GET for the daemon's endpoints.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Answers every connection with the client's address, then closes it. Bound in whatever namespace
+/// the caller is in.
+pub struct WhoAmI {
+    fd: i32,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WhoAmI {
+    pub fn bind(address: SocketAddr) -> std::io::Result<WhoAmI> {
+        let listener = TcpListener::bind(address)?;
+        let fd = listener.as_raw_fd();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Ok(mut stream) = stream {
+                        if let Ok(peer) = stream.peer_addr() {
+                            let _ = stream.write_all(peer.ip().to_string().as_bytes());
+                        }
+                    }
+                }
+            })
+        };
+        Ok(WhoAmI {
+            fd,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for WhoAmI {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // SAFETY: the listener is owned by the thread joined below, so the fd is still open.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn seen_as(target: SocketAddr) -> Result<Ipv4Addr, String> {
+    let mut stream = TcpStream::connect_timeout(&target, TIMEOUT)
+        .map_err(|e| format!("connecting to {target}: {e}"))?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| format!("reading from {target}: {e}"))?;
+    answer
+        .parse()
+        .map_err(|_| format!("{target} answered {answer:?}"))
+}
+
+/// One GET with `Connection: close`; returns the status and the body.
+pub fn http_get(address: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut stream = TcpStream::connect_timeout(&address, TIMEOUT)
+        .map_err(|e| format!("connecting to {address}: {e}"))?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("reading from {address}: {e}"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{address}{path}: no HTTP response: {response:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("{address}{path}: bad status line {head:?}"))?;
+    Ok((status, body.to_string()))
+}

@@ -1,0 +1,202 @@
+//! `vpcctl install`, run by the DaemonSet's container: copy the plugin into the host's CNI bin
+//! directory, wait until the daemon is ready, then write the conflist. Writing it last is what tells
+//! kubelet the node's network is ready, as upstream's entrypoint does.
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub struct Install {
+    pub plugin: PathBuf,
+    pub bin_dir: PathBuf,
+    pub conf_dir: PathBuf,
+    pub socket: PathBuf,
+    pub wait: Duration,
+}
+
+/// Upstream's variables that shape the conflist (upstream-plugin.md §1.2), with upstream's defaults.
+fn setting(lookup: &dyn Fn(&str) -> Option<String>, name: &str, default: &str) -> String {
+    lookup(name)
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn flag(lookup: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<bool, String> {
+    match setting(lookup, name, "false").trim() {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        other => Err(format!("{name}={other:?}: expected true or false")),
+    }
+}
+
+/// The conflist: our plugin first, portmap after it, then bandwidth and tuning when asked for.
+pub fn conflist(lookup: &dyn Fn(&str) -> Option<String>, socket: &Path) -> Result<Value, String> {
+    let eni_mtu = setting(lookup, "AWS_VPC_ENI_MTU", "9001");
+    let mtu = setting(lookup, "POD_MTU", &eni_mtu);
+    let mtu_value: u32 = mtu
+        .trim()
+        .parse()
+        .map_err(|_| format!("POD_MTU/AWS_VPC_ENI_MTU {mtu:?} is not a number"))?;
+    if !(576..=9001).contains(&mtu_value) {
+        return Err(format!("MTU {mtu_value} must lie between 576 and 9001"));
+    }
+    let log_file = setting(
+        lookup,
+        "AWS_VPC_K8S_PLUGIN_LOG_FILE",
+        "/var/log/aws-routed-eni/plugin.log",
+    );
+    if log_file == "stdout" {
+        return Err("AWS_VPC_K8S_PLUGIN_LOG_FILE=stdout: the plugin's stdout is its result; use a file or stderr".into());
+    }
+    let mut plugin = json!({
+        "name": "aws-cni",
+        "type": "vpc-cni",
+        "vethPrefix": setting(lookup, "AWS_VPC_K8S_CNI_VETHPREFIX", "eni"),
+        "mtu": mtu_value.to_string(),
+        "podSGEnforcingMode": setting(lookup, "POD_SECURITY_GROUP_ENFORCING_MODE", "strict"),
+        "pluginLogFile": log_file,
+        "pluginLogLevel": setting(lookup, "AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "Debug"),
+        "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+    });
+    if socket != Path::new(proto::DEFAULT_SOCKET) {
+        plugin["ipamdSocket"] = json!(socket.display().to_string());
+    }
+    let mut plugins = vec![
+        plugin,
+        json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}),
+    ];
+    if flag(lookup, "ENABLE_BANDWIDTH_PLUGIN")? {
+        plugins.push(json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}));
+    }
+    if flag(lookup, "DISABLE_POD_V6")? {
+        plugins.push(json!({"type": "tuning", "sysctl": {
+            "net.ipv6.conf.all.disable_ipv6": "1",
+            "net.ipv6.conf.default.disable_ipv6": "1",
+            "net.ipv6.conf.lo.disable_ipv6": "1",
+        }}));
+    }
+    Ok(json!({"cniVersion": "1.0.0", "name": "aws-cni", "disableCheck": false, "plugins": plugins}))
+}
+
+/// Writes `bytes` to `path` so that readers see the old file or the new one, never half of it.
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, bytes).map_err(|e| format!("{}: {e}", temporary.display()))?;
+    std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("{}: {e}", temporary.display()))?;
+    std::fs::rename(&temporary, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub fn run(install: &Install, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let conflist = conflist(lookup, &install.socket)?;
+    let binary = std::fs::read(&install.plugin)
+        .map_err(|e| format!("plugin {}: {e}", install.plugin.display()))?;
+    std::fs::create_dir_all(&install.bin_dir)
+        .map_err(|e| format!("{}: {e}", install.bin_dir.display()))?;
+    write_atomically(&install.bin_dir.join("vpc-cni"), &binary, 0o755)?;
+
+    let deadline = Instant::now() + install.wait;
+    loop {
+        let last = match proto::call(
+            &install.socket,
+            &proto::Request::Status,
+            Duration::from_secs(5),
+        ) {
+            Ok(proto::Reply::Status { ready: true, .. }) => break,
+            Ok(proto::Reply::Status { detail, .. }) => format!("not ready: {detail}"),
+            Ok(other) => format!("unexpected reply {other:?}"),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() > deadline {
+            return Err(format!(
+                "vpc-ipamd at {} did not become ready within {} s ({last}); the conflist was not written",
+                install.socket.display(),
+                install.wait.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::fs::create_dir_all(&install.conf_dir)
+        .map_err(|e| format!("{}: {e}", install.conf_dir.display()))?;
+    let path = install.conf_dir.join("10-aws.conflist");
+    let text = serde_json::to_string_pretty(&conflist).expect("JSON serialises");
+    write_atomically(&path, text.as_bytes(), 0o644)?;
+    Ok(path.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_are_upstreams_with_portmap_chained_after_our_plugin() {
+        let c = conflist(&lookup(&[]), Path::new(proto::DEFAULT_SOCKET)).unwrap();
+        assert_eq!(c["name"], "aws-cni");
+        let plugins = c["plugins"].as_array().unwrap();
+        assert_eq!(plugins.len(), 2);
+        assert_eq!(plugins[0]["type"], "vpc-cni");
+        assert_eq!(plugins[0]["mtu"], "9001");
+        assert_eq!(plugins[0]["vethPrefix"], "eni");
+        assert!(plugins[0].get("ipamdSocket").is_none());
+        assert_eq!(plugins[1]["type"], "portmap");
+    }
+
+    #[test]
+    fn settings_shape_the_conflist_and_bad_values_are_refused() {
+        let vars = [
+            ("POD_MTU", "1500"),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", "cali"),
+            ("ENABLE_BANDWIDTH_PLUGIN", "true"),
+            ("DISABLE_POD_V6", "true"),
+        ];
+        let c = conflist(&lookup(&vars), Path::new("/run/x.sock")).unwrap();
+        let plugins = c["plugins"].as_array().unwrap();
+        assert_eq!(plugins[0]["mtu"], "1500");
+        assert_eq!(plugins[0]["vethPrefix"], "cali");
+        assert_eq!(plugins[0]["ipamdSocket"], "/run/x.sock");
+        let types: Vec<&str> = plugins
+            .iter()
+            .map(|p| p["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["vpc-cni", "portmap", "bandwidth", "tuning"]);
+        let e = conflist(&lookup(&[("POD_MTU", "70000")]), Path::new("/s")).unwrap_err();
+        assert!(e.contains("70000"), "{e}");
+        let e = conflist(
+            &lookup(&[("ENABLE_BANDWIDTH_PLUGIN", "yes")]),
+            Path::new("/s"),
+        )
+        .unwrap_err();
+        assert!(e.contains("ENABLE_BANDWIDTH_PLUGIN"), "{e}");
+    }
+
+    #[test]
+    fn without_a_ready_daemon_the_plugin_is_copied_but_no_conflist_is_written() {
+        let root = std::env::temp_dir().join(format!("vpcctl-install-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let plugin = root.join("plugin");
+        std::fs::write(&plugin, b"#!/bin/true\n").unwrap();
+        let install = Install {
+            plugin,
+            bin_dir: root.join("bin"),
+            conf_dir: root.join("net.d"),
+            socket: root.join("absent.sock"),
+            wait: Duration::from_millis(300),
+        };
+        let e = run(&install, &lookup(&[])).unwrap_err();
+        assert!(e.contains("did not become ready"), "{e}");
+        assert!(root.join("bin/vpc-cni").exists());
+        assert!(!root.join("net.d/10-aws.conflist").exists());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
