@@ -25,8 +25,9 @@ use tokio::sync::mpsc;
 
 /// Upstream's tag that keeps an ENI out of the pool.
 pub const NO_MANAGE_TAG: &str = "node.k8s.amazonaws.com/no_manage";
-/// An assignment this young is kept on restart even without host state: its ADD may still be wiring.
-const YOUNG: Duration = Duration::from_secs(60);
+/// An assignment this young is kept on restart even without host state: its ADD may still be wiring
+/// (a leak that CNI GC or the pod list repairs is better than an address given out twice).
+const YOUNG: Duration = Duration::from_secs(10);
 const IMDS_TRIES: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]

@@ -72,8 +72,14 @@ impl Fabric {
         if let Some((name, _)) = bridges.get(subnet_id) {
             return name.clone();
         }
-        let name = format!("br{}", bridges.len());
-        commands.push(format!("link add {name} type bridge"));
+        let index = bridges.len();
+        let name = format!("br{index}");
+        // A fixed MAC: a bridge that takes its lowest port's MAC changes address when an ENI is
+        // plugged in, and the kernel then flushes every neighbour entry on it, permanent ones too.
+        commands.push(format!(
+            "link add {name} address 02:fa:00:00:{:02x}:01 type bridge",
+            index
+        ));
         commands.push(format!(
             "addr add {}/{} dev {name}",
             gateway(cidr),

@@ -487,10 +487,11 @@ impl Testbed {
         }
     }
 
-    fn conf(&self, node: usize, prev: Option<&Value>) -> String {
+    /// The network configuration a runtime would pass; `prevResult` for DEL, as runtimes do.
+    pub fn conf(&self, node: usize, prev: Option<&Value>) -> Value {
         let n = &self.nodes[node];
         let mut conf = json!({
-            "cniVersion": "1.0.0",
+            "cniVersion": "1.1.0",
             "name": NETWORK,
             "type": "vpc-cni",
             "vethPrefix": "eni",
@@ -501,7 +502,7 @@ impl Testbed {
         if let Some(prev) = prev {
             conf["prevResult"] = prev.clone();
         }
-        conf.to_string()
+        conf
     }
 
     /// Runs the plugin as a runtime does: in the node's namespace, the CNI environment only.
@@ -512,7 +513,7 @@ impl Testbed {
         container_id: &str,
         pod: &str,
         netns: &Path,
-        prev: Option<&Value>,
+        conf: &Value,
     ) -> Result<(i32, String), String> {
         let n = &self.nodes[node];
         let ns = std::fs::File::open(n.netns.path()).map_err(|e| e.to_string())?;
@@ -548,7 +549,7 @@ impl Testbed {
             .stdin
             .take()
             .expect("stdin is piped")
-            .write_all(self.conf(node, prev).as_bytes())
+            .write_all(conf.to_string().as_bytes())
             .map_err(|e| e.to_string())?;
         let output = child.wait_with_output().map_err(|e| e.to_string())?;
         Ok((
@@ -563,8 +564,9 @@ impl Testbed {
         let name = format!("pod-{n}");
         let netns = Netns::create("pod")?;
         let container_id = format!("{:032x}{n:08x}", std::process::id());
+        let conf = self.conf(node, None);
         let (code, stdout) =
-            self.run_plugin(node, "ADD", &container_id, &name, &netns.path(), None)?;
+            self.run_plugin(node, "ADD", &container_id, &name, &netns.path(), &conf)?;
         if code != 0 {
             return Err(format!(
                 "ADD {name} on {}: exit {code}: {stdout}",
@@ -596,12 +598,42 @@ impl Testbed {
             &pod.container_id,
             &pod.name,
             &pod.netns.path(),
-            Some(&pod.result),
+            &self.conf(pod.node, Some(&pod.result)),
         )?;
         if code != 0 {
             return Err(format!("DEL {}: exit {code}: {stdout}", pod.name));
         }
         Ok(())
+    }
+
+    /// CNI GC as containerd 2 runs it: every attachment of the network not in `valid` is collected.
+    pub fn gc(&self, node: usize, valid: &[&Pod]) -> Result<(), String> {
+        let mut conf = self.conf(node, None);
+        conf["cni.dev/valid-attachments"] = valid
+            .iter()
+            .map(|p| json!({"containerID": p.container_id, "ifname": "eth0"}))
+            .collect();
+        let (code, stdout) = self.run_plugin(node, "GC", "", "", Path::new(""), &conf)?;
+        if code != 0 {
+            return Err(format!("GC: exit {code}: {stdout}"));
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM and returns at once: the daemon drains (DEL still served) before it exits.
+    pub fn terminate(&self, node: usize) {
+        if let Some(pid) = self.nodes[node].daemon_pid() {
+            // SAFETY: the pid is our child's, which has not been reaped yet.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+    }
+
+    /// SIGKILL from a shared reference (to race it against plugin calls); `stop_daemon` reaps it.
+    pub fn kill(&self, node: usize) {
+        if let Some(pid) = self.nodes[node].daemon_pid() {
+            // SAFETY: as in `terminate`.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
     }
 
     /// Connects from `from` to `to:port` (where a `probe::WhoAmI` listens) and returns the source

@@ -1,0 +1,354 @@
+//! The daemon end to end on the demo machinery: the simulated VPC over HTTP, node namespaces whose
+//! ENIs are veth pairs, the real vpc-ipamd (the AWS SDK backend with the endpoint override) and pods
+//! wired by the real plugin. Needs root; skipped loudly without it.
+
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use std::collections::{BTreeSet, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+use testbed::probe::WhoAmI;
+use testbed::{Binaries, Options, Pod, Stop, Testbed};
+
+const PORT: u16 = 7000;
+
+fn skip(test: &str, why: &str) {
+    // Past the harness's capture, so that a skip is never silent.
+    let line = format!("SKIPPED {test}: {why}\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    if let Ok(mut tty) = std::fs::OpenOptions::new().append(true).open("/dev/tty") {
+        let _ = std::io::Write::write_all(&mut tty, line.as_bytes());
+    }
+}
+
+fn testbed(test: &str, options: Options) -> Option<Testbed> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip(test, "needs root for network namespaces");
+        return None;
+    }
+    let mut binaries = Binaries::locate().unwrap_or_else(|e| {
+        panic!("{e}: the end-to-end tests run the plugin built by `cargo test --workspace`")
+    });
+    binaries.ipamd = env!("CARGO_BIN_EXE_vpc-ipamd").into();
+    Some(Testbed::start(&options, binaries).unwrap())
+}
+
+fn options(env: &[(&str, &str)]) -> Options {
+    Options {
+        daemon_env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Options::default()
+    }
+}
+
+/// Waits until the daemon has no EC2 action in flight and no ADD waiting, and returns /v1/status.
+fn settled(tb: &Testbed, node: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = tb.nodes[node].introspect("/v1/status").unwrap();
+        if status["ec2ActionsInFlight"] == 0 && status["pendingAdds"] == 0 {
+            // A decision can follow the last result: look twice.
+            std::thread::sleep(Duration::from_millis(300));
+            let again = tb.nodes[node].introspect("/v1/status").unwrap();
+            if again["ec2ActionsInFlight"] == 0 && again == status {
+                return status;
+            }
+        }
+        assert!(Instant::now() < deadline, "never settled: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The addresses EC2 says the node's ENIs hold (secondary /32s and /28s), and the ENIs it lists
+/// as available (created and never attached, or detached and not deleted) with our tags.
+fn ec2_view(tb: &Testbed, node: usize) -> (BTreeSet<String>, Vec<String>) {
+    let model = tb.vpc_model();
+    let vpc = model.lock().unwrap();
+    let instance = &tb.nodes[node].instance_id;
+    let mut held = BTreeSet::new();
+    let mut loose = Vec::new();
+    for eni in vpc.interfaces() {
+        match &eni.attachment {
+            Some(a) if &a.instance_id == instance => {
+                held.extend(eni.secondary_ips.iter().map(|ip| format!("{ip}/32")));
+                held.extend(eni.prefixes.iter().map(|p| p.to_string()));
+            }
+            None if eni.tags.get(cloud_instance_tag()) == Some(instance) => {
+                loose.push(eni.id.clone())
+            }
+            _ => {}
+        }
+    }
+    (held, loose)
+}
+
+fn cloud_instance_tag() -> &'static str {
+    "node.k8s.amazonaws.com/instance_id"
+}
+
+/// No address twice, none leaked, the pool equal to EC2's view, the checkpoint equal to the pods,
+/// and every running pod reachable from its own address.
+fn check_invariants(tb: &Testbed, node: usize, running: &[Pod]) {
+    settled(tb, node);
+    let pods = tb.nodes[node].introspect("/v1/pods").unwrap();
+    let assigned: Vec<String> = pods
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["ip"].as_str().unwrap().to_string())
+        .collect();
+    let unique: HashSet<&String> = assigned.iter().collect();
+    assert_eq!(
+        unique.len(),
+        assigned.len(),
+        "an address is assigned twice: {assigned:?}"
+    );
+    let mut expected: Vec<String> = running.iter().map(|p| p.ip.to_string()).collect();
+    let mut got = assigned.clone();
+    expected.sort();
+    got.sort();
+    assert_eq!(
+        got, expected,
+        "the daemon's assignments differ from the running pods"
+    );
+
+    let checkpoint: Value =
+        serde_json::from_slice(&std::fs::read(tb.nodes[node].checkpoint()).unwrap()).unwrap();
+    let mut recorded: Vec<String> = checkpoint["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["ipv4"].as_str().unwrap().to_string())
+        .collect();
+    recorded.sort();
+    assert_eq!(
+        recorded, expected,
+        "the checkpoint differs from the running pods"
+    );
+
+    let enis = tb.nodes[node].introspect("/v1/enis").unwrap();
+    let pool: BTreeSet<String> = enis["0"]["ENIs"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|e| e["AvailableIPv4Cidrs"].as_object().unwrap().keys().cloned())
+        .collect();
+    let (held, loose) = ec2_view(tb, node);
+    assert_eq!(
+        pool, held,
+        "the pool differs from what EC2 says the ENIs hold"
+    );
+    assert!(loose.is_empty(), "ENIs left unattached: {loose:?}");
+
+    let router = tb.nodes[node].gateway;
+    let _listener = tb
+        .vpc
+        .run(move || WhoAmI::bind(SocketAddr::from((router, PORT))).unwrap())
+        .unwrap();
+    for pod in running {
+        assert_eq!(
+            tb.seen_as(&pod.netns, router, PORT).unwrap(),
+            pod.ip,
+            "{} lost its connectivity",
+            pod.name
+        );
+    }
+}
+
+/// ADDs racing a daemon kill: those that fail are deleted, as a runtime does.
+fn adds_during(tb: &Testbed, node: usize, count: usize, while_doing: impl FnOnce()) -> Vec<Pod> {
+    std::thread::scope(|scope| {
+        let adders: Vec<_> = (0..count)
+            .map(|_| scope.spawn(move || tb.add_pod(node)))
+            .collect();
+        while_doing();
+        adders
+            .into_iter()
+            .filter_map(|a| a.join().unwrap().ok())
+            .collect()
+    })
+}
+
+#[test]
+fn churn_of_100_pods_survives_sigterm_and_kill_restarts() {
+    let test = "churn_of_100_pods_survives_sigterm_and_kill_restarts";
+    let Some(mut tb) = testbed(test, options(&[("IP_COOLDOWN_PERIOD", "1")])) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut running: Vec<Pod> = Vec::new();
+    let mut added = 0;
+    while added < 100 {
+        if added == 35 {
+            // SIGTERM: DEL is still served while the daemon drains, ADD is refused.
+            tb.terminate(0);
+            std::thread::sleep(Duration::from_millis(100));
+            let pod = running.swap_remove(rng.gen_range(0..running.len()));
+            tb.del_pod(pod).unwrap();
+            let refused = tb.add_pod(0);
+            assert!(refused.is_err(), "ADD must be refused while draining");
+            tb.stop_daemon(0, Stop::Term).unwrap();
+            tb.start_daemon(0).unwrap();
+            check_invariants(&tb, 0, &running);
+        }
+        if added == 70 {
+            // kill -9 while ADDs are in flight, at a random moment.
+            let delay = Duration::from_millis(rng.gen_range(0..40));
+            let survivors = adds_during(&tb, 0, 4, || {
+                std::thread::sleep(delay);
+                tb.kill(0);
+            });
+            tb.stop_daemon(0, Stop::Kill).unwrap();
+            added += 4;
+            running.extend(survivors);
+            tb.start_daemon(0).unwrap();
+            // What the runtime's GC does with the attachments of ADDs that failed.
+            tb.gc(0, &running.iter().collect::<Vec<_>>()).unwrap();
+            check_invariants(&tb, 0, &running);
+        }
+        if running.len() < 12 || (running.len() < 25 && rng.gen_bool(0.6)) {
+            running.push(tb.add_pod(0).unwrap());
+            added += 1;
+        } else {
+            let pod = running.swap_remove(rng.gen_range(0..running.len()));
+            tb.del_pod(pod).unwrap();
+        }
+    }
+    check_invariants(&tb, 0, &running);
+    for pod in running.drain(..) {
+        tb.del_pod(pod).unwrap();
+    }
+    check_invariants(&tb, 0, &running);
+}
+
+#[test]
+fn warm_eni_target_keeps_a_whole_eni_of_addresses_free() {
+    let Some(tb) = testbed("warm_eni_target", options(&[])) else {
+        return;
+    };
+    let mut tb = tb;
+    tb.start_daemon(0).unwrap();
+    let status = settled(&tb, 0);
+    // m5.large: 9 addresses per ENI; WARM_ENI_TARGET=1 by default.
+    assert_eq!(status["addresses"]["total"], 9, "{status}");
+    let pods: Vec<Pod> = (0..4).map(|_| tb.add_pod(0).unwrap()).collect();
+    let status = settled(&tb, 0);
+    assert_eq!(status["enis"], 2, "{status}");
+    assert_eq!(status["addresses"]["total"], 18, "{status}");
+    assert_eq!(status["addresses"]["available"], 14, "{status}");
+    check_invariants(&tb, 0, &pods);
+}
+
+#[test]
+fn warm_ip_target_with_minimum_ip_target() {
+    let env = [("WARM_IP_TARGET", "5"), ("MINIMUM_IP_TARGET", "10")];
+    let Some(mut tb) = testbed("warm_ip_target", options(&env)) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let status = settled(&tb, 0);
+    assert_eq!(status["addresses"]["total"], 10, "{status}");
+    let pods: Vec<Pod> = (0..8).map(|_| tb.add_pod(0).unwrap()).collect();
+    let status = settled(&tb, 0);
+    // max(MINIMUM_IP_TARGET, assigned + WARM_IP_TARGET) = max(10, 8 + 5)
+    assert_eq!(status["addresses"]["total"], 13, "{status}");
+    assert_eq!(status["addresses"]["available"], 5, "{status}");
+    check_invariants(&tb, 0, &pods);
+}
+
+#[test]
+fn prefix_delegation_keeps_warm_prefix_target_free_prefixes() {
+    let env = [
+        ("ENABLE_PREFIX_DELEGATION", "true"),
+        ("WARM_PREFIX_TARGET", "1"),
+    ];
+    let Some(mut tb) = testbed("prefix_delegation", options(&env)) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let status = settled(&tb, 0);
+    assert_eq!(status["addresses"]["prefixes"], 1, "{status}");
+    let pods: Vec<Pod> = (0..20).map(|_| tb.add_pod(0).unwrap()).collect();
+    let status = settled(&tb, 0);
+    // 20 pods fill two /28s (packed into the fullest first), plus one whole free /28.
+    assert_eq!(status["addresses"]["prefixes"], 3, "{status}");
+    assert_eq!(status["addresses"]["available"], 28, "{status}");
+    for pod in &pods {
+        assert!(pod.ip.octets()[0] == 10, "{}", pod.ip);
+    }
+    check_invariants(&tb, 0, &pods);
+}
+
+#[test]
+fn custom_networking_puts_pods_in_the_eniconfig_subnet() {
+    let mut options = options(&[("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true")]);
+    options.custom_networking = true;
+    let Some(mut tb) = testbed("custom_networking", options) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let pods: Vec<Pod> = (0..5).map(|_| tb.add_pod(0).unwrap()).collect();
+    let pod_cidr: ipam::Ipv4Cidr = testbed::POD_CIDR.parse().unwrap();
+    for pod in &pods {
+        assert!(pod_cidr.contains(pod.ip), "{} is not in {pod_cidr}", pod.ip);
+    }
+    let enis = tb.nodes[0].introspect("/v1/enis").unwrap();
+    let pod_subnet = tb.pod_subnet.clone().unwrap();
+    for (id, eni) in enis["0"]["ENIs"].as_object().unwrap() {
+        if eni["IsPrimary"] == true {
+            assert_eq!(eni["SubnetID"], tb.node_subnet.as_str(), "{id}");
+            assert!(
+                eni["AvailableIPv4Cidrs"].as_object().unwrap().is_empty(),
+                "the primary ENI gives no pod addresses: {eni}"
+            );
+        } else {
+            assert_eq!(eni["SubnetID"], pod_subnet.as_str(), "{id}");
+        }
+    }
+    let a = &pods[0];
+    let b = &pods[1];
+    let address = SocketAddr::from((b.ip, PORT));
+    let _listener = b.netns.run(move || WhoAmI::bind(address).unwrap()).unwrap();
+    assert_eq!(tb.seen_as(&a.netns, b.ip, PORT).unwrap(), a.ip);
+    check_invariants(&tb, 0, &pods);
+}
+
+#[test]
+fn a_tight_ec2_bucket_slows_allocation_but_loses_nothing() {
+    let mut options = options(&[("WARM_IP_TARGET", "1"), ("MINIMUM_IP_TARGET", "1")]);
+    options.ec2.mutating_bucket = (1.0, 2.0);
+    options.ec2.non_mutating_bucket = (2.0, 2.0);
+    let Some(mut tb) = testbed("tight_bucket", options) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let pods: Vec<Pod> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let tb = &tb;
+                scope.spawn(move || (0..5).map(|_| tb.add_pod(0).unwrap()).collect::<Vec<_>>())
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert_eq!(pods.len(), 20);
+    let throttled: u64 = {
+        let model = tb.vpc_model();
+        let vpc = model.lock().unwrap();
+        vpc.calls.values().map(|c| c.throttled).sum()
+    };
+    assert!(
+        throttled > 0,
+        "the bucket never throttled: the test proves nothing"
+    );
+    let seen: HashSet<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    assert_eq!(seen.len(), pods.len());
+    check_invariants(&tb, 0, &pods);
+}
