@@ -1,0 +1,168 @@
+//! The daemon's footprint and speed on the demo machinery (needs root):
+//! * time from start to Ready on a fresh simulated node;
+//! * ADD round trip through the daemon's socket with a warm pool, p50 and p99, against the reference
+//!   measured in the same run: an ADD of the host-local IPAM plugin (the allocator most CNI plugins
+//!   delegate to) for the same number of addresses;
+//! * the daemon's RSS with 250 pods assigned, against the 20 MiB target and the 40 MiB at which
+//!   upstream's aws-node starts (upstream cannot run here, so that figure is the documented one).
+//!
+//! Run with `bench/daemon.sh`.
+
+use proto::{Attachment, PodRef, Reply, Request};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use testbed::{Binaries, Options, Testbed};
+
+const PODS: usize = 250;
+const UPSTREAM_RSS_MIB: f64 = 40.0;
+const TARGET_RSS_MIB: f64 = 20.0;
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn binaries() -> Binaries {
+    Binaries {
+        ipamd: env!("CARGO_BIN_EXE_vpc-ipamd").into(),
+        plugin: PathBuf::new(),
+    }
+}
+
+fn add(socket: &std::path::Path, i: usize) -> Duration {
+    let request = Request::Add {
+        attachment: Attachment {
+            network: "aws-cni".into(),
+            container_id: format!("bench{i:06}"),
+            ifname: "eth0".into(),
+        },
+        pod: PodRef {
+            namespace: "bench".into(),
+            name: format!("pod-{i}"),
+            infra_container_id: String::new(),
+            uid: String::new(),
+        },
+        netns: format!("/var/run/netns/bench-{i}"),
+    };
+    let started = Instant::now();
+    let reply = proto::call(socket, &request, Duration::from_secs(60)).expect("the daemon answers");
+    let took = started.elapsed();
+    assert!(matches!(reply, Reply::Added { .. }), "{reply:?}");
+    took
+}
+
+/// host-local ADD for `count` containers from a /16, as a runtime would exec it.
+fn host_local(count: usize) -> Option<Vec<Duration>> {
+    let binary = ["/usr/lib/cni/host-local", "/opt/cni/bin/host-local"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())?;
+    let data = std::env::temp_dir().join(format!("bench-host-local-{}", std::process::id()));
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "bench", "type": "bridge",
+        "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.200.0.0/16"}]], "dataDir": data},
+    })
+    .to_string();
+    let mut samples = Vec::new();
+    for i in 0..count {
+        let started = Instant::now();
+        let mut child = Command::new(&binary)
+            .env_clear()
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", format!("bench{i:06}"))
+            .env("CNI_NETNS", "/var/run/netns/none")
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        child.stdin.take()?.write_all(conf.as_bytes()).ok()?;
+        if !child.wait().ok()?.success() {
+            return None;
+        }
+        samples.push(started.elapsed());
+    }
+    let _ = std::fs::remove_dir_all(&data);
+    Some(samples)
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED daemon benchmark: needs root for network namespaces");
+        return;
+    }
+    let mut ready = Vec::new();
+    for _ in 0..5 {
+        let mut tb = Testbed::start(&Options::default(), binaries()).expect("testbed");
+        ready.push(tb.start_daemon(0).expect("daemon starts"));
+    }
+    let mut ready_sorted = ready.clone();
+    println!(
+        "start to Ready on a fresh m5.large node (5 runs): p50 {:.0} ms, max {:.0} ms",
+        ms(percentile(&mut ready_sorted, 0.5)),
+        ms(*ready.iter().max().expect("five runs"))
+    );
+
+    // A node that can hold 250 pods, with the pool warmed past them.
+    let options = Options {
+        instance_type: "m5.16xlarge".into(),
+        daemon_env: vec![
+            ("MINIMUM_IP_TARGET".into(), "260".into()),
+            ("WARM_IP_TARGET".into(), "10".into()),
+            ("AWS_VPC_K8S_CNI_LOGLEVEL".into(), "INFO".into()),
+        ],
+        ..Options::default()
+    };
+    let mut tb = Testbed::start(&options, binaries()).expect("testbed");
+    tb.start_daemon(0).expect("daemon starts");
+    let socket = tb.nodes[0].socket();
+    let pid = tb.nodes[0].daemon_pid().expect("running");
+    let idle = rss_mib(pid);
+    let mut rtt: Vec<Duration> = (0..PODS).map(|i| add(&socket, i)).collect();
+    let loaded = rss_mib(pid);
+    let p50 = percentile(&mut rtt, 0.5);
+    let p99 = percentile(&mut rtt, 0.99);
+    println!(
+        "ADD round trip through the daemon, warm pool, {PODS} pods: p50 {:.3} ms, p99 {:.3} ms",
+        ms(p50),
+        ms(p99)
+    );
+    match host_local(PODS) {
+        Some(mut reference) => {
+            let r50 = percentile(&mut reference, 0.5);
+            let r99 = percentile(&mut reference, 0.99);
+            println!(
+                "reference, host-local IPAM ADD (same run): p50 {:.3} ms, p99 {:.3} ms; ratio p50 {:.2}, p99 {:.2}",
+                ms(r50),
+                ms(r99),
+                p50.as_secs_f64() / r50.as_secs_f64(),
+                p99.as_secs_f64() / r99.as_secs_f64()
+            );
+        }
+        None => println!("reference: host-local not found (apt-get install containernetworking-plugins)"),
+    }
+    println!(
+        "daemon RSS: {idle:.1} MiB idle, {loaded:.1} MiB with {PODS} pods assigned; ratio to upstream's {UPSTREAM_RSS_MIB} MiB: {:.2}; target {TARGET_RSS_MIB} MiB {}",
+        loaded / UPSTREAM_RSS_MIB,
+        if loaded <= TARGET_RSS_MIB { "met" } else { "NOT met" }
+    );
+}
