@@ -158,7 +158,9 @@ fn main() {
                 p99.as_secs_f64() / r99.as_secs_f64()
             );
         }
-        None => println!("reference: host-local not found (apt-get install containernetworking-plugins)"),
+        None => println!(
+            "reference: host-local not found (apt-get install containernetworking-plugins)"
+        ),
     }
     println!(
         "daemon RSS: {idle:.1} MiB idle, {loaded:.1} MiB with {PODS} pods assigned; ratio to upstream's {UPSTREAM_RSS_MIB} MiB: {:.2}; target {TARGET_RSS_MIB} MiB {}",
