@@ -199,4 +199,50 @@ mod tests {
         assert!(!root.join("net.d/10-aws.conflist").exists());
         let _ = std::fs::remove_dir_all(&root);
     }
+
+    #[test]
+    fn the_conflist_is_written_once_the_daemon_says_ready() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED the_conflist_is_written_once_the_daemon_says_ready: the daemon's socket serves root only");
+            return;
+        }
+        let root =
+            std::env::temp_dir().join(format!("vpcctl-install-ready-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let plugin = root.join("plugin");
+        std::fs::write(&plugin, b"#!/bin/true\n").unwrap();
+        let socket = root.join("ipamd.sock");
+        let listener = proto::Listener::bind(&socket).unwrap();
+        // A daemon that is warming for its first two answers, then ready.
+        let daemon = std::thread::spawn(move || {
+            for answered in 0..3 {
+                let stream = listener.accept().unwrap();
+                proto::serve_one(&stream, |_| proto::Reply::Status {
+                    ready: answered == 2,
+                    available_addresses: 9,
+                    detail: String::new(),
+                })
+                .unwrap();
+            }
+        });
+        let install = Install {
+            plugin,
+            bin_dir: root.join("bin"),
+            conf_dir: root.join("net.d"),
+            socket: socket.clone(),
+            wait: Duration::from_secs(10),
+        };
+        let written = run(&install, &lookup(&[])).unwrap();
+        daemon.join().unwrap();
+        let conflist: Value =
+            serde_json::from_str(&std::fs::read_to_string(&written).unwrap()).unwrap();
+        assert_eq!(
+            conflist["plugins"][0]["ipamdSocket"],
+            socket.display().to_string()
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }
