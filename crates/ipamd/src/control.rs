@@ -21,6 +21,9 @@ use tokio::sync::{mpsc, oneshot};
 pub const ADD_WAIT: Duration = Duration::from_secs(45);
 /// After SIGTERM: DEL is still served this long, so that pods deleted during a rollout are cleaned.
 pub const DRAIN: Duration = Duration::from_secs(5);
+/// The network name under which the addresses of pods found wired on the host are kept when the
+/// checkpoint was unreadable; their container id is the pod's host veth name.
+pub const RECOVERED_NETWORK: &str = "recovered";
 
 pub type Inspector = Box<dyn FnOnce(&Control) + Send>;
 
@@ -89,6 +92,7 @@ fn allocation(a: &Assignment) -> Allocation {
 pub struct Control {
     pool: Pool,
     settings: PoolSettings,
+    veth_prefix: String,
     provisioning: bool,
     phase: Phase,
     waiting: VecDeque<Waiting>,
@@ -109,6 +113,7 @@ impl Control {
     pub fn new(
         pool: Pool,
         settings: PoolSettings,
+        veth_prefix: String,
         provisioning: bool,
         store: Store,
         executor: Arc<Executor>,
@@ -119,6 +124,7 @@ impl Control {
         Control {
             pool,
             settings,
+            veth_prefix,
             provisioning,
             phase: Phase::Warming,
             waiting: VecDeque::new(),
@@ -348,7 +354,9 @@ impl Control {
                 }
             }
             Request::Del {
-                attachment, reason, ..
+                attachment,
+                reason,
+                pod,
             } => {
                 let reason_label = match reason {
                     DelReason::PodDeleted => "PodDeleted",
@@ -364,7 +372,22 @@ impl Control {
                         message: "the pod was deleted while it waited for an address".into(),
                     });
                 }
-                let released = match self.pool.unassign(&key, now) {
+                // An address recovered from the host after a corrupt checkpoint is known by the
+                // pod's host veth, which the pod's namespace and name give.
+                let recovered = pod.map(|p| {
+                    let veth = datapath::names::host_veth_name(
+                        &self.veth_prefix,
+                        &datapath::names::pod_key(&p.namespace, &p.name),
+                    );
+                    IpamKey::new(RECOVERED_NETWORK, &veth, "eth0")
+                });
+                let unassigned = self.pool.unassign(&key, now).or_else(|e| {
+                    match recovered.filter(|r| self.pool.assignment(r).is_some()) {
+                        Some(r) => self.pool.unassign(&r, now),
+                        None => Err(e),
+                    }
+                });
+                let released = match unassigned {
                     Ok(a) => {
                         self.dirty = true;
                         log::debug("released", &[("ip", &a.ip), ("pod", &a.meta.name)]);

@@ -282,7 +282,7 @@ pub async fn start(
                 allocations: wired
                     .iter()
                     .map(|(ip, veth)| Allocation {
-                        network_name: "recovered".into(),
+                        network_name: control::RECOVERED_NETWORK.into(),
                         container_id: veth.clone(),
                         if_name: "eth0".into(),
                         ipv4: Some(*ip),
@@ -341,6 +341,7 @@ pub async fn start(
     let control = Control::new(
         pool,
         settings,
+        config.veth_prefix.clone(),
         !config.disable_provisioning,
         store,
         executor.clone(),

@@ -349,3 +349,65 @@ fn a_tight_ec2_bucket_slows_allocation_but_loses_nothing() {
     assert_eq!(seen.len(), pods.len());
     check_invariants(&tb, 0, &pods);
 }
+
+#[test]
+fn a_corrupt_checkpoint_is_kept_aside_and_wired_pods_keep_their_addresses() {
+    let Some(mut tb) = testbed("corrupt_checkpoint", options(&[])) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let mut running: Vec<Pod> = (0..3).map(|_| tb.add_pod(0).unwrap()).collect();
+    tb.stop_daemon(0, Stop::Term).unwrap();
+    let checkpoint = tb.nodes[0].checkpoint();
+    let whole = std::fs::read(&checkpoint).unwrap();
+    std::fs::write(&checkpoint, &whole[..whole.len() / 2]).unwrap();
+    tb.start_daemon(0).unwrap();
+    let aside: Vec<_> = std::fs::read_dir(checkpoint.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("ipam.json.corrupt-")
+        })
+        .collect();
+    assert_eq!(
+        aside.len(),
+        1,
+        "the unreadable checkpoint is kept for a human"
+    );
+    assert_eq!(
+        std::fs::read(aside[0].path()).unwrap(),
+        &whole[..whole.len() / 2]
+    );
+    // New pods never get the addresses of the pods still wired.
+    let newcomers: Vec<Pod> = (0..8).map(|_| tb.add_pod(0).unwrap()).collect();
+    for pod in &newcomers {
+        assert!(
+            running.iter().all(|r| r.ip != pod.ip),
+            "{} given out twice",
+            pod.ip
+        );
+    }
+    // DEL of a recovered pod still releases its address: it is found by the pod's host veth.
+    let first = running.remove(0);
+    let released = first.ip;
+    tb.del_pod(first).unwrap();
+    let pods = tb.nodes[0].introspect("/v1/pods").unwrap();
+    assert!(
+        pods.as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["ip"] != released.to_string()),
+        "{released} still assigned after DEL: {pods}"
+    );
+    running.extend(newcomers);
+    let router = tb.nodes[0].gateway;
+    let _listener = tb
+        .vpc
+        .run(move || WhoAmI::bind(SocketAddr::from((router, PORT))).unwrap())
+        .unwrap();
+    for pod in &running {
+        assert_eq!(tb.seen_as(&pod.netns, router, PORT).unwrap(), pod.ip);
+    }
+}
