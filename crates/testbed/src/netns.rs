@@ -52,16 +52,15 @@ pub fn ip_batch(netns: &str, commands: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Writes a sysctl inside `netns` (from a thread that entered it: /proc/sys/net is per namespace),
+/// without depending on the sysctl tool.
 pub fn sysctl(netns: &str, key: &str, value: &str) -> Result<(), String> {
-    ip(&[
-        "netns",
-        "exec",
-        netns,
-        "sysctl",
-        "-qw",
-        &format!("{key}={value}"),
-    ])
-    .map(|_| ())
+    let ns = datapath::netns::NetNs::open(format!("/var/run/netns/{netns}"))
+        .map_err(|e| e.to_string())?;
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    ns.run(|| std::fs::write(&path, value))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{netns}: {path}: {e}"))
 }
 
 /// A network namespace that is deleted, with everything in it, when dropped.
