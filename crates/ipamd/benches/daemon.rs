@@ -4,7 +4,9 @@
 //!   measured in the same run: an ADD of the host-local IPAM plugin (the allocator most CNI plugins
 //!   delegate to) for the same number of addresses;
 //! * the daemon's RSS with 250 pods assigned, against the 20 MiB target and the 40 MiB at which
-//!   upstream's aws-node starts (upstream cannot run here, so that figure is the documented one).
+//!   upstream's aws-node starts (upstream cannot run here, so that figure is the documented one);
+//! * EC2 calls per 100 pods scheduled on a fresh m5.large node (five waves of 20 ADDs then 20 DELs,
+//!   start-up included), default settings against prefix delegation, through the real AWS client.
 //!
 //! Run with `bench/daemon.sh`.
 
@@ -45,13 +47,85 @@ fn binaries() -> Binaries {
     }
 }
 
+fn attachment(i: usize) -> Attachment {
+    Attachment {
+        network: "aws-cni".into(),
+        container_id: format!("bench{i:06}"),
+        ifname: "eth0".into(),
+    }
+}
+
+fn del(socket: &std::path::Path, i: usize) {
+    let request = Request::Del {
+        attachment: attachment(i),
+        pod: None,
+        reason: proto::DelReason::PodDeleted,
+    };
+    let reply = proto::call(socket, &request, Duration::from_secs(60)).expect("the daemon answers");
+    assert!(
+        matches!(reply, Reply::Deleted { released: Some(_) }),
+        "{reply:?}"
+    );
+}
+
+/// Waits until the daemon has no EC2 action in flight.
+fn settle(tb: &Testbed) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let status = tb.nodes[0].introspect("/v1/status").expect("introspection");
+        if status["ec2ActionsInFlight"] == 0 && status["pendingAdds"] == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the daemon never settled");
+}
+
+/// Every call EC2 answered for the node since it started, by operation.
+fn ec2_calls_per_100_pods(env: &[(&str, &str)]) -> (u64, String) {
+    let mut daemon_env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    daemon_env.push(("AWS_VPC_K8S_CNI_LOGLEVEL".into(), "INFO".into()));
+    // The hourly leaked-ENI scan starts at a random moment of the first minute: not per pod.
+    daemon_env.push(("DISABLE_LEAKED_ENI_CLEANUP".into(), "true".into()));
+    let options = Options {
+        daemon_env,
+        ..Options::default()
+    };
+    let mut tb = Testbed::start(&options, binaries()).expect("testbed");
+    tb.start_daemon(0).expect("daemon starts");
+    let socket = tb.nodes[0].socket();
+    for wave in 0..5 {
+        for i in 0..20 {
+            add(&socket, wave * 20 + i);
+        }
+        settle(&tb);
+        for i in 0..20 {
+            del(&socket, wave * 20 + i);
+        }
+        settle(&tb);
+    }
+    let model = tb.vpc_model();
+    let vpc = model.lock().expect("vpc lock");
+    let total = vpc
+        .calls
+        .values()
+        .map(|c| c.ok + c.throttled + c.failed)
+        .sum();
+    let by_operation = vpc
+        .calls
+        .iter()
+        .map(|(op, c)| format!("{} {}", op.name(), c.ok + c.throttled + c.failed))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (total, by_operation)
+}
+
 fn add(socket: &std::path::Path, i: usize) -> Duration {
     let request = Request::Add {
-        attachment: Attachment {
-            network: "aws-cni".into(),
-            container_id: format!("bench{i:06}"),
-            ifname: "eth0".into(),
-        },
+        attachment: attachment(i),
         pod: PodRef {
             namespace: "bench".into(),
             name: format!("pod-{i}"),
@@ -162,6 +236,15 @@ fn main() {
             "reference: host-local not found (apt-get install containernetworking-plugins)"
         ),
     }
+    drop(tb);
+
+    let (default_calls, default_ops) = ec2_calls_per_100_pods(&[]);
+    let (pd_calls, pd_ops) = ec2_calls_per_100_pods(&[("ENABLE_PREFIX_DELEGATION", "true")]);
+    println!("EC2 calls per 100 pods on a fresh m5.large, default settings: {default_calls} ({default_ops})");
+    println!(
+        "EC2 calls per 100 pods on a fresh m5.large, prefix delegation: {pd_calls} ({pd_ops}); ratio {:.2}",
+        pd_calls as f64 / default_calls as f64
+    );
     println!(
         "daemon RSS: {idle:.1} MiB idle, {loaded:.1} MiB with {PODS} pods assigned; ratio to upstream's {UPSTREAM_RSS_MIB} MiB: {:.2}; target {TARGET_RSS_MIB} MiB {}",
         loaded / UPSTREAM_RSS_MIB,
