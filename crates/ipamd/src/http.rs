@@ -99,7 +99,9 @@ async fn write(stream: &mut TcpStream, response: &Response) -> std::io::Result<(
         response.content_type,
         response.body.len()
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(response.body.as_bytes()).await?;
+    // One write: a head and a body sent apart wait out the client's delayed ACK under Nagle.
+    let mut message = head.into_bytes();
+    message.extend_from_slice(response.body.as_bytes());
+    stream.write_all(&message).await?;
     stream.shutdown().await
 }

@@ -195,7 +195,9 @@ fn write_response(out: &mut TcpStream, response: &Response, keep_alive: bool) ->
         response.body.len(),
         if keep_alive { "keep-alive" } else { "close" }
     ));
-    out.write_all(head.as_bytes())?;
-    out.write_all(response.body.as_bytes())?;
+    // One write: a head and a body sent apart wait out the client's delayed ACK (40 ms) under Nagle.
+    let mut message = head.into_bytes();
+    message.extend_from_slice(response.body.as_bytes());
+    out.write_all(&message)?;
     out.flush()
 }
