@@ -97,9 +97,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum SimvpcCommand {
-    /// Serves EC2's Query API and each instance's IMDSv2 on loopback until stopped.
+    /// Serves EC2's Query API and each instance's IMDSv2 until stopped.
     Serve {
-        /// Where EC2 listens; each instance's IMDS gets a loopback port of its own.
+        /// Where EC2 listens; each instance's IMDS gets a port of its own at the same address.
         #[arg(long, default_value = "127.0.0.1:4566")]
         listen: std::net::SocketAddr,
         /// The VPC, subnets and instances (docs/simvpc.md); without it, one m5.large node.
