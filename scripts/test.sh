@@ -31,9 +31,10 @@ if ! command -v cargo >/dev/null; then
 fi
 
 # moto ships EC2's DescribeInstanceTypes data, from which the instance-limits table is generated.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import moto' 2>/dev/null; then
+# kubernetes-validate checks the rendered manifests against the Kubernetes schemas offline.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import moto, kubernetes_validate' 2>/dev/null; then
   python3 -m venv .venv
-  .venv/bin/pip install -q 'moto[server]>=5.1,<6'
+  .venv/bin/pip install -q 'moto[server]>=5.1,<6' 'kubernetes-validate>=1.31'
 fi
 
 echo "== instance-limits table matches DescribeInstanceTypes data"

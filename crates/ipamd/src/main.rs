@@ -36,6 +36,9 @@ struct Args {
     /// `{"subnet": "subnet-...", "securityGroups": ["sg-..."]}` (the ENIConfig CRD's spec).
     #[arg(long, env = "VPC_CNI_ENICONFIG_FILE")]
     eni_config: Option<PathBuf>,
+    /// `json` for one JSON object per log line.
+    #[arg(long, env = "VPC_CNI_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[derive(Deserialize)]
@@ -79,7 +82,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let json = std::env::var("VPC_CNI_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let json = args.log_format == "json";
     // The file only when asked for: upstream's default path is a host mount that need not exist.
     let file = std::env::var("AWS_VPC_K8S_CNI_LOG_FILE")
         .ok()

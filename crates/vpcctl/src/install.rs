@@ -14,7 +14,20 @@ pub struct Install {
     pub wait: Duration,
 }
 
-/// Upstream's variables that shape the conflist (upstream-plugin.md §1.2), with upstream's defaults.
+/// Upstream's variables that shape the conflist (upstream-plugin.md §1.2); the directories and the
+/// socket come from the command line or HOST_CNI_BIN_PATH, HOST_CNI_CONFDIR_PATH, VPC_CNI_IPAMD_SOCKET.
+pub const VARIABLES: &[&str] = &[
+    "AWS_VPC_ENI_MTU",
+    "POD_MTU",
+    "AWS_VPC_K8S_PLUGIN_LOG_FILE",
+    "AWS_VPC_K8S_CNI_VETHPREFIX",
+    "POD_SECURITY_GROUP_ENFORCING_MODE",
+    "AWS_VPC_K8S_PLUGIN_LOG_LEVEL",
+    "ENABLE_BANDWIDTH_PLUGIN",
+    "DISABLE_POD_V6",
+];
+
+/// A setting with upstream's default.
 fn setting(lookup: &dyn Fn(&str) -> Option<String>, name: &str, default: &str) -> String {
     lookup(name)
         .filter(|v| !v.trim().is_empty())
@@ -122,7 +135,16 @@ pub fn run(install: &Install, lookup: &dyn Fn(&str) -> Option<String>) -> Result
     let path = install.conf_dir.join("10-aws.conflist");
     let text = serde_json::to_string_pretty(&conflist).expect("JSON serialises");
     write_atomically(&path, text.as_bytes(), 0o644)?;
-    Ok(path.display().to_string())
+    let from: Vec<&str> = VARIABLES
+        .iter()
+        .copied()
+        .filter(|v| lookup(v).is_some())
+        .collect();
+    Ok(if from.is_empty() {
+        format!("{} (upstream's defaults)", path.display())
+    } else {
+        format!("{} (set: {})", path.display(), from.join(", "))
+    })
 }
 
 #[cfg(test)]
@@ -136,6 +158,29 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn the_conflist_reads_only_the_variables_it_declares() {
+        let asked = std::sync::Mutex::new(Vec::new());
+        let recording = |name: &str| {
+            asked.lock().unwrap().push(name.to_string());
+            None
+        };
+        conflist(&recording, Path::new(proto::DEFAULT_SOCKET)).unwrap();
+        let asked = asked.into_inner().unwrap();
+        for name in &asked {
+            assert!(
+                VARIABLES.contains(&name.as_str()),
+                "{name} is read but not declared"
+            );
+        }
+        for name in VARIABLES {
+            assert!(
+                asked.iter().any(|a| a == name),
+                "{name} is declared but never read"
+            );
+        }
     }
 
     #[test]
@@ -235,10 +280,12 @@ mod tests {
             socket: socket.clone(),
             wait: Duration::from_secs(10),
         };
-        let written = run(&install, &lookup(&[])).unwrap();
+        let written = run(&install, &lookup(&[("POD_MTU", "1500")])).unwrap();
         daemon.join().unwrap();
+        assert!(written.ends_with("(set: POD_MTU)"), "{written}");
+        let written = written.split(" (").next().unwrap();
         let conflist: Value =
-            serde_json::from_str(&std::fs::read_to_string(&written).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(written).unwrap()).unwrap();
         assert_eq!(
             conflist["plugins"][0]["ipamdSocket"],
             socket.display().to_string()

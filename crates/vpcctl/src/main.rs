@@ -1,3 +1,5 @@
+#[cfg(test)]
+mod deploy_check;
 mod inspect;
 mod install;
 
@@ -92,6 +94,9 @@ enum Command {
         /// How long to wait for the daemon to become ready.
         #[arg(long, default_value_t = 300)]
         wait_seconds: u64,
+        /// Keep running once installed (a DaemonSet container that exits is restarted).
+        #[arg(long)]
+        stay: bool,
     },
 }
 
@@ -155,6 +160,7 @@ fn run(cli: Cli) -> Result<(), String> {
             conf_dir,
             socket,
             wait_seconds,
+            stay,
         } => {
             let written = install::run(
                 &install::Install {
@@ -167,6 +173,11 @@ fn run(cli: Cli) -> Result<(), String> {
                 &|k| std::env::var(k).ok(),
             )?;
             println!("installed; wrote {written}");
+            if stay {
+                loop {
+                    std::thread::park();
+                }
+            }
             Ok(())
         }
         Command::MaxPods {

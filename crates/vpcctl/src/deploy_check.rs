@@ -1,0 +1,225 @@
+//! The manifests under deploy/: every overlay renders with `kubectl kustomize`, validates against the
+//! Kubernetes schemas offline (`kubernetes-validate` in the test venv), and the DaemonSet's
+//! environment is exactly what its containers read: a setting nobody reads is a typo an operator
+//! would never notice, one that is read but not set falls back to its default.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const OVERLAYS: &[&str] = &["default", "prefix-delegation", "custom-networking"];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn skip(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED deploy_check: {why}");
+}
+
+fn tool(path: &Path) -> Option<PathBuf> {
+    path.is_file().then(|| path.to_path_buf())
+}
+
+fn render(overlay: &str) -> String {
+    let output = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root().join("deploy/overlays").join(overlay))
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {overlay}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The rendered documents as JSON, through the venv's PyYAML.
+fn documents(python: &Path, yaml: &str) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    let mut child = Command::new(python)
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The variables a binary's `--help` names as `[env: NAME=...]`.
+fn help_variables(binary: &Path, args: &[&str]) -> BTreeSet<String> {
+    let output = Command::new(binary)
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    text.match_indices("[env: ")
+        .map(|(at, _)| {
+            let rest = &text[at + "[env: ".len()..];
+            rest[..rest.find(['=', ']']).unwrap()].to_string()
+        })
+        .collect()
+}
+
+fn binary(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join(name), dir.parent()?.join(name)]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+fn container_variables(
+    container: &serde_json::Value,
+    configmaps: &[&serde_json::Value],
+) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
+    for source in container["envFrom"].as_array().into_iter().flatten() {
+        let name = source["configMapRef"]["name"].as_str().unwrap();
+        let map = configmaps
+            .iter()
+            .find(|m| m["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("envFrom names a ConfigMap {name} the overlay lacks"));
+        names.extend(map["data"].as_object().unwrap().keys().cloned());
+    }
+    names
+}
+
+#[test]
+fn overlays_render_validate_and_set_only_what_the_containers_read() {
+    let venv = root().join(".venv/bin");
+    let (Some(validate), Some(python)) = (
+        tool(&venv.join("kubernetes-validate")),
+        tool(&venv.join("python")),
+    ) else {
+        skip("kubernetes-validate is not in .venv (scripts/test.sh installs it)");
+        return;
+    };
+    if Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_err()
+    {
+        skip("kubectl is not installed (it cannot be installed from Debian here)");
+        return;
+    }
+    let Some(ipamd) = binary("vpc-ipamd") else {
+        skip("vpc-ipamd is not built (cargo test --workspace builds it)");
+        return;
+    };
+    let vpcctl = binary("vpcctl").unwrap_or_else(|| std::env::current_exe().unwrap());
+    let mut daemon_reads: BTreeSet<String> = ipam::Config::VARIABLES
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    daemon_reads.extend(help_variables(&ipamd, &[]));
+    assert!(
+        daemon_reads.contains("VPC_CNI_IPAMD_SOCKET"),
+        "{daemon_reads:?}"
+    );
+    let mut installer_reads: BTreeSet<String> = crate::install::VARIABLES
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    installer_reads.extend(
+        [
+            "HOST_CNI_BIN_PATH",
+            "HOST_CNI_CONFDIR_PATH",
+            "VPC_CNI_IPAMD_SOCKET",
+        ]
+        .map(String::from),
+    );
+    if vpcctl.file_name().is_some_and(|n| n == "vpcctl") {
+        let from_help = help_variables(&vpcctl, &["install"]);
+        assert!(from_help.is_subset(&installer_reads), "{from_help:?}");
+    }
+
+    for overlay in OVERLAYS {
+        let yaml = render(overlay);
+        let file =
+            std::env::temp_dir().join(format!("vpc-cni-{overlay}-{}.yaml", std::process::id()));
+        std::fs::write(&file, &yaml).unwrap();
+        let output = Command::new(&validate)
+            .arg("--strict")
+            .arg(&file)
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&output.stdout).to_string()
+            + &String::from_utf8_lossy(&output.stderr);
+        let _ = std::fs::remove_file(&file);
+        assert!(
+            output.status.success() && !report.contains("ERROR"),
+            "{overlay}: {report}"
+        );
+
+        let docs = documents(&python, &yaml);
+        let configmaps: Vec<&serde_json::Value> =
+            docs.iter().filter(|d| d["kind"] == "ConfigMap").collect();
+        let daemonset = docs
+            .iter()
+            .find(|d| d["kind"] == "DaemonSet")
+            .unwrap_or_else(|| panic!("{overlay} has no DaemonSet"));
+        let containers = daemonset["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap();
+        let mut read_by_someone = BTreeSet::new();
+        for container in containers {
+            let set = container_variables(container, &configmaps);
+            let reads = match container["name"].as_str().unwrap() {
+                "vpc-ipamd" => &daemon_reads,
+                "cni-installer" => &installer_reads,
+                other => panic!("{overlay}: unexpected container {other}"),
+            };
+            read_by_someone.extend(set.intersection(reads).cloned());
+            let explicit: BTreeSet<String> = container["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| e["name"].as_str().unwrap().to_string())
+                .collect();
+            let unread: Vec<_> = explicit.difference(reads).collect();
+            assert!(
+                unread.is_empty(),
+                "{overlay}: {} sets {unread:?}, which it never reads",
+                container["name"]
+            );
+        }
+        for map in &configmaps {
+            let keys: BTreeSet<String> = map["data"].as_object().unwrap().keys().cloned().collect();
+            let unread: Vec<_> = keys.difference(&read_by_someone).collect();
+            assert!(
+                unread.is_empty(),
+                "{overlay}: ConfigMap keys nobody reads: {unread:?}"
+            );
+        }
+        let pd = configmaps[0]["data"]["ENABLE_PREFIX_DELEGATION"] == "true";
+        assert_eq!(pd, *overlay == "prefix-delegation", "{overlay}");
+        for eniconfig in docs.iter().filter(|d| d["kind"] == "ENIConfig") {
+            assert!(
+                eniconfig["spec"]["subnet"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("subnet-")),
+                "{eniconfig}"
+            );
+        }
+    }
+}
