@@ -52,6 +52,11 @@ enum Command {
         #[command(subcommand)]
         command: SimvpcCommand,
     },
+    /// Planning tools.
+    Plan {
+        #[command(subcommand)]
+        command: PlanCommand,
+    },
     /// The whole system on this machine (needs root): the simulated VPC over HTTP, node network
     /// namespaces whose ENIs are veth pairs, the real vpc-ipamd on each node, pods wired by the real
     /// plugin, traffic between them; everything is removed at the end.
@@ -97,6 +102,35 @@ enum Command {
         /// Keep running once installed (a DaemonSet container that exits is restarted).
         #[arg(long)]
         stay: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PlanCommand {
+    /// Node and pod subnets per AZ for a node group, with the arithmetic (docs/plan.md).
+    Subnets {
+        #[arg(long)]
+        pods_per_node: u32,
+        #[arg(long)]
+        nodes_per_az: u32,
+        /// Multiplies the nodes per AZ (room to grow).
+        #[arg(long, default_value_t = 1.0)]
+        growth: f64,
+        #[arg(long, default_value_t = 3)]
+        azs: u32,
+        /// The VPC's CIDR blocks (repeat for secondary ones).
+        #[arg(long = "vpc-cidr", required = true)]
+        vpc_cidrs: Vec<ipam::Ipv4Cidr>,
+        /// secondary-ips, prefix-delegation, custom-networking or custom-networking-prefixes.
+        #[arg(long, default_value = "secondary-ips")]
+        mode: String,
+        #[arg(long, default_value = "m5.large")]
+        instance_type: String,
+        /// Share of /28s kept free for fragmentation under prefix delegation.
+        #[arg(long, default_value_t = 0.15)]
+        fragmentation_headroom: f64,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -149,6 +183,62 @@ fn run(cli: Cli) -> Result<(), String> {
             } else {
                 Err("some connections failed (see above)".into())
             }
+        }
+        Command::Plan {
+            command:
+                PlanCommand::Subnets {
+                    pods_per_node,
+                    nodes_per_az,
+                    growth,
+                    azs,
+                    vpc_cidrs,
+                    mode,
+                    instance_type,
+                    fragmentation_headroom,
+                    json,
+                },
+        } => {
+            use ipam::plan::{plan, Mode, PlanInput};
+            let mode = match mode.as_str() {
+                "secondary-ips" => Mode::SecondaryIps,
+                "prefix-delegation" => Mode::PrefixDelegation,
+                "custom-networking" => Mode::CustomNetworking { prefixes: false },
+                "custom-networking-prefixes" => Mode::CustomNetworking { prefixes: true },
+                other => return Err(format!("--mode {other:?}: expected secondary-ips, prefix-delegation, custom-networking or custom-networking-prefixes")),
+            };
+            let limits = limits::lookup(&instance_type)
+                .ok_or_else(|| format!("unknown instance type {instance_type:?}"))?;
+            let input = PlanInput {
+                pods_per_node,
+                nodes_per_az,
+                growth,
+                azs,
+                vpc_cidrs,
+                mode,
+                instance_type,
+                fragmentation_headroom,
+            };
+            let p = plan(&input, limits).map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&p).expect("a plan serialises")
+                );
+                return Ok(());
+            }
+            println!("max pods per node in this mode: {}", p.max_pods);
+            for step in &p.arithmetic {
+                println!("  {step}");
+            }
+            for az in &p.azs {
+                let subnets: Vec<String> = az
+                    .subnets
+                    .iter()
+                    .map(|(role, cidr)| format!("{role} {cidr}"))
+                    .collect();
+                println!("AZ {}: {}", az.az + 1, subnets.join(", "));
+            }
+            Ok(())
         }
         Command::Status(target) => inspect::status(&target),
         Command::Enis(target) => inspect::enis(&target),
