@@ -268,7 +268,7 @@ fn not_found_is_done(result: Result<()>) -> Result<()> {
     }
 }
 
-fn client_token() -> String {
+pub fn client_token() -> String {
     format!("vpc-cni-rs-{:032x}", rand::random::<u128>())
 }
 
@@ -349,7 +349,11 @@ impl Ec2 for AwsEc2 {
 
     async fn create_network_interface(&self, request: &CreateEni) -> Result<Eni> {
         // One token for every retry of this creation: EC2 makes one ENI per token.
-        let token = client_token();
+        let token = if request.client_token.is_empty() {
+            client_token()
+        } else {
+            request.client_token.clone()
+        };
         let tag_spec = TagSpecification::builder()
             .resource_type(ResourceType::NetworkInterface)
             .set_tags(Some(

@@ -39,6 +39,9 @@ pub struct CreateEni {
     pub secondary_ips: u32,
     pub prefixes: u32,
     pub tags: Vec<(String, String)>,
+    /// EC2's idempotency token; repeat a creation whose outcome is unknown with the same token and
+    /// EC2 returns the ENI the first call made instead of making another. Empty: a fresh one.
+    pub client_token: String,
 }
 
 /// Which ENIs to describe: by id, by filter (`tag:<key>`, `attachment.instance-id`, `status`, ...).

@@ -54,6 +54,7 @@ async fn lifecycle(t: &Target) {
             secondary_ips: 2,
             prefixes: 0,
             tags: vec![tag("node.k8s.amazonaws.com/instance_id", &t.instance_id)],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -190,6 +191,32 @@ async fn lifecycle(t: &Target) {
         .await
         .unwrap_err();
     assert_eq!(no_subnet.kind, ErrorKind::NotFound, "{no_subnet}");
+
+    if t.strict {
+        // A creation whose reply was lost is repeated with its token: EC2 hands back the same ENI.
+        let request = CreateEni {
+            subnet_id: t.subnet_id.clone(),
+            secondary_ips: 1,
+            client_token: cloud::aws::client_token(),
+            ..Default::default()
+        };
+        let first = t.ec2.create_network_interface(&request).await.unwrap();
+        let again = t.ec2.create_network_interface(&request).await.unwrap();
+        assert_eq!(first.id, again.id);
+        assert_eq!(first.secondary_ips, again.secondary_ips);
+        let other = t
+            .ec2
+            .create_network_interface(&CreateEni {
+                client_token: cloud::aws::client_token(),
+                ..request.clone()
+            })
+            .await
+            .unwrap();
+        assert_ne!(other.id, first.id);
+        for id in [&first.id, &other.id] {
+            t.ec2.delete_network_interface(id).await.unwrap();
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,8 @@ const CONCURRENCY: usize = 8;
 const LINK_WAIT: Duration = Duration::from_secs(10);
 /// A detaching ENI cannot be deleted until EC2 finishes the detach (2 to 3 s, sometimes more).
 const DELETE_TRIES: u32 = 30;
+/// A creation whose outcome is unknown is repeated with its token this many times.
+const CREATE_TRIES: u32 = 3;
 
 /// What the actions need to know about the node.
 #[derive(Clone, Debug)]
@@ -365,14 +367,30 @@ impl Executor {
                     0
                 },
                 tags: self.tags(),
+                client_token: cloud::aws::client_token(),
             };
-            match self
+            let mut created = self
                 .timed(
                     "CreateNetworkInterface",
                     self.ec2.create_network_interface(&request),
                 )
-                .await
-            {
+                .await;
+            // The ENI may exist although the reply was lost: the same token returns it rather than
+            // leaving it for the leaked-ENI scan.
+            for _ in 1..CREATE_TRIES {
+                match &created {
+                    Err(e) if e.kind == ErrorKind::Unavailable => {
+                        created = self
+                            .timed(
+                                "CreateNetworkInterface",
+                                self.ec2.create_network_interface(&request),
+                            )
+                            .await
+                    }
+                    _ => break,
+                }
+            }
+            match created {
                 Ok(eni) => return self.attach_new(eni).await,
                 // Another subnet of the AZ may still have room.
                 Err(e)
@@ -437,13 +455,30 @@ impl Executor {
             });
         };
         let attached = async {
-            let attachment_id = self
+            let attachment_id = match self
                 .timed(
                     "AttachNetworkInterface",
                     self.ec2
                         .attach_network_interface(&eni.id, &self.node.instance_id, device, 0),
                 )
-                .await?;
+                .await
+            {
+                Ok(id) => id,
+                // The reply was lost: the ENI tells whether the attach happened.
+                Err(e) if e.kind == ErrorKind::Unavailable => self
+                    .timed(
+                        "DescribeNetworkInterfaces",
+                        self.ec2
+                            .describe_network_interfaces(&EniQuery::by_id(&eni.id)),
+                    )
+                    .await?
+                    .into_iter()
+                    .find_map(|found| found.attachment)
+                    .filter(|a| a.instance_id == self.node.instance_id)
+                    .map(|a| a.id)
+                    .ok_or(e)?,
+                Err(e) => return Err(e),
+            };
             if let Err(e) = self
                 .timed(
                     "ModifyNetworkInterfaceAttribute",
@@ -545,7 +580,8 @@ impl Executor {
                 .await
             {
                 Ok(()) => return None,
-                Err(e) if e.kind == ErrorKind::InUse => {
+                // Still detaching, or no answer: deleting again is safe (NotFound counts as done).
+                Err(e) if matches!(e.kind, ErrorKind::InUse | ErrorKind::Unavailable) => {
                     last = Some(e);
                     tokio::time::sleep(
                         Duration::from_millis(500 * (attempt as u64 + 1))

@@ -71,6 +71,31 @@ async fn fetch_identity() -> Result<Identity, StartError> {
     }
 }
 
+/// Start-up's describes are safe to repeat: a transient failure is retried rather than failing the
+/// node (Kubernetes would restart the pod, later and noisier).
+async fn patiently<T, Fut>(
+    what: &str,
+    mut call: impl FnMut() -> Fut,
+) -> Result<T, cloud::CloudError>
+where
+    Fut: std::future::Future<Output = cloud::Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Err(e) if e.kind == cloud::ErrorKind::Unavailable && attempt < 6 => {
+                attempt += 1;
+                log::warn(
+                    "EC2 did not answer; retrying",
+                    &[("call", &what), ("error", &e)],
+                );
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
 fn snat_policy(config: &Config, identity: &Identity, primary_interface: &str) -> SnatPolicy {
     SnatPolicy {
         primary_interface: primary_interface.to_string(),
@@ -126,21 +151,24 @@ pub async fn start(
     let ec2 = AwsEc2::from_environment(Pacing::default()).await;
     let limits = match ipam::limits::lookup(&identity.instance_type) {
         Some(l) => l.clone(),
-        None => ec2
-            .describe_instance_type(&identity.instance_type)
-            .await
-            .map_err(|e| StartError::Limits(identity.instance_type.clone(), e))?,
-    };
-    let attached = ec2
-        .describe_network_interfaces(&EniQuery {
-            filters: vec![(
-                "attachment.instance-id".into(),
-                vec![identity.instance_id.clone()],
-            )],
-            ..EniQuery::default()
+        None => patiently("DescribeInstanceTypes", || {
+            ec2.describe_instance_type(&identity.instance_type)
         })
         .await
-        .map_err(StartError::Ec2)?;
+        .map_err(|e| StartError::Limits(identity.instance_type.clone(), e))?,
+    };
+    let query = EniQuery {
+        filters: vec![(
+            "attachment.instance-id".into(),
+            vec![identity.instance_id.clone()],
+        )],
+        ..EniQuery::default()
+    };
+    let attached = patiently("DescribeNetworkInterfaces", || {
+        ec2.describe_network_interfaces(&query)
+    })
+    .await
+    .map_err(StartError::Ec2)?;
     let primary = attached
         .iter()
         .find(|e| e.id == identity.primary_eni)
@@ -152,8 +180,8 @@ pub async fn start(
         })?
         .clone();
     let subnet_ids: BTreeSet<String> = attached.iter().map(|e| e.subnet_id.clone()).collect();
-    let subnets = ec2
-        .describe_subnets(&[("subnet-id".into(), subnet_ids.into_iter().collect())])
+    let subnet_filter = [("subnet-id".to_string(), subnet_ids.into_iter().collect())];
+    let subnets = patiently("DescribeSubnets", || ec2.describe_subnets(&subnet_filter))
         .await
         .map_err(StartError::Ec2)?;
     let subnet_cidrs: HashMap<String, ipam::Ipv4Cidr> = subnets

@@ -411,3 +411,22 @@ fn a_corrupt_checkpoint_is_kept_aside_and_wired_pods_keep_their_addresses() {
         assert_eq!(tb.seen_as(&pod.netns, router, PORT).unwrap(), pod.ip);
     }
 }
+
+#[test]
+fn ec2_failing_one_call_in_five_slows_allocation_but_leaks_nothing() {
+    let mut options = options(&[("WARM_IP_TARGET", "1"), ("MINIMUM_IP_TARGET", "1")]);
+    options.ec2.error_rate = 0.2;
+    options.ec2.seed = 11;
+    let Some(mut tb) = testbed("ec2_errors", options) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let pods: Vec<Pod> = (0..12).map(|_| tb.add_pod(0).unwrap()).collect();
+    let failed: u64 = {
+        let model = tb.vpc_model();
+        let vpc = model.lock().unwrap();
+        vpc.calls.values().map(|c| c.failed).sum()
+    };
+    assert!(failed > 0, "no call failed: the test proves nothing");
+    check_invariants(&tb, 0, &pods);
+}

@@ -406,6 +406,13 @@ impl Cluster {
                 }
             }
             if n.calls_in_flight() == 0 {
+                // Every ENI the node created is attached to it or deleted: none is left behind.
+                if let Some(leaked) = self.vpc.interfaces().find(|e| {
+                    e.attachment.is_none()
+                        && e.tags.get("node.k8s.amazonaws.com/instance_id") == Some(&n.instance_id)
+                }) {
+                    return Err(format!("{} left {} unattached", n.instance_id, leaked.id));
+                }
                 let ec2: HashMap<&str, HashSet<Ipv4Cidr>> = on_instance
                     .iter()
                     .map(|e| {

@@ -23,6 +23,11 @@ enum Step {
         eni: Box<NetworkInterface>,
         device: u32,
     },
+    /// The attach's reply was lost: read the ENI back to learn whether it happened.
+    FindAttachment {
+        eni: Box<NetworkInterface>,
+        device: u32,
+    },
     KeepOnTermination {
         eni: Box<NetworkInterface>,
         device: u32,
@@ -58,6 +63,7 @@ enum StepReply {
     Eni(Box<NetworkInterface>),
     Attachment(String),
     Described(Option<Vec<Ipv4Cidr>>),
+    Found(Option<Box<NetworkInterface>>),
 }
 
 /// What the cluster has to schedule for a node.
@@ -367,6 +373,9 @@ impl Node {
                         ),
                     ]
                     .into(),
+                    // Every try of this call carries the same token: a creation whose reply was
+                    // lost is repeated and EC2 returns the ENI it made.
+                    client_token: Some(format!("{}-{id}", self.instance_id)),
                 };
                 let r = vpc.create_network_interface(now, req);
                 (r.result.map(|e| StepReply::Eni(Box::new(e))), r.latency)
@@ -374,6 +383,16 @@ impl Node {
             (Step::Attach { eni, device }, _) => {
                 let r = vpc.attach_network_interface(now, &eni.id, &self.instance_id, *device, 0);
                 (r.result.map(StepReply::Attachment), r.latency)
+            }
+            (Step::FindAttachment { eni, .. }, _) => {
+                let r =
+                    vpc.describe_network_interfaces(now, std::slice::from_ref(&eni.id), &[], None);
+                let found = match r.result {
+                    Ok((mut enis, _)) => Ok(StepReply::Found(enis.pop().map(Box::new))),
+                    Err(e) if e.code == codes::ENI_NOT_FOUND => Ok(StepReply::Found(None)),
+                    Err(e) => Err(e),
+                };
+                (found, r.latency)
             }
             (Step::KeepOnTermination { eni, .. }, _) => {
                 unit(vpc.set_delete_on_termination(now, &eni.id, true))
@@ -391,7 +410,9 @@ impl Node {
     /// The lowest device index that neither an attached ENI nor an attach in flight uses.
     fn free_device_index(&self) -> u32 {
         let in_flight = self.calls.values().filter_map(|c| match &c.step {
-            Step::Attach { device, .. } | Step::KeepOnTermination { device, .. } => Some(*device),
+            Step::Attach { device, .. }
+            | Step::FindAttachment { device, .. }
+            | Step::KeepOnTermination { device, .. } => Some(*device),
             _ => None,
         });
         let used: Vec<u32> = self
@@ -414,10 +435,22 @@ impl Node {
             Err(e)
                 if e.code == codes::THROTTLED
                     || (e.code == codes::ENI_IN_USE
-                        && matches!(call.step, Step::Delete { .. })) =>
+                        && matches!(call.step, Step::Delete { .. }))
+                    || ((e.code == codes::TIMEOUT || e.code == codes::UNAVAILABLE)
+                        && matches!(
+                            call.step,
+                            Step::Create { .. }
+                                | Step::FindAttachment { .. }
+                                | Step::DeleteUnattached { .. }
+                                | Step::Detach { .. }
+                                | Step::Delete { .. }
+                        )) =>
             {
-                // Throttled, or the ENI is still detaching: the same call again after a backoff. A throttled
-                // call is retried until EC2 takes it, so that no action is lost or started twice.
+                // Throttled, the ENI still detaching, or a failure or lost reply where repeating is
+                // safe (a creation's token returns the ENI it made; a repeated detach or delete of
+                // what is gone says so): the same call again after a backoff, so that a failed
+                // attach never leaves its ENI behind. A throttled call is retried until EC2 takes it, so that no action is lost
+                // or started twice.
                 call.tries += 1;
                 self.counters.throttled_retries += u64::from(e.code == codes::THROTTLED);
                 if e.code == codes::THROTTLED || call.tries < MAX_TRIES {
@@ -443,6 +476,9 @@ impl Node {
                         };
                         return self.finish(&call.action, outcome, vpc, now);
                     }
+                    Step::Attach { eni, device } if e.code == codes::TIMEOUT => {
+                        Ok(Step::FindAttachment { eni, device })
+                    }
                     Step::Attach { eni, .. } => Ok(Step::DeleteUnattached {
                         eni_id: eni.id,
                         failure: failure_of(&e),
@@ -457,8 +493,15 @@ impl Node {
                     Step::Delete { .. } if e.code == codes::ENI_NOT_FOUND => {
                         Err(Failure::EniNotFound)
                     }
+                    // Detached already (a repeat after a lost reply, or by someone else): delete it.
                     Step::Detach { .. } if e.code == codes::ATTACHMENT_NOT_FOUND => {
-                        Err(Failure::EniNotFound)
+                        Ok(Step::Delete {
+                            eni_id: call
+                                .action
+                                .eni()
+                                .expect("FreeEni names its ENI")
+                                .to_string(),
+                        })
                     }
                     Step::DeleteUnattached { failure, .. } => Err(failure),
                     _ => Err(failure_of(&e)),
@@ -482,6 +525,22 @@ impl Node {
                     eni,
                     device: self.free_device_index(),
                 }),
+                (Step::FindAttachment { eni, device }, StepReply::Found(found)) => {
+                    let ours = found.and_then(|e| e.attachment).filter(|a| {
+                        a.instance_id == self.instance_id
+                            && a.status == simvpc::AttachmentStatus::Attached
+                    });
+                    match ours {
+                        Some(a) => {
+                            self.attachments.insert(eni.id.clone(), a.id);
+                            Ok(Step::KeepOnTermination {
+                                eni,
+                                device: a.device_index,
+                            })
+                        }
+                        None => Ok(Step::Attach { eni, device }),
+                    }
+                }
                 (Step::Attach { eni, device }, StepReply::Attachment(att)) => {
                     self.attachments.insert(eni.id.clone(), att);
                     Ok(Step::KeepOnTermination { eni, device })

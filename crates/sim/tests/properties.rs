@@ -32,7 +32,7 @@ error_rate = {err}
 timeout_rate = {timeout}
 "#,
         err = if faults { 0.05 } else { 0.0 },
-        timeout = 0.0,
+        timeout = if faults { 0.02 } else { 0.0 },
     );
     Cluster::new(Scenario::parse(&text).unwrap()).unwrap()
 }

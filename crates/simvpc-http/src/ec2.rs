@@ -65,6 +65,7 @@ fn run(vpc: &mut SimVpc, now: Time, action: &str, p: &Params) -> Result<Outcome,
                 secondary_ip_count: p.number("SecondaryPrivateIpAddressCount")?.unwrap_or(0),
                 prefix_count: p.number("Ipv4PrefixCount")?.unwrap_or(0),
                 tags: p.tag_specifications().into_iter().collect(),
+                client_token: p.get("ClientToken").map(str::to_string),
             };
             map(vpc.create_network_interface(now, request), |eni, x| {
                 x.node("networkInterface", |x| interface(x, &eni));

@@ -228,6 +228,8 @@ pub struct CreateEniRequest {
     pub secondary_ip_count: u32,
     pub prefix_count: u32,
     pub tags: BTreeMap<String, String>,
+    /// EC2's idempotency token: a repeat with the same token returns the ENI the first call made.
+    pub client_token: Option<String>,
 }
 
 /// A Describe filter: EC2's name (`attachment.instance-id`, `tag:<key>`, `tag-key`, `status`, ...) and values.
@@ -259,6 +261,8 @@ pub struct SimVpc {
     attachment_enis: HashMap<String, String>,
     /// ENIs detaching, and when they become available.
     detaching: Vec<(Time, String)>,
+    /// Client token of each CreateNetworkInterface that took effect, to the ENI it made.
+    client_tokens: HashMap<String, String>,
     buckets: BTreeMap<Category, TokenBucket>,
     config: SimConfig,
     rng: SmallRng,
@@ -293,6 +297,7 @@ impl SimVpc {
             attached: HashMap::new(),
             attachment_enis: HashMap::new(),
             detaching: Vec::new(),
+            client_tokens: HashMap::new(),
             buckets,
             rng: SmallRng::seed_from_u64(config.seed),
             config,
@@ -630,6 +635,14 @@ impl SimVpc {
         req: CreateEniRequest,
     ) -> Reply<NetworkInterface> {
         self.call(Op::CreateNetworkInterface, now, |vpc| {
+            if let Some(made) = req
+                .client_token
+                .as_ref()
+                .and_then(|t| vpc.client_tokens.get(t))
+                .and_then(|id| vpc.enis.get(id))
+            {
+                return Ok(made.clone());
+            }
             let Some((_, addrs)) = vpc.subnets.get_mut(&req.subnet_id) else {
                 return Err(Ec2Error::new(
                     codes::SUBNET_NOT_FOUND,
@@ -680,6 +693,9 @@ impl SimVpc {
             );
             eni.secondary_ips = ips;
             eni.prefixes = prefixes;
+            if let Some(token) = req.client_token {
+                vpc.client_tokens.insert(token, id.clone());
+            }
             vpc.enis.insert(id, eni.clone());
             Ok(eni)
         })
