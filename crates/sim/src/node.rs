@@ -449,8 +449,8 @@ impl Node {
                 // Throttled, the ENI still detaching, or a failure or lost reply where repeating is
                 // safe (a creation's token returns the ENI it made; a repeated detach or delete of
                 // what is gone says so): the same call again after a backoff, so that a failed
-                // attach never leaves its ENI behind. A throttled call is retried until EC2 takes it, so that no action is lost
-                // or started twice.
+                // attach never leaves its ENI behind. A throttled call is retried until EC2 takes
+                // it, so that no action is lost or started twice.
                 call.tries += 1;
                 self.counters.throttled_retries += u64::from(e.code == codes::THROTTLED);
                 if e.code == codes::THROTTLED || call.tries < MAX_TRIES {
