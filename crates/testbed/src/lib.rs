@@ -77,7 +77,7 @@ pub struct Options {
     pub ec2: Ec2Behaviour,
     /// Adds the pod subnet (`POD_CIDR`) for custom networking; the ENIConfig names it.
     pub custom_networking: bool,
-    /// Size of the node subnet's prefix length (a small subnet runs out sooner).
+    /// The node subnet's CIDR (a small one runs out of addresses sooner).
     pub node_subnet: String,
 }
 
