@@ -379,19 +379,27 @@ pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
     Ok(problems)
 }
 
+/// The host ends of pod veths (links named with `veth_prefix`), by link index.
+async fn pod_veths(
+    handle: &Handle,
+    veth_prefix: &str,
+) -> Result<std::collections::HashMap<u32, String>> {
+    Ok(nl::all_links(handle)
+        .await?
+        .iter()
+        .filter_map(|l| {
+            let name = nl::link_name(l)?;
+            name.starts_with(veth_prefix)
+                .then(|| (l.header.index, name.to_string()))
+        })
+        .collect())
+}
+
 /// The pods wired on this host: each /32 route in main to a veth named with `veth_prefix`, as
 /// (address, host veth name). A restarting daemon uses it to tell live pods from dead ones.
 pub fn wired_addresses(veth_prefix: &str) -> Result<Vec<(Ipv4Addr, String)>> {
     nl::run(|handle| async move {
-        let veths: std::collections::HashMap<u32, String> = nl::all_links(&handle)
-            .await?
-            .iter()
-            .filter_map(|l| {
-                let name = nl::link_name(l)?;
-                name.starts_with(veth_prefix)
-                    .then(|| (l.header.index, name.to_string()))
-            })
-            .collect();
+        let veths = pod_veths(&handle, veth_prefix).await?;
         Ok(nl::ipv4_routes(&handle)
             .await?
             .iter()
@@ -416,15 +424,7 @@ pub fn collect_leftovers(
 ) -> Result<Vec<String>> {
     nl::run(|handle| async move {
         let mut removed = Vec::new();
-        let veths: std::collections::HashMap<u32, String> = nl::all_links(&handle)
-            .await?
-            .iter()
-            .filter_map(|l| {
-                let name = nl::link_name(l)?;
-                name.starts_with(veth_prefix)
-                    .then(|| (l.header.index, name.to_string()))
-            })
-            .collect();
+        let veths = pod_veths(&handle, veth_prefix).await?;
         let mut doomed_veths = std::collections::BTreeMap::new();
         for route in nl::ipv4_routes(&handle).await? {
             let (Some((ip, 32)), Some(oif)) =

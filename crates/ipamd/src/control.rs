@@ -145,10 +145,6 @@ impl Control {
         &self.pool
     }
 
-    pub fn settings(&self) -> &PoolSettings {
-        &self.settings
-    }
-
     pub fn phase(&self) -> Phase {
         self.phase
     }
@@ -157,16 +153,8 @@ impl Control {
         self.waiting.len()
     }
 
-    pub fn stalls(&self) -> &[Stall] {
-        &self.stalls
-    }
-
     pub fn actions_in_flight(&self) -> usize {
         self.actions_in_flight
-    }
-
-    pub fn executor(&self) -> &Executor {
-        &self.executor
     }
 
     pub fn gauges(&self) -> PoolGauges {
@@ -188,6 +176,14 @@ impl Control {
                 .collect(),
             pending_adds: self.waiting.len() as u32,
             ready: self.phase == Phase::Ready,
+            throttled: self
+                .executor
+                .ec2
+                .stats()
+                .into_iter()
+                .filter(|(_, s)| s.throttled > 0)
+                .map(|(op, s)| (op, s.throttled))
+                .collect(),
         }
     }
 

@@ -169,7 +169,7 @@ impl Executor {
         }
     }
 
-    pub fn subnet_cidr(&self, subnet_id: &str) -> Option<Ipv4Cidr> {
+    fn subnet_cidr(&self, subnet_id: &str) -> Option<Ipv4Cidr> {
         self.known().subnet_cidrs.get(subnet_id).copied()
     }
 
@@ -190,14 +190,6 @@ impl Executor {
             started.elapsed(),
             result.as_ref().err().map(|e| e.code.as_str()),
         );
-        let throttled: Vec<(&str, u64)> = self
-            .ec2
-            .stats()
-            .into_iter()
-            .filter(|(_, s)| s.throttled > 0)
-            .map(|(op, s)| (op, s.throttled))
-            .collect();
-        self.metrics.set_throttled(&throttled);
         result
     }
 

@@ -70,10 +70,6 @@ pub fn init(level: Level, json: bool, file: Option<&str>) -> std::io::Result<()>
     Ok(())
 }
 
-pub fn enabled(level: Level) -> bool {
-    LOGGER.get().is_some_and(|l| level >= l.level)
-}
-
 pub fn event(level: Level, message: &str, fields: &[(&str, &dyn Display)]) {
     let Some(logger) = LOGGER.get() else { return };
     if level < logger.level {

@@ -87,6 +87,8 @@ pub struct PoolGauges {
     pub assigned_per_eni: Vec<(String, u32)>,
     pub pending_adds: u32,
     pub ready: bool,
+    /// Calls EC2 throttled (and the client retried), by operation, from the client's own tally.
+    pub throttled: Vec<(&'static str, u64)>,
 }
 
 /// Counters: name, help, whether it carries labels (an unlabelled counter is shown at 0 before its
@@ -142,15 +144,6 @@ impl Metrics {
         *inner.counters.entry((metric, labels)).or_default() += 1;
     }
 
-    pub fn counter(&self, metric: &'static str, labels: &[(&str, &str)]) -> u64 {
-        let labels = render_labels(labels);
-        self.lock()
-            .counters
-            .get(&(metric, labels))
-            .copied()
-            .unwrap_or(0)
-    }
-
     pub fn ec2_call(&self, operation: &str, took: Duration, error_code: Option<&str>) {
         let mut inner = self.lock();
         inner
@@ -173,20 +166,6 @@ impl Metrics {
                 .counters
                 .entry(("awscni_aws_api_error_count", detail))
                 .or_default() += 1;
-        }
-    }
-
-    /// Sets the throttle counters from the EC2 client's own tally.
-    pub fn set_throttled(&self, by_operation: &[(&str, u64)]) {
-        let mut inner = self.lock();
-        for (operation, n) in by_operation {
-            inner.counters.insert(
-                (
-                    "vpccni_ec2_throttled_total",
-                    render_labels(&[("operation", operation)]),
-                ),
-                *n,
-            );
         }
     }
 
@@ -286,6 +265,16 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
+            "# HELP vpccni_ec2_throttled_total EC2 calls throttled and retried, by operation\n# TYPE vpccni_ec2_throttled_total counter"
+        );
+        for (operation, n) in &pool.throttled {
+            let _ = writeln!(
+                out,
+                "vpccni_ec2_throttled_total{{operation=\"{operation}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
             "# HELP vpccni_ec2_call_duration_seconds EC2 call latency by operation, pacing and retries included\n# TYPE vpccni_ec2_call_duration_seconds histogram"
         );
         for (operation, histogram) in &inner.ec2_latency {
@@ -353,6 +342,7 @@ mod tests {
         let text = m.render(&PoolGauges {
             enis: 2,
             assigned_per_eni: vec![("eni-1".into(), 4)],
+            throttled: vec![("CreateNetworkInterface", 3)],
             ..PoolGauges::default()
         });
         for line in [
@@ -368,6 +358,7 @@ mod tests {
             "vpccni_add_wait_seconds_bucket{le=\"0.005\"} 1",
             "vpccni_add_wait_seconds_count 1",
             "awscni_no_available_ip_addresses 0",
+            "vpccni_ec2_throttled_total{operation=\"CreateNetworkInterface\"} 3",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -152,18 +152,6 @@ impl Node {
         }
     }
 
-    /// A metric's value (the first sample whose name and labels start with `series`).
-    pub fn metric(&self, series: &str) -> Result<f64, String> {
-        let text = self.metrics()?;
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
-                (name == series).then(|| value.parse().ok())?
-            })
-            .ok_or_else(|| format!("no metric {series}"))
-    }
-
     pub fn status(&self) -> Result<proto::Reply, String> {
         proto::call(
             &self.socket(),
@@ -201,7 +189,6 @@ pub struct Testbed {
     pub node_subnet: String,
     pub binaries: Binaries,
     root: PathBuf,
-    ec2_port: u16,
     next_pod: AtomicU32,
 }
 
@@ -285,7 +272,6 @@ impl Testbed {
             node_subnet,
             binaries,
             root,
-            ec2_port,
             next_pod: AtomicU32::new(0),
             server: None,
         };
@@ -378,17 +364,6 @@ impl Testbed {
     /// The simulated VPC's model, to check what EC2 holds.
     pub fn vpc_model(&self) -> Arc<std::sync::Mutex<simvpc::SimVpc>> {
         self.server.as_ref().expect("running").vpc.clone()
-    }
-
-    pub fn ec2_port(&self) -> u16 {
-        self.ec2_port
-    }
-
-    /// Changes a daemon setting for later starts of that node's daemon.
-    pub fn set_daemon_env(&mut self, node: usize, name: &str, value: &str) {
-        let env = &mut self.nodes[node].env;
-        env.retain(|(k, _)| k != name);
-        env.push((name.into(), value.into()));
     }
 
     /// Starts the node's daemon inside the node's namespace and waits until it says it is ready.
