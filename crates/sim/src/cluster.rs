@@ -37,6 +37,7 @@ pub struct Cluster {
     pod_events: u64,
     unschedulable: u64,
     timeline: Vec<Sample>,
+    mutating_refill_per_sec: f64,
 }
 
 fn exp(rng: &mut SmallRng, mean_secs: f64) -> Duration {
@@ -72,6 +73,7 @@ impl Cluster {
             .cidr
             .parse()
             .map_err(|e| format!("vpc.cidr: {e}"))?;
+        let mutating_refill_per_sec = sim.buckets[&Category::Mutating].1;
         let mut vpc = SimVpc::new(cidr, sim);
         let mut subnet_ids = Vec::new();
         for s in &scenario.vpc.subnets {
@@ -105,6 +107,7 @@ impl Cluster {
             pod_events: 0,
             unschedulable: 0,
             timeline: Vec::new(),
+            mutating_refill_per_sec,
         };
         for (group, g) in cluster.scenario.nodes.clone().iter().enumerate() {
             for i in 0..g.count {
@@ -278,6 +281,13 @@ impl Cluster {
                     s.in_use += u64::from(st.assigned);
                     s.pending_adds += n.pending_adds() as u64;
                 }
+                s.mutating_calls = self
+                    .vpc
+                    .calls
+                    .iter()
+                    .filter(|(op, _)| op.category() == Category::Mutating)
+                    .map(|(_, c)| c.ok + c.throttled + c.failed)
+                    .sum();
                 self.timeline.push(s);
                 self.schedule(
                     at + Duration::from_secs(self.scenario.sample_every_secs.max(1)),
@@ -333,6 +343,7 @@ impl Cluster {
             pod_events: self.pod_events,
             unschedulable_pods: self.unschedulable,
             timeline: self.timeline.clone(),
+            mutating_refill_per_sec: self.mutating_refill_per_sec,
             ..Report::default()
         };
         for n in &self.nodes {

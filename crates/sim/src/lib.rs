@@ -4,8 +4,10 @@
 
 mod cluster;
 mod node;
+pub mod plot;
 pub mod report;
 pub mod scenario;
+pub mod tune;
 
 pub use cluster::Cluster;
 pub use report::Report;

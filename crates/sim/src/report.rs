@@ -10,6 +10,8 @@ pub struct Sample {
     pub held: u64,
     pub in_use: u64,
     pub pending_adds: u64,
+    /// Mutating EC2 calls made since the start, throttled ones included.
+    pub mutating_calls: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -27,7 +29,26 @@ pub struct Waits {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    pub histogram: Vec<WaitBucket>,
 }
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WaitBucket {
+    /// "0" for ADDs that found an address at once, "<1s" for the others under a second, and so on.
+    pub label: String,
+    pub adds: u64,
+}
+
+/// Upper bounds of the histogram's buckets after the first (no wait at all), in milliseconds.
+const BUCKET_BOUNDS_MS: &[(u64, &str)] = &[
+    (100, "<100ms"),
+    (500, "<500ms"),
+    (1000, "<1s"),
+    (2000, "<2s"),
+    (5000, "<5s"),
+    (10_000, "<10s"),
+    (30_000, "<30s"),
+];
 
 impl Waits {
     pub fn from(mut waits: Vec<Duration>) -> Waits {
@@ -40,7 +61,31 @@ impl Waits {
                 waits[i].as_secs_f64() * 1000.0
             }
         };
+        let mut histogram = vec![WaitBucket {
+            label: "0".into(),
+            adds: 0,
+        }];
+        histogram.extend(BUCKET_BOUNDS_MS.iter().map(|(_, label)| WaitBucket {
+            label: label.to_string(),
+            adds: 0,
+        }));
+        histogram.push(WaitBucket {
+            label: ">=30s".into(),
+            adds: 0,
+        });
+        for w in &waits {
+            let i = if w.is_zero() {
+                0
+            } else {
+                1 + BUCKET_BOUNDS_MS
+                    .iter()
+                    .position(|&(bound, _)| w.as_millis() < u128::from(bound))
+                    .unwrap_or(BUCKET_BOUNDS_MS.len())
+            };
+            histogram[i].adds += 1;
+        }
         Waits {
+            histogram,
             adds: waits.len() as u64,
             immediate: waits.iter().filter(|w| w.is_zero()).count() as u64,
             p50_ms: pick(0.50),
@@ -64,6 +109,8 @@ pub struct Report {
     /// ENIs left `available` with our tags at the end (created, but never attached to a live node).
     pub leaked_enis: u64,
     pub forced_removals: u64,
+    /// The refill rate of the account's bucket for mutating calls.
+    pub mutating_refill_per_sec: f64,
     pub timeline: Vec<Sample>,
 }
 
@@ -129,5 +176,44 @@ impl Report {
             );
         }
         o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_fall_in_the_buckets_a_reader_expects() {
+        let ms = Duration::from_millis;
+        let w = Waits::from(vec![
+            ms(0),
+            ms(0),
+            ms(99),
+            ms(100),
+            ms(1999),
+            ms(2000),
+            ms(45_000),
+        ]);
+        let counts: Vec<(&str, u64)> = w
+            .histogram
+            .iter()
+            .map(|b| (b.label.as_str(), b.adds))
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                ("0", 2),
+                ("<100ms", 1),
+                ("<500ms", 1),
+                ("<1s", 0),
+                ("<2s", 1),
+                ("<5s", 1),
+                ("<10s", 0),
+                ("<30s", 0),
+                (">=30s", 1)
+            ]
+        );
+        assert_eq!((w.adds, w.immediate, w.max_ms), (7, 2, 45_000.0));
     }
 }

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use ipam::limits;
 use ipam::maxpods::{max_pods, MaxPodsOptions};
 use sim::{Cluster, Scenario};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -44,6 +45,23 @@ enum Command {
         /// steady, prefix-fragmented or bench-1000-nodes.
         #[arg(long, default_value = "steady")]
         built_in: String,
+        #[arg(long)]
+        json: bool,
+        /// Write the report's plots here, each as SVG and PNG: addresses.*, ec2-calls.*, add-waits.*.
+        #[arg(long)]
+        plots: Option<std::path::PathBuf>,
+    },
+    /// Searches warm-pool settings for a scenario: the Pareto front of addresses held, p99 ADD wait and
+    /// EC2 calls, and the setting that meets --max-p99-wait with the fewest addresses held.
+    Tune {
+        /// A scenario file (docs/simulate.md); without it, the built-in scenario named by --built-in.
+        #[arg(long)]
+        scenario: Option<String>,
+        #[arg(long, default_value = "steady")]
+        built_in: String,
+        /// The p99 ADD wait to meet: 2s, 500ms, or plain milliseconds.
+        #[arg(long, default_value = "1s", value_parser = parse_millis)]
+        max_p99_wait: f64,
         #[arg(long)]
         json: bool,
     },
@@ -349,28 +367,52 @@ fn run(cli: Cli) -> Result<(), String> {
                 std::thread::park();
             }
         }
+        Command::Tune {
+            scenario,
+            built_in,
+            max_p99_wait,
+            json,
+        } => {
+            let scenario = load_scenario(scenario, &built_in)?;
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let show_progress = !json && std::io::stderr().is_terminal();
+            let progress = |done: usize, total: usize| {
+                if show_progress {
+                    let filled = done * 30 / total;
+                    eprint!(
+                        "\r[{}{}] {done}/{total} runs",
+                        "#".repeat(filled),
+                        " ".repeat(30 - filled)
+                    );
+                    if done == total {
+                        eprintln!();
+                    }
+                }
+            };
+            let report = sim::tune::tune(&scenario, max_p99_wait, threads, &progress)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serialises")
+                );
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
         Command::Simulate {
             scenario,
             built_in,
             json,
+            plots,
         } => {
-            let scenario = match scenario {
-                Some(path) => {
-                    let text =
-                        std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-                    Scenario::parse(&text).map_err(|e| format!("{path}: {e}"))?
-                }
-                None => Scenario::built_in(&built_in).ok_or_else(|| {
-                    let names: Vec<_> = Scenario::built_in_names().collect();
-                    format!(
-                        "no built-in scenario {built_in:?} (there are: {})",
-                        names.join(", ")
-                    )
-                })?,
-            };
+            let scenario = load_scenario(scenario, &built_in)?;
             let started = Instant::now();
             let report = Cluster::new(scenario)?.run()?;
             let wall = started.elapsed();
+            if let Some(dir) = &plots {
+                write_plots(dir, &report)?;
+            }
             if json {
                 println!(
                     "{}",
@@ -385,6 +427,68 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
             }
             Ok(())
+        }
+    }
+}
+
+fn load_scenario(path: Option<String>, built_in: &str) -> Result<Scenario, String> {
+    match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+            Scenario::parse(&text).map_err(|e| format!("{path}: {e}"))
+        }
+        None => Scenario::built_in(built_in).ok_or_else(|| {
+            let names: Vec<_> = Scenario::built_in_names().collect();
+            format!(
+                "no built-in scenario {built_in:?} (there are: {})",
+                names.join(", ")
+            )
+        }),
+    }
+}
+
+/// "2s", "500ms" or "750" (milliseconds) as milliseconds.
+fn parse_millis(text: &str) -> Result<f64, String> {
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (text, 1.0)
+    };
+    match number.trim().parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v * scale),
+        _ => Err(format!(
+            "{text:?} is not a duration (write 2s, 500ms or a number of milliseconds)"
+        )),
+    }
+}
+
+fn write_plots(dir: &std::path::Path, report: &sim::Report) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (name, chart) in sim::plot::charts(report) {
+        for (ext, bytes) in [("svg", chart.svg().into_bytes()), ("png", chart.png())] {
+            let path = dir.join(format!("{name}.{ext}"));
+            std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_millis;
+
+    #[test]
+    fn waits_are_read_in_the_units_written() {
+        assert_eq!(parse_millis("2s"), Ok(2000.0));
+        assert_eq!(parse_millis("1.5s"), Ok(1500.0));
+        assert_eq!(parse_millis("500ms"), Ok(500.0));
+        assert_eq!(parse_millis("750"), Ok(750.0));
+        for bad in ["", "fast", "-1s", "2m", "NaNs"] {
+            let e = parse_millis(bad).unwrap_err();
+            assert!(e.contains("not a duration"), "{bad}: {e}");
         }
     }
 }

@@ -1,0 +1,449 @@
+//! The simulator's plots, as SVG (with axes and labels) and PNG (the same geometry, without text):
+//! addresses held vs in use, EC2 mutating calls per second against the account's refill rate, and
+//! the distribution of ADD waits. Both formats are written by hand: a few lines of each are all a
+//! line chart needs, and the PNG is stored uncompressed.
+
+use crate::Report;
+use std::fmt::Write;
+
+const WIDTH: usize = 720;
+const HEIGHT: usize = 360;
+const LEFT: f64 = 70.0;
+const RIGHT: f64 = 20.0;
+const TOP: f64 = 40.0;
+const BOTTOM: f64 = 50.0;
+
+type Rgb = [u8; 3];
+const BLUE: Rgb = [0x1f, 0x77, 0xb4];
+const ORANGE: Rgb = [0xff, 0x7f, 0x0e];
+const RED: Rgb = [0xd6, 0x27, 0x28];
+
+enum Mark {
+    Line(Vec<(f64, f64)>),
+    /// Bars from y = 0, one per (x start, x end, height).
+    Bars(Vec<(f64, f64, f64)>),
+    /// A horizontal line across the plot.
+    Level(f64),
+}
+
+struct Series {
+    name: String,
+    colour: Rgb,
+    mark: Mark,
+}
+
+pub struct Chart {
+    title: String,
+    x_label: String,
+    y_label: String,
+    series: Vec<Series>,
+}
+
+/// A chart's file name (without extension) and the chart.
+pub fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
+    vec![
+        ("addresses", addresses(report)),
+        ("ec2-calls", ec2_calls(report)),
+        ("add-waits", add_waits(report)),
+    ]
+}
+
+fn addresses(r: &Report) -> Chart {
+    let line = |f: fn(&crate::report::Sample) -> u64| {
+        Mark::Line(r.timeline.iter().map(|s| (s.t_secs, f(s) as f64)).collect())
+    };
+    Chart {
+        title: format!("{}: addresses held vs in use", r.scenario),
+        x_label: "simulated seconds".into(),
+        y_label: "addresses (all nodes)".into(),
+        series: vec![
+            Series {
+                name: "held".into(),
+                colour: BLUE,
+                mark: line(|s| s.held),
+            },
+            Series {
+                name: "in use".into(),
+                colour: ORANGE,
+                mark: line(|s| s.in_use),
+            },
+        ],
+    }
+}
+
+fn ec2_calls(r: &Report) -> Chart {
+    let rate = r
+        .timeline
+        .windows(2)
+        .map(|w| {
+            let dt = (w[1].t_secs - w[0].t_secs).max(f64::MIN_POSITIVE);
+            (
+                w[1].t_secs,
+                (w[1].mutating_calls - w[0].mutating_calls) as f64 / dt,
+            )
+        })
+        .collect();
+    Chart {
+        title: format!("{}: EC2 mutating calls per second", r.scenario),
+        x_label: "simulated seconds".into(),
+        y_label: "calls per second".into(),
+        series: vec![
+            Series {
+                name: "calls".into(),
+                colour: BLUE,
+                mark: Mark::Line(rate),
+            },
+            Series {
+                name: "account refill".into(),
+                colour: RED,
+                mark: Mark::Level(r.mutating_refill_per_sec),
+            },
+        ],
+    }
+}
+
+fn add_waits(r: &Report) -> Chart {
+    let bars = r
+        .add_wait
+        .histogram
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (i as f64, i as f64 + 0.9, b.adds as f64))
+        .collect();
+    let buckets: Vec<String> = r
+        .add_wait
+        .histogram
+        .iter()
+        .map(|b| b.label.clone())
+        .collect();
+    Chart {
+        title: format!("{}: ADD waits for an address", r.scenario),
+        x_label: format!("wait (buckets: {})", buckets.join(", ")),
+        y_label: "ADDs".into(),
+        series: vec![Series {
+            name: "ADDs".into(),
+            colour: BLUE,
+            mark: Mark::Bars(bars),
+        }],
+    }
+}
+
+/// The data's extent, with y from zero.
+struct Frame {
+    x0: f64,
+    x1: f64,
+    y1: f64,
+}
+
+impl Frame {
+    fn of(chart: &Chart) -> Frame {
+        let (mut x0, mut x1, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, 0.0f64);
+        for s in &chart.series {
+            match &s.mark {
+                Mark::Line(points) => {
+                    for &(x, y) in points {
+                        (x0, x1, y1) = (x0.min(x), x1.max(x), y1.max(y));
+                    }
+                }
+                Mark::Bars(bars) => {
+                    for &(a, b, h) in bars {
+                        (x0, x1, y1) = (x0.min(a), x1.max(b), y1.max(h));
+                    }
+                }
+                Mark::Level(y) => y1 = y1.max(*y),
+            }
+        }
+        if !x0.is_finite() || x1 <= x0 {
+            (x0, x1) = (0.0, 1.0);
+        }
+        Frame {
+            x0,
+            x1,
+            y1: if y1 > 0.0 { y1 * 1.05 } else { 1.0 },
+        }
+    }
+
+    fn px(&self, x: f64) -> f64 {
+        LEFT + (x - self.x0) / (self.x1 - self.x0) * (WIDTH as f64 - LEFT - RIGHT)
+    }
+
+    fn py(&self, y: f64) -> f64 {
+        HEIGHT as f64 - BOTTOM - y / self.y1 * (HEIGHT as f64 - TOP - BOTTOM)
+    }
+}
+
+fn hex(c: Rgb) -> String {
+    format!("#{:02x}{:02x}{:02x}", c[0], c[1], c[2])
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+impl Chart {
+    pub fn svg(&self) -> String {
+        let f = Frame::of(self);
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = writeln!(o, r#"<rect width="100%" height="100%" fill="white"/>"#);
+        let _ = writeln!(
+            o,
+            r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#,
+            WIDTH / 2,
+            escape(&self.title)
+        );
+        let (bottom, left) = (f.py(0.0), f.px(f.x0));
+        let _ = writeln!(
+            o,
+            r#"<path d="M{left:.1} {TOP:.1} V{bottom:.1} H{:.1}" stroke="black" fill="none"/>"#,
+            WIDTH as f64 - RIGHT
+        );
+        for i in 0..=4 {
+            let y = f.y1 * i as f64 / 4.0;
+            let x = f.x0 + (f.x1 - f.x0) * i as f64 / 4.0;
+            let _ = writeln!(
+                o,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+                left - 6.0,
+                f.py(y) + 4.0,
+                tick(y)
+            );
+            let _ = writeln!(
+                o,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                f.px(x),
+                bottom + 16.0,
+                tick(x)
+            );
+        }
+        let _ = writeln!(
+            o,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            WIDTH / 2,
+            HEIGHT - 10,
+            escape(&self.x_label)
+        );
+        let _ = writeln!(
+            o,
+            r#"<text transform="translate(16 {}) rotate(-90)" text-anchor="middle">{}</text>"#,
+            HEIGHT / 2,
+            escape(&self.y_label)
+        );
+        for (i, s) in self.series.iter().enumerate() {
+            let colour = hex(s.colour);
+            match &s.mark {
+                Mark::Line(points) if !points.is_empty() => {
+                    let d: Vec<String> = points
+                        .iter()
+                        .map(|&(x, y)| format!("{:.1},{:.1}", f.px(x), f.py(y)))
+                        .collect();
+                    let _ = writeln!(
+                        o,
+                        r#"<polyline points="{}" stroke="{colour}" stroke-width="1.5" fill="none"/>"#,
+                        d.join(" ")
+                    );
+                }
+                Mark::Line(_) => {}
+                Mark::Bars(bars) => {
+                    for &(a, b, h) in bars {
+                        let _ = writeln!(
+                            o,
+                            r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{colour}"/>"#,
+                            f.px(a),
+                            f.py(h),
+                            f.px(b) - f.px(a),
+                            bottom - f.py(h)
+                        );
+                    }
+                }
+                Mark::Level(y) => {
+                    let _ = writeln!(
+                        o,
+                        r#"<line x1="{left:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="{colour}" stroke-dasharray="6 4"/>"#,
+                        WIDTH as f64 - RIGHT,
+                        f.py(*y),
+                        f.py(*y)
+                    );
+                }
+            }
+            let ly = TOP + 14.0 * i as f64;
+            let _ = writeln!(
+                o,
+                r#"<rect x="{:.1}" y="{:.1}" width="10" height="10" fill="{colour}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+                WIDTH as f64 - RIGHT - 130.0,
+                ly,
+                WIDTH as f64 - RIGHT - 115.0,
+                ly + 9.0,
+                escape(&s.name)
+            );
+        }
+        o.push_str("</svg>\n");
+        o
+    }
+
+    pub fn png(&self) -> Vec<u8> {
+        let f = Frame::of(self);
+        let mut c = Canvas::new();
+        let (bottom, left, right) = (f.py(0.0), f.px(f.x0), WIDTH as f64 - RIGHT);
+        c.line((left, TOP), (left, bottom), [0; 3]);
+        c.line((left, bottom), (right, bottom), [0; 3]);
+        for i in 1..=4 {
+            let y = f.py(f.y1 * i as f64 / 4.0);
+            c.line((left, y), (right, y), [0xe0; 3]);
+        }
+        for s in &self.series {
+            match &s.mark {
+                Mark::Line(points) => {
+                    for w in points.windows(2) {
+                        let a = (f.px(w[0].0), f.py(w[0].1));
+                        let b = (f.px(w[1].0), f.py(w[1].1));
+                        c.line(a, b, s.colour);
+                    }
+                }
+                Mark::Bars(bars) => {
+                    for &(a, b, h) in bars {
+                        c.fill((f.px(a), f.py(h)), (f.px(b), bottom), s.colour);
+                    }
+                }
+                Mark::Level(y) => {
+                    let y = f.py(*y);
+                    let mut x = left;
+                    while x < right {
+                        c.line((x, y), ((x + 6.0).min(right), y), s.colour);
+                        x += 10.0;
+                    }
+                }
+            }
+        }
+        c.encode()
+    }
+}
+
+fn tick(v: f64) -> String {
+    if v.abs() >= 10_000.0 {
+        format!("{:.0}k", v / 1000.0)
+    } else if v.fract() == 0.0 || v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// An RGB raster.
+struct Canvas {
+    pixels: Vec<u8>,
+}
+
+impl Canvas {
+    fn new() -> Canvas {
+        Canvas {
+            pixels: vec![0xff; WIDTH * HEIGHT * 3],
+        }
+    }
+
+    fn set(&mut self, x: i64, y: i64, c: Rgb) {
+        if (0..WIDTH as i64).contains(&x) && (0..HEIGHT as i64).contains(&y) {
+            let i = (y as usize * WIDTH + x as usize) * 3;
+            self.pixels[i..i + 3].copy_from_slice(&c);
+        }
+    }
+
+    fn line(&mut self, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: Rgb) {
+        let steps = (x1 - x0).abs().max((y1 - y0).abs()).ceil().max(1.0) as i64;
+        for i in 0..=steps {
+            let t = i as f64 / steps as f64;
+            self.set(
+                (x0 + (x1 - x0) * t).round() as i64,
+                (y0 + (y1 - y0) * t).round() as i64,
+                c,
+            );
+        }
+    }
+
+    fn fill(&mut self, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: Rgb) {
+        for y in y0.round() as i64..y1.round() as i64 {
+            for x in x0.round() as i64..x1.round() as i64 {
+                self.set(x, y, c);
+            }
+        }
+    }
+
+    /// PNG, 8-bit RGB, one zlib stream of stored deflate blocks.
+    fn encode(&self) -> Vec<u8> {
+        let mut raw = Vec::with_capacity(HEIGHT * (1 + WIDTH * 3));
+        for row in self.pixels.chunks(WIDTH * 3) {
+            raw.push(0); // filter type: none
+            raw.extend_from_slice(row);
+        }
+        let mut zlib = vec![0x78, 0x01];
+        let blocks: Vec<&[u8]> = raw.chunks(65_535).collect();
+        for (i, block) in blocks.iter().enumerate() {
+            zlib.push(u8::from(i + 1 == blocks.len()));
+            let len = block.len() as u16;
+            zlib.extend_from_slice(&len.to_le_bytes());
+            zlib.extend_from_slice(&(!len).to_le_bytes());
+            zlib.extend_from_slice(block);
+        }
+        zlib.extend_from_slice(&adler32(&raw).to_be_bytes());
+
+        let mut header = Vec::new();
+        header.extend_from_slice(&(WIDTH as u32).to_be_bytes());
+        header.extend_from_slice(&(HEIGHT as u32).to_be_bytes());
+        header.extend_from_slice(&[8, 2, 0, 0, 0]); // 8 bits, RGB, deflate, adaptive filter, no interlace
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        for (kind, data) in [(b"IHDR", header), (b"IDAT", zlib), (b"IEND", Vec::new())] {
+            png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let start = png.len();
+            png.extend_from_slice(kind);
+            png.extend_from_slice(&data);
+            let crc = crc32(&png[start..]);
+            png.extend_from_slice(&crc.to_be_bytes());
+        }
+        png
+    }
+}
+
+fn adler32(data: &[u8]) -> u32 {
+    let (mut a, mut b) = (1u32, 0u32);
+    for chunk in data.chunks(5552) {
+        for &byte in chunk {
+            a += u32::from(byte);
+            b += a;
+        }
+        a %= 65_521;
+        b %= 65_521;
+    }
+    (b << 16) | a
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksums_match_their_specifications() {
+        // The check values of RFC 1950's Adler-32 and of the CRC-32 used by PNG and zip.
+        assert_eq!(adler32(b"Wikipedia"), 0x11e6_0398);
+        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+    }
+}

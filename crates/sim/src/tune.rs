@@ -1,0 +1,365 @@
+//! The warm-pool tuner: the same scenario under a grid of warm-pool settings, the Pareto front of
+//! (addresses held, p99 ADD wait, EC2 calls), and the setting that meets a p99 bound with the fewest
+//! addresses held. Every point is a full simulator run, so the numbers are the engine's, not a model's.
+
+use crate::{Cluster, Report, Scenario};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// The settings the tuner owns; a candidate replaces all of them, whatever the scenario had.
+const WARM_POOL_KEYS: &[&str] = &[
+    "WARM_ENI_TARGET",
+    "WARM_IP_TARGET",
+    "MINIMUM_IP_TARGET",
+    "WARM_PREFIX_TARGET",
+    "ENABLE_PREFIX_DELEGATION",
+];
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    /// The warm-pool settings of this run, as environment variables; empty for the scenario's own.
+    pub settings: BTreeMap<String, String>,
+    /// Addresses held by all nodes, averaged over the timeline's samples.
+    pub mean_held: f64,
+    pub mean_in_use: f64,
+    pub p99_wait_ms: f64,
+    pub ec2_calls: u64,
+    pub unschedulable_pods: u64,
+}
+
+impl Outcome {
+    fn from_report(settings: BTreeMap<String, String>, r: &Report) -> Outcome {
+        let mean = |f: fn(&crate::report::Sample) -> u64| {
+            if r.timeline.is_empty() {
+                0.0
+            } else {
+                r.timeline.iter().map(|s| f(s) as f64).sum::<f64>() / r.timeline.len() as f64
+            }
+        };
+        Outcome {
+            settings,
+            mean_held: mean(|s| s.held),
+            mean_in_use: mean(|s| s.in_use),
+            p99_wait_ms: r.add_wait.p99_ms,
+            ec2_calls: r.total_calls(),
+            unschedulable_pods: r.unschedulable_pods,
+        }
+    }
+
+    pub fn label(&self) -> String {
+        if self.settings.is_empty() {
+            return "(the scenario's settings)".into();
+        }
+        self.settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// At least as good on all three objectives and better on one.
+    fn dominates(&self, other: &Outcome) -> bool {
+        let le = self.mean_held <= other.mean_held
+            && self.p99_wait_ms <= other.p99_wait_ms
+            && self.ec2_calls <= other.ec2_calls;
+        let lt = self.mean_held < other.mean_held
+            || self.p99_wait_ms < other.p99_wait_ms
+            || self.ec2_calls < other.ec2_calls;
+        le && lt
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TuneReport {
+    pub scenario: String,
+    pub max_p99_wait_ms: f64,
+    /// The scenario run with the settings it was written with: what the cluster does today.
+    pub baseline: Outcome,
+    pub candidates: Vec<Outcome>,
+    /// Indexes into `candidates` of the runs no other run dominates, by addresses held.
+    pub pareto_front: Vec<usize>,
+    /// Index into `candidates`: meets the p99 bound, schedules as many pods as the baseline, and
+    /// holds the fewest addresses (fewest EC2 calls among equals). None when no candidate does.
+    pub recommended: Option<usize>,
+}
+
+/// The grid searched: upstream's ENI-granular default, IP targets with and without a minimum sized
+/// from the workload, and, where every node type can take /28 prefixes, prefix delegation by prefix
+/// target and by IP target.
+pub fn candidates(scenario: &Scenario) -> Vec<BTreeMap<String, String>> {
+    let pods = scenario.workload.pods_per_node.round().max(1.0) as u32;
+    let mut minimums = vec![0, pods.div_ceil(2), pods];
+    minimums.dedup();
+    let set = |pairs: &[(&str, String)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    };
+    let mut grid = vec![set(&[("WARM_ENI_TARGET", "1".into())])];
+    for warm in [1, 2, 3, 5, 8] {
+        for &minimum in &minimums {
+            grid.push(set(&[
+                ("WARM_IP_TARGET", warm.to_string()),
+                ("MINIMUM_IP_TARGET", minimum.to_string()),
+            ]));
+        }
+    }
+    let prefixes_everywhere = scenario
+        .nodes
+        .iter()
+        .all(|g| ipam::limits::lookup(&g.instance_type).is_some_and(|l| l.supports_prefixes()));
+    if prefixes_everywhere {
+        for warm_prefixes in [1, 2] {
+            grid.push(set(&[
+                ("ENABLE_PREFIX_DELEGATION", "true".into()),
+                ("WARM_PREFIX_TARGET", warm_prefixes.to_string()),
+            ]));
+        }
+        for warm in [1, 4, 8] {
+            for minimum in [0, pods] {
+                grid.push(set(&[
+                    ("ENABLE_PREFIX_DELEGATION", "true".into()),
+                    ("WARM_IP_TARGET", warm.to_string()),
+                    ("MINIMUM_IP_TARGET", minimum.to_string()),
+                ]));
+            }
+        }
+    }
+    grid
+}
+
+fn run_with(scenario: &Scenario, settings: &BTreeMap<String, String>) -> Result<Report, String> {
+    let mut s = scenario.clone();
+    if !settings.is_empty() {
+        s.settings
+            .retain(|k, _| !WARM_POOL_KEYS.contains(&k.as_str()));
+        s.settings
+            .extend(settings.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    Cluster::new(s)?.run()
+}
+
+/// Runs the baseline and every candidate on `threads` threads; `progress` is told each finished run
+/// (done, total).
+pub fn tune(
+    scenario: &Scenario,
+    max_p99_wait_ms: f64,
+    threads: usize,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<TuneReport, String> {
+    let mut grid = vec![BTreeMap::new()];
+    grid.extend(candidates(scenario));
+    let total = grid.len();
+    let next = AtomicUsize::new(0);
+    let finished = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<Outcome, String>>>> = Mutex::new(vec![None; total]);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.clamp(1, total) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(settings) = grid.get(i) else { break };
+                let outcome = run_with(scenario, settings)
+                    .map(|r| Outcome::from_report(settings.clone(), &r))
+                    .map_err(|e| format!("{}: {e}", label_of(settings)));
+                results.lock().expect("no run panics holding the lock")[i] = Some(outcome);
+                progress(finished.fetch_add(1, Ordering::Relaxed) + 1, total);
+            });
+        }
+    });
+    let mut outcomes = results
+        .into_inner()
+        .expect("no run panics holding the lock")
+        .into_iter()
+        .map(|o| o.expect("every index is run"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let baseline = outcomes.remove(0);
+    Ok(analyse(
+        scenario.name.clone(),
+        max_p99_wait_ms,
+        baseline,
+        outcomes,
+    ))
+}
+
+fn label_of(settings: &BTreeMap<String, String>) -> String {
+    Outcome {
+        settings: settings.clone(),
+        mean_held: 0.0,
+        mean_in_use: 0.0,
+        p99_wait_ms: 0.0,
+        ec2_calls: 0,
+        unschedulable_pods: 0,
+    }
+    .label()
+}
+
+/// The Pareto front and the recommendation, from finished runs.
+pub fn analyse(
+    scenario: String,
+    max_p99_wait_ms: f64,
+    baseline: Outcome,
+    candidates: Vec<Outcome>,
+) -> TuneReport {
+    let mut pareto_front: Vec<usize> = (0..candidates.len())
+        .filter(|&i| !candidates.iter().any(|o| o.dominates(&candidates[i])))
+        .collect();
+    pareto_front.sort_by(|&a, &b| candidates[a].mean_held.total_cmp(&candidates[b].mean_held));
+    let recommended = (0..candidates.len())
+        .filter(|&i| {
+            candidates[i].p99_wait_ms <= max_p99_wait_ms
+                && candidates[i].unschedulable_pods <= baseline.unschedulable_pods
+        })
+        .min_by(|&a, &b| {
+            let (a, b) = (&candidates[a], &candidates[b]);
+            a.mean_held
+                .total_cmp(&b.mean_held)
+                .then(a.ec2_calls.cmp(&b.ec2_calls))
+        });
+    TuneReport {
+        scenario,
+        max_p99_wait_ms,
+        baseline,
+        candidates,
+        pareto_front,
+        recommended,
+    }
+}
+
+impl TuneReport {
+    pub fn recommendation(&self) -> Option<&Outcome> {
+        self.recommended.map(|i| &self.candidates[i])
+    }
+
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut o = String::new();
+        let row = |o: &mut String, mark: &str, x: &Outcome| {
+            let _ = writeln!(
+                o,
+                "{mark:<2}{:>10.1} {:>10.1} {:>12.0} {:>9} {:>6}  {}",
+                x.mean_held,
+                x.mean_in_use,
+                x.p99_wait_ms,
+                x.ec2_calls,
+                x.unschedulable_pods,
+                x.label()
+            );
+        };
+        let _ = writeln!(
+            o,
+            "scenario {}: {} settings searched, p99 ADD wait bound {:.0} ms\n",
+            self.scenario,
+            self.candidates.len(),
+            self.max_p99_wait_ms
+        );
+        let _ = writeln!(
+            o,
+            "    mean held  mean used  p99 wait ms  EC2 calls unsched  settings"
+        );
+        row(&mut o, "=", &self.baseline);
+        let _ = writeln!(o, "Pareto front (no other setting is better on all three):");
+        for &i in &self.pareto_front {
+            let mark = if Some(i) == self.recommended {
+                ">"
+            } else {
+                "*"
+            };
+            row(&mut o, mark, &self.candidates[i]);
+        }
+        match self.recommendation() {
+            Some(r) => {
+                let b = &self.baseline;
+                let _ = writeln!(
+                    o,
+                    "\nrecommended: {}\n  addresses held {:.1} -> {:.1} ({:+.0}%), p99 ADD wait {:.0} -> {:.0} ms, EC2 calls {} -> {}",
+                    r.label(),
+                    b.mean_held,
+                    r.mean_held,
+                    percent_change(b.mean_held, r.mean_held),
+                    b.p99_wait_ms,
+                    r.p99_wait_ms,
+                    b.ec2_calls,
+                    r.ec2_calls
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    o,
+                    "\nno setting searched keeps the p99 ADD wait under {:.0} ms; the front above shows the trade-off",
+                    self.max_p99_wait_ms
+                );
+            }
+        }
+        o
+    }
+}
+
+fn percent_change(from: f64, to: f64) -> f64 {
+    if from == 0.0 {
+        0.0
+    } else {
+        (to - from) / from * 100.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(held: f64, p99: f64, calls: u64, unsched: u64) -> Outcome {
+        Outcome {
+            settings: BTreeMap::from([("WARM_IP_TARGET".to_string(), format!("{held}"))]),
+            mean_held: held,
+            mean_in_use: 0.0,
+            p99_wait_ms: p99,
+            ec2_calls: calls,
+            unschedulable_pods: unsched,
+        }
+    }
+
+    #[test]
+    fn front_and_recommendation_by_hand() {
+        let baseline = outcome(100.0, 0.0, 50, 0);
+        let runs = vec![
+            outcome(40.0, 3000.0, 80, 0), // 0: fewest held, too slow
+            outcome(60.0, 500.0, 70, 0),  // 1: meets 1 s
+            outcome(60.0, 500.0, 90, 0),  // 2: dominated by 1
+            outcome(80.0, 0.0, 40, 0),    // 3: fastest, fewest calls
+            outcome(50.0, 800.0, 60, 3),  // 4: meets 1 s but leaves pods unscheduled
+            outcome(90.0, 100.0, 45, 0),  // 5: dominated by 3
+        ];
+        let r = analyse("t".into(), 1000.0, baseline, runs);
+        assert_eq!(r.pareto_front, vec![0, 4, 1, 3]);
+        assert_eq!(r.recommended, Some(1));
+        let text = r.render();
+        assert!(text.contains("recommended: WARM_IP_TARGET=60"), "{text}");
+        assert!(text.contains("100.0 -> 60.0 (-40%)"), "{text}");
+    }
+
+    #[test]
+    fn no_recommendation_when_nothing_meets_the_bound() {
+        let r = analyse(
+            "t".into(),
+            10.0,
+            outcome(10.0, 50.0, 5, 0),
+            vec![outcome(5.0, 20.0, 5, 0)],
+        );
+        assert_eq!(r.recommended, None);
+        assert!(r.render().contains("no setting searched"));
+    }
+
+    #[test]
+    fn prefix_candidates_only_where_every_type_takes_prefixes() {
+        let mut s = Scenario::built_in("steady").unwrap();
+        assert!(candidates(&s)
+            .iter()
+            .any(|c| c.contains_key("ENABLE_PREFIX_DELEGATION")));
+        s.nodes[0].instance_type = "m4.large".into();
+        assert!(!candidates(&s)
+            .iter()
+            .any(|c| c.contains_key("ENABLE_PREFIX_DELEGATION")));
+    }
+}

@@ -1,0 +1,82 @@
+//! The plots are opened by an independent reader: Python's zlib and XML parser.
+
+use sim::{Cluster, Scenario};
+use std::process::Command;
+
+const CHECK: &str = r#"
+import struct, sys, zlib, xml.etree.ElementTree as ET
+png, svg = sys.argv[1], sys.argv[2]
+data = open(png, "rb").read()
+assert data[:8] == b"\x89PNG\r\n\x1a\n", "signature"
+pos, idat, size = 8, b"", None
+while pos < len(data):
+    n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+    body = data[pos + 8:pos + 8 + n]
+    crc, = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+    assert zlib.crc32(kind + body) == crc, kind
+    if kind == b"IHDR":
+        size = struct.unpack(">IIBB", body[:10])
+    if kind == b"IDAT":
+        idat += body
+    pos += 12 + n
+w, h, depth, colour = size
+assert (depth, colour) == (8, 2), size
+raw = zlib.decompress(idat)
+assert len(raw) == h * (1 + 3 * w), len(raw)
+rows = [raw[r * (1 + 3 * w) + 1:(r + 1) * (1 + 3 * w)] for r in range(h)]
+blue = sum(row.count(bytes([0x1f, 0x77, 0xb4])) for row in rows)
+root = ET.parse(svg).getroot()
+assert root.tag == "{http://www.w3.org/2000/svg}svg", root.tag
+marks = sum(1 for e in root.iter() if e.tag.endswith(("polyline", "rect")))
+print(w, h, blue, marks)
+"#;
+
+#[test]
+fn plots_are_valid_png_and_svg_with_the_data_drawn() {
+    if Command::new("python3").arg("-V").output().is_err() {
+        println!("SKIPPED plots_are_valid_png_and_svg: python3 is not installed to read them");
+        eprintln!("SKIPPED plots_are_valid_png_and_svg: python3 is not installed to read them");
+        return;
+    }
+    let report = Cluster::new(Scenario::built_in("steady").unwrap())
+        .unwrap()
+        .run()
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("sim-plots-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, chart) in sim::plot::charts(&report) {
+        let (png, svg) = (
+            dir.join(format!("{name}.png")),
+            dir.join(format!("{name}.svg")),
+        );
+        std::fs::write(&png, chart.png()).unwrap();
+        std::fs::write(&svg, chart.svg()).unwrap();
+        let out = Command::new("python3")
+            .args(["-c", CHECK])
+            .arg(&png)
+            .arg(&svg)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let fields: Vec<u64> = String::from_utf8(out.stdout)
+            .unwrap()
+            .split_whitespace()
+            .map(|f| f.parse().unwrap())
+            .collect();
+        assert_eq!(&fields[..2], &[720, 360], "{name}");
+        assert!(
+            fields[2] > 100,
+            "{name}: the first series is drawn in the PNG"
+        );
+        assert!(fields[3] >= 2, "{name}: the SVG has marks");
+    }
+    let svg = std::fs::read_to_string(dir.join("addresses.svg")).unwrap();
+    let held_peak = report.timeline.iter().map(|s| s.held).max().unwrap();
+    assert!(held_peak > 0);
+    assert!(svg.contains("addresses held vs in use"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,88 @@
+use sim::tune::{tune, TuneReport};
+use sim::Scenario;
+
+fn tuned(scenario: &Scenario, max_p99_wait_ms: f64) -> TuneReport {
+    tune(scenario, max_p99_wait_ms, 2, &|_, _| {}).unwrap()
+}
+
+/// One m5.large (10 IPv4 addresses per ENI: a primary and 9 secondaries) with five pods that never
+/// leave: every setting's pool settles where arithmetic puts it.
+#[test]
+fn a_still_node_holds_what_the_arithmetic_says() {
+    let scenario = Scenario::parse(
+        r#"
+name = "still"
+duration_secs = 3600
+sample_every_secs = 60
+[vpc]
+cidr = "10.0.0.0/16"
+subnets = [{ cidr = "10.0.0.0/20", az = "us-west-2a" }]
+[[nodes]]
+instance_type = "m5.large"
+count = 1
+[workload]
+pods_per_node = 0
+mean_lifetime_secs = 1e12
+initial_burst = 5
+"#,
+    )
+    .unwrap();
+    let report = tuned(&scenario, 60_000.0);
+    let held = |label: &str| {
+        report
+            .candidates
+            .iter()
+            .find(|o| o.label() == label)
+            .unwrap_or_else(|| panic!("{label} searched"))
+            .mean_held
+    };
+    // The node warms up within the first sample, so a mean lies within one sample of the settled value.
+    let near = |got: f64, want: f64| got <= want && got >= want * (1.0 - 1.5 / 60.0);
+    // WARM_ENI_TARGET=1: the first ENI's 9 secondaries (5 in use) and a whole spare ENI of 9.
+    assert!(near(held("WARM_ENI_TARGET=1"), 18.0), "{}", report.render());
+    assert!(near(report.baseline.mean_held, 18.0), "{}", report.render());
+    // WARM_IP_TARGET=2: 5 in use and 2 spare, all on the first ENI.
+    assert!(near(held("MINIMUM_IP_TARGET=0 WARM_IP_TARGET=2"), 7.0));
+    // WARM_IP_TARGET=8: 13, more than the first ENI's 9, so a second ENI carries 4.
+    assert!(near(held("MINIMUM_IP_TARGET=0 WARM_IP_TARGET=8"), 13.0));
+    // Prefix delegation, WARM_PREFIX_TARGET=1: a /28 for the 5 pods and a spare /28.
+    assert!(near(
+        held("ENABLE_PREFIX_DELEGATION=true WARM_PREFIX_TARGET=1"),
+        32.0
+    ));
+    // The fewest addresses with every ADD under a minute: 5 in use and 1 spare.
+    let best = report.recommendation().unwrap();
+    assert!(near(best.mean_held, 6.0), "{}", report.render());
+    assert_eq!(best.settings["WARM_IP_TARGET"], "1");
+}
+
+#[test]
+fn every_small_built_in_has_a_tighter_setting_that_meets_the_wait() {
+    // bench-1000-nodes is the throughput benchmark's scenario: bench/sim-throughput.sh tunes it in a
+    // release build, where a run takes seconds rather than minutes.
+    for name in Scenario::built_in_names().filter(|n| *n != "bench-1000-nodes") {
+        let scenario = Scenario::built_in(name).unwrap();
+        let report = tuned(&scenario, 2000.0);
+        let text = report.render();
+        let best = report
+            .recommendation()
+            .unwrap_or_else(|| panic!("{name}: no recommendation\n{text}"));
+        assert!(best.p99_wait_ms <= 2000.0, "{name}\n{text}");
+        assert!(
+            best.mean_held < report.baseline.mean_held,
+            "{name}: recommended holds no fewer addresses than the scenario's settings\n{text}"
+        );
+        assert!(best.unschedulable_pods <= report.baseline.unschedulable_pods);
+        assert!(
+            text.contains("(the scenario's settings)") && text.contains("recommended: "),
+            "{text}"
+        );
+        // The front is what it claims: nothing searched beats one of its members on all three.
+        for &i in &report.pareto_front {
+            let f = &report.candidates[i];
+            assert!(!report.candidates.iter().any(|o| o.mean_held < f.mean_held
+                && o.p99_wait_ms < f.p99_wait_ms
+                && o.ec2_calls < f.ec2_calls));
+        }
+    }
+}
