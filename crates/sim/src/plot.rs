@@ -17,6 +17,14 @@ type Rgb = [u8; 3];
 const BLUE: Rgb = [0x1f, 0x77, 0xb4];
 const ORANGE: Rgb = [0xff, 0x7f, 0x0e];
 const RED: Rgb = [0xd6, 0x27, 0x28];
+const PALETTE: [Rgb; 6] = [
+    BLUE,
+    ORANGE,
+    [0x2c, 0xa0, 0x2c],
+    RED,
+    [0x94, 0x67, 0xbd],
+    [0x8c, 0x56, 0x4b],
+];
 
 enum Mark {
     Line(Vec<(f64, f64)>),
@@ -46,6 +54,29 @@ pub fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
         ("ec2-calls", ec2_calls(report)),
         ("add-waits", add_waits(report)),
     ]
+}
+
+/// `simulate --compare`: the addresses each run held, one line a run, named by `labels`.
+pub fn comparison(scenario: &str, runs: &[(String, &Report)]) -> Chart {
+    Chart {
+        title: format!("{scenario}: addresses held, by settings"),
+        x_label: "simulated seconds".into(),
+        y_label: "addresses held (all nodes)".into(),
+        series: runs
+            .iter()
+            .enumerate()
+            .map(|(i, (label, r))| Series {
+                name: format!("{}: {label}", i + 1),
+                colour: PALETTE[i % PALETTE.len()],
+                mark: Mark::Line(
+                    r.timeline
+                        .iter()
+                        .map(|s| (s.t_secs, s.held as f64))
+                        .collect(),
+                ),
+            })
+            .collect(),
+    }
 }
 
 fn addresses(r: &Report) -> Chart {

@@ -131,15 +131,54 @@ pub fn candidates(scenario: &Scenario) -> Vec<BTreeMap<String, String>> {
     grid
 }
 
-fn run_with(scenario: &Scenario, settings: &BTreeMap<String, String>) -> Result<Report, String> {
+/// The scenario with `settings` laid over its own; settings that name any warm-pool variable replace
+/// all of the scenario's warm-pool variables, so that, say, a prefix target is not mixed with an IP
+/// target the scenario had.
+pub fn with_settings(scenario: &Scenario, settings: &BTreeMap<String, String>) -> Scenario {
     let mut s = scenario.clone();
-    if !settings.is_empty() {
+    if settings
+        .keys()
+        .any(|k| WARM_POOL_KEYS.contains(&k.as_str()))
+    {
         s.settings
             .retain(|k, _| !WARM_POOL_KEYS.contains(&k.as_str()));
-        s.settings
-            .extend(settings.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
-    Cluster::new(s)?.run()
+    s.settings
+        .extend(settings.iter().map(|(k, v)| (k.clone(), v.clone())));
+    s
+}
+
+/// Runs the scenario under each of `grid` on `threads` threads, reports in the grid's order;
+/// `progress` is told each finished run (done, total).
+pub fn run_all(
+    scenario: &Scenario,
+    grid: &[BTreeMap<String, String>],
+    threads: usize,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<Vec<Report>, String> {
+    let total = grid.len();
+    let next = AtomicUsize::new(0);
+    let finished = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<Report, String>>>> = Mutex::new(vec![None; total]);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.clamp(1, total.max(1)) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(settings) = grid.get(i) else { break };
+                let report = Cluster::new(with_settings(scenario, settings))
+                    .and_then(Cluster::run)
+                    .map_err(|e| format!("{}: {e}", label_of(settings)));
+                results.lock().expect("no run panics holding the lock")[i] = Some(report);
+                progress(finished.fetch_add(1, Ordering::Relaxed) + 1, total);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .expect("no run panics holding the lock")
+        .into_iter()
+        .map(|r| r.expect("every index is run"))
+        .collect()
 }
 
 /// Runs the baseline and every candidate on `threads` threads; `progress` is told each finished run
@@ -152,29 +191,12 @@ pub fn tune(
 ) -> Result<TuneReport, String> {
     let mut grid = vec![BTreeMap::new()];
     grid.extend(candidates(scenario));
-    let total = grid.len();
-    let next = AtomicUsize::new(0);
-    let finished = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<Outcome, String>>>> = Mutex::new(vec![None; total]);
-    std::thread::scope(|scope| {
-        for _ in 0..threads.clamp(1, total) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(settings) = grid.get(i) else { break };
-                let outcome = run_with(scenario, settings)
-                    .map(|r| Outcome::from_report(settings.clone(), &r))
-                    .map_err(|e| format!("{}: {e}", label_of(settings)));
-                results.lock().expect("no run panics holding the lock")[i] = Some(outcome);
-                progress(finished.fetch_add(1, Ordering::Relaxed) + 1, total);
-            });
-        }
-    });
-    let mut outcomes = results
-        .into_inner()
-        .expect("no run panics holding the lock")
+    let reports = run_all(scenario, &grid, threads, progress)?;
+    let mut outcomes: Vec<Outcome> = grid
         .into_iter()
-        .map(|o| o.expect("every index is run"))
-        .collect::<Result<Vec<_>, _>>()?;
+        .zip(&reports)
+        .map(|(settings, r)| Outcome::from_report(settings, r))
+        .collect();
     let baseline = outcomes.remove(0);
     Ok(analyse(
         scenario.name.clone(),
@@ -236,18 +258,6 @@ impl TuneReport {
     pub fn render(&self) -> String {
         use std::fmt::Write;
         let mut o = String::new();
-        let row = |o: &mut String, mark: &str, x: &Outcome| {
-            let _ = writeln!(
-                o,
-                "{mark:<2}{:>10.1} {:>10.1} {:>12.0} {:>9} {:>6}  {}",
-                x.mean_held,
-                x.mean_in_use,
-                x.p99_wait_ms,
-                x.ec2_calls,
-                x.unschedulable_pods,
-                x.label()
-            );
-        };
         let _ = writeln!(
             o,
             "scenario {}: {} settings searched, p99 ADD wait bound {:.0} ms\n",
@@ -255,10 +265,7 @@ impl TuneReport {
             self.candidates.len(),
             self.max_p99_wait_ms
         );
-        let _ = writeln!(
-            o,
-            "    mean held  mean used  p99 wait ms  EC2 calls unsched  settings"
-        );
+        o.push_str(TABLE_HEADER);
         row(&mut o, "=", &self.baseline);
         let _ = writeln!(o, "Pareto front (no other setting is better on all three):");
         for &i in &self.pareto_front {
@@ -295,6 +302,68 @@ impl TuneReport {
         }
         o
     }
+}
+
+const TABLE_HEADER: &str = "    mean held  mean used  p99 wait ms  EC2 calls unsched  settings\n";
+
+fn row(o: &mut String, mark: &str, x: &Outcome) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        o,
+        "{mark:<2}{:>10.1} {:>10.1} {:>12.0} {:>9} {:>6}  {}",
+        x.mean_held,
+        x.mean_in_use,
+        x.p99_wait_ms,
+        x.ec2_calls,
+        x.unschedulable_pods,
+        x.label()
+    );
+}
+
+/// `vpcctl simulate --compare`: the scenario's own settings and each set given, side by side.
+pub fn compare(
+    scenario: &Scenario,
+    sets: Vec<BTreeMap<String, String>>,
+    threads: usize,
+) -> Result<(Vec<Outcome>, Vec<Report>), String> {
+    let mut grid = vec![BTreeMap::new()];
+    grid.extend(sets);
+    let reports = run_all(scenario, &grid, threads, &|_, _| {})?;
+    let outcomes = grid
+        .into_iter()
+        .zip(&reports)
+        .map(|(settings, r)| Outcome::from_report(settings, r))
+        .collect();
+    Ok((outcomes, reports))
+}
+
+pub fn render_comparison(scenario: &str, outcomes: &[Outcome]) -> String {
+    let mut o = format!("scenario {scenario}: {} runs compared\n\n", outcomes.len());
+    o.push_str(TABLE_HEADER);
+    for (i, x) in outcomes.iter().enumerate() {
+        row(&mut o, &(i + 1).to_string(), x);
+    }
+    o
+}
+
+/// "WARM_IP_TARGET=2,MINIMUM_IP_TARGET=10" as settings; a name the engine does not read is an error.
+pub fn parse_settings(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut settings = BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?}: write NAME=VALUE"))?;
+        if !ipam::Config::VARIABLES.contains(&k) {
+            return Err(format!("{k:?} is not a setting the engine reads"));
+        }
+        settings.insert(k.to_string(), v.to_string());
+    }
+    if settings.is_empty() {
+        return Err(format!(
+            "{text:?}: no settings (write NAME=VALUE[,NAME=VALUE...])"
+        ));
+    }
+    Ok(settings)
 }
 
 fn percent_change(from: f64, to: f64) -> f64 {
@@ -349,6 +418,29 @@ mod tests {
         );
         assert_eq!(r.recommended, None);
         assert!(r.render().contains("no setting searched"));
+    }
+
+    #[test]
+    fn settings_are_parsed_strictly_and_replace_the_warm_pool_as_a_whole() {
+        let set = parse_settings("ENABLE_PREFIX_DELEGATION=true, WARM_PREFIX_TARGET=2").unwrap();
+        assert_eq!(set.len(), 2);
+        assert!(parse_settings("WARM_IP_TARGT=2")
+            .unwrap_err()
+            .contains("WARM_IP_TARGT"));
+        assert!(parse_settings("WARM_IP_TARGET")
+            .unwrap_err()
+            .contains("NAME=VALUE"));
+        assert!(parse_settings(" , ").is_err());
+
+        let mut s = Scenario::built_in("steady").unwrap();
+        s.settings.insert("WARM_IP_TARGET".into(), "5".into());
+        s.settings.insert("IP_COOLDOWN_PERIOD".into(), "10".into());
+        let merged = with_settings(&s, &set);
+        assert_eq!(merged.settings.get("WARM_IP_TARGET"), None);
+        assert_eq!(merged.settings["WARM_PREFIX_TARGET"], "2");
+        assert_eq!(merged.settings["IP_COOLDOWN_PERIOD"], "10");
+        let cooldown = parse_settings("IP_COOLDOWN_PERIOD=60").unwrap();
+        assert_eq!(with_settings(&s, &cooldown).settings["WARM_IP_TARGET"], "5");
     }
 
     #[test]

@@ -44,7 +44,18 @@ fn plots_are_valid_png_and_svg_with_the_data_drawn() {
         .unwrap();
     let dir = std::env::temp_dir().join(format!("sim-plots-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for (name, chart) in sim::plot::charts(&report) {
+    let tighter = sim::tune::with_settings(
+        &Scenario::built_in("steady").unwrap(),
+        &sim::tune::parse_settings("WARM_IP_TARGET=2").unwrap(),
+    );
+    let tighter = Cluster::new(tighter).unwrap().run().unwrap();
+    let runs = vec![
+        ("as written".to_string(), &report),
+        ("WARM_IP_TARGET=2".to_string(), &tighter),
+    ];
+    let mut charts = sim::plot::charts(&report);
+    charts.push(("compare-held", sim::plot::comparison("steady", &runs)));
+    for (name, chart) in charts {
         let (png, svg) = (
             dir.join(format!("{name}.png")),
             dir.join(format!("{name}.svg")),
@@ -70,7 +81,7 @@ fn plots_are_valid_png_and_svg_with_the_data_drawn() {
         assert_eq!(&fields[..2], &[720, 360], "{name}");
         assert!(
             fields[2] > 100,
-            "{name}: the first series is drawn in the PNG"
+            "{name}: the first series is drawn in the PNG: {fields:?}"
         );
         assert!(fields[3] >= 2, "{name}: the SVG has marks");
     }

@@ -86,3 +86,24 @@ fn every_small_built_in_has_a_tighter_setting_that_meets_the_wait() {
         }
     }
 }
+
+#[test]
+fn compare_runs_the_scenario_as_written_first_and_each_set_over_it() {
+    let scenario = Scenario::built_in("steady").unwrap();
+    let sets = vec![
+        sim::tune::parse_settings("WARM_ENI_TARGET=1").unwrap(),
+        sim::tune::parse_settings("WARM_IP_TARGET=2").unwrap(),
+    ];
+    let (outcomes, reports) = sim::tune::compare(&scenario, sets, 2).unwrap();
+    assert_eq!((outcomes.len(), reports.len()), (3, 3));
+    // steady is written with the defaults, so spelling WARM_ENI_TARGET=1 out changes nothing: same seed,
+    // same run.
+    assert_eq!(outcomes[0].mean_held, outcomes[1].mean_held);
+    assert_eq!(outcomes[0].ec2_calls, outcomes[1].ec2_calls);
+    assert!(outcomes[2].mean_held < outcomes[0].mean_held);
+    let text = sim::tune::render_comparison("steady", &outcomes);
+    assert!(
+        text.contains("3 runs compared") && text.contains("WARM_IP_TARGET=2"),
+        "{text}"
+    );
+}

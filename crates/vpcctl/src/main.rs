@@ -47,9 +47,14 @@ enum Command {
         built_in: String,
         #[arg(long)]
         json: bool,
-        /// Write the report's plots here, each as SVG and PNG: addresses.*, ec2-calls.*, add-waits.*.
+        /// Write the report's plots here, each as SVG and PNG: addresses.*, ec2-calls.*, add-waits.*
+        /// (and compare-held.* with --compare).
         #[arg(long)]
         plots: Option<std::path::PathBuf>,
+        /// Also run with these settings laid over the scenario's (NAME=VALUE,NAME=VALUE; repeat for
+        /// more runs) and report all runs side by side.
+        #[arg(long, value_parser = sim::tune::parse_settings)]
+        compare: Vec<std::collections::BTreeMap<String, String>>,
     },
     /// Searches warm-pool settings for a scenario: the Pareto front of addresses held, p99 ADD wait and
     /// EC2 calls, and the setting that meets --max-p99-wait with the fewest addresses held.
@@ -405,8 +410,12 @@ fn run(cli: Cli) -> Result<(), String> {
             built_in,
             json,
             plots,
+            compare,
         } => {
             let scenario = load_scenario(scenario, &built_in)?;
+            if !compare.is_empty() {
+                return simulate_compare(&scenario, compare, json, plots.as_deref());
+            }
             let started = Instant::now();
             let report = Cluster::new(scenario)?.run()?;
             let wall = started.elapsed();
@@ -464,9 +473,52 @@ fn parse_millis(text: &str) -> Result<f64, String> {
     }
 }
 
+fn simulate_compare(
+    scenario: &Scenario,
+    sets: Vec<std::collections::BTreeMap<String, String>>,
+    json: bool,
+    plots: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (outcomes, reports) = sim::tune::compare(scenario, sets, threads)?;
+    if let Some(dir) = plots {
+        write_plots(dir, &reports[0])?;
+        let runs: Vec<(String, &sim::Report)> =
+            outcomes.iter().map(|o| o.label()).zip(&reports).collect();
+        write_charts(
+            dir,
+            vec![("compare-held", sim::plot::comparison(&scenario.name, &runs))],
+        )?;
+    }
+    if json {
+        let runs: Vec<_> = outcomes
+            .iter()
+            .zip(&reports)
+            .map(|(o, r)| serde_json::json!({ "outcome": o, "report": r }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&runs).expect("report serialises")
+        );
+    } else {
+        print!(
+            "{}",
+            sim::tune::render_comparison(&scenario.name, &outcomes)
+        );
+    }
+    Ok(())
+}
+
 fn write_plots(dir: &std::path::Path, report: &sim::Report) -> Result<(), String> {
+    write_charts(dir, sim::plot::charts(report))
+}
+
+fn write_charts(
+    dir: &std::path::Path,
+    charts: Vec<(&str, sim::plot::Chart)>,
+) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    for (name, chart) in sim::plot::charts(report) {
+    for (name, chart) in charts {
         for (ext, bytes) in [("svg", chart.svg().into_bytes()), ("png", chart.png())] {
             let path = dir.join(format!("{name}.{ext}"));
             std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
