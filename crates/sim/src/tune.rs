@@ -49,14 +49,7 @@ impl Outcome {
     }
 
     pub fn label(&self) -> String {
-        if self.settings.is_empty() {
-            return "(the scenario's settings)".into();
-        }
-        self.settings
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ")
+        label_of(&self.settings)
     }
 
     /// At least as good on all three objectives and better on one.
@@ -207,15 +200,14 @@ pub fn tune(
 }
 
 fn label_of(settings: &BTreeMap<String, String>) -> String {
-    Outcome {
-        settings: settings.clone(),
-        mean_held: 0.0,
-        mean_in_use: 0.0,
-        p99_wait_ms: 0.0,
-        ec2_calls: 0,
-        unschedulable_pods: 0,
+    if settings.is_empty() {
+        return "(the scenario's settings)".into();
     }
-    .label()
+    settings
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The Pareto front and the recommendation, from finished runs.
