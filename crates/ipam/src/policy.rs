@@ -206,7 +206,7 @@ pub fn decide(pool: &Pool, s: &PoolSettings, now: Time, demand: &Demand) -> Deci
     for eni in pool
         .enis()
         .iter()
-        .filter(|e| e.needs_resync && !e.resyncing)
+        .filter(|e| e.needs_resync && !e.resyncing && !e.address_calls_in_flight())
     {
         d.actions.push(Action::ResyncEni {
             eni: eni.info.id.clone(),
@@ -295,7 +295,7 @@ fn grow(ctx: &Ctx, demand: &Demand, d: &mut Decision) {
     for eni in pool
         .enis()
         .iter()
-        .filter(|e| pool.gives_pod_addresses(e) && !e.needs_resync)
+        .filter(|e| pool.gives_pod_addresses(e) && !e.needs_resync && !e.resyncing)
     {
         let room = slots.saturating_sub(eni.slots_used() + eni.inflight_slots);
         if room == 0 {
@@ -423,6 +423,11 @@ fn shrink(ctx: &Ctx, d: &mut Decision) {
     let mut releases: Vec<Action> = Vec::new();
     // Highest device numbers first, so that secondary ENIs empty out and can be freed.
     for eni in pool.enis().iter().rev() {
+        // A read-back of the ENI is due or under way: a release answered before the read's reply
+        // would be undone by it.
+        if eni.needs_resync || eni.resyncing {
+            continue;
+        }
         let excluded = eni.info.excluded;
         if !excluded && !pool.gives_pod_addresses(eni) {
             continue;

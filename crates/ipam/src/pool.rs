@@ -175,6 +175,11 @@ impl Eni {
         &self.blocks
     }
 
+    /// An assign or release on this ENI has not been answered: a read of it now could be overtaken.
+    pub fn address_calls_in_flight(&self) -> bool {
+        self.inflight_slots > 0 || self.blocks.iter().any(|b| b.releasing)
+    }
+
     pub fn slots_used(&self) -> u32 {
         self.blocks.len() as u32
     }
@@ -411,7 +416,6 @@ impl Pool {
             .filter(|c| !actual.contains(c))
             .collect();
         eni.blocks.retain(|b| actual.contains(&b.cidr));
-        eni.needs_resync = false;
         self.add_blocks(eni_id, actual);
         self.forget_addresses_in(&gone)
     }
@@ -492,7 +496,9 @@ impl Pool {
         self.expire_cooldowns(now, cooldown);
         let mut best: Option<(usize, usize, (bool, u32))> = None;
         for (ei, eni) in self.enis.iter().enumerate() {
-            if !self.gives_pod_addresses(eni) {
+            // An ENI whose EC2 state is uncertain (a call on it timed out) may not hold the address any
+            // more: nothing of it goes to a pod until it has been read back.
+            if !self.gives_pod_addresses(eni) || eni.needs_resync || eni.resyncing {
                 continue;
             }
             for (bi, b) in eni.blocks.iter().enumerate() {
@@ -605,8 +611,11 @@ impl Pool {
                 }
             }
             Action::ResyncEni { eni } => {
+                // The read now under way answers every doubt raised before it; a call that times out
+                // while it runs raises a new one, and the ENI is read again.
                 if let Some(e) = self.eni_mut(eni) {
                     e.resyncing = true;
+                    e.needs_resync = false;
                 }
             }
         }
@@ -674,7 +683,11 @@ impl Pool {
                 match &outcome {
                     Outcome::Synced(Some(cidrs)) => dropped = self.sync_eni(eni, cidrs),
                     Outcome::Synced(None) => dropped = self.remove_eni(eni),
-                    _ => {}
+                    _ => {
+                        if let Some(e) = self.eni_mut(eni) {
+                            e.needs_resync = true;
+                        }
+                    }
                 }
             }
         }
