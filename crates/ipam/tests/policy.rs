@@ -362,3 +362,66 @@ fn custom_networking_uses_the_eniconfig_and_never_the_primary() {
         }]
     );
 }
+
+#[test]
+fn an_uncertain_eni_is_read_back_only_after_its_calls_and_used_by_nobody_until_then() {
+    // 10 addresses, 2 in use: 3 over WARM_IP_TARGET=5, released from eni-1, which keeps 2.
+    let s = settings(&[("WARM_IP_TARGET", "5")]);
+    let mut p = pool(&s, 2, 5, false, 2);
+    let release = act(&p, &s, 0).remove(0);
+    let Action::ReleaseAddresses { eni, cidrs } = &release else {
+        panic!("{release:?}")
+    };
+    assert_eq!((eni.as_str(), cidrs.len()), ("eni-1", 3));
+    let released = cidrs.clone();
+    p.begin(&release, LATER);
+    // Another call on eni-1 timed out: its state is uncertain, but a read sent now could be answered
+    // before the release and undo it.
+    p.mark_for_resync("eni-1");
+    let resync = Action::ResyncEni {
+        eni: "eni-1".into(),
+    };
+    assert!(!act(&p, &s, 0).contains(&resync), "{:?}", act(&p, &s, 0));
+    p.complete(&release, Outcome::Done, LATER);
+    assert!(act(&p, &s, 0).contains(&resync));
+    p.begin(&resync, LATER);
+    // While the read runs, no address of eni-1 is assigned or released (freeing the whole ENI stays
+    // allowed: deleting it returns whatever it holds), and no pod gets one of its addresses: eni-0's
+    // three free ones go, then there is none.
+    let during = act(&p, &s, 0);
+    assert!(
+        during.iter().all(|a| !matches!(a,
+            Action::AssignAddresses { eni, .. } | Action::ReleaseAddresses { eni, .. } if eni == "eni-1")),
+        "{during:?}"
+    );
+    for i in 2..5 {
+        let a = p
+            .assign(
+                &IpamKey::new("aws-cni", &format!("c{i}"), "eth0"),
+                PodMeta::default(),
+                LATER,
+                s.ip_cooldown,
+            )
+            .unwrap();
+        assert!(a.ip.to_string().starts_with("10.0.0."), "{a:?}");
+    }
+    let sixth = IpamKey::new("aws-cni", "c5", "eth0");
+    assert!(p
+        .assign(&sixth, PodMeta::default(), LATER, s.ip_cooldown)
+        .is_err());
+    // A call that times out during the read raises a new doubt: after the reply, eni-1 is read again.
+    p.mark_for_resync("eni-1");
+    let kept: Vec<Ipv4Cidr> = (10..15)
+        .map(|i| format!("10.0.1.{i}/32").parse().unwrap())
+        .filter(|c| !released.contains(c))
+        .collect();
+    p.complete(&resync, Outcome::Synced(Some(kept.clone())), LATER);
+    assert!(act(&p, &s, 0).contains(&resync));
+    p.begin(&resync, LATER);
+    p.complete(&resync, Outcome::Synced(Some(kept)), LATER);
+    assert!(!act(&p, &s, 0).contains(&resync));
+    let a = p
+        .assign(&sixth, PodMeta::default(), LATER, s.ip_cooldown)
+        .unwrap();
+    assert!(a.ip.to_string().starts_with("10.0.1."), "{a:?}");
+}

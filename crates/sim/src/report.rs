@@ -61,18 +61,15 @@ impl Waits {
                 waits[i].as_secs_f64() * 1000.0
             }
         };
-        let mut histogram = vec![WaitBucket {
-            label: "0".into(),
-            adds: 0,
-        }];
-        histogram.extend(BUCKET_BOUNDS_MS.iter().map(|(_, label)| WaitBucket {
-            label: label.to_string(),
-            adds: 0,
-        }));
-        histogram.push(WaitBucket {
-            label: ">=30s".into(),
-            adds: 0,
-        });
+        let labels = std::iter::once("0")
+            .chain(BUCKET_BOUNDS_MS.iter().map(|(_, label)| *label))
+            .chain([">=30s"]);
+        let mut histogram: Vec<WaitBucket> = labels
+            .map(|label| WaitBucket {
+                label: label.into(),
+                adds: 0,
+            })
+            .collect();
         for w in &waits {
             let i = if w.is_zero() {
                 0

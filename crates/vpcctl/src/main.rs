@@ -243,10 +243,7 @@ fn run(cli: Cli) -> Result<(), String> {
             };
             let p = plan(&input, limits).map_err(|e| e.to_string())?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&p).expect("a plan serialises")
-                );
+                print_json(&p);
                 return Ok(());
             }
             println!("max pods per node in this mode: {}", p.max_pods);
@@ -379,7 +376,6 @@ fn run(cli: Cli) -> Result<(), String> {
             json,
         } => {
             let scenario = load_scenario(scenario, &built_in)?;
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let show_progress = !json && std::io::stderr().is_terminal();
             let progress = |done: usize, total: usize| {
                 if show_progress {
@@ -394,12 +390,9 @@ fn run(cli: Cli) -> Result<(), String> {
                     }
                 }
             };
-            let report = sim::tune::tune(&scenario, max_p99_wait, threads, &progress)?;
+            let report = sim::tune::tune(&scenario, max_p99_wait, threads(), &progress)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("report serialises")
-                );
+                print_json(&report);
             } else {
                 print!("{}", report.render());
             }
@@ -423,10 +416,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 write_plots(dir, &report)?;
             }
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("report serialises")
-                );
+                print_json(&report);
             } else {
                 print!("{}", report.render());
                 println!(
@@ -438,6 +428,18 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("plans and reports serialise")
+    );
+}
+
+/// The simulator runs of tune and compare, one per core.
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn load_scenario(path: Option<String>, built_in: &str) -> Result<Scenario, String> {
@@ -479,8 +481,7 @@ fn simulate_compare(
     json: bool,
     plots: Option<&std::path::Path>,
 ) -> Result<(), String> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (outcomes, reports) = sim::tune::compare(scenario, sets, threads)?;
+    let (outcomes, reports) = sim::tune::compare(scenario, sets, threads())?;
     if let Some(dir) = plots {
         write_plots(dir, &reports[0])?;
         let runs: Vec<(String, &sim::Report)> =
@@ -496,10 +497,7 @@ fn simulate_compare(
             .zip(&reports)
             .map(|(o, r)| serde_json::json!({ "outcome": o, "report": r }))
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&runs).expect("report serialises")
-        );
+        print_json(&runs);
     } else {
         print!(
             "{}",
