@@ -233,11 +233,12 @@ mod tests {
         let other = p
             .assign(
                 &IpamKey::new("aws-cni", "c2", "eth0"),
-                PodMeta::default(),
+                &PodMeta::default(),
                 Time::ZERO,
                 Duration::ZERO,
             )
-            .unwrap();
+            .unwrap()
+            .clone();
         assert_eq!(other.ip.to_string(), "10.0.1.24");
     }
 

@@ -429,11 +429,24 @@ fn shrink(ctx: &Ctx, d: &mut Decision) {
             continue;
         }
         let excluded = eni.info.excluded;
-        if !excluded && !pool.gives_pod_addresses(eni) {
+        // Nothing here could go: no idle block, or no room under the targets.
+        // (WARM_ENI_TARGET alone gives back only prefixes, leftovers of prefix delegation.)
+        if !excluded
+            && (!pool.gives_pod_addresses(eni)
+                || eni.available() == 0
+                || spare == 0
+                || (plain_warm_eni && eni.prefix_count() == 0))
+        {
             continue;
         }
         let mut cidrs = Vec::new();
-        for b in eni.blocks().iter().filter(|b| b.is_idle()) {
+        // A block already being released is not released again (its call may be retrying for longer
+        // than the shrink interval).
+        for b in eni
+            .blocks()
+            .iter()
+            .filter(|b| b.is_idle() && !b.is_releasing())
+        {
             if excluded {
                 // Addresses on an excluded ENI are never used: give them all back.
                 cidrs.push(b.cidr);

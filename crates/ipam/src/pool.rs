@@ -4,8 +4,9 @@
 use crate::net::Ipv4Cidr;
 use crate::policy::{Action, AddressKind, PoolSettings};
 use crate::time::Time;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -137,6 +138,10 @@ impl Block {
         self.used == 0 && self.cooling == 0
     }
 
+    pub fn is_releasing(&self) -> bool {
+        self.releasing
+    }
+
     fn full_mask(&self) -> u16 {
         if self.size() >= 16 {
             u16::MAX
@@ -154,6 +159,54 @@ impl Block {
             .contains(ip)
             .then(|| u32::from(ip) - self.cidr.base())
     }
+
+    /// What this block adds to its ENI's counts: nothing while it is being released.
+    fn counts(&self) -> BlockCounts {
+        if self.releasing {
+            return BlockCounts::default();
+        }
+        let prefix = u32::from(self.is_prefix());
+        BlockCounts {
+            total: self.size(),
+            assigned: self.assigned(),
+            cooling: self.cooling(),
+            prefixes: prefix,
+            free_prefixes: prefix & u32::from(self.is_idle()),
+        }
+    }
+}
+
+/// Address counts over an ENI's blocks that are not being released, kept up to date on every change so
+/// that the policy, which runs on every event, reads them without walking the blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct BlockCounts {
+    total: u32,
+    assigned: u32,
+    cooling: u32,
+    prefixes: u32,
+    free_prefixes: u32,
+}
+
+impl BlockCounts {
+    fn add(&mut self, o: BlockCounts) {
+        self.total += o.total;
+        self.assigned += o.assigned;
+        self.cooling += o.cooling;
+        self.prefixes += o.prefixes;
+        self.free_prefixes += o.free_prefixes;
+    }
+
+    fn sub(&mut self, o: BlockCounts) {
+        self.total -= o.total;
+        self.assigned -= o.assigned;
+        self.cooling -= o.cooling;
+        self.prefixes -= o.prefixes;
+        self.free_prefixes -= o.free_prefixes;
+    }
+
+    fn available(&self) -> u32 {
+        self.total - self.assigned - self.cooling
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -161,6 +214,7 @@ pub struct Eni {
     pub info: EniInfo,
     pub added_at: Time,
     blocks: Vec<Block>,
+    counts: BlockCounts,
     /// A FreeEni for it is in flight.
     pub freeing: bool,
     /// Slots asked of EC2 for this ENI and not yet answered.
@@ -184,16 +238,54 @@ impl Eni {
         self.blocks.len() as u32
     }
 
+    // Blocks being released are idle (only idle ones are released, and nothing is assigned from them
+    // meanwhile), so the counts, which leave them out, hold every assigned and cooling address.
     pub fn assigned(&self) -> u32 {
-        self.blocks.iter().map(Block::assigned).sum()
+        self.counts.assigned
     }
 
     pub fn has_cooling(&self) -> bool {
-        self.blocks.iter().any(|b| b.cooling != 0)
+        self.counts.cooling > 0
+    }
+
+    /// Addresses neither assigned nor cooling, in blocks not being released.
+    pub fn available(&self) -> u32 {
+        self.counts.available()
+    }
+
+    /// Prefixes not being released.
+    pub fn prefix_count(&self) -> u32 {
+        self.counts.prefixes
     }
 
     pub fn has(&self, cidr: &Ipv4Cidr) -> bool {
         self.blocks.iter().any(|b| b.cidr == *cidr)
+    }
+
+    /// Changes one block and its share of the ENI's counts together.
+    fn update_block<R>(&mut self, index: usize, change: impl FnOnce(&mut Block) -> R) -> R {
+        let b = &mut self.blocks[index];
+        self.counts.sub(b.counts());
+        let r = change(b);
+        self.counts.add(b.counts());
+        r
+    }
+
+    /// Counts again after a change to many blocks at once.
+    fn recount(&mut self) {
+        self.counts = self.counted();
+    }
+
+    fn counted(&self) -> BlockCounts {
+        let mut c = BlockCounts::default();
+        for b in &self.blocks {
+            c.add(b.counts());
+        }
+        c
+    }
+
+    fn block_index(&self, ip: Ipv4Addr) -> Option<usize> {
+        self.blocks.iter().position(|b| b.cidr.contains(ip))
     }
 }
 
@@ -297,7 +389,7 @@ pub struct PoolStats {
 pub struct Pool {
     pub node: NodeSpec,
     enis: Vec<Eni>,
-    assignments: HashMap<IpamKey, Assignment>,
+    assignments: FxHashMap<IpamKey, Assignment>,
     /// Released addresses in the order they were released, to end their cooldown.
     cooling: VecDeque<(Time, Ipv4Addr)>,
     pub inflight: InFlight,
@@ -312,7 +404,7 @@ impl Pool {
         Pool {
             node,
             enis: Vec::new(),
-            assignments: HashMap::new(),
+            assignments: FxHashMap::default(),
             cooling: VecDeque::new(),
             inflight: InFlight::default(),
             memory: PolicyMemory::default(),
@@ -350,20 +442,21 @@ impl Pool {
     }
 
     pub fn stats(&self) -> PoolStats {
-        let mut s = PoolStats::default();
-        for eni in self.enis.iter().filter(|e| self.gives_pod_addresses(e)) {
-            for b in eni.blocks.iter().filter(|b| !b.releasing) {
-                s.total += b.size();
-                s.assigned += b.assigned();
-                s.cooling += b.cooling();
-                if b.is_prefix() {
-                    s.prefixes += 1;
-                    s.free_prefixes += u32::from(b.is_idle());
-                }
+        let mut c = BlockCounts::default();
+        for eni in &self.enis {
+            debug_assert_eq!(eni.counts, eni.counted(), "{} counted wrong", eni.info.id);
+            if self.gives_pod_addresses(eni) {
+                c.add(eni.counts);
             }
         }
-        s.available = s.total - s.assigned - s.cooling;
-        s
+        PoolStats {
+            total: c.total,
+            assigned: c.assigned,
+            cooling: c.cooling,
+            available: c.available(),
+            prefixes: c.prefixes,
+            free_prefixes: c.free_prefixes,
+        }
     }
 
     /// When the oldest address in cooldown becomes free again.
@@ -384,6 +477,7 @@ impl Pool {
                 info,
                 added_at: now,
                 blocks: Vec::new(),
+                counts: BlockCounts::default(),
                 freeing: false,
                 inflight_slots: 0,
                 needs_resync: false,
@@ -400,6 +494,7 @@ impl Pool {
                     eni.blocks.push(Block::new(*c));
                 }
             }
+            eni.recount();
         }
     }
 
@@ -416,6 +511,7 @@ impl Pool {
             .filter(|c| !actual.contains(c))
             .collect();
         eni.blocks.retain(|b| actual.contains(&b.cidr));
+        eni.recount();
         self.add_blocks(eni_id, actual);
         self.forget_addresses_in(&gone)
     }
@@ -464,21 +560,28 @@ impl Pool {
                 break;
             }
             self.cooling.pop_front();
-            if let Some((_, b)) = self.block_of_mut(ip) {
-                let off = b.offset(ip).expect("block contains ip");
-                b.cooling &= !(1 << off);
-            }
+            self.update_block_of(ip, |b, off| b.cooling &= !(1 << off));
         }
     }
 
-    fn block_of_mut(&mut self, ip: Ipv4Addr) -> Option<(&EniInfo, &mut Block)> {
-        self.enis.iter_mut().find_map(|e| {
-            let info = &e.info;
-            e.blocks
-                .iter_mut()
-                .find(|b| b.cidr.contains(ip))
-                .map(|b| (info, b))
-        })
+    /// Changes the block holding `ip` (given the block and the address's offset in it); None if no block
+    /// holds it.
+    fn update_block_of<R>(
+        &mut self,
+        ip: Ipv4Addr,
+        change: impl FnOnce(&mut Block, u32) -> R,
+    ) -> Option<(&EniInfo, R)> {
+        let (ei, bi) = self
+            .enis
+            .iter()
+            .enumerate()
+            .find_map(|(ei, e)| e.block_index(ip).map(|bi| (ei, bi)))?;
+        let eni = &mut self.enis[ei];
+        let r = eni.update_block(bi, |b| {
+            let off = b.offset(ip).expect("block contains ip");
+            change(b, off)
+        });
+        Some((&eni.info, r))
     }
 
     /// Gives the pod an address, or the one it already has. In prefix mode addresses are packed into the
@@ -486,19 +589,28 @@ impl Pool {
     pub fn assign(
         &mut self,
         key: &IpamKey,
-        meta: PodMeta,
+        meta: &PodMeta,
         now: Time,
         cooldown: Duration,
-    ) -> Result<Assignment, AssignError> {
-        if let Some(a) = self.assignments.get(key) {
-            return Ok(a.clone());
+    ) -> Result<&Assignment, AssignError> {
+        if self.assignments.contains_key(key) {
+            return Ok(&self.assignments[key]);
         }
         self.expire_cooldowns(now, cooldown);
         let mut best: Option<(usize, usize, (bool, u32))> = None;
         for (ei, eni) in self.enis.iter().enumerate() {
             // An ENI whose EC2 state is uncertain (a call on it timed out) may not hold the address any
             // more: nothing of it goes to a pod until it has been read back.
-            if !self.gives_pod_addresses(eni) || eni.needs_resync || eni.resyncing {
+            if !self.gives_pod_addresses(eni)
+                || eni.needs_resync
+                || eni.resyncing
+                || eni.counts.available() == 0
+            {
+                continue;
+            }
+            // Every free /32 ranks the same, so an ENI without prefixes offers its first one; a prefix
+            // anywhere outranks it.
+            if eni.counts.prefixes == 0 && best.is_some() {
                 continue;
             }
             for (bi, b) in eni.blocks.iter().enumerate() {
@@ -509,6 +621,9 @@ impl Pool {
                 let rank = (b.is_prefix(), b.assigned());
                 if best.is_none_or(|(_, _, r)| rank > r) {
                     best = Some((ei, bi, rank));
+                }
+                if eni.counts.prefixes == 0 {
+                    break;
                 }
             }
         }
@@ -521,19 +636,20 @@ impl Pool {
             });
         };
         let eni = &mut self.enis[ei];
-        let b = &mut eni.blocks[bi];
-        let off = b.free_mask().trailing_zeros();
-        b.used |= 1 << off;
+        let ip = eni.update_block(bi, |b| {
+            let off = b.free_mask().trailing_zeros();
+            b.used |= 1 << off;
+            b.cidr.nth(off)
+        });
         let a = Assignment {
-            ip: b.cidr.nth(off),
+            ip,
             eni: eni.info.id.clone(),
             device_number: eni.info.device_number,
             route_table: eni.info.route_table(),
-            meta,
+            meta: meta.clone(),
             assigned_at: now,
         };
-        self.assignments.insert(key.clone(), a.clone());
-        Ok(a)
+        Ok(self.assignments.entry(key.clone()).or_insert(a))
     }
 
     /// Gives the pod exactly this address (restoring a checkpoint); false if no block has it free.
@@ -544,14 +660,14 @@ impl Pool {
         meta: PodMeta,
         at: Time,
     ) -> bool {
-        let Some((info, b)) = self.block_of_mut(ip) else {
+        let taken = self.update_block_of(ip, |b, off| {
+            let free = b.used & (1 << off) == 0 && !b.releasing;
+            b.used |= u16::from(free) << off;
+            free
+        });
+        let Some((info, true)) = taken else {
             return false;
         };
-        let off = b.offset(ip).expect("block contains ip");
-        if b.used & (1 << off) != 0 || b.releasing {
-            return false;
-        }
-        b.used |= 1 << off;
         let a = Assignment {
             ip,
             eni: info.id.clone(),
@@ -573,10 +689,11 @@ impl Pool {
                 .remove(&IpamKey::legacy(&key.container_id))
                 .ok_or_else(|| UnassignError::UnknownPod(key.clone()))?,
         };
-        if let Some((_, b)) = self.block_of_mut(a.ip) {
-            let off = b.offset(a.ip).expect("block contains ip");
+        let held = self.update_block_of(a.ip, |b, off| {
             b.used &= !(1 << off);
             b.cooling |= 1 << off;
+        });
+        if held.is_some() {
             let at = self.cooling.partition_point(|(t, _)| *t <= now);
             self.cooling.insert(at, (now, a.ip));
         }
@@ -603,6 +720,7 @@ impl Pool {
                     for b in e.blocks.iter_mut().filter(|b| cidrs.contains(&b.cidr)) {
                         b.releasing = true;
                     }
+                    e.recount();
                 }
             }
             Action::FreeEni { eni } => {
@@ -659,12 +777,14 @@ impl Pool {
                 if outcome == Outcome::Done {
                     if let Some(e) = self.eni_mut(eni) {
                         e.blocks.retain(|b| !cidrs.contains(&b.cidr));
+                        e.recount();
                     }
                     dropped = self.forget_addresses_in(cidrs);
                 } else if let Some(e) = self.eni_mut(eni) {
                     for b in e.blocks.iter_mut().filter(|b| cidrs.contains(&b.cidr)) {
                         b.releasing = false;
                     }
+                    e.recount();
                 }
             }
             Action::FreeEni { eni } => {
@@ -776,18 +896,21 @@ mod tests {
     fn assign_is_idempotent_per_key() {
         let mut p = pool_with(&["10.0.0.20/32", "10.0.0.21/32"]);
         let a = p
-            .assign(&key(1), PodMeta::default(), Time::ZERO, COOL)
-            .unwrap();
+            .assign(&key(1), &PodMeta::default(), Time::ZERO, COOL)
+            .unwrap()
+            .clone();
         let again = p
-            .assign(&key(1), PodMeta::default(), Time::from_secs(5), COOL)
-            .unwrap();
+            .assign(&key(1), &PodMeta::default(), Time::from_secs(5), COOL)
+            .unwrap()
+            .clone();
         assert_eq!(a, again);
         let b = p
-            .assign(&key(2), PodMeta::default(), Time::ZERO, COOL)
-            .unwrap();
+            .assign(&key(2), &PodMeta::default(), Time::ZERO, COOL)
+            .unwrap()
+            .clone();
         assert_ne!(a.ip, b.ip);
         assert!(p
-            .assign(&key(3), PodMeta::default(), Time::ZERO, COOL)
+            .assign(&key(3), &PodMeta::default(), Time::ZERO, COOL)
             .is_err());
     }
 
@@ -795,21 +918,23 @@ mod tests {
     fn released_address_cools_down_and_does_not_count_as_available() {
         let mut p = pool_with(&["10.0.0.20/32"]);
         let a = p
-            .assign(&key(1), PodMeta::default(), Time::ZERO, COOL)
-            .unwrap();
+            .assign(&key(1), &PodMeta::default(), Time::ZERO, COOL)
+            .unwrap()
+            .clone();
         p.unassign(&key(1), Time::from_secs(10)).unwrap();
         assert_eq!(p.stats().available, 0);
         assert_eq!(p.stats().cooling, 1);
         let err = p
-            .assign(&key(2), PodMeta::default(), Time::from_secs(39), COOL)
+            .assign(&key(2), &PodMeta::default(), Time::from_secs(39), COOL)
             .unwrap_err();
         assert!(matches!(
             err,
             AssignError::NoAvailableAddress { cooling: 1, .. }
         ));
         let b = p
-            .assign(&key(2), PodMeta::default(), Time::from_secs(40), COOL)
-            .unwrap();
+            .assign(&key(2), &PodMeta::default(), Time::from_secs(40), COOL)
+            .unwrap()
+            .clone();
         assert_eq!(a.ip, b.ip);
         assert_eq!(p.next_cooldown_end(COOL), None);
     }
@@ -822,7 +947,7 @@ mod tests {
             Err(UnassignError::UnknownPod(_))
         ));
         let legacy = IpamKey::legacy("c1");
-        p.assign(&legacy, PodMeta::default(), Time::ZERO, COOL)
+        p.assign(&legacy, &PodMeta::default(), Time::ZERO, COOL)
             .unwrap();
         assert!(p.unassign(&key(1), Time::ZERO).is_ok());
     }
@@ -831,11 +956,13 @@ mod tests {
     fn prefixes_are_packed_fullest_first() {
         let mut p = pool_with(&["10.0.0.32/28", "10.0.0.48/28"]);
         let a = p
-            .assign(&key(1), PodMeta::default(), Time::ZERO, COOL)
-            .unwrap();
+            .assign(&key(1), &PodMeta::default(), Time::ZERO, COOL)
+            .unwrap()
+            .clone();
         let b = p
-            .assign(&key(2), PodMeta::default(), Time::ZERO, COOL)
-            .unwrap();
+            .assign(&key(2), &PodMeta::default(), Time::ZERO, COOL)
+            .unwrap()
+            .clone();
         let block: Ipv4Cidr = "10.0.0.32/28".parse().unwrap();
         assert!(block.contains(a.ip) && block.contains(b.ip));
         assert_eq!(p.stats().free_prefixes, 1);
@@ -851,8 +978,9 @@ mod tests {
     fn sync_drops_vanished_addresses_and_their_pods() {
         let mut p = pool_with(&["10.0.0.20/32", "10.0.0.21/32"]);
         let a = p
-            .assign(&key(1), PodMeta::default(), Time::ZERO, COOL)
-            .unwrap();
+            .assign(&key(1), &PodMeta::default(), Time::ZERO, COOL)
+            .unwrap()
+            .clone();
         let keep: Ipv4Cidr = if a.ip.to_string() == "10.0.0.20" {
             "10.0.0.21/32"
         } else {

@@ -66,7 +66,7 @@ fn pool(s: &PoolSettings, enis: u32, per_eni: u32, prefixes: bool, pods: u32) ->
     for i in 0..pods {
         p.assign(
             &IpamKey::new("aws-cni", &format!("c{i}"), "eth0"),
-            PodMeta::default(),
+            &PodMeta::default(),
             Time::ZERO,
             s.ip_cooldown,
         )
@@ -332,7 +332,7 @@ fn free_eni_eligibility() {
             .iter()
             .any(|a| matches!(a, Action::FreeEni { .. }))
     };
-    q.assign(&key, PodMeta::default(), LATER, s.ip_cooldown)
+    q.assign(&key, &PodMeta::default(), LATER, s.ip_cooldown)
         .unwrap();
     assert!(!frees(&q));
     q.unassign(&key, LATER).unwrap();
@@ -398,16 +398,17 @@ fn an_uncertain_eni_is_read_back_only_after_its_calls_and_used_by_nobody_until_t
         let a = p
             .assign(
                 &IpamKey::new("aws-cni", &format!("c{i}"), "eth0"),
-                PodMeta::default(),
+                &PodMeta::default(),
                 LATER,
                 s.ip_cooldown,
             )
-            .unwrap();
+            .unwrap()
+            .clone();
         assert!(a.ip.to_string().starts_with("10.0.0."), "{a:?}");
     }
     let sixth = IpamKey::new("aws-cni", "c5", "eth0");
     assert!(p
-        .assign(&sixth, PodMeta::default(), LATER, s.ip_cooldown)
+        .assign(&sixth, &PodMeta::default(), LATER, s.ip_cooldown)
         .is_err());
     // A call that times out during the read raises a new doubt: after the reply, eni-1 is read again.
     p.mark_for_resync("eni-1");
@@ -421,7 +422,8 @@ fn an_uncertain_eni_is_read_back_only_after_its_calls_and_used_by_nobody_until_t
     p.complete(&resync, Outcome::Synced(Some(kept)), LATER);
     assert!(!act(&p, &s, 0).contains(&resync));
     let a = p
-        .assign(&sixth, PodMeta::default(), LATER, s.ip_cooldown)
-        .unwrap();
+        .assign(&sixth, &PodMeta::default(), LATER, s.ip_cooldown)
+        .unwrap()
+        .clone();
     assert!(a.ip.to_string().starts_with("10.0.1."), "{a:?}");
 }

@@ -479,7 +479,7 @@ impl Control {
             }
             let Ok(a) = self
                 .pool
-                .assign(&w.key, w.meta.clone(), now, self.settings.ip_cooldown)
+                .assign(&w.key, &w.meta, now, self.settings.ip_cooldown)
             else {
                 break;
             };

@@ -1,4 +1,5 @@
 use crate::node::{Next, Node, RETRY};
+use crate::queue::EventQueue;
 use crate::report::{Calls, Report, Sample, Waits};
 use crate::scenario::Scenario;
 use ipam::maxpods::{max_pods, MaxPodsOptions};
@@ -7,11 +8,10 @@ use ipam::{limits, Config, Ipv4Cidr, Pool, PoolSettings, Time};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use simvpc::{Category, Op, SimConfig, SimVpc};
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug)]
 enum Event {
     Sample,
     Launch { group: usize },
@@ -29,8 +29,7 @@ pub struct Cluster {
     settings: PoolSettings,
     config: Config,
     subnet_ids: Vec<String>,
-    queue: BinaryHeap<Reverse<(Time, u64, Event)>>,
-    seq: u64,
+    queue: EventQueue<Event>,
     rng: SmallRng,
     pub now: Time,
     next_pod: u64,
@@ -100,8 +99,7 @@ impl Cluster {
             settings,
             config,
             subnet_ids,
-            queue: BinaryHeap::new(),
-            seq: 0,
+            queue: EventQueue::default(),
             now: Time::ZERO,
             next_pod: 0,
             pod_events: 0,
@@ -123,8 +121,7 @@ impl Cluster {
     }
 
     fn schedule(&mut self, at: Time, e: Event) {
-        self.seq += 1;
-        self.queue.push(Reverse((at, self.seq, e)));
+        self.queue.push(at, e);
     }
 
     fn apply(&mut self, node: usize, next: Vec<Next>) {
@@ -247,8 +244,8 @@ impl Cluster {
     /// Runs events for `d` of simulated time, checking the invariants after each if asked.
     pub fn run_for(&mut self, d: Duration, check: bool) -> Result<(), String> {
         let until = self.now + d;
-        while let Some(Reverse((at, _, _))) = self.queue.peek() {
-            if *at > until || !self.step()? {
+        while let Some(at) = self.queue.peek_time() {
+            if at > until || !self.step()? {
                 break;
             }
             if check {
@@ -262,7 +259,7 @@ impl Cluster {
     /// Processes the next event; false when the scenario's time is up.
     pub fn step(&mut self) -> Result<bool, String> {
         let end = Time::from_secs(self.scenario.duration_secs);
-        let Some(Reverse((at, _, event))) = self.queue.pop() else {
+        let Some((at, event)) = self.queue.pop() else {
             return Ok(false);
         };
         if at > end {

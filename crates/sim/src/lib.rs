@@ -5,6 +5,7 @@
 mod cluster;
 mod node;
 pub mod plot;
+mod queue;
 pub mod report;
 pub mod scenario;
 pub mod tune;

@@ -5,8 +5,9 @@ use ipam::{
     decide, Action, AddressKind, Demand, IpamKey, Ipv4Cidr, PodMeta, Pool, PoolSettings,
     SubnetTarget, Time,
 };
+use rustc_hash::FxHashMap;
 use simvpc::{codes, CreateEniRequest, Ec2Error, NetworkInterface, Reply, SimVpc};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 /// The calls an action is made of, one step at a time.
@@ -83,19 +84,27 @@ pub struct NodeCounters {
     pub cooldown_violations: u64,
 }
 
+/// A pod whose ADD waits for an address.
+struct PendingAdd {
+    pod: u64,
+    since: Time,
+    key: IpamKey,
+    meta: PodMeta,
+}
+
 pub struct Node {
     pub instance_id: String,
     pub az: String,
     pub pool: Pool,
     pub settings: PoolSettings,
-    calls: HashMap<u64, Call>,
+    calls: FxHashMap<u64, Call>,
     next_call: u64,
-    pending_adds: VecDeque<(u64, Time)>,
-    pub running: HashMap<u64, IpamKey>,
-    attachments: HashMap<String, String>,
+    pending_adds: VecDeque<PendingAdd>,
+    pub running: FxHashMap<u64, IpamKey>,
+    attachments: FxHashMap<String, String>,
     pub next_wake: Option<Time>,
     /// Who held each address last and when they let it go, to catch reuse inside the cooldown.
-    released_at: HashMap<std::net::Ipv4Addr, Time>,
+    released_at: FxHashMap<std::net::Ipv4Addr, Time>,
     pub counters: NodeCounters,
 }
 
@@ -151,13 +160,13 @@ impl Node {
             az,
             pool,
             settings,
-            calls: HashMap::new(),
+            calls: FxHashMap::default(),
             next_call: 0,
             pending_adds: VecDeque::new(),
-            running: HashMap::new(),
-            attachments: HashMap::new(),
+            running: FxHashMap::default(),
+            attachments: FxHashMap::default(),
             next_wake: None,
-            released_at: HashMap::new(),
+            released_at: FxHashMap::default(),
             counters: NodeCounters::default(),
         }
     }
@@ -175,7 +184,16 @@ impl Node {
     }
 
     pub fn pod_arrives(&mut self, pod: u64, now: Time) {
-        self.pending_adds.push_back((pod, now));
+        self.pending_adds.push_back(PendingAdd {
+            pod,
+            since: now,
+            key: IpamKey::new("aws-cni", &format!("pod{pod}"), "eth0"),
+            // Names would only cost allocations: nothing in the simulator reads them.
+            meta: PodMeta {
+                interfaces_count: 1,
+                ..PodMeta::default()
+            },
+        });
         self.serve_pending(now);
     }
 
@@ -188,28 +206,25 @@ impl Node {
                 .expect("running pods hold an address");
             self.released_at.insert(a.ip, now);
         } else {
-            self.pending_adds.retain(|(p, _)| *p != pod);
+            self.pending_adds.retain(|p| p.pod != pod);
         }
     }
 
     fn serve_pending(&mut self, now: Time) {
-        while let Some(&(pod, since)) = self.pending_adds.front() {
-            let key = IpamKey::new("aws-cni", &format!("pod{pod}"), "eth0");
-            let meta = PodMeta {
-                namespace: "default".into(),
-                name: format!("pod{pod}"),
-                interfaces_count: 1,
-            };
-            match self.pool.assign(&key, meta, now, self.settings.ip_cooldown) {
-                Ok(a) => {
-                    if let Some(t) = self.released_at.get(&a.ip) {
+        while let Some(p) = self.pending_adds.front() {
+            match self
+                .pool
+                .assign(&p.key, &p.meta, now, self.settings.ip_cooldown)
+            {
+                Ok(&ipam::pool::Assignment { ip, .. }) => {
+                    if let Some(t) = self.released_at.get(&ip) {
                         if now.since(*t) < self.settings.ip_cooldown {
                             self.counters.cooldown_violations += 1;
                         }
                     }
-                    self.pending_adds.pop_front();
-                    self.running.insert(pod, key);
-                    self.counters.add_waits.push(now.since(since));
+                    let p = self.pending_adds.pop_front().expect("just looked");
+                    self.running.insert(p.pod, p.key);
+                    self.counters.add_waits.push(now.since(p.since));
                 }
                 Err(_) => break,
             }
