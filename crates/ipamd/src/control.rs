@@ -493,7 +493,7 @@ impl Control {
             self.outbox.push(Outgoing {
                 reply: w.reply,
                 message: Reply::Added {
-                    allocation: allocation(&a),
+                    allocation: allocation(a),
                 },
                 assigned: Some(w.key),
             });
