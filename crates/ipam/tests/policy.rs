@@ -139,6 +139,31 @@ fn ip_target_short_and_over() {
 }
 
 #[test]
+fn a_release_still_in_flight_is_not_asked_for_again() {
+    // 5 free addresses, WARM_IP_TARGET=2: the first three go.
+    let s = settings(&[("WARM_IP_TARGET", "2")]);
+    let mut p = pool(&s, 1, 5, false, 0);
+    let first = act(&p, &s, 0);
+    let [release @ Action::ReleaseAddresses {
+        cidrs: releasing, ..
+    }] = &first[..]
+    else {
+        panic!("{first:?}")
+    };
+    assert_eq!(releasing.len(), 3);
+    p.begin(release, LATER);
+    // The Unassign call is still being retried a shrink interval later, when the target is 1: one more
+    // address may go, and it is not one of the three already on their way.
+    let s = settings(&[("WARM_IP_TARGET", "1")]);
+    let again = decide(&p, &s, LATER + Duration::from_secs(60), &Demand::default()).actions;
+    let [Action::ReleaseAddresses { cidrs, .. }] = &again[..] else {
+        panic!("{again:?}")
+    };
+    assert_eq!(cidrs.len(), 1);
+    assert!(!releasing.contains(&cidrs[0]), "{cidrs:?} again");
+}
+
+#[test]
 fn pending_adds_grow_the_pool_beyond_the_target_at_once() {
     let s = settings(&[("WARM_IP_TARGET", "1")]);
     // Full pool, 4 ADDs waiting: 4 + 1 warm = 5 addresses in one call.
