@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 /// Identifies one attachment of a pod: the same key always gets the same address back.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct IpamKey {
     pub network_name: String,
     pub container_id: String,
@@ -390,8 +390,9 @@ pub struct Pool {
     pub node: NodeSpec,
     enis: Vec<Eni>,
     assignments: FxHashMap<IpamKey, Assignment>,
-    /// Released addresses in the order they were released, to end their cooldown.
-    cooling: VecDeque<(Time, Ipv4Addr)>,
+    /// Released addresses in the order they were released, with the device number of their ENI where
+    /// they are looked for first, to end their cooldown.
+    cooling: VecDeque<(Time, Ipv4Addr, u32)>,
     pub inflight: InFlight,
     pub memory: PolicyMemory,
     custom_networking: bool,
@@ -461,7 +462,7 @@ impl Pool {
 
     /// When the oldest address in cooldown becomes free again.
     pub fn next_cooldown_end(&self, cooldown: Duration) -> Option<Time> {
-        self.cooling.front().map(|(t, _)| *t + cooldown)
+        self.cooling.front().map(|(t, _, _)| *t + cooldown)
     }
 
     pub fn add_eni(&mut self, info: EniInfo, now: Time) {
@@ -538,7 +539,7 @@ impl Pool {
             return Vec::new();
         }
         self.cooling
-            .retain(|(_, ip)| !cidrs.iter().any(|c| c.contains(*ip)));
+            .retain(|(_, ip, _)| !cidrs.iter().any(|c| c.contains(*ip)));
         let keys: Vec<IpamKey> = self
             .assignments
             .iter()
@@ -555,27 +556,36 @@ impl Pool {
 
     /// Ends the cooldown of addresses released at least `cooldown` ago.
     pub fn expire_cooldowns(&mut self, now: Time, cooldown: Duration) {
-        while let Some(&(t, ip)) = self.cooling.front() {
+        while let Some(&(t, ip, device)) = self.cooling.front() {
             if now.since(t) < cooldown {
                 break;
             }
             self.cooling.pop_front();
-            self.update_block_of(ip, |b, off| b.cooling &= !(1 << off));
+            self.update_block_of(ip, Some(device), |b, off| b.cooling &= !(1 << off));
         }
     }
 
-    /// Changes the block holding `ip` (given the block and the address's offset in it); None if no block
-    /// holds it.
+    /// Changes the block holding `ip` (given the block and the address's offset in it), looking on the ENI
+    /// with device number `device` first; None if no block holds it.
     fn update_block_of<R>(
         &mut self,
         ip: Ipv4Addr,
+        device: Option<u32>,
         change: impl FnOnce(&mut Block, u32) -> R,
     ) -> Option<(&EniInfo, R)> {
-        let (ei, bi) = self
-            .enis
-            .iter()
-            .enumerate()
-            .find_map(|(ei, e)| e.block_index(ip).map(|bi| (ei, bi)))?;
+        let hinted = device
+            .and_then(|d| {
+                self.enis
+                    .binary_search_by_key(&d, |e| e.info.device_number)
+                    .ok()
+            })
+            .and_then(|ei| self.enis[ei].block_index(ip).map(|bi| (ei, bi)));
+        let (ei, bi) = hinted.or_else(|| {
+            self.enis
+                .iter()
+                .enumerate()
+                .find_map(|(ei, e)| e.block_index(ip).map(|bi| (ei, bi)))
+        })?;
         let eni = &mut self.enis[ei];
         let r = eni.update_block(bi, |b| {
             let off = b.offset(ip).expect("block contains ip");
@@ -660,7 +670,7 @@ impl Pool {
         meta: PodMeta,
         at: Time,
     ) -> bool {
-        let taken = self.update_block_of(ip, |b, off| {
+        let taken = self.update_block_of(ip, None, |b, off| {
             let free = b.used & (1 << off) == 0 && !b.releasing;
             b.used |= u16::from(free) << off;
             free
@@ -689,13 +699,14 @@ impl Pool {
                 .remove(&IpamKey::legacy(&key.container_id))
                 .ok_or_else(|| UnassignError::UnknownPod(key.clone()))?,
         };
-        let held = self.update_block_of(a.ip, |b, off| {
+        let held = self.update_block_of(a.ip, Some(a.device_number), |b, off| {
             b.used &= !(1 << off);
             b.cooling |= 1 << off;
         });
-        if held.is_some() {
-            let at = self.cooling.partition_point(|(t, _)| *t <= now);
-            self.cooling.insert(at, (now, a.ip));
+        if let Some((info, ())) = held {
+            let device = info.device_number;
+            let at = self.cooling.partition_point(|(t, _, _)| *t <= now);
+            self.cooling.insert(at, (now, a.ip, device));
         }
         Ok(a)
     }

@@ -187,8 +187,12 @@ impl Node {
         self.pending_adds.push_back(PendingAdd {
             pod,
             since: now,
-            key: IpamKey::new("aws-cni", &format!("pod{pod}"), "eth0"),
-            // Names would only cost allocations: nothing in the simulator reads them.
+            // The container id alone tells the simulator's pods apart; network, interface and pod names
+            // would only cost allocations, and nothing here reads them.
+            key: IpamKey {
+                container_id: pod.to_string(),
+                ..IpamKey::default()
+            },
             meta: PodMeta {
                 interfaces_count: 1,
                 ..PodMeta::default()
@@ -289,7 +293,7 @@ impl Node {
 
     /// Makes the current step's call and says when its reply arrives.
     fn send(&mut self, id: u64, vpc: &mut SimVpc, now: Time) -> Next {
-        let call = self.calls.get(&id).expect("live call").clone();
+        let mut call = self.calls.remove(&id).expect("live call");
         let unit = |r: Reply<()>| (r.result.map(|_| StepReply::Unit), r.latency);
         let (result, latency) = match (&call.step, &call.action) {
             (Step::Assign, Action::AssignAddresses { eni, kind, count }) => {
@@ -418,7 +422,8 @@ impl Node {
             (Step::Detach { attachment }, _) => unit(vpc.detach_network_interface(now, attachment)),
             (step, action) => unreachable!("step {step:?} does not belong to {action:?}"),
         };
-        self.calls.get_mut(&id).expect("live call").reply = Some(result);
+        call.reply = Some(result);
+        self.calls.insert(id, call);
         Next::Reply(now + latency, id)
     }
 

@@ -710,7 +710,7 @@ impl SimVpc {
         network_card_index: u32,
     ) -> Reply<String> {
         self.call(Op::AttachNetworkInterface, now, |vpc| {
-            let inst = vpc.instances.get(instance_id).cloned().ok_or_else(|| {
+            let inst = vpc.instances.get(instance_id).ok_or_else(|| {
                 Ec2Error::new(codes::INSTANCE_NOT_FOUND, format!("The instance ID '{instance_id}' does not exist"))
             })?;
             let eni = vpc.enis.get(eni_id).ok_or_else(|| {
