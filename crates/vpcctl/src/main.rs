@@ -11,6 +11,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Instant;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Operator tools for vpc-cni-rs.
 #[derive(Parser)]
 #[command(name = "vpcctl", version)]
