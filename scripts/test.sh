@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 # The datapath and plugin tests run real namespaces, nftables, the reference CNI plugins, containerd
 # and podman. Installed once; tests that still lack one say SKIPPED and why.
 need_packages=()
+command -v cc >/dev/null || need_packages+=(gcc)
 command -v ip >/dev/null || need_packages+=(iproute2)
 command -v nft >/dev/null || need_packages+=(nftables)
 command -v iptables >/dev/null || need_packages+=(iptables)
