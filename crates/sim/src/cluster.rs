@@ -14,11 +14,32 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug)]
 enum Event {
     Sample,
-    Launch { group: usize },
-    Arrive { node: usize },
-    Leave { node: usize, pod: u64 },
-    Wake { node: usize, at: Time },
-    Reply { node: usize, id: u64 },
+    /// `slot`: the node's number in the order of the node groups, as traces name nodes.
+    Launch {
+        group: usize,
+        slot: usize,
+    },
+    Arrive {
+        node: usize,
+    },
+    Burst {
+        index: usize,
+    },
+    Trace {
+        index: usize,
+    },
+    Leave {
+        node: usize,
+        pod: u64,
+    },
+    Wake {
+        node: usize,
+        at: Time,
+    },
+    Reply {
+        node: usize,
+        id: u64,
+    },
 }
 
 /// Many nodes sharing one simulated VPC, on one virtual clock.
@@ -26,6 +47,10 @@ pub struct Cluster {
     pub scenario: Scenario,
     pub vpc: SimVpc,
     pub nodes: Vec<Node>,
+    /// The index in `nodes` of each launched node, by slot.
+    slots: Vec<Option<usize>>,
+    /// Pods of the trace that are running or waiting, by (node, pod name).
+    trace_pods: HashMap<(usize, String), u64>,
     settings: PoolSettings,
     config: Config,
     subnet_ids: Vec<String>,
@@ -96,6 +121,8 @@ impl Cluster {
             scenario,
             vpc,
             nodes: Vec::new(),
+            slots: Vec::new(),
+            trace_pods: HashMap::new(),
             settings,
             config,
             subnet_ids,
@@ -110,11 +137,31 @@ impl Cluster {
         for (group, g) in cluster.scenario.nodes.clone().iter().enumerate() {
             for i in 0..g.count {
                 let spread = g.launch_spread_secs as f64 * f64::from(i) / f64::from(g.count.max(1));
+                let slot = cluster.slots.len();
+                cluster.slots.push(None);
                 cluster.schedule(
                     Time::from_secs(g.start_secs) + Duration::from_secs_f64(spread),
-                    Event::Launch { group },
+                    Event::Launch { group, slot },
                 );
             }
+        }
+        for (index, b) in cluster.scenario.workload.bursts.clone().iter().enumerate() {
+            cluster.schedule(Time::from_secs(b.at_secs), Event::Burst { index });
+        }
+        match (&cluster.scenario.workload.trace, &cluster.scenario.trace) {
+            (Some(file), None) => return Err(format!(
+                "workload.trace {file:?}: traces are read with the scenario file (Scenario::load)"
+            )),
+            (_, Some(trace)) => {
+                let times: Vec<f64> = trace.iter().map(|e| e.t_secs).collect();
+                for (index, t) in times.into_iter().enumerate() {
+                    cluster.schedule(
+                        Time::ZERO + Duration::from_secs_f64(t),
+                        Event::Trace { index },
+                    );
+                }
+            }
+            (None, None) => {}
         }
         cluster.schedule(Time::ZERO, Event::Sample);
         Ok(cluster)
@@ -129,11 +176,22 @@ impl Cluster {
             match n {
                 Next::Reply(at, id) => self.schedule(at, Event::Reply { node, id }),
                 Next::Wake(at) => self.schedule(at, Event::Wake { node, at }),
+                Next::Ready => self.node_ready(node),
             }
         }
     }
 
-    fn launch(&mut self, group: usize) -> Result<(), String> {
+    /// The node's pool is warm and its CNI is ready: the scheduler starts placing pods on it.
+    fn node_ready(&mut self, node: usize) {
+        for _ in 0..self.scenario.workload.initial_burst {
+            self.arrive(node, self.scenario.workload.mean_lifetime_secs);
+        }
+        if let Some(gap) = self.next_arrival_gap() {
+            self.schedule(self.now + gap, Event::Arrive { node });
+        }
+    }
+
+    fn launch(&mut self, group: usize, slot: usize) -> Result<(), String> {
         let g = self.scenario.nodes[group].clone();
         let subnet = &self.subnet_ids[g.subnet];
         let id = self
@@ -187,40 +245,65 @@ impl Cluster {
             self.now,
         );
         let idx = self.nodes.len();
-        self.nodes
-            .push(Node::new(id, inst.az.clone(), pool, self.settings.clone()));
+        self.slots[slot] = Some(idx);
+        self.nodes.push(Node::new(
+            id,
+            inst.az.clone(),
+            pool,
+            self.settings.clone(),
+            self.now,
+        ));
         let next = self.nodes[idx].plan(&mut self.vpc, self.now);
         self.apply(idx, next);
-        for _ in 0..self.scenario.workload.initial_burst {
-            self.arrive(idx);
-        }
-        if let Some(gap) = self.next_arrival_gap() {
-            self.schedule(self.now + gap, Event::Arrive { node: idx });
-        }
         Ok(())
     }
 
-    /// Time to a node's next pod arrival: a Poisson process with `pods_per_node / mean_lifetime` per second.
+    /// Time from now to a node's next pod arrival: a Poisson process with `pods_per_node /
+    /// mean_lifetime` per second on average, shaped by the daily curve if there is one (by thinning:
+    /// candidates at the peak rate, each kept with the curve's share of the peak).
     fn next_arrival_gap(&mut self) -> Option<Duration> {
         let w = &self.scenario.workload;
-        (w.pods_per_node > 0.0).then(|| exp(&mut self.rng, w.mean_lifetime_secs / w.pods_per_node))
+        if w.pods_per_node <= 0.0 {
+            return None;
+        }
+        let mean_gap = w.mean_lifetime_secs / w.pods_per_node;
+        let Some(daily) = &w.daily else {
+            return Some(exp(&mut self.rng, mean_gap));
+        };
+        let peak = daily.peak();
+        let mut gap = Duration::ZERO;
+        loop {
+            gap += exp(&mut self.rng, mean_gap / peak);
+            if self.rng.gen::<f64>() * peak < daily.factor((self.now + gap).as_secs_f64()) {
+                return Some(gap);
+            }
+        }
     }
 
-    fn arrive(&mut self, node: usize) {
+    /// A pod is created on the node, to live an exponentially distributed time with this mean; None if
+    /// the node is full.
+    fn arrive(&mut self, node: usize, mean_lifetime_secs: f64) -> Option<u64> {
+        let pod = self.place(node)?;
+        let life = exp(&mut self.rng, mean_lifetime_secs);
+        self.schedule(self.now + life, Event::Leave { node, pod });
+        Some(pod)
+    }
+
+    /// A pod is created on the node; None if the node is full.
+    fn place(&mut self, node: usize) -> Option<u64> {
         self.pod_events += 1;
         // The scheduler does not place more pods than max-pods, two of which are host-network pods.
         let n = &mut self.nodes[node];
         if n.pods() as u32 + 2 >= n.pool.node.max_pods {
             self.unschedulable += 1;
-            return;
+            return None;
         }
         let pod = self.next_pod;
         self.next_pod += 1;
         n.pod_arrives(pod, self.now);
         let next = n.plan(&mut self.vpc, self.now);
         self.apply(node, next);
-        let life = exp(&mut self.rng, self.scenario.workload.mean_lifetime_secs);
-        self.schedule(self.now + life, Event::Leave { node, pod });
+        Some(pod)
     }
 
     /// Starts a pod on a node that stays until `stop_pod` (for tests that need exact pod counts).
@@ -291,13 +374,31 @@ impl Cluster {
                     Event::Sample,
                 );
             }
-            Event::Launch { group } => self.launch(group)?,
+            Event::Launch { group, slot } => self.launch(group, slot)?,
             Event::Arrive { node } => {
-                self.arrive(node);
+                self.arrive(node, self.scenario.workload.mean_lifetime_secs);
                 if let Some(gap) = self.next_arrival_gap() {
                     self.schedule(at + gap, Event::Arrive { node });
                 }
             }
+            Event::Burst { index } => {
+                let b = self.scenario.workload.bursts[index].clone();
+                let life = b
+                    .mean_lifetime_secs
+                    .unwrap_or(self.scenario.workload.mean_lifetime_secs);
+                // The scheduler places pods on ready nodes only.
+                for node in 0..self.nodes.len() {
+                    if self.nodes[node].ready_after().is_some() {
+                        for _ in 0..b.pods_per_node {
+                            self.arrive(node, life);
+                        }
+                    }
+                }
+                if let Some(every) = b.every_secs {
+                    self.schedule(at + Duration::from_secs(every), Event::Burst { index });
+                }
+            }
+            Event::Trace { index } => self.replay(index),
             Event::Leave { node, pod } => {
                 self.pod_events += 1;
                 let n = &mut self.nodes[node];
@@ -326,6 +427,37 @@ impl Cluster {
         Ok(true)
     }
 
+    /// One line of the trace. A create on a node not launched yet cannot be scheduled; a delete of a pod
+    /// that was never placed is nothing to do.
+    fn replay(&mut self, index: usize) {
+        let e = &self
+            .scenario
+            .trace
+            .as_ref()
+            .expect("trace events come from a trace")[index];
+        let (slot, create, key) = (e.node, e.create, (e.node, e.pod.clone()));
+        let node = self.slots[slot];
+        if create {
+            match node {
+                Some(node) => {
+                    if let Some(pod) = self.place(node) {
+                        self.trace_pods.insert(key, pod);
+                    }
+                }
+                None => {
+                    self.pod_events += 1;
+                    self.unschedulable += 1;
+                }
+            }
+        } else if let (Some(node), Some(pod)) = (node, self.trace_pods.remove(&key)) {
+            self.pod_events += 1;
+            let n = &mut self.nodes[node];
+            n.pod_leaves(pod, self.now);
+            let next = n.plan(&mut self.vpc, self.now);
+            self.apply(node, next);
+        }
+    }
+
     pub fn run(mut self) -> Result<Report, String> {
         while self.step()? {}
         Ok(self.report())
@@ -343,12 +475,18 @@ impl Cluster {
             mutating_refill_per_sec: self.mutating_refill_per_sec,
             ..Report::default()
         };
+        let mut ready = Vec::new();
         for n in &self.nodes {
+            match n.ready_after() {
+                Some(d) => ready.push(d),
+                None => r.nodes_never_ready += 1,
+            }
             waits.extend_from_slice(&n.counters.add_waits);
             r.throttled_retries += n.counters.throttled_retries;
             r.forced_removals += n.counters.forced_removals;
         }
         r.add_wait = Waits::from(waits);
+        r.node_ready = Waits::from(ready);
         for (op, c) in &self.vpc.calls {
             r.ec2_calls.insert(
                 op.name().to_string(),

@@ -73,6 +73,8 @@ pub enum Next {
     Reply(Time, u64),
     /// Run the policy again at this time.
     Wake(Time),
+    /// The node has just become ready: its pool reached its targets with no call left in flight.
+    Ready,
 }
 
 #[derive(Default, Clone, Debug)]
@@ -103,6 +105,8 @@ pub struct Node {
     pub running: FxHashMap<u64, IpamKey>,
     attachments: FxHashMap<String, String>,
     pub next_wake: Option<Time>,
+    launched_at: Time,
+    ready_at: Option<Time>,
     /// Who held each address last and when they let it go, to catch reuse inside the cooldown.
     released_at: FxHashMap<std::net::Ipv4Addr, Time>,
     pub counters: NodeCounters,
@@ -154,7 +158,13 @@ const MAX_TRIES: u32 = 12;
 const DETACH_WAIT: Duration = Duration::from_secs(2);
 
 impl Node {
-    pub fn new(instance_id: String, az: String, pool: Pool, settings: PoolSettings) -> Node {
+    pub fn new(
+        instance_id: String,
+        az: String,
+        pool: Pool,
+        settings: PoolSettings,
+        launched_at: Time,
+    ) -> Node {
         Node {
             instance_id,
             az,
@@ -166,9 +176,17 @@ impl Node {
             running: FxHashMap::default(),
             attachments: FxHashMap::default(),
             next_wake: None,
+            launched_at,
+            ready_at: None,
             released_at: FxHashMap::default(),
             counters: NodeCounters::default(),
         }
+    }
+
+    /// How long the node took from launch to ready (the daemon's rule: the first pass after which no
+    /// EC2 call is in flight); None while it warms up.
+    pub fn ready_after(&self) -> Option<Duration> {
+        self.ready_at.map(|t| t.since(self.launched_at))
     }
 
     pub fn calls_in_flight(&self) -> usize {
@@ -287,6 +305,10 @@ impl Node {
                 self.next_wake = Some(w);
                 next.push(Next::Wake(w));
             }
+        }
+        if self.ready_at.is_none() && self.calls.is_empty() {
+            self.ready_at = Some(now);
+            next.push(Next::Ready);
         }
         next
     }

@@ -101,6 +101,9 @@ pub struct Report {
     pub pod_events: u64,
     pub unschedulable_pods: u64,
     pub add_wait: Waits,
+    /// From launch to ready (pool at its targets, no EC2 call in flight), over the nodes that got there.
+    pub node_ready: Waits,
+    pub nodes_never_ready: u64,
     pub ec2_calls: BTreeMap<String, Calls>,
     pub throttled_retries: u64,
     /// ENIs left `available` with our tags at the end (created, but never attached to a live node).
@@ -133,6 +136,15 @@ impl Report {
         let w = &self.add_wait;
         let _ = writeln!(o, "\nADD wait for an address: {} ADDs, {} at once; p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
             w.adds, w.immediate, w.p50_ms, w.p99_ms, w.max_ms);
+        let r = &self.node_ready;
+        let _ = writeln!(
+            o,
+            "node launch to ready: p50 {:.1} s, p99 {:.1} s, max {:.1} s ({} nodes never ready)",
+            r.p50_ms / 1000.0,
+            r.p99_ms / 1000.0,
+            r.max_ms / 1000.0,
+            self.nodes_never_ready
+        );
         let _ = writeln!(
             o,
             "\nEC2 calls                           ok  throttled  failed"

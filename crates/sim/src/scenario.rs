@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::path::Path;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +24,9 @@ pub struct Scenario {
     pub settings: BTreeMap<String, String>,
     #[serde(default)]
     pub ec2: Ec2Spec,
+    /// The creates and deletes of `workload.trace`, read by `Scenario::load`.
+    #[serde(skip)]
+    pub trace: Option<Vec<TraceEvent>>,
 }
 
 fn one() -> u64 {
@@ -70,8 +74,9 @@ pub struct NodeGroup {
     pub launch_spread_secs: u64,
 }
 
-/// Pods arrive on each node as a Poisson process and live an exponentially distributed time, so that a node
-/// runs `pods_per_node` pods on average once warm. Pods beyond what the node can hold are not scheduled.
+/// Pods arrive on each node once it is ready, as a Poisson process, and live an exponentially
+/// distributed time, so that a node runs `pods_per_node` pods on average once warm (over a day, with a
+/// daily curve). Bursts and a trace add pods on top. Pods beyond what the node can hold are not scheduled.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Workload {
@@ -80,6 +85,121 @@ pub struct Workload {
     /// Pods created on every node the moment it is ready, as a deployment scaling out would.
     #[serde(default)]
     pub initial_burst: u32,
+    /// Arrivals follow the time of day instead of a constant rate.
+    #[serde(default)]
+    pub daily: Option<DailyCurve>,
+    #[serde(default)]
+    pub bursts: Vec<Burst>,
+    /// A CSV file of pod creates and deletes (`t_secs,node,action,pod`), relative to the scenario file.
+    #[serde(default)]
+    pub trace: Option<String>,
+}
+
+/// The arrival rate peaks at `peak_hour` and is `trough_ratio` of the peak twelve hours later, along a
+/// cosine whose mean over a day is the constant rate; the simulated clock starts at midnight.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DailyCurve {
+    pub peak_hour: f64,
+    pub trough_ratio: f64,
+}
+
+impl DailyCurve {
+    fn amplitude(&self) -> f64 {
+        (1.0 - self.trough_ratio) / (1.0 + self.trough_ratio)
+    }
+
+    /// The rate at `t_secs` relative to the day's mean.
+    pub fn factor(&self, t_secs: f64) -> f64 {
+        let hours = t_secs / 3600.0 - self.peak_hour;
+        1.0 + self.amplitude() * (2.0 * std::f64::consts::PI * hours / 24.0).cos()
+    }
+
+    /// The largest `factor`, at the peak hour.
+    pub fn peak(&self) -> f64 {
+        1.0 + self.amplitude()
+    }
+}
+
+/// `pods_per_node` pods created on every ready node at `at_secs`, and again every `every_secs` if set
+/// (a deployment rolled out, a batch of jobs).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Burst {
+    pub at_secs: u64,
+    pub pods_per_node: u32,
+    /// How long the burst's pods live on average (default: the workload's mean lifetime).
+    #[serde(default)]
+    pub mean_lifetime_secs: Option<f64>,
+    #[serde(default)]
+    pub every_secs: Option<u64>,
+}
+
+/// One line of a trace: a pod created on, or deleted from, node `node` (nodes are numbered from 0 in the
+/// order of the node groups, and within a group in launch order).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TraceEvent {
+    pub t_secs: f64,
+    pub node: usize,
+    pub create: bool,
+    pub pod: String,
+}
+
+/// Reads a trace: a header line `t_secs,node,action,pod`, then one event per line, action `create` or
+/// `delete`; blank lines and lines starting with `#` are skipped. Events are returned in time order.
+pub fn parse_trace(text: &str) -> Result<Vec<TraceEvent>, ScenarioError> {
+    let bad = |n: usize, why: String| ScenarioError::Invalid(format!("trace line {n}: {why}"));
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim()))
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'));
+    match lines.next() {
+        Some((_, "t_secs,node,action,pod")) => {}
+        Some((n, other)) => {
+            return Err(bad(
+                n,
+                format!("the header must be t_secs,node,action,pod, not {other:?}"),
+            ))
+        }
+        None => return Err(ScenarioError::Invalid("the trace is empty".into())),
+    }
+    let mut events = Vec::new();
+    for (n, line) in lines {
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let [t, node, action, pod] = fields[..] else {
+            return Err(bad(n, format!("4 fields expected, found {}", fields.len())));
+        };
+        let t_secs: f64 = t
+            .parse()
+            .ok()
+            .filter(|t: &f64| t.is_finite() && *t >= 0.0)
+            .ok_or_else(|| bad(n, format!("{t:?} is not a time in seconds")))?;
+        let node = node
+            .parse()
+            .map_err(|_| bad(n, format!("{node:?} is not a node number")))?;
+        let create = match action {
+            "create" => true,
+            "delete" => false,
+            other => {
+                return Err(bad(
+                    n,
+                    format!("action {other:?} is neither create nor delete"),
+                ))
+            }
+        };
+        if pod.is_empty() {
+            return Err(bad(n, "the pod has no name".into()));
+        }
+        events.push(TraceEvent {
+            t_secs,
+            node,
+            create,
+            pod: pod.to_string(),
+        });
+    }
+    events.sort_by(|a, b| a.t_secs.total_cmp(&b.t_secs));
+    Ok(events)
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -145,10 +265,47 @@ impl Scenario {
                 )));
             }
         }
-        if s.workload.mean_lifetime_secs <= 0.0 || s.workload.pods_per_node < 0.0 {
+        let w = &s.workload;
+        if w.mean_lifetime_secs <= 0.0 || w.pods_per_node < 0.0 {
             return Err(ScenarioError::Invalid(
                 "workload needs a positive mean_lifetime_secs and pods_per_node >= 0".into(),
             ));
+        }
+        if let Some(d) = &w.daily {
+            if !(0.0..=1.0).contains(&d.trough_ratio) || !(0.0..24.0).contains(&d.peak_hour) {
+                return Err(ScenarioError::Invalid(
+                    "workload.daily needs 0 <= trough_ratio <= 1 and 0 <= peak_hour < 24".into(),
+                ));
+            }
+        }
+        for b in &w.bursts {
+            if b.mean_lifetime_secs.is_some_and(|l| l <= 0.0) || b.every_secs == Some(0) {
+                return Err(ScenarioError::Invalid(
+                    "a burst needs a positive mean_lifetime_secs and every_secs".into(),
+                ));
+            }
+        }
+        Ok(s)
+    }
+
+    /// Reads a scenario file and the trace it names.
+    pub fn load(path: &Path) -> Result<Scenario, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut s = Scenario::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(trace) = &s.workload.trace {
+            let trace_path = path.parent().unwrap_or(Path::new(".")).join(trace);
+            let text = std::fs::read_to_string(&trace_path)
+                .map_err(|e| format!("{}: {e}", trace_path.display()))?;
+            let trace = parse_trace(&text).map_err(|e| format!("{}: {e}", trace_path.display()))?;
+            let nodes: usize = s.nodes.iter().map(|g| g.count as usize).sum();
+            if let Some(e) = trace.iter().find(|e| e.node >= nodes) {
+                return Err(format!(
+                    "{}: node {} does not exist (the scenario has {nodes} nodes)",
+                    trace_path.display(),
+                    e.node
+                ));
+            }
+            s.trace = Some(trace);
         }
         Ok(s)
     }

@@ -1,6 +1,6 @@
 //! The warm-pool tuner: the same scenario under a grid of warm-pool settings, the Pareto front of
-//! (addresses held, p99 ADD wait, EC2 calls), and the setting that meets a p99 bound with the fewest
-//! addresses held. Every point is a full simulator run, so the numbers are the engine's, not a model's.
+//! (addresses held, p99 ADD wait, EC2 calls), and the setting that meets a p99 bound (and, if given, a
+//! bound on EC2 calls) with the fewest addresses held. Every point is a full simulator run, so the numbers are the engine's, not a model's.
 
 use crate::{Cluster, Report, Scenario};
 use serde::Serialize;
@@ -27,6 +27,16 @@ pub struct Outcome {
     pub p99_wait_ms: f64,
     pub ec2_calls: u64,
     pub unschedulable_pods: u64,
+    /// p99 over the nodes of the time from launch to ready, in seconds.
+    pub p99_ready_secs: f64,
+}
+
+/// What a recommended setting must meet.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Bounds {
+    pub max_p99_wait_ms: f64,
+    /// At most this many EC2 calls in the whole run (throttled ones included), if set.
+    pub max_ec2_calls: Option<u64>,
 }
 
 impl Outcome {
@@ -45,6 +55,7 @@ impl Outcome {
             p99_wait_ms: r.add_wait.p99_ms,
             ec2_calls: r.total_calls(),
             unschedulable_pods: r.unschedulable_pods,
+            p99_ready_secs: r.node_ready.p99_ms / 1000.0,
         }
     }
 
@@ -67,14 +78,14 @@ impl Outcome {
 #[derive(Clone, Debug, Serialize)]
 pub struct TuneReport {
     pub scenario: String,
-    pub max_p99_wait_ms: f64,
+    pub bounds: Bounds,
     /// The scenario run with the settings it was written with: what the cluster does today.
     pub baseline: Outcome,
     pub candidates: Vec<Outcome>,
     /// Indexes into `candidates` of the runs no other run dominates, by addresses held.
     pub pareto_front: Vec<usize>,
-    /// Index into `candidates`: meets the p99 bound, schedules as many pods as the baseline, and
-    /// holds the fewest addresses (fewest EC2 calls among equals). None when no candidate does.
+    /// Index into `candidates`: meets the bounds, schedules as many pods as the baseline, and holds the
+    /// fewest addresses (fewest EC2 calls among equals). None when no candidate does.
     pub recommended: Option<usize>,
 }
 
@@ -178,7 +189,7 @@ pub fn run_all(
 /// (done, total).
 pub fn tune(
     scenario: &Scenario,
-    max_p99_wait_ms: f64,
+    bounds: Bounds,
     threads: usize,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<TuneReport, String> {
@@ -191,12 +202,7 @@ pub fn tune(
         .map(|(settings, r)| Outcome::from_report(settings, r))
         .collect();
     let baseline = outcomes.remove(0);
-    Ok(analyse(
-        scenario.name.clone(),
-        max_p99_wait_ms,
-        baseline,
-        outcomes,
-    ))
+    Ok(analyse(scenario.name.clone(), bounds, baseline, outcomes))
 }
 
 fn label_of(settings: &BTreeMap<String, String>) -> String {
@@ -213,7 +219,7 @@ fn label_of(settings: &BTreeMap<String, String>) -> String {
 /// The Pareto front and the recommendation, from finished runs.
 pub fn analyse(
     scenario: String,
-    max_p99_wait_ms: f64,
+    bounds: Bounds,
     baseline: Outcome,
     candidates: Vec<Outcome>,
 ) -> TuneReport {
@@ -223,8 +229,10 @@ pub fn analyse(
     pareto_front.sort_by(|&a, &b| candidates[a].mean_held.total_cmp(&candidates[b].mean_held));
     let recommended = (0..candidates.len())
         .filter(|&i| {
-            candidates[i].p99_wait_ms <= max_p99_wait_ms
-                && candidates[i].unschedulable_pods <= baseline.unschedulable_pods
+            let c = &candidates[i];
+            c.p99_wait_ms <= bounds.max_p99_wait_ms
+                && bounds.max_ec2_calls.is_none_or(|max| c.ec2_calls <= max)
+                && c.unschedulable_pods <= baseline.unschedulable_pods
         })
         .min_by(|&a, &b| {
             let (a, b) = (&candidates[a], &candidates[b]);
@@ -234,7 +242,7 @@ pub fn analyse(
         });
     TuneReport {
         scenario,
-        max_p99_wait_ms,
+        bounds,
         baseline,
         candidates,
         pareto_front,
@@ -250,12 +258,16 @@ impl TuneReport {
     pub fn render(&self) -> String {
         use std::fmt::Write;
         let mut o = String::new();
+        let calls_bound = self
+            .bounds
+            .max_ec2_calls
+            .map_or(String::new(), |n| format!(", at most {n} EC2 calls"));
         let _ = writeln!(
             o,
-            "scenario {}: {} settings searched, p99 ADD wait bound {:.0} ms\n",
+            "scenario {}: {} settings searched, p99 ADD wait bound {:.0} ms{calls_bound}\n",
             self.scenario,
             self.candidates.len(),
-            self.max_p99_wait_ms
+            self.bounds.max_p99_wait_ms
         );
         o.push_str(TABLE_HEADER);
         row(&mut o, "=", &self.baseline);
@@ -273,7 +285,7 @@ impl TuneReport {
                 let b = &self.baseline;
                 let _ = writeln!(
                     o,
-                    "\nrecommended: {}\n  addresses held {:.1} -> {:.1} ({:+.0}%), p99 ADD wait {:.0} -> {:.0} ms, EC2 calls {} -> {}",
+                    "\nrecommended: {}\n  addresses held {:.1} -> {:.1} ({:+.0}%), p99 ADD wait {:.0} -> {:.0} ms, EC2 calls {} -> {}, p99 node ready {:.1} -> {:.1} s",
                     r.label(),
                     b.mean_held,
                     r.mean_held,
@@ -281,14 +293,16 @@ impl TuneReport {
                     b.p99_wait_ms,
                     r.p99_wait_ms,
                     b.ec2_calls,
-                    r.ec2_calls
+                    r.ec2_calls,
+                    b.p99_ready_secs,
+                    r.p99_ready_secs
                 );
             }
             None => {
                 let _ = writeln!(
                     o,
-                    "\nno setting searched keeps the p99 ADD wait under {:.0} ms; the front above shows the trade-off",
-                    self.max_p99_wait_ms
+                    "\nno setting searched keeps the p99 ADD wait under {:.0} ms{calls_bound}; the front above shows the trade-off",
+                    self.bounds.max_p99_wait_ms
                 );
             }
         }
@@ -296,18 +310,20 @@ impl TuneReport {
     }
 }
 
-const TABLE_HEADER: &str = "    mean held  mean used  p99 wait ms  EC2 calls unsched  settings\n";
+const TABLE_HEADER: &str =
+    "    mean held  mean used  p99 wait ms  EC2 calls unsched  p99 ready s  settings\n";
 
 fn row(o: &mut String, mark: &str, x: &Outcome) {
     use std::fmt::Write;
     let _ = writeln!(
         o,
-        "{mark:<2}{:>10.1} {:>10.1} {:>12.0} {:>9} {:>6}  {}",
+        "{mark:<2}{:>10.1} {:>10.1} {:>12.0} {:>9} {:>6} {:>12.1}  {}",
         x.mean_held,
         x.mean_in_use,
         x.p99_wait_ms,
         x.ec2_calls,
         x.unschedulable_pods,
+        x.p99_ready_secs,
         x.label()
     );
 }
@@ -378,6 +394,14 @@ mod tests {
             p99_wait_ms: p99,
             ec2_calls: calls,
             unschedulable_pods: unsched,
+            p99_ready_secs: 0.0,
+        }
+    }
+
+    fn wait_bound(max_p99_wait_ms: f64) -> Bounds {
+        Bounds {
+            max_p99_wait_ms,
+            max_ec2_calls: None,
         }
     }
 
@@ -392,19 +416,32 @@ mod tests {
             outcome(50.0, 800.0, 60, 3),  // 4: meets 1 s but leaves pods unscheduled
             outcome(90.0, 100.0, 45, 0),  // 5: dominated by 3
         ];
-        let r = analyse("t".into(), 1000.0, baseline, runs);
+        let r = analyse(
+            "t".into(),
+            wait_bound(1000.0),
+            baseline.clone(),
+            runs.clone(),
+        );
         assert_eq!(r.pareto_front, vec![0, 4, 1, 3]);
         assert_eq!(r.recommended, Some(1));
         let text = r.render();
         assert!(text.contains("recommended: WARM_IP_TARGET=60"), "{text}");
         assert!(text.contains("100.0 -> 60.0 (-40%)"), "{text}");
+        // At most 65 EC2 calls: 1 (70 calls) is out, 3 (40 calls, 80 held) is the fewest held left.
+        let bounds = Bounds {
+            max_ec2_calls: Some(65),
+            ..wait_bound(1000.0)
+        };
+        let r = analyse("t".into(), bounds, baseline, runs);
+        assert_eq!(r.recommended, Some(3));
+        assert!(r.render().contains("at most 65 EC2 calls"));
     }
 
     #[test]
     fn no_recommendation_when_nothing_meets_the_bound() {
         let r = analyse(
             "t".into(),
-            10.0,
+            wait_bound(10.0),
             outcome(10.0, 50.0, 5, 0),
             vec![outcome(5.0, 20.0, 5, 0)],
         );

@@ -1,8 +1,12 @@
-use sim::tune::{tune, TuneReport};
+use sim::tune::{tune, Bounds, TuneReport};
 use sim::Scenario;
 
 fn tuned(scenario: &Scenario, max_p99_wait_ms: f64) -> TuneReport {
-    tune(scenario, max_p99_wait_ms, 2, &|_, _| {}).unwrap()
+    let bounds = Bounds {
+        max_p99_wait_ms,
+        max_ec2_calls: None,
+    };
+    tune(scenario, bounds, 2, &|_, _| {}).unwrap()
 }
 
 /// One m5.large (10 IPv4 addresses per ENI: a primary and 9 secondaries) with five pods that never

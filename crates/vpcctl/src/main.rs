@@ -60,7 +60,8 @@ enum Command {
         compare: Vec<std::collections::BTreeMap<String, String>>,
     },
     /// Searches warm-pool settings for a scenario: the Pareto front of addresses held, p99 ADD wait and
-    /// EC2 calls, and the setting that meets --max-p99-wait with the fewest addresses held.
+    /// EC2 calls, and the setting that meets --max-p99-wait (and --max-ec2-calls) with the fewest
+    /// addresses held.
     Tune {
         /// A scenario file (docs/simulate.md); without it, the built-in scenario named by --built-in.
         #[arg(long)]
@@ -70,6 +71,9 @@ enum Command {
         /// The p99 ADD wait to meet: 2s, 500ms, or plain milliseconds.
         #[arg(long, default_value = "1s", value_parser = parse_millis)]
         max_p99_wait: f64,
+        /// At most this many EC2 calls over the whole run (throttled ones included).
+        #[arg(long)]
+        max_ec2_calls: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -376,9 +380,14 @@ fn run(cli: Cli) -> Result<(), String> {
             scenario,
             built_in,
             max_p99_wait,
+            max_ec2_calls,
             json,
         } => {
             let scenario = load_scenario(scenario, &built_in)?;
+            let bounds = sim::tune::Bounds {
+                max_p99_wait_ms: max_p99_wait,
+                max_ec2_calls,
+            };
             let show_progress = !json && std::io::stderr().is_terminal();
             let progress = |done: usize, total: usize| {
                 if show_progress {
@@ -393,7 +402,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     }
                 }
             };
-            let report = sim::tune::tune(&scenario, max_p99_wait, threads(), &progress)?;
+            let report = sim::tune::tune(&scenario, bounds, threads(), &progress)?;
             if json {
                 print_json(&report);
             } else {
@@ -447,10 +456,7 @@ fn threads() -> usize {
 
 fn load_scenario(path: Option<String>, built_in: &str) -> Result<Scenario, String> {
     match path {
-        Some(path) => {
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-            Scenario::parse(&text).map_err(|e| format!("{path}: {e}"))
-        }
+        Some(path) => Scenario::load(std::path::Path::new(&path)),
         None => Scenario::built_in(built_in).ok_or_else(|| {
             let names: Vec<_> = Scenario::built_in_names().collect();
             format!(
