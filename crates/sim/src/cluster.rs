@@ -149,9 +149,11 @@ impl Cluster {
             cluster.schedule(Time::from_secs(b.at_secs), Event::Burst { index });
         }
         match (&cluster.scenario.workload.trace, &cluster.scenario.trace) {
-            (Some(file), None) => return Err(format!(
+            (Some(file), None) => {
+                return Err(format!(
                 "workload.trace {file:?}: traces are read with the scenario file (Scenario::load)"
-            )),
+            ))
+            }
             (_, Some(trace)) => {
                 let times: Vec<f64> = trace.iter().map(|e| e.t_secs).collect();
                 for (index, t) in times.into_iter().enumerate() {
