@@ -238,6 +238,14 @@ const BUILT_IN: &[(&str, &str)] = &[
         "bench-1000-nodes",
         include_str!("../scenarios/bench-1000-nodes.toml"),
     ),
+    (
+        "launch-storm-500",
+        include_str!("../scenarios/launch-storm-500.toml"),
+    ),
+    (
+        "churn-day-1000",
+        include_str!("../scenarios/churn-day-1000.toml"),
+    ),
 ];
 
 impl Scenario {

@@ -26,6 +26,9 @@ pub struct Outcome {
     pub mean_in_use: f64,
     pub p99_wait_ms: f64,
     pub ec2_calls: u64,
+    /// Calls the account's buckets refused: the share of the budget this setting fights its
+    /// neighbours (and itself) for.
+    pub throttled_calls: u64,
     pub unschedulable_pods: u64,
     /// p99 over the nodes of the time from launch to ready, in seconds.
     pub p99_ready_secs: f64,
@@ -54,6 +57,7 @@ impl Outcome {
             mean_in_use: mean(|s| s.in_use),
             p99_wait_ms: r.add_wait.p99_ms,
             ec2_calls: r.total_calls(),
+            throttled_calls: r.ec2_calls.values().map(|c| c.throttled).sum(),
             unschedulable_pods: r.unschedulable_pods,
             p99_ready_secs: r.node_ready.p99_ms / 1000.0,
         }
@@ -84,8 +88,10 @@ pub struct TuneReport {
     pub candidates: Vec<Outcome>,
     /// Indexes into `candidates` of the runs no other run dominates, by addresses held.
     pub pareto_front: Vec<usize>,
-    /// Index into `candidates`: meets the bounds, schedules as many pods as the baseline, and holds the
-    /// fewest addresses (fewest EC2 calls among equals). None when no candidate does.
+    /// Index into `candidates`: meets the bounds, schedules as many pods as the baseline, is throttled
+    /// no more than the baseline (the account's budget is shared: a setting that saves addresses by
+    /// flooding it slows every node's start and every other tool), and holds the fewest addresses
+    /// (fewest EC2 calls among equals). None when no candidate does.
     pub recommended: Option<usize>,
 }
 
@@ -233,6 +239,7 @@ pub fn analyse(
             c.p99_wait_ms <= bounds.max_p99_wait_ms
                 && bounds.max_ec2_calls.is_none_or(|max| c.ec2_calls <= max)
                 && c.unschedulable_pods <= baseline.unschedulable_pods
+                && c.throttled_calls <= baseline.throttled_calls
         })
         .min_by(|&a, &b| {
             let (a, b) = (&candidates[a], &candidates[b]);
@@ -264,7 +271,7 @@ impl TuneReport {
             .map_or(String::new(), |n| format!(", at most {n} EC2 calls"));
         let _ = writeln!(
             o,
-            "scenario {}: {} settings searched, p99 ADD wait bound {:.0} ms{calls_bound}\n",
+            "scenario {}: {} settings searched, p99 ADD wait bound {:.0} ms{calls_bound}, no more throttled calls than the scenario's settings\n",
             self.scenario,
             self.candidates.len(),
             self.bounds.max_p99_wait_ms
@@ -301,7 +308,7 @@ impl TuneReport {
             None => {
                 let _ = writeln!(
                     o,
-                    "\nno setting searched keeps the p99 ADD wait under {:.0} ms{calls_bound}; the front above shows the trade-off",
+                    "\nno setting searched keeps the p99 ADD wait under {:.0} ms{calls_bound} without more throttling than the scenario's settings; the front above shows the trade-off",
                     self.bounds.max_p99_wait_ms
                 );
             }
@@ -311,17 +318,18 @@ impl TuneReport {
 }
 
 const TABLE_HEADER: &str =
-    "    mean held  mean used  p99 wait ms  EC2 calls unsched  p99 ready s  settings\n";
+    "    mean held  mean used  p99 wait ms  EC2 calls throttled unsched  p99 ready s  settings\n";
 
 fn row(o: &mut String, mark: &str, x: &Outcome) {
     use std::fmt::Write;
     let _ = writeln!(
         o,
-        "{mark:<2}{:>10.1} {:>10.1} {:>12.0} {:>9} {:>6} {:>12.1}  {}",
+        "{mark:<2}{:>10.1} {:>10.1} {:>12.0} {:>10} {:>9} {:>7} {:>12.1}  {}",
         x.mean_held,
         x.mean_in_use,
         x.p99_wait_ms,
         x.ec2_calls,
+        x.throttled_calls,
         x.unschedulable_pods,
         x.p99_ready_secs,
         x.label()
@@ -393,6 +401,7 @@ mod tests {
             mean_in_use: 0.0,
             p99_wait_ms: p99,
             ec2_calls: calls,
+            throttled_calls: 0,
             unschedulable_pods: unsched,
             p99_ready_secs: 0.0,
         }
@@ -432,9 +441,15 @@ mod tests {
             max_ec2_calls: Some(65),
             ..wait_bound(1000.0)
         };
-        let r = analyse("t".into(), bounds, baseline, runs);
+        let r = analyse("t".into(), bounds, baseline.clone(), runs.clone());
         assert_eq!(r.recommended, Some(3));
         assert!(r.render().contains("at most 65 EC2 calls"));
+        // A setting throttled more than the baseline is not recommended however few addresses it holds:
+        // 2, as small but with more calls, is.
+        let mut throttled = runs;
+        throttled[1].throttled_calls = 1;
+        let r = analyse("t".into(), wait_bound(1000.0), baseline, throttled);
+        assert_eq!(r.recommended, Some(2));
     }
 
     #[test]
