@@ -1,6 +1,6 @@
-//! The simulator's plots, as SVG (with axes and labels) and PNG (the same geometry, without text):
-//! addresses held vs in use, EC2 mutating calls per second against the account's refill rate, and
-//! the distribution of ADD waits. Both formats are written by hand: a few lines of each are all a
+//! The simulator's plots, as SVG and PNG (the same geometry; the PNG's text in capitals of a 5x7 pixel
+//! font): addresses held vs in use, EC2 mutating calls per second against the account's refill rate,
+//! and the distribution of ADD waits. Both formats are written by hand: a few lines of each are all a
 //! line chart needs, and the PNG is stored uncompressed.
 
 use crate::Report;
@@ -44,7 +44,23 @@ pub struct Chart {
     title: String,
     x_label: String,
     y_label: String,
+    /// Named ticks on the x axis (a histogram's buckets); none: five numbers across the range.
+    x_ticks: Vec<(f64, String)>,
     series: Vec<Series>,
+}
+
+impl Chart {
+    fn x_ticks(&self, f: &Frame) -> Vec<(f64, String)> {
+        if !self.x_ticks.is_empty() {
+            return self.x_ticks.clone();
+        }
+        (0..=4)
+            .map(|i| {
+                let x = f.x0 + (f.x1 - f.x0) * i as f64 / 4.0;
+                (x, tick(x))
+            })
+            .collect()
+    }
 }
 
 /// A chart's file name (without extension) and the chart.
@@ -62,6 +78,7 @@ pub fn comparison(scenario: &str, runs: &[(String, &Report)]) -> Chart {
         title: format!("{scenario}: addresses held, by settings"),
         x_label: "simulated seconds".into(),
         y_label: "addresses held (all nodes)".into(),
+        x_ticks: Vec::new(),
         series: runs
             .iter()
             .enumerate()
@@ -87,6 +104,7 @@ fn addresses(r: &Report) -> Chart {
         title: format!("{}: addresses held vs in use", r.scenario),
         x_label: "simulated seconds".into(),
         y_label: "addresses (all nodes)".into(),
+        x_ticks: Vec::new(),
         series: vec![
             Series {
                 name: "held".into(),
@@ -118,6 +136,7 @@ fn ec2_calls(r: &Report) -> Chart {
         title: format!("{}: EC2 mutating calls per second", r.scenario),
         x_label: "simulated seconds".into(),
         y_label: "calls per second".into(),
+        x_ticks: Vec::new(),
         series: vec![
             Series {
                 name: "calls".into(),
@@ -141,16 +160,18 @@ fn add_waits(r: &Report) -> Chart {
         .enumerate()
         .map(|(i, b)| (i as f64, i as f64 + 0.9, b.adds as f64))
         .collect();
-    let buckets: Vec<String> = r
+    let buckets = r
         .add_wait
         .histogram
         .iter()
-        .map(|b| b.label.clone())
+        .enumerate()
+        .map(|(i, b)| (i as f64 + 0.45, b.label.clone()))
         .collect();
     Chart {
         title: format!("{}: ADD waits for an address", r.scenario),
-        x_label: format!("wait (buckets: {})", buckets.join(", ")),
+        x_label: "wait for an address (0: one was free)".into(),
         y_label: "ADDs".into(),
+        x_ticks: buckets,
         series: vec![Series {
             name: "ADDs".into(),
             colour: BLUE,
@@ -236,7 +257,6 @@ impl Chart {
         );
         for i in 0..=4 {
             let y = f.y1 * i as f64 / 4.0;
-            let x = f.x0 + (f.x1 - f.x0) * i as f64 / 4.0;
             let _ = writeln!(
                 o,
                 r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
@@ -244,12 +264,14 @@ impl Chart {
                 f.py(y) + 4.0,
                 tick(y)
             );
+        }
+        for (x, label) in self.x_ticks(&f) {
             let _ = writeln!(
                 o,
                 r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
                 f.px(x),
                 bottom + 16.0,
-                tick(x)
+                escape(&label)
             );
         }
         let _ = writeln!(
@@ -327,6 +349,28 @@ impl Chart {
             let y = f.py(f.y1 * i as f64 / 4.0);
             c.line((left, y), (right, y), [0xe0; 3]);
         }
+        // Text where the SVG has it: (x, y) is the middle of the text's left, centre or right end.
+        c.text(&self.title, (WIDTH as f64 / 2.0, 18.0), Anchor::Middle, 2);
+        for i in 0..=4 {
+            let y = f.y1 * i as f64 / 4.0;
+            c.text(&tick(y), (left - 6.0, f.py(y)), Anchor::End, 1);
+        }
+        for (x, label) in self.x_ticks(&f) {
+            c.text(&label, (f.px(x), bottom + 12.0), Anchor::Middle, 1);
+        }
+        c.text(
+            &self.x_label,
+            (WIDTH as f64 / 2.0, HEIGHT as f64 - 14.0),
+            Anchor::Middle,
+            1,
+        );
+        c.text_upwards(&self.y_label, (16.0, HEIGHT as f64 / 2.0));
+        for (i, s) in self.series.iter().enumerate() {
+            let ly = TOP + 14.0 * i as f64;
+            let x = WIDTH as f64 - RIGHT - 130.0;
+            c.fill((x, ly), (x + 10.0, ly + 10.0), s.colour);
+            c.text(&s.name, (x + 15.0, ly + 5.0), Anchor::Start, 1);
+        }
         for s in &self.series {
             match &s.mark {
                 Mark::Line(points) => {
@@ -365,6 +409,77 @@ fn tick(v: f64) -> String {
     }
 }
 
+#[derive(Clone, Copy)]
+enum Anchor {
+    Start,
+    Middle,
+    End,
+}
+
+/// Rows of a 5x7 glyph, top first, the leftmost pixel in bit 4.
+fn glyph(c: char) -> [u8; 7] {
+    match c.to_ascii_uppercase() {
+        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
+        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
+        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
+        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
+        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
+        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
+        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
+        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
+        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
+        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
+        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
+        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
+        'D' => [0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C],
+        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
+        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
+        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
+        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
+        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
+        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
+        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
+        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
+        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
+        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
+        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
+        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
+        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
+        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
+        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
+        'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
+        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
+        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
+        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
+        'Y' => [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04],
+        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
+        ' ' => [0; 7],
+        '.' => [0, 0, 0, 0, 0, 0x0C, 0x0C],
+        ',' => [0, 0, 0, 0, 0x0C, 0x04, 0x08],
+        ':' => [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0],
+        '/' => [0, 0x01, 0x02, 0x04, 0x08, 0x10, 0],
+        '<' => [0x02, 0x04, 0x08, 0x10, 0x08, 0x04, 0x02],
+        '>' => [0x08, 0x04, 0x02, 0x01, 0x02, 0x04, 0x08],
+        '=' => [0, 0, 0x1F, 0, 0x1F, 0, 0],
+        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
+        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
+        '-' => [0, 0, 0, 0x1F, 0, 0, 0],
+        '+' => [0, 0x04, 0x04, 0x1F, 0x04, 0x04, 0],
+        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
+        '_' => [0, 0, 0, 0, 0, 0, 0x1F],
+        '\'' => [0x0C, 0x04, 0x08, 0, 0, 0, 0],
+        '#' => [0x0A, 0x0A, 0x1F, 0x0A, 0x1F, 0x0A, 0x0A],
+        '*' => [0, 0x04, 0x15, 0x0E, 0x15, 0x04, 0],
+        // Anything else (the glyph of '?').
+        _ => [0x0E, 0x11, 0x01, 0x02, 0x04, 0, 0x04],
+    }
+}
+
+/// A glyph cell: 5 pixels and a space, 7 rows.
+const CELL: (i64, i64) = (6, 7);
+
 /// An RGB raster.
 struct Canvas {
     pixels: Vec<u8>,
@@ -393,6 +508,48 @@ impl Canvas {
                 (y0 + (y1 - y0) * t).round() as i64,
                 c,
             );
+        }
+    }
+
+    /// Black text, `scale` pixels a font pixel, its vertical middle at `y`.
+    fn text(&mut self, text: &str, (x, y): (f64, f64), anchor: Anchor, scale: i64) {
+        let width = text.chars().count() as i64 * CELL.0 * scale - scale;
+        let x0 = x.round() as i64
+            - match anchor {
+                Anchor::Start => 0,
+                Anchor::Middle => width / 2,
+                Anchor::End => width,
+            };
+        let y0 = y.round() as i64 - CELL.1 * scale / 2;
+        for (i, ch) in text.chars().enumerate() {
+            let left = x0 + i as i64 * CELL.0 * scale;
+            self.glyph(ch, scale, |col, row| (left + col, y0 + row));
+        }
+    }
+
+    /// Text read from bottom to top (a y-axis label), centred on `(x, y)`.
+    fn text_upwards(&mut self, text: &str, (x, y): (f64, f64)) {
+        let length = text.chars().count() as i64 * CELL.0 - 1;
+        let (x0, bottom) = (x.round() as i64 - CELL.1 / 2, y.round() as i64 + length / 2);
+        for (i, ch) in text.chars().enumerate() {
+            let start = bottom - i as i64 * CELL.0;
+            self.glyph(ch, 1, |col, row| (x0 + row, start - col));
+        }
+    }
+
+    /// Sets a glyph's pixels, each at the position `at(column, row)` gives (scaled).
+    fn glyph(&mut self, ch: char, scale: i64, at: impl Fn(i64, i64) -> (i64, i64)) {
+        for (row, bits) in glyph(ch).into_iter().enumerate() {
+            for col in 0..5 {
+                if bits & (0x10 >> col) != 0 {
+                    for dy in 0..scale {
+                        for dx in 0..scale {
+                            let (x, y) = at(col * scale + dx, row as i64 * scale + dy);
+                            self.set(x, y, [0; 3]);
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -24,11 +24,16 @@ assert (depth, colour) == (8, 2), size
 raw = zlib.decompress(idat)
 assert len(raw) == h * (1 + 3 * w), len(raw)
 rows = [raw[r * (1 + 3 * w) + 1:(r + 1) * (1 + 3 * w)] for r in range(h)]
-blue = sum(row.count(bytes([0x1f, 0x77, 0xb4])) for row in rows)
+def pixels(rows, x0, x1, colour):
+    return sum(1 for row in rows for x in range(x0, x1) if row[3 * x:3 * x + 3] == bytes(colour))
+blue = pixels(rows, 0, w, [0x1f, 0x77, 0xb4])
+# Text is black: the title in the band above the plot, the y label left of the tick numbers.
+title_ink = pixels(rows[4:34], 0, w, [0, 0, 0])
+y_label_ink = pixels(rows[60:300], 8, 26, [0, 0, 0])
 root = ET.parse(svg).getroot()
 assert root.tag == "{http://www.w3.org/2000/svg}svg", root.tag
 marks = sum(1 for e in root.iter() if e.tag.endswith(("polyline", "rect")))
-print(w, h, blue, marks)
+print(w, h, blue, marks, title_ink, y_label_ink)
 "#;
 
 #[test]
@@ -84,10 +89,19 @@ fn plots_are_valid_png_and_svg_with_the_data_drawn() {
             "{name}: the first series is drawn in the PNG: {fields:?}"
         );
         assert!(fields[3] >= 2, "{name}: the SVG has marks");
+        assert!(
+            fields[4] > 100 && fields[5] > 50,
+            "{name}: the PNG has its title and y label written: {fields:?}"
+        );
     }
     let svg = std::fs::read_to_string(dir.join("addresses.svg")).unwrap();
     let held_peak = report.timeline.iter().map(|s| s.held).max().unwrap();
     assert!(held_peak > 0);
     assert!(svg.contains("addresses held vs in use"));
+    let waits = std::fs::read_to_string(dir.join("add-waits.svg")).unwrap();
+    assert!(
+        waits.contains(">&lt;100ms</text>") && waits.contains(">&gt;=30s</text>"),
+        "the histogram's bars are named by their buckets"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
