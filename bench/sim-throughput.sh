@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p vpcctl
 start=$(date +%s.%N)
-./target/release/vpcctl simulate --built-in bench-1000-nodes --json > target/bench-1000-nodes.json
+./target/release/vpcctl simulate --scenario bench/bench-1000-nodes.toml --json > target/bench-1000-nodes.json
 end=$(date +%s.%N)
 python3 - "$start" "$end" <<'PY'
 import json, sys
@@ -20,6 +20,6 @@ PY
 # The tuner on the same 1,000-node day: a release build takes seconds a run where the tests' debug build
 # would take minutes.
 if [ "${TUNE:-1}" != 0 ]; then
-  echo "== vpcctl tune --built-in bench-1000-nodes --max-p99-wait 2s"
-  ./target/release/vpcctl tune --built-in bench-1000-nodes --max-p99-wait 2s
+  echo "== vpcctl tune --scenario bench/bench-1000-nodes.toml --max-p99-wait 2s"
+  ./target/release/vpcctl tune --scenario bench/bench-1000-nodes.toml --max-p99-wait 2s
 fi

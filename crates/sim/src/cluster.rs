@@ -460,8 +460,22 @@ impl Cluster {
         }
     }
 
-    pub fn run(mut self) -> Result<Report, String> {
-        while self.step()? {}
+    pub fn run(self) -> Result<Report, String> {
+        self.run_with_progress(&mut |_| {})
+    }
+
+    /// Runs to the end, telling `progress` now and then the share of the simulated time done, and 1.0
+    /// at the end.
+    pub fn run_with_progress(mut self, progress: &mut dyn FnMut(f64)) -> Result<Report, String> {
+        let end = self.scenario.duration_secs.max(1) as f64;
+        let mut steps: u32 = 0;
+        while self.step()? {
+            steps = steps.wrapping_add(1);
+            if steps % (1 << 16) == 0 {
+                progress((self.now.as_secs_f64() / end).min(1.0));
+            }
+        }
+        progress(1.0);
         Ok(self.report())
     }
 

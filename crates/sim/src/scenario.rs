@@ -235,10 +235,6 @@ const BUILT_IN: &[(&str, &str)] = &[
         include_str!("../scenarios/prefix-fragmented.toml"),
     ),
     (
-        "bench-1000-nodes",
-        include_str!("../scenarios/bench-1000-nodes.toml"),
-    ),
-    (
         "launch-storm-500",
         include_str!("../scenarios/launch-storm-500.toml"),
     ),

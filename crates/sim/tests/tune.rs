@@ -64,9 +64,7 @@ initial_burst = 5
 fn every_built_in_has_a_tighter_setting_that_meets_the_wait() {
     // The cluster-scale scenarios (500 and 1,000 nodes) included: about three minutes here, most of it
     // the IP-target settings of the 1,000-node day flooding the account's bucket with retries.
-    // bench-1000-nodes is the throughput benchmark's scenario: bench/sim-throughput.sh tunes it in a
-    // release build.
-    for name in Scenario::built_in_names().filter(|n| *n != "bench-1000-nodes") {
+    for name in Scenario::built_in_names() {
         let scenario = Scenario::built_in(name).unwrap();
         let report = tuned(&scenario, 2000.0);
         let text = report.render();

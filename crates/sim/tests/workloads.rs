@@ -232,3 +232,30 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn a_long_run_reports_its_progress_in_order_and_ends_at_one() {
+    let mut seen = Vec::new();
+    // Some hundred thousand events: progress is told every 65,536.
+    let scenario = Scenario::built_in("launch-storm-500").unwrap();
+    let events = Cluster::new(scenario.clone())
+        .unwrap()
+        .run()
+        .unwrap()
+        .pod_events;
+    let report = Cluster::new(scenario)
+        .unwrap()
+        .run_with_progress(&mut |done| seen.push(done))
+        .unwrap();
+    assert_eq!(
+        report.pod_events, events,
+        "progress does not change the run"
+    );
+    assert!(seen.len() >= 2, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert!(
+        seen[..seen.len() - 1].iter().all(|d| *d > 0.0 && *d < 1.0),
+        "{seen:?}"
+    );
+    assert_eq!(seen.last(), Some(&1.0));
+}

@@ -45,7 +45,7 @@ enum Command {
         /// A scenario file (docs/simulate.md); without it, the built-in scenario named by --built-in.
         #[arg(long)]
         scenario: Option<String>,
-        /// steady, prefix-fragmented or bench-1000-nodes.
+        /// steady, prefix-fragmented, launch-storm-500 or churn-day-1000.
         #[arg(long, default_value = "steady")]
         built_in: String,
         #[arg(long)]
@@ -421,8 +421,24 @@ fn run(cli: Cli) -> Result<(), String> {
             if !compare.is_empty() {
                 return simulate_compare(&scenario, compare, json, plots.as_deref());
             }
+            let show_progress = !json && std::io::stderr().is_terminal();
+            let duration = scenario.duration_secs;
+            let mut progress = |done: f64| {
+                if show_progress {
+                    let filled = (done * 30.0) as usize;
+                    eprint!(
+                        "\r[{}{}] {:.0}% of {duration} simulated seconds",
+                        "#".repeat(filled),
+                        " ".repeat(30 - filled),
+                        done * 100.0
+                    );
+                    if done >= 1.0 {
+                        eprintln!();
+                    }
+                }
+            };
             let started = Instant::now();
-            let report = Cluster::new(scenario)?.run()?;
+            let report = Cluster::new(scenario)?.run_with_progress(&mut progress)?;
             let wall = started.elapsed();
             if let Some(dir) = &plots {
                 write_plots(dir, &report)?;
