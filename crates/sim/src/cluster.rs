@@ -151,8 +151,8 @@ impl Cluster {
         match (&cluster.scenario.workload.trace, &cluster.scenario.trace) {
             (Some(file), None) => {
                 return Err(format!(
-                "workload.trace {file:?}: traces are read with the scenario file (Scenario::load)"
-            ))
+                    "workload.trace {file:?} is read with its scenario file (Scenario::load)"
+                ));
             }
             (_, Some(trace)) => {
                 let times: Vec<f64> = trace.iter().map(|e| e.t_secs).collect();

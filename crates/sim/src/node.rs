@@ -91,7 +91,6 @@ struct PendingAdd {
     pod: u64,
     since: Time,
     key: IpamKey,
-    meta: PodMeta,
 }
 
 pub struct Node {
@@ -211,10 +210,6 @@ impl Node {
                 container_id: pod.to_string(),
                 ..IpamKey::default()
             },
-            meta: PodMeta {
-                interfaces_count: 1,
-                ..PodMeta::default()
-            },
         });
         self.serve_pending(now);
     }
@@ -233,10 +228,14 @@ impl Node {
     }
 
     fn serve_pending(&mut self, now: Time) {
+        let meta = PodMeta {
+            interfaces_count: 1,
+            ..PodMeta::default()
+        };
         while let Some(p) = self.pending_adds.front() {
             match self
                 .pool
-                .assign(&p.key, &p.meta, now, self.settings.ip_cooldown)
+                .assign(&p.key, &meta, now, self.settings.ip_cooldown)
             {
                 Ok(&ipam::pool::Assignment { ip, .. }) => {
                     if let Some(t) = self.released_at.get(&ip) {
