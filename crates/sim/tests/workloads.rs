@@ -69,6 +69,7 @@ fn a_trace_creates_and_deletes_the_pods_it_names() {
     assert_eq!(r.pod_events, 5);
     assert_eq!(r.add_wait.adds, 3);
     assert_eq!(r.add_wait.immediate, 3);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -107,6 +108,7 @@ fn a_bad_trace_is_refused_with_its_line() {
         .err()
         .unwrap();
     assert!(e.contains("trace.csv"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -223,6 +225,7 @@ mutating_bucket = [5, 1]
     );
 }
 
+/// A directory of the calling test's own (tests run on threads of one process).
 fn tempdir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "sim-workloads-{}-{:?}",
