@@ -391,15 +391,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let show_progress = !json && std::io::stderr().is_terminal();
             let progress = |done: usize, total: usize| {
                 if show_progress {
-                    let filled = done * 30 / total;
-                    eprint!(
-                        "\r[{}{}] {done}/{total} runs",
-                        "#".repeat(filled),
-                        " ".repeat(30 - filled)
-                    );
-                    if done == total {
-                        eprintln!();
-                    }
+                    draw_progress(done as f64 / total as f64, &format!("{done}/{total} runs"));
                 }
             };
             let report = sim::tune::tune(&scenario, bounds, threads(), &progress)?;
@@ -425,16 +417,8 @@ fn run(cli: Cli) -> Result<(), String> {
             let duration = scenario.duration_secs;
             let mut progress = |done: f64| {
                 if show_progress {
-                    let filled = (done * 30.0) as usize;
-                    eprint!(
-                        "\r[{}{}] {:.0}% of {duration} simulated seconds",
-                        "#".repeat(filled),
-                        " ".repeat(30 - filled),
-                        done * 100.0
-                    );
-                    if done >= 1.0 {
-                        eprintln!();
-                    }
+                    let what = format!("{:.0}% of {duration} simulated seconds", done * 100.0);
+                    draw_progress(done, &what);
                 }
             };
             let started = Instant::now();
@@ -463,6 +447,19 @@ fn print_json(value: &impl serde::Serialize) {
         "{}",
         serde_json::to_string_pretty(value).expect("plans and reports serialise")
     );
+}
+
+/// A bar on standard error, redrawn in place; the line ends when `done` reaches 1.
+fn draw_progress(done: f64, what: &str) {
+    let filled = (done.clamp(0.0, 1.0) * 30.0) as usize;
+    eprint!(
+        "\r[{}{}] {what}",
+        "#".repeat(filled),
+        " ".repeat(30 - filled)
+    );
+    if done >= 1.0 {
+        eprintln!();
+    }
 }
 
 /// The simulator runs of tune and compare, one per core.
