@@ -1,6 +1,6 @@
 use crate::node::{Next, Node, RETRY};
 use crate::queue::EventQueue;
-use crate::report::{Calls, Report, Sample, Waits};
+use crate::report::{Calls, NodeReady, Report, Sample, Waits};
 use crate::scenario::Scenario;
 use ipam::maxpods::{max_pods, MaxPodsOptions};
 use ipam::pool::{EniConfigSpec, EniInfo, NodeSpec};
@@ -502,7 +502,7 @@ impl Cluster {
             r.forced_removals += n.counters.forced_removals;
         }
         r.add_wait = Waits::from(waits);
-        r.node_ready = Waits::from(ready);
+        r.node_ready = NodeReady::from(ready);
         for (op, c) in &self.vpc.calls {
             r.ec2_calls.insert(
                 op.name().to_string(),

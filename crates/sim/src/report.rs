@@ -50,17 +50,40 @@ const BUCKET_BOUNDS_MS: &[(u64, &str)] = &[
     (30_000, "<30s"),
 ];
 
+/// The `q` quantile of sorted durations, in milliseconds; 0 when there are none.
+fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// How long the nodes took from launch to ready, over those that got there.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NodeReady {
+    pub nodes: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl NodeReady {
+    pub fn from(mut times: Vec<Duration>) -> NodeReady {
+        times.sort();
+        NodeReady {
+            nodes: times.len() as u64,
+            p50_ms: quantile_ms(&times, 0.50),
+            p99_ms: quantile_ms(&times, 0.99),
+            max_ms: quantile_ms(&times, 1.0),
+        }
+    }
+}
+
 impl Waits {
     pub fn from(mut waits: Vec<Duration>) -> Waits {
         waits.sort();
-        let pick = |q: f64| {
-            if waits.is_empty() {
-                0.0
-            } else {
-                let i = ((waits.len() as f64 * q).ceil() as usize).clamp(1, waits.len()) - 1;
-                waits[i].as_secs_f64() * 1000.0
-            }
-        };
+        let pick = |q: f64| quantile_ms(&waits, q);
         let labels = std::iter::once("0")
             .chain(BUCKET_BOUNDS_MS.iter().map(|(_, label)| *label))
             .chain([">=30s"]);
@@ -87,7 +110,7 @@ impl Waits {
             immediate: waits.iter().filter(|w| w.is_zero()).count() as u64,
             p50_ms: pick(0.50),
             p99_ms: pick(0.99),
-            max_ms: waits.last().map_or(0.0, |w| w.as_secs_f64() * 1000.0),
+            max_ms: pick(1.0),
         }
     }
 }
@@ -102,7 +125,7 @@ pub struct Report {
     pub unschedulable_pods: u64,
     pub add_wait: Waits,
     /// From launch to ready (pool at its targets, no EC2 call in flight), over the nodes that got there.
-    pub node_ready: Waits,
+    pub node_ready: NodeReady,
     pub nodes_never_ready: u64,
     pub ec2_calls: BTreeMap<String, Calls>,
     pub throttled_retries: u64,
