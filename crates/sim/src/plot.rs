@@ -324,13 +324,11 @@ impl Chart {
                     );
                 }
             }
-            let ly = TOP + 14.0 * i as f64;
+            let (x, ly) = legend_square(i);
             let _ = writeln!(
                 o,
-                r#"<rect x="{:.1}" y="{:.1}" width="10" height="10" fill="{colour}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
-                WIDTH as f64 - RIGHT - 130.0,
-                ly,
-                WIDTH as f64 - RIGHT - 115.0,
+                r#"<rect x="{x:.1}" y="{ly:.1}" width="10" height="10" fill="{colour}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+                x + 15.0,
                 ly + 9.0,
                 escape(&s.name)
             );
@@ -366,8 +364,7 @@ impl Chart {
         );
         c.text_upwards(&self.y_label, (16.0, HEIGHT as f64 / 2.0));
         for (i, s) in self.series.iter().enumerate() {
-            let ly = TOP + 14.0 * i as f64;
-            let x = WIDTH as f64 - RIGHT - 130.0;
+            let (x, ly) = legend_square(i);
             c.fill((x, ly), (x + 10.0, ly + 10.0), s.colour);
             c.text(&s.name, (x + 15.0, ly + 5.0), Anchor::Start, 1);
         }
@@ -397,6 +394,11 @@ impl Chart {
         }
         c.encode()
     }
+}
+
+/// The top left corner of series `i`'s square in the legend; its name follows 15 pixels right.
+fn legend_square(i: usize) -> (f64, f64) {
+    (WIDTH as f64 - RIGHT - 130.0, TOP + 14.0 * i as f64)
 }
 
 fn tick(v: f64) -> String {

@@ -213,7 +213,10 @@ mutating_bucket = [5, 1]
     assert_eq!(ok(&light, "AssignPrivateIpAddresses"), 20);
     assert_eq!(ok(&light, "CreateNetworkInterface"), 0);
     for r in [&heavy, &light] {
-        assert_eq!((r.nodes, r.node_ready.nodes, r.nodes_never_ready), (20, 20, 0));
+        assert_eq!(
+            (r.nodes, r.node_ready.nodes, r.nodes_never_ready),
+            (20, 20, 0)
+        );
     }
     assert!(heavy.node_ready.max_ms >= 75_000.0, "{}", heavy.render());
     assert!(light.node_ready.max_ms >= 15_000.0, "{}", light.render());
