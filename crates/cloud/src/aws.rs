@@ -10,7 +10,7 @@ use aws_sdk_ec2::types::{
     self as sdk, Filter, NetworkInterfaceAttachmentChanges, ResourceType, Tag, TagSpecification,
 };
 use ipam::limits::InstanceLimits;
-use ipam::net::Ipv4Cidr;
+use ipam::net::{Ipv4Cidr, Ipv6Cidr};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
@@ -179,6 +179,10 @@ fn parse_prefix(text: Option<&str>) -> Option<Ipv4Cidr> {
     text.and_then(|t| t.parse().ok())
 }
 
+fn parse_ipv6_prefix(text: Option<&str>) -> Option<Ipv6Cidr> {
+    text.and_then(|t| t.parse().ok())
+}
+
 fn tags(tags: &[Tag]) -> BTreeMap<String, String> {
     tags.iter()
         .filter_map(|t| {
@@ -217,6 +221,11 @@ fn eni_from(e: &sdk::NetworkInterface) -> Eni {
             .ipv4_prefixes()
             .iter()
             .filter_map(|p| parse_prefix(p.ipv4_prefix()))
+            .collect(),
+        ipv6_prefixes: e
+            .ipv6_prefixes()
+            .iter()
+            .filter_map(|p| parse_ipv6_prefix(p.ipv6_prefix()))
             .collect(),
         security_groups: e
             .groups()
@@ -494,6 +503,36 @@ impl Ec2 for AwsEc2 {
         .map(drop)
     }
 
+    async fn assign_ipv6_prefixes(&self, eni_id: &str, count: u32) -> Result<Vec<Ipv6Cidr>> {
+        let output = self
+            .call("AssignIpv6Addresses", Category::Mutating, || {
+                self.client
+                    .assign_ipv6_addresses()
+                    .network_interface_id(eni_id)
+                    .ipv6_prefix_count(count as i32)
+                    .send()
+            })
+            .await?;
+        Ok(output
+            .assigned_ipv6_prefixes()
+            .iter()
+            .filter_map(|p| parse_ipv6_prefix(Some(p)))
+            .collect())
+    }
+
+    async fn unassign_ipv6_prefixes(&self, eni_id: &str, prefixes: &[Ipv6Cidr]) -> Result<()> {
+        let prefixes: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
+        self.call("UnassignIpv6Addresses", Category::Mutating, || {
+            self.client
+                .unassign_ipv6_addresses()
+                .network_interface_id(eni_id)
+                .set_ipv6_prefixes(Some(prefixes.clone()))
+                .send()
+        })
+        .await
+        .map(drop)
+    }
+
     async fn detach_network_interface(&self, attachment_id: &str) -> Result<()> {
         not_found_is_done(
             self.call("DetachNetworkInterface", Category::Mutating, || {
@@ -605,6 +644,14 @@ impl Ec2 for AwsEc2 {
                 id: s.subnet_id().unwrap_or_default().to_string(),
                 availability_zone: s.availability_zone().unwrap_or_default().to_string(),
                 cidr: parse_prefix(s.cidr_block()),
+                ipv6_cidr: s
+                    .ipv6_cidr_block_association_set()
+                    .iter()
+                    .filter(|a| {
+                        a.ipv6_cidr_block_state().and_then(|st| st.state())
+                            == Some(&sdk::SubnetCidrBlockStateCode::Associated)
+                    })
+                    .find_map(|a| parse_ipv6_prefix(a.ipv6_cidr_block())),
                 free_addresses: number(s.available_ip_address_count()),
                 tags: tags(s.tags()),
             })

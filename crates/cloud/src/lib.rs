@@ -13,7 +13,7 @@ pub use error::{classify, CloudError, ErrorKind};
 pub use types::*;
 
 use ipam::limits::InstanceLimits;
-use ipam::net::Ipv4Cidr;
+use ipam::net::{Ipv4Cidr, Ipv6Cidr};
 use std::future::Future;
 use std::net::Ipv4Addr;
 
@@ -68,6 +68,18 @@ pub trait Ec2: Send + Sync {
         eni_id: &str,
         ips: &[Ipv4Addr],
         prefixes: &[Ipv4Cidr],
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// AssignIpv6Addresses with Ipv6PrefixCount: `count` /80s out of the subnet's IPv6 block, the ones
+    /// EC2 picked in its reply.
+    fn assign_ipv6_prefixes(
+        &self,
+        eni_id: &str,
+        count: u32,
+    ) -> impl Future<Output = Result<Vec<Ipv6Cidr>>> + Send;
+    fn unassign_ipv6_prefixes(
+        &self,
+        eni_id: &str,
+        prefixes: &[Ipv6Cidr],
     ) -> impl Future<Output = Result<()>> + Send;
     fn detach_network_interface(
         &self,

@@ -1,4 +1,4 @@
-use ipam::net::Ipv4Cidr;
+use ipam::net::{Ipv4Cidr, Ipv6Cidr};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
@@ -26,6 +26,8 @@ pub struct Eni {
     pub primary_ip: Option<Ipv4Addr>,
     pub secondary_ips: Vec<Ipv4Addr>,
     pub prefixes: Vec<Ipv4Cidr>,
+    /// Delegated IPv6 /80s.
+    pub ipv6_prefixes: Vec<Ipv6Cidr>,
     pub security_groups: Vec<String>,
     pub tags: BTreeMap<String, String>,
     pub attachment: Option<EniAttachment>,
@@ -67,6 +69,8 @@ pub struct SubnetInfo {
     pub id: String,
     pub availability_zone: String,
     pub cidr: Option<Ipv4Cidr>,
+    /// The subnet's associated IPv6 block, if it has one.
+    pub ipv6_cidr: Option<Ipv6Cidr>,
     pub free_addresses: u32,
     pub tags: BTreeMap<String, String>,
 }

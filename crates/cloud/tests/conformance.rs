@@ -5,6 +5,7 @@
 use cloud::aws::AwsEc2;
 use cloud::throttle::Pacing;
 use cloud::{CreateEni, Ec2, EniQuery, ErrorKind};
+use ipam::net::Ipv6Cidr;
 use simvpc_http::{ServeConfig, Server};
 use std::io::Write;
 use std::net::TcpStream;
@@ -20,6 +21,8 @@ struct Target {
     subnet_id: String,
     /// Whether the far side enforces EC2's semantics (moto does not: no limits, no prefixes).
     strict: bool,
+    /// A subnet without an IPv6 block, where the far side has one.
+    ipv4_only_subnet: Option<String>,
 }
 
 fn tag(key: &str, value: &str) -> (String, String) {
@@ -132,6 +135,8 @@ async fn lifecycle(t: &Target) {
         .await
         .unwrap();
 
+    ipv6_prefixes(t, &created.id).await;
+
     if t.strict {
         assert!(attached.delete_on_termination);
         let prefixes = t.ec2.assign_prefixes(&created.id, 1).await.unwrap();
@@ -219,14 +224,123 @@ async fn lifecycle(t: &Target) {
     }
 }
 
+async fn described(t: &Target, eni_id: &str) -> Vec<Ipv6Cidr> {
+    let query = EniQuery::by_id(eni_id);
+    t.ec2.describe_network_interfaces(&query).await.unwrap()[0]
+        .ipv6_prefixes
+        .clone()
+}
+
+/// IPv6 prefix delegation on an attached ENI. moto accepts the calls but ignores Ipv6PrefixCount and
+/// Ipv6Prefix (it delegates no prefixes), so there only the request and reply shapes are checked.
+async fn ipv6_prefixes(t: &Target, eni_id: &str) {
+    let delegated = t.ec2.assign_ipv6_prefixes(eni_id, 2).await.unwrap();
+    t.ec2
+        .unassign_ipv6_prefixes(eni_id, &delegated)
+        .await
+        .unwrap();
+    if !t.strict {
+        assert!(
+            delegated.is_empty(),
+            "moto has learnt IPv6 prefixes: {delegated:?}"
+        );
+        return;
+    }
+    let subnets = t
+        .ec2
+        .describe_subnets(&[("subnet-id".into(), vec![t.subnet_id.clone()])])
+        .await
+        .unwrap();
+    let block = subnets[0]
+        .ipv6_cidr
+        .expect("the node's subnet has an IPv6 block");
+    assert_eq!(block.prefix_len(), 64);
+    assert_eq!(delegated.len(), 2);
+    assert_ne!(delegated[0], delegated[1]);
+    assert!(
+        delegated
+            .iter()
+            .all(|p| p.prefix_len() == 80 && block.contains_cidr(p)),
+        "{delegated:?} should be /80s of {block}"
+    );
+    assert_eq!(
+        described(t, eni_id).await,
+        Vec::<Ipv6Cidr>::new(),
+        "both were unassigned"
+    );
+
+    let kept = t.ec2.assign_ipv6_prefixes(eni_id, 3).await.unwrap();
+    t.ec2
+        .unassign_ipv6_prefixes(eni_id, &kept[..1])
+        .await
+        .unwrap();
+    let mut left = described(t, eni_id).await;
+    left.sort();
+    let mut expected = kept[1..].to_vec();
+    expected.sort();
+    assert_eq!(left, expected);
+    // Releasing what the ENI does not hold is refused, and releases nothing.
+    let again = t
+        .ec2
+        .unassign_ipv6_prefixes(eni_id, &[kept[0], kept[1]])
+        .await
+        .unwrap_err();
+    assert_eq!(again.kind, ErrorKind::InvalidParameter, "{again}");
+    assert_eq!(described(t, eni_id).await.len(), 2);
+    // m5.large: 10 IPv6 addresses per interface, and each /80 counts as one.
+    let over = t.ec2.assign_ipv6_prefixes(eni_id, 9).await.unwrap_err();
+    assert_eq!(over.kind, ErrorKind::AddressLimitExceeded, "{over}");
+    assert_eq!(
+        t.ec2.assign_ipv6_prefixes(eni_id, 8).await.unwrap().len(),
+        8
+    );
+    let full = t.ec2.assign_ipv6_prefixes(eni_id, 1).await.unwrap_err();
+    assert_eq!(full.kind, ErrorKind::AddressLimitExceeded, "{full}");
+    t.ec2
+        .unassign_ipv6_prefixes(eni_id, &described(t, eni_id).await)
+        .await
+        .unwrap();
+
+    let subnet = t
+        .ipv4_only_subnet
+        .as_ref()
+        .expect("strict targets have one");
+    let elsewhere = t
+        .ec2
+        .create_network_interface(&CreateEni {
+            subnet_id: subnet.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let no_block = t
+        .ec2
+        .assign_ipv6_prefixes(&elsewhere.id, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(no_block.kind, ErrorKind::InvalidParameter, "{no_block}");
+    assert!(no_block.message.contains("IPv6"), "{no_block}");
+    t.ec2.delete_network_interface(&elsewhere.id).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_against_the_simulated_vpc() {
-    let running = Server::start(&ServeConfig::example(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut config = ServeConfig::example();
+    config.subnets.push(
+        ServeConfig::parse(
+            "[vpc]\ncidr = \"10.0.0.0/16\"\n[[subnets]]\nname = \"ipv4-only\"\ncidr = \"10.0.16.0/24\"\naz = \"us-west-2a\"\n",
+        )
+        .unwrap()
+        .subnets
+        .remove(0),
+    );
+    let running = Server::start(&config, "127.0.0.1:0".parse().unwrap()).unwrap();
     let target = Target {
         ec2: AwsEc2::for_endpoint(&running.ec2_url, "us-west-2", Pacing::default()),
         instance_id: running.instances[0].instance_id.clone(),
         subnet_id: running.names.subnets["node-a"].clone(),
         strict: true,
+        ipv4_only_subnet: Some(running.names.subnets["ipv4-only"].clone()),
     };
     lifecycle(&target).await;
 }
@@ -319,6 +433,7 @@ async fn conformance_against_moto() {
         instance_id,
         subnet_id,
         strict: false,
+        ipv4_only_subnet: None,
     };
     lifecycle(&target).await;
 }

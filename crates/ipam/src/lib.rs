@@ -13,7 +13,7 @@ pub mod subnets;
 pub mod time;
 
 pub use config::Config;
-pub use net::Ipv4Cidr;
+pub use net::{Ipv4Cidr, Ipv6Cidr};
 pub use policy::{
     decide, Action, AddressKind, Decision, Demand, PoolSettings, Stall, SubnetTarget,
 };

@@ -1,6 +1,6 @@
 //! What `vpcctl simvpc serve` builds: the VPC, its subnets and the instances, and how EC2 behaves.
 
-use ipam::net::Ipv4Cidr;
+use ipam::net::{Ipv4Cidr, Ipv6Cidr};
 use serde::Deserialize;
 use simvpc::{Category, SimConfig, SimVpc};
 use std::collections::BTreeMap;
@@ -23,6 +23,9 @@ pub struct VpcConfig {
     pub cidr: Ipv4Cidr,
     #[serde(default)]
     pub secondary_cidrs: Vec<Ipv4Cidr>,
+    /// The VPC's IPv6 blocks (EC2 gives a VPC a /56); subnets take their /64 from one of them.
+    #[serde(default)]
+    pub ipv6_cidrs: Vec<Ipv6Cidr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -37,6 +40,8 @@ pub struct SubnetConfig {
     /// Subnet CIDR reservations of type prefix.
     #[serde(default)]
     pub prefix_reservations: Vec<Ipv4Cidr>,
+    /// The subnet's IPv6 /64, out of the VPC's `ipv6_cidrs`; ENIs in it can be delegated /80s.
+    pub ipv6_cidr: Option<Ipv6Cidr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -95,12 +100,14 @@ impl ServeConfig {
             r#"
 [vpc]
 cidr = "10.0.0.0/16"
+ipv6_cidrs = ["2600:1f14:abc:de00::/56"]
 
 [[subnets]]
 name = "node-a"
 cidr = "10.0.0.0/20"
 az = "us-west-2a"
 tags = { "kubernetes.io/role/cni" = "1" }
+ipv6_cidr = "2600:1f14:abc:de00::/64"
 
 [[instances]]
 name = "node-1"
@@ -126,6 +133,9 @@ security_groups = ["sg-0000000000000001"]
         for cidr in &self.vpc.secondary_cidrs {
             vpc.add_cidr(*cidr);
         }
+        for cidr in &self.vpc.ipv6_cidrs {
+            vpc.add_ipv6_cidr(*cidr);
+        }
         let mut names = Names::default();
         for subnet in &self.subnets {
             let tags: Vec<(&str, &str)> = subnet
@@ -136,6 +146,10 @@ security_groups = ["sg-0000000000000001"]
             let id = vpc
                 .add_subnet(subnet.cidr, &subnet.az, &tags)
                 .map_err(|e| format!("subnet {}: {e}", subnet.name))?;
+            if let Some(block) = subnet.ipv6_cidr {
+                vpc.associate_subnet_ipv6(&id, block)
+                    .map_err(|e| format!("subnet {}: {e}", subnet.name))?;
+            }
             for reservation in &subnet.prefix_reservations {
                 vpc.reserve_for_prefixes(&id, *reservation)
                     .map_err(|e| format!("subnet {}: {e}", subnet.name))?;
@@ -198,5 +212,35 @@ mod tests {
         .err()
         .unwrap();
         assert!(bad_type.contains("m5.huge"), "{bad_type}");
+    }
+
+    #[test]
+    fn an_ipv6_block_must_be_a_64_of_the_vpc_and_not_shared() {
+        let build = |vpc_v6: &str, a: &str, b: &str| {
+            ServeConfig::parse(&format!(
+                "[vpc]\ncidr = \"10.0.0.0/16\"\nipv6_cidrs = [{vpc_v6}]\n\
+                 [[subnets]]\nname = \"a\"\ncidr = \"10.0.0.0/24\"\naz = \"z\"\nipv6_cidr = \"{a}\"\n\
+                 [[subnets]]\nname = \"b\"\ncidr = \"10.0.1.0/24\"\naz = \"z\"\nipv6_cidr = \"{b}\"\n"
+            ))
+            .unwrap()
+            .build()
+            .map(|(vpc, names)| vpc.subnet(&names.subnets["b"]).unwrap().ipv6_cidr)
+        };
+        let vpc = "\"2600:1f14:1:100::/56\"";
+        assert_eq!(
+            build(vpc, "2600:1f14:1:100::/64", "2600:1f14:1:1ff::/64").unwrap(),
+            Some("2600:1f14:1:1ff::/64".parse().unwrap())
+        );
+        let outside = build(vpc, "2600:1f14:1:100::/64", "2600:1f14:1:200::/64").unwrap_err();
+        assert!(
+            outside.contains("subnet b") && outside.contains("outside"),
+            "{outside}"
+        );
+        let shared = build(vpc, "2600:1f14:1:100::/64", "2600:1f14:1:100::/64").unwrap_err();
+        assert!(shared.contains("overlaps"), "{shared}");
+        let too_big = build(vpc, "2600:1f14:1:100::/64", "2600:1f14:1:100::/60").unwrap_err();
+        assert!(too_big.contains("/64"), "{too_big}");
+        let no_vpc_block = build("", "2600:1f14:1:100::/64", "2600:1f14:1:101::/64").unwrap_err();
+        assert!(no_vpc_block.contains("subnet a"), "{no_vpc_block}");
     }
 }

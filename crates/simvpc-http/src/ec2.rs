@@ -2,7 +2,7 @@
 
 use crate::query::Params;
 use crate::xml::Xml;
-use ipam::net::Ipv4Cidr;
+use ipam::net::{Ipv4Cidr, Ipv6Cidr};
 use ipam::time::Time;
 use simvpc::{codes, CreateEniRequest, Ec2Error, NetworkInterface, SimVpc, Subnet};
 use std::net::Ipv4Addr;
@@ -159,6 +159,46 @@ fn run(vpc: &mut SimVpc, now: Time, action: &str, p: &Params) -> Result<Outcome,
                 |(), x| returned_true(x),
             )
         }
+        "AssignIpv6Addresses" => {
+            if p.number("Ipv6AddressCount")?.is_some() || !p.list("Ipv6Addresses").is_empty() {
+                return Err(invalid(
+                    "simvpc delegates IPv6 as /80 prefixes (Ipv6PrefixCount), not single addresses",
+                ));
+            }
+            if !p.list("Ipv6Prefix").is_empty() {
+                return Err(invalid(
+                    "simvpc assigns IPv6 prefixes by count (Ipv6PrefixCount), not by name",
+                ));
+            }
+            let eni = p.required("NetworkInterfaceId")?.to_string();
+            let count = p.number("Ipv6PrefixCount")?.unwrap_or(0);
+            map(vpc.assign_ipv6_prefixes(now, &eni, count), |prefixes, x| {
+                x.leaf("networkInterfaceId", &eni)
+                    .strings("assignedIpv6Addresses", std::iter::empty::<&str>())
+                    .strings("assignedIpv6PrefixSet", prefixes);
+            })
+        }
+        "UnassignIpv6Addresses" => {
+            if !p.list("Ipv6Addresses").is_empty() {
+                return Err(invalid(
+                    "simvpc delegates IPv6 as /80 prefixes: unassign them with Ipv6Prefix",
+                ));
+            }
+            let eni = p.required("NetworkInterfaceId")?.to_string();
+            let prefixes = p
+                .list("Ipv6Prefix")
+                .iter()
+                .map(|cidr| {
+                    cidr.parse::<Ipv6Cidr>()
+                        .map_err(|_| invalid(format!("Invalid IPv6 prefix: {cidr}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            map(vpc.unassign_ipv6_prefixes(now, &eni, &prefixes), |(), x| {
+                x.leaf("networkInterfaceId", &eni)
+                    .strings("unassignedIpv6Addresses", std::iter::empty::<&str>())
+                    .strings("unassignedIpv6PrefixSet", &prefixes);
+            })
+        }
         "CreateTags" => {
             let tags = p.tags("Tag");
             let resources = p.list("ResourceId");
@@ -263,7 +303,28 @@ fn run(vpc: &mut SimVpc, now: Time, action: &str, p: &Params) -> Result<Outcome,
                             .leaf("cidrBlock", cidr)
                             .leaf("availableIpAddressCount", free)
                             .leaf("availabilityZone", &subnet.az)
-                            .leaf("ownerId", OWNER_ID);
+                            .leaf("ownerId", OWNER_ID)
+                            .leaf("assignIpv6AddressOnCreation", "false")
+                            .items(
+                                "ipv6CidrBlockAssociationSet",
+                                subnet.ipv6_cidr,
+                                |x, block| {
+                                    x.leaf(
+                                        "associationId",
+                                        format!(
+                                            "subnet-cidr-assoc-{}",
+                                            subnet.id.trim_start_matches("subnet-")
+                                        ),
+                                    )
+                                    .leaf("ipv6CidrBlock", block)
+                                    .node(
+                                        "ipv6CidrBlockState",
+                                        |x| {
+                                            x.leaf("state", "associated");
+                                        },
+                                    );
+                                },
+                            );
                         tag_set(x, subnet.tags.iter());
                     });
                 },
@@ -381,6 +442,9 @@ fn interface(x: &mut Xml, eni: &NetworkInterface) {
     })
     .items("ipv4PrefixSet", &eni.prefixes, |x, prefix| {
         x.leaf("ipv4Prefix", prefix);
+    })
+    .items("ipv6PrefixSet", &eni.ipv6_prefixes, |x, prefix| {
+        x.leaf("ipv6Prefix", prefix);
     });
 }
 

@@ -100,8 +100,30 @@ pub fn metadata(vpc: &SimVpc, instance_id: &str, path: &str) -> Answer {
                 return Answer::Status(404, "no interface with that MAC");
             };
             let attachment = eni.attachment.as_ref().expect("filtered on attachment");
+            let subnet_ipv6 = vpc.subnet(&eni.subnet_id).and_then(|s| s.ipv6_cidr);
+            let join = |items: Vec<String>| items.join("\n");
             match key {
-                "" => "device-number\ninterface-id\nipv4-prefix\nlocal-ipv4s\nmac\nnetwork-card\nsecurity-group-ids\nsubnet-id\nsubnet-ipv4-cidr-block\nvpc-id\nvpc-ipv4-cidr-blocks".into(),
+                "" => {
+                    let mut keys = vec![
+                        "device-number", "interface-id", "ipv4-prefix", "local-ipv4s", "mac",
+                        "network-card", "security-group-ids", "subnet-id", "subnet-ipv4-cidr-block",
+                        "vpc-id", "vpc-ipv4-cidr-blocks",
+                    ];
+                    if subnet_ipv6.is_some() {
+                        keys.extend(["ipv6-prefix", "subnet-ipv6-cidr-blocks", "vpc-ipv6-cidr-blocks"]);
+                        keys.sort_unstable();
+                    }
+                    keys.join("\n")
+                }
+                "ipv6-prefix" if subnet_ipv6.is_some() => {
+                    join(eni.ipv6_prefixes.iter().map(|p| p.to_string()).collect())
+                }
+                "subnet-ipv6-cidr-blocks" if subnet_ipv6.is_some() => {
+                    join(subnet_ipv6.iter().map(|c| c.to_string()).collect())
+                }
+                "vpc-ipv6-cidr-blocks" if subnet_ipv6.is_some() => {
+                    join(vpc.ipv6_cidrs.iter().map(|c| c.to_string()).collect())
+                }
                 "device-number" => attachment.device_index.to_string(),
                 "network-card" => attachment.network_card_index.to_string(),
                 "interface-id" => eni.id.clone(),

@@ -41,6 +41,19 @@ impl Xml {
         })
     }
 
+    /// `<name><item>text</item>...</name>`, EC2's list of plain strings.
+    pub fn strings(
+        &mut self,
+        name: &str,
+        items: impl IntoIterator<Item = impl std::fmt::Display>,
+    ) -> &mut Self {
+        self.node(name, |x| {
+            for item in items {
+                x.leaf("item", item);
+            }
+        })
+    }
+
     /// The whole reply document for `action`, with a request id.
     pub fn response(action: &str, request_id: &str, body: Xml) -> String {
         format!(

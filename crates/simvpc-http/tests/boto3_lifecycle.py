@@ -3,6 +3,7 @@ EC2's Query protocol as AWS's own SDK expects it, not just as our client does.
 
 Usage: boto3_lifecycle.py <endpoint> <instance-id> <subnet-id>
 """
+import ipaddress
 import sys
 import time
 
@@ -82,6 +83,25 @@ pages = list(ec2.get_paginator("describe_network_interfaces").paginate(Paginatio
 assert sum(len(p["NetworkInterfaces"]) for p in pages) == 2, pages
 
 ec2.unassign_private_ip_addresses(NetworkInterfaceId=eni_id, PrivateIpAddresses=new_ips)
+
+# IPv6 prefix delegation: /80s out of the subnet's /64.
+block = subnets[0]["Ipv6CidrBlockAssociationSet"][0]
+assert block["Ipv6CidrBlockState"]["State"] == "associated", block
+block = ipaddress.ip_network(block["Ipv6CidrBlock"])
+delegated = ec2.assign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6PrefixCount=2)["AssignedIpv6Prefixes"]
+assert len(set(delegated)) == 2, delegated
+assert all(ipaddress.ip_network(p).prefixlen == 80 and ipaddress.ip_network(p).subnet_of(block) for p in delegated)
+listed = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni_id])["NetworkInterfaces"][0]["Ipv6Prefixes"]
+assert sorted(p["Ipv6Prefix"] for p in listed) == sorted(delegated), listed
+released = ec2.unassign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6Prefixes=delegated[:1])
+assert released["UnassignedIpv6Prefixes"] == delegated[:1], released
+assert error_code(
+    ec2.unassign_ipv6_addresses, NetworkInterfaceId=eni_id, Ipv6Prefixes=delegated[:1]
+) == "InvalidParameterValue"
+assert error_code(
+    ec2.assign_ipv6_addresses, NetworkInterfaceId=eni_id, Ipv6PrefixCount=10
+) == "PrivateIpAddressLimitExceeded"
+
 assert error_code(ec2.delete_network_interface, NetworkInterfaceId=eni_id) == "InvalidNetworkInterface.InUse"
 ec2.detach_network_interface(AttachmentId=attachment_id)
 deadline = time.time() + 10

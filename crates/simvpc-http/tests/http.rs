@@ -189,4 +189,37 @@ fn imds_v2_needs_a_token_and_shows_each_interface() {
     );
     let local = get("/latest/meta-data/local-ipv4");
     assert!(local.starts_with("10.0."), "{local}");
+    let interface = |key: &str| {
+        get(&format!(
+            "/latest/meta-data/network/interfaces/macs/{mac}/{key}"
+        ))
+    };
+    assert_eq!(
+        interface("subnet-ipv6-cidr-blocks"),
+        "2600:1f14:abc:de00::/64"
+    );
+    assert_eq!(interface("vpc-ipv6-cidr-blocks"), "2600:1f14:abc:de00::/56");
+    assert_eq!(interface("ipv6-prefix"), "", "nothing delegated yet");
+    assert!(interface("").lines().any(|k| k == "ipv6-prefix"));
+    // A /80 delegated through EC2 shows in the metadata at once.
+    let (status, _, body) = http(
+        &running.ec2_url,
+        "POST",
+        "/",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        &format!(
+            "Action=AssignIpv6Addresses&NetworkInterfaceId={}&Ipv6PrefixCount=1",
+            interface("interface-id")
+        ),
+    );
+    assert_eq!(status, 200, "{body}");
+    let delegated = interface("ipv6-prefix");
+    assert!(
+        delegated.starts_with("2600:1f14:abc:de00:") && delegated.ends_with("/80"),
+        "{delegated}"
+    );
+    assert!(
+        body.contains(&format!("<item>{delegated}</item>")),
+        "{body}"
+    );
 }

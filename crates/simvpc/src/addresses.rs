@@ -1,4 +1,4 @@
-use ipam::Ipv4Cidr;
+use ipam::{Ipv4Cidr, Ipv6Cidr};
 use rand::Rng;
 use std::net::Ipv4Addr;
 
@@ -11,7 +11,22 @@ pub struct SubnetAddresses {
     used: Vec<u64>,
     free: u32,
     prefix_reservations: Vec<Ipv4Cidr>,
+    ipv6: Option<Ipv6Prefixes>,
 }
+
+/// The /80 prefixes of a subnet's IPv6 /64 that are delegated to ENIs, one bit each: EC2 picks them
+/// anywhere in the /64.
+#[derive(Clone, Debug)]
+struct Ipv6Prefixes {
+    cidr: Ipv6Cidr,
+    taken: Vec<u64>,
+    free: u32,
+}
+
+/// A subnet's IPv6 block: EC2 gives each subnet a /64.
+pub const IPV6_SUBNET_LEN: u8 = 64;
+/// EC2 delegates IPv6 to ENIs in /80s.
+pub const IPV6_PREFIX_LEN: u8 = 80;
 
 impl SubnetAddresses {
     pub fn new(cidr: Ipv4Cidr) -> SubnetAddresses {
@@ -21,6 +36,7 @@ impl SubnetAddresses {
             used: vec![0; size.div_ceil(64)],
             free: size as u32,
             prefix_reservations: vec![],
+            ipv6: None,
         };
         for off in [0, 1, 2, 3, size - 1] {
             s.set(off, true);
@@ -155,6 +171,70 @@ impl SubnetAddresses {
         }
     }
 
+    /// Associates the subnet's IPv6 block, a /64.
+    pub fn set_ipv6(&mut self, cidr: Ipv6Cidr) {
+        assert_eq!(
+            cidr.prefix_len(),
+            IPV6_SUBNET_LEN,
+            "a subnet's IPv6 block is a /64"
+        );
+        let count = 1usize << (IPV6_PREFIX_LEN - IPV6_SUBNET_LEN);
+        self.ipv6 = Some(Ipv6Prefixes {
+            cidr,
+            taken: vec![0; count / 64],
+            free: count as u32,
+        });
+    }
+
+    pub fn ipv6_cidr(&self) -> Option<Ipv6Cidr> {
+        self.ipv6.as_ref().map(|v6| v6.cidr)
+    }
+
+    /// Takes `n` free /80s of the subnet's IPv6 block at random places; all or nothing, and nothing
+    /// when the subnet has no IPv6 block.
+    pub fn take_ipv6_prefixes(&mut self, n: u32, rng: &mut impl Rng) -> Option<Vec<Ipv6Cidr>> {
+        let v6 = self.ipv6.as_mut()?;
+        if v6.free < n {
+            return None;
+        }
+        let words = v6.taken.len();
+        let mut out = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let start = rng.gen_range(0..words);
+            let word = (0..words)
+                .map(|i| (start + i) % words)
+                .find(|&w| v6.taken[w] != u64::MAX)
+                .expect("counted above");
+            let bit = v6.taken[word].trailing_ones() as usize;
+            v6.taken[word] |= 1 << bit;
+            v6.free -= 1;
+            let index = (word * 64 + bit) as u128;
+            out.push(v6.cidr.subnet(IPV6_PREFIX_LEN, index).expect("in range"));
+        }
+        Some(out)
+    }
+
+    pub fn release_ipv6_prefix(&mut self, prefix: Ipv6Cidr) {
+        let Some(v6) = self.ipv6.as_mut() else {
+            return;
+        };
+        if prefix.prefix_len() != IPV6_PREFIX_LEN {
+            return;
+        }
+        if let Some(i) = v6.cidr.subnet_index(&prefix) {
+            let (word, bit) = (i as usize / 64, i as usize % 64);
+            if v6.taken[word] & (1 << bit) != 0 {
+                v6.taken[word] &= !(1 << bit);
+                v6.free += 1;
+            }
+        }
+    }
+
+    /// /80s not delegated to any ENI, if the subnet has an IPv6 block.
+    pub fn free_ipv6_prefixes(&self) -> Option<u32> {
+        self.ipv6.as_ref().map(|v6| v6.free)
+    }
+
     /// Aligned /28s that are wholly free.
     pub fn free_prefixes(&self) -> u32 {
         (0..(self.cidr.size() / 16) as usize)
@@ -167,6 +247,7 @@ impl SubnetAddresses {
 mod tests {
     use super::*;
     use rand::{rngs::SmallRng, SeedableRng};
+    use std::collections::HashSet;
 
     #[test]
     fn reserves_first_four_and_last() {
@@ -215,5 +296,40 @@ mod tests {
         assert!(ips
             .iter()
             .all(|ip| !"10.0.0.128/27".parse::<Ipv4Cidr>().unwrap().contains(*ip)));
+    }
+
+    #[test]
+    fn ipv6_prefixes_are_distinct_80s_of_the_subnet_and_come_back() {
+        let mut s = SubnetAddresses::new("10.0.0.0/28".parse().unwrap());
+        let mut rng = SmallRng::seed_from_u64(7);
+        assert_eq!(s.take_ipv6_prefixes(1, &mut rng), None, "no IPv6 block yet");
+        let block: Ipv6Cidr = "2600:1f14:1:200::/64".parse().unwrap();
+        s.set_ipv6(block);
+        let taken = s.take_ipv6_prefixes(100, &mut rng).unwrap();
+        let distinct: HashSet<_> = taken.iter().collect();
+        assert_eq!(distinct.len(), 100);
+        assert!(taken
+            .iter()
+            .all(|p| p.prefix_len() == 80 && block.contains_cidr(p)));
+        assert_eq!(s.free_ipv6_prefixes(), Some(65536 - 100));
+        for p in &taken {
+            s.release_ipv6_prefix(*p);
+        }
+        assert_eq!(s.free_ipv6_prefixes(), Some(65536));
+        // IPv4 exhaustion has nothing to do with IPv6.
+        assert_eq!(s.take_ips(11, &mut rng).map(|v| v.len()), Some(11));
+        assert!(s.take_ipv6_prefixes(1, &mut rng).is_some());
+    }
+
+    #[test]
+    fn an_exhausted_ipv6_block_refuses_all_or_nothing() {
+        let mut s = SubnetAddresses::new("10.0.0.0/28".parse().unwrap());
+        let mut rng = SmallRng::seed_from_u64(1);
+        s.set_ipv6("2600:1f14:1:200::/64".parse().unwrap());
+        assert!(s.take_ipv6_prefixes(65530, &mut rng).is_some());
+        assert_eq!(s.take_ipv6_prefixes(7, &mut rng), None);
+        assert_eq!(s.free_ipv6_prefixes(), Some(6));
+        assert_eq!(s.take_ipv6_prefixes(6, &mut rng).map(|v| v.len()), Some(6));
+        assert_eq!(s.free_ipv6_prefixes(), Some(0));
     }
 }

@@ -1,7 +1,7 @@
-use crate::addresses::SubnetAddresses;
+use crate::addresses::{SubnetAddresses, IPV6_SUBNET_LEN};
 use crate::throttle::{Category, TokenBucket};
 use ipam::limits::{self, InstanceLimits};
-use ipam::{Ipv4Cidr, Time};
+use ipam::{Ipv4Cidr, Ipv6Cidr, Time};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
@@ -64,11 +64,13 @@ pub enum Op {
     ModifyNetworkInterfaceAttribute,
     AssignPrivateIpAddresses,
     UnassignPrivateIpAddresses,
+    AssignIpv6Addresses,
+    UnassignIpv6Addresses,
     CreateTags,
 }
 
 impl Op {
-    pub const ALL: [Op; 11] = [
+    pub const ALL: [Op; 13] = [
         Op::DescribeInstances,
         Op::DescribeNetworkInterfaces,
         Op::DescribeSubnets,
@@ -79,6 +81,8 @@ impl Op {
         Op::ModifyNetworkInterfaceAttribute,
         Op::AssignPrivateIpAddresses,
         Op::UnassignPrivateIpAddresses,
+        Op::AssignIpv6Addresses,
+        Op::UnassignIpv6Addresses,
         Op::CreateTags,
     ];
 
@@ -103,6 +107,8 @@ impl Op {
             Op::ModifyNetworkInterfaceAttribute => "ModifyNetworkInterfaceAttribute",
             Op::AssignPrivateIpAddresses => "AssignPrivateIpAddresses",
             Op::UnassignPrivateIpAddresses => "UnassignPrivateIpAddresses",
+            Op::AssignIpv6Addresses => "AssignIpv6Addresses",
+            Op::UnassignIpv6Addresses => "UnassignIpv6Addresses",
             Op::CreateTags => "CreateTags",
         }
     }
@@ -156,6 +162,8 @@ pub struct Subnet {
     pub id: String,
     pub az: String,
     pub tags: BTreeMap<String, String>,
+    /// The /64 associated with the subnet, out of one of the VPC's IPv6 blocks.
+    pub ipv6_cidr: Option<Ipv6Cidr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,6 +198,9 @@ pub struct NetworkInterface {
     pub primary_ip: Ipv4Addr,
     pub secondary_ips: Vec<Ipv4Addr>,
     pub prefixes: Vec<Ipv4Cidr>,
+    /// Delegated /80s. They count against the instance type's IPv6 addresses per interface, not
+    /// against its IPv4 slots.
+    pub ipv6_prefixes: Vec<Ipv6Cidr>,
     pub attachment: Option<Attachment>,
 }
 
@@ -252,6 +263,8 @@ pub struct CallCount {
 pub struct SimVpc {
     pub vpc_id: String,
     pub cidrs: Vec<Ipv4Cidr>,
+    /// The VPC's IPv6 blocks (Amazon-provided ones are /56s); none unless set up.
+    pub ipv6_cidrs: Vec<Ipv6Cidr>,
     subnets: BTreeMap<String, (Subnet, SubnetAddresses)>,
     enis: BTreeMap<String, NetworkInterface>,
     instances: BTreeMap<String, Instance>,
@@ -291,6 +304,7 @@ impl SimVpc {
         SimVpc {
             vpc_id: "vpc-00000001".into(),
             cidrs: vec![cidr],
+            ipv6_cidrs: Vec::new(),
             subnets: BTreeMap::new(),
             enis: BTreeMap::new(),
             instances: BTreeMap::new(),
@@ -345,6 +359,7 @@ impl SimVpc {
                     id: id.clone(),
                     az: az.into(),
                     tags,
+                    ipv6_cidr: None,
                 },
                 SubnetAddresses::new(cidr),
             ),
@@ -354,6 +369,37 @@ impl SimVpc {
 
     pub fn add_cidr(&mut self, cidr: Ipv4Cidr) {
         self.cidrs.push(cidr);
+    }
+
+    pub fn add_ipv6_cidr(&mut self, cidr: Ipv6Cidr) {
+        self.ipv6_cidrs.push(cidr);
+    }
+
+    /// Associates a /64 out of the VPC's IPv6 blocks with a subnet.
+    pub fn associate_subnet_ipv6(&mut self, subnet_id: &str, cidr: Ipv6Cidr) -> Result<(), String> {
+        if cidr.prefix_len() != IPV6_SUBNET_LEN {
+            return Err(format!("{cidr}: a subnet's IPv6 block is a /64"));
+        }
+        if !self.ipv6_cidrs.iter().any(|v| v.contains_cidr(&cidr)) {
+            return Err(format!("{cidr} is outside the VPC's IPv6 CIDRs"));
+        }
+        if let Some((s, _)) = self
+            .subnets
+            .values()
+            .find(|(s, _)| s.ipv6_cidr.is_some_and(|c| c.overlaps(&cidr)))
+        {
+            return Err(format!("{cidr} overlaps {}", s.id));
+        }
+        let (subnet, addrs) = self
+            .subnets
+            .get_mut(subnet_id)
+            .ok_or_else(|| format!("no subnet {subnet_id}"))?;
+        if let Some(had) = subnet.ipv6_cidr {
+            return Err(format!("{subnet_id} already has {had}"));
+        }
+        subnet.ipv6_cidr = Some(cidr);
+        addrs.set_ipv6(cidr);
+        Ok(())
     }
 
     /// A subnet CIDR reservation of type prefix.
@@ -475,6 +521,7 @@ impl SimVpc {
             primary_ip,
             secondary_ips: vec![],
             prefixes: vec![],
+            ipv6_prefixes: vec![],
             attachment: None,
         }
     }
@@ -492,6 +539,9 @@ impl SimVpc {
             for p in eni.prefixes {
                 addrs.release_prefix(p);
             }
+            for p in eni.ipv6_prefixes {
+                addrs.release_ipv6_prefix(p);
+            }
         }
     }
 
@@ -499,6 +549,10 @@ impl SimVpc {
 
     pub fn instance(&self, id: &str) -> Option<&Instance> {
         self.instances.get(id)
+    }
+
+    pub fn subnet(&self, id: &str) -> Option<&Subnet> {
+        self.subnets.get(id).map(|(s, _)| s)
     }
 
     pub fn interfaces(&self) -> impl Iterator<Item = &NetworkInterface> {
@@ -509,6 +563,13 @@ impl SimVpc {
         self.subnets
             .get(subnet_id)
             .map(|(_, a)| (a.free(), a.free_prefixes()))
+    }
+
+    /// Free /80s of a subnet's IPv6 block; `None` for an unknown subnet or one without IPv6.
+    pub fn subnet_free_ipv6_prefixes(&self, subnet_id: &str) -> Option<u32> {
+        self.subnets
+            .get(subnet_id)
+            .and_then(|(_, a)| a.free_ipv6_prefixes())
     }
 
     /// Settles detachments that have finished by `now`.
@@ -619,12 +680,22 @@ impl SimVpc {
         })
     }
 
-    /// The most address slots an ENI may hold: the attached instance's limit, or the largest of any type.
-    fn slot_limit(&self, eni: &NetworkInterface) -> u32 {
+    /// The attached instance's limits, if the ENI is attached.
+    fn attached_limits(&self, eni: &NetworkInterface) -> Option<&InstanceLimits> {
         eni.attachment
             .as_ref()
             .and_then(|a| self.instances.get(&a.instance_id))
-            .map_or(50, |i| i.limits.ipv4_per_eni)
+            .map(|i| &i.limits)
+    }
+
+    /// The most address slots an ENI may hold: the attached instance's limit, or the largest of any type.
+    fn slot_limit(&self, eni: &NetworkInterface) -> u32 {
+        self.attached_limits(eni).map_or(50, |l| l.ipv4_per_eni)
+    }
+
+    /// The most IPv6 addresses and prefixes an ENI may hold, on the same terms.
+    fn ipv6_limit(&self, eni: &NetworkInterface) -> u32 {
+        self.attached_limits(eni).map_or(50, |l| l.ipv6_per_eni)
     }
 
     // ---- the EC2 API ----
@@ -738,7 +809,7 @@ impl SimVpc {
                     format!("Interface count {} exceeds the limit for {}", card_max + 1, inst.instance_type),
                 ));
             }
-            if eni.slots() > inst.limits.ipv4_per_eni {
+            if eni.slots() > inst.limits.ipv4_per_eni || eni.ipv6_prefixes.len() as u32 > inst.limits.ipv6_per_eni {
                 return Err(Ec2Error::new(codes::ADDRESS_LIMIT, "the interface has more addresses than the instance type allows"));
             }
             let id = vpc.id("eni-attach");
@@ -889,6 +960,85 @@ impl SimVpc {
             }
             for p in prefixes {
                 addrs.release_prefix(*p);
+            }
+            Ok(())
+        })
+    }
+
+    /// AssignIpv6Addresses with Ipv6PrefixCount: /80s out of the ENI's subnet's IPv6 block.
+    pub fn assign_ipv6_prefixes(
+        &mut self,
+        now: Time,
+        eni_id: &str,
+        count: u32,
+    ) -> Reply<Vec<Ipv6Cidr>> {
+        self.call(Op::AssignIpv6Addresses, now, |vpc| {
+            if count == 0 {
+                return Err(Ec2Error::new(
+                    codes::INVALID_PARAMETER,
+                    "Ipv6PrefixCount must be at least 1",
+                ));
+            }
+            let eni = vpc.enis.get(eni_id).ok_or_else(|| {
+                Ec2Error::new(
+                    codes::ENI_NOT_FOUND,
+                    format!("The networkInterface ID '{eni_id}' does not exist"),
+                )
+            })?;
+            // EC2 does not document its code for this case; the IPv4 one makes the engine react the
+            // same way (resync the ENI from EC2).
+            if eni.ipv6_prefixes.len() as u32 + count > vpc.ipv6_limit(eni) {
+                return Err(Ec2Error::new(
+                    codes::ADDRESS_LIMIT,
+                    "Number of IPv6 addresses and prefixes will exceed limit.",
+                ));
+            }
+            let subnet = eni.subnet_id.clone();
+            let (_, addrs) = vpc.subnets.get_mut(&subnet).expect("known subnet");
+            if addrs.ipv6_cidr().is_none() {
+                return Err(Ec2Error::new(
+                    codes::INVALID_PARAMETER,
+                    format!("The subnet '{subnet}' has no IPv6 CIDR block"),
+                ));
+            }
+            let prefixes = addrs
+                .take_ipv6_prefixes(count, &mut vpc.rng)
+                .ok_or_else(|| {
+                    Ec2Error::new(
+                        codes::INSUFFICIENT_CIDR,
+                        "There are not enough free cidr blocks in the specified subnet",
+                    )
+                })?;
+            vpc.enis
+                .get_mut(eni_id)
+                .expect("checked")
+                .ipv6_prefixes
+                .extend(&prefixes);
+            Ok(prefixes)
+        })
+    }
+
+    /// UnassignIpv6Addresses with Ipv6Prefixes; a prefix the ENI does not hold is an error and nothing
+    /// is released.
+    pub fn unassign_ipv6_prefixes(
+        &mut self,
+        now: Time,
+        eni_id: &str,
+        prefixes: &[Ipv6Cidr],
+    ) -> Reply<()> {
+        self.call(Op::UnassignIpv6Addresses, now, |vpc| {
+            let eni = vpc.eni_mut(eni_id)?;
+            if let Some(p) = prefixes.iter().find(|p| !eni.ipv6_prefixes.contains(p)) {
+                return Err(Ec2Error::new(
+                    codes::INVALID_PARAMETER,
+                    format!("Prefix {p} is not assigned to interface {eni_id}"),
+                ));
+            }
+            eni.ipv6_prefixes.retain(|p| !prefixes.contains(p));
+            let subnet = eni.subnet_id.clone();
+            let (_, addrs) = vpc.subnets.get_mut(&subnet).expect("known subnet");
+            for p in prefixes {
+                addrs.release_ipv6_prefix(*p);
             }
             Ok(())
         })

@@ -224,6 +224,7 @@ impl Testbed {
             az: AZ.into(),
             tags: BTreeMap::from([("kubernetes.io/role/cni".into(), "1".into())]),
             prefix_reservations: Vec::new(),
+            ipv6_cidr: None,
         }];
         if options.custom_networking {
             subnets.push(SubnetConfig {
@@ -232,6 +233,7 @@ impl Testbed {
                 az: AZ.into(),
                 tags: BTreeMap::new(),
                 prefix_reservations: Vec::new(),
+                ipv6_cidr: None,
             });
         }
         let config = ServeConfig {
@@ -242,6 +244,7 @@ impl Testbed {
                 } else {
                     Vec::new()
                 },
+                ipv6_cidrs: Vec::new(),
             },
             subnets,
             instances: (1..=options.nodes)
