@@ -565,13 +565,6 @@ impl SimVpc {
             .map(|(_, a)| (a.free(), a.free_prefixes()))
     }
 
-    /// Free /80s of a subnet's IPv6 block; `None` for an unknown subnet or one without IPv6.
-    pub fn subnet_free_ipv6_prefixes(&self, subnet_id: &str) -> Option<u32> {
-        self.subnets
-            .get(subnet_id)
-            .and_then(|(_, a)| a.free_ipv6_prefixes())
-    }
-
     /// Settles detachments that have finished by `now`.
     fn settle(&mut self, now: Time) {
         if !self.detaching.iter().any(|(t, _)| *t <= now) {
