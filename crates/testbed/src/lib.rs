@@ -5,6 +5,7 @@
 
 pub mod demo;
 pub mod fabric;
+pub mod kube_api;
 pub mod netns;
 pub mod probe;
 
