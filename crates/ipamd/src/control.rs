@@ -9,10 +9,10 @@ use crate::log;
 use crate::metrics::{Metrics, PoolGauges};
 use crate::store::Store;
 use cloud::ErrorKind as CloudErrorKind;
-use ipam::pool::{Assignment, Outcome};
+use ipam::pool::{Assignment, EniConfigSpec, Outcome};
 use ipam::{decide, Action, Demand, IpamKey, PodMeta, Pool, PoolSettings, Stall, Time};
 use proto::{Allocation, Attachment, DelReason, ErrorKind, Reply, Request};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
@@ -37,6 +37,13 @@ pub enum Event {
         report: Report,
     },
     Inspect(Inspector),
+    /// Custom networking's ENIConfig, from the Node and the ENIConfig objects (or the file).
+    EniConfig {
+        source: String,
+        spec: Result<EniConfigSpec, String>,
+    },
+    /// Every pod the API server has on this node, sent on each change and periodically.
+    PodsOnNode(HashSet<k8s::PodRef>),
     /// `immediate`: a second signal, stop as soon as EC2 calls in flight are done.
     Stop {
         immediate: bool,
@@ -106,6 +113,11 @@ pub struct Control {
     stalls: Vec<Stall>,
     started: Instant,
     actions_in_flight: usize,
+    reporter: k8s::Reporter,
+    eni_config_source: Option<String>,
+    /// Assignments whose pod the API server did not list, since when.
+    absent_since: HashMap<IpamKey, Time>,
+    vanished_pod_grace: Duration,
 }
 
 impl Control {
@@ -138,7 +150,27 @@ impl Control {
             stalls: Vec::new(),
             started,
             actions_in_flight: 0,
+            reporter: k8s::Reporter::disabled(),
+            eni_config_source: None,
+            absent_since: HashMap::new(),
+            vanished_pod_grace: Duration::from_secs(60),
         }
+    }
+
+    /// In a cluster: Warning Events go through `reporter`, and the address of a pod the API server
+    /// has not listed for `vanished_pod_grace` is released.
+    pub fn in_cluster(mut self, reporter: k8s::Reporter, vanished_pod_grace: Duration) -> Control {
+        self.reporter = reporter;
+        self.vanished_pod_grace = vanished_pod_grace;
+        self
+    }
+
+    /// Where the ENIConfig in use came from (a file, or `ENIConfig/<name>`), and what it says.
+    pub fn eni_config(&self) -> Option<(&str, &EniConfigSpec)> {
+        Some((
+            self.eni_config_source.as_deref()?,
+            self.pool.node.eni_config.as_ref()?,
+        ))
     }
 
     pub fn pool(&self) -> &Pool {
@@ -273,6 +305,8 @@ impl Control {
             Event::Plugin { request, reply } => self.request(request, reply),
             Event::Finished { action, report } => self.finished(action, report),
             Event::Inspect(inspect) => inspect(self),
+            Event::EniConfig { source, spec } => self.eni_config_changed(source, spec),
+            Event::PodsOnNode(pods) => self.release_vanished_pods(&pods),
             Event::Stop { immediate } => {
                 let until = if immediate {
                     Instant::now()
@@ -438,6 +472,83 @@ impl Control {
         }
     }
 
+    fn eni_config_changed(&mut self, source: String, spec: Result<EniConfigSpec, String>) {
+        match spec {
+            Ok(spec) => {
+                if self.pool.node.eni_config.as_ref() != Some(&spec) {
+                    log::info(
+                        "ENIConfig",
+                        &[("source", &source), ("subnet", &spec.subnet)],
+                    );
+                }
+                self.pool.node.eni_config = Some(spec);
+            }
+            Err(why) => {
+                log::error(
+                    "custom networking has no ENIConfig: no new ENIs",
+                    &[("source", &source), ("why", &why)],
+                );
+                self.reporter.warning(
+                    "MissingENIConfig",
+                    &format!("{source}: {why}; no ENI can be created for pods"),
+                );
+                self.pool.node.eni_config = None;
+            }
+        }
+        self.eni_config_source = Some(source);
+    }
+
+    /// An assignment whose pod the API server has not listed for the grace period loses its
+    /// address: the kubelet never sent DEL (it crashed, the node was rebuilt under it, the pod
+    /// was force-deleted). The grace covers a watch that lags an ADD, and a force-deleted pod's
+    /// containers still being torn down.
+    fn release_vanished_pods(&mut self, pods: &HashSet<k8s::PodRef>) {
+        let now = now();
+        let mut absent = HashMap::new();
+        let mut gone = Vec::new();
+        for (key, a) in self.pool.assignments() {
+            if a.meta.name.is_empty() {
+                continue;
+            }
+            let pod = k8s::PodRef {
+                namespace: a.meta.namespace.clone(),
+                name: a.meta.name.clone(),
+            };
+            if pods.contains(&pod) {
+                continue;
+            }
+            let since = self.absent_since.get(key).copied().unwrap_or(now);
+            if now.since(since) >= self.vanished_pod_grace {
+                gone.push(key.clone());
+            } else {
+                absent.insert(key.clone(), since);
+            }
+        }
+        self.absent_since = absent;
+        for key in gone {
+            if let Ok(a) = self.pool.unassign(&key, now) {
+                self.dirty = true;
+                self.metrics.count("vpccni_vanished_pod_releases_total", &[]);
+                log::info(
+                    "released the address of a pod the API server no longer has",
+                    &[
+                        ("ip", &a.ip),
+                        ("pod", &format!("{}/{}", a.meta.namespace, a.meta.name)),
+                        ("container", &key.container_id),
+                    ],
+                );
+                let keep: HashSet<std::net::Ipv4Addr> =
+                    self.pool.assignments().map(|(_, a)| a.ip).collect();
+                let prefix = self.veth_prefix.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = datapath::pod::collect_leftovers(&prefix, &keep) {
+                        log::warn("removing a vanished pod's host side", &[("error", &e)]);
+                    }
+                });
+            }
+        }
+    }
+
     fn expire_waiting(&mut self) {
         while let Some(w) = self.waiting.front() {
             if w.since.elapsed() < ADD_WAIT && !w.reply.is_closed() {
@@ -540,7 +651,10 @@ impl Control {
                 _ => log::Level::Warn,
             };
             let hint = if e.kind == CloudErrorKind::Unauthorized {
-                format!("the node's IAM role lacks ec2:{}", e.operation)
+                let hint = format!("the node's IAM role lacks ec2:{}", e.operation);
+                self.reporter
+                    .warning("MissingIAMPermissions", &format!("{hint}: {e}"));
+                hint
             } else {
                 String::new()
             };

@@ -5,7 +5,6 @@
 use crate::control::{Control, Event, Phase};
 use crate::http::{Response, Routes};
 use ipam::config::Config;
-use ipam::pool::EniConfigSpec;
 use ipam::Ipv4Cidr;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
@@ -196,6 +195,15 @@ pub fn ipamd_settings(config: &Config) -> Value {
     })
 }
 
+fn eni_config(control: &Control) -> Option<Value> {
+    let (source, spec) = control.eni_config()?;
+    Some(json!({
+        "source": source,
+        "subnet": spec.subnet,
+        "securityGroups": spec.security_groups,
+    }))
+}
+
 const COMMANDS: &[&str] = &[
     "/v1/enis",
     "/v1/pods",
@@ -208,12 +216,10 @@ const COMMANDS: &[&str] = &[
 pub fn introspection_routes(
     events: mpsc::UnboundedSender<Event>,
     config: Arc<Config>,
-    eni_config: Option<(String, EniConfigSpec)>,
 ) -> Routes {
     Arc::new(move |path: String| {
         let events = events.clone();
         let config = config.clone();
-        let eni_config = eni_config.clone();
         Box::pin(async move {
             let from_loop = |answer: Option<Value>| match answer {
                 Some(v) => Response::json(&v),
@@ -224,13 +230,10 @@ pub fn introspection_routes(
                 "/v1/enis" => from_loop(ask(&events, enis).await),
                 "/v1/pods" => from_loop(ask(&events, pods).await),
                 "/v1/status" => from_loop(ask(&events, status).await),
-                "/v1/eni-configs" => match eni_config {
-                    Some((source, spec)) => Response::json(&json!({
-                        "source": source,
-                        "subnet": spec.subnet,
-                        "securityGroups": spec.security_groups,
-                    })),
-                    None => Response::text(404, "this node has no ENIConfig"),
+                "/v1/eni-configs" => match ask(&events, eni_config).await {
+                    Some(Some(config)) => Response::json(&config),
+                    Some(None) => Response::text(404, "this node has no ENIConfig"),
+                    None => Response::text(503, "the control loop did not answer"),
                 },
                 "/v1/networkutils-env-settings" => Response::json(&networkutils_settings(&config)),
                 "/v1/ipamd-env-settings" => Response::json(&ipamd_settings(&config)),

@@ -6,6 +6,7 @@ use ipam::config::Config;
 use ipam::pool::EniConfigSpec;
 use ipamd::control::Event;
 use ipamd::introspect;
+use k8s::{Cluster, ClusterSettings};
 use ipamd::log::{self, Level};
 use ipamd::metrics::Metrics;
 use ipamd::startup;
@@ -36,6 +37,16 @@ struct Args {
     /// `{"subnet": "subnet-...", "securityGroups": ["sg-..."]}` (the ENIConfig CRD's spec).
     #[arg(long, env = "VPC_CNI_ENICONFIG_FILE")]
     eni_config: Option<PathBuf>,
+    /// In a cluster: this node's name (the DaemonSet sets it from `spec.nodeName`).
+    #[arg(long, env = "MY_NODE_NAME")]
+    node_name: Option<String>,
+    /// In a cluster: this daemon's pod in `kube-system`, which its Warning Events are about.
+    #[arg(long, env = "MY_POD_NAME")]
+    pod_name: Option<String>,
+    /// In a cluster: how long a pod may be missing from the API server before the address it was
+    /// given is released (the kubelet never sent DEL).
+    #[arg(long, env = "VPC_CNI_VANISHED_POD_GRACE_SECONDS", default_value_t = 60)]
+    vanished_pod_grace_seconds: u64,
     /// `json` for one JSON object per log line.
     #[arg(long, env = "VPC_CNI_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -117,23 +128,91 @@ fn main() -> ExitCode {
     }
 }
 
+/// The API server when the environment places the daemon in a cluster, and whether it answered.
+/// It must answer before start-up goes on when custom networking reads the ENIConfig from it;
+/// otherwise the daemon starts without it after 30 s and its watches keep trying.
+async fn connect_cluster(
+    args: &Args,
+    config: &Config,
+    needed: bool,
+) -> Result<Option<(Arc<Cluster>, bool)>, String> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if !k8s::in_cluster(env) {
+        log::info(
+            "standalone: no Kubernetes API (neither KUBERNETES_SERVICE_HOST nor KUBECONFIG)",
+            &[],
+        );
+        return Ok(None);
+    }
+    let cluster = Cluster::connect(ClusterSettings {
+        node_name: args.node_name.clone().unwrap_or_default(),
+        own_pod: args.pod_name.clone().filter(|p| !p.is_empty()),
+        endpoint: config.cluster_endpoint.clone().filter(|e| !e.is_empty()),
+        eni_config_annotation: config.eni_config_annotation.clone(),
+        eni_config_label: config.eni_config_label.clone(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let patience = (!needed).then_some(Duration::from_secs(30));
+    match cluster.wait_reachable(patience).await {
+        Ok(()) => Ok(Some((Arc::new(cluster), true))),
+        Err(e) => {
+            log::warn(
+                "starting without the API server; maxPods from the instance type",
+                &[("error", &e)],
+            );
+            Ok(Some((Arc::new(cluster), false)))
+        }
+    }
+}
+
 async fn run(
     args: Args,
     config: Config,
-    eni_config: Option<(String, EniConfigSpec)>,
+    file_eni_config: Option<(String, EniConfigSpec)>,
 ) -> Result<(), String> {
     let metrics = Arc::new(Metrics::default());
     let config = Arc::new(config);
+    let eni_config_from_cluster = config.custom_networking && file_eni_config.is_none();
+    let cluster = connect_cluster(&args, &config, eni_config_from_cluster).await?;
+    let mut kubelet_max_pods = None;
+    let mut eni_config = file_eni_config.map(|(source, spec)| (source, Ok(spec)));
+    if let Some((cluster, true)) = &cluster {
+        let node = cluster.node().await.map_err(|e| e.to_string())?;
+        kubelet_max_pods = node.max_pods;
+        if eni_config_from_cluster {
+            let selection = cluster
+                .eni_config(&node.eni_config_name)
+                .await
+                .map_err(|e| e.to_string())?;
+            eni_config = Some((format!("ENIConfig/{}", selection.name), selection.spec));
+        }
+    }
     let store = Store::new(&config.backing_store);
     let started = startup::start(
         &config,
-        eni_config.as_ref().map(|(_, spec)| spec.clone()),
+        eni_config
+            .as_ref()
+            .and_then(|(_, spec)| spec.as_ref().ok().cloned()),
+        kubelet_max_pods,
         store,
         metrics.clone(),
     )
     .await
     .map_err(|e| e.to_string())?;
     let events = started.events.clone();
+    if let Some((source, spec)) = eni_config {
+        let _ = events.send(Event::EniConfig { source, spec });
+    }
+    let mut control = started.control;
+    if let Some((cluster, _)) = &cluster {
+        let grace = Duration::from_secs(args.vanished_pod_grace_seconds);
+        control = control.in_cluster(
+            cluster.reporter(|e| log::warn("Kubernetes Event", &[("error", &e)])),
+            grace,
+        );
+        follow_cluster(cluster.clone(), events.clone(), grace, eni_config_from_cluster);
+    }
 
     let listener = Listener::bind(&args.socket)
         .map_err(|e| format!("plugin socket {}: {e}", args.socket.display()))?;
@@ -148,7 +227,7 @@ async fn run(
         let listener = tokio::net::TcpListener::bind(&config.introspection_bind)
             .await
             .map_err(|e| format!("introspection on {}: {e}", config.introspection_bind))?;
-        let routes = introspect::introspection_routes(events.clone(), config.clone(), eni_config);
+        let routes = introspect::introspection_routes(events.clone(), config.clone());
         tokio::spawn(ipamd::http::serve(listener, routes));
     }
     if !config.disable_metrics {
@@ -176,8 +255,47 @@ async fn run(
             ("metrics", &args.metrics_bind),
         ],
     );
-    started.control.run(started.receiver).await;
+    control.run(started.receiver).await;
     Ok(())
+}
+
+/// The watches that feed the control loop: the pods on this node (snapshots at least every half
+/// grace period, so that a pod missing for the whole grace is seen twice) and, for custom
+/// networking, the Node's ENIConfig selection.
+fn follow_cluster(
+    cluster: Arc<Cluster>,
+    events: mpsc::UnboundedSender<Event>,
+    grace: Duration,
+    eni_config: bool,
+) {
+    let watch_error = |e: String| log::warn("Kubernetes watch", &[("error", &e)]);
+    {
+        let (cluster, events) = (cluster.clone(), events.clone());
+        tokio::spawn(async move {
+            cluster
+                .follow_pods(
+                    (grace / 2).max(Duration::from_secs(1)),
+                    move |snapshot| drop(events.send(Event::PodsOnNode(snapshot.pods))),
+                    watch_error,
+                )
+                .await
+        });
+    }
+    if eni_config {
+        tokio::spawn(async move {
+            cluster
+                .follow_eni_config(
+                    move |selection| {
+                        drop(events.send(Event::EniConfig {
+                            source: format!("ENIConfig/{}", selection.name),
+                            spec: selection.spec,
+                        }))
+                    },
+                    watch_error,
+                )
+                .await
+        });
+    }
 }
 
 /// One thread per plugin connection: each carries one short request, and the thread waits for

@@ -131,6 +131,11 @@ const COUNTERS: &[(&str, &str, bool)] = &[
         true,
     ),
     (
+        "vpccni_vanished_pod_releases_total",
+        "Addresses released because their pod left the API server without a DEL",
+        false,
+    ),
+    (
         "vpccni_ec2_throttled_total",
         "EC2 calls throttled and retried, by operation",
         true,

@@ -130,6 +130,7 @@ async fn blocking<T: Send + 'static>(
 pub async fn start(
     config: &Config,
     eni_config: Option<EniConfigSpec>,
+    kubelet_max_pods: Option<u32>,
     store: Store,
     metrics: Arc<Metrics>,
 ) -> Result<Started, StartError> {
@@ -200,15 +201,17 @@ pub async fn start(
         instance_type: identity.instance_type.clone(),
         slots_per_eni: limits.slots_per_eni(),
         max_enis: limits.enis(),
-        max_pods: max_pods(
-            &limits,
-            MaxPodsOptions {
-                prefix_delegation: config.prefix_delegation,
-                custom_networking: config.custom_networking,
-                max_eni: config.max_eni,
-                uncapped: false,
-            },
-        ),
+        max_pods: kubelet_max_pods.unwrap_or_else(|| {
+            max_pods(
+                &limits,
+                MaxPodsOptions {
+                    prefix_delegation: config.prefix_delegation,
+                    custom_networking: config.custom_networking,
+                    max_eni: config.max_eni,
+                    uncapped: false,
+                },
+            )
+        }),
         supports_prefixes: limits.supports_prefixes(),
         primary_subnet: primary.subnet_id.clone(),
         security_groups: primary.security_groups.clone(),

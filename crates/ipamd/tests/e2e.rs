@@ -430,3 +430,182 @@ fn ec2_failing_one_call_in_five_slows_allocation_but_leaks_nothing() {
     assert!(failed > 0, "no call failed: the test proves nothing");
     check_invariants(&tb, 0, &pods);
 }
+
+fn kube(tb: &Testbed) -> &testbed::kube_api::KubeApi {
+    tb.kube.as_ref().expect("Options::kubernetes")
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn warning_events(tb: &Testbed, reason: &str) -> Vec<Value> {
+    kube(tb)
+        .objects("events")
+        .into_iter()
+        .filter(|e| e["reason"] == reason && e["type"] == "Warning")
+        .collect()
+}
+
+/// What the base's ClusterRole and Role grant, as (verb, group, resource).
+fn granted_by_rbac() -> Option<BTreeSet<(String, String, String)>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join(".venv/bin/python");
+    if !python.is_file() {
+        skip("rbac", "PyYAML from .venv is needed to read the manifests (scripts/test.sh creates it)");
+        return None;
+    }
+    let yaml = std::fs::read_to_string(root.join("deploy/base/serviceaccount.yaml")).unwrap();
+    let mut granted = BTreeSet::new();
+    for doc in testbed::yaml_documents(&python, &yaml) {
+        if doc["kind"] != "ClusterRole" && doc["kind"] != "Role" {
+            continue;
+        }
+        for rule in doc["rules"].as_array().unwrap() {
+            for group in rule["apiGroups"].as_array().unwrap() {
+                for resource in rule["resources"].as_array().unwrap() {
+                    for verb in rule["verbs"].as_array().unwrap() {
+                        granted.insert((
+                            verb.as_str().unwrap().to_string(),
+                            group.as_str().unwrap().to_string(),
+                            resource.as_str().unwrap().to_string(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Some(granted)
+}
+
+#[test]
+fn kubernetes_custom_networking_follows_the_nodes_eniconfig_and_rbac_covers_exactly_the_calls() {
+    let mut options = options(&[("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true")]);
+    options.custom_networking = true;
+    options.kubernetes = true;
+    let Some(mut tb) = testbed("kubernetes_custom_networking", options) else {
+        return;
+    };
+    // The kubelet's --max-pods, as the Node reports it, caps the node in place of the table.
+    let mut node = kube(&tb).objects("nodes")[0].clone();
+    node["status"]["capacity"]["pods"] = "9".into();
+    kube(&tb).apply("nodes", node);
+    tb.start_daemon(0).unwrap();
+    let status = tb.nodes[0].introspect("/v1/status").unwrap();
+    assert_eq!(status["maxPods"], 9, "{status}");
+    let config = tb.nodes[0].introspect("/v1/eni-configs").unwrap();
+    let pod_subnet = tb.pod_subnet.clone().unwrap();
+    assert_eq!(config["source"], format!("ENIConfig/{}", testbed::ENI_CONFIG_NAME));
+    assert_eq!(config["subnet"], pod_subnet.as_str());
+
+    let pods: Vec<Pod> = (0..3).map(|_| tb.add_pod(0).unwrap()).collect();
+    let pod_cidr: ipam::Ipv4Cidr = testbed::POD_CIDR.parse().unwrap();
+    for pod in &pods {
+        assert!(pod_cidr.contains(pod.ip), "{} is not in {pod_cidr}", pod.ip);
+    }
+    check_invariants(&tb, 0, &pods);
+
+    // The ENIConfig deleted: no new ENIs, and a Warning says why; created again: back in use.
+    kube(&tb).delete("eniconfigs", "", testbed::ENI_CONFIG_NAME);
+    wait_for("the daemon drops the deleted ENIConfig", || {
+        tb.nodes[0].http_get(testbed::INTROSPECTION, "/v1/eni-configs").unwrap().0 == 404
+    });
+    wait_for("a MissingENIConfig event", || {
+        !warning_events(&tb, "MissingENIConfig").is_empty()
+    });
+    let event = &warning_events(&tb, "MissingENIConfig")[0];
+    assert_eq!(event["involvedObject"]["name"], "aws-node-node-1", "{event}");
+    kube(&tb).apply(
+        "eniconfigs",
+        serde_json::json!({"metadata": {"name": testbed::ENI_CONFIG_NAME},
+                           "spec": {"subnet": pod_subnet, "securityGroups": ["sg-0000000000000002"]}}),
+    );
+    wait_for("the daemon takes the ENIConfig again", || {
+        tb.nodes[0].introspect("/v1/eni-configs").is_ok()
+    });
+
+    // Every request the daemon made is granted by the manifests' RBAC, and every grant is used.
+    let used: BTreeSet<(String, String, String)> = kube(&tb)
+        .accesses()
+        .into_iter()
+        .map(|a| (a.verb, a.group, a.resource))
+        .collect();
+    if let Some(granted) = granted_by_rbac() {
+        assert_eq!(used, granted, "RBAC (deploy/base/serviceaccount.yaml) differs from what the daemon asks");
+    }
+    for pod in pods {
+        tb.del_pod(pod).unwrap();
+    }
+    check_invariants(&tb, 0, &[]);
+}
+
+#[test]
+fn a_pod_gone_from_the_api_server_without_del_loses_its_address() {
+    let mut options = options(&[("VPC_CNI_VANISHED_POD_GRACE_SECONDS", "2")]);
+    options.kubernetes = true;
+    let Some(mut tb) = testbed("vanished_pod", options) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let mut pods: Vec<Pod> = (0..3).map(|_| tb.add_pod(0).unwrap()).collect();
+    // Longer than the grace: pods the API server lists keep their addresses.
+    std::thread::sleep(Duration::from_secs(4));
+    check_invariants(&tb, 0, &pods);
+    let gone = pods.remove(0);
+    assert!(kube(&tb).delete("pods", testbed::POD_NAMESPACE, &gone.name));
+    wait_for("the vanished pod's address is released", || {
+        let listed = tb.nodes[0].introspect("/v1/pods").unwrap();
+        !listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["ip"] == gone.ip.to_string())
+    });
+    let metrics = tb.nodes[0].metrics().unwrap();
+    assert!(
+        metrics.contains("vpccni_vanished_pod_releases_total 1"),
+        "{metrics}"
+    );
+    // Its host side goes too: no route to its address remains on the node.
+    let ip = gone.ip;
+    wait_for("the vanished pod's host route is removed", || {
+        let node = &tb.nodes[0].netns.name;
+        let routes =
+            testbed::netns::ip(&["-n", node, "-4", "route", "show", &format!("{ip}/32")]).unwrap();
+        routes.trim().is_empty()
+    });
+    check_invariants(&tb, 0, &pods);
+}
+
+#[test]
+fn missing_iam_permissions_become_a_warning_event_on_the_daemons_pod() {
+    let mut options = Options::default();
+    options.kubernetes = true;
+    options.ec2.denied_actions = vec!["CreateNetworkInterface".into()];
+    let Some(mut tb) = testbed("missing_iam", options) else {
+        return;
+    };
+    // WARM_ENI_TARGET=1 wants a second ENI at once; the role may not create one.
+    tb.start_daemon(0).unwrap();
+    wait_for("a MissingIAMPermissions event", || {
+        !warning_events(&tb, "MissingIAMPermissions").is_empty()
+    });
+    let events = warning_events(&tb, "MissingIAMPermissions");
+    let event = &events[0];
+    assert!(
+        event["message"].as_str().unwrap().contains("ec2:CreateNetworkInterface"),
+        "{event}"
+    );
+    assert_eq!(event["involvedObject"]["kind"], "Pod");
+    assert_eq!(event["involvedObject"]["name"], "aws-node-node-1");
+    // Retries do not flood the API server with the same Event.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(warning_events(&tb, "MissingIAMPermissions").len(), 1);
+    // Pods still get addresses from the primary ENI.
+    let pod = tb.add_pod(0).unwrap();
+    check_invariants(&tb, 0, std::slice::from_ref(&pod));
+}

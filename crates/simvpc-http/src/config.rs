@@ -2,7 +2,7 @@
 
 use ipam::net::{Ipv4Cidr, Ipv6Cidr};
 use serde::Deserialize;
-use simvpc::{Category, SimConfig, SimVpc};
+use simvpc::{Category, Op, SimConfig, SimVpc};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -66,6 +66,9 @@ pub struct Ec2Behaviour {
     pub non_mutating_bucket: (f64, f64),
     /// Share of calls that fail with `Unavailable`.
     pub error_rate: f64,
+    /// EC2 actions the node's role may not call (`CreateNetworkInterface`, ...): they answer
+    /// `UnauthorizedOperation`.
+    pub denied_actions: Vec<String>,
     pub seed: u64,
 }
 
@@ -77,6 +80,7 @@ impl Default for Ec2Behaviour {
             mutating_bucket: sim.buckets[&Category::Mutating],
             non_mutating_bucket: sim.buckets[&Category::NonMutating],
             error_rate: 0.0,
+            denied_actions: Vec::new(),
             seed: 1,
         }
     }
@@ -126,6 +130,18 @@ security_groups = ["sg-0000000000000001"]
                 (Category::NonMutating, self.ec2.non_mutating_bucket),
             ]),
             error_rate: self.ec2.error_rate,
+            denied: self
+                .ec2
+                .denied_actions
+                .iter()
+                .map(|name| {
+                    Op::ALL
+                        .iter()
+                        .copied()
+                        .find(|op| op.name() == name)
+                        .ok_or_else(|| format!("ec2.denied_actions: no EC2 action {name:?}"))
+                })
+                .collect::<Result<_, _>>()?,
             seed: self.ec2.seed,
             ..SimConfig::default()
         };

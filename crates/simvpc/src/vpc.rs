@@ -4,7 +4,7 @@ use ipam::limits::{self, InstanceLimits};
 use ipam::{Ipv4Cidr, Ipv6Cidr, Time};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -25,6 +25,7 @@ pub mod codes {
     pub const INVALID_COMBINATION: &str = "InvalidParameterCombination";
     pub const NOT_PERMITTED: &str = "OperationNotPermitted";
     pub const UNAVAILABLE: &str = "Unavailable";
+    pub const UNAUTHORIZED: &str = "UnauthorizedOperation";
     /// Not an EC2 code: the client gave up waiting. The call may or may not have taken effect.
     pub const TIMEOUT: &str = "RequestTimeout";
 }
@@ -129,6 +130,8 @@ pub struct SimConfig {
     pub timeout: Duration,
     /// How long a detaching ENI stays `detaching`.
     pub detach_delay: Duration,
+    /// Operations the caller's IAM role does not allow: they fail with `UnauthorizedOperation`.
+    pub denied: BTreeSet<Op>,
     pub seed: u64,
 }
 
@@ -152,6 +155,7 @@ impl Default for SimConfig {
             timeout_rate: 0.0,
             timeout: Duration::from_secs(10),
             detach_delay: Duration::from_secs(2),
+            denied: BTreeSet::new(),
             seed: 1,
         }
     }
@@ -600,6 +604,16 @@ impl SimVpc {
             .unwrap_or(self.config.default_latency);
         let latency = mean.mul_f64(self.rng.gen_range(0.75..1.25));
         let count = self.calls.entry(op).or_default();
+        if self.config.denied.contains(&op) {
+            count.failed += 1;
+            return Gate::Refuse(
+                Ec2Error::new(
+                    codes::UNAUTHORIZED,
+                    &format!("You are not authorized to perform this operation: ec2:{}", op.name()),
+                ),
+                latency / 4,
+            );
+        }
         if let Some(bucket) = self.buckets.get_mut(&op.category()) {
             if !bucket.try_take(now) {
                 count.throttled += 1;

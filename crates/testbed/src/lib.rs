@@ -32,6 +32,12 @@ pub const REGION: &str = "us-west-2";
 pub const NETWORK: &str = "aws-cni";
 pub const INTROSPECTION: &str = "127.0.0.1:61679";
 pub const METRICS: &str = "127.0.0.1:61678";
+/// With `Options::kubernetes` and custom networking: the ENIConfig object and the Node label that
+/// selects it.
+pub const ENI_CONFIG_NAME: &str = "pod-subnet";
+pub const ENI_CONFIG_LABEL: &str = "k8s.amazonaws.com/eniConfig";
+/// The namespace of the pods the testbed adds.
+pub const POD_NAMESPACE: &str = "default";
 
 /// Where the binaries are: `VPC_CNI_BIN_DIR`, else next to the running executable (or one up, for
 /// test executables in `deps/`).
@@ -80,6 +86,10 @@ pub struct Options {
     pub custom_networking: bool,
     /// The node subnet's CIDR (a small one runs out of addresses sooner).
     pub node_subnet: String,
+    /// Runs a Kubernetes API server (`kube_api`) in the VPC namespace with a Node object per
+    /// node and a Pod object per pod; the daemons get a kubeconfig for it. With custom
+    /// networking the ENIConfig is an object the Node's label selects instead of a file.
+    pub kubernetes: bool,
 }
 
 impl Default for Options {
@@ -91,6 +101,7 @@ impl Default for Options {
             ec2: Ec2Behaviour::default(),
             custom_networking: false,
             node_subnet: NODE_CIDR.into(),
+            kubernetes: false,
         }
     }
 }
@@ -191,6 +202,29 @@ pub struct Testbed {
     pub binaries: Binaries,
     root: PathBuf,
     next_pod: AtomicU32,
+    pub kube: Option<kube_api::KubeApi>,
+}
+
+/// YAML documents as JSON, through PyYAML in the test venv (`python`): the manifests' parser.
+pub fn yaml_documents(python: &Path, yaml: &str) -> Vec<Value> {
+    let mut child = Command::new(python)
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(yaml.as_bytes())
+        .expect("python reads its input");
+    let output = child.wait_with_output().expect("python runs");
+    assert!(output.status.success(), "PyYAML could not parse the YAML");
+    serde_json::from_slice(&output.stdout).expect("JSON from python")
 }
 
 static TESTBEDS: AtomicU32 = AtomicU32::new(0);
@@ -278,7 +312,23 @@ impl Testbed {
             root,
             next_pod: AtomicU32::new(0),
             server: None,
+            kube: None,
         };
+        if options.kubernetes {
+            let listen: SocketAddr = "0.0.0.0:0".parse().expect("an address");
+            let api = testbed
+                .vpc
+                .run(move || kube_api::KubeApi::start(listen))?
+                .map_err(|e| format!("Kubernetes API server: {e}"))?;
+            if let Some(subnet) = &testbed.pod_subnet {
+                api.apply(
+                    "eniconfigs",
+                    json!({"metadata": {"name": ENI_CONFIG_NAME},
+                           "spec": {"subnet": subnet, "securityGroups": ["sg-0000000000000002"]}}),
+                );
+            }
+            testbed.kube = Some(api);
+        }
         let endpoints = server.instances.clone();
         let vpc_model = server.vpc.clone();
         testbed.server = Some(server);
@@ -336,7 +386,23 @@ impl Testbed {
                 ("VPC_CNI_METRICS_BIND_ADDRESS".into(), METRICS.into()),
                 ("CLUSTER_NAME".into(), "demo".into()),
             ];
-            if let Some(subnet) = &testbed.pod_subnet {
+            if let Some(api) = &testbed.kube {
+                let mut labels = serde_json::Map::new();
+                if testbed.pod_subnet.is_some() {
+                    labels.insert(ENI_CONFIG_LABEL.into(), json!(ENI_CONFIG_NAME));
+                }
+                api.apply(
+                    "nodes",
+                    json!({"metadata": {"name": endpoint.name, "labels": labels},
+                           "status": {"capacity": {"pods": "110"}}}),
+                );
+                let file = state.join("kubeconfig");
+                std::fs::write(&file, api.kubeconfig(&gw.to_string()))
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                env.push(("KUBECONFIG".into(), file.display().to_string()));
+                env.push(("MY_NODE_NAME".into(), endpoint.name.clone()));
+                env.push(("MY_POD_NAME".into(), format!("aws-node-{}", endpoint.name)));
+            } else if let Some(subnet) = &testbed.pod_subnet {
                 let file = state.join("eniconfig.json");
                 std::fs::write(
                     &file,
@@ -497,7 +563,7 @@ impl Testbed {
         let n = &self.nodes[node];
         let ns = std::fs::File::open(n.netns.path()).map_err(|e| e.to_string())?;
         let args = format!(
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id}"
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NAMESPACE};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id}"
         );
         let mut cmd = Command::new(&self.binaries.plugin);
         cmd.env_clear()
@@ -543,6 +609,14 @@ impl Testbed {
         let name = format!("pod-{n}");
         let netns = Netns::create("pod")?;
         let container_id = format!("{:032x}{n:08x}", std::process::id());
+        // The scheduler's part: the pod exists, bound to the node, before the kubelet runs it.
+        if let Some(api) = &self.kube {
+            api.apply(
+                "pods",
+                json!({"metadata": {"namespace": POD_NAMESPACE, "name": name},
+                       "spec": {"nodeName": self.nodes[node].name}}),
+            );
+        }
         let conf = self.conf(node, None);
         let (code, stdout) =
             self.run_plugin(node, "ADD", &container_id, &name, &netns.path(), &conf)?;
@@ -581,6 +655,9 @@ impl Testbed {
         )?;
         if code != 0 {
             return Err(format!("DEL {}: exit {code}: {stdout}", pod.name));
+        }
+        if let Some(api) = &self.kube {
+            api.delete("pods", POD_NAMESPACE, &pod.name);
         }
         Ok(())
     }

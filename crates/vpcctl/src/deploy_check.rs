@@ -36,29 +36,6 @@ fn render(overlay: &str) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
-/// The rendered documents as JSON, through the venv's PyYAML.
-fn documents(python: &Path, yaml: &str) -> Vec<serde_json::Value> {
-    use std::io::Write;
-    let mut child = Command::new(python)
-        .args([
-            "-c",
-            "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success());
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
 /// The variables a binary's `--help` names as `[env: NAME=...]`.
 fn help_variables(binary: &Path, args: &[&str]) -> BTreeSet<String> {
     let output = Command::new(binary)
@@ -173,7 +150,7 @@ fn overlays_render_validate_and_set_only_what_the_containers_read() {
             "{overlay}: {report}"
         );
 
-        let docs = documents(&python, &yaml);
+        let docs = testbed::yaml_documents(&python, &yaml);
         let configmaps: Vec<&serde_json::Value> =
             docs.iter().filter(|d| d["kind"] == "ConfigMap").collect();
         let daemonset = docs
