@@ -528,7 +528,8 @@ impl Control {
         for key in gone {
             if let Ok(a) = self.pool.unassign(&key, now) {
                 self.dirty = true;
-                self.metrics.count("vpccni_vanished_pod_releases_total", &[]);
+                self.metrics
+                    .count("vpccni_vanished_pod_releases_total", &[]);
                 log::info(
                     "released the address of a pod the API server no longer has",
                     &[

@@ -213,10 +213,7 @@ const COMMANDS: &[&str] = &[
     "/v1/ipamd-env-settings",
 ];
 
-pub fn introspection_routes(
-    events: mpsc::UnboundedSender<Event>,
-    config: Arc<Config>,
-) -> Routes {
+pub fn introspection_routes(events: mpsc::UnboundedSender<Event>, config: Arc<Config>) -> Routes {
     Arc::new(move |path: String| {
         let events = events.clone();
         let config = config.clone();

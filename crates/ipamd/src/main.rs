@@ -6,11 +6,11 @@ use ipam::config::Config;
 use ipam::pool::EniConfigSpec;
 use ipamd::control::Event;
 use ipamd::introspect;
-use k8s::{Cluster, ClusterSettings};
 use ipamd::log::{self, Level};
 use ipamd::metrics::Metrics;
 use ipamd::startup;
 use ipamd::store::Store;
+use k8s::{Cluster, ClusterSettings};
 use proto::{ErrorKind, Listener, Reply};
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -211,7 +211,12 @@ async fn run(
             cluster.reporter(|e| log::warn("Kubernetes Event", &[("error", &e)])),
             grace,
         );
-        follow_cluster(cluster.clone(), events.clone(), grace, eni_config_from_cluster);
+        follow_cluster(
+            cluster.clone(),
+            events.clone(),
+            grace,
+            eni_config_from_cluster,
+        );
     }
 
     let listener = Listener::bind(&args.socket)

@@ -456,7 +456,10 @@ fn granted_by_rbac() -> Option<BTreeSet<(String, String, String)>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let python = root.join(".venv/bin/python");
     if !python.is_file() {
-        skip("rbac", "PyYAML from .venv is needed to read the manifests (scripts/test.sh creates it)");
+        skip(
+            "rbac",
+            "PyYAML from .venv is needed to read the manifests (scripts/test.sh creates it)",
+        );
         return None;
     }
     let yaml = std::fs::read_to_string(root.join("deploy/base/serviceaccount.yaml")).unwrap();
@@ -499,7 +502,10 @@ fn kubernetes_custom_networking_follows_the_nodes_eniconfig_and_rbac_covers_exac
     assert_eq!(status["maxPods"], 9, "{status}");
     let config = tb.nodes[0].introspect("/v1/eni-configs").unwrap();
     let pod_subnet = tb.pod_subnet.clone().unwrap();
-    assert_eq!(config["source"], format!("ENIConfig/{}", testbed::ENI_CONFIG_NAME));
+    assert_eq!(
+        config["source"],
+        format!("ENIConfig/{}", testbed::ENI_CONFIG_NAME)
+    );
     assert_eq!(config["subnet"], pod_subnet.as_str());
 
     let pods: Vec<Pod> = (0..3).map(|_| tb.add_pod(0).unwrap()).collect();
@@ -512,13 +518,20 @@ fn kubernetes_custom_networking_follows_the_nodes_eniconfig_and_rbac_covers_exac
     // The ENIConfig deleted: no new ENIs, and a Warning says why; created again: back in use.
     kube(&tb).delete("eniconfigs", "", testbed::ENI_CONFIG_NAME);
     wait_for("the daemon drops the deleted ENIConfig", || {
-        tb.nodes[0].http_get(testbed::INTROSPECTION, "/v1/eni-configs").unwrap().0 == 404
+        tb.nodes[0]
+            .http_get(testbed::INTROSPECTION, "/v1/eni-configs")
+            .unwrap()
+            .0
+            == 404
     });
     wait_for("a MissingENIConfig event", || {
         !warning_events(&tb, "MissingENIConfig").is_empty()
     });
     let event = &warning_events(&tb, "MissingENIConfig")[0];
-    assert_eq!(event["involvedObject"]["name"], "aws-node-node-1", "{event}");
+    assert_eq!(
+        event["involvedObject"]["name"], "aws-node-node-1",
+        "{event}"
+    );
     kube(&tb).apply(
         "eniconfigs",
         serde_json::json!({"metadata": {"name": testbed::ENI_CONFIG_NAME},
@@ -535,7 +548,10 @@ fn kubernetes_custom_networking_follows_the_nodes_eniconfig_and_rbac_covers_exac
         .map(|a| (a.verb, a.group, a.resource))
         .collect();
     if let Some(granted) = granted_by_rbac() {
-        assert_eq!(used, granted, "RBAC (deploy/base/serviceaccount.yaml) differs from what the daemon asks");
+        assert_eq!(
+            used, granted,
+            "RBAC (deploy/base/serviceaccount.yaml) differs from what the daemon asks"
+        );
     }
     for pod in pods {
         tb.del_pod(pod).unwrap();
@@ -583,21 +599,30 @@ fn a_pod_gone_from_the_api_server_without_del_loses_its_address() {
 
 #[test]
 fn missing_iam_permissions_become_a_warning_event_on_the_daemons_pod() {
-    let mut options = Options::default();
+    // More warm addresses than the primary ENI holds: a second ENI is needed at once.
+    let mut options = options(&[("WARM_IP_TARGET", "15")]);
     options.kubernetes = true;
     options.ec2.denied_actions = vec!["CreateNetworkInterface".into()];
     let Some(mut tb) = testbed("missing_iam", options) else {
         return;
     };
-    // WARM_ENI_TARGET=1 wants a second ENI at once; the role may not create one.
     tb.start_daemon(0).unwrap();
-    wait_for("a MissingIAMPermissions event", || {
-        !warning_events(&tb, "MissingIAMPermissions").is_empty()
-    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while warning_events(&tb, "MissingIAMPermissions").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no MissingIAMPermissions event in 30 s:\n{}",
+            tb.nodes[0].log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let events = warning_events(&tb, "MissingIAMPermissions");
     let event = &events[0];
     assert!(
-        event["message"].as_str().unwrap().contains("ec2:CreateNetworkInterface"),
+        event["message"]
+            .as_str()
+            .unwrap()
+            .contains("ec2:CreateNetworkInterface"),
         "{event}"
     );
     assert_eq!(event["involvedObject"]["kind"], "Pod");

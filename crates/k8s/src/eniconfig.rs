@@ -60,7 +60,9 @@ impl EniConfigBody {
             return Err(format!("spec.subnet {:?} is not a subnet id", self.subnet));
         }
         if let Some(bad) = self.security_groups.iter().find(|g| !g.starts_with("sg-")) {
-            return Err(format!("spec.securityGroups: {bad:?} is not a security group id"));
+            return Err(format!(
+                "spec.securityGroups: {bad:?} is not a security group id"
+            ));
         }
         Ok(EniConfigSpec {
             subnet: self.subnet.clone(),
@@ -120,7 +122,7 @@ impl Seen {
 
 enum Change {
     Node(NodeView),
-    Config(Event<EniConfig>),
+    Config(Box<Event<EniConfig>>),
 }
 
 impl Cluster {
@@ -135,7 +137,8 @@ impl Cluster {
         let nodes: Api<Node> = Api::all(self.client.clone());
         let node_watch = watcher(
             nodes,
-            watcher::Config::default().fields(&format!("metadata.name={}", self.settings.node_name)),
+            watcher::Config::default()
+                .fields(&format!("metadata.name={}", self.settings.node_name)),
         )
         .default_backoff()
         .applied_objects();
@@ -148,14 +151,14 @@ impl Cluster {
         let configs: Api<EniConfig> = Api::all(self.client.clone());
         let config_changes = watcher(configs, watcher::Config::default())
             .default_backoff()
-            .map(|e| e.map(Change::Config));
+            .map(|e| e.map(|e| Change::Config(Box::new(e))));
         let mut changes = std::pin::pin!(futures::stream::select(node_changes, config_changes));
         let mut seen = Seen::default();
         let mut last = None;
         while let Some(change) = changes.next().await {
             match change {
                 Ok(Change::Node(view)) => seen.selected = Some(view.eni_config_name),
-                Ok(Change::Config(event)) => seen.config_event(event),
+                Ok(Change::Config(event)) => seen.config_event(*event),
                 Err(e) => {
                     on_error(e.to_string());
                     continue;

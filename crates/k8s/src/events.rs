@@ -39,10 +39,7 @@ impl Reporter {
 impl Cluster {
     /// A reporter whose Events a task of its own creates; `on_error` hears of those the API
     /// server refused. Without `MY_POD_NAME` there is nothing to attach Events to.
-    pub fn reporter(
-        &self,
-        on_error: impl Fn(String) + Send + 'static,
-    ) -> Reporter {
+    pub fn reporter(&self, on_error: impl Fn(String) + Send + 'static) -> Reporter {
         let Some(pod) = self.settings.own_pod.clone() else {
             return Reporter::disabled();
         };

@@ -89,14 +89,17 @@ impl Cluster {
     pub async fn wait_reachable(&self, patience: Option<Duration>) -> Result<(), ClusterError> {
         let deadline = patience.map(|p| tokio::time::Instant::now() + p);
         loop {
-            let attempt = tokio::time::timeout(Duration::from_secs(5), self.client.apiserver_version());
+            let attempt =
+                tokio::time::timeout(Duration::from_secs(5), self.client.apiserver_version());
             let error = match attempt.await {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "no answer in 5 s".to_string(),
             };
             if deadline.is_some_and(|d| tokio::time::Instant::now() + Duration::from_secs(2) > d) {
-                return Err(ClusterError::Config(format!("the API server is unreachable: {error}")));
+                return Err(ClusterError::Config(format!(
+                    "the API server is unreachable: {error}"
+                )));
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
@@ -108,7 +111,10 @@ impl Cluster {
         let node = nodes
             .get(&self.settings.node_name)
             .await
-            .map_err(api_error(format!("reading the Node {}", self.settings.node_name)))?;
+            .map_err(api_error(format!(
+                "reading the Node {}",
+                self.settings.node_name
+            )))?;
         Ok(NodeView::of(
             &node,
             &self.settings.eni_config_annotation,

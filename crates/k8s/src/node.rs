@@ -70,10 +70,16 @@ mod tests {
             "name": "n",
             "labels": {"topology.kubernetes.io/zone": "us-west-2a"},
             "annotations": {KEY: "annotated"}}}));
-        assert_eq!(selected(&no_external, "topology.kubernetes.io/zone"), "annotated");
+        assert_eq!(
+            selected(&no_external, "topology.kubernetes.io/zone"),
+            "annotated"
+        );
         let label_only = node(json!({"metadata": {
             "name": "n", "labels": {"topology.kubernetes.io/zone": "us-west-2a"}}}));
-        assert_eq!(selected(&label_only, "topology.kubernetes.io/zone"), "us-west-2a");
+        assert_eq!(
+            selected(&label_only, "topology.kubernetes.io/zone"),
+            "us-west-2a"
+        );
         assert_eq!(selected(&label_only, KEY), DEFAULT_ENI_CONFIG);
         let blank = node(json!({"metadata": {"name": "n", "annotations": {KEY: ""}}}));
         assert_eq!(selected(&blank, KEY), DEFAULT_ENI_CONFIG);

@@ -162,6 +162,10 @@ mod tests {
         t.apply(Event::InitApply(pod("c")));
         assert_eq!(names(&t), None, "relisting");
         t.apply(Event::InitDone);
-        assert_eq!(names(&t), Some(vec!["c".into()]), "the relist replaces the set");
+        assert_eq!(
+            names(&t),
+            Some(vec!["c".into()]),
+            "the relist replaces the set"
+        );
     }
 }

@@ -79,7 +79,10 @@ async fn node_eniconfig_pods_and_events_through_a_real_client() {
         let cluster = cluster.clone();
         tokio::spawn(async move {
             cluster
-                .follow_eni_config(move |s| drop(selections.send(s)), |e| eprintln!("watch: {e}"))
+                .follow_eni_config(
+                    move |s| drop(selections.send(s)),
+                    |e| eprintln!("watch: {e}"),
+                )
                 .await
         });
     }
@@ -87,14 +90,19 @@ async fn node_eniconfig_pods_and_events_through_a_real_client() {
         let cluster = cluster.clone();
         tokio::spawn(async move {
             cluster
-                .follow_pods(Duration::from_secs(3600), move |s| drop(pod_tx.send(s)), |e| {
-                    eprintln!("watch: {e}")
-                })
+                .follow_pods(
+                    Duration::from_secs(3600),
+                    move |s| drop(pod_tx.send(s)),
+                    |e| eprintln!("watch: {e}"),
+                )
                 .await
         });
     }
     let first = next(&mut selected, "first selection").await;
-    assert_eq!((first.name.as_str(), first.spec.unwrap().subnet.as_str()), ("pods-a", "subnet-0aaa"));
+    assert_eq!(
+        (first.name.as_str(), first.spec.unwrap().subnet.as_str()),
+        ("pods-a", "subnet-0aaa")
+    );
     api.apply("nodes", node(json!({KEY: "pods-b"})));
     let switched = next(&mut selected, "selection after the relabel").await;
     assert_eq!(switched.name, "pods-b");
@@ -107,22 +115,39 @@ async fn node_eniconfig_pods_and_events_through_a_real_client() {
     let names = |s: k8s::PodSnapshot| {
         let mut v: Vec<PodRef> = s.pods.into_iter().collect();
         v.sort();
-        v.into_iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect::<Vec<_>>()
+        v.into_iter()
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect::<Vec<_>>()
     };
-    assert_eq!(names(next(&mut snapshots, "first pod snapshot").await), ["default/web-1"]);
+    assert_eq!(
+        names(next(&mut snapshots, "first pod snapshot").await),
+        ["default/web-1"]
+    );
     api.apply("pods", pod("kube-system", "dns-1", NODE));
     assert_eq!(
         names(next(&mut snapshots, "snapshot after a create").await),
         ["default/web-1", "kube-system/dns-1"]
     );
     assert!(api.delete("pods", "default", "web-1"));
-    assert_eq!(names(next(&mut snapshots, "snapshot after a delete").await), ["kube-system/dns-1"]);
+    assert_eq!(
+        names(next(&mut snapshots, "snapshot after a delete").await),
+        ["kube-system/dns-1"]
+    );
 
     // Events: one per reason and message in the repeat window.
     let reporter = cluster.reporter(|e| panic!("event refused: {e}"));
-    reporter.warning("MissingIAMPermissions", "the node's IAM role lacks ec2:CreateNetworkInterface");
-    reporter.warning("MissingIAMPermissions", "the node's IAM role lacks ec2:CreateNetworkInterface");
-    reporter.warning("MissingIAMPermissions", "the node's IAM role lacks ec2:AssignPrivateIpAddresses");
+    reporter.warning(
+        "MissingIAMPermissions",
+        "the node's IAM role lacks ec2:CreateNetworkInterface",
+    );
+    reporter.warning(
+        "MissingIAMPermissions",
+        "the node's IAM role lacks ec2:CreateNetworkInterface",
+    );
+    reporter.warning(
+        "MissingIAMPermissions",
+        "the node's IAM role lacks ec2:AssignPrivateIpAddresses",
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while api.objects("events").len() < 2 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

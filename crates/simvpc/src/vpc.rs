@@ -609,7 +609,10 @@ impl SimVpc {
             return Gate::Refuse(
                 Ec2Error::new(
                     codes::UNAUTHORIZED,
-                    &format!("You are not authorized to perform this operation: ec2:{}", op.name()),
+                    format!(
+                        "You are not authorized to perform this operation: ec2:{}",
+                        op.name()
+                    ),
                 ),
                 latency / 4,
             );

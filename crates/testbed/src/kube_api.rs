@@ -113,8 +113,14 @@ impl KubeApi {
     /// Creates or replaces an object, as `kubectl apply` would; watchers see ADDED or MODIFIED.
     pub fn apply(&self, resource: &str, mut object: Value) {
         let (resource, group, _, kind) = kind_of(resource).expect("a kind this server holds");
-        let namespace = object["metadata"]["namespace"].as_str().unwrap_or("").to_string();
-        let name = object["metadata"]["name"].as_str().expect("a name").to_string();
+        let namespace = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .expect("a name")
+            .to_string();
         object["apiVersion"] = json!(api_version(group));
         object["kind"] = json!(kind);
         let mut store = self.shared.store.lock().expect("store");
@@ -181,7 +187,11 @@ impl Store {
     }
 
     fn remove(&mut self, resource: &'static str, namespace: &str, name: &str) -> bool {
-        let key = (resource.to_string(), namespace.to_string(), name.to_string());
+        let key = (
+            resource.to_string(),
+            namespace.to_string(),
+            name.to_string(),
+        );
         let Some(mut object) = self.objects.remove(&key) else {
             return false;
         };
@@ -211,16 +221,14 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 3;
+                    continue;
                 }
-            }
+                Err(_) => out.push(b'%'),
+            },
             b'+' => out.push(b' '),
             b => out.push(b),
         }
@@ -258,7 +266,11 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     Some(Request {
         method,
-        path: path.split('/').filter(|s| !s.is_empty()).map(String::from).collect(),
+        path: path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
         query: query
             .split('&')
             .filter_map(|kv| kv.split_once('='))
@@ -338,7 +350,12 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
     };
     let mut reader = BufReader::new(stream);
     while let Some(request) = read_request(&mut reader) {
-        if request.method == "GET" && request.query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        if request.method == "GET"
+            && request
+                .query
+                .get("watch")
+                .is_some_and(|w| w == "true" || w == "1")
+        {
             watch(&mut writer, shared, &request);
             return;
         }
@@ -351,13 +368,20 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
 
 fn answer(shared: &Shared, request: &Request) -> (u16, Value) {
     if request.path == ["version"] {
-        return (200, json!({"major": "1", "minor": "31", "gitVersion": "v1.31.0"}));
+        return (
+            200,
+            json!({"major": "1", "minor": "31", "gitVersion": "v1.31.0"}),
+        );
     }
     let Some((group, resource, namespace, name)) = route(&request.path) else {
         return status(404, "NotFound", "no such path");
     };
     let Some((resource, kind_group, namespaced, kind)) = kind_of(&resource) else {
-        return status(404, "NotFound", &format!("the server does not serve {resource}"));
+        return status(
+            404,
+            "NotFound",
+            &format!("the server does not serve {resource}"),
+        );
     };
     if group != kind_group || (namespace.is_some() && !namespaced) {
         return status(404, "NotFound", "no such path");
@@ -381,7 +405,11 @@ fn answer(shared: &Shared, request: &Request) -> (u16, Value) {
             match store.objects.get(&key) {
                 Some(o) if request.metadata_only => (200, metadata_view(o)),
                 Some(o) => (200, o.clone()),
-                None => status(404, "NotFound", &format!("{resource} \"{}\" not found", key.2)),
+                None => status(
+                    404,
+                    "NotFound",
+                    &format!("{resource} \"{}\" not found", key.2),
+                ),
             }
         }
         "list" => {
@@ -393,7 +421,13 @@ fn answer(shared: &Shared, request: &Request) -> (u16, Value) {
                         && (namespace.is_empty() || *ns == namespace)
                         && selected(o, request.query.get("fieldSelector"))
                 })
-                .map(|(_, o)| if request.metadata_only { metadata_view(o) } else { o.clone() })
+                .map(|(_, o)| {
+                    if request.metadata_only {
+                        metadata_view(o)
+                    } else {
+                        o.clone()
+                    }
+                })
                 .collect();
             let list_kind = if request.metadata_only {
                 "PartialObjectMetadataList".to_string()
@@ -413,16 +447,25 @@ fn answer(shared: &Shared, request: &Request) -> (u16, Value) {
                 return status(400, "BadRequest", "the body is not JSON");
             };
             if object["metadata"]["name"].is_null() {
-                let prefix = object["metadata"]["generateName"].as_str().unwrap_or("").to_string();
+                let prefix = object["metadata"]["generateName"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
                 object["metadata"]["name"] = json!(format!("{prefix}{}", store.version + 1));
             }
             object["metadata"]["namespace"] = json!(namespace);
             object["apiVersion"] = json!(api_version(&group));
             object["kind"] = json!(kind);
-            let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
+            let name = object["metadata"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
             store.put(resource, (namespace.clone(), name.clone()), object);
             shared.changed.notify_all();
-            (201, store.objects[&(resource.to_string(), namespace, name)].clone())
+            (
+                201,
+                store.objects[&(resource.to_string(), namespace, name)].clone(),
+            )
         }
     }
 }
@@ -481,14 +524,24 @@ fn watch(writer: &mut TcpStream, shared: &Shared, request: &Request) {
             && selected(o, selector.as_ref())
     };
     let mut matched: BTreeMap<String, bool> = BTreeMap::new();
-    for change in store.history.iter().filter(|c| c.version <= after && c.resource == resource) {
+    for change in store
+        .history
+        .iter()
+        .filter(|c| c.version <= after && c.resource == resource)
+    {
         matched.insert(id(&change.object), matches(&change.object));
     }
     loop {
         let mut lines = Vec::new();
-        for change in store.history.iter().filter(|c| c.version > after && c.resource == resource) {
+        for change in store
+            .history
+            .iter()
+            .filter(|c| c.version > after && c.resource == resource)
+        {
             let now_matches = matches(&change.object);
-            let was = matched.insert(id(&change.object), now_matches).unwrap_or(false);
+            let was = matched
+                .insert(id(&change.object), now_matches)
+                .unwrap_or(false);
             let kind = match (was, now_matches) {
                 (false, true) => "ADDED",
                 (true, true) => "MODIFIED",
