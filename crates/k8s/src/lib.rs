@@ -81,10 +81,6 @@ impl Cluster {
         Ok(Cluster { client, settings })
     }
 
-    pub fn settings(&self) -> &ClusterSettings {
-        &self.settings
-    }
-
     /// Asks the API server for its version until it answers or `patience` runs out.
     pub async fn wait_reachable(&self, patience: Option<Duration>) -> Result<(), ClusterError> {
         let deadline = patience.map(|p| tokio::time::Instant::now() + p);
