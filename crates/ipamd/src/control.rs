@@ -525,8 +525,10 @@ impl Control {
             }
         }
         self.absent_since = absent;
+        let mut released = false;
         for key in gone {
             if let Ok(a) = self.pool.unassign(&key, now) {
+                released = true;
                 self.dirty = true;
                 self.metrics
                     .count("vpccni_vanished_pod_releases_total", &[]);
@@ -538,15 +540,18 @@ impl Control {
                         ("container", &key.container_id),
                     ],
                 );
-                let keep: HashSet<std::net::Ipv4Addr> =
-                    self.pool.assignments().map(|(_, a)| a.ip).collect();
-                let prefix = self.veth_prefix.clone();
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = datapath::pod::collect_leftovers(&prefix, &keep) {
-                        log::warn("removing a vanished pod's host side", &[("error", &e)]);
-                    }
-                });
             }
+        }
+        // One pass over the host's links and rules for all the pods released in this snapshot.
+        if released {
+            let keep: HashSet<std::net::Ipv4Addr> =
+                self.pool.assignments().map(|(_, a)| a.ip).collect();
+            let prefix = self.veth_prefix.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = datapath::pod::collect_leftovers(&prefix, &keep) {
+                    log::warn("removing vanished pods' host side", &[("error", &e)]);
+                }
+            });
         }
     }
 
