@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 # and podman. Installed once; tests that still lack one say SKIPPED and why.
 need_packages=()
 command -v cc >/dev/null || need_packages+=(gcc)
+command -v readelf >/dev/null || need_packages+=(binutils)
 command -v ip >/dev/null || need_packages+=(iproute2)
 command -v nft >/dev/null || need_packages+=(nftables)
 command -v iptables >/dev/null || need_packages+=(iptables)
@@ -48,6 +49,16 @@ echo "== disk before the build: $(df -h --output=avail . | tail -1 | tr -d ' ') 
 echo "== cargo fmt and clippy"
 cargo fmt --all -- --check
 cargo clippy -q --all-targets -- -D warnings
+
+# The plugin tests run the binary as shipped; it must need no shared library from the host.
+echo "== the shipped plugin (scripts/build-plugin.sh) is statically linked"
+scripts/build-plugin.sh
+export VPC_CNI_PLUGIN="$PWD/target/plugin/vpc-cni"
+if readelf -lW "$VPC_CNI_PLUGIN" | grep -q INTERP || readelf -dW "$VPC_CNI_PLUGIN" | grep -q NEEDED; then
+  echo "scripts/test.sh: $VPC_CNI_PLUGIN is dynamically linked:" >&2
+  readelf -dW "$VPC_CNI_PLUGIN" | grep NEEDED >&2 || true
+  exit 1
+fi
 
 echo "== tests"
 cargo test --workspace 2>&1 | tee target/test.log

@@ -108,7 +108,7 @@ fn main() {
     // One warm-up pass each, so that neither pays for cold page caches.
     run(
         "warm-up vpc-cni",
-        Path::new(PLUGIN),
+        &plugin_binary(),
         &ours_conf,
         &node,
         &pods(5),
@@ -120,7 +120,7 @@ fn main() {
         &node,
         &pods(5),
     );
-    let mut ours = run("vpc-cni", Path::new(PLUGIN), &ours_conf, &node, &pods(PODS));
+    let mut ours = run("vpc-cni", &plugin_binary(), &ours_conf, &node, &pods(PODS));
     let mut reference = run(
         "ptp + host-local",
         &Path::new(REFERENCE).join("ptp"),
@@ -139,6 +139,7 @@ fn main() {
         (add, del)
     };
     println!("{PODS} pods, ADD then DEL, each plugin process started in the node namespace");
+    println!("vpc-cni binary: {}", plugin_binary().display());
     let (our_add, our_del) = row("vpc-cni", &mut ours);
     let (ref_add, ref_del) = row("ptp + host-local", &mut reference);
     println!(

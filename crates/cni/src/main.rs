@@ -9,7 +9,7 @@ mod result;
 
 use conf::{Env, K8sArgs, NetConf, SUPPORTED_VERSIONS};
 use datapath::netns::NetNs;
-use datapath::pod::{self, PodNetwork};
+use datapath::pod::{self, AddError, PodAddress, PodLink, PodNetwork};
 use error::{CniError, Code};
 use proto::{Attachment, DelReason, ErrorKind, PodRef, ProtoError, Reply, Request};
 use std::io::{Read, Write};
@@ -142,60 +142,64 @@ fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<String, CniError> {
     env.validate(true)?;
     let args = K8sArgs::parse(&env.args)?;
     let netns = NetNs::open(&env.netns)?;
+    let link = PodLink {
+        host_veth: host_veth(env, conf, &args),
+        ifname: env.ifname.clone(),
+        mtu: conf.mtu,
+    };
     let request = Request::Add {
         attachment: attachment(env, conf),
         pod: pod_ref(&args),
         netns: env.netns.clone(),
     };
-    let allocation = match proto::call(&conf.ipamd_socket, &request, ADD_TIMEOUT)
+    let allocate = || match proto::call(&conf.ipamd_socket, &request, ADD_TIMEOUT)
         .map_err(|e| daemon_error(conf, e))?
     {
-        Reply::Added { allocation } => allocation,
-        Reply::Error { kind, message } => return Err(reply_error(kind, message)),
-        other => {
-            return Err(CniError::new(
-                Code::Internal,
-                format!("vpc-ipamd answered ADD with {other:?}"),
-            ))
-        }
+        Reply::Added { allocation } => Ok(PodAddress {
+            address: allocation.address,
+            route_table: allocation.route_table,
+        }),
+        Reply::Error { kind, message } => Err(reply_error(kind, message)),
+        other => Err(CniError::new(
+            Code::Internal,
+            format!("vpc-ipamd answered ADD with {other:?}"),
+        )),
     };
-    let network = PodNetwork {
-        host_veth: host_veth(env, conf, &args),
-        ifname: env.ifname.clone(),
-        address: allocation.address,
-        mtu: conf.mtu,
-        route_table: allocation.route_table,
-    };
-    let wired = match pod::add(&netns, &network) {
-        Ok(wired) => wired,
-        Err(e) => {
+    let (wired, allocated) = match pod::add(&netns, &link, allocate) {
+        Ok(done) => done,
+        Err(AddError::Allocation(e)) => return Err(e),
+        Err(AddError::Wiring { error, allocated }) => {
             // The address goes back at once rather than waiting for the runtime's DEL.
-            let give_back = Request::Del {
-                attachment: attachment(env, conf),
-                pod: Some(pod_ref(&args)),
-                reason: DelReason::SetupFailed,
-            };
-            if let Err(del_error) = proto::call(&conf.ipamd_socket, &give_back, OTHER_TIMEOUT) {
-                log.write(&format!(
-                    "could not return {} after a failed ADD: {del_error}",
-                    allocation.address
-                ));
+            if let Some(allocated) = allocated {
+                let give_back = Request::Del {
+                    attachment: attachment(env, conf),
+                    pod: Some(pod_ref(&args)),
+                    reason: DelReason::SetupFailed,
+                };
+                if let Err(del_error) =
+                    proto::call(&conf.ipamd_socket, &give_back, OTHER_TIMEOUT)
+                {
+                    log.write(&format!(
+                        "could not return {} after a failed ADD: {del_error}",
+                        allocated.address
+                    ));
+                }
             }
-            return Err(e.into());
+            return Err(error.into());
         }
     };
     log.write(&format!(
         "added {} table {} on {}",
-        allocation.address, allocation.route_table, network.host_veth
+        allocated.address, allocated.route_table, link.host_veth
     ));
     Ok(result::AddResult {
         cni_version: &conf.cni_version,
-        host_veth: &network.host_veth,
+        host_veth: &link.host_veth,
         host_mac: wired.host_mac,
         ifname: &env.ifname,
         pod_mac: wired.pod_mac,
         netns: &env.netns,
-        address: allocation.address,
+        address: allocated.address,
     }
     .to_json()
     .to_string())
@@ -299,11 +303,15 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     problems.extend(pod::check(
         &netns,
         &PodNetwork {
-            host_veth: recorded.host_veth,
-            ifname: env.ifname.clone(),
-            address: recorded.address,
-            mtu: conf.mtu,
-            route_table: allocation.route_table,
+            link: PodLink {
+                host_veth: recorded.host_veth,
+                ifname: env.ifname.clone(),
+                mtu: conf.mtu,
+            },
+            address: PodAddress {
+                address: recorded.address,
+                route_table: allocation.route_table,
+            },
         },
     )?);
     if problems.is_empty() {

@@ -142,7 +142,7 @@ impl SystemCniFiles {
         std::fs::create_dir_all("/opt/cni/bin").unwrap();
         std::fs::create_dir_all("/etc/cni/net.d").unwrap();
         for (name, source) in [
-            ("vpc-cni", PathBuf::from(PLUGIN)),
+            ("vpc-cni", plugin_binary()),
             ("portmap", Path::new(REFERENCE_PLUGINS).join("portmap")),
             ("loopback", Path::new(REFERENCE_PLUGINS).join("loopback")),
         ] {
@@ -277,7 +277,7 @@ fn podman_with_a_host_port_through_portmap() {
         conflist_with(&server, &log, &chained),
     )
     .unwrap();
-    std::fs::copy(PLUGIN, plugin_dir.join("vpc-cni")).unwrap();
+    std::fs::copy(plugin_binary(), plugin_dir.join("vpc-cni")).unwrap();
     let containers_conf = dir.path().join("containers.conf");
     std::fs::write(
         &containers_conf,

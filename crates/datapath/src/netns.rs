@@ -50,21 +50,33 @@ impl NetNs {
     /// Runs `work` on a new thread that has entered this namespace; the caller's thread stays where
     /// it is. The thread ends with `work`, so it never has to find its way back.
     pub fn run<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T> {
+        self.run_alongside(work, || ()).0
+    }
+
+    /// Runs `work` as [`run`](Self::run) does while `meanwhile` runs on the calling thread, and
+    /// returns both results; `meanwhile`'s also when the namespace could not be entered.
+    pub fn run_alongside<T: Send, U>(
+        &self,
+        work: impl FnOnce() -> T + Send,
+        meanwhile: impl FnOnce() -> U,
+    ) -> (Result<T>, U) {
         let fd = self.fd();
         std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    // SAFETY: `fd` stays open for the life of `self`, which outlives this scope.
-                    if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-                        return Err(Error::Netns {
-                            path: self.path.display().to_string(),
-                            source: std::io::Error::last_os_error(),
-                        });
-                    }
-                    Ok(work())
-                })
+            let inside = scope.spawn(move || {
+                // SAFETY: `fd` stays open for the life of `self`, which outlives this scope.
+                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                    return Err(Error::Netns {
+                        path: self.path.display().to_string(),
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                Ok(work())
+            });
+            let outside = meanwhile();
+            let inside = inside
                 .join()
-                .expect("work inside a network namespace panicked")
+                .expect("work inside a network namespace panicked");
+            (inside, outside)
         })
     }
 }

@@ -23,15 +23,26 @@ pub const FROM_POD_PRIORITY: u32 = 1536;
 /// How kernel names and MTUs are bounded; checked before anything is created.
 const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=9001;
 
+/// The pod's interface as it can be created before the pod has an address.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodNetwork {
+pub struct PodLink {
     pub host_veth: String,
     /// The interface inside the pod (CNI_IFNAME).
     pub ifname: String,
-    pub address: Ipv4Addr,
     pub mtu: u32,
-    /// The host table for traffic from the pod; [`MAIN_TABLE`] for the primary ENI.
+}
+
+/// The pod's address and the host table for traffic from it ([`MAIN_TABLE`] for the primary ENI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodAddress {
+    pub address: Ipv4Addr,
     pub route_table: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodNetwork {
+    pub link: PodLink,
+    pub address: PodAddress,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +51,20 @@ pub struct Wired {
     pub pod_mac: [u8; 6],
 }
 
-impl PodNetwork {
+/// Why [`add`] failed. Either way nothing it created is left behind.
+#[derive(Debug)]
+pub enum AddError<E> {
+    /// The caller's allocation failed.
+    Allocation(E),
+    /// The wiring failed; `allocated` is the address the allocation gave, if it got that far, for
+    /// the caller to give back.
+    Wiring {
+        error: Error,
+        allocated: Option<PodAddress>,
+    },
+}
+
+impl PodLink {
     fn validate(&self) -> Result<()> {
         for name in [&self.host_veth, &self.ifname] {
             if name.is_empty() || name.len() > crate::names::IFNAME_MAX {
@@ -61,52 +85,80 @@ impl PodNetwork {
     }
 }
 
-/// Wires the pod. On failure everything this call created is removed again before the error is
-/// returned, host rules included.
-pub fn add(netns: &NetNs, pod: &PodNetwork) -> Result<Wired> {
-    pod.validate()?;
-    match add_unchecked(netns, pod) {
-        Ok(wired) => Ok(wired),
+/// Wires the pod, calling `allocate` for its address on this thread while the veth pair is being
+/// created in the pod's namespace: the daemon's answer (a checkpoint write) and the kernel's veth
+/// creation are the two slowest steps of an ADD and need nothing from each other.
+pub fn add<E>(
+    netns: &NetNs,
+    link: &PodLink,
+    allocate: impl FnOnce() -> std::result::Result<PodAddress, E>,
+) -> std::result::Result<(Wired, PodAddress), AddError<E>> {
+    let unallocated = |error| AddError::Wiring {
+        error,
+        allocated: None,
+    };
+    link.validate().map_err(unallocated)?;
+    let host = NetNs::current().map_err(unallocated)?;
+    remove_veth(&link.host_veth).map_err(unallocated)?;
+    let host_mac = random_mac();
+    let (address_tx, address_rx) = std::sync::mpsc::sync_channel(1);
+    let (pod_side, allocated) = netns.run_alongside(
+        || wire_pod_side(netns, link, host_mac, host.fd(), address_rx),
+        move || {
+            let allocated = allocate();
+            // The pod side may have failed already and hung up; its error is reported below.
+            let _ = address_tx.send(allocated.as_ref().ok().map(|a| a.address));
+            allocated
+        },
+    );
+    let allocated = match allocated {
+        Ok(allocated) => allocated,
         Err(e) => {
-            let _ = remove(&pod.host_veth, pod.address);
-            let _ = remove_veth(&pod.host_veth);
-            Err(e)
+            let _ = remove_veth(&link.host_veth);
+            return Err(AddError::Allocation(e));
+        }
+    };
+    let wired = pod_side.and_then(|side| side).and_then(|side| {
+        let (pod_mac, host_index) =
+            side.ok_or_else(|| Error::Invalid("the pod side stopped without an address".into()))?;
+        wire_host_side(link, &allocated, host_index)?;
+        Ok(Wired { host_mac, pod_mac })
+    });
+    match wired {
+        Ok(wired) => Ok((wired, allocated)),
+        Err(error) => {
+            let _ = remove(&link.host_veth, allocated.address);
+            let _ = remove_veth(&link.host_veth);
+            Err(AddError::Wiring {
+                error,
+                allocated: Some(allocated),
+            })
         }
     }
 }
 
-fn add_unchecked(netns: &NetNs, pod: &PodNetwork) -> Result<Wired> {
-    let host = NetNs::current()?;
-    let host_fd = host.fd();
+/// The host end: its IPv6 settings, up, the /32 route to the pod and the pod's policy rules.
+fn wire_host_side(link: &PodLink, pod: &PodAddress, index: u32) -> Result<()> {
+    // The host end stays down until its IPv6 settings are written, so that it never sends a router
+    // solicitation or accepts an advertisement.
+    for (key, value) in [
+        ("accept_ra", "0"),
+        ("accept_redirects", "1"),
+        ("forwarding", "0"),
+    ] {
+        nl::write_sysctl(
+            &format!("net/ipv6/conf/{}/{key}", link.host_veth),
+            value,
+            true,
+        )?;
+    }
     nl::run(|handle| async move {
-        // A host veth of the same name is left from an earlier sandbox of the same pod.
-        if let Some(stale) = nl::link_by_name(&handle, &pod.host_veth).await? {
-            tolerate_missing(handle.link().del(stale.header.index).execute().await)
-                .context(|| format!("deleting stale {}", pod.host_veth))?;
-        }
-        let host_mac = random_mac();
-        // Blocking here is fine: this runtime has nothing else to do meanwhile.
-        let (pod_mac, index) = netns.run(|| wire_pod_side(netns, pod, host_mac, host_fd))??;
-
-        // The host end stays down until its IPv6 settings are written, so that it never sends a
-        // router solicitation or accepts an advertisement.
-        for (key, value) in [
-            ("accept_ra", "0"),
-            ("accept_redirects", "1"),
-            ("forwarding", "0"),
-        ] {
-            nl::write_sysctl(
-                &format!("net/ipv6/conf/{}/{key}", pod.host_veth),
-                value,
-                true,
-            )?;
-        }
         handle
             .link()
             .set(LinkUnspec::new_with_index(index).up().build())
             .execute()
             .await
-            .context(|| format!("bringing {} up", pod.host_veth))?;
+            .context(|| format!("bringing {} up", link.host_veth))?;
         let to_pod = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(pod.address, 32)
             .output_interface(index)
@@ -118,7 +170,7 @@ fn add_unchecked(netns: &NetNs, pod: &PodNetwork) -> Result<Wired> {
             .replace()
             .execute()
             .await
-            .context(|| format!("adding route {}/32 dev {}", pod.address, pod.host_veth))?;
+            .context(|| format!("adding route {}/32 dev {}", pod.address, link.host_veth))?;
         add_rule(
             &handle,
             rule(TO_POD_PRIORITY, None, Some(pod.address), MAIN_TABLE),
@@ -131,29 +183,31 @@ fn add_unchecked(netns: &NetNs, pod: &PodNetwork) -> Result<Wired> {
             )
             .await?;
         }
-        Ok(Wired { host_mac, pod_mac })
+        Ok(())
     })
 }
 
 /// Runs inside the pod's namespace: creates the veth with its host end placed straight into the
-/// host namespace (`host_fd`), then the pod's gateway route, default route, address and neighbour.
-/// Returns the pod end's MAC and the host end's index.
+/// host namespace (`host_fd`), the pod's gateway route, default route and neighbour, then waits for
+/// the address and adds it. Returns the pod end's MAC and the host end's index, or `None` when no
+/// address came.
 fn wire_pod_side(
     netns: &NetNs,
-    pod: &PodNetwork,
+    link: &PodLink,
     host_mac: [u8; 6],
     host_fd: std::os::unix::io::RawFd,
-) -> Result<([u8; 6], u32)> {
+    address: std::sync::mpsc::Receiver<Option<Ipv4Addr>>,
+) -> Result<Option<([u8; 6], u32)>> {
     nl::run(|handle| async move {
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
-            .name(pod.host_veth.clone())
-            .mtu(pod.mtu)
+            .name(link.host_veth.clone())
+            .mtu(link.mtu)
             .address(host_mac.to_vec())
             .setns_by_fd(host_fd)
             .build();
-        let veth = LinkVeth::new(&pod.ifname, &pod.host_veth)
+        let veth = LinkVeth::new(&link.ifname, &link.host_veth)
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .mtu(pod.mtu)
+            .mtu(link.mtu)
             .up()
             .build();
         // No look before creating: the kernel refuses a name that exists, one round trip less.
@@ -161,30 +215,24 @@ fn wire_pod_side(
             Err(e) if nl::errno(&e) == Some(libc::EEXIST) => {
                 return Err(Error::Invalid(format!(
                     "{} already exists in {}",
-                    pod.ifname,
+                    link.ifname,
                     netns.path().display()
                 )))
             }
             other => {
-                other.context(|| format!("creating veth {} / {}", pod.ifname, pod.host_veth))?
+                other.context(|| format!("creating veth {} / {}", link.ifname, link.host_veth))?
             }
         }
-        let link = nl::link_by_name(&handle, &pod.ifname)
+        let pod_link = nl::link_by_name(&handle, &link.ifname)
             .await?
-            .ok_or_else(|| Error::Invalid(format!("{} vanished", pod.ifname)))?;
-        let index = link.header.index;
-        let pod_mac = mac_array(nl::link_mac(&link));
+            .ok_or_else(|| Error::Invalid(format!("{} vanished", link.ifname)))?;
+        let index = pod_link.header.index;
+        let pod_mac = mac_array(nl::link_mac(&pod_link));
         // The peer's index in the host namespace, so that the host side need not look it up.
-        let host_index = nl::link_peer_index(&link)
-            .ok_or_else(|| Error::Invalid(format!("{} has no peer", pod.ifname)))?;
+        let host_index = nl::link_peer_index(&pod_link)
+            .ok_or_else(|| Error::Invalid(format!("{} has no peer", link.ifname)))?;
 
         nl::default_via_link_gateway(&handle, index, GATEWAY, MAIN_TABLE).await?;
-        handle
-            .address()
-            .add(index, IpAddr::V4(pod.address), 32)
-            .execute()
-            .await
-            .context(|| format!("adding {}/32 to {}", pod.address, pod.ifname))?;
         handle
             .neighbours()
             .add(index, IpAddr::V4(GATEWAY))
@@ -194,7 +242,17 @@ fn wire_pod_side(
             .execute()
             .await
             .context(|| format!("adding neighbour {GATEWAY}"))?;
-        Ok((pod_mac, host_index))
+        // Blocking is fine: this runtime has nothing else to do meanwhile.
+        let Ok(Some(address)) = address.recv() else {
+            return Ok(None);
+        };
+        handle
+            .address()
+            .add(index, IpAddr::V4(address), 32)
+            .execute()
+            .await
+            .context(|| format!("adding {address}/32 to {}", link.ifname))?;
+        Ok(Some((pod_mac, host_index)))
     })
 }
 
@@ -247,21 +305,22 @@ fn remove_veth(host_veth: &str) -> Result<()> {
 /// Compares the pod's wiring with what the kernel has, in the pod and on the host, and returns every
 /// difference in words; empty means the pod is wired as it should be.
 pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
+    let (link, pod) = (&pod.link, &pod.address);
     let mut problems = Vec::new();
     let host_mac = nl::run(|handle| async move {
         let mut problems = Vec::new();
-        let Some(veth) = nl::link_by_name(&handle, &pod.host_veth).await? else {
-            problems.push(format!("host veth {} does not exist", pod.host_veth));
+        let Some(veth) = nl::link_by_name(&handle, &link.host_veth).await? else {
+            problems.push(format!("host veth {} does not exist", link.host_veth));
             return Ok((problems, None));
         };
         if !nl::link_is_up(&veth) {
-            problems.push(format!("host veth {} is down", pod.host_veth));
+            problems.push(format!("host veth {} is down", link.host_veth));
         }
-        if nl::link_mtu(&veth) != Some(pod.mtu) {
+        if nl::link_mtu(&veth) != Some(link.mtu) {
             problems.push(format!(
                 "host veth MTU is {:?}, expected {}",
                 nl::link_mtu(&veth),
-                pod.mtu
+                link.mtu
             ));
         }
         let routes = nl::ipv4_routes(&handle).await?;
@@ -272,7 +331,7 @@ pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
             None => problems.push(format!("host has no route to {}/32", pod.address)),
             Some(r) if nl::route_oif(r) != Some(veth.header.index) => problems.push(format!(
                 "host route to {}/32 does not go to {}",
-                pod.address, pod.host_veth
+                pod.address, link.host_veth
             )),
             Some(_) => {}
         }
@@ -311,20 +370,20 @@ pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
     let pod_problems = netns.run(|| {
         nl::run(|handle| async move {
             let mut problems = Vec::new();
-            let Some(link) = nl::link_by_name(&handle, &pod.ifname).await? else {
-                problems.push(format!("{} does not exist in the pod", pod.ifname));
+            let Some(pod_link) = nl::link_by_name(&handle, &link.ifname).await? else {
+                problems.push(format!("{} does not exist in the pod", link.ifname));
                 return Ok(problems);
             };
-            let index = link.header.index;
-            if !nl::link_is_up(&link) {
-                problems.push(format!("{} is down", pod.ifname));
+            let index = pod_link.header.index;
+            if !nl::link_is_up(&pod_link) {
+                problems.push(format!("{} is down", link.ifname));
             }
-            if nl::link_mtu(&link) != Some(pod.mtu) {
+            if nl::link_mtu(&pod_link) != Some(link.mtu) {
                 problems.push(format!(
                     "{} MTU is {:?}, expected {}",
-                    pod.ifname,
-                    nl::link_mtu(&link),
-                    pod.mtu
+                    link.ifname,
+                    nl::link_mtu(&pod_link),
+                    link.mtu
                 ));
             }
             let addresses: Vec<(Ipv4Addr, u8)> = nl::ipv4_addresses(&handle, index)
@@ -335,7 +394,7 @@ pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
             if !addresses.contains(&(pod.address, 32)) {
                 problems.push(format!(
                     "{} has {addresses:?}, expected {}/32",
-                    pod.ifname, pod.address
+                    link.ifname, pod.address
                 ));
             }
             let routes = nl::ipv4_routes(&handle).await?;
@@ -591,20 +650,18 @@ mod tests {
 
     #[test]
     fn bad_names_and_mtus_are_refused_before_anything_is_created() {
-        let ok = PodNetwork {
+        let ok = PodLink {
             host_veth: "eni0123456789a".into(),
             ifname: "eth0".into(),
-            address: Ipv4Addr::new(10, 0, 0, 5),
             mtu: 9001,
-            route_table: MAIN_TABLE,
         };
         assert!(ok.validate().is_ok());
-        let long = PodNetwork {
+        let long = PodLink {
             ifname: "a-very-long-interface".into(),
             ..ok.clone()
         };
         assert!(long.validate().is_err());
-        let tiny = PodNetwork { mtu: 100, ..ok };
+        let tiny = PodLink { mtu: 100, ..ok };
         assert!(tiny.validate().unwrap_err().to_string().contains("MTU 100"));
     }
 

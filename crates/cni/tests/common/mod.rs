@@ -14,7 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub const PLUGIN: &str = env!("CARGO_BIN_EXE_vpc-cni");
+/// The plugin under test: the one `VPC_CNI_PLUGIN` names (scripts/test.sh points it at the binary
+/// as shipped, from scripts/build-plugin.sh), else the one cargo built for this test run.
+pub fn plugin_binary() -> PathBuf {
+    std::env::var_os("VPC_CNI_PLUGIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vpc-cni")))
+}
 
 /// Says on the terminal, past the test harness's output capture, that a test did not run its body.
 pub fn skip(test: &str, why: &str) {
@@ -241,7 +247,7 @@ pub struct PluginRun {
 /// Runs the plugin binary with the given CNI environment and stdin, inside `node` if given (the
 /// node's namespace), and parses its stdout.
 pub fn plugin(node: Option<&Netns>, env: &[(&str, &str)], stdin: &str) -> PluginRun {
-    run_cni(Path::new(PLUGIN), node, env, stdin)
+    run_cni(&plugin_binary(), node, env, stdin)
 }
 
 /// Runs a CNI plugin binary as a runtime does: entered into `node`'s namespace before exec, the
