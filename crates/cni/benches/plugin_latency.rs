@@ -1,5 +1,6 @@
 //! 100 pods through ADD and DEL with our plugin and with the reference ptp + host-local plugins, in
-//! the same run on the same machine, each plugin process started inside the same node namespace.
+//! the same run on the same machine, taking turns pod by pod, each plugin process started inside the
+//! same node namespace.
 //! Prints p50 and p90 of each and our ratio to the reference. Needs root, the reference plugins
 //! (`containernetworking-plugins`) and iproute2.
 
@@ -9,7 +10,7 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const PODS: usize = 100;
@@ -29,33 +30,56 @@ fn percentile(samples: &mut [Duration], p: f64) -> f64 {
     samples[index].as_secs_f64() * 1000.0
 }
 
+#[derive(Default)]
 struct Figures {
     add: Vec<Duration>,
     del: Vec<Duration>,
 }
 
-fn run(name: &str, binary: &Path, conf: &str, node: &Netns, pods: &[Netns]) -> Figures {
-    let mut figures = Figures {
-        add: Vec::new(),
-        del: Vec::new(),
-    };
-    let mut results = Vec::new();
-    for (i, pod) in pods.iter().enumerate() {
-        let env = cni_env("ADD", i, pod);
-        let timed = invoke(binary, node, &env, conf);
-        figures.add.push(timed.elapsed);
-        results.push(timed.raw);
+/// A plugin under test and the pods it wires.
+struct Contender<'a> {
+    binary: PathBuf,
+    conf: String,
+    pods: Vec<Netns>,
+    results: Vec<String>,
+    figures: Figures,
+    node: &'a Netns,
+}
+
+impl Contender<'_> {
+    fn add(&mut self, i: usize) {
+        let timed = invoke(
+            &self.binary,
+            self.node,
+            &cni_env("ADD", i, &self.pods[i]),
+            &self.conf,
+        );
+        self.figures.add.push(timed.elapsed);
+        self.results.push(timed.raw);
     }
-    for (i, pod) in pods.iter().enumerate() {
-        let env = cni_env("DEL", i, pod);
-        let mut with_prev: Value = serde_json::from_str(conf).unwrap();
-        with_prev["prevResult"] = serde_json::from_str(&results[i]).unwrap();
-        figures
-            .del
-            .push(invoke(binary, node, &env, &with_prev.to_string()).elapsed);
+
+    fn del(&mut self, i: usize) {
+        let mut with_prev: Value = serde_json::from_str(&self.conf).unwrap();
+        with_prev["prevResult"] = serde_json::from_str(&self.results[i]).unwrap();
+        let timed = invoke(
+            &self.binary,
+            self.node,
+            &cni_env("DEL", i, &self.pods[i]),
+            &with_prev.to_string(),
+        );
+        self.figures.del.push(timed.elapsed);
     }
-    eprintln!("{name}: {} pods added and deleted", pods.len());
-    figures
+}
+
+/// Both plugins in turns, pod by pod, so that whatever else the machine does meanwhile (the
+/// kernel tearing down namespaces of an earlier run, say) weighs on both alike.
+fn race(contenders: &mut [Contender], pods: usize) {
+    for i in 0..pods {
+        contenders.iter_mut().for_each(|c| c.add(i));
+    }
+    for i in 0..pods {
+        contenders.iter_mut().for_each(|c| c.del(i));
+    }
 }
 
 fn cni_env(command: &str, i: usize, pod: &Netns) -> Vec<(&'static str, String)> {
@@ -80,7 +104,7 @@ fn main() {
     let node = Netns::new("bnode");
     // Fresh pod namespaces for every run: after DEL the runtime deletes them, which is when the
     // veths go (for both plugins' pods alike, outside the timed calls).
-    let pods = |n: usize| -> Vec<Netns> { (0..n).map(|_| Netns::new("bpod")).collect() };
+    let fresh_pods = |n: usize| -> Vec<Netns> { (0..n).map(|_| Netns::new("bpod")).collect() };
 
     let addresses: Vec<(Ipv4Addr, u32, u32)> = (0..PODS)
         .map(|i| {
@@ -105,29 +129,34 @@ fn main() {
     })
     .to_string();
 
-    // One warm-up pass each, so that neither pays for cold page caches.
-    run(
-        "warm-up vpc-cni",
-        &plugin_binary(),
-        &ours_conf,
-        &node,
-        &pods(5),
-    );
-    run(
-        "warm-up ptp + host-local",
-        &Path::new(REFERENCE).join("ptp"),
-        &reference_conf,
-        &node,
-        &pods(5),
-    );
-    let mut ours = run("vpc-cni", &plugin_binary(), &ours_conf, &node, &pods(PODS));
-    let mut reference = run(
-        "ptp + host-local",
-        &Path::new(REFERENCE).join("ptp"),
-        &reference_conf,
-        &node,
-        &pods(PODS),
-    );
+    let contenders = |pods: usize| {
+        vec![
+            Contender {
+                binary: plugin_binary(),
+                conf: ours_conf.clone(),
+                pods: fresh_pods(pods),
+                results: Vec::new(),
+                figures: Figures::default(),
+                node: &node,
+            },
+            Contender {
+                binary: Path::new(REFERENCE).join("ptp"),
+                conf: reference_conf.clone(),
+                pods: fresh_pods(pods),
+                results: Vec::new(),
+                figures: Figures::default(),
+                node: &node,
+            },
+        ]
+    };
+    // A warm-up round, so that neither pays for cold page caches.
+    race(&mut contenders(5), 5);
+    let mut measured = contenders(PODS);
+    race(&mut measured, PODS);
+    let [ours, reference] = &mut measured[..] else {
+        unreachable!("two contenders")
+    };
+    let (ours, reference) = (&mut ours.figures, &mut reference.figures);
 
     let row = |name: &str, f: &mut Figures| {
         let add = (percentile(&mut f.add, 0.5), percentile(&mut f.add, 0.9));
@@ -138,10 +167,12 @@ fn main() {
         );
         (add, del)
     };
-    println!("{PODS} pods, ADD then DEL, each plugin process started in the node namespace");
+    println!(
+        "{PODS} pods, ADD then DEL, the two plugins taking turns, each process started in the node namespace"
+    );
     println!("vpc-cni binary: {}", plugin_binary().display());
-    let (our_add, our_del) = row("vpc-cni", &mut ours);
-    let (ref_add, ref_del) = row("ptp + host-local", &mut reference);
+    let (our_add, our_del) = row("vpc-cni", ours);
+    let (ref_add, ref_del) = row("ptp + host-local", reference);
     println!(
         "ratio ADD p50 {:.3} (target <= 0.25), p90 {:.3}",
         our_add.0 / ref_add.0,

@@ -176,9 +176,7 @@ fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<String, CniError> {
                     pod: Some(pod_ref(&args)),
                     reason: DelReason::SetupFailed,
                 };
-                if let Err(del_error) =
-                    proto::call(&conf.ipamd_socket, &give_back, OTHER_TIMEOUT)
-                {
+                if let Err(del_error) = proto::call(&conf.ipamd_socket, &give_back, OTHER_TIMEOUT) {
                     log.write(&format!(
                         "could not return {} after a failed ADD: {del_error}",
                         allocated.address

@@ -85,9 +85,10 @@ impl PodLink {
     }
 }
 
-/// Wires the pod, calling `allocate` for its address on this thread while the veth pair is being
+/// Wires the pod. `allocate` is called for its address on this thread while the veth pair is
 /// created in the pod's namespace: the daemon's answer (a checkpoint write) and the kernel's veth
-/// creation are the two slowest steps of an ADD and need nothing from each other.
+/// creation are the two slowest steps of an ADD and need nothing from each other. The host end is
+/// then wired here while the pod's routes and address are added there.
 pub fn add<E>(
     netns: &NetNs,
     link: &PodLink,
@@ -99,16 +100,27 @@ pub fn add<E>(
     };
     link.validate().map_err(unallocated)?;
     let host = NetNs::current().map_err(unallocated)?;
-    remove_veth(&link.host_veth).map_err(unallocated)?;
+    // A host veth of the same name is left from an earlier sandbox of the same pod. Asking the
+    // kernel for the index is a tenth of the cost of a netlink lookup, and it is almost always 0.
+    if host_link_exists(&link.host_veth) {
+        remove_veth(&link.host_veth).map_err(unallocated)?;
+    }
     let host_mac = random_mac();
+    let (created_tx, created_rx) = std::sync::mpsc::sync_channel(1);
     let (address_tx, address_rx) = std::sync::mpsc::sync_channel(1);
-    let (pod_side, allocated) = netns.run_alongside(
-        || wire_pod_side(netns, link, host_mac, host.fd(), address_rx),
+    let (pod_side, (allocated, host_side)) = netns.run_alongside(
+        || wire_pod_side(netns, link, host_mac, host.fd(), created_tx, address_rx),
         move || {
             let allocated = allocate();
             // The pod side may have failed already and hung up; its error is reported below.
             let _ = address_tx.send(allocated.as_ref().ok().map(|a| a.address));
-            allocated
+            let host_side = match (&allocated, created_rx.recv()) {
+                (Ok(pod), Ok(created)) => {
+                    Some(wire_host_side(link, pod, created.host_index).map(|()| created.pod_mac))
+                }
+                _ => None,
+            };
+            (allocated, host_side)
         },
     );
     let allocated = match allocated {
@@ -118,10 +130,11 @@ pub fn add<E>(
             return Err(AddError::Allocation(e));
         }
     };
-    let wired = pod_side.and_then(|side| side).and_then(|side| {
-        let (pod_mac, host_index) =
-            side.ok_or_else(|| Error::Invalid("the pod side stopped without an address".into()))?;
-        wire_host_side(link, &allocated, host_index)?;
+    // The pod side's error comes first: when it failed, the host side never started.
+    let wired = pod_side.and_then(|side| side).and_then(|()| {
+        let pod_mac = host_side.ok_or_else(|| {
+            Error::Invalid("the pod side stopped before creating the veth".into())
+        })??;
         Ok(Wired { host_mac, pod_mac })
     });
     match wired {
@@ -135,6 +148,21 @@ pub fn add<E>(
             })
         }
     }
+}
+
+fn host_link_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
+/// What the pod side tells the host side once the veth pair exists.
+struct Created {
+    pod_mac: [u8; 6],
+    /// The host end's index in the host namespace.
+    host_index: u32,
 }
 
 /// The host end: its IPv6 settings, up, the /32 route to the pod and the pod's policy rules.
@@ -188,16 +216,17 @@ fn wire_host_side(link: &PodLink, pod: &PodAddress, index: u32) -> Result<()> {
 }
 
 /// Runs inside the pod's namespace: creates the veth with its host end placed straight into the
-/// host namespace (`host_fd`), the pod's gateway route, default route and neighbour, then waits for
-/// the address and adds it. Returns the pod end's MAC and the host end's index, or `None` when no
-/// address came.
+/// host namespace (`host_fd`) and reports it through `created`, adds the pod's gateway route,
+/// default route and neighbour, then waits for the address and adds it. Returns without adding
+/// one when none comes.
 fn wire_pod_side(
     netns: &NetNs,
     link: &PodLink,
     host_mac: [u8; 6],
     host_fd: std::os::unix::io::RawFd,
+    created: std::sync::mpsc::SyncSender<Created>,
     address: std::sync::mpsc::Receiver<Option<Ipv4Addr>>,
-) -> Result<Option<([u8; 6], u32)>> {
+) -> Result<()> {
     nl::run(|handle| async move {
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(link.host_veth.clone())
@@ -227,10 +256,14 @@ fn wire_pod_side(
             .await?
             .ok_or_else(|| Error::Invalid(format!("{} vanished", link.ifname)))?;
         let index = pod_link.header.index;
-        let pod_mac = mac_array(nl::link_mac(&pod_link));
         // The peer's index in the host namespace, so that the host side need not look it up.
         let host_index = nl::link_peer_index(&pod_link)
             .ok_or_else(|| Error::Invalid(format!("{} has no peer", link.ifname)))?;
+        // The host side may have given up already (no address); then nobody is waiting.
+        let _ = created.send(Created {
+            pod_mac: mac_array(nl::link_mac(&pod_link)),
+            host_index,
+        });
 
         nl::default_via_link_gateway(&handle, index, GATEWAY, MAIN_TABLE).await?;
         handle
@@ -244,15 +277,14 @@ fn wire_pod_side(
             .context(|| format!("adding neighbour {GATEWAY}"))?;
         // Blocking is fine: this runtime has nothing else to do meanwhile.
         let Ok(Some(address)) = address.recv() else {
-            return Ok(None);
+            return Ok(());
         };
         handle
             .address()
             .add(index, IpAddr::V4(address), 32)
             .execute()
             .await
-            .context(|| format!("adding {address}/32 to {}", link.ifname))?;
-        Ok(Some((pod_mac, host_index)))
+            .context(|| format!("adding {address}/32 to {}", link.ifname))
     })
 }
 
