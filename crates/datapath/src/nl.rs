@@ -97,14 +97,6 @@ pub(crate) fn link_mac(link: &LinkMessage) -> Option<&[u8]> {
     })
 }
 
-/// A veth's peer index (in the peer's namespace).
-pub(crate) fn link_peer_index(link: &LinkMessage) -> Option<u32> {
-    link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Link(index) => Some(*index),
-        _ => None,
-    })
-}
-
 pub(crate) fn link_mtu(link: &LinkMessage) -> Option<u32> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::Mtu(mtu) => Some(*mtu),
