@@ -135,19 +135,30 @@ fn a_netns_that_does_not_exist_is_an_unknown_container() {
     assert!(server.requests().is_empty(), "no address may be taken");
 }
 
+/// The veth pair is created while the daemon is asked for the address; when no address comes,
+/// neither end may stay behind.
+fn assert_nothing_wired(node: &Netns, pod: &Netns) {
+    let pod_links = pod.exec("ip -o link show");
+    assert!(!pod_links.contains("eth0"), "{pod_links}");
+    let node_links = node.exec("ip -o link show");
+    assert!(!node_links.contains("eni"), "{node_links}");
+}
+
 #[test]
-fn add_with_the_daemon_down_says_try_again_later() {
-    if !can_run_datapath_tests("add_with_the_daemon_down_says_try_again_later") {
+fn add_with_the_daemon_down_says_try_again_later_and_wires_nothing() {
+    if !can_run_datapath_tests("add_with_the_daemon_down_says_try_again_later_and_wires_nothing") {
         return;
     }
+    let node = Netns::new("badnode");
     let pod = Netns::new("badpod");
     let path = pod.path();
     let run = plugin(
-        None,
+        Some(&node),
         &add_env(path.to_str().unwrap()),
         &conf("1.0.0", Path::new(NO_DAEMON), json!({})),
     );
     assert_error(&run, 11, NO_DAEMON);
+    assert_nothing_wired(&node, &pod);
 }
 
 #[test]
@@ -156,15 +167,16 @@ fn an_empty_pool_says_try_again_later_and_wires_nothing() {
         return;
     }
     let server = AddressServer::start(&[]);
+    let node = Netns::new("badnode");
     let pod = Netns::new("badpod");
     let path = pod.path();
     let run = plugin(
-        None,
+        Some(&node),
         &add_env(path.to_str().unwrap()),
         &conf("1.0.0", &server.socket, json!({})),
     );
     assert_error(&run, 11, "no free address");
-    assert!(!pod.exec("ip -o link show").contains("eth0"));
+    assert_nothing_wired(&node, &pod);
 }
 
 #[test]
