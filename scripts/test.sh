@@ -61,15 +61,29 @@ if readelf -lW "$VPC_CNI_PLUGIN" | grep -q INTERP || readelf -dW "$VPC_CNI_PLUGI
 fi
 
 echo "== tests"
-cargo test --workspace 2>&1 | tee target/test.log
+# Every test binary runs even after one fails, so a run names every failure at once.
+set +e
+cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
+status=${PIPESTATUS[0]}
+set -e
 echo "== summary (target/ holds $(du -sh target | cut -f1))"
 python3 - <<'PY'
 import re
 passed = failed = ignored = 0
+failures = []
 for line in open("target/test.log"):
     m = re.match(r"test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored", line)
     if m:
         passed += int(m[1]); failed += int(m[2]); ignored += int(m[3])
+    m = re.match(r"test (\S+) \.\.\. FAILED", line)
+    if m:
+        failures.append(m[1])
 skipped = sum(1 for line in open("target/test.log") if line.startswith("SKIPPED"))
+for name in failures:
+    print(f"FAILED: {name}")
 print(f"{passed} passed, {failed} failed, {ignored} ignored; {skipped} of the passed skipped their body (see SKIPPED lines)")
 PY
+if [ "$status" -ne 0 ]; then
+  echo "scripts/test.sh: cargo test exited with $status" >&2
+  exit "$status"
+fi

@@ -11,6 +11,7 @@ use aws_sdk_ec2::types::{
 };
 use ipam::limits::InstanceLimits;
 use ipam::net::{Ipv4Cidr, Ipv6Cidr};
+use ipam::ownership::InterfaceType;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
@@ -233,6 +234,9 @@ fn eni_from(e: &sdk::NetworkInterface) -> Eni {
             .filter_map(|g| g.group_id().map(str::to_string))
             .collect(),
         tags: tags(e.tag_set()),
+        interface_type: InterfaceType::parse(
+            e.interface_type().map(|t| t.as_str()).unwrap_or_default(),
+        ),
         attachment: e.attachment().map(|a| EniAttachment {
             id: a.attachment_id().unwrap_or_default().to_string(),
             instance_id: a.instance_id().unwrap_or_default().to_string(),

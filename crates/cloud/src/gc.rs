@@ -5,7 +5,7 @@
 use crate::{Ec2, Eni, EniQuery, Result};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub const INSTANCE_TAG: &str = "node.k8s.amazonaws.com/instance_id";
+pub use ipam::ownership::{INSTANCE_TAG, NO_MANAGE_TAG};
 pub const CREATED_AT_TAG: &str = "node.k8s.amazonaws.com/createdAt";
 pub const CLUSTER_TAG: &str = "cluster.k8s.amazonaws.com/name";
 pub const DESCRIPTION_PREFIX: &str = "aws-K8S-";
@@ -86,6 +86,7 @@ fn is_ours(eni: &Eni, scan: &LeakScan) -> bool {
         && eni.vpc_id == scan.vpc_id
         && eni.description.starts_with(DESCRIPTION_PREFIX)
         && eni.tags.contains_key(INSTANCE_TAG)
+        && eni.tags.get(NO_MANAGE_TAG).map(String::as_str) != Some("true")
         && scan
             .cluster_name
             .as_ref()

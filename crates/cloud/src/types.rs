@@ -1,4 +1,5 @@
 use ipam::net::{Ipv4Cidr, Ipv6Cidr};
+use ipam::ownership::InterfaceType;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
@@ -30,6 +31,7 @@ pub struct Eni {
     pub ipv6_prefixes: Vec<Ipv6Cidr>,
     pub security_groups: Vec<String>,
     pub tags: BTreeMap<String, String>,
+    pub interface_type: InterfaceType,
     pub attachment: Option<EniAttachment>,
 }
 

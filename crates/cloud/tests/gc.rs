@@ -2,7 +2,7 @@
 //! description), old, young, untagged or unreadable age, attached or not, this cluster or another.
 
 use cloud::aws::AwsEc2;
-use cloud::gc::{self, LeakScan, CLUSTER_TAG, CREATED_AT_TAG, INSTANCE_TAG};
+use cloud::gc::{self, LeakScan, CLUSTER_TAG, CREATED_AT_TAG, INSTANCE_TAG, NO_MANAGE_TAG};
 use cloud::throttle::Pacing;
 use cloud::{CreateEni, Ec2, EniQuery};
 use simvpc_http::{ServeConfig, Server};
@@ -79,6 +79,17 @@ async fn collects_only_old_available_enis_of_ours() {
             attach: false,
         },
         Case {
+            // Someone took a detached ENI of ours for their own use and said so.
+            name: "no-manage",
+            description: "aws-K8S-i-0dead",
+            tags: {
+                let mut tags = ours(Some(&old), "prod");
+                tags.push((NO_MANAGE_TAG, "true".into()));
+                tags
+            },
+            attach: false,
+        },
+        Case {
             name: "no-instance-tag",
             description: "aws-K8S-i-0dead",
             tags: vec![(CLUSTER_TAG, "prod".into()), (CREATED_AT_TAG, old.clone())],
@@ -122,7 +133,11 @@ async fn collects_only_old_available_enis_of_ours() {
     let mut expected = vec![ids["untagged-age"].clone(), ids["unreadable-age"].clone()];
     expected.sort();
     assert_eq!(tagged, expected, "an unreadable age is re-tagged and kept");
-    assert_eq!(report.not_ours, [ids["not-our-description"].clone()]);
+    let mut not_ours = report.not_ours.clone();
+    not_ours.sort();
+    let mut expected = vec![ids["not-our-description"].clone(), ids["no-manage"].clone()];
+    expected.sort();
+    assert_eq!(not_ours, expected);
 
     let remaining = ec2
         .describe_network_interfaces(&EniQuery {
@@ -143,6 +158,7 @@ async fn collects_only_old_available_enis_of_ours() {
         "attached",
         "other-cluster",
         "not-our-description",
+        "no-manage",
         "no-instance-tag",
     ] {
         assert!(remaining.contains_key(kept), "{kept} was deleted");

@@ -102,7 +102,8 @@ impl Vpc {
                 mac: ETH1_MAC,
                 primary_ip: ETH1_IP,
                 subnet: (Ipv4Addr::new(10, 0, 0, 0), 24),
-                route_table: node::route_table_for(1, 0),
+                // Upstream's table for device 1 on card 0 (ipam::ownership::route_table).
+                route_table: 2,
                 mtu: 9001,
             })
             .unwrap();
@@ -565,4 +566,229 @@ fn gc_removes_the_host_state_of_attachments_no_longer_valid() {
     let veths = node.exec("ip -o link show");
     assert!(!veths.contains(&datapath::names::host_veth_name("eni", "default.stale")));
     assert!(veths.contains(&datapath::names::host_veth_name("eni", "default.kept")));
+}
+
+/// kube-proxy's rules for two Services, as it writes them in iptables mode (through iptables-nft
+/// or iptables-legacy) and in nftables mode, reduced to those Services: `self`, ClusterIP
+/// 172.20.0.10:80 backed by the pod on eth0 (a pod reaching itself is marked for masquerade), and
+/// `np`, NodePort 30080 with externalTrafficPolicy Cluster, backed by the pod on eth1.
+fn kube_proxy_rules(node: &Netns, mode: &str) {
+    const IPTABLES: &str = r#"*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SVC-SELF - [0:0]
+:KUBE-SEP-SELF - [0:0]
+:KUBE-EXT-NP - [0:0]
+:KUBE-SVC-NP - [0:0]
+:KUBE-SEP-NP - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
+-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully
+-A KUBE-SERVICES -d 172.20.0.10/32 -p tcp -m comment --comment "default/self cluster IP" -m tcp --dport 80 -j KUBE-SVC-SELF
+-A KUBE-SVC-SELF -m comment --comment "default/self -> 10.0.0.40:8080" -j KUBE-SEP-SELF
+-A KUBE-SEP-SELF -s 10.0.0.40/32 -m comment --comment "default/self" -j KUBE-MARK-MASQ
+-A KUBE-SEP-SELF -p tcp -m comment --comment "default/self" -m tcp -j DNAT --to-destination 10.0.0.40:8080
+-A KUBE-NODEPORTS -p tcp -m comment --comment "default/np" -m tcp --dport 30080 -j KUBE-EXT-NP
+-A KUBE-EXT-NP -m comment --comment "masquerade traffic for default/np external destinations" -j KUBE-MARK-MASQ
+-A KUBE-EXT-NP -j KUBE-SVC-NP
+-A KUBE-SVC-NP -m comment --comment "default/np -> 10.0.0.50:8080" -j KUBE-SEP-NP
+-A KUBE-SEP-NP -s 10.0.0.50/32 -m comment --comment "default/np" -j KUBE-MARK-MASQ
+-A KUBE-SEP-NP -p tcp -m comment --comment "default/np" -m tcp -j DNAT --to-destination 10.0.0.50:8080
+-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+COMMIT
+"#;
+    const NFTABLES: &str = r#"table ip kube-proxy {
+  chain mark-for-masquerade {
+    meta mark set meta mark | 0x4000
+  }
+  chain masquerading {
+    meta mark & 0x4000 == 0 return
+    meta mark set meta mark ^ 0x4000
+    masquerade fully-random
+  }
+  chain nat-prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+    jump services
+  }
+  chain nat-output {
+    type nat hook output priority -100; policy accept;
+    jump services
+  }
+  chain nat-postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+    jump masquerading
+  }
+  chain services {
+    ip daddr 172.20.0.10 tcp dport 80 goto service-self
+    fib daddr type local tcp dport 30080 goto external-np
+  }
+  chain service-self {
+    goto endpoint-self
+  }
+  chain endpoint-self {
+    ip saddr 10.0.0.40 jump mark-for-masquerade
+    meta l4proto tcp dnat to 10.0.0.40:8080
+  }
+  chain external-np {
+    jump mark-for-masquerade
+    goto service-np
+  }
+  chain service-np {
+    goto endpoint-np
+  }
+  chain endpoint-np {
+    ip saddr 10.0.0.50 jump mark-for-masquerade
+    meta l4proto tcp dnat to 10.0.0.50:8080
+  }
+}
+"#;
+    let (tool, rules) = match mode {
+        "iptables-nft" => ("iptables-nft-restore --noflush", IPTABLES),
+        "iptables-legacy" => ("iptables-legacy-restore --noflush", IPTABLES),
+        "nftables" => ("nft -f -", NFTABLES),
+        other => panic!("no kube-proxy mode {other}"),
+    };
+    sh(&format!(
+        "ip netns exec {} {tool} <<'RULES'\n{rules}RULES",
+        node.name
+    ));
+}
+
+fn kube_proxy_next_door(mode: &str) {
+    let test = format!("kube_proxy_next_door_{mode}");
+    if !can_run_datapath_tests(&test) {
+        return;
+    }
+    let restore = match mode {
+        "iptables-nft" => "iptables-nft-restore",
+        "iptables-legacy" => "iptables-legacy-restore",
+        _ => "nft",
+    };
+    if std::process::Command::new(restore)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        skip(
+            &test,
+            &format!("needs {restore}; scripts/test.sh installs the iptables package"),
+        );
+        return;
+    }
+    let vpc = Vpc::build();
+    kube_proxy_rules(&vpc.node, mode);
+    // The operator exempts all of 10/8 from SNAT on a 10.0.0.0/16 VPC: the nested block must not
+    // make nft refuse the table.
+    vpc.node.run(|| {
+        node::setup_eni(&EniLink {
+            mac: ETH1_MAC,
+            primary_ip: ETH1_IP,
+            subnet: (Ipv4Addr::new(10, 0, 0, 0), 24),
+            route_table: 2,
+            mtu: 9001,
+        })
+        .unwrap();
+        node::setup_host(&HostRouting {
+            primary_interface: "eth0".into(),
+            fwmark_rule: true,
+            connmark: 0x80,
+        })
+        .unwrap();
+        SnatPolicy {
+            exempt: vec![
+                (Ipv4Addr::new(10, 0, 0, 0), 16),
+                (Ipv4Addr::new(10, 0, 0, 0), 8),
+            ],
+            ..snat_policy(false)
+        }
+        .apply()
+        .unwrap();
+    });
+    let server = AddressServer::start(&[(POD_ON_ETH0, 0, 254), (POD_ON_ETH1, 1, 2)]);
+    let pod_a = Netns::new("kpa");
+    let pod_b = Netns::new("kpb");
+    add_pod(&vpc.node, &server, &pod_a, "ctr-a", "a");
+    add_pod(&vpc.node, &server, &pod_b, "ctr-b", "b");
+    vpc.place(POD_ON_ETH0, ETH0_MAC);
+    vpc.place(POD_ON_ETH1, ETH1_MAC);
+    let service = SocketAddr::from((Ipv4Addr::new(172, 20, 0, 10), 80));
+
+    // A pod reaches itself through its own Service: kube-proxy's masquerade bit must survive our
+    // connmark rules, or the reply never finds its way back.
+    let self_server = peer_echo_server(&pod_a, SocketAddr::from((POD_ON_ETH0, 8080)), 2);
+    let seen = seen_as(&pod_a, service)
+        .unwrap_or_else(|e| panic!("{mode}: the pod cannot reach itself through its Service: {e}"));
+    assert_ne!(
+        seen,
+        POD_ON_ETH0.to_string(),
+        "{mode}: hairpin not masqueraded"
+    );
+
+    // Another pod on the node through the same Service: not masqueraded, its own address.
+    assert_eq!(
+        seen_as(&pod_b, service).unwrap(),
+        POD_ON_ETH1.to_string(),
+        "{mode}"
+    );
+    self_server.join().unwrap();
+
+    // NodePort from the VPC to the pod on eth1: the replies leave by eth0, where it came in.
+    const ROUND_TRIPS: u64 = 20;
+    let np_server = peer_echo_server(&pod_b, SocketAddr::from((POD_ON_ETH1, 8080)), 1);
+    let (eth0_before, eth1_before) = (vpc.tx_packets("eth0"), vpc.tx_packets("eth1"));
+    let mut node_port = Client::connect(&vpc.vpc_host, SocketAddr::from((NODE_IP, 30080)))
+        .unwrap_or_else(|e| panic!("{mode}: NodePort: {e}"));
+    for _ in 0..ROUND_TRIPS {
+        let seen = node_port.seen_as().unwrap();
+        assert_ne!(
+            seen,
+            VPC_HOST.to_string(),
+            "{mode}: Cluster policy masquerades"
+        );
+    }
+    let (eth0_sent, eth1_sent) = (
+        vpc.tx_packets("eth0") - eth0_before,
+        vpc.tx_packets("eth1") - eth1_before,
+    );
+    assert!(
+        eth0_sent >= ROUND_TRIPS,
+        "{mode}: replies by eth0: {eth0_sent}"
+    );
+    assert!(
+        eth1_sent < ROUND_TRIPS,
+        "{mode}: replies by eth1: {eth1_sent}"
+    );
+    drop(node_port);
+    np_server.join().unwrap();
+
+    // Pods still reach the outside SNATed, next to kube-proxy's masquerade.
+    let outside = peer_echo_server(&vpc.outside, SocketAddr::from((OUTSIDE_HOST, 8083)), 1);
+    assert_eq!(
+        seen_as(&pod_b, SocketAddr::from((OUTSIDE_HOST, 8083))).unwrap(),
+        NODE_IP.to_string(),
+        "{mode}"
+    );
+    outside.join().unwrap();
+    drop((pod_a, pod_b));
+}
+
+#[test]
+fn kube_proxy_next_door_iptables_nft() {
+    kube_proxy_next_door("iptables-nft");
+}
+
+#[test]
+fn kube_proxy_next_door_iptables_legacy() {
+    kube_proxy_next_door("iptables-legacy");
+}
+
+#[test]
+fn kube_proxy_next_door_nftables() {
+    kube_proxy_next_door("nftables");
 }

@@ -31,16 +31,6 @@ impl EniLink {
     }
 }
 
-/// Upstream's route table for the ENI at `device_number` on `network_card`: card 0 uses
-/// device number + 1; other cards 10000 + device number + 100 × card. The primary ENI uses main.
-pub fn route_table_for(device_number: u32, network_card: u32) -> u32 {
-    match (device_number, network_card) {
-        (0, 0) => MAIN_TABLE,
-        (device, 0) => device + 1,
-        (device, card) => 10_000 + device + 100 * card,
-    }
-}
-
 /// The name of the link with this MAC, if any (the primary ENI's, to name it in rules and sysctls).
 pub fn link_name_by_mac(mac: [u8; 6]) -> Result<Option<String>> {
     nl::run(|handle| async move {
@@ -183,14 +173,6 @@ pub fn setup_host(host: &HostRouting) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn upstream_route_table_formula() {
-        assert_eq!(route_table_for(0, 0), MAIN_TABLE);
-        assert_eq!(route_table_for(1, 0), 2);
-        assert_eq!(route_table_for(1, 1), 10101);
-        assert_eq!(route_table_for(3, 2), 10203);
-    }
 
     #[test]
     fn the_gateway_is_the_subnet_base_plus_one() {

@@ -64,9 +64,9 @@ impl SnatPolicy {
         let pods = format!("iifname \"{}*\"", self.veth_prefix);
         let mut out = format!("table ip {TABLE} {{\n");
         out.push_str("  set snat-exempt {\n    type ipv4_addr\n    flags interval\n");
-        if !self.exempt.is_empty() {
-            let elements: Vec<String> = self
-                .exempt
+        let exempt = outermost(&self.exempt);
+        if !exempt.is_empty() {
+            let elements: Vec<String> = exempt
                 .iter()
                 .map(|(ip, len)| format!("{ip}/{len}"))
                 .collect();
@@ -95,8 +95,12 @@ impl SnatPolicy {
                 "    {pods} ct state new fib daddr type != local ip daddr != @snat-exempt ct mark set ct mark | {mark}\n"
             ));
         }
+        // Only our bit is added: kube-proxy's masquerade bit (0x4000), set at dstnat for a pod
+        // reaching itself through its Service, must survive to postrouting.
         if self.node_port_support || !self.external_snat {
-            out.push_str(&format!("    {pods} meta mark set ct mark & {mark}\n"));
+            out.push_str(&format!(
+                "    {pods} ct mark & {mark} == {mark} meta mark set meta mark | {mark}\n"
+            ));
         }
         out.push_str("  }\n");
 
@@ -125,6 +129,37 @@ impl SnatPolicy {
             self.ruleset()
         ))
     }
+}
+
+/// The blocks not inside another one, deduplicated and in order. nftables refuses a whole
+/// transaction whose interval set holds overlapping elements ("conflicting intervals"), and an
+/// operator's `AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS=10.0.0.0/8` on a 10.0.0.0/16 VPC is ordinary. Two
+/// CIDR blocks either nest or are disjoint, so dropping the nested ones leaves no overlap.
+fn outermost(blocks: &[(Ipv4Addr, u8)]) -> Vec<(Ipv4Addr, u8)> {
+    let mask = |len: u8| {
+        if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - len.min(32))
+        }
+    };
+    let mut normal: Vec<(u32, u8)> = blocks
+        .iter()
+        .map(|(ip, len)| (u32::from(*ip) & mask(*len), (*len).min(32)))
+        .collect();
+    // Widest first among equal bases, so a nested block always comes after its container.
+    normal.sort_by_key(|&(base, len)| (base, len));
+    normal.dedup();
+    let mut out: Vec<(u32, u8)> = Vec::new();
+    for (base, len) in normal {
+        let inside = out.iter().any(|&(b, l)| l <= len && base & mask(l) == b);
+        if !inside {
+            out.push((base, len));
+        }
+    }
+    out.into_iter()
+        .map(|(base, len)| (Ipv4Addr::from(base), len))
+        .collect()
 }
 
 /// Removes the table (and with it every rule this module added).
@@ -200,7 +235,10 @@ mod tests {
             !text.contains("ct state new fib daddr type != local"),
             "{text}"
         );
-        assert!(text.contains("meta mark set ct mark & 0x80"), "{text}");
+        assert!(
+            text.contains("ct mark & 0x80 == 0x80 meta mark set meta mark | 0x80"),
+            "{text}"
+        );
         let neither = SnatPolicy {
             external_snat: true,
             node_port_support: false,
@@ -208,6 +246,38 @@ mod tests {
         }
         .ruleset();
         assert!(!neither.contains("mark"), "{neither}");
+    }
+
+    #[test]
+    fn nested_exempt_blocks_collapse_to_the_outermost() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let blocks = [
+            (ip("10.0.0.0"), 16),
+            (ip("10.0.0.0"), 8),
+            (ip("100.64.0.0"), 16),
+            (ip("192.168.0.0"), 16),
+            (ip("192.168.3.7"), 24),
+            (ip("10.0.0.0"), 16),
+        ];
+        assert_eq!(
+            outermost(&blocks),
+            [
+                (ip("10.0.0.0"), 8),
+                (ip("100.64.0.0"), 16),
+                (ip("192.168.0.0"), 16)
+            ]
+        );
+        let everything = [(ip("10.0.0.0"), 16), (ip("0.0.0.0"), 0)];
+        assert_eq!(outermost(&everything), [(ip("0.0.0.0"), 0)]);
+        let text = SnatPolicy {
+            exempt: blocks.to_vec(),
+            ..policy()
+        }
+        .ruleset();
+        assert!(
+            text.contains("elements = { 10.0.0.0/8, 100.64.0.0/16, 192.168.0.0/16 }"),
+            "{text}"
+        );
     }
 
     #[test]

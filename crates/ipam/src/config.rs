@@ -101,6 +101,9 @@ pub struct Config {
     pub veth_prefix: String,
     pub pod_sg_enforcing_mode: SgEnforcingMode,
     pub v6_egress: bool,
+    /// Values upstream tolerates and corrects (a reserved tag key, a timeout under 10 s): taken
+    /// as upstream takes them, and said here for the daemon to log.
+    pub warnings: Vec<String>,
 }
 
 impl Default for Config {
@@ -238,13 +241,13 @@ impl Config {
             .int("MAX_ENI")?
             .filter(|&n| n >= 1)
             .map(|n| n.min(u32::MAX as i64) as u32);
-        let http_timeout = env.count("HTTP_TIMEOUT", 10)?;
+        let mut warnings = Vec::new();
+        let mut http_timeout = env.count("HTTP_TIMEOUT", 10)?;
         if http_timeout < 10 {
-            return Err(Env::invalid(
-                "HTTP_TIMEOUT",
-                &http_timeout.to_string(),
-                "must be at least 10 seconds",
+            warnings.push(format!(
+                "HTTP_TIMEOUT={http_timeout}: below the minimum of 10 seconds; using 10, as upstream does"
             ));
+            http_timeout = 10;
         }
         let eni_mtu = mtu(&env, "AWS_VPC_ENI_MTU", 9001)?;
         let cfg = Config {
@@ -293,7 +296,7 @@ impl Config {
             },
             multi_nic: env.bool("ENABLE_MULTI_NIC", false)?,
             cluster_name: env.string("CLUSTER_NAME", ""),
-            additional_eni_tags: additional_tags(&env)?,
+            additional_eni_tags: additional_tags(&env, &mut warnings)?,
             introspection_bind: env.string("INTROSPECTION_BIND_ADDRESS", "127.0.0.1:61679"),
             disable_introspection: env.bool("DISABLE_INTROSPECTION", false)?,
             disable_metrics: env.bool("DISABLE_METRICS", false)?,
@@ -346,6 +349,7 @@ impl Config {
                 }
             },
             v6_egress: env.bool("ENABLE_V6_EGRESS", false)?,
+            warnings,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -380,6 +384,73 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Settings the daemon reads but does not implement yet, each named with its value: a user who
+    /// relies on one (network policy, security groups for pods) must not get a node without it and
+    /// no word. The simulator, which models only the pool, does not call this.
+    pub fn unsupported_by_daemon(&self) -> Result<(), ConfigError> {
+        let refuse = |name: &'static str, value: &str, what: &str| {
+            Err(Env::invalid(
+                name,
+                value,
+                format!("{what} is not supported by vpc-cni-rs yet (docs/configuration.md)"),
+            ))
+        };
+        if self.ipv6 {
+            return refuse("ENABLE_IPv6", "true", "IPv6 pods");
+        }
+        if self.pod_eni {
+            return refuse(
+                "ENABLE_POD_ENI",
+                "true",
+                "security groups for pods (branch ENIs)",
+            );
+        }
+        match self.network_policy_mode {
+            NetworkPolicyMode::Strict => {
+                return refuse("NETWORK_POLICY_ENFORCING_MODE", "strict", "NetworkPolicy")
+            }
+            NetworkPolicyMode::Standard => {
+                return refuse("NETWORK_POLICY_ENFORCING_MODE", "standard", "NetworkPolicy")
+            }
+            NetworkPolicyMode::Unset | NetworkPolicyMode::None => {}
+        }
+        if self.multi_nic {
+            return refuse("ENABLE_MULTI_NIC", "true", "pods on network cards above 0");
+        }
+        if self.imds_only {
+            return refuse(
+                "ENABLE_IMDS_ONLY_MODE",
+                "true",
+                "learning ENIs from IMDS alone",
+            );
+        }
+        if !self.external_service_cidrs.is_empty() {
+            let value: Vec<String> = self
+                .external_service_cidrs
+                .iter()
+                .map(|c| c.to_string())
+                .collect();
+            return refuse(
+                "AWS_EXTERNAL_SERVICE_CIDRS",
+                &value.join(","),
+                "routing external service CIDRs by the primary ENI",
+            );
+        }
+        if self.introspection_bind.starts_with("unix:") {
+            return refuse(
+                "INTROSPECTION_BIND_ADDRESS",
+                &self.introspection_bind,
+                "introspection on a unix socket",
+            );
+        }
+        Ok(())
+    }
+
+    /// The hourly scan deletes ENIs: not when the operator said this node makes no EC2 changes.
+    pub fn collects_leaked_enis(&self) -> bool {
+        !self.disable_leaked_eni_cleanup && !self.disable_provisioning
     }
 
     /// WARM_IP_TARGET or MINIMUM_IP_TARGET set: upstream's "IP-target mode", which overrides the other targets.
@@ -435,20 +506,26 @@ fn connmark(env: &Env) -> Result<u32, ConfigError> {
     }
 }
 
-fn additional_tags(env: &Env) -> Result<BTreeMap<String, String>, ConfigError> {
+fn additional_tags(
+    env: &Env,
+    warnings: &mut Vec<String>,
+) -> Result<BTreeMap<String, String>, ConfigError> {
     let name = "ADDITIONAL_ENI_TAGS";
     let Some(v) = env.raw(name) else {
         return Ok(BTreeMap::new());
     };
-    let tags: BTreeMap<String, String> = serde_json::from_str(&v)
+    let mut tags: BTreeMap<String, String> = serde_json::from_str(&v)
         .map_err(|e| Env::invalid(name, &v, format!("expected a JSON object of strings: {e}")))?;
-    if let Some(reserved) = tags.keys().find(|k| k.contains("k8s.amazonaws.com")) {
-        return Err(Env::invalid(
-            name,
-            &v,
-            format!("tag key {reserved:?} is reserved (contains k8s.amazonaws.com)"),
-        ));
-    }
+    // Upstream drops such a key with a warning; our own tags must not be overwritten.
+    tags.retain(|key, _| {
+        let reserved = key.contains("k8s.amazonaws.com");
+        if reserved {
+            warnings.push(format!(
+                "{name}: tag key {key:?} is reserved (contains k8s.amazonaws.com); left out"
+            ));
+        }
+        !reserved
+    });
     Ok(tags)
 }
 
@@ -519,7 +596,6 @@ mod tests {
             ("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "10.0.0.0/33"),
             ("AWS_VPC_K8S_CNI_VETHPREFIX", "veth0"),
             ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "random"),
-            ("HTTP_TIMEOUT", "5"),
             ("ADDITIONAL_ENI_TAGS", "{not json"),
             ("NETWORK_POLICY_ENFORCING_MODE", "lax"),
         ] {
@@ -550,9 +626,83 @@ mod tests {
     }
 
     #[test]
-    fn reserved_tag_keys_are_refused() {
-        let err =
-            cfg(&[("ADDITIONAL_ENI_TAGS", r#"{"node.k8s.amazonaws.com/x":"y"}"#)]).unwrap_err();
-        assert!(err.to_string().contains("reserved"));
+    fn what_upstream_tolerates_is_corrected_with_a_warning() {
+        let c = cfg(&[
+            (
+                "ADDITIONAL_ENI_TAGS",
+                r#"{"node.k8s.amazonaws.com/x":"y","team":"net"}"#,
+            ),
+            ("HTTP_TIMEOUT", "5"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.additional_eni_tags,
+            BTreeMap::from([("team".to_string(), "net".to_string())])
+        );
+        assert_eq!(c.http_timeout, Duration::from_secs(10));
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("HTTP_TIMEOUT=5"), "{:?}", c.warnings);
+        assert!(
+            c.warnings[1].contains("node.k8s.amazonaws.com/x"),
+            "{:?}",
+            c.warnings
+        );
+        assert!(Config::default().warnings.is_empty());
+    }
+
+    #[test]
+    fn no_provisioning_means_no_leaked_eni_deletion_either() {
+        assert!(Config::default().collects_leaked_enis());
+        assert!(!cfg(&[("DISABLE_LEAKED_ENI_CLEANUP", "true")])
+            .unwrap()
+            .collects_leaked_enis());
+        assert!(!cfg(&[("DISABLE_NETWORK_RESOURCE_PROVISIONING", "true")])
+            .unwrap()
+            .collects_leaked_enis());
+    }
+
+    #[test]
+    fn settings_not_built_yet_are_refused_by_name() {
+        assert_eq!(Config::default().unsupported_by_daemon(), Ok(()));
+        for (name, value) in [
+            ("ENABLE_POD_ENI", "true"),
+            ("NETWORK_POLICY_ENFORCING_MODE", "strict"),
+            ("NETWORK_POLICY_ENFORCING_MODE", "standard"),
+            ("ENABLE_MULTI_NIC", "true"),
+            ("ENABLE_IMDS_ONLY_MODE", "true"),
+            ("AWS_EXTERNAL_SERVICE_CIDRS", "172.16.0.0/12"),
+            ("INTROSPECTION_BIND_ADDRESS", "unix:/run/ipamd.sock"),
+        ] {
+            let err = cfg(&[(name, value)])
+                .unwrap()
+                .unsupported_by_daemon()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(name) && err.contains(value) && err.contains("not supported"),
+                "{name}={value}: {err}"
+            );
+        }
+        let v6 = cfg(&[
+            ("ENABLE_IPv6", "true"),
+            ("ENABLE_IPv4", "false"),
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+        ])
+        .unwrap()
+        .unsupported_by_daemon()
+        .unwrap_err();
+        assert!(v6.to_string().contains("ENABLE_IPv6"), "{v6}");
+        // What upstream itself ignores while the feature is off is accepted.
+        for (name, value) in [
+            ("NETWORK_POLICY_ENFORCING_MODE", "none"),
+            ("POD_SECURITY_GROUP_ENFORCING_MODE", "standard"),
+            ("ENABLE_POD_ENI", "false"),
+        ] {
+            assert_eq!(
+                cfg(&[(name, value)]).unwrap().unsupported_by_daemon(),
+                Ok(()),
+                "{name}={value}"
+            );
+        }
     }
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod limits;
 pub mod maxpods;
 pub mod net;
+pub mod ownership;
 pub mod plan;
 pub mod policy;
 pub mod pool;

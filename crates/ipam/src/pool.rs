@@ -74,17 +74,18 @@ pub struct EniInfo {
     pub is_primary: bool,
     pub is_trunk: bool,
     pub is_efa: bool,
-    /// In a subnet tagged `kubernetes.io/role/cni=0`: never gives addresses to pods.
+    /// In a subnet tagged `kubernetes.io/role/cni=0`: never gives addresses to pods; its idle
+    /// addresses go back to EC2. (ENIs that are not ours never enter the pool: `ownership`.)
     pub excluded: bool,
 }
 
 impl EniInfo {
-    /// Upstream's route table for an ENI on network card 0.
+    /// Upstream's route table; the pool holds ENIs of network card 0 only.
     pub fn route_table(&self) -> u32 {
         if self.is_primary {
-            254
+            crate::ownership::route_table(0, 0)
         } else {
-            self.device_number + 1
+            crate::ownership::route_table(self.device_number, 0)
         }
     }
 }

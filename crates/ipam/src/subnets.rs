@@ -13,26 +13,33 @@ pub struct Candidate {
     pub tags: BTreeMap<String, String>,
 }
 
+/// Whether pods may not have addresses from this subnet: tagged `kubernetes.io/role/cni=0`, or
+/// carrying `cni.networking.k8s.aws/cluster/*` tags none of which names `cluster_name` (that check
+/// is skipped without a cluster name, as upstream). Applies to the subnets of ENIs already attached
+/// as much as to new ones.
+pub fn excluded(tags: &BTreeMap<String, String>, cluster_name: Option<&str>) -> bool {
+    if tags.get(ROLE_TAG).map(String::as_str) == Some("0") {
+        return true;
+    }
+    let Some(cluster) = cluster_name else {
+        return false;
+    };
+    let mut clusters = tags
+        .keys()
+        .filter_map(|k| k.strip_prefix(CLUSTER_TAG_PREFIX))
+        .peekable();
+    clusters.peek().is_some() && !clusters.any(|c| c == cluster)
+}
+
 /// The subnets a new ENI may use, most free addresses first (ties by id, so the order is stable):
-/// never one tagged `kubernetes.io/role/cni=0`; the node's primary subnet even untagged, any other
-/// only when tagged for the CNI; and when a subnet carries `cni.networking.k8s.aws/cluster/*` tags,
-/// only if one names `cluster_name` (the check is skipped without a cluster name, as upstream).
+/// never an excluded one, the primary subnet included; the node's primary subnet even untagged, any
+/// other only when tagged for the CNI. Empty when none qualifies: there is no fallback to a subnet
+/// the operator excluded.
 pub fn rank(candidates: &[Candidate], primary: &str, cluster_name: Option<&str>) -> Vec<String> {
     let mut usable: Vec<&Candidate> = candidates
         .iter()
-        .filter(|s| s.tags.get(ROLE_TAG).map(String::as_str) != Some("0"))
+        .filter(|s| !excluded(&s.tags, cluster_name))
         .filter(|s| s.id == primary || s.tags.contains_key(ROLE_TAG))
-        .filter(|s| match cluster_name {
-            None => true,
-            Some(cluster) => {
-                let mut clusters = s
-                    .tags
-                    .keys()
-                    .filter_map(|k| k.strip_prefix(CLUSTER_TAG_PREFIX))
-                    .peekable();
-                clusters.peek().is_none() || clusters.any(|c| c == cluster)
-            }
-        })
         .collect();
     usable.sort_by(|a, b| {
         b.free_addresses

@@ -44,6 +44,8 @@ pub enum Event {
     },
     /// Every pod the API server has on this node, sent on each change and periodically.
     PodsOnNode(HashSet<k8s::PodRef>),
+    /// The kubelet's `--max-pods` as the Node reports it, at each change of the Node.
+    KubeletMaxPods(u32),
     /// `immediate`: a second signal, stop as soon as EC2 calls in flight are done.
     Stop {
         immediate: bool,
@@ -307,6 +309,7 @@ impl Control {
             Event::Inspect(inspect) => inspect(self),
             Event::EniConfig { source, spec } => self.eni_config_changed(source, spec),
             Event::PodsOnNode(pods) => self.release_vanished_pods(&pods),
+            Event::KubeletMaxPods(max_pods) => self.kubelet_max_pods(max_pods),
             Event::Stop { immediate } => {
                 let until = if immediate {
                     Instant::now()
@@ -496,6 +499,18 @@ impl Control {
             }
         }
         self.eni_config_source = Some(source);
+    }
+
+    /// The cap follows the kubelet: one restarted with another `--max-pods`, or an API server that
+    /// was unreachable at start (the cap then came from the instance type).
+    fn kubelet_max_pods(&mut self, max_pods: u32) {
+        if self.pool.node.max_pods != max_pods {
+            log::info(
+                "maxPods from the Node",
+                &[("was", &self.pool.node.max_pods), ("now", &max_pods)],
+            );
+            self.pool.node.max_pods = max_pods;
+        }
     }
 
     /// An assignment whose pod the API server has not listed for the grace period loses its

@@ -7,6 +7,7 @@ use cloud::aws::AwsEc2;
 use cloud::gc::{CLUSTER_TAG, CREATED_AT_TAG, DESCRIPTION_PREFIX, INSTANCE_TAG};
 use cloud::{CloudError, CreateEni, Ec2, Eni, EniQuery, ErrorKind};
 use datapath::node::{self, EniLink};
+use ipam::ownership::route_table;
 use ipam::pool::{EniInfo, Failure, Outcome};
 use ipam::subnets::{self, Candidate};
 use ipam::{Action, AddressKind, Ipv4Cidr, SubnetTarget};
@@ -156,10 +157,7 @@ impl Executor {
                         mac,
                         primary_ip,
                         subnet: (subnet_cidr.addr(), subnet_cidr.prefix_len()),
-                        route_table: node::route_table_for(
-                            attachment.device_index,
-                            attachment.network_card,
-                        ),
+                        route_table: route_table(attachment.device_index, attachment.network_card),
                         mtu: self.node.eni_mtu,
                     },
                     attachment_id: attachment.id.clone(),
@@ -167,6 +165,11 @@ impl Executor {
                 },
             );
         }
+    }
+
+    /// A device index on card 0 held by an ENI that is not ours: new ENIs go elsewhere.
+    pub fn avoid_device(&self, device: u32) {
+        self.known().devices.insert(device);
     }
 
     fn subnet_cidr(&self, subnet_id: &str) -> Option<Ipv4Cidr> {
@@ -303,12 +306,9 @@ impl Executor {
                         tags: s.tags,
                     })
                     .collect();
-                let ranked = subnets::rank(&candidates, primary, self.node.cluster_name.as_deref());
-                if ranked.is_empty() {
-                    vec![primary.to_string()]
-                } else {
-                    ranked
-                }
+                // Empty when every subnet is excluded, the primary's too: the create then fails
+                // saying so, rather than putting pods where the operator said not to.
+                subnets::rank(&candidates, primary, self.node.cluster_name.as_deref())
             }
             Err(e) => {
                 log::warn(
@@ -399,7 +399,7 @@ impl Executor {
         Report::failed(last_error.unwrap_or_else(|| {
             internal(
                 "CreateNetworkInterface",
-                "no subnet to create the ENI in".into(),
+                "no subnet of the node's availability zone may be used for pods (all are tagged kubernetes.io/role/cni=0 or for other clusters)".into(),
             )
         }))
     }
@@ -499,7 +499,7 @@ impl Executor {
                     )
                 })?,
                 subnet: (cidr.addr(), cidr.prefix_len()),
-                route_table: node::route_table_for(device, 0),
+                route_table: route_table(device, 0),
                 mtu: self.node.eni_mtu,
             };
             Ok::<_, CloudError>((attachment_id, cidr, link))

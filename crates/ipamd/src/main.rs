@@ -79,7 +79,9 @@ fn read_eni_config(path: &PathBuf) -> Result<EniConfigSpec, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match Config::from_lookup(|k| std::env::var(k).ok()) {
+    let config = match Config::from_lookup(|k| std::env::var(k).ok())
+        .and_then(|c| c.unsupported_by_daemon().map(|()| c))
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vpc-ipamd: {e}");
@@ -101,6 +103,9 @@ fn main() -> ExitCode {
     if let Err(e) = log::init(level, json, file.as_deref()) {
         eprintln!("vpc-ipamd: log file: {e}");
         return ExitCode::from(2);
+    }
+    for warning in &config.warnings {
+        log::warn("setting corrected", &[("what", warning)]);
     }
     let eni_config = match &args.eni_config {
         Some(path) => match read_eni_config(path) {
@@ -242,7 +247,7 @@ async fn run(
         let routes = introspect::metrics_routes(events.clone(), metrics.clone());
         tokio::spawn(ipamd::http::serve(listener, routes));
     }
-    if !config.disable_leaked_eni_cleanup {
+    if config.collects_leaked_enis() {
         tokio::spawn(collect_leaked_enis(
             started.executor.clone(),
             cloud::gc::LeakScan {
@@ -274,6 +279,21 @@ fn follow_cluster(
     eni_config: bool,
 ) {
     let watch_error = |e: String| log::warn("Kubernetes watch", &[("error", &e)]);
+    {
+        let (cluster, events) = (cluster.clone(), events.clone());
+        tokio::spawn(async move {
+            cluster
+                .follow_node(
+                    move |view| {
+                        if let Some(max_pods) = view.max_pods {
+                            drop(events.send(Event::KubeletMaxPods(max_pods)))
+                        }
+                    },
+                    watch_error,
+                )
+                .await
+        });
+    }
     {
         let (cluster, events) = (cluster.clone(), events.clone());
         tokio::spawn(async move {

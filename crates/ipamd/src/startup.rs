@@ -16,6 +16,7 @@ use datapath::snat::{self, SnatPolicy};
 use ipam::checkpoint::{Allocation, Checkpoint, Metadata, VERSION};
 use ipam::config::Config;
 use ipam::maxpods::{max_pods, MaxPodsOptions};
+use ipam::ownership::{self, EniFacts, Role};
 use ipam::pool::{EniConfigSpec, EniInfo};
 use ipam::{NodeSpec, Pool, PoolSettings};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -23,8 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// Upstream's tag that keeps an ENI out of the pool.
-pub const NO_MANAGE_TAG: &str = "node.k8s.amazonaws.com/no_manage";
 /// An assignment this young is kept on restart even without host state: its ADD may still be wiring
 /// (a leak that CNI GC or the pod list repairs is better than an address given out twice).
 const YOUNG: Duration = Duration::from_secs(10);
@@ -135,11 +134,6 @@ pub async fn start(
     metrics: Arc<Metrics>,
 ) -> Result<Started, StartError> {
     let started = Instant::now();
-    if config.ipv6 {
-        return Err(StartError::Config(
-            "ENABLE_IPv6=true: IPv6 pods are not supported yet; run with ENABLE_IPv4=true".into(),
-        ));
-    }
     let identity = fetch_identity().await?;
     log::info(
         "identity",
@@ -180,7 +174,41 @@ pub async fn start(
             ))
         })?
         .clone();
-    let subnet_ids: BTreeSet<String> = attached.iter().map(|e| e.subnet_id.clone()).collect();
+    // Which attached ENIs are ours: the others are never configured, assigned from, released or
+    // freed, only counted against the instance's ENI limit (and their device index avoided).
+    let roles: HashMap<String, Role> = attached
+        .iter()
+        .map(|e| {
+            let facts = EniFacts {
+                is_primary: e.id == primary.id,
+                interface_type: e.interface_type.clone(),
+                network_card: e.attachment.as_ref().map_or(0, |a| a.network_card),
+                tags: &e.tags,
+            };
+            let role =
+                ownership::classify(&facts, &identity.instance_id, config.manage_untagged_eni);
+            (e.id.clone(), role)
+        })
+        .collect();
+    let mut unmanaged_on_card0 = 0;
+    let mut executor_devices_avoided = Vec::new();
+    for eni in &attached {
+        if let Role::Unmanaged(why) = &roles[&eni.id] {
+            log::info(
+                "ENI left alone: not ours",
+                &[("eni", &eni.id), ("why", why)],
+            );
+            if let Some(a) = eni.attachment.as_ref().filter(|a| a.network_card == 0) {
+                unmanaged_on_card0 += 1;
+                executor_devices_avoided.push(a.device_index);
+            }
+        }
+    }
+    let managed: Vec<&cloud::Eni> = attached
+        .iter()
+        .filter(|e| !matches!(roles[&e.id], Role::Unmanaged(_)))
+        .collect();
+    let subnet_ids: BTreeSet<String> = managed.iter().map(|e| e.subnet_id.clone()).collect();
     let subnet_filter = [("subnet-id".to_string(), subnet_ids.into_iter().collect())];
     let subnets = patiently("DescribeSubnets", || ec2.describe_subnets(&subnet_filter))
         .await
@@ -189,14 +217,38 @@ pub async fn start(
         .iter()
         .filter_map(|s| Some((s.id.clone(), s.cidr?)))
         .collect();
+    // An ENI we cannot configure (its subnet has no IPv4 CIDR, it has no primary address) is left
+    // alone and counted as the others we do not manage.
+    let mut usable = Vec::new();
+    for eni in managed {
+        match (
+            &eni.attachment,
+            subnet_cidrs.get(&eni.subnet_id),
+            eni.primary_ip,
+        ) {
+            (Some(attachment), Some(cidr), Some(primary_ip)) => {
+                usable.push((eni, attachment, *cidr, primary_ip))
+            }
+            (attachment, _, _) => {
+                log::warn(
+                    "ENI without subnet CIDR or primary address left alone",
+                    &[("eni", &eni.id)],
+                );
+                if let Some(a) = attachment {
+                    unmanaged_on_card0 += 1;
+                    executor_devices_avoided.push(a.device_index);
+                }
+            }
+        }
+    }
+    let cluster_name = Some(config.cluster_name.as_str()).filter(|c| !c.is_empty());
+    let excluded_subnets: HashSet<String> = subnets
+        .iter()
+        .filter(|s| ipam::subnets::excluded(&s.tags, cluster_name))
+        .map(|s| s.id.clone())
+        .collect();
 
     let settings = PoolSettings::from_config(config);
-    let excluded = |e: &cloud::Eni| {
-        e.tags.get(NO_MANAGE_TAG).map(String::as_str) == Some("true")
-            || (!config.manage_untagged_eni
-                && e.id != primary.id
-                && !e.tags.contains_key(cloud::gc::INSTANCE_TAG))
-    };
     let node_spec = NodeSpec {
         instance_type: identity.instance_type.clone(),
         slots_per_eni: limits.slots_per_eni(),
@@ -216,7 +268,7 @@ pub async fn start(
         primary_subnet: primary.subnet_id.clone(),
         security_groups: primary.security_groups.clone(),
         eni_config: eni_config.clone(),
-        unmanaged_enis: 0,
+        unmanaged_enis: unmanaged_on_card0,
     };
     let executor = Arc::new(Executor::new(
         ec2,
@@ -233,30 +285,23 @@ pub async fn start(
     ));
     let mut pool = Pool::new(node_spec, &settings);
     let now = control::now();
-    for eni in &attached {
-        let Some(attachment) = &eni.attachment else {
-            continue;
-        };
-        let (Some(cidr), Some(primary_ip)) = (subnet_cidrs.get(&eni.subnet_id), eni.primary_ip)
-        else {
-            log::warn(
-                "ENI without subnet CIDR or primary address left alone",
-                &[("eni", &eni.id)],
-            );
-            continue;
-        };
-        executor.adopt(eni, *cidr);
+    for device in executor_devices_avoided {
+        executor.avoid_device(device);
+    }
+    for &(eni, attachment, cidr, primary_ip) in &usable {
+        executor.adopt(eni, cidr);
+        let role = &roles[&eni.id];
         pool.add_eni(
             EniInfo {
                 id: eni.id.clone(),
                 device_number: attachment.device_index,
                 subnet_id: eni.subnet_id.clone(),
-                subnet_cidr: *cidr,
+                subnet_cidr: cidr,
                 primary_ip,
                 is_primary: eni.id == primary.id,
-                is_trunk: false,
-                is_efa: false,
-                excluded: excluded(eni),
+                is_trunk: *role == Role::Trunk,
+                is_efa: *role == Role::Efa,
+                excluded: excluded_subnets.contains(&eni.subnet_id),
             },
             // Counted as old enough to free: it was attached before this start.
             now - Duration::from_secs(3600),
@@ -281,7 +326,7 @@ pub async fn start(
     blocking(move || node::setup_host(&host)).await?;
     let policy = snat_policy(config, &identity, &primary_interface);
     blocking(move || policy.apply()).await?;
-    for eni in &attached {
+    for &(eni, ..) in &usable {
         if eni.id == primary.id {
             continue;
         }

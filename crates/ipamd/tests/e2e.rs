@@ -541,6 +541,14 @@ fn kubernetes_custom_networking_follows_the_nodes_eniconfig_and_rbac_covers_exac
         tb.nodes[0].introspect("/v1/eni-configs").is_ok()
     });
 
+    // The kubelet restarted with another --max-pods: the cap follows the Node.
+    let mut node = kube(&tb).objects("nodes")[0].clone();
+    node["status"]["capacity"]["pods"] = "17".into();
+    kube(&tb).apply("nodes", node);
+    wait_for("maxPods follows the Node", || {
+        tb.nodes[0].introspect("/v1/status").unwrap()["maxPods"] == 17
+    });
+
     // Every request the daemon made is granted by the manifests' RBAC, and every grant is used.
     let used: BTreeSet<(String, String, String)> = kube(&tb)
         .accesses()
@@ -633,4 +641,197 @@ fn missing_iam_permissions_become_a_warning_event_on_the_daemons_pod() {
     // Pods still get addresses from the primary ENI.
     let pod = tb.add_pod(0).unwrap();
     check_invariants(&tb, 0, std::slice::from_ref(&pod));
+}
+
+/// An ENI as EC2 holds it: (device index, interface type, secondary addresses, attached here).
+fn eni_in_ec2(tb: &Testbed, eni: &str) -> (u32, String, usize, bool) {
+    let model = tb.vpc_model();
+    let vpc = model.lock().unwrap();
+    let e = vpc
+        .interfaces()
+        .find(|e| e.id == eni)
+        .unwrap_or_else(|| panic!("{eni} was deleted"));
+    let a = e.attachment.as_ref();
+    (
+        a.map_or(u32::MAX, |a| a.device_index),
+        e.interface_type.clone(),
+        e.secondary_ips.len() + e.prefixes.len(),
+        a.is_some_and(|a| a.instance_id == tb.nodes[0].instance_id),
+    )
+}
+
+#[test]
+fn enis_that_are_not_ours_are_never_touched_and_trunk_and_efa_give_no_pod_addresses() {
+    use testbed::PreattachedConfig;
+    let test = "enis_that_are_not_ours";
+    let pre =
+        |device: u32, kind: &str, secondaries: u32, tags: &[(&str, &str)]| PreattachedConfig {
+            device_index: device,
+            network_card: 0,
+            interface_type: kind.into(),
+            secondary_addresses: secondaries,
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+    let options = Options {
+        // m5.4xlarge: 8 ENIs, 29 address slots each.
+        instance_type: "m5.4xlarge".into(),
+        preattached: vec![
+            pre(
+                1,
+                "interface",
+                3,
+                &[("node.k8s.amazonaws.com/no_manage", "true")],
+            ),
+            pre(2, "interface", 2, &[("owner", "multus")]),
+            // Without our instance tag: managed only because no_manage says false.
+            pre(
+                3,
+                "trunk",
+                0,
+                &[("node.k8s.amazonaws.com/no_manage", "false")],
+            ),
+            pre(
+                4,
+                "efa",
+                2,
+                &[("node.k8s.amazonaws.com/no_manage", "false")],
+            ),
+        ],
+        ..options(&[
+            ("MANAGE_UNTAGGED_ENI", "false"),
+            // More than the primary ENI holds: a second ENI of ours is needed.
+            ("MINIMUM_IP_TARGET", "35"),
+            ("WARM_IP_TARGET", "2"),
+            ("IP_COOLDOWN_PERIOD", "1"),
+        ])
+    };
+    let Some(mut tb) = testbed(test, options) else {
+        return;
+    };
+    let theirs: Vec<(String, (u32, String, usize, bool))> = {
+        let model = tb.vpc_model();
+        let vpc = model.lock().unwrap();
+        let mut v: Vec<_> = vpc
+            .interfaces()
+            .filter(|e| {
+                e.attachment
+                    .as_ref()
+                    .is_some_and(|a| a.instance_id == tb.nodes[0].instance_id && a.device_index > 0)
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        v.sort();
+        drop(vpc);
+        v.into_iter()
+            .map(|id| (id.clone(), eni_in_ec2(&tb, &id)))
+            .collect()
+    };
+    assert_eq!(theirs.len(), 4);
+    tb.start_daemon(0).unwrap();
+    let status = settled(&tb, 0);
+    // The primary and one ENI of ours, at the first free device index (5).
+    assert_eq!(status["enis"], 4, "primary, trunk, EFA and ours: {status}");
+    let enis = tb.nodes[0].introspect("/v1/enis").unwrap();
+    let listed: BTreeSet<String> = enis["0"]["ENIs"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let ours: Vec<String> = {
+        let model = tb.vpc_model();
+        let vpc = model.lock().unwrap();
+        vpc.interfaces()
+            .filter(|e| {
+                e.attachment
+                    .as_ref()
+                    .is_some_and(|a| a.instance_id == tb.nodes[0].instance_id)
+                    && e.tags.contains_key(cloud_instance_tag())
+            })
+            .map(|e| (e.id.clone(), e.attachment.as_ref().unwrap().device_index))
+            .inspect(|(_, device)| assert_eq!(*device, 5, "our ENI goes past the taken indexes"))
+            .map(|(id, _)| id)
+            .collect()
+    };
+    assert_eq!(ours.len(), 1, "{ours:?}");
+    for (id, (device, kind, _, _)) in &theirs {
+        let listed_here = listed.contains(id);
+        match kind.as_str() {
+            "trunk" | "efa" => assert!(listed_here, "the {kind} ENI is ours to know"),
+            _ => assert!(
+                !listed_here,
+                "device {device}: an ENI that is not ours is listed"
+            ),
+        }
+        if kind == "trunk" || kind == "efa" {
+            assert_eq!(
+                enis["0"]["ENIs"][id]["IsExcludedForPodIPs"], true,
+                "{kind}: {enis}"
+            );
+        }
+    }
+    let metrics = tb.nodes[0].metrics().unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "awscni_eni_max 6"),
+        "8 ENIs less the two that are not ours:\n{metrics}"
+    );
+
+    // Pods come and go; shrink and free run. Nothing of theirs changes.
+    let pods: Vec<Pod> = (0..40).map(|_| tb.add_pod(0).unwrap()).collect();
+    for pod in &pods {
+        assert!(
+            !pods.iter().any(|p| p.name != pod.name && p.ip == pod.ip),
+            "two pods share {}",
+            pod.ip
+        );
+    }
+    let theirs_ips: BTreeSet<String> = {
+        let model = tb.vpc_model();
+        let vpc = model.lock().unwrap();
+        vpc.interfaces()
+            .filter(|e| theirs.iter().any(|(id, _)| *id == e.id))
+            .flat_map(|e| e.secondary_ips.iter().map(|ip| ip.to_string()))
+            .collect()
+    };
+    for pod in &pods {
+        assert!(
+            !theirs_ips.contains(&pod.ip.to_string()),
+            "{} is theirs",
+            pod.ip
+        );
+    }
+    for pod in pods {
+        tb.del_pod(pod).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    settled(&tb, 0);
+    for (id, before) in &theirs {
+        assert_eq!(&eni_in_ec2(&tb, id), before, "{id} changed");
+    }
+    // Their links: no address, no rule, no route table of ours.
+    let ns = tb.nodes[0].netns.name.clone();
+    let rules = testbed::netns::ip(&["-n", &ns, "rule"]).unwrap();
+    for (_, (device, kind, _, _)) in &theirs {
+        if kind == "interface" {
+            let link = format!("eth{device}");
+            let addrs =
+                testbed::netns::ip(&["-n", &ns, "-4", "addr", "show", "dev", &link]).unwrap();
+            assert!(!addrs.contains("inet "), "{link} was configured:\n{addrs}");
+            let table = format!("lookup {}", device + 1);
+            assert!(
+                !rules.contains(&table),
+                "a rule for {link}'s table:\n{rules}"
+            );
+        }
+    }
+    // Restarted, the daemon still leaves them alone.
+    tb.stop_daemon(0, Stop::Term).unwrap();
+    tb.start_daemon(0).unwrap();
+    settled(&tb, 0);
+    for (id, before) in &theirs {
+        assert_eq!(&eni_in_ec2(&tb, id), before, "{id} changed after a restart");
+    }
 }

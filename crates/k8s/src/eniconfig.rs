@@ -4,7 +4,6 @@
 use crate::{node::NodeView, Cluster};
 use futures::StreamExt;
 use ipam::pool::EniConfigSpec;
-use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::ClusterResourceScope;
 use kube::runtime::watcher::{self, watcher, Event};
@@ -134,20 +133,7 @@ impl Cluster {
         mut on_change: impl FnMut(EniConfigSelection),
         mut on_error: impl FnMut(String),
     ) {
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        let node_watch = watcher(
-            nodes,
-            watcher::Config::default()
-                .fields(&format!("metadata.name={}", self.settings.node_name)),
-        )
-        .default_backoff()
-        .applied_objects();
-        let (annotation, label) = (
-            self.settings.eni_config_annotation.clone(),
-            self.settings.eni_config_label.clone(),
-        );
-        let node_changes =
-            node_watch.map(move |n| n.map(|n| Change::Node(NodeView::of(&n, &annotation, &label))));
+        let node_changes = self.node_views().map(|v| v.map(Change::Node));
         let configs: Api<EniConfig> = Api::all(self.client.clone());
         let config_changes = watcher(configs, watcher::Config::default())
             .default_backoff()

@@ -1,6 +1,11 @@
 //! What the daemon reads off its Node (upstream-ipamd.md §7.2, §2.1 step 14).
 
+use crate::Cluster;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Node;
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::WatchStreamExt;
+use kube::Api;
 use std::collections::BTreeMap;
 
 /// The label that tools outside the cluster (Karpenter, node bootstrap scripts) set; it wins over
@@ -40,6 +45,50 @@ impl NodeView {
         NodeView {
             eni_config_name,
             max_pods,
+        }
+    }
+}
+
+impl Cluster {
+    /// This node's Node object, a view per version the API server reports. The watch resumes
+    /// with backoff after errors, which come through as items.
+    pub(crate) fn node_views(
+        &self,
+    ) -> impl Stream<Item = Result<NodeView, watcher::Error>> + Send + 'static {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let (annotation, label) = (
+            self.settings.eni_config_annotation.clone(),
+            self.settings.eni_config_label.clone(),
+        );
+        watcher(
+            nodes,
+            watcher::Config::default()
+                .fields(&format!("metadata.name={}", self.settings.node_name)),
+        )
+        .default_backoff()
+        .applied_objects()
+        .map(move |n| n.map(|n| NodeView::of(&n, &annotation, &label)))
+    }
+
+    /// Follows this node's Node: calls `on_change` with the first view and with every one that
+    /// differs from the last (a kubelet restarted with another `--max-pods`, a relabel). Runs
+    /// until the process ends; API errors are retried and passed to `on_error`.
+    pub async fn follow_node(
+        &self,
+        mut on_change: impl FnMut(&NodeView),
+        mut on_error: impl FnMut(String),
+    ) {
+        let mut views = std::pin::pin!(self.node_views());
+        let mut last = None;
+        while let Some(view) = views.next().await {
+            match view {
+                Ok(view) if last.as_ref() != Some(&view) => {
+                    on_change(&view);
+                    last = Some(view);
+                }
+                Ok(_) => {}
+                Err(e) => on_error(e.to_string()),
+            }
         }
     }
 }

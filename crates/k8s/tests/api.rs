@@ -74,7 +74,19 @@ async fn node_eniconfig_pods_and_events_through_a_real_client() {
     // The ENIConfig follows the Node's label and the objects.
     let (selections, mut selected) = mpsc::unbounded_channel();
     let (pod_tx, mut snapshots) = mpsc::unbounded_channel();
+    let (view_tx, mut views) = mpsc::unbounded_channel();
     let cluster = std::sync::Arc::new(cluster);
+    {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            cluster
+                .follow_node(
+                    move |v| drop(view_tx.send(v.clone())),
+                    |e| eprintln!("watch: {e}"),
+                )
+                .await
+        });
+    }
     {
         let cluster = cluster.clone();
         tokio::spawn(async move {
@@ -98,6 +110,15 @@ async fn node_eniconfig_pods_and_events_through_a_real_client() {
                 .await
         });
     }
+    let view = |name: &str, max_pods| k8s::NodeView {
+        eni_config_name: name.into(),
+        max_pods: Some(max_pods),
+    };
+    // Before the Node changes, so that the first view is of the Node as it was.
+    assert_eq!(
+        next(&mut views, "first Node view").await,
+        view("pods-a", 17)
+    );
     let first = next(&mut selected, "first selection").await;
     assert_eq!(
         (first.name.as_str(), first.spec.unwrap().subnet.as_str()),
@@ -110,6 +131,20 @@ async fn node_eniconfig_pods_and_events_through_a_real_client() {
     api.apply("eniconfigs", eni_config("pods-b", "subnet-0bbb"));
     let created = next(&mut selected, "selection after the create").await;
     assert_eq!(created.spec.unwrap().subnet, "subnet-0bbb");
+
+    // The Node itself, view by view (the first is above): the relabel, then a kubelet restarted
+    // with another --max-pods. The ENIConfig's creation is no change of the Node's.
+    assert_eq!(
+        next(&mut views, "view after the relabel").await,
+        view("pods-b", 17)
+    );
+    let mut restarted = node(json!({KEY: "pods-b"}));
+    restarted["status"]["capacity"]["pods"] = "29".into();
+    api.apply("nodes", restarted);
+    assert_eq!(
+        next(&mut views, "view after the restart").await,
+        view("pods-b", 29)
+    );
 
     // The pods: only this node's, and deletions seen.
     let names = |s: k8s::PodSnapshot| {

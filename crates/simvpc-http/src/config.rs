@@ -2,7 +2,7 @@
 
 use ipam::net::{Ipv4Cidr, Ipv6Cidr};
 use serde::Deserialize;
-use simvpc::{Category, Op, SimConfig, SimVpc};
+use simvpc::{Category, Op, Preattached, SimConfig, SimVpc};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -53,6 +53,29 @@ pub struct InstanceConfig {
     pub subnet: String,
     #[serde(default)]
     pub security_groups: Vec<String>,
+    /// ENIs attached before any CNI runs on the node (`[[instances.enis]]`).
+    #[serde(default)]
+    pub enis: Vec<PreattachedConfig>,
+}
+
+/// An ENI a node has from the start: someone else's (Multus, DPDK, EFA), a trunk, or ours from a
+/// CNI that ran before.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreattachedConfig {
+    pub device_index: u32,
+    #[serde(default)]
+    pub network_card: u32,
+    #[serde(default = "plain_interface")]
+    pub interface_type: String,
+    #[serde(default)]
+    pub secondary_addresses: u32,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+fn plain_interface() -> String {
+    "interface".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +212,31 @@ security_groups = ["sg-0000000000000001"]
             let id = vpc
                 .launch_instance(&instance.instance_type, subnet, &groups)
                 .map_err(|e| format!("instance {}: {e}", instance.name))?;
+            for eni in &instance.enis {
+                if !["interface", "trunk", "efa", "efa-only"].contains(&eni.interface_type.as_str())
+                {
+                    return Err(format!(
+                        "instance {}: interface_type {:?}: expected interface, trunk, efa or efa-only",
+                        instance.name, eni.interface_type
+                    ));
+                }
+                vpc.preattach(
+                    &id,
+                    &Preattached {
+                        device_index: eni.device_index,
+                        network_card: eni.network_card,
+                        interface_type: eni.interface_type.clone(),
+                        secondary_addresses: eni.secondary_addresses,
+                        tags: eni.tags.clone(),
+                    },
+                )
+                .map_err(|e| {
+                    format!(
+                        "instance {}: ENI at device index {}: {e}",
+                        instance.name, eni.device_index
+                    )
+                })?;
+            }
             if names.instances.insert(instance.name.clone(), id).is_some() {
                 return Err(format!("two instances are named {}", instance.name));
             }
@@ -228,6 +276,74 @@ mod tests {
         .err()
         .unwrap();
         assert!(bad_type.contains("m5.huge"), "{bad_type}");
+    }
+
+    #[test]
+    fn instances_can_have_enis_from_the_start() {
+        let config = |enis: &str| {
+            ServeConfig::parse(&format!(
+                "[vpc]\ncidr = \"10.0.0.0/16\"\n\
+                 [[subnets]]\nname = \"a\"\ncidr = \"10.0.0.0/24\"\naz = \"z\"\n\
+                 [[instances]]\nname = \"n\"\ntype = \"m5.large\"\nsubnet = \"a\"\n{enis}"
+            ))
+            .unwrap()
+            .build()
+            .map(|(vpc, names)| (vpc, names.instances["n"].clone()))
+        };
+        let (vpc, id) = config(
+            "[[instances.enis]]\ndevice_index = 1\nsecondary_addresses = 3\n\
+             tags = { \"node.k8s.amazonaws.com/no_manage\" = \"true\" }\n\
+             [[instances.enis]]\ndevice_index = 2\ninterface_type = \"trunk\"\n",
+        )
+        .ok()
+        .unwrap();
+        let mut enis: Vec<_> = vpc
+            .interfaces()
+            .filter(|e| e.attachment.as_ref().is_some_and(|a| a.instance_id == id))
+            .map(|e| {
+                let a = e.attachment.as_ref().unwrap();
+                (
+                    a.device_index,
+                    e.interface_type.clone(),
+                    e.secondary_ips.len(),
+                    e.tags.len(),
+                )
+            })
+            .collect();
+        enis.sort();
+        assert_eq!(
+            enis,
+            [
+                (0, "interface".to_string(), 0, 0),
+                (1, "interface".to_string(), 3, 1),
+                (2, "trunk".to_string(), 0, 0)
+            ]
+        );
+        // EC2's rules hold: a taken index, a card the type lacks, too many addresses, a fourth ENI.
+        let taken = config("[[instances.enis]]\ndevice_index = 0\n")
+            .err()
+            .unwrap();
+        assert!(
+            taken.contains("device index 0") && taken.contains("taken"),
+            "{taken}"
+        );
+        let card = config("[[instances.enis]]\ndevice_index = 0\nnetwork_card = 1\n")
+            .err()
+            .unwrap();
+        assert!(card.contains("network card 1"), "{card}");
+        let full = config("[[instances.enis]]\ndevice_index = 1\nsecondary_addresses = 10\n")
+            .err()
+            .unwrap();
+        assert!(full.contains("10 addresses per ENI"), "{full}");
+        let four = config(
+            "[[instances.enis]]\ndevice_index = 1\n[[instances.enis]]\ndevice_index = 2\n[[instances.enis]]\ndevice_index = 3\n",
+        )
+        .err().unwrap();
+        assert!(four.contains("allows 3 ENIs"), "{four}");
+        let kind = config("[[instances.enis]]\ndevice_index = 1\ninterface_type = \"branch\"\n")
+            .err()
+            .unwrap();
+        assert!(kind.contains("branch"), "{kind}");
     }
 
     #[test]

@@ -224,6 +224,17 @@ impl NetworkInterface {
     }
 }
 
+/// An ENI attached to an instance from the start, as `preattach` takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preattached {
+    pub device_index: u32,
+    pub network_card: u32,
+    /// EC2's `InterfaceType`: interface, trunk, efa, efa-only.
+    pub interface_type: String,
+    pub secondary_addresses: u32,
+    pub tags: BTreeMap<String, String>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Instance {
     pub id: String,
@@ -474,6 +485,83 @@ impl SimVpc {
             status: AttachmentStatus::Attached,
             delete_on_termination: true,
         });
+        Ok(id)
+    }
+
+    /// An ENI the instance had before any CNI ran (Multus, EFA, a trunk, a DPDK port), attached
+    /// at set-up with EC2's rules on device indexes, cards and address limits.
+    pub fn preattach(&mut self, instance_id: &str, eni: &Preattached) -> Result<String, String> {
+        let inst = self
+            .instances
+            .get(instance_id)
+            .ok_or_else(|| format!("no instance {instance_id}"))?;
+        let (limits, subnet_id, sgs) = (
+            inst.limits.clone(),
+            inst.subnet_id.clone(),
+            inst.security_groups.clone(),
+        );
+        let Some(&(_, card_max)) = limits.cards.iter().find(|(c, _)| *c == eni.network_card) else {
+            return Err(format!(
+                "{} has no network card {}",
+                limits.instance_type, eni.network_card
+            ));
+        };
+        let on_card: Vec<u32> = self
+            .attachments_of(instance_id)
+            .filter(|a| a.network_card_index == eni.network_card)
+            .map(|a| a.device_index)
+            .collect();
+        if on_card.contains(&eni.device_index) {
+            return Err(format!(
+                "device index {} on card {} is taken",
+                eni.device_index, eni.network_card
+            ));
+        }
+        if on_card.len() as u32 >= card_max {
+            return Err(format!(
+                "{} allows {card_max} ENIs on card {}",
+                limits.instance_type, eni.network_card
+            ));
+        }
+        if 1 + eni.secondary_addresses > limits.ipv4_per_eni {
+            return Err(format!(
+                "{} allows {} addresses per ENI",
+                limits.instance_type, limits.ipv4_per_eni
+            ));
+        }
+        let (_, addrs) = self
+            .subnets
+            .get_mut(&subnet_id)
+            .expect("the instance's subnet");
+        let ips = addrs
+            .take_ips(1 + eni.secondary_addresses, &mut self.rng)
+            .ok_or_else(|| format!("{subnet_id} is full"))?;
+        let id = self.id("eni");
+        let mut interface = self.interface(
+            &id,
+            &subnet_id,
+            ips[0],
+            "attached before the CNI",
+            &sgs,
+            eni.tags.clone(),
+        );
+        interface.interface_type = eni.interface_type.clone();
+        interface.secondary_ips = ips[1..].to_vec();
+        let attachment = self.id("eni-attach");
+        interface.attachment = Some(Attachment {
+            id: attachment.clone(),
+            instance_id: instance_id.into(),
+            device_index: eni.device_index,
+            network_card_index: eni.network_card,
+            status: AttachmentStatus::Attached,
+            delete_on_termination: true,
+        });
+        self.enis.insert(id.clone(), interface);
+        self.attached
+            .entry(instance_id.to_string())
+            .or_default()
+            .push(id.clone());
+        self.attachment_enis.insert(attachment, id.clone());
         Ok(id)
     }
 

@@ -12,6 +12,7 @@ pub mod probe;
 use fabric::{gateway, Fabric};
 pub use netns::Netns;
 use serde_json::{json, Value};
+pub use simvpc_http::config::PreattachedConfig;
 use simvpc_http::config::{Ec2Behaviour, InstanceConfig, SubnetConfig, VpcConfig};
 use simvpc_http::{Running, ServeConfig, Server};
 use std::collections::BTreeMap;
@@ -90,6 +91,8 @@ pub struct Options {
     /// node and a Pod object per pod; the daemons get a kubeconfig for it. With custom
     /// networking the ENIConfig is an object the Node's label selects instead of a file.
     pub kubernetes: bool,
+    /// ENIs every node has before its daemon first starts (someone else's, a trunk, EFA).
+    pub preattached: Vec<PreattachedConfig>,
 }
 
 impl Default for Options {
@@ -102,6 +105,7 @@ impl Default for Options {
             custom_networking: false,
             node_subnet: NODE_CIDR.into(),
             kubernetes: false,
+            preattached: Vec::new(),
         }
     }
 }
@@ -288,6 +292,7 @@ impl Testbed {
                     instance_type: options.instance_type.clone(),
                     subnet: "nodes".into(),
                     security_groups: vec!["sg-0000000000000001".into()],
+                    enis: options.preattached.clone(),
                 })
                 .collect(),
             ec2: options.ec2.clone(),
