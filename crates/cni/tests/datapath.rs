@@ -792,3 +792,108 @@ fn kube_proxy_next_door_iptables_legacy() {
 fn kube_proxy_next_door_nftables() {
     kube_proxy_next_door("nftables");
 }
+
+/// Upstream's host rules as aws-node writes them (pkg/networkutils: the SNAT chain, the connmark
+/// chain, the mangle connmark rules; the nftables connmark table of its nft backend), through the
+/// given iptables front end.
+fn upstream_rules(node: &Netns, iptables: &str) {
+    for rule in [
+        "-t nat -N AWS-SNAT-CHAIN-0",
+        "-t nat -A POSTROUTING -m comment --comment \"AWS SNAT CHAIN\" -j AWS-SNAT-CHAIN-0",
+        "-t nat -A AWS-SNAT-CHAIN-0 -d 10.0.0.0/16 -m comment --comment \"AWS SNAT CHAIN\" -j RETURN",
+        "-t nat -A AWS-SNAT-CHAIN-0 ! -o vlan+ -m comment --comment \"AWS, SNAT\" -m addrtype ! --dst-type LOCAL -j SNAT --to-source 10.0.0.10 --random-fully",
+        "-t nat -N AWS-CONNMARK-CHAIN-0",
+        "-t nat -A PREROUTING -i eni+ -m comment --comment \"AWS, outbound connections\" -j AWS-CONNMARK-CHAIN-0",
+        "-t nat -A AWS-CONNMARK-CHAIN-0 -d 10.0.0.0/16 -m comment --comment \"AWS CONNMARK CHAIN, VPC CIDR\" -j RETURN",
+        "-t nat -A AWS-CONNMARK-CHAIN-0 -m comment --comment \"AWS, CONNMARK\" -j CONNMARK --set-xmark 0x80/0x80",
+        "-t nat -A PREROUTING -m comment --comment \"AWS, CONNMARK\" -j CONNMARK --restore-mark --mask 0x80",
+        "-t mangle -A PREROUTING -m comment --comment \"AWS, primary ENI\" -i eth0 -m addrtype --dst-type LOCAL --limit-iface-in -j CONNMARK --set-mark 0x80/0x80",
+        "-t mangle -A PREROUTING -m comment --comment \"AWS, primary ENI\" -i eni+ -j CONNMARK --restore-mark --mask 0x80",
+        "-t mangle -A PREROUTING -m comment --comment \"AWS, primary ENI\" -i vlan+ -j CONNMARK --restore-mark --mask 0x80",
+    ] {
+        node.exec(&format!("{iptables} {rule}"));
+    }
+}
+
+#[test]
+fn upstreams_rules_are_removed_when_we_take_over_and_kube_proxys_stay() {
+    let test = "upstreams_rules_are_removed_when_we_take_over_and_kube_proxys_stay";
+    if !can_run_datapath_tests(test) {
+        return;
+    }
+    for tool in ["iptables-legacy", "iptables-nft"] {
+        if std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            skip(
+                test,
+                &format!("needs {tool}; scripts/test.sh installs the iptables package"),
+            );
+            return;
+        }
+    }
+    let vpc = Vpc::build();
+    // Upstream ran with legacy iptables on this node once and with iptables-nft later, and its nft
+    // connmark backend left its table; kube-proxy runs in iptables-nft mode.
+    upstream_rules(&vpc.node, "iptables-legacy");
+    upstream_rules(&vpc.node, "iptables-nft");
+    vpc.node.exec(
+        "nft add table ip aws-cni \\; add chain ip aws-cni nat-prerouting '{ type filter hook prerouting priority -90; }' \\; \
+         add rule ip aws-cni nat-prerouting iifname eni* ct mark set ct mark or 0x80",
+    );
+    kube_proxy_rules(&vpc.node, "iptables-nft");
+    vpc.node_setup(false);
+    let removed = vpc
+        .node
+        .run(datapath::upstream::remove_rules)
+        .expect("removal runs");
+    assert!(removed.unavailable.is_empty(), "{removed:?}");
+    // Three rules in mangle, three in nat and two chains, in each front end; and the nft table.
+    assert_eq!(removed.removed.len(), 2 * 8 + 1, "{:#?}", removed.removed);
+    for save in ["iptables-legacy-save", "iptables-nft-save"] {
+        let left = vpc.node.exec(save);
+        assert!(
+            !left.contains("AWS"),
+            "{save} still shows upstream's rules:\n{left}"
+        );
+    }
+    let kube = vpc.node.exec("iptables-nft-save -t nat");
+    assert!(
+        kube.contains("KUBE-SEP-SELF") && kube.contains("-j KUBE-SERVICES"),
+        "kube-proxy's rules must stay:\n{kube}"
+    );
+    let tables = vpc.node.exec("nft list tables");
+    assert!(!tables.contains("aws-cni"), "{tables}");
+    assert!(tables.contains("vpc-cni"), "our table stays: {tables}");
+    // A second pass finds nothing.
+    let again = vpc.node.run(datapath::upstream::remove_rules).unwrap();
+    assert!(again.removed.is_empty(), "{again:?}");
+
+    // Pods still reach the outside through our table alone, and a ClusterIP through kube-proxy's.
+    let server = AddressServer::start(&[(POD_ON_ETH0, 0, 254), (POD_ON_ETH1, 1, 2)]);
+    let pod_a = Netns::new("upa");
+    let pod_b = Netns::new("upb");
+    add_pod(&vpc.node, &server, &pod_a, "ctr-a", "a");
+    add_pod(&vpc.node, &server, &pod_b, "ctr-b", "b");
+    vpc.place(POD_ON_ETH0, ETH0_MAC);
+    vpc.place(POD_ON_ETH1, ETH1_MAC);
+    let outside = peer_echo_server(&vpc.outside, SocketAddr::from((OUTSIDE_HOST, 8083)), 1);
+    assert_eq!(
+        seen_as(&pod_b, SocketAddr::from((OUTSIDE_HOST, 8083))).unwrap(),
+        NODE_IP.to_string()
+    );
+    outside.join().unwrap();
+    let service = peer_echo_server(&pod_a, SocketAddr::from((POD_ON_ETH0, 8080)), 1);
+    assert_eq!(
+        seen_as(
+            &pod_b,
+            SocketAddr::from((Ipv4Addr::new(172, 20, 0, 10), 80))
+        )
+        .unwrap(),
+        POD_ON_ETH1.to_string()
+    );
+    service.join().unwrap();
+    drop((pod_a, pod_b));
+}

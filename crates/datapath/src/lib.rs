@@ -9,6 +9,7 @@ mod nl;
 pub mod node;
 pub mod pod;
 pub mod snat;
+pub mod upstream;
 
 use std::io;
 

@@ -508,11 +508,29 @@ pub fn wired_addresses(veth_prefix: &str) -> Result<Vec<(Ipv4Addr, String)>> {
 /// Removes host state of pods that are gone: every /32 route in main to a veth named with
 /// `veth_prefix` whose address is not in `keep`, that veth, and the priority-512 and -1536 rules of
 /// addresses not in `keep`. Veths with no route are left alone: an ADD may be halfway through.
-/// Returns what was removed, in words.
+/// Returns what was removed, in words. (CNI GC: the runtime named every attachment still valid.)
 pub fn collect_leftovers(
     veth_prefix: &str,
     keep: &std::collections::HashSet<Ipv4Addr>,
 ) -> Result<Vec<String>> {
+    remove_host_state(veth_prefix, &|ip| !keep.contains(&ip))
+}
+
+/// Removes the host state of exactly these addresses: their /32 routes to veths named with
+/// `veth_prefix`, those veths, and their priority-512 and -1536 rules. Nothing of any other
+/// address is touched, however it looks: a pod interface we cannot account for (another CNI's,
+/// a branch-ENI pod of upstream's) stays. Returns what was removed, in words.
+pub fn remove_pods_host_state(
+    veth_prefix: &str,
+    addresses: &std::collections::HashSet<Ipv4Addr>,
+) -> Result<Vec<String>> {
+    if addresses.is_empty() {
+        return Ok(Vec::new());
+    }
+    remove_host_state(veth_prefix, &|ip| addresses.contains(&ip))
+}
+
+fn remove_host_state(veth_prefix: &str, doomed: &dyn Fn(Ipv4Addr) -> bool) -> Result<Vec<String>> {
     nl::run(|handle| async move {
         let mut removed = Vec::new();
         let veths = pod_veths(&handle, veth_prefix).await?;
@@ -526,7 +544,7 @@ pub fn collect_leftovers(
             let Some(veth) = veths.get(&oif) else {
                 continue;
             };
-            if nl::route_table(&route) != MAIN_TABLE || keep.contains(&ip) {
+            if nl::route_table(&route) != MAIN_TABLE || !doomed(ip) {
                 continue;
             }
             tolerate_missing(handle.route().del(route).execute().await)
@@ -542,7 +560,7 @@ pub fn collect_leftovers(
                 _ => None,
             };
             let Some((ip, 32)) = address else { continue };
-            if keep.contains(&ip) {
+            if !doomed(ip) {
                 continue;
             }
             tolerate_missing(handle.rule().del(message).execute().await)

@@ -540,10 +540,10 @@ impl Control {
             }
         }
         self.absent_since = absent;
-        let mut released = false;
+        let mut released = HashSet::new();
         for key in gone {
             if let Ok(a) = self.pool.unassign(&key, now) {
-                released = true;
+                released.insert(a.ip);
                 self.dirty = true;
                 self.metrics
                     .count("vpccni_vanished_pod_releases_total", &[]);
@@ -557,13 +557,12 @@ impl Control {
                 );
             }
         }
-        // One pass over the host's links and rules for all the pods released in this snapshot.
-        if released {
-            let keep: HashSet<std::net::Ipv4Addr> =
-                self.pool.assignments().map(|(_, a)| a.ip).collect();
+        // One pass over the host's links and rules for all the pods released in this snapshot,
+        // touching only theirs.
+        if !released.is_empty() {
             let prefix = self.veth_prefix.clone();
             tokio::task::spawn_blocking(move || {
-                if let Err(e) = datapath::pod::collect_leftovers(&prefix, &keep) {
+                if let Err(e) = datapath::pod::remove_pods_host_state(&prefix, &released) {
                     log::warn("removing vanished pods' host side", &[("error", &e)]);
                 }
             });

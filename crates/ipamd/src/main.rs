@@ -47,6 +47,21 @@ struct Args {
     /// given is released (the kubelet never sent DEL).
     #[arg(long, env = "VPC_CNI_VANISHED_POD_GRACE_SECONDS", default_value_t = 60)]
     vanished_pod_grace_seconds: u64,
+    /// The plugin socket of the daemon this one takes over from (upstream's aws-node): start-up
+    /// waits while it answers. Empty: not checked.
+    #[arg(
+        long,
+        env = "VPC_CNI_PREDECESSOR_SOCKET",
+        default_value = "/var/run/aws-node/ipamd.sock"
+    )]
+    predecessor_socket: String,
+    /// The predecessor's gRPC address; start-up waits while it answers. Empty: not checked.
+    #[arg(
+        long,
+        env = "VPC_CNI_PREDECESSOR_GRPC",
+        default_value = "127.0.0.1:50051"
+    )]
+    predecessor_grpc: String,
     /// `json` for one JSON object per log line.
     #[arg(long, env = "VPC_CNI_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -194,12 +209,23 @@ async fn run(
         }
     }
     let store = Store::new(&config.backing_store);
+    let predecessor = startup::Predecessor {
+        socket: Some(PathBuf::from(&args.predecessor_socket)).filter(|p| !p.as_os_str().is_empty()),
+        grpc: match args.predecessor_grpc.as_str() {
+            "" => None,
+            text => Some(
+                text.parse()
+                    .map_err(|e| format!("VPC_CNI_PREDECESSOR_GRPC={text:?}: {e}"))?,
+            ),
+        },
+    };
     let started = startup::start(
         &config,
         eni_config
             .as_ref()
             .and_then(|(_, spec)| spec.as_ref().ok().cloned()),
         kubelet_max_pods,
+        &predecessor,
         store,
         metrics.clone(),
     )

@@ -20,6 +20,8 @@ use ipam::ownership::{self, EniFacts, Role};
 use ipam::pool::{EniConfigSpec, EniInfo};
 use ipam::{NodeSpec, Pool, PoolSettings};
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -126,14 +128,71 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StartError::Datapath(e.to_string()))
 }
 
+/// Where the daemon we take over from (upstream's aws-node) answers while it runs: its plugin
+/// socket and its gRPC port. None: not checked.
+#[derive(Clone, Debug)]
+pub struct Predecessor {
+    pub socket: Option<PathBuf>,
+    pub grpc: Option<SocketAddr>,
+}
+
+impl Predecessor {
+    /// What still answers, in words; empty once it is gone.
+    async fn answering(&self) -> Vec<String> {
+        let mut alive = Vec::new();
+        if let Some(socket) = &self.socket {
+            if tokio::net::UnixStream::connect(socket).await.is_ok() {
+                alive.push(socket.display().to_string());
+            }
+        }
+        if let Some(grpc) = self.grpc {
+            let connect = tokio::net::TcpStream::connect(grpc);
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), connect).await {
+                alive.push(grpc.to_string());
+            }
+        }
+        alive
+    }
+
+    /// A terminating aws-node keeps serving ADDs through its grace period: restoring its
+    /// checkpoint before it has stopped could give an address it is still handing out to a
+    /// second pod. Waits as long as it answers, saying so every 10 s.
+    async fn wait_until_gone(&self) {
+        let since = Instant::now();
+        let mut said: Option<Instant> = None;
+        loop {
+            let alive = self.answering().await;
+            if alive.is_empty() {
+                if said.is_some() {
+                    log::info(
+                        "the previous CNI daemon has stopped; taking over",
+                        &[("waited_ms", &since.elapsed().as_millis())],
+                    );
+                }
+                return;
+            }
+            if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                log::warn(
+                    "waiting for the previous CNI daemon (aws-node) to stop before restoring its checkpoint",
+                    &[("answering", &alive.join(", ")), ("waited_ms", &since.elapsed().as_millis())],
+                );
+                said = Some(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 pub async fn start(
     config: &Config,
     eni_config: Option<EniConfigSpec>,
     kubelet_max_pods: Option<u32>,
+    predecessor: &Predecessor,
     store: Store,
     metrics: Arc<Metrics>,
 ) -> Result<Started, StartError> {
     let started = Instant::now();
+    predecessor.wait_until_gone().await;
     let identity = fetch_identity().await?;
     log::info(
         "identity",
@@ -324,6 +383,20 @@ pub async fn start(
         connmark: config.connmark,
     };
     blocking(move || node::setup_host(&host)).await?;
+    // Upstream's SNAT and connmark rules would keep matching beside our table.
+    let upstream = blocking(datapath::upstream::remove_rules).await?;
+    if !upstream.removed.is_empty() {
+        log::info(
+            "removed the Amazon VPC CNI's host rules",
+            &[("what", &upstream.removed.join("; "))],
+        );
+    }
+    if !upstream.unavailable.is_empty() {
+        log::warn(
+            "could not look for the Amazon VPC CNI's host rules: not installed",
+            &[("tools", &upstream.unavailable.join(", "))],
+        );
+    }
     let policy = snat_policy(config, &identity, &primary_interface);
     blocking(move || policy.apply()).await?;
     for &(eni, ..) in &usable {
@@ -344,8 +417,34 @@ pub async fn start(
             .await?
             .into_iter()
             .collect();
-    let checkpoint = match store.load() {
-        Ok(checkpoint) => checkpoint,
+    // The pods wired on this host, as a checkpoint: what a missing or unreadable file is
+    // rebuilt from, so that running pods keep their addresses and their host networking.
+    let from_host = || Checkpoint {
+        version: VERSION.into(),
+        allocations: wired
+            .iter()
+            .map(|(ip, veth)| Allocation {
+                network_name: control::RECOVERED_NETWORK.into(),
+                container_id: veth.clone(),
+                if_name: "eth0".into(),
+                ipv4: Some(*ip),
+                ipv6: None,
+                allocation_timestamp: now.as_nanos() as i64,
+                metadata: Metadata::default(),
+            })
+            .collect(),
+    };
+    let (checkpoint, from_file) = match store.load() {
+        Ok(Some(checkpoint)) => (checkpoint, true),
+        Ok(None) => {
+            if !wired.is_empty() {
+                log::warn(
+                    "no checkpoint, but pods are wired on this host: their addresses are rebuilt from the host",
+                    &[("checkpoint", &store.path().display()), ("pods", &wired.len())],
+                );
+            }
+            (from_host(), false)
+        }
         Err(StoreError::Corrupt { path, source }) => {
             let aside = store.quarantine().map_err(StartError::Store)?;
             log::error(
@@ -353,58 +452,62 @@ pub async fn start(
                 &[("checkpoint", &path.display()), ("error", &source), ("kept_at", &aside.display())],
             );
             metrics.count("awscni_ipamd_error_count", &[("fn", "checkpoint")]);
-            Some(Checkpoint {
-                version: VERSION.into(),
-                allocations: wired
-                    .iter()
-                    .map(|(ip, veth)| Allocation {
-                        network_name: control::RECOVERED_NETWORK.into(),
-                        container_id: veth.clone(),
-                        if_name: "eth0".into(),
-                        ipv4: Some(*ip),
-                        ipv6: None,
-                        allocation_timestamp: now.as_nanos() as i64,
-                        metadata: Metadata::default(),
-                    })
-                    .collect(),
-            })
+            (from_host(), false)
         }
         Err(e) => return Err(StartError::Store(e)),
     };
-    if let Some(checkpoint) = checkpoint {
-        let young = (now - YOUNG).as_nanos() as i64;
-        let report = pool
-            .restore(&checkpoint, |a| {
-                a.ipv4.is_some_and(|ip| wired.contains_key(&ip)) || a.allocation_timestamp > young
+    let young = (now - YOUNG).as_nanos() as i64;
+    let report = pool
+        .restore(&checkpoint, |a| {
+            a.ipv4.is_some_and(|ip| wired.contains_key(&ip)) || a.allocation_timestamp > young
+        })
+        .map_err(|e| {
+            StartError::Store(StoreError::Corrupt {
+                path: store.path().to_path_buf(),
+                source: e,
             })
-            .map_err(|e| {
-                StartError::Store(StoreError::Corrupt {
-                    path: store.path().to_path_buf(),
-                    source: e,
-                })
-            })?;
-        log::info(
-            "checkpoint restored",
-            &[
-                ("restored", &report.restored),
-                ("pods_gone", &report.dead.len()),
-                ("addresses_gone", &report.stale.len()),
-            ],
-        );
-        for a in &report.stale {
+        })?;
+    log::info(
+        "checkpoint restored",
+        &[
+            ("from", &if from_file { "file" } else { "host" }),
+            ("restored", &report.restored),
+            ("pods_gone", &report.dead.len()),
+            ("addresses_gone", &report.stale.len()),
+        ],
+    );
+    for a in &report.stale {
+        let ip = a
+            .ipv4
+            .map_or_else(|| "none".to_string(), |ip| ip.to_string());
+        if from_file {
             metrics.count("awscni_force_removed_ips", &[]);
             log::warn(
                 "a pod's address is no longer on this node's ENIs",
-                &[
-                    ("pod", &a.metadata.k8s_pod_name),
-                    ("ip", &format!("{:?}", a.ipv4)),
-                ],
+                &[("pod", &a.metadata.k8s_pod_name), ("ip", &ip)],
+            );
+        } else {
+            log::warn(
+                "a pod interface whose address is on none of our ENIs is left alone (another CNI's, or a branch-ENI pod)",
+                &[("veth", &a.container_id), ("ip", &ip)],
             );
         }
     }
-    let keep: HashSet<std::net::Ipv4Addr> = pool.assignments().map(|(_, a)| a.ip).collect();
+    // Host state is removed only for what our checkpoint named and the restore dropped: anything
+    // else wired here is not ours to account for.
+    let dropped: HashSet<std::net::Ipv4Addr> = if from_file {
+        report
+            .dead
+            .iter()
+            .chain(&report.stale)
+            .filter_map(|a| a.ipv4)
+            .collect()
+    } else {
+        HashSet::new()
+    };
     let prefix = config.veth_prefix.clone();
-    let removed = blocking(move || datapath::pod::collect_leftovers(&prefix, &keep)).await?;
+    let removed =
+        blocking(move || datapath::pod::remove_pods_host_state(&prefix, &dropped)).await?;
     if !removed.is_empty() {
         log::info(
             "removed host state of pods that are gone",

@@ -835,3 +835,208 @@ fn enis_that_are_not_ours_are_never_touched_and_trunk_and_efa_give_no_pod_addres
         assert_eq!(&eni_in_ec2(&tb, id), before, "{id} changed after a restart");
     }
 }
+
+/// A pod interface of someone else's on the node: a veth named as ours with a /32 route and our
+/// rules for an address on none of our ENIs (upstream's branch-ENI pods in standard mode look so).
+fn foreign_pod_interface(tb: &Testbed, address: &str) -> String {
+    let ns = tb.nodes[0].netns.name.clone();
+    let veth = "eni0f0f0f0f0f0";
+    let ip = |args: &[&str]| {
+        let mut all = vec!["-n", ns.as_str()];
+        all.extend_from_slice(args);
+        testbed::netns::ip(&all).unwrap();
+    };
+    ip(&[
+        "link",
+        "add",
+        veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "foreign-peer",
+    ]);
+    ip(&["link", "set", veth, "up"]);
+    ip(&[
+        "route",
+        "add",
+        &format!("{address}/32"),
+        "dev",
+        veth,
+        "scope",
+        "link",
+    ]);
+    ip(&[
+        "rule", "add", "to", address, "lookup", "main", "priority", "512",
+    ]);
+    veth.to_string()
+}
+
+fn host_view(tb: &Testbed) -> (String, String) {
+    let ns = tb.nodes[0].netns.name.clone();
+    (
+        testbed::netns::ip(&["-n", &ns, "-4", "route", "show", "table", "main"]).unwrap(),
+        testbed::netns::ip(&["-n", &ns, "rule"]).unwrap(),
+    )
+}
+
+#[test]
+fn a_missing_checkpoint_is_rebuilt_from_the_host_and_foreign_pod_interfaces_stay() {
+    let Some(mut tb) = testbed("missing_checkpoint", options(&[])) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let running: Vec<Pod> = (0..4).map(|_| tb.add_pod(0).unwrap()).collect();
+    let foreign = foreign_pod_interface(&tb, "10.0.15.250");
+
+    // Restarted with its checkpoint: the foreign interface is not ours to remove.
+    tb.stop_daemon(0, Stop::Term).unwrap();
+    tb.start_daemon(0).unwrap();
+    let (routes, rules) = host_view(&tb);
+    assert!(
+        routes.contains(&format!("10.0.15.250 dev {foreign}")),
+        "{routes}"
+    );
+    assert!(rules.contains("to 10.0.15.250 lookup main"), "{rules}");
+
+    // The checkpoint deleted under running pods: their addresses come back from the host.
+    tb.stop_daemon(0, Stop::Term).unwrap();
+    std::fs::remove_file(tb.nodes[0].checkpoint()).unwrap();
+    tb.start_daemon(0).unwrap();
+    let log = std::fs::read_to_string(tb.nodes[0].daemon_log()).unwrap();
+    assert!(log.contains("rebuilt from the host"), "{log}");
+    let pods = tb.nodes[0].introspect("/v1/pods").unwrap();
+    let assigned: BTreeSet<String> = pods
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["ip"].as_str().unwrap().to_string())
+        .collect();
+    for pod in &running {
+        assert!(
+            assigned.contains(&pod.ip.to_string()),
+            "{} lost: {pods}",
+            pod.ip
+        );
+    }
+    assert!(
+        !assigned.contains("10.0.15.250"),
+        "a foreign address adopted: {pods}"
+    );
+    let (routes, rules) = host_view(&tb);
+    for pod in &running {
+        assert!(
+            routes.contains(&format!("{} dev eni", pod.ip)),
+            "{} unwired:\n{routes}",
+            pod.ip
+        );
+    }
+    assert!(
+        routes.contains(&format!("10.0.15.250 dev {foreign}")),
+        "{routes}"
+    );
+    assert!(rules.contains("to 10.0.15.250 lookup main"), "{rules}");
+    // New pods never get the running pods' addresses, and everyone still talks.
+    let newcomers: Vec<Pod> = (0..6).map(|_| tb.add_pod(0).unwrap()).collect();
+    for pod in &newcomers {
+        assert!(
+            running.iter().all(|r| r.ip != pod.ip),
+            "{} given out twice",
+            pod.ip
+        );
+    }
+    let router = tb.nodes[0].gateway;
+    let _listener = tb
+        .vpc
+        .run(move || WhoAmI::bind(SocketAddr::from((router, PORT))).unwrap())
+        .unwrap();
+    for pod in running.iter().chain(&newcomers) {
+        assert_eq!(tb.seen_as(&pod.netns, router, PORT).unwrap(), pod.ip);
+    }
+    // A pod rebuilt from the host is released by its DEL as any other.
+    let mut running = running;
+    let first = running.remove(0);
+    let released = first.ip;
+    tb.del_pod(first).unwrap();
+    let pods = tb.nodes[0].introspect("/v1/pods").unwrap();
+    assert!(
+        pods.as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["ip"] != released.to_string()),
+        "{released} still assigned after DEL: {pods}"
+    );
+}
+
+#[test]
+fn a_terminating_aws_node_is_waited_for_before_its_checkpoint_is_restored() {
+    use std::os::unix::net::UnixListener;
+    // An ENI from before, with addresses aws-node was handing out.
+    let mut options = options(&[]);
+    options.preattached = vec![testbed::PreattachedConfig {
+        device_index: 1,
+        network_card: 0,
+        interface_type: "interface".into(),
+        secondary_addresses: 3,
+        tags: Default::default(),
+    }];
+    let Some(mut tb) = testbed("terminating_aws_node", options) else {
+        return;
+    };
+    let socket = tb.nodes[0].state.join("aws-node.sock");
+    tb.set_daemon_env(
+        0,
+        "VPC_CNI_PREDECESSOR_SOCKET",
+        &socket.display().to_string(),
+    );
+    let last_address: String = {
+        let model = tb.vpc_model();
+        let vpc = model.lock().unwrap();
+        let eni = vpc
+            .interfaces()
+            .find(|e| e.attachment.as_ref().is_some_and(|a| a.device_index == 1))
+            .unwrap();
+        eni.secondary_ips[0].to_string()
+    };
+    let unix = UnixListener::bind(&socket).unwrap();
+    let grpc = tb.nodes[0]
+        .netns
+        .run(|| std::net::TcpListener::bind("127.0.0.1:50051").unwrap())
+        .unwrap();
+    // aws-node's grace period: it gives out one more address, writes its checkpoint, then exits.
+    let checkpoint = tb.nodes[0].checkpoint();
+    let predecessor = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        std::fs::write(
+            &checkpoint,
+            format!(
+                r#"{{"version":"vpc-cni-ipam/1","allocations":[{{"networkName":"aws-cni","containerID":"last-sandbox","ifName":"eth0","ipv4":"{last_address}","allocationTimestamp":{now},"metadata":{{"k8sPodNamespace":"default","k8sPodName":"last","interfacesCount":1}}}}]}}"#
+            ),
+        )
+        .unwrap();
+        drop((unix, grpc));
+        last_address
+    });
+    let took = tb.start_daemon(0).unwrap();
+    let last_address = predecessor.join().unwrap();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "started after {took:?}"
+    );
+    let log = std::fs::read_to_string(tb.nodes[0].daemon_log()).unwrap();
+    assert!(log.contains("waiting for the previous CNI daemon"), "{log}");
+    let pods = tb.nodes[0].introspect("/v1/pods").unwrap();
+    assert!(
+        pods.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["ip"] == last_address),
+        "aws-node's last assignment was not restored: {pods}"
+    );
+    let newcomers: Vec<Pod> = (0..3).map(|_| tb.add_pod(0).unwrap()).collect();
+    assert!(newcomers.iter().all(|p| p.ip.to_string() != last_address));
+}

@@ -441,6 +441,13 @@ impl Testbed {
         self.server.as_ref().expect("running").vpc.clone()
     }
 
+    /// Sets one of the node's daemon settings for its next start.
+    pub fn set_daemon_env(&mut self, node: usize, key: &str, value: &str) {
+        let env = &mut self.nodes[node].env;
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_string(), value.to_string()));
+    }
+
     /// Starts the node's daemon inside the node's namespace and waits until it says it is ready.
     pub fn start_daemon(&mut self, node: usize) -> Result<Duration, String> {
         let started = Instant::now();
