@@ -94,7 +94,10 @@ impl Cluster {
         let mut events = std::pin::pin!(metadata_watcher(pods, config).default_backoff());
         let mut tracker = Tracker::default();
         let mut last: Option<PodSnapshot> = None;
-        let mut tick = tokio::time::interval(every);
+        // The first resend one period from now: an interval's first tick is immediate, and one
+        // that fires just after the first listing would send that listing twice, which a
+        // receiver waiting for a change takes as the change.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let resend = tokio::select! {
