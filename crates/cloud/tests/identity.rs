@@ -41,4 +41,20 @@ async fn identity_from_imds_follows_attachments() {
         .expect("new ENI listed");
     assert_eq!(attached.device_number, 2);
     assert_eq!(attached.mac, eni.mac);
+    assert_eq!(attached.addresses, [eni.primary_ip.unwrap()]);
+    assert!(attached.blocks().is_empty());
+
+    // The periodic read sees addresses and prefixes as EC2 hands them out, counting its requests.
+    let ips = ec2.assign_private_ips(&eni.id, 2).await.unwrap();
+    let prefixes = ec2.assign_prefixes(&before.primary_eni, 1).await.unwrap();
+    let network = identity::network(&imds, &before.primary_mac).await.unwrap();
+    let by_id = |id: &str| network.enis.iter().find(|e| e.eni_id == id).unwrap();
+    let mut blocks = by_id(&eni.id).blocks();
+    blocks.sort();
+    let mut expected: Vec<_> = ips.iter().map(|ip| ipam::Ipv4Cidr::host(*ip)).collect();
+    expected.sort();
+    assert_eq!(blocks, expected);
+    assert_eq!(by_id(&before.primary_eni).blocks(), prefixes);
+    assert_eq!(network.vpc_cidrs, before.vpc_cidrs);
+    assert_eq!(network.reads, 1 + 5 * 2 + 1, "{network:?}");
 }

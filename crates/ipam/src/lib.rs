@@ -10,6 +10,7 @@ pub mod ownership;
 pub mod plan;
 pub mod policy;
 pub mod pool;
+pub mod reconcile;
 pub mod subnets;
 pub mod time;
 

@@ -9,7 +9,10 @@ use crate::log;
 use crate::metrics::{Metrics, PoolGauges};
 use crate::store::Store;
 use cloud::ErrorKind as CloudErrorKind;
+use datapath::snat::SnatPolicy;
 use ipam::pool::{Assignment, EniConfigSpec, Outcome};
+use ipam::reconcile::{self, Finding, Reconciler, Seen};
+use ipam::Ipv4Cidr;
 use ipam::{decide, Action, Demand, IpamKey, PodMeta, Pool, PoolSettings, Stall, Time};
 use proto::{Allocation, Attachment, DelReason, ErrorKind, Reply, Request};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -46,6 +49,8 @@ pub enum Event {
     PodsOnNode(HashSet<k8s::PodRef>),
     /// The kubelet's `--max-pods` as the Node reports it, at each change of the Node.
     KubeletMaxPods(u32),
+    /// The instance's ENIs, their addresses and the VPC's CIDRs, as IMDS shows them now.
+    Imds(cloud::identity::Network),
     /// `immediate`: a second signal, stop as soon as EC2 calls in flight are done.
     Stop {
         immediate: bool,
@@ -86,6 +91,13 @@ pub fn now() -> Time {
     )
 }
 
+fn cidrs(list: &[Ipv4Cidr]) -> String {
+    list.iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn key_of(a: &Attachment) -> IpamKey {
     IpamKey::new(&a.network, &a.container_id, &a.ifname)
 }
@@ -120,6 +132,36 @@ pub struct Control {
     /// Assignments whose pod the API server did not list, since when.
     absent_since: HashMap<IpamKey, Time>,
     vanished_pod_grace: Duration,
+    host: Option<HostFacts>,
+    reconciler: Reconciler,
+}
+
+/// What start-up learned of the host that the periodic IMDS read is compared with.
+pub struct HostFacts {
+    /// ENIs attached at start that are not ours: no news when IMDS lists them.
+    pub foreign_enis: HashSet<String>,
+    /// The SNAT table as applied, and what its exemptions were made of.
+    pub snat: SnatPolicy,
+    pub vpc_cidrs: Vec<Ipv4Cidr>,
+    pub snat_excluded: Vec<Ipv4Cidr>,
+}
+
+impl HostFacts {
+    /// The SNAT table for the VPC's CIDRs now, if they changed (a secondary CIDR added, the usual
+    /// first step of custom networking, must stop being SNATed without a restart).
+    pub fn snat_for(&self, vpc_cidrs: &[Ipv4Cidr]) -> Option<SnatPolicy> {
+        if vpc_cidrs == self.vpc_cidrs.as_slice() {
+            return None;
+        }
+        Some(SnatPolicy {
+            exempt: vpc_cidrs
+                .iter()
+                .chain(&self.snat_excluded)
+                .map(|c| (c.addr(), c.prefix_len()))
+                .collect(),
+            ..self.snat.clone()
+        })
+    }
 }
 
 impl Control {
@@ -156,7 +198,15 @@ impl Control {
             eni_config_source: None,
             absent_since: HashMap::new(),
             vanished_pod_grace: Duration::from_secs(60),
+            host: None,
+            reconciler: Reconciler::default(),
         }
+    }
+
+    /// The host as start-up left it, for the periodic IMDS reconcile.
+    pub fn with_host(mut self, host: HostFacts) -> Control {
+        self.host = Some(host);
+        self
     }
 
     /// In a cluster: Warning Events go through `reporter`, and the address of a pod the API server
@@ -310,6 +360,7 @@ impl Control {
             Event::EniConfig { source, spec } => self.eni_config_changed(source, spec),
             Event::PodsOnNode(pods) => self.release_vanished_pods(&pods),
             Event::KubeletMaxPods(max_pods) => self.kubelet_max_pods(max_pods),
+            Event::Imds(network) => self.reconcile(network),
             Event::Stop { immediate } => {
                 let until = if immediate {
                     Instant::now()
@@ -510,6 +561,70 @@ impl Control {
                 &[("was", &self.pool.node.max_pods), ("now", &max_pods)],
             );
             self.pool.node.max_pods = max_pods;
+        }
+    }
+
+    /// The pool and the SNAT table against IMDS. EC2 is asked (a read-back of one ENI, through
+    /// the policy's `ResyncEni`) only for what two reads in a row show differently.
+    fn reconcile(&mut self, network: cloud::identity::Network) {
+        let Some(host) = &mut self.host else {
+            return;
+        };
+        if let Some(policy) = host.snat_for(&network.vpc_cidrs) {
+            log::info(
+                "the VPC's CIDRs changed; SNAT exemptions follow",
+                &[
+                    ("was", &cidrs(&host.vpc_cidrs)),
+                    ("now", &cidrs(&network.vpc_cidrs)),
+                ],
+            );
+            host.vpc_cidrs = network.vpc_cidrs.clone();
+            host.snat = policy.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = policy.apply() {
+                    log::error("SNAT table update", &[("error", &e)]);
+                }
+            });
+        }
+        let seen: Vec<Seen> = network
+            .enis
+            .iter()
+            .map(|e| Seen {
+                id: e.eni_id.clone(),
+                device: e.device_number,
+                network_card: e.network_card,
+                blocks: e.blocks(),
+            })
+            .collect();
+        let found = reconcile::compare(&self.pool, &seen, &host.foreign_enis);
+        for finding in self.reconciler.confirm(found) {
+            match finding {
+                Finding::Gone(eni) | Finding::Differs(eni) => {
+                    let kind = if seen.iter().any(|s| s.id == eni) {
+                        "addresses"
+                    } else {
+                        "detached"
+                    };
+                    log::warn(
+                        "IMDS shows an ENI differently from the pool (changed out of band); reading it back from EC2",
+                        &[("eni", &eni), ("what", &kind)],
+                    );
+                    self.metrics
+                        .count("vpccni_reconcile_findings_total", &[("kind", kind)]);
+                    self.pool.mark_for_resync(&eni);
+                }
+                Finding::Unknown { eni, device } => {
+                    log::warn(
+                        "an ENI was attached by someone else; left alone, its device index avoided",
+                        &[("eni", &eni), ("device", &device)],
+                    );
+                    self.metrics
+                        .count("vpccni_reconcile_findings_total", &[("kind", "foreign")]);
+                    self.executor.avoid_device(device);
+                    self.pool.node.unmanaged_enis += 1;
+                    host.foreign_enis.insert(eni);
+                }
+            }
         }
     }
 

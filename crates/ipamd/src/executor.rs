@@ -244,13 +244,45 @@ impl Executor {
                     )
                     .await
                 {
-                    Ok(found) => Report::ok(Outcome::Synced(
-                        found.iter().find(|e| e.id == *eni).map(blocks_of),
-                    )),
-                    Err(e) if e.kind == ErrorKind::NotFound => Report::ok(Outcome::Synced(None)),
+                    Ok(found) => {
+                        // Still ours only while attached to this instance.
+                        let here = found.iter().find(|e| {
+                            e.id == *eni
+                                && e.attachment
+                                    .as_ref()
+                                    .is_some_and(|a| a.instance_id == self.node.instance_id)
+                        });
+                        if here.is_none() {
+                            self.forget(eni).await;
+                        }
+                        Report::ok(Outcome::Synced(here.map(blocks_of)))
+                    }
+                    Err(e) if e.kind == ErrorKind::NotFound => {
+                        self.forget(eni).await;
+                        Report::ok(Outcome::Synced(None))
+                    }
                     Err(e) => Report::failed(e),
                 }
             }
+        }
+    }
+
+    /// An ENI detached or deleted behind our back: its device index is free again and what is
+    /// left of its host state (the rule for its primary address) goes.
+    async fn forget(&self, eni_id: &str) {
+        let Some(gone) = self.known().attached.remove(eni_id) else {
+            return;
+        };
+        self.release_device(gone.device);
+        let link = gone.link;
+        if let Err(e) = tokio::task::spawn_blocking(move || node::teardown_eni(&link))
+            .await
+            .expect("teardown does not panic")
+        {
+            log::warn(
+                "host state of a vanished ENI",
+                &[("eni", &eni_id), ("error", &e)],
+            );
         }
     }
 

@@ -62,6 +62,10 @@ struct Args {
         default_value = "127.0.0.1:50051"
     )]
     predecessor_grpc: String,
+    /// How often the pool and the SNAT table are compared with IMDS (addresses or ENIs changed
+    /// out of band, a VPC CIDR added); EC2 is asked only about what differs.
+    #[arg(long, env = "VPC_CNI_RECONCILE_SECONDS", default_value_t = 60)]
+    reconcile_seconds: u64,
     /// `json` for one JSON object per log line.
     #[arg(long, env = "VPC_CNI_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -282,6 +286,12 @@ async fn run(
             },
         ));
     }
+    tokio::spawn(read_imds_periodically(
+        events.clone(),
+        started.identity.primary_mac.clone(),
+        Duration::from_secs(args.reconcile_seconds.max(1)),
+        metrics.clone(),
+    ));
     tokio::spawn(forward_signals(events.clone()));
     log::info(
         "serving",
@@ -405,6 +415,34 @@ async fn forward_signals(events: mpsc::UnboundedSender<Event>) {
 
 /// At start (after a random delay, so that a fleet starting together does not scan at once) and
 /// then hourly: ENIs this cluster's nodes created and left unattached (upstream-ipamd.md §3.4).
+/// IMDS, read every `every` and handed to the control loop to compare with the pool.
+async fn read_imds_periodically(
+    events: mpsc::UnboundedSender<Event>,
+    primary_mac: String,
+    every: Duration,
+    metrics: Arc<Metrics>,
+) {
+    let client = match cloud::identity::client(None) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error("IMDS client: no periodic reconcile", &[("error", &e)]);
+            return;
+        }
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        match cloud::identity::network(&client, &primary_mac).await {
+            Ok(network) => {
+                metrics.add("vpccni_imds_requests_total", &[], network.reads.into());
+                if events.send(Event::Imds(network)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => log::warn("IMDS read for the reconcile", &[("error", &e)]),
+        }
+    }
+}
+
 async fn collect_leaked_enis(executor: Arc<ipamd::executor::Executor>, scan: cloud::gc::LeakScan) {
     let first = Duration::from_millis(rand::random::<u64>() % 60_000);
     tokio::time::sleep(first).await;

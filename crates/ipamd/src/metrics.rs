@@ -131,6 +131,16 @@ const COUNTERS: &[(&str, &str, bool)] = &[
         true,
     ),
     (
+        "vpccni_imds_requests_total",
+        "IMDS requests of the periodic reconcile",
+        false,
+    ),
+    (
+        "vpccni_reconcile_findings_total",
+        "Differences between the pool and IMDS acted on, by kind (addresses, detached, foreign)",
+        true,
+    ),
+    (
         "vpccni_vanished_pod_releases_total",
         "Addresses released because their pod left the API server without a DEL",
         false,
@@ -144,9 +154,13 @@ const COUNTERS: &[(&str, &str, bool)] = &[
 
 impl Metrics {
     pub fn count(&self, metric: &'static str, labels: &[(&str, &str)]) {
+        self.add(metric, labels, 1);
+    }
+
+    pub fn add(&self, metric: &'static str, labels: &[(&str, &str)], n: u64) {
         let labels = render_labels(labels);
         let mut inner = self.lock();
-        *inner.counters.entry((metric, labels)).or_default() += 1;
+        *inner.counters.entry((metric, labels)).or_default() += n;
     }
 
     pub fn ec2_call(&self, operation: &str, took: Duration, error_code: Option<&str>) {

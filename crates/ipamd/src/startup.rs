@@ -2,7 +2,7 @@
 //! and host rules, the checkpoint restored against what EC2 and the host show, and a control loop
 //! ready to warm the pool.
 
-use crate::control::{self, Control, Event};
+use crate::control::{self, Control, Event, HostFacts};
 use crate::executor::{self, blocks_of, Executor, NodeFacts};
 use crate::log;
 use crate::metrics::Metrics;
@@ -398,7 +398,8 @@ pub async fn start(
         );
     }
     let policy = snat_policy(config, &identity, &primary_interface);
-    blocking(move || policy.apply()).await?;
+    let applied = policy.clone();
+    blocking(move || applied.apply()).await?;
     for &(eni, ..) in &usable {
         if eni.id == primary.id {
             continue;
@@ -527,7 +528,17 @@ pub async fn start(
         events.clone(),
         metrics,
         started,
-    );
+    )
+    .with_host(HostFacts {
+        foreign_enis: roles
+            .iter()
+            .filter(|(_, role)| matches!(role, Role::Unmanaged(_)))
+            .map(|(id, _)| id.clone())
+            .collect(),
+        snat: policy,
+        vpc_cidrs: identity.vpc_cidrs.clone(),
+        snat_excluded: config.exclude_snat_cidrs.clone(),
+    });
     Ok(Started {
         control,
         events,

@@ -1040,3 +1040,137 @@ fn a_terminating_aws_node_is_waited_for_before_its_checkpoint_is_restored() {
     let newcomers: Vec<Pod> = (0..3).map(|_| tb.add_pod(0).unwrap()).collect();
     assert!(newcomers.iter().all(|p| p.ip.to_string() != last_address));
 }
+
+/// Sum of a counter over its labels, from the daemon's metrics.
+fn counter(tb: &Testbed, name: &str) -> u64 {
+    tb.nodes[0]
+        .metrics()
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn pool_blocks(tb: &Testbed) -> BTreeSet<String> {
+    let enis = tb.nodes[0].introspect("/v1/enis").unwrap();
+    enis["0"]["ENIs"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|e| e["AvailableIPv4Cidrs"].as_object().unwrap().keys().cloned())
+        .collect()
+}
+
+#[test]
+fn changes_made_behind_the_daemons_back_are_noticed_through_imds() {
+    let Some(mut tb) = testbed(
+        "out_of_band",
+        options(&[
+            ("VPC_CNI_RECONCILE_SECONDS", "1"),
+            ("IP_COOLDOWN_PERIOD", "1"),
+        ]),
+    ) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let pods: Vec<Pod> = (0..2).map(|_| tb.add_pod(0).unwrap()).collect();
+    settled(&tb, 0);
+
+    // Idle: IMDS is read every second, EC2 not at all.
+    let (ec2_before, imds_before) = (
+        counter(&tb, "awscni_ec2api_req_count"),
+        counter(&tb, "vpccni_imds_requests_total"),
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        counter(&tb, "awscni_ec2api_req_count"),
+        ec2_before,
+        "an idle node calls EC2"
+    );
+    assert!(counter(&tb, "vpccni_imds_requests_total") > imds_before);
+
+    // An idle address taken away out of band: dropped from the pool after one read-back.
+    let (primary, taken) = {
+        let model = tb.vpc_model();
+        let vpc = model.lock().unwrap();
+        let instance = vpc
+            .instance(&tb.nodes[0].instance_id)
+            .unwrap()
+            .primary_eni
+            .clone();
+        let eni = vpc.interfaces().find(|e| e.id == instance).unwrap();
+        let taken = *eni
+            .secondary_ips
+            .iter()
+            .find(|ip| pods.iter().all(|p| p.ip != **ip))
+            .unwrap();
+        (instance, taken)
+    };
+    tb.out_of_band(|vpc| vpc.take_address(&primary, taken))
+        .unwrap();
+    wait_for("the taken address leaves the pool", || {
+        !pool_blocks(&tb).contains(&format!("{taken}/32"))
+    });
+    let log = std::fs::read_to_string(tb.nodes[0].daemon_log()).unwrap();
+    assert!(log.contains("changed out of band"), "{log}");
+
+    // A secondary ENI of ours detached out of band: dropped, and the pool grows back elsewhere.
+    let secondary = {
+        let model = tb.vpc_model();
+        let vpc = model.lock().unwrap();
+        let id = vpc
+            .interfaces()
+            .find(|e| {
+                e.attachment
+                    .as_ref()
+                    .is_some_and(|a| a.instance_id == tb.nodes[0].instance_id && a.device_index > 0)
+            })
+            .map(|e| e.id.clone())
+            .expect("WARM_ENI_TARGET=1 attached a second ENI");
+        id
+    };
+    tb.out_of_band(|vpc| vpc.detach_now(&secondary)).unwrap();
+    wait_for("the detached ENI leaves the pool", || {
+        let enis = tb.nodes[0].introspect("/v1/enis").unwrap();
+        enis["0"]["ENIs"].get(&secondary).is_none()
+    });
+    let status = settled(&tb, 0);
+    assert!(
+        status["addresses"]["available"].as_u64().unwrap() >= 9,
+        "WARM_ENI_TARGET holds again: {status}"
+    );
+    let (held, _) = ec2_view(&tb, 0);
+    assert_eq!(pool_blocks(&tb), held, "the pool equals EC2 again");
+
+    // A CIDR added to the VPC is exempt from SNAT without a restart.
+    tb.out_of_band(|vpc| vpc.add_cidr("100.64.0.0/16".parse().unwrap()));
+    let ns = tb.nodes[0].netns.name.clone();
+    wait_for("the new VPC CIDR in the SNAT exemptions", || {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "nft",
+                "list",
+                "set",
+                "ip",
+                "vpc-cni",
+                "snat-exempt",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("100.64.0.0/16")
+    });
+    // The pods still talk.
+    let router = tb.nodes[0].gateway;
+    let _listener = tb
+        .vpc
+        .run(move || WhoAmI::bind(SocketAddr::from((router, PORT))).unwrap())
+        .unwrap();
+    for pod in &pods {
+        assert_eq!(tb.seen_as(&pod.netns, router, PORT).unwrap(), pod.ip);
+    }
+}

@@ -565,6 +565,45 @@ impl SimVpc {
         Ok(id)
     }
 
+    /// Someone else (an operator, another tool) unassigns a secondary address of an ENI: set-up,
+    /// outside the API, so that tests can change the VPC behind the CNI's back.
+    pub fn take_address(&mut self, eni_id: &str, ip: Ipv4Addr) -> Result<(), String> {
+        let eni = self
+            .enis
+            .get_mut(eni_id)
+            .ok_or_else(|| format!("no ENI {eni_id}"))?;
+        let before = eni.secondary_ips.len();
+        eni.secondary_ips.retain(|a| *a != ip);
+        if eni.secondary_ips.len() == before {
+            return Err(format!("{eni_id} has no secondary address {ip}"));
+        }
+        let subnet = eni.subnet_id.clone();
+        self.subnets
+            .get_mut(&subnet)
+            .expect("ENIs live in known subnets")
+            .1
+            .release(ip);
+        Ok(())
+    }
+
+    /// Someone else detaches an ENI; the detach completes at once. Set-up, outside the API.
+    pub fn detach_now(&mut self, eni_id: &str) -> Result<(), String> {
+        let eni = self
+            .enis
+            .get_mut(eni_id)
+            .ok_or_else(|| format!("no ENI {eni_id}"))?;
+        let a = eni
+            .attachment
+            .take()
+            .ok_or_else(|| format!("{eni_id} is not attached"))?;
+        self.attachment_enis.remove(&a.id);
+        if let Some(list) = self.attached.get_mut(&a.instance_id) {
+            list.retain(|e| e != eni_id);
+        }
+        self.detaching.retain(|(_, id)| id != eni_id);
+        Ok(())
+    }
+
     /// Terminates an instance: ENIs with DeleteOnTermination go, the others are left `available` (leaked).
     pub fn terminate_instance(&mut self, instance_id: &str) {
         self.instances.remove(instance_id);

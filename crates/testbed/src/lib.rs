@@ -436,6 +436,16 @@ impl Testbed {
         Ok(testbed)
     }
 
+    /// Changes the VPC behind the CNI's back (someone else's API call, a console click); the
+    /// fabric follows, as a real instance's NICs would.
+    pub fn out_of_band<T>(&self, change: impl FnOnce(&mut simvpc::SimVpc) -> T) -> T {
+        let model = self.vpc_model();
+        let mut vpc = model.lock().expect("vpc lock");
+        let result = change(&mut vpc);
+        self.fabric.follow(&vpc);
+        result
+    }
+
     /// The simulated VPC's model, to check what EC2 holds.
     pub fn vpc_model(&self) -> Arc<std::sync::Mutex<simvpc::SimVpc>> {
         self.server.as_ref().expect("running").vpc.clone()
