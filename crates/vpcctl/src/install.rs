@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 pub struct Install {
     pub plugin: PathBuf,
+    /// Where the image keeps the plugins chained after ours (`CHAINED`), copied to `bin_dir` too.
+    pub chained_from: PathBuf,
     pub bin_dir: PathBuf,
     pub conf_dir: PathBuf,
     pub socket: PathBuf,
@@ -26,6 +28,102 @@ pub const VARIABLES: &[&str] = &[
     "ENABLE_BANDWIDTH_PLUGIN",
     "DISABLE_POD_V6",
 ];
+
+/// The reference plugins upstream's image installs beside its own, for the conflist's chain and
+/// for runtimes' loopback: loopback, portmap, bandwidth, and tuning for DISABLE_POD_V6.
+pub const CHAINED: &[&str] = &["loopback", "portmap", "bandwidth", "tuning"];
+
+/// CNI versions the conflist may declare, newest first: 1.1.0 lets runtimes call STATUS and GC,
+/// but every plugin of the chain must speak it (the reference plugins do from v1.5; Debian
+/// bookworm's v1.1.1 stop at 1.0.0).
+const CONFLIST_VERSIONS: &[&str] = &["1.1.0", "1.0.0", "0.4.0"];
+
+/// The newest version every plugin of the chain supports (each given by its VERSION answer).
+pub fn chain_version(supported: &[Vec<String>]) -> Option<&'static str> {
+    CONFLIST_VERSIONS
+        .iter()
+        .copied()
+        .find(|v| supported.iter().all(|s| s.iter().any(|x| x == v)))
+}
+
+/// Asks an installed plugin which CNI versions it speaks (CNI_COMMAND=VERSION).
+fn supported_versions(binary: &Path) -> Result<Vec<String>, String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(binary)
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", binary.display()))?;
+    // A plugin may answer VERSION without reading its configuration.
+    match child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(br#"{"cniVersion":"0.4.0"}"#)
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(format!("{}: {e}", binary.display()))
+        }
+        _ => {}
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("{}: {e}", binary.display()))?;
+    let answer: Value = serde_json::from_slice(&output.stdout).map_err(|e| {
+        format!(
+            "{} answered VERSION with no JSON ({e}): {}",
+            binary.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+    })?;
+    Ok(answer["supportedVersions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Copies the chained plugins the host lacks into its CNI bin directory. One the host has is kept:
+/// EKS AMIs ship their own build, and ours (Debian's) needs glibc 2.34, which Amazon Linux 2
+/// lacks. The conflist's version is then settled against what is installed (`negotiate`).
+fn install_chained(from: &Path, bin_dir: &Path) -> Result<(), String> {
+    for name in CHAINED {
+        if bin_dir.join(name).exists() {
+            continue;
+        }
+        let source = from.join(name);
+        let binary = std::fs::read(&source).map_err(|e| {
+            format!(
+                "chained plugin {}: {e} (the image ships them in {})",
+                source.display(),
+                from.display()
+            )
+        })?;
+        write_atomically(&bin_dir.join(name), &binary, 0o755)?;
+    }
+    Ok(())
+}
+
+/// The conflist's version: the newest one every plugin of the chain, ours included, speaks as
+/// installed in `bin_dir`.
+fn negotiate(conflist: &Value, bin_dir: &Path) -> Result<&'static str, String> {
+    let mut supported = Vec::new();
+    for plugin in conflist["plugins"].as_array().into_iter().flatten() {
+        let kind = plugin["type"].as_str().unwrap_or_default();
+        supported.push(supported_versions(&bin_dir.join(kind))?);
+    }
+    chain_version(&supported).ok_or_else(|| {
+        format!(
+            "the plugins of the chain in {} share no CNI version: {supported:?}",
+            bin_dir.display()
+        )
+    })
+}
 
 /// A setting with upstream's default.
 fn setting(lookup: &dyn Fn(&str) -> Option<String>, name: &str, default: &str) -> String {
@@ -88,6 +186,7 @@ pub fn conflist(lookup: &dyn Fn(&str) -> Option<String>, socket: &Path) -> Resul
             "net.ipv6.conf.lo.disable_ipv6": "1",
         }}));
     }
+    // The version is settled once the chain is installed (`negotiate`).
     Ok(json!({"cniVersion": "1.0.0", "name": "aws-cni", "disableCheck": false, "plugins": plugins}))
 }
 
@@ -108,6 +207,9 @@ pub fn run(install: &Install, lookup: &dyn Fn(&str) -> Option<String>) -> Result
     std::fs::create_dir_all(&install.bin_dir)
         .map_err(|e| format!("{}: {e}", install.bin_dir.display()))?;
     write_atomically(&install.bin_dir.join("vpc-cni"), &binary, 0o755)?;
+    install_chained(&install.chained_from, &install.bin_dir)?;
+    let mut conflist = conflist;
+    conflist["cniVersion"] = json!(negotiate(&conflist, &install.bin_dir)?);
 
     let deadline = Instant::now() + install.wait;
     loop {
@@ -224,15 +326,65 @@ mod tests {
         assert!(e.contains("ENABLE_BANDWIDTH_PLUGIN"), "{e}");
     }
 
+    /// A stand-in plugin that answers VERSION with these versions.
+    fn fake_plugin(path: &Path, versions: &[&str]) {
+        use std::os::unix::fs::PermissionsExt;
+        let list: Vec<String> = versions.iter().map(|v| format!("\"{v}\"")).collect();
+        std::fs::write(
+            path,
+            format!(
+                "#!/bin/sh\necho '{{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[{}]}}'\n",
+                list.join(",")
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// A scratch directory with a plugin and the chained plugins, speaking `chained` versions.
+    fn scratch(name: &str, chained: &[&str]) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("vpcctl-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("image-cni")).unwrap();
+        fake_plugin(&root.join("plugin"), &["0.4.0", "1.0.0", "1.1.0"]);
+        for name in CHAINED {
+            fake_plugin(&root.join("image-cni").join(name), chained);
+        }
+        root
+    }
+
+    #[test]
+    fn the_conflist_declares_the_newest_version_the_whole_chain_speaks() {
+        let modern = vec!["0.4.0".to_string(), "1.0.0".into(), "1.1.0".into()];
+        let bookworm = vec!["0.4.0".to_string(), "1.0.0".into()];
+        assert_eq!(
+            chain_version(&[modern.clone(), modern.clone()]),
+            Some("1.1.0")
+        );
+        assert_eq!(chain_version(&[modern, bookworm]), Some("1.0.0"));
+        assert_eq!(chain_version(&[vec!["0.2.0".to_string()]]), None);
+        // And from the binaries themselves: Debian's reference plugins where installed.
+        let root = scratch("negotiate", &["0.4.0", "1.0.0", "1.1.0"]);
+        let bin = root.join("image-cni");
+        std::fs::copy(root.join("plugin"), bin.join("vpc-cni")).unwrap();
+        let c = conflist(&lookup(&[]), Path::new(proto::DEFAULT_SOCKET)).unwrap();
+        assert_eq!(negotiate(&c, &bin).unwrap(), "1.1.0");
+        if Path::new("/usr/lib/cni/portmap").exists() {
+            std::fs::copy("/usr/lib/cni/portmap", bin.join("portmap")).unwrap();
+            assert_eq!(negotiate(&c, &bin).unwrap(), "1.0.0");
+        }
+        std::fs::remove_file(bin.join("portmap")).unwrap();
+        let e = negotiate(&c, &bin).unwrap_err();
+        assert!(e.contains("portmap"), "{e}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
     #[test]
     fn without_a_ready_daemon_the_plugin_is_copied_but_no_conflist_is_written() {
-        let root = std::env::temp_dir().join(format!("vpcctl-install-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        let plugin = root.join("plugin");
-        std::fs::write(&plugin, b"#!/bin/true\n").unwrap();
+        let root = scratch("install", &["1.0.0"]);
         let install = Install {
-            plugin,
+            plugin: root.join("plugin"),
+            chained_from: root.join("image-cni"),
             bin_dir: root.join("bin"),
             conf_dir: root.join("net.d"),
             socket: root.join("absent.sock"),
@@ -241,6 +393,14 @@ mod tests {
         let e = run(&install, &lookup(&[])).unwrap_err();
         assert!(e.contains("did not become ready"), "{e}");
         assert!(root.join("bin/vpc-cni").exists());
+        for name in CHAINED {
+            assert!(root.join("bin").join(name).exists(), "{name} not installed");
+        }
+        // The host's own copies are kept.
+        let portmap = root.join("bin/portmap");
+        std::fs::write(&portmap, b"host's own").unwrap();
+        assert!(run(&install, &lookup(&[])).is_err());
+        assert_eq!(std::fs::read(&portmap).unwrap(), b"host's own");
         assert!(!root.join("net.d/10-aws.conflist").exists());
         let _ = std::fs::remove_dir_all(&root);
     }
@@ -253,12 +413,7 @@ mod tests {
             let _ = writeln!(std::io::stderr(), "SKIPPED the_conflist_is_written_once_the_daemon_says_ready: the daemon's socket serves root only");
             return;
         }
-        let root =
-            std::env::temp_dir().join(format!("vpcctl-install-ready-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        let plugin = root.join("plugin");
-        std::fs::write(&plugin, b"#!/bin/true\n").unwrap();
+        let root = scratch("install-ready", &["0.4.0", "1.0.0", "1.1.0"]);
         let socket = root.join("ipamd.sock");
         let listener = proto::Listener::bind(&socket).unwrap();
         // A daemon that is warming for its first two answers, then ready.
@@ -274,7 +429,8 @@ mod tests {
             }
         });
         let install = Install {
-            plugin,
+            plugin: root.join("plugin"),
+            chained_from: root.join("image-cni"),
             bin_dir: root.join("bin"),
             conf_dir: root.join("net.d"),
             socket: socket.clone(),
@@ -290,6 +446,7 @@ mod tests {
             conflist["plugins"][0]["ipamdSocket"],
             socket.display().to_string()
         );
+        assert_eq!(conflist["cniVersion"], "1.1.0", "every plugin speaks 1.1.0");
         let _ = std::fs::remove_dir_all(&root);
     }
 }

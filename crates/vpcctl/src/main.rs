@@ -116,6 +116,10 @@ enum Command {
         /// The plugin binary to install.
         #[arg(long, default_value = "/app/vpc-cni")]
         plugin: std::path::PathBuf,
+        /// Where the image keeps the reference plugins chained after ours (loopback, portmap,
+        /// bandwidth, tuning), installed beside it.
+        #[arg(long, default_value = "/app/cni")]
+        chained_from: std::path::PathBuf,
         #[arg(long, env = "HOST_CNI_BIN_PATH", default_value = "/host/opt/cni/bin")]
         bin_dir: std::path::PathBuf,
         #[arg(
@@ -273,6 +277,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Metrics(target) => inspect::metrics(&target),
         Command::Install {
             plugin,
+            chained_from,
             bin_dir,
             conf_dir,
             socket,
@@ -282,6 +287,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let written = install::run(
                 &install::Install {
                     plugin,
+                    chained_from,
                     bin_dir,
                     conf_dir,
                     socket,
