@@ -336,7 +336,10 @@ impl Control {
         self.serve_waiting();
         self.plan();
         self.flush();
-        if self.phase == Phase::Warming && self.actions_in_flight == 0 {
+        if self.phase == Phase::Warming
+            && self.actions_in_flight == 0
+            && self.kept_from_ready().is_none()
+        {
             self.phase = Phase::Ready;
             self.metrics.started(self.started.elapsed());
             let stats = self.pool.stats();
@@ -350,6 +353,17 @@ impl Control {
                 ],
             );
         }
+    }
+
+    /// Why the node must not be Ready yet although start-up is done. Custom networking without an
+    /// ENIConfig has no address to give: Ready would let the kubelet schedule pods that all fail
+    /// (upstream's node stays NotReady too). Once it has addresses, a lost ENIConfig only stops
+    /// growth.
+    fn kept_from_ready(&self) -> Option<&'static str> {
+        (self.settings.custom_networking
+            && self.pool.stats().total == 0
+            && self.stalls.contains(&Stall::NoEniConfig))
+        .then_some("custom networking is on but the node has no ENIConfig (see the MissingENIConfig event)")
     }
 
     fn handle(&mut self, event: Event) {
@@ -490,7 +504,9 @@ impl Control {
                     ready: self.phase == Phase::Ready,
                     available_addresses: self.pool.stats().available,
                     detail: match self.phase {
-                        Phase::Warming => "initialising".to_string(),
+                        Phase::Warming => {
+                            self.kept_from_ready().unwrap_or("initialising").to_string()
+                        }
                         Phase::Draining { .. } => "stopping".to_string(),
                         Phase::Ready => self.stall_detail(),
                     },

@@ -1174,3 +1174,42 @@ fn changes_made_behind_the_daemons_back_are_noticed_through_imds() {
         assert_eq!(tb.seen_as(&pod.netns, router, PORT).unwrap(), pod.ip);
     }
 }
+
+#[test]
+fn custom_networking_without_an_eniconfig_keeps_the_node_not_ready_until_one_exists() {
+    let mut options = options(&[("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true")]);
+    options.custom_networking = true;
+    options.kubernetes = true;
+    let Some(mut tb) = testbed("custom_networking_not_ready", options) else {
+        return;
+    };
+    let pod_subnet = tb.pod_subnet.clone().unwrap();
+    assert!(kube(&tb).delete("eniconfigs", "", testbed::ENI_CONFIG_NAME));
+    tb.spawn_daemon(0).unwrap();
+    wait_for("the daemon answers STATUS", || tb.nodes[0].status().is_ok());
+    wait_for("a MissingENIConfig event", || {
+        !warning_events(&tb, "MissingENIConfig").is_empty()
+    });
+    // Settled and still not ready, saying why; the installer would not write the conflist.
+    std::thread::sleep(Duration::from_secs(2));
+    match tb.nodes[0].status().unwrap() {
+        proto::Reply::Status { ready, detail, .. } => {
+            assert!(!ready, "ready without an ENIConfig");
+            assert!(detail.contains("no ENIConfig"), "{detail}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        tb.nodes[0].http_get(testbed::METRICS, "/readyz").unwrap().0,
+        503
+    );
+    kube(&tb).apply(
+        "eniconfigs",
+        serde_json::json!({"metadata": {"name": testbed::ENI_CONFIG_NAME},
+                           "spec": {"subnet": pod_subnet, "securityGroups": ["sg-0000000000000002"]}}),
+    );
+    tb.wait_ready(0, Duration::from_secs(30)).unwrap();
+    let pod = tb.add_pod(0).unwrap();
+    let pod_cidr: ipam::Ipv4Cidr = testbed::POD_CIDR.parse().unwrap();
+    assert!(pod_cidr.contains(pod.ip), "{}", pod.ip);
+}

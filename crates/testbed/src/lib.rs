@@ -461,6 +461,13 @@ impl Testbed {
     /// Starts the node's daemon inside the node's namespace and waits until it says it is ready.
     pub fn start_daemon(&mut self, node: usize) -> Result<Duration, String> {
         let started = Instant::now();
+        self.spawn_daemon(node)?;
+        self.wait_ready(node, Duration::from_secs(60))?;
+        Ok(started.elapsed())
+    }
+
+    /// Starts the node's daemon inside the node's namespace without waiting for it.
+    pub fn spawn_daemon(&mut self, node: usize) -> Result<(), String> {
         let n = &mut self.nodes[node];
         if n.daemon.is_some() {
             return Err(format!("{}: the daemon is already running", n.name));
@@ -489,7 +496,14 @@ impl Testbed {
             .spawn()
             .map_err(|e| format!("{}: {e}", self.binaries.ipamd.display()))?;
         n.daemon = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
+        Ok(())
+    }
+
+    /// Waits until the node's daemon says it is ready; an exit or the deadline is an error with
+    /// the end of its log.
+    pub fn wait_ready(&mut self, node: usize, patience: Duration) -> Result<(), String> {
+        let n = &mut self.nodes[node];
+        let deadline = Instant::now() + patience;
         loop {
             if let Some(status) = n.daemon.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 n.daemon = None;
@@ -501,12 +515,13 @@ impl Testbed {
                 ));
             }
             if let Ok(proto::Reply::Status { ready: true, .. }) = n.status() {
-                return Ok(started.elapsed());
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "{}: vpc-ipamd not ready after 60 s:\n{}",
+                    "{}: vpc-ipamd not ready after {} s:\n{}",
                     n.name,
+                    patience.as_secs(),
                     n.log_tail(30)
                 ));
             }
