@@ -1,6 +1,7 @@
 //! The warm-pool policy: a pure function of (pool, settings, now, demand) that returns the EC2 actions to
 //! take. Same targets as upstream (upstream-ipamd.md §2.3 to §2.5), with three differences:
-//! * addresses cooling down are not counted as available, so a warm target means addresses a pod can get now;
+//! * addresses cooling down count toward the warm targets (as upstream), but ADDs waiting now are covered
+//!   only by addresses free now;
 //! * ADDs waiting for an address count as demand, so the pool grows at once and by as much as they need;
 //! * everything needed is asked for in one pass, in as few EC2 calls as possible (an ENI is created with
 //!   its addresses; one call fills each ENI), where upstream takes one step every 5 s.
@@ -222,26 +223,34 @@ pub fn decide(pool: &Pool, s: &PoolSettings, now: Time, demand: &Demand) -> Deci
 }
 
 /// Addresses the pool is short of, in units of the growth kind's slots, and whether to fill whole ENIs.
+///
+/// Addresses cooling down count toward the warm targets, as upstream counts them: they are free
+/// again in seconds, and not counting them made a 2-pod rolling update on a half-full node create
+/// an ENI and free it a minute later. They are never assigned before their cooldown ends, so ADDs
+/// waiting right now are covered by free addresses only.
 fn slots_short(ctx: &Ctx, demand: &Demand) -> (u32, bool) {
     let (s, st) = (ctx.s, &ctx.stats);
     let inflight = ctx.pool.inflight.addresses;
-    let available = st.available + inflight;
+    let free = st.available + inflight;
+    let counted = free + st.cooling;
     let total = st.total + inflight;
     let unit = ctx.grow_kind.size();
     let pending = demand.pending_adds;
+    let for_waiting = pending.saturating_sub(free);
     if s.ip_targets_defined() {
         let short = (s.warm_ip_target + pending)
-            .saturating_sub(available)
-            .max(s.minimum_ip_target.saturating_sub(total));
+            .saturating_sub(counted)
+            .max(s.minimum_ip_target.saturating_sub(total))
+            .max(for_waiting);
         return (short.div_ceil(unit), false);
     }
     if ctx.pd {
         let wanted = 16 * s.warm_prefix_target + pending;
-        let low = available < wanted || (s.warm_prefix_target == 0 && available == 0);
+        let low = counted < wanted || (s.warm_prefix_target == 0 && free == 0) || for_waiting > 0;
         if !low {
             return (0, false);
         }
-        let deficit = wanted.saturating_sub(available).max(1);
+        let deficit = wanted.saturating_sub(counted).max(for_waiting).max(1);
         if ctx.grow_kind == AddressKind::Ip {
             return (deficit, false);
         }
@@ -252,10 +261,10 @@ fn slots_short(ctx: &Ctx, demand: &Demand) -> (u32, bool) {
         return (missing_free.max(1).max(deficit.div_ceil(16)), false);
     }
     let wanted = s.warm_eni_target * ctx.pool.node.slots_per_eni + pending;
-    let low = available < wanted || (s.warm_eni_target == 0 && available == 0);
+    let low = counted < wanted || (s.warm_eni_target == 0 && free == 0) || for_waiting > 0;
     (
         (if low {
-            wanted.saturating_sub(available).max(1)
+            wanted.saturating_sub(counted).max(for_waiting).max(1)
         } else {
             0
         }),

@@ -452,3 +452,55 @@ fn an_uncertain_eni_is_read_back_only_after_its_calls_and_used_by_nobody_until_t
         .clone();
     assert!(a.ip.to_string().starts_with("10.0.1."), "{a:?}");
 }
+
+#[test]
+fn a_rolling_update_does_not_grow_the_pool_for_addresses_cooling_down() {
+    // WARM_ENI_TARGET=1 on 2 ENIs of 5: 5 pods, so exactly one ENI's worth free.
+    let s = settings(&[]);
+    let mut p = pool(&s, 2, 5, false, 5);
+    assert!(act(&p, &s, 0).is_empty());
+    // Two new pods start, then two old ones stop: 3 free and 2 cooling, one ENI's worth.
+    for i in 5..7 {
+        p.assign(
+            &IpamKey::new("aws-cni", &format!("c{i}"), "eth0"),
+            &PodMeta::default(),
+            LATER,
+            s.ip_cooldown,
+        )
+        .unwrap();
+    }
+    for i in 0..2 {
+        p.unassign(&IpamKey::new("aws-cni", &format!("c{i}"), "eth0"), LATER)
+            .unwrap();
+    }
+    let d = decide(&p, &s, LATER, &Demand::default());
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    // But ADDs waiting now are not served by cooling addresses: 4 waiting, 3 free.
+    let a = act(&p, &s, 4);
+    assert!(
+        matches!(&a[..], [Action::CreateEni { count: 5, .. }]),
+        "{a:?}"
+    );
+    // The same under WARM_IP_TARGET: 3 free + 2 cooling covers a target of 5.
+    let s = settings(&[("WARM_IP_TARGET", "5")]);
+    let mut p = pool(&s, 2, 5, false, 5);
+    for i in 0..2 {
+        p.unassign(&IpamKey::new("aws-cni", &format!("c{i}"), "eth0"), LATER)
+            .unwrap();
+    }
+    p.assign(
+        &IpamKey::new("aws-cni", "c9", "eth0"),
+        &PodMeta::default(),
+        LATER,
+        s.ip_cooldown,
+    )
+    .unwrap();
+    p.assign(
+        &IpamKey::new("aws-cni", "c8", "eth0"),
+        &PodMeta::default(),
+        LATER,
+        s.ip_cooldown,
+    )
+    .unwrap();
+    assert!(act(&p, &s, 0).is_empty(), "{:?}", act(&p, &s, 0));
+}

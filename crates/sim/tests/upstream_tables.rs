@@ -138,3 +138,38 @@ fn prefix_and_ip_target_p3dn() {
         true,
     );
 }
+
+/// Upstream makes no EC2 call when a 2-pod rolling update (old pods first, as with maxUnavailable)
+/// passes over a half-full node with the default WARM_ENI_TARGET=1: the old pods' addresses,
+/// cooling down, still count as warm.
+#[test]
+fn a_rolling_update_on_a_half_full_node_makes_no_ec2_call() {
+    use std::time::Duration;
+    let mut c = one_node("m5.large", &[]);
+    let mut running = Vec::new();
+    // m5.large: 9 addresses per ENI; 8 pods on two ENIs leave 10 free.
+    set_pods(&mut c, &mut running, 8);
+    assert_eq!(c.nodes[0].pool.enis().len(), 2);
+    let calls = |c: &sim::Cluster| -> u64 {
+        c.report()
+            .ec2_calls
+            .iter()
+            .filter(|(op, _)| !op.starts_with("Describe"))
+            .map(|(_, n)| n.ok + n.failed + n.throttled)
+            .sum()
+    };
+    let before = calls(&c);
+    // Two old pods go, two new ones start (8 free, 2 cooling), then the cooldown passes.
+    for _ in 0..2 {
+        let old = running.remove(0);
+        c.stop_pod(0, old);
+        c.run_for(Duration::from_secs(1), true).unwrap();
+    }
+    for _ in 0..2 {
+        running.push(c.start_pod(0));
+        c.run_for(Duration::from_secs(1), true).unwrap();
+    }
+    c.run_for(Duration::from_secs(900), true).unwrap();
+    assert_eq!(calls(&c), before, "{:?}", c.report().ec2_calls);
+    assert_eq!(c.nodes[0].pool.enis().len(), 2);
+}
