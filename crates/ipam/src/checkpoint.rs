@@ -180,6 +180,7 @@ mod tests {
             security_groups: vec![],
             eni_config: None,
             unmanaged_enis: 0,
+            unschedulable: false,
         };
         let mut p = Pool::new(node, &PoolSettings::default());
         p.add_eni(

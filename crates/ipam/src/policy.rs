@@ -92,6 +92,8 @@ impl Action {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Stall {
     MaxPodsReached,
+    /// Cordoned, and AWS_MANAGE_ENIS_NON_SCHEDULABLE=false: neither growth nor shrink.
+    NodeUnschedulable,
     NoRoomForEni,
     NoEniConfig,
     SubnetFullUntil(Time),
@@ -126,6 +128,7 @@ pub struct PoolSettings {
     pub custom_networking: bool,
     pub pod_eni: bool,
     pub subnet_discovery: bool,
+    pub manage_enis_non_schedulable: bool,
 }
 
 impl Default for PoolSettings {
@@ -147,6 +150,7 @@ impl PoolSettings {
             custom_networking: c.custom_networking,
             pod_eni: c.pod_eni,
             subnet_discovery: c.subnet_discovery,
+            manage_enis_non_schedulable: c.manage_enis_non_schedulable,
         }
     }
 
@@ -212,6 +216,10 @@ pub fn decide(pool: &Pool, s: &PoolSettings, now: Time, demand: &Demand) -> Deci
         d.actions.push(Action::ResyncEni {
             eni: eni.info.id.clone(),
         });
+    }
+    if pool.node.unschedulable && !s.manage_enis_non_schedulable {
+        d.stalls.push(Stall::NodeUnschedulable);
+        return d;
     }
     grow(&ctx, demand, &mut d);
     let growing = pool.inflight.addresses > 0 || d.actions.iter().any(|a| a.kind().is_some());

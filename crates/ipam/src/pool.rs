@@ -62,6 +62,9 @@ pub struct NodeSpec {
     pub eni_config: Option<EniConfigSpec>,
     /// ENIs attached to the instance that are not ours to manage (upstream-ipamd.md §2.7).
     pub unmanaged_enis: u32,
+    /// The Node is cordoned: with AWS_MANAGE_ENIS_NON_SCHEDULABLE=false the pool neither grows nor
+    /// shrinks (upstream-ipamd.md §1.1), so a node being drained keeps what it has.
+    pub unschedulable: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -873,6 +876,7 @@ mod tests {
             security_groups: vec!["sg-1".into()],
             eni_config: None,
             unmanaged_enis: 0,
+            unschedulable: false,
         }
     }
 

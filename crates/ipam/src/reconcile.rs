@@ -96,6 +96,7 @@ mod tests {
             security_groups: vec![],
             eni_config: None,
             unmanaged_enis: 0,
+            unschedulable: false,
         };
         let mut p = Pool::new(node, &PoolSettings::default());
         for (n, id) in ["eni-0", "eni-1"].iter().enumerate() {

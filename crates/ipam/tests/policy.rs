@@ -29,6 +29,7 @@ fn node() -> NodeSpec {
         security_groups: vec!["sg-1".into()],
         eni_config: None,
         unmanaged_enis: 0,
+        unschedulable: false,
     }
 }
 
@@ -503,4 +504,27 @@ fn a_rolling_update_does_not_grow_the_pool_for_addresses_cooling_down() {
     )
     .unwrap();
     assert!(act(&p, &s, 0).is_empty(), "{:?}", act(&p, &s, 0));
+}
+
+#[test]
+fn a_cordoned_node_keeps_its_pool_unless_told_to_manage_it() {
+    let s = settings(&[("WARM_IP_TARGET", "2")]);
+    let mut p = pool(&s, 1, 3, false, 3);
+    p.node.unschedulable = true;
+    let d = decide(&p, &s, LATER, &Demand { pending_adds: 1 });
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    assert_eq!(d.stalls, [Stall::NodeUnschedulable]);
+    // Nor does it shrink: 5 free over a target of 2 stay.
+    let q = {
+        let mut q = pool(&s, 2, 4, false, 1);
+        q.node.unschedulable = true;
+        q
+    };
+    assert!(act(&q, &s, 0).is_empty());
+    let s = settings(&[
+        ("WARM_IP_TARGET", "2"),
+        ("AWS_MANAGE_ENIS_NON_SCHEDULABLE", "true"),
+    ]);
+    assert!(!act(&p, &s, 1).is_empty());
+    assert!(!act(&q, &s, 0).is_empty());
 }

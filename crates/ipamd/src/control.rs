@@ -47,8 +47,8 @@ pub enum Event {
     },
     /// Every pod the API server has on this node, sent on each change and periodically.
     PodsOnNode(HashSet<k8s::PodRef>),
-    /// The kubelet's `--max-pods` as the Node reports it, at each change of the Node.
-    KubeletMaxPods(u32),
+    /// This node's Node object, at each change: the kubelet's `--max-pods`, cordoned or not.
+    Node(k8s::NodeView),
     /// The instance's ENIs, their addresses and the VPC's CIDRs, as IMDS shows them now.
     Imds(cloud::identity::Network),
     /// `immediate`: a second signal, stop as soon as EC2 calls in flight are done.
@@ -278,6 +278,9 @@ impl Control {
             .map(|s| match s {
                 Stall::MaxPodsReached => "the node is at max-pods".to_string(),
                 Stall::NoRoomForEni => "no ENI slot is left on the instance".to_string(),
+                Stall::NodeUnschedulable => {
+                    "the Node is cordoned (AWS_MANAGE_ENIS_NON_SCHEDULABLE=false)".to_string()
+                }
                 Stall::NoEniConfig => {
                     "custom networking is on but the node has no ENIConfig".to_string()
                 }
@@ -373,7 +376,7 @@ impl Control {
             Event::Inspect(inspect) => inspect(self),
             Event::EniConfig { source, spec } => self.eni_config_changed(source, spec),
             Event::PodsOnNode(pods) => self.release_vanished_pods(&pods),
-            Event::KubeletMaxPods(max_pods) => self.kubelet_max_pods(max_pods),
+            Event::Node(view) => self.node_changed(&view),
             Event::Imds(network) => self.reconcile(network),
             Event::Stop { immediate } => {
                 let until = if immediate {
@@ -569,8 +572,16 @@ impl Control {
     }
 
     /// The cap follows the kubelet: one restarted with another `--max-pods`, or an API server that
-    /// was unreachable at start (the cap then came from the instance type).
-    fn kubelet_max_pods(&mut self, max_pods: u32) {
+    /// was unreachable at start (the cap then came from the instance type). A cordon holds the
+    /// pool as it is (AWS_MANAGE_ENIS_NON_SCHEDULABLE).
+    fn node_changed(&mut self, view: &k8s::NodeView) {
+        if self.pool.node.unschedulable != view.unschedulable {
+            log::info("the Node", &[("unschedulable", &view.unschedulable)]);
+            self.pool.node.unschedulable = view.unschedulable;
+        }
+        let Some(max_pods) = view.max_pods else {
+            return;
+        };
         if self.pool.node.max_pods != max_pods {
             log::info(
                 "maxPods from the Node",

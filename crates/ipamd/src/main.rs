@@ -199,11 +199,10 @@ async fn run(
     let config = Arc::new(config);
     let eni_config_from_cluster = config.custom_networking && file_eni_config.is_none();
     let cluster = connect_cluster(&args, &config, eni_config_from_cluster).await?;
-    let mut kubelet_max_pods = None;
+    let mut kubelet = None;
     let mut eni_config = file_eni_config.map(|(source, spec)| (source, Ok(spec)));
     if let Some((cluster, true)) = &cluster {
         let node = cluster.node().await.map_err(|e| e.to_string())?;
-        kubelet_max_pods = node.max_pods;
         if eni_config_from_cluster {
             let selection = cluster
                 .eni_config(&node.eni_config_name)
@@ -211,6 +210,7 @@ async fn run(
                 .map_err(|e| e.to_string())?;
             eni_config = Some((format!("ENIConfig/{}", selection.name), selection.spec));
         }
+        kubelet = Some(node);
     }
     let store = Store::new(&config.backing_store);
     let predecessor = startup::Predecessor {
@@ -228,7 +228,7 @@ async fn run(
         eni_config
             .as_ref()
             .and_then(|(_, spec)| spec.as_ref().ok().cloned()),
-        kubelet_max_pods,
+        kubelet,
         &predecessor,
         store,
         metrics.clone(),
@@ -320,11 +320,7 @@ fn follow_cluster(
         tokio::spawn(async move {
             cluster
                 .follow_node(
-                    move |view| {
-                        if let Some(max_pods) = view.max_pods {
-                            drop(events.send(Event::KubeletMaxPods(max_pods)))
-                        }
-                    },
+                    move |view| drop(events.send(Event::Node(view.clone()))),
                     watch_error,
                 )
                 .await

@@ -186,7 +186,7 @@ impl Predecessor {
 pub async fn start(
     config: &Config,
     eni_config: Option<EniConfigSpec>,
-    kubelet_max_pods: Option<u32>,
+    kubelet: Option<k8s::NodeView>,
     predecessor: &Predecessor,
     store: Store,
     metrics: Arc<Metrics>,
@@ -312,22 +312,26 @@ pub async fn start(
         instance_type: identity.instance_type.clone(),
         slots_per_eni: limits.slots_per_eni(),
         max_enis: limits.enis(),
-        max_pods: kubelet_max_pods.unwrap_or_else(|| {
-            max_pods(
-                &limits,
-                MaxPodsOptions {
-                    prefix_delegation: config.prefix_delegation,
-                    custom_networking: config.custom_networking,
-                    max_eni: config.max_eni,
-                    uncapped: false,
-                },
-            )
-        }),
+        max_pods: kubelet
+            .as_ref()
+            .and_then(|n| n.max_pods)
+            .unwrap_or_else(|| {
+                max_pods(
+                    &limits,
+                    MaxPodsOptions {
+                        prefix_delegation: config.prefix_delegation,
+                        custom_networking: config.custom_networking,
+                        max_eni: config.max_eni,
+                        uncapped: false,
+                    },
+                )
+            }),
         supports_prefixes: limits.supports_prefixes(),
         primary_subnet: primary.subnet_id.clone(),
         security_groups: primary.security_groups.clone(),
         eni_config: eni_config.clone(),
         unmanaged_enis: unmanaged_on_card0,
+        unschedulable: kubelet.as_ref().is_some_and(|n| n.unschedulable),
     };
     let executor = Arc::new(Executor::new(
         ec2,

@@ -1213,3 +1213,37 @@ fn custom_networking_without_an_eniconfig_keeps_the_node_not_ready_until_one_exi
     let pod_cidr: ipam::Ipv4Cidr = testbed::POD_CIDR.parse().unwrap();
     assert!(pod_cidr.contains(pod.ip), "{}", pod.ip);
 }
+
+#[test]
+fn a_cordoned_node_keeps_its_pool_as_it_is() {
+    let mut options = options(&[("WARM_IP_TARGET", "2"), ("IP_COOLDOWN_PERIOD", "1")]);
+    options.kubernetes = true;
+    let Some(mut tb) = testbed("cordoned", options) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let status = settled(&tb, 0);
+    assert_eq!(status["addresses"]["available"], 2, "{status}");
+    let mut node = kube(&tb).objects("nodes")[0].clone();
+    node["spec"] = serde_json::json!({"unschedulable": true});
+    kube(&tb).apply("nodes", node.clone());
+    wait_for("the daemon sees the cordon", || {
+        let log = std::fs::read_to_string(tb.nodes[0].daemon_log()).unwrap();
+        log.contains("unschedulable=true") || log.contains("\"unschedulable\":true")
+    });
+    // DaemonSet pods still land on a cordoned node: they use what is warm, nothing is added.
+    let pods: Vec<Pod> = (0..2).map(|_| tb.add_pod(0).unwrap()).collect();
+    let status = settled(&tb, 0);
+    assert_eq!(status["addresses"]["total"], 2, "{status}");
+    assert!(
+        status["stalled"].as_str().unwrap().contains("cordoned"),
+        "{status}"
+    );
+    node["spec"] = serde_json::json!({});
+    kube(&tb).apply("nodes", node);
+    wait_for("the pool grows back to its target", || {
+        let s = tb.nodes[0].introspect("/v1/status").unwrap();
+        s["addresses"]["available"] == 2 && s["ec2ActionsInFlight"] == 0
+    });
+    check_invariants(&tb, 0, &pods);
+}

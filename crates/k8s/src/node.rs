@@ -13,12 +13,17 @@ use std::collections::BTreeMap;
 pub const EXTERNAL_ENI_CONFIG_LABEL: &str = "vpc.amazonaws.com/externalEniConfig";
 pub const DEFAULT_ENI_CONFIG: &str = "default";
 
+const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeView {
     /// The ENIConfig custom networking puts this node's pod ENIs in.
     pub eni_config_name: String,
     /// `status.capacity.pods`: the kubelet's `--max-pods`.
     pub max_pods: Option<u32>,
+    /// Cordoned: `spec.unschedulable`, or the taint `node.kubernetes.io/unschedulable:NoSchedule`
+    /// the node lifecycle controller mirrors it with (upstream reads the taint).
+    pub unschedulable: bool,
 }
 
 impl NodeView {
@@ -42,9 +47,17 @@ impl NodeView {
             .and_then(|s| s.capacity.as_ref())
             .and_then(|c| c.get("pods"))
             .and_then(|q| q.0.parse().ok());
+        let spec = node.spec.as_ref();
+        let unschedulable = spec.and_then(|s| s.unschedulable).unwrap_or(false)
+            || spec
+                .and_then(|s| s.taints.as_ref())
+                .into_iter()
+                .flatten()
+                .any(|t| t.key == UNSCHEDULABLE_TAINT && t.effect == "NoSchedule");
         NodeView {
             eni_config_name,
             max_pods,
+            unschedulable,
         }
     }
 }

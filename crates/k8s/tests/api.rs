@@ -113,6 +113,7 @@ async fn node_eniconfig_pods_and_events_through_a_real_client() {
     let view = |name: &str, max_pods| k8s::NodeView {
         eni_config_name: name.into(),
         max_pods: Some(max_pods),
+        unschedulable: false,
     };
     // Before the Node changes, so that the first view is of the Node as it was.
     assert_eq!(
@@ -140,10 +141,35 @@ async fn node_eniconfig_pods_and_events_through_a_real_client() {
     );
     let mut restarted = node(json!({KEY: "pods-b"}));
     restarted["status"]["capacity"]["pods"] = "29".into();
-    api.apply("nodes", restarted);
+    api.apply("nodes", restarted.clone());
     assert_eq!(
         next(&mut views, "view after the restart").await,
         view("pods-b", 29)
+    );
+    // Cordoned, as kubectl cordon does it; then the taint the node controller adds is enough alone.
+    restarted["spec"] = json!({"unschedulable": true});
+    api.apply("nodes", restarted.clone());
+    assert_eq!(
+        next(&mut views, "view after a cordon").await,
+        k8s::NodeView {
+            unschedulable: true,
+            ..view("pods-b", 29)
+        }
+    );
+    restarted["spec"] = json!({});
+    api.apply("nodes", restarted.clone());
+    assert_eq!(
+        next(&mut views, "view after the uncordon").await,
+        view("pods-b", 29)
+    );
+    restarted["spec"] =
+        json!({"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]});
+    api.apply("nodes", restarted);
+    assert!(
+        next(&mut views, "view with the taint alone")
+            .await
+            .unschedulable,
+        "the unschedulable taint alone cordons"
     );
 
     // The pods: only this node's, and deletions seen.

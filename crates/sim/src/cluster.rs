@@ -224,6 +224,7 @@ impl Cluster {
                 security_groups: vec!["sg-pods".into()],
             }),
             unmanaged_enis: 0,
+            unschedulable: false,
         };
         let primary = self
             .vpc
