@@ -36,21 +36,24 @@ pub const APP_NAME: &str = "vpc-cni-rs";
 
 impl AwsEc2 {
     /// The standard credential chain (environment, web identity / IRSA, EKS Pod Identity, instance
-    /// profile) and region (AWS_REGION or IMDS). `AWS_EC2_ENDPOINT` overrides the EC2 endpoint, and
-    /// only EC2's (upstream applies it to another client).
-    pub async fn from_environment(pacing: Pacing) -> AwsEc2 {
+    /// profile) and region (AWS_REGION or IMDS). `endpoint` (AWS_EC2_ENDPOINT) overrides the EC2
+    /// endpoint, and only EC2's (upstream applies it to another client); `attempt_timeout`
+    /// (HTTP_TIMEOUT) bounds each attempt, after which the call's outcome is unknown.
+    pub async fn from_environment(
+        pacing: Pacing,
+        endpoint: Option<String>,
+        attempt_timeout: std::time::Duration,
+    ) -> AwsEc2 {
         let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .app_name(aws_config::AppName::new(APP_NAME).expect("a valid app name"))
             .load()
             .await;
-        let endpoint = std::env::var("AWS_EC2_ENDPOINT")
-            .ok()
-            .filter(|e| !e.is_empty());
-        Self::with_config(
-            aws_sdk_ec2::config::Builder::from(&shared),
-            endpoint,
-            pacing,
-        )
+        let config = aws_sdk_ec2::config::Builder::from(&shared).timeout_config(
+            aws_sdk_ec2::config::timeout::TimeoutConfig::builder()
+                .operation_attempt_timeout(attempt_timeout)
+                .build(),
+        );
+        Self::with_config(config, endpoint.filter(|e| !e.is_empty()), pacing)
     }
 
     /// A fixed endpoint, region and static credentials: the simulated VPC, moto, tests.

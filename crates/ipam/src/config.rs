@@ -88,7 +88,9 @@ pub struct Config {
     pub vpc_cni_version: String,
     pub cluster_endpoint: Option<String>,
     pub log_level: String,
-    pub log_file: String,
+    /// AWS_VPC_K8S_CNI_LOG_FILE when it names a file; stdout, stderr or unset log to stderr
+    /// (upstream's default path is a host mount that need not exist).
+    pub log_file: Option<String>,
     // Host networking (§1.2).
     pub external_snat: bool,
     pub exclude_snat_cidrs: Vec<Ipv4Cidr>,
@@ -305,10 +307,9 @@ impl Config {
             vpc_cni_version: env.string("VPC_CNI_VERSION", ""),
             cluster_endpoint: env.raw("CLUSTER_ENDPOINT"),
             log_level: env.string("AWS_VPC_K8S_CNI_LOGLEVEL", "Debug"),
-            log_file: env.string(
-                "AWS_VPC_K8S_CNI_LOG_FILE",
-                "/host/var/log/aws-routed-eni/ipamd.log",
-            ),
+            log_file: env
+                .raw("AWS_VPC_K8S_CNI_LOG_FILE")
+                .filter(|f| f != "stdout" && f != "stderr"),
             external_snat: env.bool("AWS_VPC_K8S_CNI_EXTERNALSNAT", false)?,
             exclude_snat_cidrs: env.cidrs("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS")?,
             randomize_snat: match env
@@ -415,6 +416,20 @@ impl Config {
                 return refuse("NETWORK_POLICY_ENFORCING_MODE", "standard", "NetworkPolicy")
             }
             NetworkPolicyMode::Unset | NetworkPolicyMode::None => {}
+        }
+        if self.annotate_pod_ip {
+            return refuse(
+                "ANNOTATE_POD_IP",
+                "true",
+                "annotating pods with their address",
+            );
+        }
+        if self.v6_egress {
+            return refuse(
+                "ENABLE_V6_EGRESS",
+                "true",
+                "IPv6 egress for pods of an IPv4 cluster",
+            );
         }
         if self.multi_nic {
             return refuse("ENABLE_MULTI_NIC", "true", "pods on network cards above 0");
@@ -651,6 +666,22 @@ mod tests {
     }
 
     #[test]
+    fn every_variable_read_has_its_row_in_the_configuration_doc() {
+        let doc = include_str!("../../../docs/configuration.md");
+        let rows: Vec<&str> = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .collect();
+        for name in Config::VARIABLES {
+            assert!(
+                rows.contains(name),
+                "docs/configuration.md has no row for {name}"
+            );
+        }
+    }
+
+    #[test]
     fn no_provisioning_means_no_leaked_eni_deletion_either() {
         assert!(Config::default().collects_leaked_enis());
         assert!(!cfg(&[("DISABLE_LEAKED_ENI_CLEANUP", "true")])
@@ -670,6 +701,8 @@ mod tests {
             ("NETWORK_POLICY_ENFORCING_MODE", "standard"),
             ("ENABLE_MULTI_NIC", "true"),
             ("ENABLE_IMDS_ONLY_MODE", "true"),
+            ("ANNOTATE_POD_IP", "true"),
+            ("ENABLE_V6_EGRESS", "true"),
             ("AWS_EXTERNAL_SERVICE_CIDRS", "172.16.0.0/12"),
             ("INTROSPECTION_BIND_ADDRESS", "unix:/run/ipamd.sock"),
         ] {

@@ -192,6 +192,7 @@ pub fn ipamd_settings(config: &Config) -> Value {
         "ENABLE_SUBNET_DISCOVERY": config.subnet_discovery,
         "IP_COOLDOWN_PERIOD": config.ip_cooldown.as_secs(),
         "MAX_ENI": config.max_eni,
+        "VPC_CNI_VERSION": config.vpc_cni_version,
     })
 }
 

@@ -115,14 +115,18 @@ fn main() -> ExitCode {
         }
     };
     let json = args.log_format == "json";
-    // The file only when asked for: upstream's default path is a host mount that need not exist.
-    let file = std::env::var("AWS_VPC_K8S_CNI_LOG_FILE")
-        .ok()
-        .filter(|f| !f.is_empty() && f != "stdout" && f != "stderr");
-    if let Err(e) = log::init(level, json, file.as_deref()) {
+    if let Err(e) = log::init(level, json, config.log_file.as_deref()) {
         eprintln!("vpc-ipamd: log file: {e}");
         return ExitCode::from(2);
     }
+    log::info(
+        "vpc-ipamd starting",
+        &[
+            ("version", &env!("CARGO_PKG_VERSION")),
+            // The release the DaemonSet says it runs (upstream's manifest sets it too).
+            ("VPC_CNI_VERSION", &config.vpc_cni_version),
+        ],
+    );
     for warning in &config.warnings {
         log::warn("setting corrected", &[("what", warning)]);
     }

@@ -202,7 +202,12 @@ pub async fn start(
             ("az", &identity.availability_zone),
         ],
     );
-    let ec2 = AwsEc2::from_environment(Pacing::default()).await;
+    let ec2 = AwsEc2::from_environment(
+        Pacing::default(),
+        config.ec2_endpoint.clone(),
+        config.http_timeout,
+    )
+    .await;
     let limits = match ipam::limits::lookup(&identity.instance_type) {
         Some(l) => l.clone(),
         None => patiently("DescribeInstanceTypes", || {
