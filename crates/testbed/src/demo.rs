@@ -3,20 +3,28 @@
 
 use crate::probe::WhoAmI;
 use crate::{Binaries, Options, Pod, Stop, Testbed};
+use serde_json::{json, Value};
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Where every pod and the VPC router listen for the connectivity checks.
 pub const PROBE_PORT: u16 = 7000;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct DemoOptions {
     pub nodes: usize,
     pub pods: usize,
     pub instance_type: String,
     pub prefix_delegation: bool,
     pub custom_networking: bool,
+    /// The simulated VPC from a file (`--vpc`); its instances are the nodes.
+    pub vpc: Option<simvpc_http::ServeConfig>,
+    /// Daemon settings, as in the DaemonSet's environment (`--set KEY=VALUE`), after the flags'.
+    pub settings: Vec<(String, String)>,
+    /// Leave everything running after the report until SIGINT or SIGTERM (`--keep`).
+    pub keep: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -27,11 +35,102 @@ pub struct DemoReport {
     pub across_nodes: usize,
     pub pod_to_vpc: (usize, usize),
     pub ec2_calls: u64,
+    /// The VPC's namespace, and each node and pod with its namespace (the JSON report).
+    pub vpc_netns: String,
+    pub nodes: Vec<Value>,
+    pub pods: Vec<Value>,
 }
 
 impl DemoReport {
     pub fn connected(&self) -> bool {
         self.pod_to_pod.0 == self.pod_to_pod.1 && self.pod_to_vpc.0 == self.pod_to_vpc.1
+    }
+
+    /// The report as one JSON document (`--json`).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "vpc_netns": self.vpc_netns,
+            "nodes": self.nodes,
+            "pods": self.pods,
+            "connectivity": {
+                "pod_to_pod": {"tried": self.pod_to_pod.1, "ok": self.pod_to_pod.0},
+                "across_nodes": self.across_nodes,
+                "pod_to_vpc": {"tried": self.pod_to_vpc.1, "ok": self.pod_to_vpc.0},
+            },
+            "ready_after_ms": self.ready_after.iter().map(|d| d.as_millis() as u64).collect::<Vec<_>>(),
+            "add_ms": self.add_times.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+            "ec2_calls": self.ec2_calls,
+        })
+    }
+}
+
+/// Each node's ENIs as EC2 holds them now.
+fn nodes_as_ec2_holds_them(testbed: &Testbed) -> Result<Vec<Value>, String> {
+    let model = testbed.vpc_model();
+    let vpc = model.lock().map_err(|_| "the VPC model is poisoned")?;
+    Ok(testbed
+        .nodes
+        .iter()
+        .map(|node| {
+            let mut enis: Vec<(u32, u32, Value)> = vpc
+                .interfaces()
+                .filter_map(|e| {
+                    let a = e.attachment.as_ref()?;
+                    (a.instance_id == node.instance_id).then(|| {
+                        (
+                            a.network_card_index,
+                            a.device_index,
+                            json!({
+                                "id": e.id,
+                                "device_index": a.device_index,
+                                "network_card": a.network_card_index,
+                                "interface_type": e.interface_type,
+                                "tags": e.tags,
+                                "primary_address": e.primary_ip.to_string(),
+                                "addresses": e.secondary_ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
+                                "prefixes": e.prefixes.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                            }),
+                        )
+                    })
+                })
+                .collect();
+            enis.sort_by_key(|(card, device, _)| (*card, *device));
+            json!({
+                "name": node.name,
+                "instance_id": node.instance_id,
+                "netns": node.netns.name,
+                "enis": enis.into_iter().map(|(_, _, e)| e).collect::<Vec<_>>(),
+            })
+        })
+        .collect())
+}
+
+fn ec2_calls(testbed: &Testbed) -> Result<u64, String> {
+    let model = testbed.vpc_model();
+    let v = model.lock().map_err(|_| "the VPC model is poisoned")?;
+    Ok(v.calls
+        .values()
+        .map(|c| c.ok + c.throttled + c.failed)
+        .sum())
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Blocks until SIGINT or SIGTERM; the handler only sets a flag, the clean-up runs here after.
+fn wait_for_stop_signal() {
+    STOP.store(false, Ordering::SeqCst);
+    let handler = on_stop_signal as extern "C" fn(libc::c_int);
+    // SAFETY: the handler is async-signal-safe (one atomic store).
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
+    while !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -42,11 +141,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Runs the demo, narrating to `out`.
+/// Runs the demo, narrating to `out`; `on_report` gets the report as soon as it is complete (before
+/// a `keep` waits, and before the clean-up).
 pub fn run(
     options: &DemoOptions,
     binaries: Binaries,
     out: &mut dyn Write,
+    on_report: &mut dyn FnMut(&DemoReport),
 ) -> Result<DemoReport, String> {
     let mut env = Vec::new();
     if options.prefix_delegation {
@@ -58,6 +159,7 @@ pub fn run(
             "true".to_string(),
         ));
     }
+    env.extend(options.settings.iter().cloned());
     let say = |out: &mut dyn Write, text: String| {
         let _ = writeln!(out, "{text}");
     };
@@ -67,18 +169,33 @@ pub fn run(
             instance_type: options.instance_type.clone(),
             daemon_env: env,
             custom_networking: options.custom_networking,
+            vpc: options.vpc.clone(),
             ..Options::default()
         },
         binaries,
     )?;
-    say(
-        out,
-        format!(
-            "simulated VPC 10.0.0.0/16 serving EC2 and IMDS in namespace {}; {} node(s) of type {}",
-            testbed.vpc.name, options.nodes, options.instance_type
+    match &options.vpc {
+        Some(vpc) => say(
+            out,
+            format!(
+                "simulated VPC {} (from the file) serving EC2 and IMDS in namespace {}; {} node(s)",
+                vpc.vpc.cidr,
+                testbed.vpc.name,
+                testbed.nodes.len()
+            ),
         ),
-    );
-    let mut report = DemoReport::default();
+        None => say(
+            out,
+            format!(
+                "simulated VPC 10.0.0.0/16 serving EC2 and IMDS in namespace {}; {} node(s) of type {}",
+                testbed.vpc.name, options.nodes, options.instance_type
+            ),
+        ),
+    }
+    let mut report = DemoReport {
+        vpc_netns: testbed.vpc.name.clone(),
+        ..DemoReport::default()
+    };
     for i in 0..testbed.nodes.len() {
         let took = testbed.start_daemon(i)?;
         let n = &testbed.nodes[i];
@@ -229,20 +346,61 @@ pub fn run(
         say(out, format!("  metrics: {}", shown.join(" | ")));
     }
 
+    report.nodes = nodes_as_ec2_holds_them(&testbed)?;
+    report.pods = pods
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "node": testbed.nodes[p.node].name,
+                "netns": p.netns.name,
+                "ip": p.ip.to_string(),
+            })
+        })
+        .collect();
+    report.ec2_calls = ec2_calls(&testbed)?;
+    on_report(&report);
+    if options.keep {
+        say(
+            out,
+            "kept running; look around with `ip netns exec <namespace> ...`:".to_string(),
+        );
+        say(
+            out,
+            format!(
+                "  VPC (EC2, IMDS, the subnets' router): {}",
+                testbed.vpc.name
+            ),
+        );
+        for node in &testbed.nodes {
+            say(
+                out,
+                format!(
+                    "  {} (vpc-ipamd, introspection {}): {}",
+                    node.name,
+                    crate::INTROSPECTION,
+                    node.netns.name
+                ),
+            );
+        }
+        for pod in &pods {
+            say(
+                out,
+                format!("  {} ({}): {}", pod.name, pod.ip, pod.netns.name),
+            );
+        }
+        say(out, "SIGINT or SIGTERM removes everything".to_string());
+        let _ = out.flush();
+        wait_for_stop_signal();
+    }
+
     for pod in pods {
         testbed.del_pod(pod)?;
     }
     for i in 0..testbed.nodes.len() {
         testbed.stop_daemon(i, Stop::Term)?;
     }
-    report.ec2_calls = {
-        let model = testbed.vpc_model();
-        let v = model.lock().map_err(|_| "the VPC model is poisoned")?;
-        v.calls
-            .values()
-            .map(|c| c.ok + c.throttled + c.failed)
-            .sum()
-    };
+    report.ec2_calls = ec2_calls(&testbed)?;
     let errors = testbed.fabric.errors();
     if !errors.is_empty() {
         return Err(format!(

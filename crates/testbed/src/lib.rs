@@ -93,6 +93,10 @@ pub struct Options {
     pub kubernetes: bool,
     /// ENIs every node has before its daemon first starts (someone else's, a trunk, EFA).
     pub preattached: Vec<PreattachedConfig>,
+    /// The whole simulated VPC from a file (`vpcctl demo --vpc`): its instances are the nodes, and
+    /// a subnet named `pods`, if any, is custom networking's. `nodes`, `instance_type`,
+    /// `node_subnet` and `preattached` then do not apply.
+    pub vpc: Option<ServeConfig>,
 }
 
 impl Default for Options {
@@ -106,6 +110,7 @@ impl Default for Options {
             node_subnet: NODE_CIDR.into(),
             kubernetes: false,
             preattached: Vec::new(),
+            vpc: None,
         }
     }
 }
@@ -231,6 +236,52 @@ pub fn yaml_documents(python: &Path, yaml: &str) -> Vec<Value> {
     serde_json::from_slice(&output.stdout).expect("JSON from python")
 }
 
+/// The demo's VPC: a node subnet (and a pod subnet for custom networking) and the instances the
+/// options ask for.
+fn built_in_vpc(options: &Options) -> Result<ServeConfig, String> {
+    let node_cidr: ipam::Ipv4Cidr = options.node_subnet.parse().map_err(|e| format!("{e}"))?;
+    let mut subnets = vec![SubnetConfig {
+        name: "nodes".into(),
+        cidr: node_cidr,
+        az: AZ.into(),
+        tags: BTreeMap::from([("kubernetes.io/role/cni".into(), "1".into())]),
+        prefix_reservations: Vec::new(),
+        ipv6_cidr: None,
+    }];
+    if options.custom_networking {
+        subnets.push(SubnetConfig {
+            name: "pods".into(),
+            cidr: POD_CIDR.parse().expect("a CIDR"),
+            az: AZ.into(),
+            tags: BTreeMap::new(),
+            prefix_reservations: Vec::new(),
+            ipv6_cidr: None,
+        });
+    }
+    Ok(ServeConfig {
+        vpc: VpcConfig {
+            cidr: "10.0.0.0/16".parse().expect("a CIDR"),
+            secondary_cidrs: if options.custom_networking {
+                vec!["100.64.0.0/16".parse().expect("a CIDR")]
+            } else {
+                Vec::new()
+            },
+            ipv6_cidrs: Vec::new(),
+        },
+        subnets,
+        instances: (1..=options.nodes)
+            .map(|i| InstanceConfig {
+                name: format!("node-{i}"),
+                instance_type: options.instance_type.clone(),
+                subnet: "nodes".into(),
+                security_groups: vec!["sg-0000000000000001".into()],
+                enis: options.preattached.clone(),
+            })
+            .collect(),
+        ec2: options.ec2.clone(),
+    })
+}
+
 static TESTBEDS: AtomicU32 = AtomicU32::new(0);
 
 fn port_of(url: &str) -> Result<u16, String> {
@@ -256,47 +307,15 @@ impl Testbed {
         let vpc = Netns::create("vpc")?;
         netns::sysctl(&vpc.name, "net.ipv4.ip_forward", "1")?;
         netns::sysctl(&vpc.name, "net.ipv4.conf.all.send_redirects", "0")?;
-        let node_cidr: ipam::Ipv4Cidr = options.node_subnet.parse().map_err(|e| format!("{e}"))?;
-        let mut subnets = vec![SubnetConfig {
-            name: "nodes".into(),
-            cidr: node_cidr,
-            az: AZ.into(),
-            tags: BTreeMap::from([("kubernetes.io/role/cni".into(), "1".into())]),
-            prefix_reservations: Vec::new(),
-            ipv6_cidr: None,
-        }];
-        if options.custom_networking {
-            subnets.push(SubnetConfig {
-                name: "pods".into(),
-                cidr: POD_CIDR.parse().expect("a CIDR"),
-                az: AZ.into(),
-                tags: BTreeMap::new(),
-                prefix_reservations: Vec::new(),
-                ipv6_cidr: None,
-            });
-        }
-        let config = ServeConfig {
-            vpc: VpcConfig {
-                cidr: "10.0.0.0/16".parse().expect("a CIDR"),
-                secondary_cidrs: if options.custom_networking {
-                    vec!["100.64.0.0/16".parse().expect("a CIDR")]
-                } else {
-                    Vec::new()
-                },
-                ipv6_cidrs: Vec::new(),
-            },
-            subnets,
-            instances: (1..=options.nodes)
-                .map(|i| InstanceConfig {
-                    name: format!("node-{i}"),
-                    instance_type: options.instance_type.clone(),
-                    subnet: "nodes".into(),
-                    security_groups: vec!["sg-0000000000000001".into()],
-                    enis: options.preattached.clone(),
-                })
-                .collect(),
-            ec2: options.ec2.clone(),
+        let config = match &options.vpc {
+            Some(config) => config.clone(),
+            None => built_in_vpc(options)?,
         };
+        let first_subnet = config
+            .instances
+            .first()
+            .map(|i| i.subnet.clone())
+            .ok_or("the VPC has no instance to be a node")?;
         let fabric = Arc::new(Fabric::new(&vpc.name));
         let observer: simvpc_http::Observer = {
             let fabric = fabric.clone();
@@ -305,7 +324,7 @@ impl Testbed {
         let listen: SocketAddr = "0.0.0.0:0".parse().expect("an address");
         let server = vpc.run(move || Server::start_observed(&config, listen, Some(observer)))??;
         let ec2_port = port_of(&server.ec2_url)?;
-        let node_subnet = server.names.subnets["nodes"].clone();
+        let node_subnet = server.names.subnets[&first_subnet].clone();
         let pod_subnet = server.names.subnets.get("pods").cloned();
         let mut testbed = Testbed {
             vpc,

@@ -102,6 +102,20 @@ enum Command {
         /// Pods in their own subnet (100.64.0.0/20) through an ENIConfig.
         #[arg(long)]
         custom_networking: bool,
+        /// The simulated VPC from a file (docs/simvpc.md: subnets, instances and the ENIs they
+        /// start with); its instances are the nodes, a subnet named `pods` is custom networking's.
+        #[arg(long, value_name = "FILE")]
+        vpc: Option<std::path::PathBuf>,
+        /// A daemon setting, as in the DaemonSet's environment (repeatable): --set WARM_IP_TARGET=2.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+        /// Leave everything running after the report, print the namespaces, and clean up on
+        /// SIGINT or SIGTERM.
+        #[arg(long)]
+        keep: bool,
+        /// The report as one JSON document on stdout (the narration goes to stderr).
+        #[arg(long)]
+        json: bool,
     },
     /// The daemon's state, from its introspection endpoint.
     Status(inspect::Target),
@@ -199,10 +213,42 @@ fn run(cli: Cli) -> Result<(), String> {
             instance_type,
             prefix_delegation,
             custom_networking,
+            vpc,
+            settings,
+            keep,
+            json,
         } => {
             if nodes == 0 {
                 return Err("--nodes must be at least 1".into());
             }
+            let vpc = match vpc {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| format!("--vpc {}: {e}", path.display()))?;
+                    Some(
+                        simvpc_http::ServeConfig::parse(&text)
+                            .map_err(|e| format!("--vpc {}: {e}", path.display()))?,
+                    )
+                }
+                None => None,
+            };
+            let settings = settings
+                .iter()
+                .map(|s| match s.split_once('=') {
+                    Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                    _ => Err(format!("--set {s:?}: expected KEY=VALUE")),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            // A setting the daemon would refuse is refused here, before any namespace exists.
+            ipam::Config::from_lookup(|k| {
+                settings
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+            })
+            .and_then(|c| c.unsupported_by_daemon())
+            .map_err(|e| format!("--set: {e}"))?;
             let binaries = testbed::Binaries::locate()?;
             let options = testbed::demo::DemoOptions {
                 nodes,
@@ -210,8 +256,20 @@ fn run(cli: Cli) -> Result<(), String> {
                 instance_type,
                 prefix_delegation,
                 custom_networking,
+                vpc,
+                settings,
+                keep,
             };
-            let report = testbed::demo::run(&options, binaries, &mut std::io::stdout())?;
+            let mut print_json = |report: &testbed::demo::DemoReport| {
+                if json {
+                    println!("{}", report.to_json());
+                }
+            };
+            let report = if json {
+                testbed::demo::run(&options, binaries, &mut std::io::stderr(), &mut print_json)?
+            } else {
+                testbed::demo::run(&options, binaries, &mut std::io::stdout(), &mut print_json)?
+            };
             if report.connected() {
                 Ok(())
             } else {

@@ -1,0 +1,171 @@
+//! `vpcctl demo` as a user runs it: a VPC file with someone else's ENI on the node, daemon settings,
+//! the JSON report, and `--keep` leaving everything up until SIGTERM. The demo needs root.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn vpcctl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vpcctl"))
+}
+
+fn root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        let line = format!("SKIPPED {test}: the demo needs root for network namespaces\n");
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    }
+    root
+}
+
+fn namespaces() -> String {
+    String::from_utf8(
+        Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+}
+
+const VPC: &str = r#"
+[vpc]
+cidr = "10.1.0.0/16"
+
+[[subnets]]
+name = "nodes"
+cidr = "10.1.0.0/20"
+az = "us-west-2a"
+tags = { "kubernetes.io/role/cni" = "1" }
+
+[[instances]]
+name = "worker"
+type = "m5.large"
+subnet = "nodes"
+security_groups = ["sg-0000000000000001"]
+
+[[instances.enis]]
+device_index = 1
+secondary_addresses = 2
+tags = { "node.k8s.amazonaws.com/no_manage" = "true", "owner" = "multus" }
+"#;
+
+#[test]
+fn a_vpc_file_and_settings_give_a_json_report_of_what_ec2_holds() {
+    if !root("a_vpc_file_and_settings_give_a_json_report_of_what_ec2_holds") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vpc.toml");
+    std::fs::write(&file, VPC).unwrap();
+    let output = vpcctl()
+        .args(["demo", "--pods", "3", "--json", "--vpc"])
+        .arg(&file)
+        .args(["--set", "WARM_IP_TARGET=1", "--set", "MINIMUM_IP_TARGET=4"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    let node = &report["nodes"][0];
+    assert_eq!(node["name"], "worker");
+    assert!(
+        node["netns"].as_str().unwrap().starts_with("worker-"),
+        "{node}"
+    );
+    let enis = node["enis"].as_array().unwrap();
+    let theirs = enis
+        .iter()
+        .find(|e| e["device_index"] == 1)
+        .expect("the multus ENI is listed");
+    assert_eq!(theirs["tags"]["owner"], "multus");
+    assert_eq!(theirs["interface_type"], "interface");
+    assert_eq!(theirs["network_card"], 0);
+    assert_eq!(
+        theirs["addresses"].as_array().unwrap().len(),
+        2,
+        "not ours: its addresses stay: {theirs}"
+    );
+    // MINIMUM_IP_TARGET=4 through --set: the primary ENI holds at least 4.
+    let primary = enis.iter().find(|e| e["device_index"] == 0).unwrap();
+    assert!(
+        primary["addresses"].as_array().unwrap().len() >= 4,
+        "{primary}"
+    );
+    let pods = report["pods"].as_array().unwrap();
+    assert_eq!(pods.len(), 3);
+    for pod in pods {
+        assert_eq!(pod["node"], "worker");
+        assert!(
+            !theirs["addresses"].as_array().unwrap().contains(&pod["ip"]),
+            "{pod} got someone else's address"
+        );
+    }
+    let c = &report["connectivity"];
+    assert_eq!(c["pod_to_pod"]["ok"], c["pod_to_pod"]["tried"], "{c}");
+    assert_eq!(c["pod_to_vpc"]["ok"], 3, "{c}");
+    assert!(stderr.contains("from the file"), "{stderr}");
+}
+
+#[test]
+fn keep_leaves_the_demo_up_until_sigterm_then_removes_it() {
+    if !root("keep_leaves_the_demo_up_until_sigterm_then_removes_it") {
+        return;
+    }
+    let mut child = vpcctl()
+        .args(["demo", "--pods", "2", "--keep"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut kept = Vec::new();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        assert!(Instant::now() < deadline, "no end of report");
+        // "  VPC (...): <ns>", "  node-1 (...): <ns>", "  pod-1 (10.0...): <ns>"
+        if line.starts_with("  ") && line.contains("): ") {
+            kept.push(line.rsplit(": ").next().unwrap().trim().to_string());
+        }
+        if line.contains("SIGINT or SIGTERM") {
+            break;
+        }
+    }
+    // The VPC, one node and two pods, all still there.
+    assert_eq!(kept.len(), 4, "{kept:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let up = namespaces();
+    for ns in &kept {
+        assert!(up.contains(ns.as_str()), "{ns} is gone while kept:\n{up}");
+    }
+    // SAFETY: the pid is our child's, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    for _ in lines {}
+    assert!(status.success(), "{status}");
+    let after = namespaces();
+    for ns in &kept {
+        assert!(!after.contains(ns.as_str()), "{ns} left behind:\n{after}");
+    }
+}
+
+#[test]
+fn a_setting_the_daemon_refuses_is_refused_before_anything_is_built() {
+    let output = vpcctl()
+        .args(["demo", "--set", "ENABLE_POD_ENI=true"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ENABLE_POD_ENI"), "{stderr}");
+    let output = vpcctl()
+        .args(["demo", "--set", "WARM_IP_TARGET"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("KEY=VALUE"));
+}
