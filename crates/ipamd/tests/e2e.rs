@@ -1247,3 +1247,85 @@ fn a_cordoned_node_keeps_its_pool_as_it_is() {
     });
     check_invariants(&tb, 0, &pods);
 }
+
+/// A VPC file for the testbed: the node subnet, tagged as given, and maybe a second subnet of the
+/// AZ for pods; the instance has an ENI of ours from before, in the node subnet.
+fn vpc_with_node_subnet_tagged(role: &str, second: bool) -> testbed::ServeConfig {
+    let second = if second {
+        "[[subnets]]\nname = \"pods-ok\"\ncidr = \"10.0.16.0/20\"\naz = \"us-west-2a\"\ntags = { \"kubernetes.io/role/cni\" = \"1\" }\n"
+    } else {
+        ""
+    };
+    testbed::ServeConfig::parse(&format!(
+        "[vpc]\ncidr = \"10.0.0.0/16\"\n\
+         [[subnets]]\nname = \"nodes\"\ncidr = \"10.0.0.0/20\"\naz = \"us-west-2a\"\ntags = {{ \"kubernetes.io/role/cni\" = \"{role}\" }}\n\
+         {second}\
+         [[instances]]\nname = \"node-1\"\ntype = \"m5.large\"\nsubnet = \"nodes\"\nsecurity_groups = [\"sg-0000000000000001\"]\n\
+         [[instances.enis]]\ndevice_index = 1\nsecondary_addresses = 3\n"
+    ))
+    .unwrap()
+}
+
+#[test]
+fn an_excluded_subnet_gives_no_pod_addresses_even_from_enis_already_attached() {
+    let mut options = options(&[("WARM_IP_TARGET", "2"), ("IP_COOLDOWN_PERIOD", "1")]);
+    options.vpc = Some(vpc_with_node_subnet_tagged("0", true));
+    let Some(mut tb) = testbed("excluded_subnet", options) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    settled(&tb, 0);
+    let enis = tb.nodes[0].introspect("/v1/enis").unwrap();
+    let enis = enis["0"]["ENIs"].as_object().unwrap();
+    let node_subnet = tb.node_subnet.clone();
+    for (id, eni) in enis {
+        if eni["SubnetID"] == node_subnet.as_str() {
+            assert_eq!(eni["IsExcludedForPodIPs"], true, "{id}: {eni}");
+            // Its idle addresses went back to EC2, as upstream does at start.
+            assert!(
+                eni["AvailableIPv4Cidrs"].as_object().unwrap().is_empty(),
+                "{id}: {eni}"
+            );
+        } else {
+            assert_eq!(eni["IsExcludedForPodIPs"], false, "{id}: {eni}");
+        }
+    }
+    let pods: Vec<Pod> = (0..3).map(|_| tb.add_pod(0).unwrap()).collect();
+    let allowed: ipam::Ipv4Cidr = "10.0.16.0/20".parse().unwrap();
+    for pod in &pods {
+        assert!(
+            allowed.contains(pod.ip),
+            "{} is in the excluded subnet",
+            pod.ip
+        );
+    }
+    check_invariants(&tb, 0, &pods);
+}
+
+#[test]
+fn no_fallback_to_an_excluded_primary_subnet() {
+    let mut options = options(&[("WARM_IP_TARGET", "2")]);
+    options.vpc = Some(vpc_with_node_subnet_tagged("0", false));
+    let Some(mut tb) = testbed("no_fallback", options) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let status = tb.nodes[0].introspect("/v1/status").unwrap();
+    assert_eq!(status["addresses"]["total"], 0, "{status}");
+    let model = tb.vpc_model();
+    let vpc = model.lock().unwrap();
+    let created = vpc
+        .calls
+        .iter()
+        .filter(|(op, _)| op.name() == "CreateNetworkInterface")
+        .map(|(_, c)| c.ok)
+        .sum::<u64>();
+    assert_eq!(created, 0, "an ENI was created in the excluded subnet");
+    drop(vpc);
+    let log = std::fs::read_to_string(tb.nodes[0].daemon_log()).unwrap();
+    assert!(
+        log.contains("no subnet of the node's availability zone"),
+        "{log}"
+    );
+}
