@@ -3,6 +3,9 @@
 
 use crate::{CloudError, ErrorKind, Result};
 use aws_config::imds::Client;
+
+/// The IMDSv2 client, for callers that keep one.
+pub type ImdsClient = Client;
 use ipam::net::Ipv4Cidr;
 use std::net::Ipv4Addr;
 

@@ -6,7 +6,9 @@
 //! * the daemon's RSS with 250 pods assigned, against the 20 MiB target and the 40 MiB at which
 //!   upstream's aws-node starts (upstream cannot run here, so that figure is the documented one);
 //! * EC2 calls per 100 pods scheduled on a fresh m5.large node (five waves of 20 ADDs then 20 DELs,
-//!   start-up included), default settings against prefix delegation, through the real AWS client.
+//!   start-up included), default settings against prefix delegation, through the real AWS client;
+//! * EC2 calls and IMDS reads of an idle node, per hour at the default 60 s reconcile, measured
+//!   over reconciles run every second.
 //!
 //! Run with `bench/daemon.sh`.
 
@@ -141,6 +143,55 @@ fn add(socket: &std::path::Path, i: usize) -> Duration {
     took
 }
 
+/// An idle node with pods: EC2 calls and IMDS requests over `window`, with a reconcile every
+/// second; scaled to an hour of the default 60 s reconcile.
+fn idle_node_hour(window: Duration) -> (f64, f64, u64) {
+    let options = Options {
+        daemon_env: vec![
+            ("VPC_CNI_RECONCILE_SECONDS".into(), "1".into()),
+            ("AWS_VPC_K8S_CNI_LOGLEVEL".into(), "INFO".into()),
+            // Counted apart: one DescribeNetworkInterfaces page an hour, wherever the node is.
+            ("DISABLE_LEAKED_ENI_CLEANUP".into(), "true".into()),
+        ],
+        ..Options::default()
+    };
+    let mut tb = Testbed::start(&options, binaries()).expect("testbed");
+    tb.start_daemon(0).expect("daemon starts");
+    let socket = tb.nodes[0].socket();
+    for i in 0..5 {
+        add(&socket, i);
+    }
+    settle(&tb);
+    // Two reconciles to see the pool as it is now.
+    std::thread::sleep(Duration::from_secs(3));
+    let calls = |tb: &Testbed| -> u64 {
+        let model = tb.vpc_model();
+        let vpc = model.lock().expect("vpc lock");
+        vpc.calls
+            .values()
+            .map(|c| c.ok + c.throttled + c.failed)
+            .sum()
+    };
+    let imds = |tb: &Testbed| -> u64 {
+        let metrics = tb.nodes[0].metrics().expect("metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("vpccni_imds_requests_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("the IMDS counter")
+    };
+    let (calls_before, imds_before) = (calls(&tb), imds(&tb));
+    std::thread::sleep(window);
+    let (calls_after, imds_after) = (calls(&tb), imds(&tb));
+    let reconciles = window.as_secs_f64();
+    let per_hour = 3600.0 / 60.0 / reconciles;
+    (
+        (calls_after - calls_before) as f64 * per_hour,
+        (imds_after - imds_before) as f64 * per_hour,
+        reconciles as u64,
+    )
+}
+
 /// host-local ADD for `count` containers from a /16, as a runtime would exec it.
 fn host_local(count: usize) -> Option<Vec<Duration>> {
     let binary = ["/usr/lib/cni/host-local", "/opt/cni/bin/host-local"]
@@ -273,6 +324,10 @@ fn main() {
     let in_cluster = rss_mib(pid);
     drop(tb);
 
+    let (idle_ec2, idle_imds, reconciles) = idle_node_hour(Duration::from_secs(20));
+    println!(
+        "idle node with 5 pods, per hour at the default 60 s reconcile (measured over {reconciles} reconciles): EC2 calls {idle_ec2:.0}, IMDS reads {idle_imds:.0} (plus the hourly leaked-ENI scan: 1 DescribeNetworkInterfaces page)"
+    );
     let (default_calls, default_ops) = ec2_calls_per_100_pods(&[]);
     let (pd_calls, pd_ops) = ec2_calls_per_100_pods(&[("ENABLE_PREFIX_DELEGATION", "true")]);
     println!("EC2 calls per 100 pods on a fresh m5.large, default settings: {default_calls} ({default_ops})");

@@ -291,6 +291,7 @@ async fn run(
         ));
     }
     tokio::spawn(read_imds_periodically(
+        started.imds.clone(),
         events.clone(),
         started.identity.primary_mac.clone(),
         Duration::from_secs(args.reconcile_seconds.max(1)),
@@ -417,18 +418,12 @@ async fn forward_signals(events: mpsc::UnboundedSender<Event>) {
 /// then hourly: ENIs this cluster's nodes created and left unattached (upstream-ipamd.md §3.4).
 /// IMDS, read every `every` and handed to the control loop to compare with the pool.
 async fn read_imds_periodically(
+    client: cloud::identity::ImdsClient,
     events: mpsc::UnboundedSender<Event>,
     primary_mac: String,
     every: Duration,
     metrics: Arc<Metrics>,
 ) {
-    let client = match cloud::identity::client(None) {
-        Ok(c) => c,
-        Err(e) => {
-            log::error("IMDS client: no periodic reconcile", &[("error", &e)]);
-            return;
-        }
-    };
     loop {
         tokio::time::sleep(every).await;
         match cloud::identity::network(&client, &primary_mac).await {

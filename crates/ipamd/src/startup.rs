@@ -49,6 +49,8 @@ pub enum StartError {
 
 pub struct Started {
     pub control: Control,
+    /// The IMDS client start-up used, kept for the periodic reconcile.
+    pub imds: cloud::identity::ImdsClient,
     pub events: mpsc::UnboundedSender<Event>,
     pub receiver: mpsc::UnboundedReceiver<Event>,
     pub executor: Arc<Executor>,
@@ -56,12 +58,12 @@ pub struct Started {
     pub vpc_id: String,
 }
 
-async fn fetch_identity() -> Result<Identity, StartError> {
+async fn fetch_identity() -> Result<(Identity, cloud::identity::ImdsClient), StartError> {
     let client = identity::client(None).map_err(StartError::Identity)?;
     let mut attempt = 0;
     loop {
         match Identity::fetch(&client).await {
-            Ok(identity) => return Ok(identity),
+            Ok(identity) => return Ok((identity, client)),
             Err(e) if attempt + 1 >= IMDS_TRIES => return Err(StartError::Identity(e)),
             Err(e) => {
                 log::warn("IMDS not answering yet", &[("error", &e)]);
@@ -193,7 +195,7 @@ pub async fn start(
 ) -> Result<Started, StartError> {
     let started = Instant::now();
     predecessor.wait_until_gone().await;
-    let identity = fetch_identity().await?;
+    let (identity, imds) = fetch_identity().await?;
     log::info(
         "identity",
         &[
@@ -550,6 +552,7 @@ pub async fn start(
     });
     Ok(Started {
         control,
+        imds,
         events,
         receiver,
         executor,
