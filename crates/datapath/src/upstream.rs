@@ -140,7 +140,9 @@ pub fn remove_rules() -> Result<Removed> {
             Err(e) => return Err(e),
         };
         if let Some(script) = removal_script(&saved) {
-            run(restore, &["--noflush"], Some(&script))?;
+            // --wait: iptables-legacy takes the host's xtables lock, which kube-proxy holds while
+            // it rewrites its own rules.
+            run(restore, &["--noflush", "--wait=10"], Some(&script))?;
             report.removed.extend(
                 script
                     .lines()
