@@ -97,6 +97,10 @@ impl Vpc {
     }
 
     fn node_setup(&self, external_snat: bool) {
+        self.node_setup_with(snat_policy(external_snat));
+    }
+
+    fn node_setup_with(&self, snat: SnatPolicy) {
         self.node.run(|| {
             node::setup_eni(&EniLink {
                 mac: ETH1_MAC,
@@ -113,7 +117,7 @@ impl Vpc {
                 connmark: 0x80,
             })
             .unwrap();
-            snat_policy(external_snat).apply().unwrap();
+            snat.apply().unwrap();
         });
     }
 
@@ -685,30 +689,12 @@ fn kube_proxy_next_door(mode: &str) {
     kube_proxy_rules(&vpc.node, mode);
     // The operator exempts all of 10/8 from SNAT on a 10.0.0.0/16 VPC: the nested block must not
     // make nft refuse the table.
-    vpc.node.run(|| {
-        node::setup_eni(&EniLink {
-            mac: ETH1_MAC,
-            primary_ip: ETH1_IP,
-            subnet: (Ipv4Addr::new(10, 0, 0, 0), 24),
-            route_table: 2,
-            mtu: 9001,
-        })
-        .unwrap();
-        node::setup_host(&HostRouting {
-            primary_interface: "eth0".into(),
-            fwmark_rule: true,
-            connmark: 0x80,
-        })
-        .unwrap();
-        SnatPolicy {
-            exempt: vec![
-                (Ipv4Addr::new(10, 0, 0, 0), 16),
-                (Ipv4Addr::new(10, 0, 0, 0), 8),
-            ],
-            ..snat_policy(false)
-        }
-        .apply()
-        .unwrap();
+    vpc.node_setup_with(SnatPolicy {
+        exempt: vec![
+            (Ipv4Addr::new(10, 0, 0, 0), 16),
+            (Ipv4Addr::new(10, 0, 0, 0), 8),
+        ],
+        ..snat_policy(false)
     });
     let server = AddressServer::start(&[(POD_ON_ETH0, 0, 254), (POD_ON_ETH1, 1, 2)]);
     let pod_a = Netns::new("kpa");

@@ -861,10 +861,11 @@ impl Pool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::policy::PoolSettings;
 
+    /// A t3.small-like node for the engine's unit tests.
     pub(crate) fn node() -> NodeSpec {
         NodeSpec {
             instance_type: "t3.small".into(),

@@ -82,22 +82,11 @@ impl Reconciler {
 mod tests {
     use super::*;
     use crate::policy::PoolSettings;
-    use crate::pool::{EniInfo, NodeSpec};
+    use crate::pool::EniInfo;
     use crate::time::Time;
 
     fn pool() -> Pool {
-        let node = NodeSpec {
-            instance_type: "m5.large".into(),
-            slots_per_eni: 9,
-            max_enis: 3,
-            max_pods: 29,
-            supports_prefixes: true,
-            primary_subnet: "subnet-a".into(),
-            security_groups: vec![],
-            eni_config: None,
-            unmanaged_enis: 0,
-            unschedulable: false,
-        };
+        let node = crate::pool::tests::node();
         let mut p = Pool::new(node, &PoolSettings::default());
         for (n, id) in ["eni-0", "eni-1"].iter().enumerate() {
             p.add_eni(

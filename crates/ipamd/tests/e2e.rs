@@ -86,6 +86,27 @@ fn cloud_instance_tag() -> &'static str {
     "node.k8s.amazonaws.com/instance_id"
 }
 
+/// Each pod reaches the VPC's router of `node`'s subnet and is seen there with its own address.
+fn reach_the_vpc_from_their_own_address<'a>(
+    tb: &Testbed,
+    node: usize,
+    pods: impl IntoIterator<Item = &'a Pod>,
+) {
+    let router = tb.nodes[node].gateway;
+    let _listener = tb
+        .vpc
+        .run(move || WhoAmI::bind(SocketAddr::from((router, PORT))).unwrap())
+        .unwrap();
+    for pod in pods {
+        assert_eq!(
+            tb.seen_as(&pod.netns, router, PORT).unwrap(),
+            pod.ip,
+            "{} lost its connectivity",
+            pod.name
+        );
+    }
+}
+
 /// No address twice, none leaked, the pool equal to EC2's view, the checkpoint equal to the pods,
 /// and every running pod reachable from its own address.
 fn check_invariants(tb: &Testbed, node: usize, running: &[Pod]) {
@@ -140,19 +161,7 @@ fn check_invariants(tb: &Testbed, node: usize, running: &[Pod]) {
     );
     assert!(loose.is_empty(), "ENIs left unattached: {loose:?}");
 
-    let router = tb.nodes[node].gateway;
-    let _listener = tb
-        .vpc
-        .run(move || WhoAmI::bind(SocketAddr::from((router, PORT))).unwrap())
-        .unwrap();
-    for pod in running {
-        assert_eq!(
-            tb.seen_as(&pod.netns, router, PORT).unwrap(),
-            pod.ip,
-            "{} lost its connectivity",
-            pod.name
-        );
-    }
+    reach_the_vpc_from_their_own_address(tb, node, running);
 }
 
 /// ADDs racing a daemon kill: those that fail are deleted, as a runtime does.
@@ -350,13 +359,39 @@ fn a_tight_ec2_bucket_slows_allocation_but_loses_nothing() {
     check_invariants(&tb, 0, &pods);
 }
 
+/// After a restart that rebuilt assignments from the host: new pods never get the running pods'
+/// addresses, a DEL of a rebuilt pod (found by its host veth) releases its address, and everyone
+/// still reaches the VPC from its own address.
+fn pods_restored_from_the_host_stay_whole(tb: &Testbed, mut running: Vec<Pod>) {
+    let newcomers: Vec<Pod> = (0..6).map(|_| tb.add_pod(0).unwrap()).collect();
+    for pod in &newcomers {
+        assert!(
+            running.iter().all(|r| r.ip != pod.ip),
+            "{} given out twice",
+            pod.ip
+        );
+    }
+    let first = running.remove(0);
+    let released = first.ip;
+    tb.del_pod(first).unwrap();
+    let pods = tb.nodes[0].introspect("/v1/pods").unwrap();
+    assert!(
+        pods.as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["ip"] != released.to_string()),
+        "{released} still assigned after DEL: {pods}"
+    );
+    reach_the_vpc_from_their_own_address(tb, 0, running.iter().chain(&newcomers));
+}
+
 #[test]
 fn a_corrupt_checkpoint_is_kept_aside_and_wired_pods_keep_their_addresses() {
     let Some(mut tb) = testbed("corrupt_checkpoint", options(&[])) else {
         return;
     };
     tb.start_daemon(0).unwrap();
-    let mut running: Vec<Pod> = (0..3).map(|_| tb.add_pod(0).unwrap()).collect();
+    let running: Vec<Pod> = (0..3).map(|_| tb.add_pod(0).unwrap()).collect();
     tb.stop_daemon(0, Stop::Term).unwrap();
     let checkpoint = tb.nodes[0].checkpoint();
     let whole = std::fs::read(&checkpoint).unwrap();
@@ -380,36 +415,7 @@ fn a_corrupt_checkpoint_is_kept_aside_and_wired_pods_keep_their_addresses() {
         std::fs::read(aside[0].path()).unwrap(),
         &whole[..whole.len() / 2]
     );
-    // New pods never get the addresses of the pods still wired.
-    let newcomers: Vec<Pod> = (0..8).map(|_| tb.add_pod(0).unwrap()).collect();
-    for pod in &newcomers {
-        assert!(
-            running.iter().all(|r| r.ip != pod.ip),
-            "{} given out twice",
-            pod.ip
-        );
-    }
-    // DEL of a recovered pod still releases its address: it is found by the pod's host veth.
-    let first = running.remove(0);
-    let released = first.ip;
-    tb.del_pod(first).unwrap();
-    let pods = tb.nodes[0].introspect("/v1/pods").unwrap();
-    assert!(
-        pods.as_array()
-            .unwrap()
-            .iter()
-            .all(|p| p["ip"] != released.to_string()),
-        "{released} still assigned after DEL: {pods}"
-    );
-    running.extend(newcomers);
-    let router = tb.nodes[0].gateway;
-    let _listener = tb
-        .vpc
-        .run(move || WhoAmI::bind(SocketAddr::from((router, PORT))).unwrap())
-        .unwrap();
-    for pod in &running {
-        assert_eq!(tb.seen_as(&pod.netns, router, PORT).unwrap(), pod.ip);
-    }
+    pods_restored_from_the_host_stay_whole(&tb, running);
 }
 
 #[test]
@@ -936,36 +942,7 @@ fn a_missing_checkpoint_is_rebuilt_from_the_host_and_foreign_pod_interfaces_stay
         "{routes}"
     );
     assert!(rules.contains("to 10.0.15.250 lookup main"), "{rules}");
-    // New pods never get the running pods' addresses, and everyone still talks.
-    let newcomers: Vec<Pod> = (0..6).map(|_| tb.add_pod(0).unwrap()).collect();
-    for pod in &newcomers {
-        assert!(
-            running.iter().all(|r| r.ip != pod.ip),
-            "{} given out twice",
-            pod.ip
-        );
-    }
-    let router = tb.nodes[0].gateway;
-    let _listener = tb
-        .vpc
-        .run(move || WhoAmI::bind(SocketAddr::from((router, PORT))).unwrap())
-        .unwrap();
-    for pod in running.iter().chain(&newcomers) {
-        assert_eq!(tb.seen_as(&pod.netns, router, PORT).unwrap(), pod.ip);
-    }
-    // A pod rebuilt from the host is released by its DEL as any other.
-    let mut running = running;
-    let first = running.remove(0);
-    let released = first.ip;
-    tb.del_pod(first).unwrap();
-    let pods = tb.nodes[0].introspect("/v1/pods").unwrap();
-    assert!(
-        pods.as_array()
-            .unwrap()
-            .iter()
-            .all(|p| p["ip"] != released.to_string()),
-        "{released} still assigned after DEL: {pods}"
-    );
+    pods_restored_from_the_host_stay_whole(&tb, running);
 }
 
 #[test]
@@ -1165,14 +1142,7 @@ fn changes_made_behind_the_daemons_back_are_noticed_through_imds() {
         String::from_utf8_lossy(&out.stdout).contains("100.64.0.0/16")
     });
     // The pods still talk.
-    let router = tb.nodes[0].gateway;
-    let _listener = tb
-        .vpc
-        .run(move || WhoAmI::bind(SocketAddr::from((router, PORT))).unwrap())
-        .unwrap();
-    for pod in &pods {
-        assert_eq!(tb.seen_as(&pod.netns, router, PORT).unwrap(), pod.ip);
-    }
+    reach_the_vpc_from_their_own_address(&tb, 0, &pods);
 }
 
 #[test]
