@@ -831,11 +831,11 @@ fn upstreams_rules_are_removed_when_we_take_over_and_kube_proxys_stay() {
     );
     kube_proxy_rules(&vpc.node, "iptables-nft");
     vpc.node_setup(false);
-    let removed = vpc
-        .node
-        .run(datapath::upstream::remove_rules)
-        .expect("removal runs");
-    assert!(removed.unavailable.is_empty(), "{removed:?}");
+    let removed = vpc.node.run(datapath::upstream::remove_rules);
+    assert!(
+        removed.unavailable.is_empty() && removed.failed.is_empty(),
+        "{removed:?}"
+    );
     // Three rules in mangle, three in nat and two chains, in each front end; and the nft table.
     assert_eq!(removed.removed.len(), 2 * 8 + 1, "{:#?}", removed.removed);
     for save in ["iptables-legacy-save", "iptables-nft-save"] {
@@ -854,7 +854,7 @@ fn upstreams_rules_are_removed_when_we_take_over_and_kube_proxys_stay() {
     assert!(!tables.contains("aws-cni"), "{tables}");
     assert!(tables.contains("vpc-cni"), "our table stays: {tables}");
     // A second pass finds nothing.
-    let again = vpc.node.run(datapath::upstream::remove_rules).unwrap();
+    let again = vpc.node.run(datapath::upstream::remove_rules);
     assert!(again.removed.is_empty(), "{again:?}");
 
     // Pods still reach the outside through our table alone, and a ClusterIP through kube-proxy's.

@@ -119,36 +119,45 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// What was removed, in words, and the front ends that could not be asked (not installed).
+/// What was removed, in words; the front ends that could not be asked (not installed); and what
+/// failed, in words (upstream's rules may then still be there: the caller says so loudly).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Removed {
     pub removed: Vec<String>,
     pub unavailable: Vec<String>,
+    pub failed: Vec<String>,
 }
 
 /// Removes upstream's iptables rules and chains from every front end installed, and its nftables
-/// connmark table. Idempotent: a node without them is left as it is.
-pub fn remove_rules() -> Result<Removed> {
+/// connmark table. Idempotent: a node without them is left as it is. A front end that fails (a
+/// host whose kernel lacks its tables, say) is reported, not fatal: the node must still come up.
+pub fn remove_rules() -> Removed {
     let mut report = Removed::default();
+    let not_installed = |e: &Error| matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
     for (save, restore) in TOOLS {
         let saved = match run(save, &[], None) {
             Ok(text) => text,
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if not_installed(&e) => {
                 report.unavailable.push(save.to_string());
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                report.failed.push(e.to_string());
+                continue;
+            }
         };
         if let Some(script) = removal_script(&saved) {
             // --wait: iptables-legacy takes the host's xtables lock, which kube-proxy holds while
             // it rewrites its own rules.
-            run(restore, &["--noflush", "--wait=10"], Some(&script))?;
-            report.removed.extend(
-                script
-                    .lines()
-                    .filter(|l| l.starts_with("-D ") || l.starts_with("-X "))
-                    .map(|l| format!("{save}: {l}")),
-            );
+            match run(restore, &["--noflush", "--wait=10"], Some(&script)) {
+                Ok(_) => report.removed.extend(
+                    script
+                        .lines()
+                        .filter(|l| l.starts_with("-D ") || l.starts_with("-X "))
+                        .map(|l| format!("{save}: {l}")),
+                ),
+                Err(e) => report.failed.push(e.to_string()),
+            }
         }
     }
     match run("nft", &["list", "tables", "ip"], None) {
@@ -157,16 +166,16 @@ pub fn remove_rules() -> Result<Removed> {
                 .lines()
                 .any(|l| l.trim() == format!("table ip {NFT_TABLE}"))
             {
-                run("nft", &["delete", "table", "ip", NFT_TABLE], None)?;
-                report.removed.push(format!("nft table ip {NFT_TABLE}"));
+                match run("nft", &["delete", "table", "ip", NFT_TABLE], None) {
+                    Ok(_) => report.removed.push(format!("nft table ip {NFT_TABLE}")),
+                    Err(e) => report.failed.push(e.to_string()),
+                }
             }
         }
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            report.unavailable.push("nft".into());
-        }
-        Err(e) => return Err(e),
+        Err(e) if not_installed(&e) => report.unavailable.push("nft".into()),
+        Err(e) => report.failed.push(e.to_string()),
     }
-    Ok(report)
+    report
 }
 
 #[cfg(test)]

@@ -395,7 +395,10 @@ impl Config {
             Err(Env::invalid(
                 name,
                 value,
-                format!("{what} is not supported by vpc-cni-rs yet (docs/configuration.md)"),
+                format!(
+                    "{what} is not supported by vpc-cni-rs yet; unset {name} if this node does \
+                     not rely on it (docs/configuration.md)"
+                ),
             ))
         };
         if self.ipv6 {

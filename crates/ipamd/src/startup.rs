@@ -30,6 +30,9 @@ use tokio::sync::mpsc;
 /// (a leak that CNI GC or the pod list repairs is better than an address given out twice).
 const YOUNG: Duration = Duration::from_secs(10);
 const IMDS_TRIES: u32 = 5;
+/// The longest a terminating predecessor is waited for: aws-node's grace period is 10 s in its
+/// manifest, Kubernetes' default 30 s.
+const PREDECESSOR_PATIENCE: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -158,12 +161,21 @@ impl Predecessor {
 
     /// A terminating aws-node keeps serving ADDs through its grace period: restoring its
     /// checkpoint before it has stopped could give an address it is still handing out to a
-    /// second pod. Waits as long as it answers, saying so every 10 s.
+    /// second pod. Waits while it answers, saying so every 10 s, for at most `PREDECESSOR_PATIENCE`:
+    /// Kubernetes ends a pod's grace period well before, so something still answering then is not a
+    /// terminating aws-node (50051 is also gRPC's example port), and the node must come up.
     async fn wait_until_gone(&self) {
         let since = Instant::now();
         let mut said: Option<Instant> = None;
         loop {
             let alive = self.answering().await;
+            if !alive.is_empty() && since.elapsed() >= PREDECESSOR_PATIENCE {
+                log::error(
+                    "still answering where aws-node would; not aws-node after this long: taking over",
+                    &[("answering", &alive.join(", ")), ("waited_ms", &since.elapsed().as_millis())],
+                );
+                return;
+            }
             if alive.is_empty() {
                 if said.is_some() {
                     log::info(
@@ -395,7 +407,14 @@ pub async fn start(
     };
     blocking(move || node::setup_host(&host)).await?;
     // Upstream's SNAT and connmark rules would keep matching beside our table.
-    let upstream = blocking(datapath::upstream::remove_rules).await?;
+    let upstream = blocking(|| Ok(datapath::upstream::remove_rules())).await?;
+    if !upstream.failed.is_empty() {
+        log::error(
+            "could not remove the Amazon VPC CNI's host rules; they may still SNAT and mark beside ours",
+            &[("errors", &upstream.failed.join("; "))],
+        );
+        metrics.count("awscni_ipamd_error_count", &[("fn", "removeUpstreamRules")]);
+    }
     if !upstream.removed.is_empty() {
         log::info(
             "removed the Amazon VPC CNI's host rules",

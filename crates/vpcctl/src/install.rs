@@ -110,12 +110,24 @@ fn install_chained(from: &Path, bin_dir: &Path) -> Result<(), String> {
 }
 
 /// The conflist's version: the newest one every plugin of the chain, ours included, speaks as
-/// installed in `bin_dir`.
+/// installed in `bin_dir`. A plugin that is missing fails the install (the chain would fail every
+/// ADD); one that is there but gives no usable VERSION answer is taken to speak 1.0.0, what the
+/// conflist declared before versions were negotiated.
 fn negotiate(conflist: &Value, bin_dir: &Path) -> Result<&'static str, String> {
     let mut supported = Vec::new();
     for plugin in conflist["plugins"].as_array().into_iter().flatten() {
         let kind = plugin["type"].as_str().unwrap_or_default();
-        supported.push(supported_versions(&bin_dir.join(kind))?);
+        let binary = bin_dir.join(kind);
+        if !binary.is_file() {
+            return Err(format!(
+                "the conflist chains {kind}, but {} does not exist",
+                binary.display()
+            ));
+        }
+        supported.push(supported_versions(&binary).unwrap_or_else(|e| {
+            eprintln!("vpcctl install: {e}; taking {kind} to speak CNI 1.0.0");
+            vec!["0.4.0".into(), "1.0.0".into()]
+        }));
     }
     chain_version(&supported).ok_or_else(|| {
         format!(
@@ -373,9 +385,12 @@ mod tests {
             std::fs::copy("/usr/lib/cni/portmap", bin.join("portmap")).unwrap();
             assert_eq!(negotiate(&c, &bin).unwrap(), "1.0.0");
         }
+        // A plugin that cannot say is taken to speak 1.0.0; a missing one fails the install.
+        std::fs::write(bin.join("portmap"), b"not a program").unwrap();
+        assert_eq!(negotiate(&c, &bin).unwrap(), "1.0.0");
         std::fs::remove_file(bin.join("portmap")).unwrap();
         let e = negotiate(&c, &bin).unwrap_err();
-        assert!(e.contains("portmap"), "{e}");
+        assert!(e.contains("portmap") && e.contains("does not exist"), "{e}");
         let _ = std::fs::remove_dir_all(&root);
     }
 
