@@ -624,21 +624,33 @@ impl Control {
             })
             .collect();
         let found = reconcile::compare(&self.pool, &seen, &host.foreign_enis);
+        let mut dropped = Vec::new();
         for finding in self.reconciler.confirm(found) {
             match finding {
                 Finding::Gone(eni) | Finding::Differs(eni) => {
-                    let kind = if seen.iter().any(|s| s.id == eni) {
+                    let imds = seen.iter().find(|s| s.id == eni);
+                    let kind = if imds.is_some() {
                         "addresses"
                     } else {
                         "detached"
                     };
                     log::warn(
-                        "IMDS shows an ENI differently from the pool (changed out of band); reading it back from EC2",
+                        "IMDS shows an ENI differently from the pool (changed out of band)",
                         &[("eni", &eni), ("what", &kind)],
                     );
                     self.metrics
                         .count("vpccni_reconcile_findings_total", &[("kind", kind)]);
-                    self.pool.mark_for_resync(&eni);
+                    if self.provisioning {
+                        // EC2's word, through the policy's read-back, before anything is trusted.
+                        self.pool.mark_for_resync(&eni);
+                    } else {
+                        // No EC2 calls on this node (DISABLE_NETWORK_RESOURCE_PROVISIONING): the
+                        // policy never runs, so IMDS's view is taken as it is.
+                        dropped.extend(match imds {
+                            Some(s) => self.pool.sync_eni(&eni, &s.blocks),
+                            None => self.pool.remove_eni(&eni),
+                        });
+                    }
                 }
                 Finding::Unknown { eni, device } => {
                     log::warn(
@@ -653,6 +665,7 @@ impl Control {
                 }
             }
         }
+        self.note_dropped(&dropped);
     }
 
     /// An assignment whose pod the API server has not listed for the grace period loses its
@@ -842,22 +855,28 @@ impl Control {
                 self.pool.mark_for_resync(eni);
             }
         }
-        if !dropped.is_empty() {
-            self.dirty = true;
-            for (key, a) in &dropped {
-                self.metrics.count("awscni_force_removed_ips", &[]);
-                log::warn(
-                    "EC2 no longer has a pod's address",
-                    &[
-                        ("ip", &a.ip),
-                        ("container", &key.container_id),
-                        ("pod", &a.meta.name),
-                    ],
-                );
-            }
-        }
+        self.note_dropped(&dropped);
         if !failed {
             log::debug("action done", &[("action", &format!("{action:?}"))]);
+        }
+    }
+
+    /// Assignments whose address the node no longer holds: gone from the checkpoint, logged, counted.
+    fn note_dropped(&mut self, dropped: &[(IpamKey, Assignment)]) {
+        if dropped.is_empty() {
+            return;
+        }
+        self.dirty = true;
+        for (key, a) in dropped {
+            self.metrics.count("awscni_force_removed_ips", &[]);
+            log::warn(
+                "EC2 no longer has a pod's address",
+                &[
+                    ("ip", &a.ip),
+                    ("container", &key.container_id),
+                    ("pod", &a.meta.name),
+                ],
+            );
         }
     }
 

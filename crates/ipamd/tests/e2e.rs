@@ -1299,3 +1299,45 @@ fn no_fallback_to_an_excluded_primary_subnet() {
         "{log}"
     );
 }
+
+#[test]
+fn without_provisioning_imds_alone_keeps_the_pool_true() {
+    // Someone else provisions this node's addresses; the daemon makes no EC2 change.
+    let mut options = options(&[
+        ("DISABLE_NETWORK_RESOURCE_PROVISIONING", "true"),
+        ("VPC_CNI_RECONCILE_SECONDS", "1"),
+        ("IP_COOLDOWN_PERIOD", "1"),
+    ]);
+    options.preattached = vec![testbed::PreattachedConfig {
+        device_index: 1,
+        network_card: 0,
+        interface_type: "interface".into(),
+        secondary_addresses: 3,
+        tags: Default::default(),
+    }];
+    let Some(mut tb) = testbed("no_provisioning", options) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let pod = tb.add_pod(0).unwrap();
+    let (eni, taken) = {
+        let model = tb.vpc_model();
+        let vpc = model.lock().unwrap();
+        let eni = vpc
+            .interfaces()
+            .find(|e| e.attachment.as_ref().is_some_and(|a| a.device_index == 1))
+            .unwrap();
+        let taken = *eni.secondary_ips.iter().find(|ip| **ip != pod.ip).unwrap();
+        (eni.id.clone(), taken)
+    };
+    let calls_before = counter(&tb, "awscni_ec2api_req_count");
+    tb.out_of_band(|vpc| vpc.take_address(&eni, taken)).unwrap();
+    wait_for("the taken address leaves the pool", || {
+        !pool_blocks(&tb).contains(&format!("{taken}/32"))
+    });
+    // The ENI still serves pods, and nothing was asked of EC2.
+    let other = tb.add_pod(0).unwrap();
+    assert_ne!(other.ip, taken);
+    assert_eq!(counter(&tb, "awscni_ec2api_req_count"), calls_before);
+    reach_the_vpc_from_their_own_address(&tb, 0, [&pod, &other]);
+}
