@@ -30,8 +30,7 @@ pub enum Finding {
 
 /// What differs now. ENIs with EC2 calls in flight, being freed or read back are skipped (the
 /// pool is ahead of IMDS there), and so are unknown ENIs while one of ours is being created.
-/// `known`: ENIs outside the pool that are no news (someone else's since start, ours just freed).
-pub fn compare(pool: &Pool, seen: &[Seen], known: &HashSet<String>) -> BTreeSet<Finding> {
+pub fn compare(pool: &Pool, seen: &[Seen], foreign: &HashSet<String>) -> BTreeSet<Finding> {
     let mut findings = BTreeSet::new();
     for eni in pool.enis() {
         if eni.freeing || eni.address_calls_in_flight() || eni.needs_resync || eni.resyncing {
@@ -53,7 +52,7 @@ pub fn compare(pool: &Pool, seen: &[Seen], known: &HashSet<String>) -> BTreeSet<
     }
     if pool.inflight.enis == 0 {
         for s in seen {
-            if s.network_card == 0 && pool.eni(&s.id).is_none() && !known.contains(&s.id) {
+            if s.network_card == 0 && pool.eni(&s.id).is_none() && !foreign.contains(&s.id) {
                 findings.insert(Finding::Unknown {
                     eni: s.id.clone(),
                     device: s.device,

@@ -134,9 +134,6 @@ pub struct Control {
     vanished_pod_grace: Duration,
     host: Option<HostFacts>,
     reconciler: Reconciler,
-    /// ENIs we freed, and when: IMDS may list one a while after its detach, and it is no
-    /// stranger's.
-    freed: HashMap<String, Instant>,
 }
 
 /// What start-up learned of the host that the periodic IMDS read is compared with.
@@ -203,7 +200,6 @@ impl Control {
             vanished_pod_grace: Duration::from_secs(60),
             host: None,
             reconciler: Reconciler::default(),
-            freed: HashMap::new(),
         }
     }
 
@@ -627,15 +623,7 @@ impl Control {
                 blocks: e.blocks(),
             })
             .collect();
-        self.freed
-            .retain(|_, at| at.elapsed() < Duration::from_secs(600));
-        let known: HashSet<String> = host
-            .foreign_enis
-            .iter()
-            .chain(self.freed.keys())
-            .cloned()
-            .collect();
-        let found = reconcile::compare(&self.pool, &seen, &known);
+        let found = reconcile::compare(&self.pool, &seen, &host.foreign_enis);
         let mut dropped = Vec::new();
         for finding in self.reconciler.confirm(found) {
             match finding {
@@ -832,9 +820,6 @@ impl Control {
 
     fn finished(&mut self, action: Action, report: Report) {
         self.actions_in_flight -= 1;
-        if let (Action::FreeEni { eni }, Outcome::Done) = (&action, &report.outcome) {
-            self.freed.insert(eni.clone(), Instant::now());
-        }
         if let Some(e) = &report.error {
             let level = match e.kind {
                 CloudErrorKind::Unauthorized => log::Level::Error,
