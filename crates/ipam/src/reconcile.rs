@@ -26,6 +26,9 @@ pub enum Finding {
     /// An ENI on card 0 that is neither in the pool nor known as someone else's: attached by
     /// someone else since start. Its device index must be avoided.
     Unknown { eni: String, device: u32 },
+    /// Someone else's ENI, known, no longer attached: its device index and its share of the
+    /// instance's ENI limit are free again.
+    ForeignGone(String),
 }
 
 /// What differs now. ENIs with EC2 calls in flight, being freed or read back are skipped (the
@@ -48,6 +51,11 @@ pub fn compare(pool: &Pool, seen: &[Seen], foreign: &HashSet<String>) -> BTreeSe
                     findings.insert(Finding::Differs(id.clone()));
                 }
             }
+        }
+    }
+    for id in foreign {
+        if !seen.iter().any(|s| s.id == *id) {
+            findings.insert(Finding::ForeignGone(id.clone()));
         }
     }
     if pool.inflight.enis == 0 {
@@ -151,11 +159,12 @@ mod tests {
                 },
             ]
         );
-        // Someone else's ENI, known since start, is no news.
+        // Someone else's ENI, known since start, is no news; once gone, it is.
         let foreign = HashSet::from(["eni-9".to_string()]);
         assert!(!compare(&p, &imds, &foreign)
             .iter()
-            .any(|f| matches!(f, Finding::Unknown { .. })));
+            .any(|f| matches!(f, Finding::Unknown { .. } | Finding::ForeignGone(_))));
+        assert!(compare(&p, &imds[..1], &foreign).contains(&Finding::ForeignGone("eni-9".into())));
         // Another card is not ours to count.
         let mut other_card = seen("eni-8", 0, &[]);
         other_card.network_card = 1;

@@ -138,8 +138,9 @@ pub struct Control {
 
 /// What start-up learned of the host that the periodic IMDS read is compared with.
 pub struct HostFacts {
-    /// ENIs attached at start that are not ours: no news when IMDS lists them.
-    pub foreign_enis: HashSet<String>,
+    /// ENIs attached that are not in the pool (someone else's, or unusable), with their device
+    /// index and network card: no news while IMDS lists them, their slot free again once not.
+    pub foreign_enis: HashMap<String, (u32, u32)>,
     /// The SNAT table as applied, and what its exemptions were made of.
     pub snat: SnatPolicy,
     pub vpc_cidrs: Vec<Ipv4Cidr>,
@@ -623,7 +624,8 @@ impl Control {
                 blocks: e.blocks(),
             })
             .collect();
-        let found = reconcile::compare(&self.pool, &seen, &host.foreign_enis);
+        let known: HashSet<String> = host.foreign_enis.keys().cloned().collect();
+        let found = reconcile::compare(&self.pool, &seen, &known);
         let mut dropped = Vec::new();
         for finding in self.reconciler.confirm(found) {
             match finding {
@@ -661,7 +663,21 @@ impl Control {
                         .count("vpccni_reconcile_findings_total", &[("kind", "foreign")]);
                     self.executor.avoid_device(device);
                     self.pool.node.unmanaged_enis += 1;
-                    host.foreign_enis.insert(eni);
+                    host.foreign_enis.insert(eni, (device, 0));
+                }
+                Finding::ForeignGone(eni) => {
+                    let Some((device, card)) = host.foreign_enis.remove(&eni) else {
+                        continue;
+                    };
+                    log::info(
+                        "an ENI that is not ours was detached; its slot is free again",
+                        &[("eni", &eni), ("device", &device)],
+                    );
+                    if card == 0 {
+                        self.executor.stop_avoiding(device);
+                        self.pool.node.unmanaged_enis =
+                            self.pool.node.unmanaged_enis.saturating_sub(1);
+                    }
                 }
             }
         }

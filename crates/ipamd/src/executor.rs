@@ -172,6 +172,11 @@ impl Executor {
         self.known().devices.insert(device);
     }
 
+    /// That ENI is gone: its device index may be used again.
+    pub fn stop_avoiding(&self, device: u32) {
+        self.release_device(device);
+    }
+
     fn subnet_cidr(&self, subnet_id: &str) -> Option<Ipv4Cidr> {
         self.known().subnet_cidrs.get(subnet_id).copied()
     }

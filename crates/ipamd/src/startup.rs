@@ -548,6 +548,7 @@ pub async fn start(
     store.save(&pool.checkpoint()).map_err(StartError::Store)?;
 
     let (events, receiver) = mpsc::unbounded_channel();
+    let pool_ids: HashSet<String> = pool.enis().iter().map(|e| e.info.id.clone()).collect();
     let control = Control::new(
         pool,
         settings,
@@ -560,10 +561,13 @@ pub async fn start(
         started,
     )
     .with_host(HostFacts {
-        foreign_enis: roles
+        foreign_enis: attached
             .iter()
-            .filter(|(_, role)| matches!(role, Role::Unmanaged(_)))
-            .map(|(id, _)| id.clone())
+            .filter(|e| !pool_ids.contains(&e.id))
+            .filter_map(|e| {
+                let a = e.attachment.as_ref()?;
+                Some((e.id.clone(), (a.device_index, a.network_card)))
+            })
             .collect(),
         snat: policy,
         vpc_cidrs: identity.vpc_cidrs.clone(),

@@ -1341,3 +1341,41 @@ fn without_provisioning_imds_alone_keeps_the_pool_true() {
     assert_eq!(counter(&tb, "awscni_ec2api_req_count"), calls_before);
     reach_the_vpc_from_their_own_address(&tb, 0, [&pod, &other]);
 }
+
+#[test]
+fn someone_elses_eni_detached_gives_its_slot_back() {
+    let mut options = options(&[("VPC_CNI_RECONCILE_SECONDS", "1")]);
+    options.preattached = vec![testbed::PreattachedConfig {
+        device_index: 1,
+        network_card: 0,
+        interface_type: "interface".into(),
+        secondary_addresses: 1,
+        tags: [(
+            "node.k8s.amazonaws.com/no_manage".to_string(),
+            "true".to_string(),
+        )]
+        .into(),
+    }];
+    let Some(mut tb) = testbed("foreign_detached", options) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let eni_max = |tb: &Testbed| counter(tb, "awscni_eni_max");
+    // m5.large: 3 ENIs, one of them someone else's.
+    assert_eq!(eni_max(&tb), 2);
+    let theirs = {
+        let model = tb.vpc_model();
+        let vpc = model.lock().unwrap();
+        let id = vpc
+            .interfaces()
+            .find(|e| e.attachment.as_ref().is_some_and(|a| a.device_index == 1))
+            .unwrap()
+            .id
+            .clone();
+        id
+    };
+    tb.out_of_band(|vpc| vpc.detach_now(&theirs)).unwrap();
+    wait_for("the slot comes back", || eni_max(&tb) == 3);
+    let log = std::fs::read_to_string(tb.nodes[0].daemon_log()).unwrap();
+    assert!(!log.contains("attached by someone else"), "{log}");
+}
