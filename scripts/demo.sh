@@ -17,4 +17,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 cargo build --release -q -p vpcctl -p ipamd -p vpc-cni
-exec target/release/vpcctl demo "$@"
+status=0
+target/release/vpcctl demo "$@" || status=$?
+# On stderr: with --json, stdout is the report alone.
+echo "vpcctl is $PWD/target/release/vpcctl; to run it as \`vpcctl\`: export PATH=\"$PWD/target/release:\$PATH\"" >&2
+exit "$status"
