@@ -7,7 +7,12 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const OVERLAYS: &[&str] = &["default", "prefix-delegation", "custom-networking"];
+const OVERLAYS: &[&str] = &[
+    "default",
+    "prefix-delegation",
+    "custom-networking",
+    "aws-node",
+];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -164,7 +169,8 @@ fn overlays_render_validate_and_set_only_what_the_containers_read() {
         for container in containers {
             let set = container_variables(container, &configmaps);
             let reads = match container["name"].as_str().unwrap() {
-                "vpc-ipamd" => &daemon_reads,
+                // The aws-node overlay names the daemon's container as upstream does.
+                "vpc-ipamd" | "aws-node" => &daemon_reads,
                 "cni-installer" => &installer_reads,
                 other => panic!("{overlay}: unexpected container {other}"),
             };
@@ -201,4 +207,118 @@ fn overlays_render_validate_and_set_only_what_the_containers_read() {
             );
         }
     }
+}
+
+/// What the seeds' runbook asks of `kubectl` (`-l key=value`, `-c container`, `daemonset NAME`,
+/// `ds/NAME`, `port-forward ... PORT:PORT`) and what its manifests select (`k8s-app: aws-node`,
+/// `serviceAccountName`), found in the aws-node overlay as rendered.
+#[test]
+fn the_seeds_runbook_finds_the_aws_node_overlay() {
+    let seeds = root().join("../shared/seeds");
+    let Ok(entries) = std::fs::read_dir(&seeds) else {
+        skip(&format!("no seeds at {}", seeds.display()));
+        return;
+    };
+    if Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_err()
+    {
+        skip("kubectl is not installed (it cannot be installed from Debian here)");
+        return;
+    }
+    let Some(python) = tool(&root().join(".venv/bin/python")) else {
+        skip("PyYAML in .venv is needed to read the manifests (scripts/test.sh creates it)");
+        return;
+    };
+    let text: String = entries
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let docs = testbed::yaml_documents(&python, &render("aws-node"));
+    let of = |kind: &'static str| docs.iter().filter(move |d| d["kind"] == kind);
+    let daemonset = of("DaemonSet").next().expect("a DaemonSet");
+    let template = &daemonset["spec"]["template"];
+    let containers: Vec<&str> = template["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    // The kubectl commands, continuation lines joined, up to a `--` (what follows runs in the
+    // container).
+    let mut commands: Vec<String> = Vec::new();
+    let mut continued = false;
+    for line in text.lines().map(str::trim) {
+        let part = line.trim_end_matches('\\');
+        if continued {
+            commands.last_mut().expect("a command").push_str(part);
+        } else if line.starts_with("kubectl ") {
+            commands.push(part.to_string());
+        } else {
+            continue;
+        }
+        continued = line.ends_with('\\');
+    }
+    let words: Vec<&str> = commands
+        .iter()
+        .flat_map(|c| c.split_whitespace().take_while(|w| *w != "--"))
+        .collect();
+    let mut checked = 0;
+    for pair in words.windows(2) {
+        match pair {
+            ["-l", selector] => {
+                let (key, value) = selector.split_once('=').expect("key=value");
+                assert_eq!(
+                    template["metadata"]["labels"][key], *value,
+                    "the runbook selects pods by {selector}"
+                );
+                checked += 1;
+            }
+            ["-c", container] => {
+                assert!(
+                    containers.contains(container),
+                    "the runbook reads container {container}; the DaemonSet has {containers:?}"
+                );
+                checked += 1;
+            }
+            ["daemonset", name] if !name.starts_with('-') => {
+                assert_eq!(
+                    daemonset["metadata"]["name"], *name,
+                    "kubectl ... daemonset {name}"
+                );
+                checked += 1;
+            }
+            [word, _] if word.starts_with("ds/") => {
+                assert_eq!(
+                    daemonset["metadata"]["name"],
+                    word[3..],
+                    "kubectl ... {word}"
+                );
+                checked += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        checked >= 5,
+        "the seeds name too few selectors to check: {checked}"
+    );
+    // Their manifests: the ServiceAccount (IRSA annotates it), and a ServiceMonitor selecting
+    // k8s-app: aws-node, which our metrics Service must carry.
+    assert!(text.contains("serviceAccountName: aws-node"));
+    assert_eq!(template["spec"]["serviceAccountName"], "aws-node");
+    assert!(of("ServiceAccount").any(|sa| sa["metadata"]["name"] == "aws-node"));
+    let service = of("Service").next().expect("the metrics Service");
+    assert_eq!(service["metadata"]["labels"]["k8s-app"], "aws-node");
+    assert_eq!(service["spec"]["selector"]["k8s-app"], "aws-node");
+    let monitor = of("ServiceMonitor").next().expect("a ServiceMonitor");
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"]["k8s-app"],
+        "aws-node"
+    );
+    assert_eq!(
+        daemonset["spec"]["selector"]["matchLabels"],
+        serde_json::json!({"k8s-app": "aws-node"})
+    );
 }
