@@ -599,20 +599,25 @@ impl Control {
             return;
         };
         if let Some(policy) = host.snat_for(&network.vpc_cidrs) {
-            log::info(
-                "the VPC's CIDRs changed; SNAT exemptions follow",
-                &[
-                    ("was", &cidrs(&host.vpc_cidrs)),
-                    ("now", &cidrs(&network.vpc_cidrs)),
-                ],
-            );
-            host.vpc_cidrs = network.vpc_cidrs.clone();
-            host.snat = policy.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = policy.apply() {
-                    log::error("SNAT table update", &[("error", &e)]);
+            // One nft run, once in a node's life: the loop waits for it, so that what the table
+            // holds is what `host` says, and a failure is tried again at the next read.
+            match tokio::task::block_in_place(|| policy.apply()) {
+                Ok(()) => {
+                    log::info(
+                        "the VPC's CIDRs changed; SNAT exemptions follow",
+                        &[
+                            ("was", &cidrs(&host.vpc_cidrs)),
+                            ("now", &cidrs(&network.vpc_cidrs)),
+                        ],
+                    );
+                    host.vpc_cidrs = network.vpc_cidrs.clone();
+                    host.snat = policy;
                 }
-            });
+                Err(e) => log::error(
+                    "SNAT table update; tried again at the next read",
+                    &[("error", &e)],
+                ),
+            }
         }
         let seen: Vec<Seen> = network
             .enis

@@ -666,21 +666,28 @@ fn eni_in_ec2(tb: &Testbed, eni: &str) -> (u32, String, usize, bool) {
     )
 }
 
+/// An ENI on card 0 the node has before its daemon first starts.
+fn pre(
+    device: u32,
+    kind: &str,
+    secondaries: u32,
+    tags: &[(&str, &str)],
+) -> testbed::PreattachedConfig {
+    testbed::PreattachedConfig {
+        device_index: device,
+        network_card: 0,
+        interface_type: kind.into(),
+        secondary_addresses: secondaries,
+        tags: tags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
 #[test]
 fn enis_that_are_not_ours_are_never_touched_and_trunk_and_efa_give_no_pod_addresses() {
-    use testbed::PreattachedConfig;
     let test = "enis_that_are_not_ours";
-    let pre =
-        |device: u32, kind: &str, secondaries: u32, tags: &[(&str, &str)]| PreattachedConfig {
-            device_index: device,
-            network_card: 0,
-            interface_type: kind.into(),
-            secondary_addresses: secondaries,
-            tags: tags
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
     let options = Options {
         // m5.4xlarge: 8 ENIs, 29 address slots each.
         instance_type: "m5.4xlarge".into(),
@@ -950,13 +957,7 @@ fn a_terminating_aws_node_is_waited_for_before_its_checkpoint_is_restored() {
     use std::os::unix::net::UnixListener;
     // An ENI from before, with addresses aws-node was handing out.
     let mut options = options(&[]);
-    options.preattached = vec![testbed::PreattachedConfig {
-        device_index: 1,
-        network_card: 0,
-        interface_type: "interface".into(),
-        secondary_addresses: 3,
-        tags: Default::default(),
-    }];
+    options.preattached = vec![pre(1, "interface", 3, &[])];
     let Some(mut tb) = testbed("terminating_aws_node", options) else {
         return;
     };
@@ -1308,13 +1309,7 @@ fn without_provisioning_imds_alone_keeps_the_pool_true() {
         ("VPC_CNI_RECONCILE_SECONDS", "1"),
         ("IP_COOLDOWN_PERIOD", "1"),
     ]);
-    options.preattached = vec![testbed::PreattachedConfig {
-        device_index: 1,
-        network_card: 0,
-        interface_type: "interface".into(),
-        secondary_addresses: 3,
-        tags: Default::default(),
-    }];
+    options.preattached = vec![pre(1, "interface", 3, &[])];
     let Some(mut tb) = testbed("no_provisioning", options) else {
         return;
     };
@@ -1345,17 +1340,12 @@ fn without_provisioning_imds_alone_keeps_the_pool_true() {
 #[test]
 fn someone_elses_eni_detached_gives_its_slot_back() {
     let mut options = options(&[("VPC_CNI_RECONCILE_SECONDS", "1")]);
-    options.preattached = vec![testbed::PreattachedConfig {
-        device_index: 1,
-        network_card: 0,
-        interface_type: "interface".into(),
-        secondary_addresses: 1,
-        tags: [(
-            "node.k8s.amazonaws.com/no_manage".to_string(),
-            "true".to_string(),
-        )]
-        .into(),
-    }];
+    options.preattached = vec![pre(
+        1,
+        "interface",
+        1,
+        &[("node.k8s.amazonaws.com/no_manage", "true")],
+    )];
     let Some(mut tb) = testbed("foreign_detached", options) else {
         return;
     };

@@ -27,6 +27,18 @@ fn tool(path: &Path) -> Option<PathBuf> {
     path.is_file().then(|| path.to_path_buf())
 }
 
+/// kubectl is preinstalled on these machines and cannot be installed from Debian: says so when not.
+fn kubectl_installed() -> bool {
+    let there = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok();
+    if !there {
+        skip("kubectl is not installed (it cannot be installed from Debian here)");
+    }
+    there
+}
+
 fn render(overlay: &str) -> String {
     let output = Command::new("kubectl")
         .arg("kustomize")
@@ -96,12 +108,7 @@ fn overlays_render_validate_and_set_only_what_the_containers_read() {
         skip("kubernetes-validate is not in .venv (scripts/test.sh installs it)");
         return;
     };
-    if Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-        .is_err()
-    {
-        skip("kubectl is not installed (it cannot be installed from Debian here)");
+    if !kubectl_installed() {
         return;
     }
     let Some(ipamd) = binary("vpc-ipamd") else {
@@ -210,8 +217,8 @@ fn overlays_render_validate_and_set_only_what_the_containers_read() {
 }
 
 /// What the seeds' runbook asks of `kubectl` (`-l key=value`, `-c container`, `daemonset NAME`,
-/// `ds/NAME`, `port-forward ... PORT:PORT`) and what its manifests select (`k8s-app: aws-node`,
-/// `serviceAccountName`), found in the aws-node overlay as rendered.
+/// `ds/NAME`) and what its manifests select (`k8s-app: aws-node`, `serviceAccountName`), found in
+/// the aws-node overlay as rendered.
 #[test]
 fn the_seeds_runbook_finds_the_aws_node_overlay() {
     let seeds = root().join("../shared/seeds");
@@ -219,12 +226,7 @@ fn the_seeds_runbook_finds_the_aws_node_overlay() {
         skip(&format!("no seeds at {}", seeds.display()));
         return;
     };
-    if Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-        .is_err()
-    {
-        skip("kubectl is not installed (it cannot be installed from Debian here)");
+    if !kubectl_installed() {
         return;
     }
     let Some(python) = tool(&root().join(".venv/bin/python")) else {
