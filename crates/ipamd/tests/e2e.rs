@@ -666,6 +666,22 @@ fn eni_in_ec2(tb: &Testbed, eni: &str) -> (u32, String, usize, bool) {
     )
 }
 
+/// Node 0's ENIs at the device indexes `pick` takes, by device index: id and secondary addresses.
+fn node0_enis(tb: &Testbed, pick: impl Fn(u32) -> bool) -> Vec<(String, Vec<Ipv4Addr>)> {
+    let model = tb.vpc_model();
+    let vpc = model.lock().unwrap();
+    let mut found: Vec<(u32, String, Vec<Ipv4Addr>)> = vpc
+        .interfaces()
+        .filter_map(|e| {
+            let a = e.attachment.as_ref()?;
+            (a.instance_id == tb.nodes[0].instance_id && pick(a.device_index))
+                .then(|| (a.device_index, e.id.clone(), e.secondary_ips.clone()))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, id, ips)| (id, ips)).collect()
+}
+
 /// An ENI on card 0 the node has before its daemon first starts.
 fn pre(
     device: u32,
@@ -724,24 +740,10 @@ fn enis_that_are_not_ours_are_never_touched_and_trunk_and_efa_give_no_pod_addres
     let Some(mut tb) = testbed(test, options) else {
         return;
     };
-    let theirs: Vec<(String, (u32, String, usize, bool))> = {
-        let model = tb.vpc_model();
-        let vpc = model.lock().unwrap();
-        let mut v: Vec<_> = vpc
-            .interfaces()
-            .filter(|e| {
-                e.attachment
-                    .as_ref()
-                    .is_some_and(|a| a.instance_id == tb.nodes[0].instance_id && a.device_index > 0)
-            })
-            .map(|e| e.id.clone())
-            .collect();
-        v.sort();
-        drop(vpc);
-        v.into_iter()
-            .map(|id| (id.clone(), eni_in_ec2(&tb, &id)))
-            .collect()
-    };
+    let theirs: Vec<(String, (u32, String, usize, bool))> = node0_enis(&tb, |d| d > 0)
+        .into_iter()
+        .map(|(id, _)| (id.clone(), eni_in_ec2(&tb, &id)))
+        .collect();
     assert_eq!(theirs.len(), 4);
     tb.start_daemon(0).unwrap();
     let status = settled(&tb, 0);
@@ -967,15 +969,7 @@ fn a_terminating_aws_node_is_waited_for_before_its_checkpoint_is_restored() {
         "VPC_CNI_PREDECESSOR_SOCKET",
         &socket.display().to_string(),
     );
-    let last_address: String = {
-        let model = tb.vpc_model();
-        let vpc = model.lock().unwrap();
-        let eni = vpc
-            .interfaces()
-            .find(|e| e.attachment.as_ref().is_some_and(|a| a.device_index == 1))
-            .unwrap();
-        eni.secondary_ips[0].to_string()
-    };
+    let last_address = node0_enis(&tb, |d| d == 1)[0].1[0].to_string();
     let unix = UnixListener::bind(&socket).unwrap();
     let grpc = tb.nodes[0]
         .netns
@@ -1095,20 +1089,11 @@ fn changes_made_behind_the_daemons_back_are_noticed_through_imds() {
     assert!(log.contains("changed out of band"), "{log}");
 
     // A secondary ENI of ours detached out of band: dropped, and the pool grows back elsewhere.
-    let secondary = {
-        let model = tb.vpc_model();
-        let vpc = model.lock().unwrap();
-        let id = vpc
-            .interfaces()
-            .find(|e| {
-                e.attachment
-                    .as_ref()
-                    .is_some_and(|a| a.instance_id == tb.nodes[0].instance_id && a.device_index > 0)
-            })
-            .map(|e| e.id.clone())
-            .expect("WARM_ENI_TARGET=1 attached a second ENI");
-        id
-    };
+    let secondary = node0_enis(&tb, |d| d > 0)
+        .into_iter()
+        .next()
+        .expect("WARM_ENI_TARGET=1 attached a second ENI")
+        .0;
     tb.out_of_band(|vpc| vpc.detach_now(&secondary)).unwrap();
     wait_for("the detached ENI leaves the pool", || {
         let enis = tb.nodes[0].introspect("/v1/enis").unwrap();
@@ -1315,16 +1300,8 @@ fn without_provisioning_imds_alone_keeps_the_pool_true() {
     };
     tb.start_daemon(0).unwrap();
     let pod = tb.add_pod(0).unwrap();
-    let (eni, taken) = {
-        let model = tb.vpc_model();
-        let vpc = model.lock().unwrap();
-        let eni = vpc
-            .interfaces()
-            .find(|e| e.attachment.as_ref().is_some_and(|a| a.device_index == 1))
-            .unwrap();
-        let taken = *eni.secondary_ips.iter().find(|ip| **ip != pod.ip).unwrap();
-        (eni.id.clone(), taken)
-    };
+    let (eni, ips) = node0_enis(&tb, |d| d == 1).remove(0);
+    let taken = *ips.iter().find(|ip| **ip != pod.ip).unwrap();
     let calls_before = counter(&tb, "awscni_ec2api_req_count");
     tb.out_of_band(|vpc| vpc.take_address(&eni, taken)).unwrap();
     wait_for("the taken address leaves the pool", || {
@@ -1353,17 +1330,7 @@ fn someone_elses_eni_detached_gives_its_slot_back() {
     let eni_max = |tb: &Testbed| counter(tb, "awscni_eni_max");
     // m5.large: 3 ENIs, one of them someone else's.
     assert_eq!(eni_max(&tb), 2);
-    let theirs = {
-        let model = tb.vpc_model();
-        let vpc = model.lock().unwrap();
-        let id = vpc
-            .interfaces()
-            .find(|e| e.attachment.as_ref().is_some_and(|a| a.device_index == 1))
-            .unwrap()
-            .id
-            .clone();
-        id
-    };
+    let theirs = node0_enis(&tb, |d| d == 1).remove(0).0;
     tb.out_of_band(|vpc| vpc.detach_now(&theirs)).unwrap();
     wait_for("the slot comes back", || eni_max(&tb) == 3);
     let log = std::fs::read_to_string(tb.nodes[0].daemon_log()).unwrap();
