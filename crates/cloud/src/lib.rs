@@ -3,13 +3,12 @@
 //! client-side pacing ([`throttle`]).
 
 pub mod aws;
-pub mod error;
 pub mod gc;
 pub mod identity;
 pub mod throttle;
 mod types;
 
-pub use error::{classify, CloudError, ErrorKind};
+pub use ipam::ec2::{classify, CloudError, CreateEni, Eni, EniAttachment, ErrorKind, SubnetInfo};
 pub use types::*;
 
 use ipam::limits::InstanceLimits;

@@ -1,6 +1,8 @@
 //! Client-side pacing: a token bucket per call category, so that one node never drains the account's
 //! EC2 budget, and jittered exponential backoff when EC2 throttles anyway.
 
+use ipam::pacing::{Backoff, TokenBucket};
+use ipam::Time;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
@@ -34,51 +36,24 @@ impl Default for Pacing {
     }
 }
 
-struct Bucket {
-    capacity: f64,
-    per_second: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn new((capacity, per_second): (f64, f64)) -> Bucket {
-        Bucket {
-            capacity,
-            per_second,
-            tokens: capacity,
-            at: Instant::now(),
-        }
-    }
-
-    /// Takes a token now, or says how long until one is there.
-    fn take(&mut self) -> Result<(), Duration> {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_second)
-            .min(self.capacity);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - self.tokens) / self.per_second.max(1e-9),
-            ))
-        }
-    }
-}
-
 pub struct Pacer {
-    mutating: Mutex<Bucket>,
-    non_mutating: Mutex<Bucket>,
+    mutating: Mutex<TokenBucket>,
+    non_mutating: Mutex<TokenBucket>,
+    /// The buckets' clock: time since the pacer was made.
+    start: Instant,
+    backoff: Backoff,
     pub pacing: Pacing,
 }
 
 impl Pacer {
     pub fn new(pacing: Pacing) -> Pacer {
+        let bucket =
+            |(capacity, per_second)| Mutex::new(TokenBucket::new(capacity, per_second, Time::ZERO));
         Pacer {
-            mutating: Mutex::new(Bucket::new(pacing.mutating)),
-            non_mutating: Mutex::new(Bucket::new(pacing.non_mutating)),
+            mutating: bucket(pacing.mutating),
+            non_mutating: bucket(pacing.non_mutating),
+            start: Instant::now(),
+            backoff: Backoff::new(pacing.backoff_base, pacing.backoff_cap),
             pacing,
         }
     }
@@ -90,7 +65,8 @@ impl Pacer {
             Category::NonMutating => &self.non_mutating,
         };
         loop {
-            let wait = match bucket.lock().await.take() {
+            let now = Time::ZERO + self.start.elapsed();
+            let wait = match bucket.lock().await.take(now) {
                 Ok(()) => return,
                 Err(wait) => wait,
             };
@@ -98,29 +74,14 @@ impl Pacer {
         }
     }
 
-    /// Full jitter: uniform in [0, min(cap, base × 2^attempt)].
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let ceiling = self
-            .pacing
-            .backoff_base
-            .saturating_mul(1 << attempt.min(16))
-            .min(self.pacing.backoff_cap);
-        ceiling.mul_f64(rand::random::<f64>())
+        self.backoff.delay(attempt, rand::random::<f64>())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_bucket_gives_its_capacity_then_paces() {
-        let mut bucket = Bucket::new((2.0, 10.0));
-        assert!(bucket.take().is_ok());
-        assert!(bucket.take().is_ok());
-        let wait = bucket.take().unwrap_err();
-        assert!(wait <= Duration::from_millis(101), "{wait:?}");
-    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

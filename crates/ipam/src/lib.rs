@@ -2,11 +2,14 @@
 //! socket. Callers (the daemon, the simulator) pass `now` and feed it the results of EC2 calls.
 
 pub mod checkpoint;
+pub mod choreography;
 pub mod config;
+pub mod ec2;
 pub mod limits;
 pub mod maxpods;
 pub mod net;
 pub mod ownership;
+pub mod pacing;
 pub mod plan;
 pub mod policy;
 pub mod pool;

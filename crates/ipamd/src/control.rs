@@ -833,7 +833,7 @@ impl Control {
             let executor = self.executor.clone();
             let events = self.events.clone();
             tokio::spawn(async move {
-                let report = executor.run(&action).await;
+                let report = executor.run(&action, self::now).await;
                 let _ = events.send(Event::Finished { action, report });
             });
         }
@@ -864,18 +864,8 @@ impl Control {
                 ],
             );
         }
-        // The call may have happened: read the ENI back before trusting our count of it.
-        let unknown_outcome = report
-            .error
-            .as_ref()
-            .is_some_and(|e| e.kind == CloudErrorKind::Unavailable);
         let failed = matches!(report.outcome, Outcome::Failed(_));
-        let dropped = self.pool.complete(&action, report.outcome, now());
-        if unknown_outcome {
-            if let Some(eni) = action.eni() {
-                self.pool.mark_for_resync(eni);
-            }
-        }
+        let dropped = ipam::choreography::settle(&mut self.pool, &action, report, now());
         self.note_dropped(&dropped);
         if !failed {
             log::debug("action done", &[("action", &format!("{action:?}"))]);

@@ -3,7 +3,8 @@
 //! ready to warm the pool.
 
 use crate::control::{self, Control, Event, HostFacts};
-use crate::executor::{self, blocks_of, Executor, NodeFacts};
+use crate::executor::{self, blocks_of, Executor, HostLinks, Links};
+use ipam::choreography::NodeFacts;
 use crate::log;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -354,6 +355,7 @@ pub async fn start(
     };
     let executor = Arc::new(Executor::new(
         ec2,
+        HostLinks,
         NodeFacts {
             instance_id: identity.instance_id.clone(),
             availability_zone: identity.availability_zone.clone(),
@@ -435,7 +437,9 @@ pub async fn start(
             continue;
         }
         if let Some(link) = executor.link_of(&eni.id) {
-            executor::configure_link(link)
+            executor
+                .links
+                .setup(&link)
                 .await
                 .map_err(|e| StartError::Datapath(format!("ENI {}: {e}", eni.id)))?;
         }

@@ -2,6 +2,7 @@ use crate::node::{Next, Node, RETRY};
 use crate::queue::EventQueue;
 use crate::report::{Calls, NodeReady, Report, Sample, Waits};
 use crate::scenario::Scenario;
+use ipam::choreography::NodeFacts;
 use ipam::maxpods::{max_pods, MaxPodsOptions};
 use ipam::pool::{EniConfigSpec, EniInfo, NodeSpec};
 use ipam::{limits, Config, Ipv4Cidr, Pool, PoolSettings, Time};
@@ -84,11 +85,22 @@ impl Cluster {
                 .ok_or_else(|| format!("unknown EC2 operation {name:?}"))?;
             sim.latency.insert(op, Duration::from_millis(*ms));
         }
-        if let Some([cap, rate]) = scenario.ec2.mutating_bucket {
-            sim.buckets.insert(Category::Mutating, (cap, rate));
-        }
-        if let Some([cap, rate]) = scenario.ec2.non_mutating_bucket {
-            sim.buckets.insert(Category::NonMutating, (cap, rate));
+        for (name, bucket, category) in [
+            (
+                "ec2.mutating_bucket",
+                scenario.ec2.mutating_bucket,
+                Category::Mutating,
+            ),
+            (
+                "ec2.non_mutating_bucket",
+                scenario.ec2.non_mutating_bucket,
+                Category::NonMutating,
+            ),
+        ] {
+            if let Some([cap, rate]) = bucket {
+                ipam::pacing::check_bucket(cap, rate).map_err(|e| format!("{name}: {e}"))?;
+                sim.buckets.insert(category, (cap, rate));
+            }
         }
         sim.error_rate = scenario.ec2.error_rate;
         sim.timeout_rate = scenario.ec2.timeout_rate;
@@ -249,13 +261,15 @@ impl Cluster {
         );
         let idx = self.nodes.len();
         self.slots[slot] = Some(idx);
-        self.nodes.push(Node::new(
-            id,
-            inst.az.clone(),
-            pool,
-            self.settings.clone(),
-            self.now,
-        ));
+        let facts = NodeFacts {
+            instance_id: id,
+            availability_zone: inst.az.clone(),
+            vpc_id: self.vpc.vpc_id.clone(),
+            max_enis: lim.enis(),
+            ..NodeFacts::default()
+        };
+        self.nodes
+            .push(Node::new(facts, pool, self.settings.clone(), self.now));
         let next = self.nodes[idx].plan(&mut self.vpc, self.now);
         self.apply(idx, next);
         Ok(())

@@ -147,6 +147,12 @@ security_groups = ["sg-0000000000000001"]
     }
 
     pub fn build(&self) -> Result<(SimVpc, Names), String> {
+        for (name, (cap, rate)) in [
+            ("ec2.mutating_bucket", self.ec2.mutating_bucket),
+            ("ec2.non_mutating_bucket", self.ec2.non_mutating_bucket),
+        ] {
+            ipam::pacing::check_bucket(cap, rate).map_err(|e| format!("{name}: {e}"))?;
+        }
         let sim = SimConfig {
             buckets: BTreeMap::from([
                 (Category::Mutating, self.ec2.mutating_bucket),

@@ -424,13 +424,7 @@ fn interface(x: &mut Xml, eni: &NetworkInterface) {
                 .leaf("instanceOwnerId", OWNER_ID)
                 .leaf("deviceIndex", a.device_index)
                 .leaf("networkCardIndex", a.network_card_index)
-                .leaf(
-                    "status",
-                    match a.status {
-                        simvpc::AttachmentStatus::Attached => "attached",
-                        simvpc::AttachmentStatus::Detaching { .. } => "detaching",
-                    },
-                )
+                .leaf("status", a.status.as_str())
                 .leaf("deleteOnTermination", a.delete_on_termination);
         });
     }

@@ -176,6 +176,15 @@ pub enum AttachmentStatus {
     Detaching { until: Time },
 }
 
+impl AttachmentStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AttachmentStatus::Attached => "attached",
+            AttachmentStatus::Detaching { .. } => "detaching",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attachment {
     pub id: String,
@@ -221,6 +230,34 @@ impl NetworkInterface {
     /// Address slots used: EC2 counts the primary, each secondary IP and each prefix against the limit.
     pub fn slots(&self) -> u32 {
         1 + self.secondary_ips.len() as u32 + self.prefixes.len() as u32
+    }
+
+    /// As DescribeNetworkInterfaces puts it on the wire, in the shared types of the EC2 boundary.
+    pub fn to_ec2(&self) -> ipam::ec2::Eni {
+        ipam::ec2::Eni {
+            id: self.id.clone(),
+            mac: self.mac.clone(),
+            subnet_id: self.subnet_id.clone(),
+            vpc_id: self.vpc_id.clone(),
+            availability_zone: self.az.clone(),
+            description: self.description.clone(),
+            status: self.status().into(),
+            primary_ip: Some(self.primary_ip),
+            secondary_ips: self.secondary_ips.clone(),
+            prefixes: self.prefixes.clone(),
+            ipv6_prefixes: self.ipv6_prefixes.clone(),
+            security_groups: self.security_groups.clone(),
+            tags: self.tags.clone(),
+            interface_type: ipam::ownership::InterfaceType::parse(&self.interface_type),
+            attachment: self.attachment.as_ref().map(|a| ipam::ec2::EniAttachment {
+                id: a.id.clone(),
+                instance_id: a.instance_id.clone(),
+                device_index: a.device_index,
+                network_card: a.network_card_index,
+                status: a.status.as_str().into(),
+                delete_on_termination: a.delete_on_termination,
+            }),
+        }
     }
 }
 
@@ -314,7 +351,7 @@ impl SimVpc {
         let buckets = config
             .buckets
             .iter()
-            .map(|(c, (cap, rate))| (*c, TokenBucket::new(*cap, *rate)))
+            .map(|(c, (cap, rate))| (*c, TokenBucket::new(*cap, *rate, Time::ZERO)))
             .collect();
         SimVpc {
             vpc_id: "vpc-00000001".into(),
@@ -745,7 +782,7 @@ impl SimVpc {
             );
         }
         if let Some(bucket) = self.buckets.get_mut(&op.category()) {
-            if !bucket.try_take(now) {
+            if bucket.take(now).is_err() {
                 count.throttled += 1;
                 return Gate::Refuse(
                     Ec2Error::new(codes::THROTTLED, "Request limit exceeded."),
@@ -1274,11 +1311,10 @@ fn matches_filter(e: &NetworkInterface, name: &str, values: &[String]) -> bool {
     match name {
         "network-interface-id" => any(&e.id),
         "attachment.instance-id" => e.attachment.as_ref().is_some_and(|a| any(&a.instance_id)),
-        "attachment.status" => any(match e.attachment.as_ref().map(|a| a.status) {
-            Some(AttachmentStatus::Attached) => "attached",
-            Some(AttachmentStatus::Detaching { .. }) => "detaching",
-            None => "detached",
-        }),
+        "attachment.status" => any(e
+            .attachment
+            .as_ref()
+            .map_or("detached", |a| a.status.as_str())),
         "status" => any(e.status()),
         "vpc-id" => any(&e.vpc_id),
         "subnet-id" => any(&e.subnet_id),
