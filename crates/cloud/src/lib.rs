@@ -2,6 +2,8 @@
 //! official AWS SDK ([`aws::AwsEc2`]), what each error means for the engine ([`error`]), and
 //! client-side pacing ([`throttle`]).
 
+#![forbid(unsafe_code)]
+
 pub mod aws;
 pub mod gc;
 pub mod identity;

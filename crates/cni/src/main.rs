@@ -3,6 +3,8 @@
 //! One process per command. Stdout carries only the result or the error JSON; logs go to
 //! `pluginLogFile` when the configuration names one.
 
+#![forbid(unsafe_code)]
+
 mod conf;
 mod error;
 mod result;

@@ -1,6 +1,8 @@
 //! The pool engine of vpc-cni-rs, free of I/O: it never reads a clock, the environment, a file or a
 //! socket. Callers (the daemon, the simulator) pass `now` and feed it the results of EC2 calls.
 
+#![forbid(unsafe_code)]
+
 pub mod checkpoint;
 pub mod choreography;
 pub mod config;

@@ -1,5 +1,7 @@
 //! `vpc-ipamd`: the node daemon. See docs/daemon.md.
 
+#![forbid(unsafe_code)]
+
 pub mod control;
 pub mod executor;
 pub mod http;

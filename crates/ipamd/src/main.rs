@@ -1,6 +1,8 @@
 //! `vpc-ipamd`: initialises the node, then serves the plugin's socket, introspection and metrics
 //! until SIGTERM.
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use ipam::config::Config;
 use ipam::pool::EniConfigSpec;

@@ -4,7 +4,6 @@
 
 use crate::control::{self, Control, Event, HostFacts};
 use crate::executor::{self, blocks_of, Executor, HostLinks, Links};
-use ipam::choreography::NodeFacts;
 use crate::log;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -15,6 +14,7 @@ use cloud::{Ec2, EniQuery};
 use datapath::node::{self, HostRouting};
 use datapath::snat::{self, SnatPolicy};
 use ipam::checkpoint::{Allocation, Checkpoint, Metadata, VERSION};
+use ipam::choreography::NodeFacts;
 use ipam::config::Config;
 use ipam::maxpods::{max_pods, MaxPodsOptions};
 use ipam::ownership::{self, EniFacts, Role};

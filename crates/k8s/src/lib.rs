@@ -3,6 +3,8 @@
 //! Events about the daemon's own pod. Without a cluster (no `KUBERNETES_SERVICE_HOST`, no
 //! `KUBECONFIG`) none of this runs and the daemon takes the same settings from its environment.
 
+#![forbid(unsafe_code)]
+
 mod eniconfig;
 mod events;
 mod node;

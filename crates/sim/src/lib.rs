@@ -2,6 +2,8 @@
 //! (`simvpc`) on a virtual clock, driven by a pod workload. Used by `vpcctl simulate`, the property tests
 //! and the benchmark.
 
+#![forbid(unsafe_code)]
+
 mod cluster;
 mod node;
 pub mod plot;

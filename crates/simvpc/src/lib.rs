@@ -3,6 +3,8 @@
 //! does not: instance limits, device indexes, address uniqueness, reserved addresses, aligned /28 prefixes
 //! and fragmentation, attachment state, and per-account request throttling.
 
+#![forbid(unsafe_code)]
+
 mod addresses;
 mod throttle;
 mod vpc;
