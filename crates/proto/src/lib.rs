@@ -316,6 +316,37 @@ pub fn serve_one(
     write_message(stream, &reply)
 }
 
+const HTTP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One GET with `Connection: close` to the daemon's loopback HTTP endpoints (introspection, metrics,
+/// health); returns the status and the body. For `vpcctl` and the tests, which need no HTTP client
+/// beyond this.
+pub fn http_get(address: std::net::SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut stream = std::net::TcpStream::connect_timeout(&address, HTTP_TIMEOUT)
+        .map_err(|e| format!("connecting to {address}: {e}"))?;
+    stream
+        .set_read_timeout(Some(HTTP_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("reading from {address}: {e}"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{address}{path}: no HTTP response: {response:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("{address}{path}: bad status line {head:?}"))?;
+    Ok((status, body.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

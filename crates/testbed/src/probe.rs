@@ -1,5 +1,5 @@
-//! Traffic probes: a listener that tells each client the address it came from, its client, and a
-//! small HTTP GET for the daemon's endpoints.
+//! Traffic probes: a listener that tells each client the address it came from, its client, and (from
+//! `proto`) the small HTTP GET for the daemon's endpoints.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+pub use proto::http_get;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -71,31 +73,4 @@ pub fn seen_as(target: SocketAddr) -> Result<Ipv4Addr, String> {
     answer
         .parse()
         .map_err(|_| format!("{target} answered {answer:?}"))
-}
-
-/// One GET with `Connection: close`; returns the status and the body.
-pub fn http_get(address: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut stream = TcpStream::connect_timeout(&address, TIMEOUT)
-        .map_err(|e| format!("connecting to {address}: {e}"))?;
-    stream
-        .set_read_timeout(Some(TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| format!("reading from {address}: {e}"))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("{address}{path}: no HTTP response: {response:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("{address}{path}: bad status line {head:?}"))?;
-    Ok((status, body.to_string()))
 }

@@ -23,7 +23,7 @@ pub struct MetricsTarget {
 }
 
 fn get(address: SocketAddr, path: &str) -> Result<String, String> {
-    match testbed::probe::http_get(address, path) {
+    match proto::http_get(address, path) {
         Ok((200, body)) => Ok(body),
         Ok((status, body)) => Err(format!("{address}{path}: HTTP {status}: {body}")),
         Err(e) => Err(format!("{e} (is vpc-ipamd running on this node?)")),

@@ -1,0 +1,385 @@
+//! The laboratory: the simulator, the tuner, the simulated VPC as a service and the local demo. Behind
+//! the default feature `lab`, so that the `vpcctl` the DaemonSet runs as its installer
+//! (`--no-default-features`) links neither the simulator nor the testbed.
+
+use crate::print_json;
+use clap::Subcommand;
+use sim::{Cluster, Scenario};
+use std::io::IsTerminal;
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Replays pod churn through the real pool engine against the simulated VPC.
+    Simulate {
+        /// A scenario file (docs/simulate.md); without it, the built-in scenario named by --built-in.
+        #[arg(long)]
+        scenario: Option<String>,
+        /// steady, prefix-fragmented, launch-storm-500 or churn-day-1000.
+        #[arg(long, default_value = "steady")]
+        built_in: String,
+        #[arg(long)]
+        json: bool,
+        /// Write the report's plots here, each as SVG and PNG: addresses.*, ec2-calls.*, add-waits.*
+        /// (and compare-held.* with --compare).
+        #[arg(long)]
+        plots: Option<std::path::PathBuf>,
+        /// Also run with these settings laid over the scenario's (NAME=VALUE,NAME=VALUE; repeat for
+        /// more runs) and report all runs side by side.
+        #[arg(long, value_parser = sim::tune::parse_settings)]
+        compare: Vec<std::collections::BTreeMap<String, String>>,
+    },
+    /// Searches warm-pool settings for a scenario: the Pareto front of addresses held, p99 ADD wait and
+    /// EC2 calls, and the setting that meets --max-p99-wait (and --max-ec2-calls) with the fewest
+    /// addresses held.
+    Tune {
+        /// A scenario file (docs/simulate.md); without it, the built-in scenario named by --built-in.
+        #[arg(long)]
+        scenario: Option<String>,
+        #[arg(long, default_value = "steady")]
+        built_in: String,
+        /// The p99 ADD wait to meet: 2s, 500ms, or plain milliseconds.
+        #[arg(long, default_value = "1s", value_parser = parse_millis)]
+        max_p99_wait: f64,
+        /// At most this many EC2 calls over the whole run (throttled ones included).
+        #[arg(long)]
+        max_ec2_calls: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The simulated VPC as a service.
+    Simvpc {
+        #[command(subcommand)]
+        command: SimvpcCommand,
+    },
+    /// The whole system on this machine (needs root): the simulated VPC over HTTP, node network
+    /// namespaces whose ENIs are veth pairs, the real vpc-ipamd on each node, pods wired by the real
+    /// plugin, traffic between them; everything is removed at the end.
+    Demo {
+        #[arg(long, default_value_t = 10)]
+        pods: usize,
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        #[arg(long, default_value = "m5.large")]
+        instance_type: String,
+        #[arg(long)]
+        prefix_delegation: bool,
+        /// Pods in their own subnet (100.64.0.0/20) through an ENIConfig.
+        #[arg(long)]
+        custom_networking: bool,
+        /// The simulated VPC from a file (docs/simvpc.md: subnets, instances and the ENIs they
+        /// start with); its instances are the nodes, a subnet named `pods` is custom networking's.
+        #[arg(long, value_name = "FILE")]
+        vpc: Option<std::path::PathBuf>,
+        /// A daemon setting, as in the DaemonSet's environment (repeatable): --set WARM_IP_TARGET=2.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+        /// Leave everything running after the report, print the namespaces, and clean up on
+        /// SIGINT or SIGTERM.
+        #[arg(long)]
+        keep: bool,
+        /// The report as one JSON document on stdout (the narration goes to stderr).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SimvpcCommand {
+    /// Serves EC2's Query API and each instance's IMDSv2 until stopped.
+    Serve {
+        /// Where EC2 listens; each instance's IMDS gets a port of its own at the same address.
+        #[arg(long, default_value = "127.0.0.1:4566")]
+        listen: std::net::SocketAddr,
+        /// The VPC, subnets and instances (docs/simvpc.md); without it, one m5.large node.
+        #[arg(long)]
+        config: Option<String>,
+    },
+}
+
+pub fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Demo {
+            pods,
+            nodes,
+            instance_type,
+            prefix_delegation,
+            custom_networking,
+            vpc,
+            settings,
+            keep,
+            json,
+        } => {
+            if nodes == 0 {
+                return Err("--nodes must be at least 1".into());
+            }
+            let vpc = match vpc {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| format!("--vpc {}: {e}", path.display()))?;
+                    Some(
+                        simvpc_http::ServeConfig::parse(&text)
+                            .map_err(|e| format!("--vpc {}: {e}", path.display()))?,
+                    )
+                }
+                None => None,
+            };
+            let settings = settings
+                .iter()
+                .map(|s| match s.split_once('=') {
+                    Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                    _ => Err(format!("--set {s:?}: expected KEY=VALUE")),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            // A setting the daemon would refuse is refused here, before any namespace exists.
+            ipam::Config::from_lookup(|k| {
+                settings
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+            })
+            .and_then(|c| c.unsupported_by_daemon())
+            .map_err(|e| format!("--set: {e}"))?;
+            let binaries = testbed::Binaries::locate()?;
+            let options = testbed::demo::DemoOptions {
+                nodes,
+                pods,
+                instance_type,
+                prefix_delegation,
+                custom_networking,
+                vpc,
+                settings,
+                keep,
+            };
+            let mut print_json = |report: &testbed::demo::DemoReport| {
+                if json {
+                    println!("{}", report.to_json());
+                }
+            };
+            let report = if json {
+                testbed::demo::run(&options, binaries, &mut std::io::stderr(), &mut print_json)?
+            } else {
+                testbed::demo::run(&options, binaries, &mut std::io::stdout(), &mut print_json)?
+            };
+            if report.connected() {
+                Ok(())
+            } else {
+                Err("some connections failed (see above)".into())
+            }
+        }
+        Command::Simvpc {
+            command: SimvpcCommand::Serve { listen, config },
+        } => {
+            let config = match config {
+                Some(path) => {
+                    let text =
+                        std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+                    simvpc_http::ServeConfig::parse(&text).map_err(|e| format!("{path}: {e}"))?
+                }
+                None => simvpc_http::ServeConfig::example(),
+            };
+            let running = simvpc_http::Server::start(&config, listen)?;
+            // One JSON line that scripts and the demo read, then serve until killed.
+            let instances: Vec<_> = running
+                .instances
+                .iter()
+                .map(|i| {
+                    serde_json::json!({
+                        "name": i.name, "instance_id": i.instance_id, "imds": i.imds_url,
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "ec2": running.ec2_url,
+                    "subnets": running.names.subnets,
+                    "instances": instances,
+                })
+            );
+            loop {
+                std::thread::park();
+            }
+        }
+        Command::Tune {
+            scenario,
+            built_in,
+            max_p99_wait,
+            max_ec2_calls,
+            json,
+        } => {
+            let scenario = load_scenario(scenario, &built_in)?;
+            let bounds = sim::tune::Bounds {
+                max_p99_wait_ms: max_p99_wait,
+                max_ec2_calls,
+            };
+            let show_progress = !json && std::io::stderr().is_terminal();
+            let progress = |done: usize, total: usize| {
+                if show_progress {
+                    draw_progress(done as f64 / total as f64, &format!("{done}/{total} runs"));
+                }
+            };
+            let report = sim::tune::tune(&scenario, bounds, threads(), &progress)?;
+            if json {
+                print_json(&report);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
+        Command::Simulate {
+            scenario,
+            built_in,
+            json,
+            plots,
+            compare,
+        } => {
+            let scenario = load_scenario(scenario, &built_in)?;
+            if !compare.is_empty() {
+                return simulate_compare(&scenario, compare, json, plots.as_deref());
+            }
+            let show_progress = !json && std::io::stderr().is_terminal();
+            let duration = scenario.duration_secs;
+            let mut progress = |done: f64| {
+                if show_progress {
+                    let what = format!("{:.0}% of {duration} simulated seconds", done * 100.0);
+                    draw_progress(done, &what);
+                }
+            };
+            let started = Instant::now();
+            let report = Cluster::new(scenario)?.run_with_progress(&mut progress)?;
+            let wall = started.elapsed();
+            if let Some(dir) = &plots {
+                write_plots(dir, &report)?;
+            }
+            if json {
+                print_json(&report);
+            } else {
+                print!("{}", report.render());
+                println!(
+                    "\nsimulated in {:.2} s of wall time: {:.0} pod events per second",
+                    wall.as_secs_f64(),
+                    report.pod_events as f64 / wall.as_secs_f64()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A bar on standard error, redrawn in place; the line ends when `done` reaches 1.
+fn draw_progress(done: f64, what: &str) {
+    let filled = (done.clamp(0.0, 1.0) * 30.0) as usize;
+    eprint!(
+        "\r[{}{}] {what}",
+        "#".repeat(filled),
+        " ".repeat(30 - filled)
+    );
+    if done >= 1.0 {
+        eprintln!();
+    }
+}
+
+/// The simulator runs of tune and compare, one per core.
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn load_scenario(path: Option<String>, built_in: &str) -> Result<Scenario, String> {
+    match path {
+        Some(path) => Scenario::load(std::path::Path::new(&path)),
+        None => Scenario::built_in(built_in).ok_or_else(|| {
+            let names: Vec<_> = Scenario::built_in_names().collect();
+            format!(
+                "no built-in scenario {built_in:?} (there are: {})",
+                names.join(", ")
+            )
+        }),
+    }
+}
+
+/// "2s", "500ms" or "750" (milliseconds) as milliseconds.
+fn parse_millis(text: &str) -> Result<f64, String> {
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (text, 1.0)
+    };
+    match number.trim().parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v * scale),
+        _ => Err(format!(
+            "{text:?} is not a duration (write 2s, 500ms or a number of milliseconds)"
+        )),
+    }
+}
+
+fn simulate_compare(
+    scenario: &Scenario,
+    sets: Vec<std::collections::BTreeMap<String, String>>,
+    json: bool,
+    plots: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let (outcomes, reports) = sim::tune::compare(scenario, sets, threads())?;
+    if let Some(dir) = plots {
+        write_plots(dir, &reports[0])?;
+        let runs: Vec<(String, &sim::Report)> =
+            outcomes.iter().map(|o| o.label()).zip(&reports).collect();
+        write_charts(
+            dir,
+            vec![("compare-held", sim::plot::comparison(&scenario.name, &runs))],
+        )?;
+    }
+    if json {
+        let runs: Vec<_> = outcomes
+            .iter()
+            .zip(&reports)
+            .map(|(o, r)| serde_json::json!({ "outcome": o, "report": r }))
+            .collect();
+        print_json(&runs);
+    } else {
+        print!(
+            "{}",
+            sim::tune::render_comparison(&scenario.name, &outcomes)
+        );
+    }
+    Ok(())
+}
+
+fn write_plots(dir: &std::path::Path, report: &sim::Report) -> Result<(), String> {
+    write_charts(dir, sim::plot::charts(report))
+}
+
+fn write_charts(
+    dir: &std::path::Path,
+    charts: Vec<(&str, sim::plot::Chart)>,
+) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (name, chart) in charts {
+        for (ext, bytes) in [("svg", chart.svg().into_bytes()), ("png", chart.png())] {
+            let path = dir.join(format!("{name}.{ext}"));
+            std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_millis;
+
+    #[test]
+    fn waits_are_read_in_the_units_written() {
+        assert_eq!(parse_millis("2s"), Ok(2000.0));
+        assert_eq!(parse_millis("1.5s"), Ok(1500.0));
+        assert_eq!(parse_millis("500ms"), Ok(500.0));
+        assert_eq!(parse_millis("750"), Ok(750.0));
+        for bad in ["", "fast", "-1s", "2m", "NaNs"] {
+            let e = parse_millis(bad).unwrap_err();
+            assert!(e.contains("not a duration"), "{bad}: {e}");
+        }
+    }
+}
