@@ -289,6 +289,14 @@ pub fn client_token() -> String {
 }
 
 impl Ec2 for AwsEc2 {
+    fn throttled(&self) -> Vec<(&'static str, u64)> {
+        self.stats()
+            .into_iter()
+            .filter(|(_, s)| s.throttled > 0)
+            .map(|(op, s)| (op, s.throttled))
+            .collect()
+    }
+
     async fn describe_instance(&self, instance_id: &str) -> Result<InstanceInfo> {
         let output = self
             .call("DescribeInstances", Category::NonMutating, || {

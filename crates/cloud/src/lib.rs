@@ -23,6 +23,10 @@ pub type Result<T, E = CloudError> = std::result::Result<T, E>;
 /// The EC2 calls of a node. Throttled calls are retried inside (they did not happen); every other
 /// error is returned classified. Deleting or detaching what is already gone succeeds.
 pub trait Ec2: Send + Sync {
+    /// Calls EC2 throttled so far (and retried inside), by operation, for the metrics.
+    fn throttled(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     fn describe_instance(
         &self,
         instance_id: &str,

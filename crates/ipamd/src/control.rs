@@ -4,7 +4,7 @@
 //! replies. The only timer is the policy's own `wake_at` (and waiting ADDs' deadlines): a quiet node
 //! makes no EC2 calls.
 
-use crate::executor::{Executor, Report};
+use crate::executor::{Actions, Report};
 use crate::log;
 use crate::metrics::{Metrics, PoolGauges};
 use crate::store::Store;
@@ -17,8 +17,9 @@ use ipam::{decide, Action, Demand, IpamKey, PodMeta, Pool, PoolSettings, Stall, 
 use proto::{Allocation, Attachment, DelReason, ErrorKind, Reply, Request};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 /// How long an ADD waits for an address before it is told to try again (the plugin gives up at 60 s).
 pub const ADD_WAIT: Duration = Duration::from_secs(45);
@@ -82,6 +83,7 @@ struct Outgoing {
     assigned: Option<IpamKey>,
 }
 
+/// The wall clock, for start-up (the control loop reads its [`Clock`]).
 pub fn now() -> Time {
     Time(
         SystemTime::now()
@@ -89,6 +91,27 @@ pub fn now() -> Time {
             .unwrap_or_default()
             .as_nanos() as u64,
     )
+}
+
+/// The control loop's one clock: wall time read once, then advanced by tokio's monotonic clock. A
+/// test that pauses tokio's time moves the loop's deadlines, cooldowns and grace periods with it.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    wall: Time,
+    at: Instant,
+}
+
+impl Clock {
+    pub fn starting_at(wall: Time) -> Clock {
+        Clock {
+            wall,
+            at: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> Time {
+        self.wall + self.at.elapsed()
+    }
 }
 
 fn cidrs(list: &[Ipv4Cidr]) -> String {
@@ -120,9 +143,10 @@ pub struct Control {
     store: Store,
     dirty: bool,
     outbox: Vec<Outgoing>,
-    executor: Arc<Executor>,
+    executor: Arc<dyn Actions>,
     events: mpsc::UnboundedSender<Event>,
     metrics: Arc<Metrics>,
+    clock: Clock,
     wake_at: Option<Time>,
     stalls: Vec<Stall>,
     started: Instant,
@@ -173,10 +197,10 @@ impl Control {
         veth_prefix: String,
         provisioning: bool,
         store: Store,
-        executor: Arc<Executor>,
+        executor: Arc<dyn Actions>,
         events: mpsc::UnboundedSender<Event>,
         metrics: Arc<Metrics>,
-        started: Instant,
+        clock: Clock,
     ) -> Control {
         Control {
             pool,
@@ -191,9 +215,10 @@ impl Control {
             executor,
             events,
             metrics,
+            clock,
             wake_at: None,
             stalls: Vec::new(),
-            started,
+            started: clock.at,
             actions_in_flight: 0,
             reporter: k8s::Reporter::disabled(),
             eni_config_source: None,
@@ -261,14 +286,7 @@ impl Control {
                 .collect(),
             pending_adds: self.waiting.len() as u32,
             ready: self.phase == Phase::Ready,
-            throttled: self
-                .executor
-                .ec2
-                .stats()
-                .into_iter()
-                .filter(|(_, s)| s.throttled > 0)
-                .map(|(op, s)| (op, s.throttled))
-                .collect(),
+            throttled: self.executor.throttled(),
         }
     }
 
@@ -287,11 +305,11 @@ impl Control {
                 }
                 Stall::SubnetFullUntil(t) => format!(
                     "the subnet is out of addresses; retrying in {}s",
-                    t.since(now()).as_secs()
+                    t.since(self.clock.now()).as_secs()
                 ),
                 Stall::BackingOffUntil(t) => format!(
                     "EC2 calls failed; retrying in {}s",
-                    t.since(now()).as_secs()
+                    t.since(self.clock.now()).as_secs()
                 ),
             })
             .collect::<Vec<_>>()
@@ -323,7 +341,7 @@ impl Control {
     }
 
     fn next_timer(&self) -> Option<Instant> {
-        let wall = now();
+        let wall = self.clock.now();
         let wake = self
             .wake_at
             .map(|t| Instant::now() + t.since(wall).max(Duration::from_millis(1)));
@@ -411,7 +429,7 @@ impl Control {
     }
 
     fn request(&mut self, request: Request, reply: oneshot::Sender<Reply>) {
-        let now = now();
+        let now = self.clock.now();
         match request {
             Request::Add {
                 attachment, pod, ..
@@ -694,7 +712,7 @@ impl Control {
     /// was force-deleted). The grace covers a watch that lags an ADD, and a force-deleted pod's
     /// containers still being torn down.
     fn release_vanished_pods(&mut self, pods: &HashSet<k8s::PodRef>) {
-        let now = now();
+        let now = self.clock.now();
         let mut absent = HashMap::new();
         let mut gone = Vec::new();
         for (key, a) in self.pool.assignments() {
@@ -778,7 +796,7 @@ impl Control {
     }
 
     fn serve_waiting(&mut self) {
-        let now = now();
+        let now = self.clock.now();
         while let Some(w) = self.waiting.front() {
             if w.reply.is_closed() {
                 self.waiting.pop_front();
@@ -812,7 +830,7 @@ impl Control {
             self.wake_at = None;
             return;
         }
-        let now = now();
+        let now = self.clock.now();
         self.pool.expire_cooldowns(now, self.settings.ip_cooldown);
         let demand = Demand {
             pending_adds: self.waiting.len() as u32,
@@ -832,8 +850,9 @@ impl Control {
             self.actions_in_flight += 1;
             let executor = self.executor.clone();
             let events = self.events.clone();
+            let clock = self.clock;
             tokio::spawn(async move {
-                let report = executor.run(&action, self::now).await;
+                let report = executor.run(&action, clock).await;
                 let _ = events.send(Event::Finished { action, report });
             });
         }
@@ -865,7 +884,7 @@ impl Control {
             );
         }
         let failed = matches!(report.outcome, Outcome::Failed(_));
-        let dropped = ipam::choreography::settle(&mut self.pool, &action, report, now());
+        let dropped = ipam::choreography::settle(&mut self.pool, &action, report, self.clock.now());
         self.note_dropped(&dropped);
         if !failed {
             log::debug("action done", &[("action", &format!("{action:?}"))]);
@@ -901,7 +920,7 @@ impl Control {
                 );
                 self.metrics
                     .count("awscni_ipamd_error_count", &[("fn", "checkpoint")]);
-                let now = now();
+                let now = self.clock.now();
                 for out in &mut self.outbox {
                     if let Some(key) = out.assigned.take() {
                         let _ = self.pool.unassign(&key, now);
@@ -921,7 +940,7 @@ impl Control {
 
 async fn sleep_until(at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

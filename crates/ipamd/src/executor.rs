@@ -2,6 +2,7 @@
 //! link change comes next; this interprets it against an [`Ec2`] and the node's [`Links`] on tokio,
 //! a bounded number at once.
 
+use crate::control::Clock;
 use crate::log;
 use crate::metrics::Metrics;
 use cloud::aws::AwsEc2;
@@ -11,6 +12,7 @@ use ipam::choreography::{Choreography, Finished, LinkSpec, Next, NodeFacts, Repl
 use ipam::pool::Outcome;
 use ipam::{Action, Ipv4Cidr, Time};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -71,6 +73,44 @@ impl Links for HostLinks {
 
 /// How an action ended, and the EC2 error behind a failure.
 pub type Report = Finished;
+
+/// What the control loop asks of the executor. A trait object, so that the loop (and the events and
+/// introspection that name it) stays one type whatever EC2 and links the executor drives: the AWS
+/// SDK and the host in the daemon, the in-process simulated VPC in the loop's tests.
+pub trait Actions: Send + Sync + 'static {
+    /// Runs `action` to its end; `clock` gives wall time (for the `createdAt` tag).
+    fn run<'a>(
+        &'a self,
+        action: &'a Action,
+        clock: Clock,
+    ) -> Pin<Box<dyn Future<Output = Report> + Send + 'a>>;
+    fn avoid_device(&self, device: u32);
+    fn stop_avoiding(&self, device: u32);
+    /// Calls EC2 throttled so far, by operation.
+    fn throttled(&self) -> Vec<(&'static str, u64)>;
+}
+
+impl<E: Ec2 + 'static, L: Links> Actions for Executor<E, L> {
+    fn run<'a>(
+        &'a self,
+        action: &'a Action,
+        clock: Clock,
+    ) -> Pin<Box<dyn Future<Output = Report> + Send + 'a>> {
+        Box::pin(Executor::run(self, action, move || clock.now()))
+    }
+
+    fn avoid_device(&self, device: u32) {
+        Executor::avoid_device(self, device)
+    }
+
+    fn stop_avoiding(&self, device: u32) {
+        Executor::stop_avoiding(self, device)
+    }
+
+    fn throttled(&self) -> Vec<(&'static str, u64)> {
+        self.ec2.throttled()
+    }
+}
 
 pub struct Executor<E = AwsEc2, L = HostLinks> {
     pub ec2: E,
@@ -133,7 +173,7 @@ impl<E: Ec2, L: Links> Executor<E, L> {
 
     /// Runs `action` through the choreography to its end. `now` reads the wall clock (for the
     /// `createdAt` tag); waits are tokio's, so a test can pause them.
-    pub async fn run(&self, action: &Action, now: impl Fn() -> Time) -> Report {
+    pub async fn run(&self, action: &Action, now: impl Fn() -> Time + Send) -> Report {
         let _slot = self
             .slots
             .acquire()

@@ -206,7 +206,7 @@ pub async fn start(
     store: Store,
     metrics: Arc<Metrics>,
 ) -> Result<Started, StartError> {
-    let started = Instant::now();
+    let clock = control::Clock::starting_at(control::now());
     predecessor.wait_until_gone().await;
     let (identity, imds) = fetch_identity().await?;
     log::info(
@@ -562,7 +562,7 @@ pub async fn start(
         executor.clone(),
         events.clone(),
         metrics,
-        started,
+        clock,
     )
     .with_host(HostFacts {
         foreign_enis: attached

@@ -1,0 +1,676 @@
+//! The daemon's control loop without root and without a host: the real `Control` and `Executor`
+//! against the in-process simulated VPC behind `cloud::Ec2`, ENI links recorded instead of
+//! configured, the checkpoint in a temporary directory, tokio's clock paused (a wait of seconds
+//! takes none).
+
+use cloud::{CloudError, CreateEni, Ec2, Eni, EniQuery, ErrorKind, InstanceInfo, SubnetInfo};
+use ipam::choreography::{LinkSpec, NodeFacts};
+use ipam::limits::InstanceLimits;
+use ipam::pool::{EniConfigSpec, EniInfo};
+use ipam::{Config, Ipv4Cidr, Ipv6Cidr, NodeSpec, Pool, PoolSettings, Time};
+use ipamd::control::{Clock, Control, Event};
+use ipamd::executor::{Executor, Links};
+use ipamd::metrics::Metrics;
+use ipamd::store::Store;
+use proto::{Attachment, DelReason, PodRef, Reply, Request};
+use simvpc::{CreateEniRequest, SimConfig, SimVpc};
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Far from any address a test machine's host uses: the vanished-pod test removes host state for
+/// the addresses it releases (nothing of which exists on the host).
+const VPC: &str = "198.18.0.0/16";
+
+/// The simulated VPC behind the daemon's EC2 trait, on the loop's clock. Replies arrive after the
+/// simulated latency; `lose_next` loses the reply of the next call of an operation after EC2 acted.
+#[derive(Clone)]
+struct SimEc2(Arc<Shared>);
+
+struct Shared {
+    vpc: Mutex<SimVpc>,
+    clock: Clock,
+    calls: Mutex<Vec<&'static str>>,
+    lose_next: Mutex<Vec<&'static str>>,
+}
+
+impl SimEc2 {
+    fn vpc(&self) -> std::sync::MutexGuard<'_, SimVpc> {
+        self.0.vpc.lock().unwrap()
+    }
+
+    fn calls(&self) -> Vec<&'static str> {
+        self.0.calls.lock().unwrap().clone()
+    }
+
+    fn lose_next(&self, operation: &'static str) {
+        self.0.lose_next.lock().unwrap().push(operation);
+    }
+
+    async fn answer<T>(
+        &self,
+        operation: &'static str,
+        call: impl FnOnce(&mut SimVpc, Time) -> simvpc::Reply<T>,
+    ) -> cloud::Result<T> {
+        let reply = call(&mut self.vpc(), self.0.clock.now());
+        tokio::time::sleep(reply.latency).await;
+        self.0.calls.lock().unwrap().push(operation);
+        let mut lose = self.0.lose_next.lock().unwrap();
+        if let Some(i) = lose.iter().position(|o| *o == operation) {
+            lose.remove(i);
+            return Err(CloudError {
+                kind: ErrorKind::Unavailable,
+                operation,
+                code: "RequestTimeout".into(),
+                message: "the reply was lost".into(),
+            });
+        }
+        reply
+            .result
+            .map_err(|e| CloudError::new(operation, e.code, &e.message))
+    }
+
+    fn not_simulated<T>(operation: &'static str) -> cloud::Result<T> {
+        Err(CloudError::new(
+            operation,
+            "InvalidAction",
+            "not part of the control loop's tests",
+        ))
+    }
+}
+
+impl Ec2 for SimEc2 {
+    async fn describe_instance(&self, _: &str) -> cloud::Result<InstanceInfo> {
+        Self::not_simulated("DescribeInstances")
+    }
+
+    async fn describe_network_interfaces(&self, query: &EniQuery) -> cloud::Result<Vec<Eni>> {
+        self.answer("DescribeNetworkInterfaces", |vpc, now| {
+            vpc.describe_network_interfaces(now, &query.ids, &query.filters, None)
+        })
+        .await
+        .map(|(found, _)| found.iter().map(|e| e.to_ec2()).collect())
+    }
+
+    async fn create_network_interface(&self, request: &CreateEni) -> cloud::Result<Eni> {
+        let request = CreateEniRequest {
+            subnet_id: request.subnet_id.clone(),
+            description: request.description.clone(),
+            security_groups: request.security_groups.clone(),
+            secondary_ip_count: request.secondary_ips,
+            prefix_count: request.prefixes,
+            tags: request.tags.iter().cloned().collect(),
+            client_token: Some(request.client_token.clone()),
+        };
+        self.answer("CreateNetworkInterface", |vpc, now| {
+            vpc.create_network_interface(now, request)
+        })
+        .await
+        .map(|e| e.to_ec2())
+    }
+
+    async fn attach_network_interface(
+        &self,
+        eni_id: &str,
+        instance_id: &str,
+        device_index: u32,
+        network_card: u32,
+    ) -> cloud::Result<String> {
+        self.answer("AttachNetworkInterface", |vpc, now| {
+            vpc.attach_network_interface(now, eni_id, instance_id, device_index, network_card)
+        })
+        .await
+    }
+
+    async fn set_delete_on_termination(&self, eni_id: &str, _: &str) -> cloud::Result<()> {
+        self.answer("ModifyNetworkInterfaceAttribute", |vpc, now| {
+            vpc.set_delete_on_termination(now, eni_id, true)
+        })
+        .await
+    }
+
+    async fn set_security_groups(&self, _: &str, _: &[String]) -> cloud::Result<()> {
+        Self::not_simulated("ModifyNetworkInterfaceAttribute")
+    }
+
+    async fn assign_private_ips(&self, eni_id: &str, count: u32) -> cloud::Result<Vec<Ipv4Addr>> {
+        self.answer("AssignPrivateIpAddresses", |vpc, now| {
+            vpc.assign_private_ip_addresses(now, eni_id, count, 0)
+        })
+        .await
+        .map(|(ips, _)| ips)
+    }
+
+    async fn assign_prefixes(&self, eni_id: &str, count: u32) -> cloud::Result<Vec<Ipv4Cidr>> {
+        self.answer("AssignPrivateIpAddresses", |vpc, now| {
+            vpc.assign_private_ip_addresses(now, eni_id, 0, count)
+        })
+        .await
+        .map(|(_, prefixes)| prefixes)
+    }
+
+    async fn unassign(
+        &self,
+        eni_id: &str,
+        ips: &[Ipv4Addr],
+        prefixes: &[Ipv4Cidr],
+    ) -> cloud::Result<()> {
+        self.answer("UnassignPrivateIpAddresses", |vpc, now| {
+            vpc.unassign_private_ip_addresses(now, eni_id, ips, prefixes)
+        })
+        .await
+    }
+
+    async fn assign_ipv6_prefixes(&self, _: &str, _: u32) -> cloud::Result<Vec<Ipv6Cidr>> {
+        Self::not_simulated("AssignIpv6Addresses")
+    }
+
+    async fn unassign_ipv6_prefixes(&self, _: &str, _: &[Ipv6Cidr]) -> cloud::Result<()> {
+        Self::not_simulated("UnassignIpv6Addresses")
+    }
+
+    async fn detach_network_interface(&self, attachment_id: &str) -> cloud::Result<()> {
+        self.answer("DetachNetworkInterface", |vpc, now| {
+            vpc.detach_network_interface(now, attachment_id)
+        })
+        .await
+    }
+
+    async fn delete_network_interface(&self, eni_id: &str) -> cloud::Result<()> {
+        self.answer("DeleteNetworkInterface", |vpc, now| {
+            vpc.delete_network_interface(now, eni_id)
+        })
+        .await
+    }
+
+    async fn create_tags(&self, _: &str, _: &[(String, String)]) -> cloud::Result<()> {
+        Self::not_simulated("CreateTags")
+    }
+
+    async fn describe_instance_type(&self, _: &str) -> cloud::Result<InstanceLimits> {
+        Self::not_simulated("DescribeInstanceTypes")
+    }
+
+    async fn describe_subnets(
+        &self,
+        filters: &[(String, Vec<String>)],
+    ) -> cloud::Result<Vec<SubnetInfo>> {
+        let wanted = |name: &str, value: &str| {
+            filters
+                .iter()
+                .filter(|(n, _)| n == name)
+                .all(|(_, values)| values.iter().any(|v| v == value))
+        };
+        self.answer("DescribeSubnets", |vpc, now| {
+            vpc.describe_subnets_where(now, |s| {
+                wanted("availability-zone", &s.az) && wanted("subnet-id", &s.id)
+            })
+        })
+        .await
+        .map(|found| {
+            found
+                .into_iter()
+                .map(|(s, cidr, free)| SubnetInfo {
+                    id: s.id,
+                    availability_zone: s.az,
+                    cidr: Some(cidr),
+                    ipv6_cidr: s.ipv6_cidr,
+                    free_addresses: free,
+                    tags: s.tags,
+                })
+                .collect()
+        })
+    }
+}
+
+/// ENI links as the executor asked for them.
+#[derive(Clone, Default)]
+struct RecordedLinks(Arc<Mutex<Vec<LinkSpec>>>);
+
+impl Links for RecordedLinks {
+    async fn setup(&self, link: &LinkSpec) -> Result<(), String> {
+        self.0.lock().unwrap().push(link.clone());
+        Ok(())
+    }
+
+    async fn teardown(&self, link: &LinkSpec) -> Result<(), String> {
+        self.0.lock().unwrap().retain(|l| l != link);
+        Ok(())
+    }
+}
+
+/// One node: the loop running, its EC2, its links and its checkpoint.
+struct Node {
+    events: mpsc::UnboundedSender<Event>,
+    ec2: SimEc2,
+    links: RecordedLinks,
+    instance_id: String,
+    pods_subnet: String,
+    checkpoint: PathBuf,
+    stopped: JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+struct Setup {
+    settings: Vec<(&'static str, &'static str)>,
+    /// Where the checkpoint goes, under the temporary directory.
+    checkpoint: &'static str,
+    vanished_pod_grace: Option<Duration>,
+}
+
+impl Default for Setup {
+    fn default() -> Setup {
+        Setup {
+            // Custom networking: the primary ENI gives no pod addresses, so the first ADD needs a
+            // new ENI.
+            settings: vec![
+                ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true"),
+                ("WARM_IP_TARGET", "1"),
+            ],
+            checkpoint: "state/ipam.json",
+            vanished_pod_grace: None,
+        }
+    }
+}
+
+fn start(setup: Setup) -> Node {
+    let clock = Clock::starting_at(Time::from_secs(1_800_000_000));
+    let mut vpc = SimVpc::new(VPC.parse().unwrap(), SimConfig::default());
+    let nodes_subnet = vpc
+        .add_subnet("198.18.0.0/24".parse().unwrap(), "az-a", &[])
+        .unwrap();
+    let pods_subnet = vpc
+        .add_subnet("198.18.64.0/20".parse().unwrap(), "az-a", &[])
+        .unwrap();
+    let instance_id = vpc
+        .launch_instance("m5.large", &nodes_subnet, &["sg-nodes"])
+        .unwrap();
+    let instance = vpc.instance(&instance_id).unwrap().clone();
+    let primary = vpc
+        .interfaces()
+        .find(|e| e.id == instance.primary_eni)
+        .unwrap()
+        .clone();
+
+    let lookup: BTreeMap<&str, &str> = setup.settings.iter().copied().collect();
+    let config = Config::from_lookup(|k| lookup.get(k).map(|v| v.to_string())).unwrap();
+    let settings = PoolSettings::from_config(&config);
+    let spec = NodeSpec {
+        instance_type: "m5.large".into(),
+        slots_per_eni: instance.limits.slots_per_eni(),
+        max_enis: instance.limits.enis(),
+        max_pods: 29,
+        supports_prefixes: true,
+        primary_subnet: nodes_subnet.clone(),
+        security_groups: vec!["sg-nodes".into()],
+        eni_config: Some(EniConfigSpec {
+            subnet: pods_subnet.clone(),
+            security_groups: vec!["sg-pods".into()],
+        }),
+        unmanaged_enis: 0,
+        unschedulable: false,
+    };
+    let mut pool = Pool::new(spec, &settings);
+    pool.add_eni(
+        EniInfo {
+            id: primary.id.clone(),
+            device_number: 0,
+            subnet_id: primary.subnet_id.clone(),
+            subnet_cidr: primary.subnet_cidr,
+            primary_ip: primary.primary_ip,
+            is_primary: true,
+            is_trunk: false,
+            is_efa: false,
+            excluded: false,
+        },
+        clock.now(),
+    );
+
+    let ec2 = SimEc2(Arc::new(Shared {
+        vpc: Mutex::new(vpc),
+        clock,
+        calls: Mutex::default(),
+        lose_next: Mutex::default(),
+    }));
+    let links = RecordedLinks::default();
+    let metrics = Arc::new(Metrics::default());
+    let executor = Executor::new(
+        ec2.clone(),
+        links.clone(),
+        NodeFacts {
+            instance_id: instance_id.clone(),
+            availability_zone: "az-a".into(),
+            vpc_id: ec2.vpc().vpc_id.clone(),
+            cluster_name: Some("test".into()),
+            extra_tags: BTreeMap::new(),
+            eni_mtu: 9001,
+            max_enis: instance.limits.enis(),
+        },
+        metrics.clone(),
+    );
+    executor.avoid_device(0);
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a-file"), "").unwrap();
+    let checkpoint = dir.path().join(setup.checkpoint);
+    let (events, receiver) = mpsc::unbounded_channel();
+    let mut control = Control::new(
+        pool,
+        settings,
+        "tstx".into(),
+        true,
+        Store::new(&checkpoint),
+        Arc::new(executor),
+        events.clone(),
+        metrics,
+        clock,
+    );
+    if let Some(grace) = setup.vanished_pod_grace {
+        control = control.in_cluster(k8s::Reporter::disabled(), grace);
+    }
+    let stopped = tokio::spawn(control.run(receiver));
+    Node {
+        events,
+        ec2,
+        links,
+        instance_id,
+        pods_subnet,
+        checkpoint,
+        stopped,
+        _dir: dir,
+    }
+}
+
+fn attachment(container: &str) -> Attachment {
+    Attachment {
+        network: "aws-cni".into(),
+        container_id: container.into(),
+        ifname: "eth0".into(),
+    }
+}
+
+fn pod(name: &str) -> PodRef {
+    PodRef {
+        namespace: "default".into(),
+        name: name.into(),
+        infra_container_id: String::new(),
+        uid: String::new(),
+    }
+}
+
+impl Node {
+    /// Sends a plugin request; the reply arrives on the receiver.
+    fn send(&self, request: Request) -> oneshot::Receiver<Reply> {
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(Event::Plugin { request, reply })
+            .expect("the loop runs");
+        answer
+    }
+
+    async fn ask(&self, request: Request) -> Reply {
+        self.send(request).await.expect("the loop answers")
+    }
+
+    fn add(&self, container: &str, name: &str) -> oneshot::Receiver<Reply> {
+        self.send(Request::Add {
+            attachment: attachment(container),
+            pod: pod(name),
+            netns: "/var/run/netns/x".into(),
+        })
+    }
+
+    /// A value read from the loop's own state, between two batches of events.
+    async fn inspect<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Control) -> T + Send + 'static,
+    ) -> T {
+        let (tx, rx) = oneshot::channel();
+        self.events
+            .send(Event::Inspect(Box::new(move |c| {
+                let _ = tx.send(read(c));
+            })))
+            .expect("the loop runs");
+        rx.await.expect("the loop answers")
+    }
+
+    /// The ENIs EC2 shows attached to this node, by device index: (id, addresses).
+    fn enis_in_ec2(&self) -> BTreeMap<u32, (String, Vec<Ipv4Addr>)> {
+        self.ec2
+            .vpc()
+            .interfaces()
+            .filter_map(|e| {
+                let a = e.attachment.as_ref()?;
+                (a.instance_id == self.instance_id)
+                    .then(|| (a.device_index, (e.id.clone(), e.secondary_ips.clone())))
+            })
+            .collect()
+    }
+}
+
+fn added(reply: &Reply) -> proto::Allocation {
+    match reply {
+        Reply::Added { allocation } => *allocation,
+        other => panic!("expected an address, got {other:?}"),
+    }
+}
+
+fn checkpointed(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_add_is_served_once_ec2_created_and_attached_an_eni() {
+    let node = start(Setup::default());
+    let reply = node.add("c1", "web-1").await.unwrap();
+    let allocation = added(&reply);
+
+    let enis = node.enis_in_ec2();
+    let (eni, addresses) = &enis[&1];
+    assert_eq!(allocation.device_number, 1);
+    assert!(
+        addresses.contains(&allocation.address),
+        "{} is not on {eni} in EC2: {addresses:?}",
+        allocation.address
+    );
+    let pods_cidr: Ipv4Cidr = "198.18.64.0/20".parse().unwrap();
+    assert!(
+        pods_cidr.contains(allocation.address),
+        "custom networking's subnet"
+    );
+    let calls = node.ec2.calls();
+    let at = |op| calls.iter().position(|c| *c == op).unwrap_or(usize::MAX);
+    assert!(
+        at("CreateNetworkInterface") < at("AttachNetworkInterface")
+            && at("AttachNetworkInterface") < at("ModifyNetworkInterfaceAttribute"),
+        "{calls:?}"
+    );
+    let vpc = node.ec2.vpc();
+    let created = vpc.interfaces().find(|e| e.id == *eni).unwrap();
+    assert_eq!(created.subnet_id, node.pods_subnet);
+    assert_eq!(created.security_groups, ["sg-pods"]);
+    assert_eq!(
+        created.tags.get("node.k8s.amazonaws.com/instance_id"),
+        Some(&node.instance_id)
+    );
+    assert_eq!(
+        created
+            .tags
+            .get("cluster.k8s.amazonaws.com/name")
+            .map(String::as_str),
+        Some("test")
+    );
+    drop(vpc);
+    let links = node.links.0.lock().unwrap().clone();
+    assert_eq!(links.len(), 1, "the new ENI's link was set up: {links:?}");
+    assert!(checkpointed(&node.checkpoint).contains("c1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retried_add_takes_the_place_of_the_one_it_retries() {
+    let node = start(Setup::default());
+    // Both reach the loop before the first ENI exists, so the first waits.
+    let first = node.add("c1", "web-1");
+    let retry = node.add("c1", "web-1");
+    match first.await.unwrap() {
+        Reply::Error { message, .. } => assert!(message.contains("superseded"), "{message}"),
+        other => panic!("the first ADD should have been superseded: {other:?}"),
+    }
+    let allocation = added(&retry.await.unwrap());
+    let again = added(&node.add("c1", "web-1").await.unwrap());
+    assert_eq!(
+        again, allocation,
+        "ADD is idempotent for the same attachment"
+    );
+    let held = node.inspect(|c| c.pool().assignments().count()).await;
+    assert_eq!(held, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_checkpoint_that_cannot_be_written_undoes_the_assignment_and_says_so() {
+    let node = start(Setup {
+        // A regular file where the checkpoint's directory should be.
+        checkpoint: "a-file/ipam.json",
+        ..Setup::default()
+    });
+    match node.add("c1", "web-1").await.unwrap() {
+        Reply::Error { kind, message } => {
+            assert_eq!(kind, proto::ErrorKind::Internal);
+            assert!(message.contains("checkpoint"), "{message}");
+        }
+        other => panic!("an address that is not on disk must not be given: {other:?}"),
+    }
+    let held = node.inspect(|c| c.pool().assignments().count()).await;
+    assert_eq!(held, 0, "the assignment was undone");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_reply_is_read_back_from_ec2_before_the_pool_trusts_its_count() {
+    let node = start(Setup::default());
+    added(&node.add("c1", "web-1").await.unwrap());
+    // The next assign happens in EC2 but its reply is lost.
+    node.ec2.lose_next("AssignPrivateIpAddresses");
+    let mut replies = Vec::new();
+    for i in 2..8 {
+        replies.push(node.add(&format!("c{i}"), &format!("web-{i}")));
+    }
+    for reply in replies {
+        added(&reply.await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let calls = node.ec2.calls();
+    let lost = calls
+        .iter()
+        .rposition(|c| *c == "AssignPrivateIpAddresses")
+        .expect("an assign was made");
+    assert!(
+        calls.contains(&"DescribeNetworkInterfaces"),
+        "the ENI was read back: {calls:?} (lost at {lost})"
+    );
+    let in_pool = node
+        .inspect(|c| {
+            c.pool()
+                .enis()
+                .iter()
+                .filter(|e| !e.info.is_primary)
+                .map(|e| (e.info.id.clone(), e.blocks().len()))
+                .collect::<Vec<_>>()
+        })
+        .await;
+    let in_ec2 = node.enis_in_ec2();
+    for (id, blocks) in in_pool {
+        let (_, addresses) = in_ec2.values().find(|(e, _)| *e == id).unwrap();
+        assert_eq!(
+            blocks,
+            addresses.len(),
+            "{id}: the pool's count is EC2's after the read-back"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn sigterm_drains_del_still_served_new_adds_refused_then_the_loop_ends() {
+    let node = start(Setup::default());
+    added(&node.add("c1", "web-1").await.unwrap());
+    node.events.send(Event::Stop { immediate: false }).unwrap();
+    match node.add("c2", "web-2").await.unwrap() {
+        Reply::Error { kind, message } => {
+            assert_eq!(kind, proto::ErrorKind::Unavailable);
+            assert!(message.contains("stopping"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let deleted = node
+        .ask(Request::Del {
+            attachment: attachment("c1"),
+            pod: None,
+            reason: DelReason::PodDeleted,
+        })
+        .await;
+    assert!(
+        matches!(deleted, Reply::Deleted { released: Some(_) }),
+        "{deleted:?}"
+    );
+    assert!(!node.stopped.is_finished(), "the drain lasts");
+    tokio::time::timeout(Duration::from_secs(30), node.stopped)
+        .await
+        .expect("the loop ends after the drain")
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pod_the_api_server_no_longer_lists_loses_its_address_after_the_grace() {
+    let node = start(Setup {
+        vanished_pod_grace: Some(Duration::from_secs(60)),
+        ..Setup::default()
+    });
+    added(&node.add("c1", "web-1").await.unwrap());
+    added(&node.add("c2", "web-2").await.unwrap());
+    let listed = |names: &[&str]| {
+        Event::PodsOnNode(
+            names
+                .iter()
+                .map(|n| k8s::PodRef {
+                    namespace: "default".into(),
+                    name: n.to_string(),
+                })
+                .collect::<HashSet<_>>(),
+        )
+    };
+    node.events.send(listed(&["web-2"])).unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    node.events.send(listed(&["web-2"])).unwrap();
+    assert_eq!(
+        pods_held(&node).await,
+        ["web-1", "web-2"],
+        "within the grace"
+    );
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    node.events.send(listed(&["web-2"])).unwrap();
+    assert_eq!(pods_held(&node).await, ["web-2"], "after the grace");
+    // Listed again before the grace ends: kept.
+    node.events.send(listed(&[])).unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    node.events.send(listed(&["web-2"])).unwrap();
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    node.events.send(listed(&["web-2"])).unwrap();
+    assert_eq!(pods_held(&node).await, ["web-2"]);
+    assert!(!checkpointed(&node.checkpoint).contains("c1"));
+}
+
+async fn pods_held(node: &Node) -> Vec<String> {
+    node.inspect(|c| {
+        let mut pods: Vec<String> = c
+            .pool()
+            .assignments()
+            .map(|(_, a)| a.meta.name.clone())
+            .collect();
+        pods.sort();
+        pods
+    })
+    .await
+}
