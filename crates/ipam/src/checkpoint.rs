@@ -165,8 +165,8 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::PoolSettings;
     use crate::pool::{EniInfo, NodeSpec};
+    use crate::settings::PoolSettings;
     use std::time::Duration;
 
     fn pool() -> Pool {

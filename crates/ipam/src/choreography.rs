@@ -9,13 +9,15 @@
 //! then configure the link, and give the ENI back if the link fails" is written here, not in each
 //! caller.
 
+use crate::action::{Failure, Outcome};
 use crate::ec2::{
     format_rfc3339, CloudError, CreateEni, Eni, ErrorKind, SubnetInfo, CLUSTER_TAG, CREATED_AT_TAG,
     DESCRIPTION_PREFIX, INSTANCE_TAG,
 };
 use crate::ownership::route_table;
 use crate::pacing::{unit_from, Backoff};
-use crate::pool::{Assignment, EniInfo, Failure, Outcome};
+use crate::policy::PolicyMemory;
+use crate::pool::{Assignment, EniInfo};
 use crate::subnets::{self, Candidate};
 use crate::{Action, AddressKind, IpamKey, Ipv4Cidr, Pool, SubnetTarget, Time};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -168,15 +170,18 @@ impl Finished {
     }
 }
 
-/// Hands a finished action to the pool: its outcome, and a read-back of the ENI when the outcome
-/// is unknown. Returns the assignments whose addresses the node no longer has.
+/// Hands a finished action to the policy (which reacts to failures) and the pool (its outcome, and a
+/// read-back of the ENI when the outcome is unknown). Returns the assignments whose addresses the
+/// node no longer has.
 pub fn settle(
     pool: &mut Pool,
+    memory: &mut PolicyMemory,
     action: &Action,
     finished: Finished,
     now: Time,
 ) -> Vec<(IpamKey, Assignment)> {
     let unknown = finished.outcome_unknown();
+    memory.learn(action, &finished.outcome, now);
     let dropped = pool.complete(action, finished.outcome, now);
     if unknown {
         if let Some(eni) = action.eni() {
@@ -1616,14 +1621,16 @@ mod tests {
             kind: AddressKind::Ip,
             count: 1,
         };
-        pool.begin(&action, NOW);
+        pool.begin(&action);
+        let mut memory = PolicyMemory::default();
+        memory.began(&action, NOW);
         let finished = Finished {
             outcome: Outcome::Failed(Failure::Other),
             error: Some(error(ErrorKind::Unavailable, "RequestTimeout")),
             warnings: Vec::new(),
         };
-        settle(&mut pool, &action, finished, NOW);
-        let d = crate::decide(&pool, &settings, NOW, &crate::Demand::default());
+        settle(&mut pool, &mut memory, &action, finished, NOW);
+        let d = crate::decide(&pool, &memory, &settings, NOW, &crate::Demand::default());
         assert!(
             d.actions.contains(&Action::ResyncEni {
                 eni: "eni-1".into()

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod action;
 pub mod checkpoint;
 pub mod choreography;
 pub mod config;
@@ -16,13 +17,14 @@ pub mod plan;
 pub mod policy;
 pub mod pool;
 pub mod reconcile;
+pub mod settings;
 pub mod subnets;
 pub mod time;
 
+pub use action::{Action, AddressKind, SubnetTarget};
 pub use config::Config;
 pub use net::{Ipv4Cidr, Ipv6Cidr};
-pub use policy::{
-    decide, Action, AddressKind, Decision, Demand, PoolSettings, Stall, SubnetTarget,
-};
+pub use policy::{decide, Decision, Demand, PolicyMemory, Stall};
 pub use pool::{IpamKey, NodeSpec, PodMeta, Pool};
+pub use settings::PoolSettings;
 pub use time::Time;

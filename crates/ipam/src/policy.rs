@@ -9,84 +9,14 @@
 //! Under prefix delegation, when the subnet has no free aligned /28 the pool grows with /32s for a while,
 //! then tries prefixes again; /32s left over once prefixes come back are released when not needed.
 
-use crate::config::Config;
+use crate::action::{Action, AddressKind, Failure, Outcome, SubnetTarget};
 use crate::pool::{Pool, PoolStats, MIN_ENI_AGE};
+use crate::settings::PoolSettings;
 use crate::time::Time;
 use std::time::Duration;
 
 /// Upstream shrinks at most this often.
 pub const SHRINK_INTERVAL: Duration = Duration::from_secs(30);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum AddressKind {
-    /// A secondary /32.
-    Ip,
-    /// A /28 prefix.
-    Prefix,
-}
-
-impl AddressKind {
-    pub fn size(self) -> u32 {
-        match self {
-            AddressKind::Ip => 1,
-            AddressKind::Prefix => 16,
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SubnetTarget {
-    /// This subnet (the ENIConfig's under custom networking).
-    Subnet(String),
-    /// Subnet discovery (upstream-ipamd.md §2.6): the tagged subnets of the node's AZ with the most free
-    /// addresses, falling back to the primary subnet.
-    Discover { primary: String },
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// AssignPrivateIpAddresses on an attached ENI.
-    AssignAddresses {
-        eni: String,
-        kind: AddressKind,
-        count: u32,
-    },
-    /// CreateNetworkInterface carrying its addresses, then attach it at the lowest free device index.
-    CreateEni {
-        subnet: SubnetTarget,
-        security_groups: Vec<String>,
-        kind: AddressKind,
-        count: u32,
-    },
-    /// UnassignPrivateIpAddresses of idle /32s and /28s of one ENI.
-    ReleaseAddresses {
-        eni: String,
-        cidrs: Vec<crate::Ipv4Cidr>,
-    },
-    /// Detach and delete an ENI without pods.
-    FreeEni { eni: String },
-    /// DescribeNetworkInterfaces of one ENI whose state we got wrong.
-    ResyncEni { eni: String },
-}
-
-impl Action {
-    pub fn eni(&self) -> Option<&str> {
-        match self {
-            Action::AssignAddresses { eni, .. }
-            | Action::ReleaseAddresses { eni, .. }
-            | Action::FreeEni { eni }
-            | Action::ResyncEni { eni } => Some(eni),
-            Action::CreateEni { .. } => None,
-        }
-    }
-
-    pub fn kind(&self) -> Option<AddressKind> {
-        match self {
-            Action::AssignAddresses { kind, .. } | Action::CreateEni { kind, .. } => Some(*kind),
-            _ => None,
-        }
-    }
-}
 
 /// Why the pool is not growing although it is short.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,47 +45,65 @@ pub struct Demand {
     pub pending_adds: u32,
 }
 
-/// The settings the policy reads, taken from `Config`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PoolSettings {
-    pub warm_eni_target: u32,
-    pub warm_ip_target: u32,
-    pub minimum_ip_target: u32,
-    pub warm_prefix_target: u32,
-    pub prefix_delegation: bool,
-    pub max_eni: Option<u32>,
-    pub ip_cooldown: Duration,
-    pub custom_networking: bool,
-    pub pod_eni: bool,
-    pub subnet_discovery: bool,
-    pub manage_enis_non_schedulable: bool,
+/// What the policy remembers between passes.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyMemory {
+    /// No growth until then: the subnet ran out of addresses (upstream's 120 s hold).
+    pub grow_hold_until: Option<Time>,
+    /// Prefix delegation grows with /32s until then: the subnet had no free aligned /28.
+    pub prefix_fallback_until: Option<Time>,
+    /// No new ENI until then: EC2 refused an attachment.
+    pub eni_hold_until: Option<Time>,
+    /// No growth until then after an unclassified failure (exponential backoff).
+    pub retry_after: Option<Time>,
+    pub consecutive_failures: u32,
+    pub last_shrink: Option<Time>,
 }
 
-impl Default for PoolSettings {
-    fn default() -> Self {
-        PoolSettings::from_config(&Config::default())
-    }
-}
+/// Holds after a failure, as upstream: a subnet out of addresses, a refused attachment.
+const HOLD: Duration = Duration::from_secs(120);
 
-impl PoolSettings {
-    pub fn from_config(c: &Config) -> PoolSettings {
-        PoolSettings {
-            warm_eni_target: c.warm_eni_target,
-            warm_ip_target: c.warm_ip_target,
-            minimum_ip_target: c.minimum_ip_target,
-            warm_prefix_target: c.warm_prefix_target,
-            prefix_delegation: c.prefix_delegation,
-            max_eni: c.max_eni,
-            ip_cooldown: c.ip_cooldown,
-            custom_networking: c.custom_networking,
-            pod_eni: c.pod_eni,
-            subnet_discovery: c.subnet_discovery,
-            manage_enis_non_schedulable: c.manage_enis_non_schedulable,
+impl PolicyMemory {
+    /// An action was sent: a release starts the shrink pacing.
+    pub fn began(&mut self, action: &Action, now: Time) {
+        if let Action::ReleaseAddresses { .. } = action {
+            self.last_shrink = Some(now);
         }
     }
 
-    pub fn ip_targets_defined(&self) -> bool {
-        self.warm_ip_target != 0 || self.minimum_ip_target != 0
+    /// The policy's reaction to how an action ended: a 120 s hold after an exhausted subnet (or /32s
+    /// instead of prefixes for as long, when it had no free /28) or a refused attachment, and
+    /// exponential backoff after a failure nobody classified. A success of growth ends the backoff.
+    pub fn learn(&mut self, action: &Action, outcome: &Outcome, now: Time) {
+        match outcome {
+            Outcome::Failed(Failure::InsufficientCidr)
+                if action.kind() == Some(AddressKind::Prefix) =>
+            {
+                self.prefix_fallback_until = Some(now + HOLD);
+            }
+            Outcome::Failed(Failure::InsufficientCidr | Failure::InsufficientAddresses) => {
+                self.grow_hold_until = Some(now + HOLD);
+            }
+            Outcome::Failed(Failure::AttachmentLimitExceeded) => {
+                self.eni_hold_until = Some(now + HOLD)
+            }
+            // The pool reads the ENI back; nothing for the policy to hold.
+            Outcome::Failed(Failure::AddressLimitExceeded | Failure::EniNotFound) => {}
+            Outcome::Failed(Failure::Other) => {
+                self.consecutive_failures += 1;
+                let backoff = Duration::from_secs(1 << self.consecutive_failures.min(6));
+                self.retry_after = Some(now + backoff);
+            }
+            _ if matches!(
+                action,
+                Action::AssignAddresses { .. } | Action::CreateEni { .. }
+            ) =>
+            {
+                self.consecutive_failures = 0;
+                self.retry_after = None;
+            }
+            _ => {}
+        }
     }
 }
 
@@ -177,6 +125,7 @@ fn active(until: Option<Time>, now: Time) -> Option<Time> {
 /// Everything the passes share.
 struct Ctx<'a> {
     pool: &'a Pool,
+    memory: &'a PolicyMemory,
     s: &'a PoolSettings,
     now: Time,
     stats: PoolStats,
@@ -186,11 +135,18 @@ struct Ctx<'a> {
     grow_kind: AddressKind,
 }
 
-pub fn decide(pool: &Pool, s: &PoolSettings, now: Time, demand: &Demand) -> Decision {
+pub fn decide(
+    pool: &Pool,
+    memory: &PolicyMemory,
+    s: &PoolSettings,
+    now: Time,
+    demand: &Demand,
+) -> Decision {
     let pd = s.prefix_delegation && pool.node.supports_prefixes;
-    let fallback = pd && active(pool.memory.prefix_fallback_until, now).is_some();
+    let fallback = pd && active(memory.prefix_fallback_until, now).is_some();
     let ctx = Ctx {
         pool,
+        memory,
         s,
         now,
         stats: pool.stats(),
@@ -206,7 +162,7 @@ pub fn decide(pool: &Pool, s: &PoolSettings, now: Time, demand: &Demand) -> Deci
         ..Decision::default()
     };
     if fallback {
-        d.wake_at = earliest(d.wake_at, pool.memory.prefix_fallback_until);
+        d.wake_at = earliest(d.wake_at, memory.prefix_fallback_until);
     }
     for eni in pool
         .enis()
@@ -296,11 +252,11 @@ fn grow(ctx: &Ctx, demand: &Demand, d: &mut Decision) {
         remaining = remaining.min((pool.node.max_pods - total).div_ceil(unit));
     }
     let holds = [
-        active(pool.memory.grow_hold_until, now),
-        active(pool.memory.retry_after, now),
+        active(ctx.memory.grow_hold_until, now),
+        active(ctx.memory.retry_after, now),
     ];
     if let Some(t) = holds.into_iter().flatten().next() {
-        d.stalls.push(if Some(t) == pool.memory.grow_hold_until {
+        d.stalls.push(if Some(t) == ctx.memory.grow_hold_until {
             Stall::SubnetFullUntil(t)
         } else {
             Stall::BackingOffUntil(t)
@@ -363,7 +319,7 @@ fn grow(ctx: &Ctx, demand: &Demand, d: &mut Decision) {
             pool.node.security_groups.clone(),
         ),
     };
-    if let Some(t) = active(pool.memory.eni_hold_until, now) {
+    if let Some(t) = active(ctx.memory.eni_hold_until, now) {
         d.stalls.push(Stall::NoRoomForEni);
         d.wake_at = earliest(d.wake_at, Some(t));
         return;
@@ -405,7 +361,7 @@ fn eni_room(pool: &Pool, s: &PoolSettings) -> u32 {
 /// when the targets hold without them.
 fn shrink(ctx: &Ctx, d: &mut Decision) {
     let (pool, s, st) = (ctx.pool, ctx.s, &ctx.stats);
-    if let Some(last) = pool.memory.last_shrink {
+    if let Some(last) = ctx.memory.last_shrink {
         if ctx.now.since(last) < SHRINK_INTERVAL {
             d.wake_at = earliest(d.wake_at, Some(last + SHRINK_INTERVAL));
             return;

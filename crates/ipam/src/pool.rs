@@ -1,8 +1,9 @@
 //! The node's address pool as plain data: ENIs, their /32 secondary IPs and /28 prefixes ("blocks"), the
 //! pods' assignments, addresses in cooldown, and what the policy has asked EC2 for but not yet heard back.
 
+use crate::action::{Action, AddressKind, Failure, Outcome};
 use crate::net::Ipv4Cidr;
-use crate::policy::{Action, AddressKind, PoolSettings};
+use crate::settings::PoolSettings;
 use crate::time::Time;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -319,54 +320,6 @@ pub enum UnassignError {
     UnknownPod(IpamKey),
 }
 
-/// How an EC2 call the policy asked for ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// AssignAddresses: the /32s or /28s EC2 added to the ENI.
-    Assigned(Vec<Ipv4Cidr>),
-    /// CreateEni: the attached ENI and the addresses it was created with.
-    EniCreated {
-        eni: EniInfo,
-        blocks: Vec<Ipv4Cidr>,
-    },
-    /// ReleaseAddresses or FreeEni succeeded.
-    Done,
-    /// ResyncEni: the addresses EC2 says the ENI has (None: the ENI no longer exists).
-    Synced(Option<Vec<Ipv4Cidr>>),
-    Failed(Failure),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Failure {
-    /// InsufficientFreeAddressesInSubnet.
-    InsufficientAddresses,
-    /// InsufficientCidrBlocks: no free aligned /28 in the subnet.
-    InsufficientCidr,
-    /// PrivateIpAddressLimitExceeded: our count of the ENI's addresses is wrong.
-    AddressLimitExceeded,
-    /// AttachmentLimitExceeded: the instance has more ENIs than we know of.
-    AttachmentLimitExceeded,
-    /// The ENI is gone.
-    EniNotFound,
-    /// Anything else after the caller's retries: try again later.
-    Other,
-}
-
-/// What the policy remembers between passes.
-#[derive(Clone, Debug, Default)]
-pub struct PolicyMemory {
-    /// No growth until then: the subnet ran out of addresses (upstream's 120 s hold).
-    pub grow_hold_until: Option<Time>,
-    /// Prefix delegation grows with /32s until then: the subnet had no free aligned /28.
-    pub prefix_fallback_until: Option<Time>,
-    /// No new ENI until then: EC2 refused an attachment.
-    pub eni_hold_until: Option<Time>,
-    /// No growth until then after an unclassified failure (exponential backoff).
-    pub retry_after: Option<Time>,
-    pub consecutive_failures: u32,
-    pub last_shrink: Option<Time>,
-}
-
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InFlight {
     pub addresses: u32,
@@ -398,7 +351,6 @@ pub struct Pool {
     /// they are looked for first, to end their cooldown.
     cooling: VecDeque<(Time, Ipv4Addr, u32)>,
     pub inflight: InFlight,
-    pub memory: PolicyMemory,
     custom_networking: bool,
 }
 
@@ -412,7 +364,6 @@ impl Pool {
             assignments: FxHashMap::default(),
             cooling: VecDeque::new(),
             inflight: InFlight::default(),
-            memory: PolicyMemory::default(),
             custom_networking: settings.custom_networking,
         }
     }
@@ -716,7 +667,7 @@ impl Pool {
     }
 
     /// Records that an action was sent to EC2.
-    pub fn begin(&mut self, action: &Action, now: Time) {
+    pub fn begin(&mut self, action: &Action) {
         match action {
             Action::AssignAddresses { eni, kind, count } => {
                 self.inflight.addresses += count * kind.size();
@@ -730,7 +681,6 @@ impl Pool {
                 self.inflight.eni_slots += count;
             }
             Action::ReleaseAddresses { eni, cidrs } => {
-                self.memory.last_shrink = Some(now);
                 if let Some(e) = self.eni_mut(eni) {
                     for b in e.blocks.iter_mut().filter(|b| cidrs.contains(&b.cidr)) {
                         b.releasing = true;
@@ -762,7 +712,6 @@ impl Pool {
         outcome: Outcome,
         now: Time,
     ) -> Vec<(IpamKey, Assignment)> {
-        const HOLD: Duration = Duration::from_secs(120);
         let mut dropped = Vec::new();
         let failure = match &outcome {
             Outcome::Failed(f) => Some(*f),
@@ -826,34 +775,13 @@ impl Pool {
                 }
             }
         }
-        match failure {
-            None => {
-                if matches!(
-                    action,
-                    Action::AssignAddresses { .. } | Action::CreateEni { .. }
-                ) {
-                    self.memory.consecutive_failures = 0;
-                    self.memory.retry_after = None;
+        // The policy reacts to failures (policy::PolicyMemory::learn); the pool only stops trusting an
+        // ENI whose count EC2 contradicted.
+        if let Some(Failure::AddressLimitExceeded | Failure::EniNotFound) = failure {
+            if let Some(id) = action.eni() {
+                if let Some(e) = self.eni_mut(id) {
+                    e.needs_resync = true;
                 }
-            }
-            Some(Failure::InsufficientCidr) if action.kind() == Some(AddressKind::Prefix) => {
-                self.memory.prefix_fallback_until = Some(now + HOLD);
-            }
-            Some(Failure::InsufficientCidr | Failure::InsufficientAddresses) => {
-                self.memory.grow_hold_until = Some(now + HOLD);
-            }
-            Some(Failure::AttachmentLimitExceeded) => self.memory.eni_hold_until = Some(now + HOLD),
-            Some(Failure::AddressLimitExceeded | Failure::EniNotFound) => {
-                if let Some(id) = action.eni() {
-                    if let Some(e) = self.eni_mut(id) {
-                        e.needs_resync = true;
-                    }
-                }
-            }
-            Some(Failure::Other) => {
-                self.memory.consecutive_failures += 1;
-                let backoff = Duration::from_secs(1 << self.memory.consecutive_failures.min(6));
-                self.memory.retry_after = Some(now + backoff);
             }
         }
         dropped
@@ -863,7 +791,7 @@ impl Pool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::policy::PoolSettings;
+    use crate::settings::PoolSettings;
 
     /// A t3.small-like node for the engine's unit tests.
     pub(crate) fn node() -> NodeSpec {

@@ -89,8 +89,8 @@ impl Reconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::PoolSettings;
     use crate::pool::EniInfo;
+    use crate::settings::PoolSettings;
     use crate::time::Time;
 
     fn pool() -> Pool {

@@ -1,9 +1,10 @@
 //! The policy as a pure function: each case builds a pool by hand and checks the actions by hand.
 
-use ipam::pool::{EniInfo, Failure, NodeSpec, Outcome};
+use ipam::action::{Failure, Outcome};
+use ipam::pool::{EniInfo, NodeSpec};
 use ipam::{
-    decide, Action, AddressKind, Config, Demand, IpamKey, Ipv4Cidr, PodMeta, Pool, PoolSettings,
-    Stall, Time,
+    decide, Action, AddressKind, Config, Demand, IpamKey, Ipv4Cidr, PodMeta, PolicyMemory, Pool,
+    PoolSettings, Stall, Time,
 };
 use std::time::Duration;
 
@@ -81,6 +82,7 @@ const LATER: Time = Time::from_secs(3600);
 fn act(p: &Pool, s: &PoolSettings, pending: u32) -> Vec<Action> {
     decide(
         p,
+        &PolicyMemory::default(),
         s,
         LATER,
         &Demand {
@@ -152,11 +154,18 @@ fn a_release_still_in_flight_is_not_asked_for_again() {
         panic!("{first:?}")
     };
     assert_eq!(releasing.len(), 3);
-    p.begin(release, LATER);
+    p.begin(release);
     // The Unassign call is still being retried a shrink interval later, when the target is 1: one more
     // address may go, and it is not one of the three already on their way.
     let s = settings(&[("WARM_IP_TARGET", "1")]);
-    let again = decide(&p, &s, LATER + Duration::from_secs(60), &Demand::default()).actions;
+    let again = decide(
+        &p,
+        &PolicyMemory::default(),
+        &s,
+        LATER + Duration::from_secs(60),
+        &Demand::default(),
+    )
+    .actions;
     let [Action::ReleaseAddresses { cidrs, .. }] = &again[..] else {
         panic!("{again:?}")
     };
@@ -182,7 +191,7 @@ fn cooling_addresses_are_not_available() {
     assert!(act(&p, &s, 0).is_empty());
     p.unassign(&IpamKey::new("aws-cni", "c0", "eth0"), LATER)
         .unwrap();
-    let d = decide(&p, &s, LATER, &Demand::default());
+    let d = decide(&p, &PolicyMemory::default(), &s, LATER, &Demand::default());
     assert!(d.actions.is_empty(), "{:?}", d.actions);
     assert_eq!(d.wake_at, Some(LATER + Duration::from_secs(30)));
 }
@@ -222,7 +231,7 @@ fn max_pods_caps_growth() {
             .map(|i| format!("10.0.0.{i}/32").parse().unwrap())
             .collect::<Vec<_>>(),
     );
-    let d = decide(&p, &s, LATER, &Demand::default());
+    let d = decide(&p, &PolicyMemory::default(), &s, LATER, &Demand::default());
     assert!(
         d.actions.is_empty() && d.stalls == [Stall::MaxPodsReached],
         "{d:?}"
@@ -235,7 +244,13 @@ fn max_eni_and_the_trunk_slot_limit_new_enis() {
     let a = act(&pool(&s, 2, 5, false, 6), &s, 0);
     assert!(a.is_empty(), "{a:?}");
     let s = settings(&[("ENABLE_POD_ENI", "true")]);
-    let d = decide(&pool(&s, 2, 5, false, 6), &s, LATER, &Demand::default());
+    let d = decide(
+        &pool(&s, 2, 5, false, 6),
+        &PolicyMemory::default(),
+        &s,
+        LATER,
+        &Demand::default(),
+    );
     assert!(
         d.actions.is_empty() && d.stalls == [Stall::NoRoomForEni],
         "{d:?}"
@@ -247,23 +262,43 @@ fn insufficient_addresses_hold_growth_for_120s() {
     let s = settings(&[("WARM_IP_TARGET", "3")]);
     let mut p = pool(&s, 1, 0, false, 0);
     let a = act(&p, &s, 0);
-    p.begin(&a[0], LATER);
+    let mut m = PolicyMemory::default();
+    p.begin(&a[0]);
+    m.learn(
+        &a[0],
+        &Outcome::Failed(Failure::InsufficientAddresses),
+        LATER,
+    );
     p.complete(
         &a[0],
         Outcome::Failed(Failure::InsufficientAddresses),
         LATER,
     );
-    let d = decide(&p, &s, LATER + Duration::from_secs(119), &Demand::default());
+    let d = decide(
+        &p,
+        &m,
+        &s,
+        LATER + Duration::from_secs(119),
+        &Demand::default(),
+    );
     assert!(d.actions.is_empty());
     assert_eq!(
         d.stalls,
         [Stall::SubnetFullUntil(LATER + Duration::from_secs(120))]
     );
-    assert_eq!(act(&p, &s, 0).len(), 0);
+    assert!(decide(&p, &m, &s, LATER, &Demand::default())
+        .actions
+        .is_empty());
     assert_eq!(
-        decide(&p, &s, LATER + Duration::from_secs(120), &Demand::default())
-            .actions
-            .len(),
+        decide(
+            &p,
+            &m,
+            &s,
+            LATER + Duration::from_secs(120),
+            &Demand::default()
+        )
+        .actions
+        .len(),
         1
     );
 }
@@ -277,10 +312,12 @@ fn prefix_delegation_falls_back_to_ips_and_returns() {
     let mut p = pool(&s, 1, 0, true, 0);
     let a = act(&p, &s, 0);
     assert_eq!(a, [assign(0, AddressKind::Prefix, 1)]);
-    p.begin(&a[0], LATER);
+    let mut m = PolicyMemory::default();
+    p.begin(&a[0]);
+    m.learn(&a[0], &Outcome::Failed(Failure::InsufficientCidr), LATER);
     p.complete(&a[0], Outcome::Failed(Failure::InsufficientCidr), LATER);
     // No aligned /28: 16 /32s instead (they fit: 5 slots hold at most 5 /32s, so 5 now and a new ENI).
-    let a = decide(&p, &s, LATER, &Demand::default()).actions;
+    let a = decide(&p, &m, &s, LATER, &Demand::default()).actions;
     assert_eq!(a[0], assign(0, AddressKind::Ip, 5));
     assert!(matches!(
         &a[1],
@@ -292,7 +329,7 @@ fn prefix_delegation_falls_back_to_ips_and_returns() {
     // After the hold, prefixes again.
     let after = LATER + Duration::from_secs(121);
     assert_eq!(
-        decide(&p, &s, after, &Demand::default()).actions,
+        decide(&p, &m, &s, after, &Demand::default()).actions,
         [assign(0, AddressKind::Prefix, 1)]
     );
 }
@@ -329,7 +366,13 @@ fn free_eni_eligibility() {
         }]
     );
     // Not before it is a minute old: decide again then.
-    let young = decide(&p, &s, Time::from_secs(59), &Demand::default());
+    let young = decide(
+        &p,
+        &PolicyMemory::default(),
+        &s,
+        Time::from_secs(59),
+        &Demand::default(),
+    );
     assert!(young.actions.is_empty(), "{young:?}");
     assert_eq!(young.wake_at, Some(Time::from_secs(60)));
     // Not when the other ENIs cannot keep WARM_IP_TARGET without it (3 free < 4: it gets filled instead).
@@ -369,7 +412,7 @@ fn free_eni_eligibility() {
 fn custom_networking_uses_the_eniconfig_and_never_the_primary() {
     let s = settings(&[("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true")]);
     let p = pool(&s, 1, 0, false, 0);
-    let d = decide(&p, &s, LATER, &Demand::default());
+    let d = decide(&p, &PolicyMemory::default(), &s, LATER, &Demand::default());
     assert_eq!(d.stalls, [Stall::NoEniConfig]);
     let mut n = node();
     n.eni_config = Some(ipam::pool::EniConfigSpec {
@@ -400,7 +443,7 @@ fn an_uncertain_eni_is_read_back_only_after_its_calls_and_used_by_nobody_until_t
     };
     assert_eq!((eni.as_str(), cidrs.len()), ("eni-1", 3));
     let released = cidrs.clone();
-    p.begin(&release, LATER);
+    p.begin(&release);
     // Another call on eni-1 timed out: its state is uncertain, but a read sent now could be answered
     // before the release and undo it.
     p.mark_for_resync("eni-1");
@@ -410,7 +453,7 @@ fn an_uncertain_eni_is_read_back_only_after_its_calls_and_used_by_nobody_until_t
     assert!(!act(&p, &s, 0).contains(&resync), "{:?}", act(&p, &s, 0));
     p.complete(&release, Outcome::Done, LATER);
     assert!(act(&p, &s, 0).contains(&resync));
-    p.begin(&resync, LATER);
+    p.begin(&resync);
     // While the read runs, no address of eni-1 is assigned or released (freeing the whole ENI stays
     // allowed: deleting it returns whatever it holds), and no pod gets one of its addresses: eni-0's
     // three free ones go, then there is none.
@@ -444,7 +487,7 @@ fn an_uncertain_eni_is_read_back_only_after_its_calls_and_used_by_nobody_until_t
         .collect();
     p.complete(&resync, Outcome::Synced(Some(kept.clone())), LATER);
     assert!(act(&p, &s, 0).contains(&resync));
-    p.begin(&resync, LATER);
+    p.begin(&resync);
     p.complete(&resync, Outcome::Synced(Some(kept)), LATER);
     assert!(!act(&p, &s, 0).contains(&resync));
     let a = p
@@ -474,7 +517,7 @@ fn a_rolling_update_does_not_grow_the_pool_for_addresses_cooling_down() {
         p.unassign(&IpamKey::new("aws-cni", &format!("c{i}"), "eth0"), LATER)
             .unwrap();
     }
-    let d = decide(&p, &s, LATER, &Demand::default());
+    let d = decide(&p, &PolicyMemory::default(), &s, LATER, &Demand::default());
     assert!(d.actions.is_empty(), "{:?}", d.actions);
     // But ADDs waiting now are not served by cooling addresses: 4 waiting, 3 free.
     let a = act(&p, &s, 4);
@@ -511,7 +554,13 @@ fn a_cordoned_node_keeps_its_pool_unless_told_to_manage_it() {
     let s = settings(&[("WARM_IP_TARGET", "2")]);
     let mut p = pool(&s, 1, 3, false, 3);
     p.node.unschedulable = true;
-    let d = decide(&p, &s, LATER, &Demand { pending_adds: 1 });
+    let d = decide(
+        &p,
+        &PolicyMemory::default(),
+        &s,
+        LATER,
+        &Demand { pending_adds: 1 },
+    );
     assert!(d.actions.is_empty(), "{:?}", d.actions);
     assert_eq!(d.stalls, [Stall::NodeUnschedulable]);
     // Nor does it shrink: 5 free over a target of 2 stay.

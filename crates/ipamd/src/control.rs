@@ -10,10 +10,13 @@ use crate::metrics::{Metrics, PoolGauges};
 use crate::store::Store;
 use cloud::ErrorKind as CloudErrorKind;
 use datapath::snat::SnatPolicy;
-use ipam::pool::{Assignment, EniConfigSpec, Outcome};
+use ipam::action::Outcome;
+use ipam::pool::{Assignment, EniConfigSpec};
 use ipam::reconcile::{self, Finding, Reconciler, Seen};
 use ipam::Ipv4Cidr;
-use ipam::{decide, Action, Demand, IpamKey, PodMeta, Pool, PoolSettings, Stall, Time};
+use ipam::{
+    decide, Action, Demand, IpamKey, PodMeta, PolicyMemory, Pool, PoolSettings, Stall, Time,
+};
 use proto::{Allocation, Attachment, DelReason, ErrorKind, Reply, Request};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -135,6 +138,7 @@ fn allocation(a: &Assignment) -> Allocation {
 
 pub struct Control {
     pool: Pool,
+    memory: PolicyMemory,
     settings: PoolSettings,
     veth_prefix: String,
     provisioning: bool,
@@ -204,6 +208,7 @@ impl Control {
     ) -> Control {
         Control {
             pool,
+            memory: PolicyMemory::default(),
             settings,
             veth_prefix,
             provisioning,
@@ -835,7 +840,7 @@ impl Control {
         let demand = Demand {
             pending_adds: self.waiting.len() as u32,
         };
-        let decision = decide(&self.pool, &self.settings, now, &demand);
+        let decision = decide(&self.pool, &self.memory, &self.settings, now, &demand);
         if decision.stalls != self.stalls && !decision.stalls.is_empty() {
             log::warn(
                 "the pool cannot grow",
@@ -846,7 +851,8 @@ impl Control {
         self.wake_at = decision.wake_at;
         for action in decision.actions {
             log::debug("action", &[("action", &format!("{action:?}"))]);
-            self.pool.begin(&action, now);
+            self.pool.begin(&action);
+            self.memory.began(&action, now);
             self.actions_in_flight += 1;
             let executor = self.executor.clone();
             let events = self.events.clone();
@@ -884,7 +890,13 @@ impl Control {
             );
         }
         let failed = matches!(report.outcome, Outcome::Failed(_));
-        let dropped = ipam::choreography::settle(&mut self.pool, &action, report, self.clock.now());
+        let dropped = ipam::choreography::settle(
+            &mut self.pool,
+            &mut self.memory,
+            &action,
+            report,
+            self.clock.now(),
+        );
         self.note_dropped(&dropped);
         if !failed {
             log::debug("action done", &[("action", &format!("{action:?}"))]);

@@ -3,7 +3,7 @@
 
 use ipam::choreography::{self, Choreography, NodeFacts, Reply, Request, Run};
 use ipam::ec2::{CloudError, ErrorKind, SubnetInfo};
-use ipam::{decide, Demand, IpamKey, Ipv4Cidr, PodMeta, Pool, PoolSettings, Time};
+use ipam::{decide, Demand, IpamKey, Ipv4Cidr, PodMeta, PolicyMemory, Pool, PoolSettings, Time};
 use rustc_hash::FxHashMap;
 use simvpc::{CreateEniRequest, SimVpc};
 use std::collections::VecDeque;
@@ -47,6 +47,7 @@ struct PendingAdd {
 pub struct Node {
     pub instance_id: String,
     pub pool: Pool,
+    pub memory: PolicyMemory,
     pub settings: PoolSettings,
     choreography: Choreography,
     calls: FxHashMap<u64, Call>,
@@ -71,6 +72,7 @@ impl Node {
         Node {
             instance_id: choreography.facts().instance_id.clone(),
             pool,
+            memory: PolicyMemory::default(),
             settings,
             choreography,
             calls: FxHashMap::default(),
@@ -162,10 +164,11 @@ impl Node {
         let demand = Demand {
             pending_adds: self.pending_adds.len() as u32,
         };
-        let d = decide(&self.pool, &self.settings, now, &demand);
+        let d = decide(&self.pool, &self.memory, &self.settings, now, &demand);
         let mut next = Vec::new();
         for action in d.actions {
-            self.pool.begin(&action, now);
+            self.pool.begin(&action);
+            self.memory.began(&action, now);
             let id = self.next_call;
             self.next_call += 1;
             // Reproducible: the jitter and the token follow from the node and the call.
@@ -216,8 +219,13 @@ impl Node {
                 }
                 choreography::Next::Done(finished) => {
                     let call = self.calls.remove(&id).expect("live call");
-                    let dropped =
-                        choreography::settle(&mut self.pool, call.run.action(), finished, now);
+                    let dropped = choreography::settle(
+                        &mut self.pool,
+                        &mut self.memory,
+                        call.run.action(),
+                        finished,
+                        now,
+                    );
                     self.counters.forced_removals += dropped.len() as u64;
                     for (key, _) in dropped {
                         self.running.retain(|_, k| *k != key);

@@ -79,7 +79,7 @@ fn steady_demand_converges_to_the_targets() {
         for pods in [5, 30, 12, 40, 3] {
             set_pods(&mut c, &mut running, pods);
             let n = &c.nodes[0];
-            let d = decide(&n.pool, &n.settings, c.now, &Demand::default());
+            let d = decide(&n.pool, &n.memory, &n.settings, c.now, &Demand::default());
             assert!(
                 d.actions.is_empty(),
                 "{settings:?} with {pods} pods still wants {:?}",

@@ -1,0 +1,49 @@
+//! The settings the engine reads, taken from `Config` once: the policy's targets, and whether the
+//! primary ENI gives pod addresses (custom networking), which the pool's counts depend on.
+
+use crate::config::Config;
+use std::time::Duration;
+
+/// The settings the policy reads, taken from `Config`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub warm_eni_target: u32,
+    pub warm_ip_target: u32,
+    pub minimum_ip_target: u32,
+    pub warm_prefix_target: u32,
+    pub prefix_delegation: bool,
+    pub max_eni: Option<u32>,
+    pub ip_cooldown: Duration,
+    pub custom_networking: bool,
+    pub pod_eni: bool,
+    pub subnet_discovery: bool,
+    pub manage_enis_non_schedulable: bool,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings::from_config(&Config::default())
+    }
+}
+
+impl PoolSettings {
+    pub fn from_config(c: &Config) -> PoolSettings {
+        PoolSettings {
+            warm_eni_target: c.warm_eni_target,
+            warm_ip_target: c.warm_ip_target,
+            minimum_ip_target: c.minimum_ip_target,
+            warm_prefix_target: c.warm_prefix_target,
+            prefix_delegation: c.prefix_delegation,
+            max_eni: c.max_eni,
+            ip_cooldown: c.ip_cooldown,
+            custom_networking: c.custom_networking,
+            pod_eni: c.pod_eni,
+            subnet_discovery: c.subnet_discovery,
+            manage_enis_non_schedulable: c.manage_enis_non_schedulable,
+        }
+    }
+
+    pub fn ip_targets_defined(&self) -> bool {
+        self.warm_ip_target != 0 || self.minimum_ip_target != 0
+    }
+}
