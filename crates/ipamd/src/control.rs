@@ -164,6 +164,24 @@ pub struct Control {
     reconciler: Reconciler,
 }
 
+/// What the loop is made of: the pool and settings start-up built, and its effects on the world (the
+/// checkpoint file, the executor of EC2 actions, the metrics, the clock), so that a test can give it
+/// others.
+pub struct Deps {
+    pub pool: Pool,
+    pub settings: PoolSettings,
+    /// The host veth prefix (AWS_VPC_K8S_CNI_VETHPREFIX), to find a vanished pod's host side.
+    pub veth_prefix: String,
+    /// False with DISABLE_NETWORK_RESOURCE_PROVISIONING=true: the pool is never grown or shrunk.
+    pub provisioning: bool,
+    pub store: Store,
+    pub executor: Arc<dyn Actions>,
+    /// The loop's own queue, for the actions it spawns to report back on.
+    pub events: mpsc::UnboundedSender<Event>,
+    pub metrics: Arc<Metrics>,
+    pub clock: Clock,
+}
+
 /// What start-up learned of the host that the periodic IMDS read is compared with.
 pub struct HostFacts {
     /// ENIs attached that are not in the pool (someone else's, or unusable), with their device
@@ -194,18 +212,18 @@ impl HostFacts {
 }
 
 impl Control {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        pool: Pool,
-        settings: PoolSettings,
-        veth_prefix: String,
-        provisioning: bool,
-        store: Store,
-        executor: Arc<dyn Actions>,
-        events: mpsc::UnboundedSender<Event>,
-        metrics: Arc<Metrics>,
-        clock: Clock,
-    ) -> Control {
+    pub fn new(deps: Deps) -> Control {
+        let Deps {
+            pool,
+            settings,
+            veth_prefix,
+            provisioning,
+            store,
+            executor,
+            events,
+            metrics,
+            clock,
+        } = deps;
         Control {
             pool,
             memory: PolicyMemory::default(),

@@ -8,5 +8,6 @@ pub mod http;
 pub mod introspect;
 pub mod log;
 pub mod metrics;
+pub mod plugin_socket;
 pub mod startup;
 pub mod store;

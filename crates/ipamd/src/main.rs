@@ -13,14 +13,14 @@ use ipamd::metrics::Metrics;
 use ipamd::startup;
 use ipamd::store::Store;
 use k8s::{Cluster, ClusterSettings};
-use proto::{ErrorKind, Listener, Reply};
+use proto::Listener;
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 #[derive(Parser)]
 #[command(name = "vpc-ipamd", version, about = "The vpc-cni-rs node daemon")]
@@ -262,13 +262,7 @@ async fn run(
 
     let listener = Listener::bind(&args.socket)
         .map_err(|e| format!("plugin socket {}: {e}", args.socket.display()))?;
-    {
-        let events = events.clone();
-        std::thread::Builder::new()
-            .name("plugin-socket".into())
-            .spawn(move || accept_plugin_connections(listener, events))
-            .map_err(|e| e.to_string())?;
-    }
+    ipamd::plugin_socket::spawn(listener, events.clone()).map_err(|e| e.to_string())?;
     if !config.disable_introspection {
         let listener = tokio::net::TcpListener::bind(&config.introspection_bind)
             .await
@@ -359,41 +353,6 @@ fn follow_cluster(
                 )
                 .await
         });
-    }
-}
-
-/// One thread per plugin connection: each carries one short request, and the thread waits for
-/// the control loop's answer.
-fn accept_plugin_connections(listener: Listener, events: mpsc::UnboundedSender<Event>) {
-    loop {
-        let stream = match listener.accept() {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn("plugin socket accept", &[("error", &e)]);
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        let events = events.clone();
-        let _ = std::thread::Builder::new()
-            .name("plugin-request".into())
-            .stack_size(128 * 1024)
-            .spawn(move || {
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                let _ = proto::serve_one(&stream, |request| {
-                    let (reply, answer) = oneshot::channel();
-                    if events.send(Event::Plugin { request, reply }).is_err() {
-                        return Reply::Error {
-                            kind: ErrorKind::Unavailable,
-                            message: "vpc-ipamd is stopping".into(),
-                        };
-                    }
-                    answer.blocking_recv().unwrap_or(Reply::Error {
-                        kind: ErrorKind::Unavailable,
-                        message: "vpc-ipamd is stopping".into(),
-                    })
-                });
-            });
     }
 }
 

@@ -2,7 +2,7 @@
 //! and host rules, the checkpoint restored against what EC2 and the host show, and a control loop
 //! ready to warm the pool.
 
-use crate::control::{self, Control, Event, HostFacts};
+use crate::control::{self, Control, Deps, Event, HostFacts};
 use crate::executor::{self, blocks_of, Executor, HostLinks, Links};
 use crate::log;
 use crate::metrics::Metrics;
@@ -553,17 +553,17 @@ pub async fn start(
 
     let (events, receiver) = mpsc::unbounded_channel();
     let pool_ids: HashSet<String> = pool.enis().iter().map(|e| e.info.id.clone()).collect();
-    let control = Control::new(
+    let control = Control::new(Deps {
         pool,
         settings,
-        config.veth_prefix.clone(),
-        !config.disable_provisioning,
+        veth_prefix: config.veth_prefix.clone(),
+        provisioning: !config.disable_provisioning,
         store,
-        executor.clone(),
-        events.clone(),
+        executor: executor.clone(),
+        events: events.clone(),
         metrics,
         clock,
-    )
+    })
     .with_host(HostFacts {
         foreign_enis: attached
             .iter()

@@ -8,7 +8,7 @@ use ipam::choreography::{LinkSpec, NodeFacts};
 use ipam::limits::InstanceLimits;
 use ipam::pool::{EniConfigSpec, EniInfo};
 use ipam::{Config, Ipv4Cidr, Ipv6Cidr, NodeSpec, Pool, PoolSettings, Time};
-use ipamd::control::{Clock, Control, Event};
+use ipamd::control::{Clock, Control, Deps, Event};
 use ipamd::executor::{Executor, Links};
 use ipamd::metrics::Metrics;
 use ipamd::store::Store;
@@ -358,17 +358,17 @@ fn start(setup: Setup) -> Node {
     std::fs::write(dir.path().join("a-file"), "").unwrap();
     let checkpoint = dir.path().join(setup.checkpoint);
     let (events, receiver) = mpsc::unbounded_channel();
-    let mut control = Control::new(
+    let mut control = Control::new(Deps {
         pool,
         settings,
-        "tstx".into(),
-        true,
-        Store::new(&checkpoint),
-        Arc::new(executor),
-        events.clone(),
+        veth_prefix: "tstx".into(),
+        provisioning: true,
+        store: Store::new(&checkpoint),
+        executor: Arc::new(executor),
+        events: events.clone(),
         metrics,
         clock,
-    );
+    });
     if let Some(grace) = setup.vanished_pod_grace {
         control = control.in_cluster(k8s::Reporter::disabled(), grace);
     }
@@ -673,4 +673,33 @@ async fn pods_held(node: &Node) -> Vec<String> {
         pods
     })
     .await
+}
+
+/// The plugin's socket as the daemon serves it: a root peer's request reaches the loop and comes
+/// back answered; anyone else is refused without reaching it. Whichever this test runs as, it
+/// checks the behaviour for that user.
+#[tokio::test(start_paused = true)]
+async fn the_plugin_socket_serves_root_and_refuses_anyone_else() {
+    use std::os::unix::fs::MetadataExt;
+    let node = start(Setup::default());
+    let socket = node._dir.path().join("run/ipamd.sock");
+    let listener = proto::Listener::bind(&socket).unwrap();
+    ipamd::plugin_socket::spawn(listener, node.events.clone()).unwrap();
+    let root = std::fs::metadata(node._dir.path().join("a-file"))
+        .unwrap()
+        .uid()
+        == 0;
+    let reply = tokio::task::spawn_blocking(move || {
+        proto::call(&socket, &Request::Status, Duration::from_secs(10))
+    })
+    .await
+    .unwrap()
+    .expect("the socket answers");
+    match (root, reply) {
+        (true, Reply::Status { .. }) => {}
+        (false, Reply::Error { message, .. }) => {
+            assert!(message.contains("only root"), "{message}")
+        }
+        (root, other) => panic!("as root={root}: {other:?}"),
+    }
 }
