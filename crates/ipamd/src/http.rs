@@ -1,12 +1,21 @@
-//! A small HTTP/1.1 server for GET endpoints (introspection, metrics, probes): one request per
-//! connection, bounded header size, 5 s to send the request, as upstream's servers.
+//! The daemon's GET endpoints (introspection, metrics, probes) on hyper's HTTP/1.1 server, which the
+//! daemon links already for its clients (the AWS SDK, kube-rs): one request per connection, 8 KiB of
+//! headers at most, 5 s to send them, as upstream's servers.
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONNECTION, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 pub struct Response {
     pub status: u16,
@@ -35,6 +44,7 @@ impl Response {
 pub type Routes =
     Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync>;
 
+/// hyper's smallest read buffer, which bounds the request head.
 const MAX_HEAD: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -46,62 +56,97 @@ pub async fn serve(listener: TcpListener, routes: Routes) {
         };
         let routes = routes.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT * 2, connection(stream, routes)).await;
+            let service = service_fn(move |request| respond(request, routes.clone()));
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(REQUEST_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT * 2, connection).await;
         });
     }
 }
 
-async fn connection(mut stream: TcpStream, routes: Routes) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut buf))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > MAX_HEAD {
-            return write(
-                &mut stream,
-                &Response::text(431, "request header too large"),
-            )
-            .await;
-        }
-    }
-    let line = String::from_utf8_lossy(&head);
-    let mut parts = line.split_whitespace();
-    let response = match (parts.next(), parts.next()) {
-        (Some("GET"), Some(target)) => {
-            let path = target.split('?').next().unwrap_or("/").to_string();
-            routes(path).await
-        }
-        (Some(_), Some(_)) => Response::text(405, "only GET is served"),
-        _ => Response::text(400, "bad request line"),
+async fn respond(
+    request: hyper::Request<Incoming>,
+    routes: Routes,
+) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+    let response = if request.method() == Method::GET {
+        routes(request.uri().path().to_string()).await
+    } else {
+        Response::text(405, "only GET is served")
     };
-    write(&mut stream, &response).await
+    let mut reply = hyper::Response::new(Full::new(Bytes::from(response.body)));
+    *reply.status_mut() =
+        StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = reply.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        response.content_type.parse().expect("a valid header"),
+    );
+    headers.insert(CONNECTION, "close".parse().expect("a valid header"));
+    Ok(reply)
 }
 
-async fn write(stream: &mut TcpStream, response: &Response) -> std::io::Result<()> {
-    let reason = match response.status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "",
-    };
-    let head = format!(
-        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        response.status,
-        response.content_type,
-        response.body.len()
-    );
-    // One write: a head and a body sent apart wait out the client's delayed ACK under Nagle.
-    let mut message = head.into_bytes();
-    message.extend_from_slice(response.body.as_bytes());
-    stream.write_all(&message).await?;
-    stream.shutdown().await
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    async fn server() -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let routes: Routes = Arc::new(|path: String| {
+            Box::pin(async move {
+                match path.as_str() {
+                    "/v1/enis" => Response::json(&serde_json::json!({"enis": 1})),
+                    _ => Response::text(404, "not found"),
+                }
+            })
+        });
+        tokio::spawn(serve(listener, routes));
+        address
+    }
+
+    /// The raw answer to `request`, from a plain blocking client.
+    async fn raw(address: std::net::SocketAddr, request: Vec<u8>) -> String {
+        tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(address).unwrap();
+            stream.write_all(&request).unwrap();
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer);
+            answer
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn gets_are_routed_and_everything_else_refused() {
+        let address = server().await;
+        let (status, body) =
+            tokio::task::spawn_blocking(move || proto::http_get(address, "/v1/enis?x=1"))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!((status, body.as_str()), (200, r#"{"enis":1}"#));
+        let answer = raw(address, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()).await;
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+        let answer = raw(
+            address,
+            b"POST /v1/enis HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+        let mut huge = b"GET /v1/enis HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', 3 * MAX_HEAD));
+        huge.extend_from_slice(b"\r\n\r\n");
+        let answer = raw(address, huge).await;
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    }
 }
