@@ -1,7 +1,8 @@
 //! The simulator's plots, as SVG and PNG (the same geometry; the PNG's text in capitals of a 5x7 pixel
 //! font): addresses held vs in use, EC2 mutating calls per second against the account's refill rate,
-//! and the distribution of ADD waits. Both formats are written by hand: a few lines of each are all a
-//! line chart needs, and the PNG is stored uncompressed.
+//! and the distribution of ADD waits, with axes in round steps. The drawing is our own (a few lines
+//! of SVG, a small rasteriser); the PNG is encoded by the `png` crate. See docs/architecture.md for
+//! why not plotters.
 
 use crate::Report;
 use std::fmt::Write;
@@ -54,9 +55,12 @@ impl Chart {
         if !self.x_ticks.is_empty() {
             return self.x_ticks.clone();
         }
-        (0..=4)
+        let step = round_step((f.x1 - f.x0) / 4.0);
+        let first = (f.x0 / step).ceil() as i64;
+        let last = (f.x1 / step + 1e-9).floor() as i64;
+        (first..=last)
             .map(|i| {
-                let x = f.x0 + (f.x1 - f.x0) * i as f64 / 4.0;
+                let x = i as f64 * step;
                 (x, tick(x))
             })
             .collect()
@@ -185,6 +189,17 @@ struct Frame {
     x0: f64,
     x1: f64,
     y1: f64,
+    y_step: f64,
+}
+
+/// The round step (1, 2 or 5 times a power of ten) nearest above `rough`.
+fn round_step(rough: f64) -> f64 {
+    let scale = 10f64.powf(rough.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * scale)
+        .find(|step| *step >= rough * 0.999_999)
+        .unwrap_or(10.0 * scale)
 }
 
 impl Frame {
@@ -208,11 +223,20 @@ impl Frame {
         if !x0.is_finite() || x1 <= x0 {
             (x0, x1) = (0.0, 1.0);
         }
+        let y_step = round_step(if y1 > 0.0 { y1 } else { 1.0 } / 4.0);
         Frame {
             x0,
             x1,
-            y1: if y1 > 0.0 { y1 * 1.05 } else { 1.0 },
+            // The top tick at or above the highest value.
+            y1: (y1 / y_step).ceil().max(1.0) * y_step,
+            y_step,
         }
+    }
+
+    /// 0 to the top in round steps.
+    fn y_ticks(&self) -> Vec<f64> {
+        let n = (self.y1 / self.y_step).round() as u32;
+        (0..=n).map(|i| f64::from(i) * self.y_step).collect()
     }
 
     fn px(&self, x: f64) -> f64 {
@@ -255,8 +279,7 @@ impl Chart {
             r#"<path d="M{left:.1} {TOP:.1} V{bottom:.1} H{:.1}" stroke="black" fill="none"/>"#,
             WIDTH as f64 - RIGHT
         );
-        for i in 0..=4 {
-            let y = f.y1 * i as f64 / 4.0;
+        for y in f.y_ticks() {
             let _ = writeln!(
                 o,
                 r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
@@ -343,14 +366,13 @@ impl Chart {
         let (bottom, left, right) = (f.py(0.0), f.px(f.x0), WIDTH as f64 - RIGHT);
         c.line((left, TOP), (left, bottom), [0; 3]);
         c.line((left, bottom), (right, bottom), [0; 3]);
-        for i in 1..=4 {
-            let y = f.py(f.y1 * i as f64 / 4.0);
+        for y in f.y_ticks().into_iter().skip(1) {
+            let y = f.py(y);
             c.line((left, y), (right, y), [0xe0; 3]);
         }
         // Text where the SVG has it: (x, y) is the middle of the text's left, centre or right end.
         c.text(&self.title, (WIDTH as f64 / 2.0, 18.0), Anchor::Middle, 2);
-        for i in 0..=4 {
-            let y = f.y1 * i as f64 / 4.0;
+        for y in f.y_ticks() {
             c.text(&tick(y), (left - 6.0, f.py(y)), Anchor::End, 1);
         }
         for (x, label) in self.x_ticks(&f) {
@@ -564,76 +586,87 @@ impl Canvas {
     }
 
     /// PNG, 8-bit RGB, one zlib stream of stored deflate blocks.
+    /// The `png` crate's encoder: compressed, with its checksums, where a stored-block encoder of our
+    /// own wrote four times the bytes.
     fn encode(&self) -> Vec<u8> {
-        let mut raw = Vec::with_capacity(HEIGHT * (1 + WIDTH * 3));
-        for row in self.pixels.chunks(WIDTH * 3) {
-            raw.push(0); // filter type: none
-            raw.extend_from_slice(row);
-        }
-        let mut zlib = vec![0x78, 0x01];
-        let blocks: Vec<&[u8]> = raw.chunks(65_535).collect();
-        for (i, block) in blocks.iter().enumerate() {
-            zlib.push(u8::from(i + 1 == blocks.len()));
-            let len = block.len() as u16;
-            zlib.extend_from_slice(&len.to_le_bytes());
-            zlib.extend_from_slice(&(!len).to_le_bytes());
-            zlib.extend_from_slice(block);
-        }
-        zlib.extend_from_slice(&adler32(&raw).to_be_bytes());
-
-        let mut header = Vec::new();
-        header.extend_from_slice(&(WIDTH as u32).to_be_bytes());
-        header.extend_from_slice(&(HEIGHT as u32).to_be_bytes());
-        header.extend_from_slice(&[8, 2, 0, 0, 0]); // 8 bits, RGB, deflate, adaptive filter, no interlace
-        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-        for (kind, data) in [(b"IHDR", header), (b"IDAT", zlib), (b"IEND", Vec::new())] {
-            png.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            let start = png.len();
-            png.extend_from_slice(kind);
-            png.extend_from_slice(&data);
-            let crc = crc32(&png[start..]);
-            png.extend_from_slice(&crc.to_be_bytes());
-        }
-        png
+        let mut out = Vec::new();
+        let mut encoder = png::Encoder::new(&mut out, WIDTH as u32, HEIGHT as u32);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder
+            .write_header()
+            .and_then(|mut w| w.write_image_data(&self.pixels))
+            .expect("an in-memory PNG of a fixed size encodes");
+        out
     }
-}
-
-fn adler32(data: &[u8]) -> u32 {
-    let (mut a, mut b) = (1u32, 0u32);
-    for chunk in data.chunks(5552) {
-        for &byte in chunk {
-            a += u32::from(byte);
-            b += a;
-        }
-        a %= 65_521;
-        b %= 65_521;
-    }
-    (b << 16) | a
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in data {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn chart(y_max: f64, x_max: f64) -> Chart {
+        Chart {
+            title: "t".into(),
+            x_label: "x".into(),
+            y_label: "y".into(),
+            x_ticks: Vec::new(),
+            series: vec![Series {
+                name: "s".into(),
+                colour: BLUE,
+                mark: Mark::Line(vec![(0.0, 0.0), (x_max, y_max)]),
+            }],
+        }
+    }
+
+    /// 1, 2 or 5 times a power of ten.
+    fn round(step: f64) -> bool {
+        let scale = 10f64.powf(step.log10().floor());
+        [1.0, 2.0, 5.0, 10.0]
+            .iter()
+            .any(|m| (step / scale - m).abs() < 1e-9)
+    }
+
     #[test]
-    fn checksums_match_their_specifications() {
-        // The check values of RFC 1950's Adler-32 and of the CRC-32 used by PNG and zip.
-        assert_eq!(adler32(b"Wikipedia"), 0x11e6_0398);
-        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+    fn ticks_land_on_round_numbers_and_cover_the_data() {
+        for (y_max, x_max) in [
+            (63.3, 86_400.0),
+            (1.0, 60.0),
+            (977.0, 7.5),
+            (0.37, 1.0),
+            (12_345.0, 3.0),
+        ] {
+            let c = chart(y_max, x_max);
+            let f = Frame::of(&c);
+            let ys = f.y_ticks();
+            assert!(ys.len() >= 3 && ys.len() <= 7, "{y_max}: {ys:?}");
+            let step = ys[1] - ys[0];
+            assert!(round(step), "{y_max}: step {step}");
+            assert!(ys.windows(2).all(|w| ((w[1] - w[0]) - step).abs() < 1e-9));
+            assert_eq!(ys[0], 0.0);
+            assert!(
+                *ys.last().unwrap() >= y_max && f.y1 >= y_max,
+                "{y_max}: {ys:?}"
+            );
+            let xs: Vec<f64> = c.x_ticks(&f).into_iter().map(|(x, _)| x).collect();
+            let step = xs[1] - xs[0];
+            assert!(round(step), "{x_max}: x step {step} in {xs:?}");
+            assert!(xs
+                .iter()
+                .all(|x| (x / step).fract().abs() < 1e-9 && *x <= x_max));
+        }
+    }
+
+    #[test]
+    fn the_png_decodes_to_the_chart() {
+        let bytes = chart(63.3, 100.0).png();
+        let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+        let mut reader = decoder.read_info().expect("a PNG");
+        let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut pixels).unwrap();
+        assert_eq!((info.width, info.height), (WIDTH as u32, HEIGHT as u32));
+        assert_eq!(&pixels[..3], &[0xff; 3], "a white corner");
+        let blue = pixels.chunks(3).filter(|p| *p == BLUE).count();
+        assert!(blue > 100, "the series is drawn: {blue} blue pixels");
     }
 }

@@ -1,4 +1,5 @@
-//! The plots are opened by an independent reader: Python's zlib and XML parser.
+//! The plots are opened by an independent reader: Python's zlib (with the PNG row filters undone by
+//! hand) and its XML parser.
 
 use sim::{Cluster, Scenario};
 use std::process::Command;
@@ -23,7 +24,21 @@ w, h, depth, colour = size
 assert (depth, colour) == (8, 2), size
 raw = zlib.decompress(idat)
 assert len(raw) == h * (1 + 3 * w), len(raw)
-rows = [raw[r * (1 + 3 * w) + 1:(r + 1) * (1 + 3 * w)] for r in range(h)]
+# Undo each row's filter (PNG spec, section 9; 3 bytes a pixel).
+def paeth(a, b, c):
+    p = a + b - c
+    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+    return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+rows, prior = [], bytes(3 * w)
+for r in range(h):
+    kind, line = raw[r * (1 + 3 * w)], bytearray(raw[r * (1 + 3 * w) + 1:(r + 1) * (1 + 3 * w)])
+    assert kind <= 4, kind
+    for i in range(len(line)):
+        a = line[i - 3] if i >= 3 else 0
+        b, c = prior[i], (prior[i - 3] if i >= 3 else 0)
+        line[i] = (line[i] + [0, a, b, (a + b) // 2, paeth(a, b, c)][kind]) & 0xff
+    rows.append(bytes(line))
+    prior = rows[-1]
 def pixels(rows, x0, x1, colour):
     return sum(1 for row in rows for x in range(x0, x1) if row[3 * x:3 * x + 3] == bytes(colour))
 blue = pixels(rows, 0, w, [0x1f, 0x77, 0xb4])

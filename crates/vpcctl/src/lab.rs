@@ -4,8 +4,8 @@
 
 use crate::print_json;
 use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
 use sim::{Cluster, Scenario};
-use std::io::IsTerminal;
 use std::time::Instant;
 
 #[derive(Subcommand)]
@@ -214,13 +214,13 @@ pub fn run(command: Command) -> Result<(), String> {
                 max_p99_wait_ms: max_p99_wait,
                 max_ec2_calls,
             };
-            let show_progress = !json && std::io::stderr().is_terminal();
+            let bar = progress_bar(json, "{bar:30} {pos}/{len} runs ({elapsed})");
             let progress = |done: usize, total: usize| {
-                if show_progress {
-                    draw_progress(done as f64 / total as f64, &format!("{done}/{total} runs"));
-                }
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
             };
             let report = sim::tune::tune(&scenario, bounds, threads(), &progress)?;
+            bar.finish_and_clear();
             if json {
                 print_json(&report);
             } else {
@@ -239,16 +239,13 @@ pub fn run(command: Command) -> Result<(), String> {
             if !compare.is_empty() {
                 return simulate_compare(&scenario, compare, json, plots.as_deref());
             }
-            let show_progress = !json && std::io::stderr().is_terminal();
-            let duration = scenario.duration_secs;
-            let mut progress = |done: f64| {
-                if show_progress {
-                    let what = format!("{:.0}% of {duration} simulated seconds", done * 100.0);
-                    draw_progress(done, &what);
-                }
-            };
+            let bar = progress_bar(json, "{bar:30} {pos}/{len} simulated seconds ({elapsed})");
+            bar.set_length(scenario.duration_secs);
+            let duration = scenario.duration_secs as f64;
+            let mut progress = |done: f64| bar.set_position((done * duration) as u64);
             let started = Instant::now();
             let report = Cluster::new(scenario)?.run_with_progress(&mut progress)?;
+            bar.finish_and_clear();
             let wall = started.elapsed();
             if let Some(dir) = &plots {
                 write_plots(dir, &report)?;
@@ -268,17 +265,15 @@ pub fn run(command: Command) -> Result<(), String> {
     }
 }
 
-/// A bar on standard error, redrawn in place; the line ends when `done` reaches 1.
-fn draw_progress(done: f64, what: &str) {
-    let filled = (done.clamp(0.0, 1.0) * 30.0) as usize;
-    eprint!(
-        "\r[{}{}] {what}",
-        "#".repeat(filled),
-        " ".repeat(30 - filled)
-    );
-    if done >= 1.0 {
-        eprintln!();
+/// A progress bar on standard error (indicatif draws it only on a terminal, at most 20 times a
+/// second), or none with `--json`.
+fn progress_bar(json: bool, template: &str) -> ProgressBar {
+    if json {
+        return ProgressBar::hidden();
     }
+    let bar = ProgressBar::new(0);
+    bar.set_style(ProgressStyle::with_template(template).expect("the templates are valid"));
+    bar
 }
 
 /// The simulator runs of tune and compare, one per core.
