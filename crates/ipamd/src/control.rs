@@ -5,7 +5,6 @@
 //! makes no EC2 calls.
 
 use crate::executor::{Actions, Report};
-use crate::log;
 use crate::metrics::{Metrics, PoolGauges};
 use crate::store::Store;
 use cloud::ErrorKind as CloudErrorKind;
@@ -356,7 +355,7 @@ impl Control {
             self.after_events();
             if let Phase::Draining { until } = self.phase {
                 if Instant::now() >= until && self.actions_in_flight == 0 {
-                    log::info("stopped", &[]);
+                    tracing::info!("stopped");
                     return;
                 }
             }
@@ -388,15 +387,7 @@ impl Control {
             self.phase = Phase::Ready;
             self.metrics.started(self.started.elapsed());
             let stats = self.pool.stats();
-            log::info(
-                "ready",
-                &[
-                    ("after_ms", &self.started.elapsed().as_millis()),
-                    ("addresses", &stats.total),
-                    ("available", &stats.available),
-                    ("enis", &self.pool.enis().len()),
-                ],
-            );
+            tracing::info!(after_ms = %self.started.elapsed().as_millis(), addresses = %stats.total, available = %stats.available, enis = %self.pool.enis().len(), "ready");
         }
     }
 
@@ -427,10 +418,7 @@ impl Control {
                     Instant::now() + DRAIN
                 };
                 if !matches!(self.phase, Phase::Draining { .. }) {
-                    log::info(
-                        "stopping: no new allocations, DEL still served",
-                        &[("drain_s", &(until - Instant::now()).as_secs())],
-                    );
+                    tracing::info!(drain_s = %(until - Instant::now()).as_secs(), "stopping: no new allocations, DEL still served");
                 }
                 self.phase = Phase::Draining { until };
                 for w in self.waiting.drain(..) {
@@ -533,7 +521,7 @@ impl Control {
                 let released = match unassigned {
                     Ok(a) => {
                         self.dirty = true;
-                        log::debug("released", &[("ip", &a.ip), ("pod", &a.meta.name)]);
+                        tracing::debug!(ip = %a.ip, pod = %a.meta.name, "released");
                         Some(allocation(&a))
                     }
                     Err(_) => None,
@@ -568,10 +556,7 @@ impl Control {
                     .collect();
                 for key in &doomed {
                     if let Ok(a) = self.pool.unassign(key, now) {
-                        log::info(
-                            "collected",
-                            &[("ip", &a.ip), ("container", &key.container_id)],
-                        );
+                        tracing::info!(ip = %a.ip, container = %key.container_id, "collected");
                         self.dirty = true;
                     }
                 }
@@ -591,18 +576,12 @@ impl Control {
         match spec {
             Ok(spec) => {
                 if self.pool.node.eni_config.as_ref() != Some(&spec) {
-                    log::info(
-                        "ENIConfig",
-                        &[("source", &source), ("subnet", &spec.subnet)],
-                    );
+                    tracing::info!(source = %source, subnet = %spec.subnet, "ENIConfig");
                 }
                 self.pool.node.eni_config = Some(spec);
             }
             Err(why) => {
-                log::error(
-                    "custom networking has no ENIConfig: no new ENIs",
-                    &[("source", &source), ("why", &why)],
-                );
+                tracing::error!(source = %source, why = %why, "custom networking has no ENIConfig: no new ENIs");
                 self.reporter.warning(
                     "MissingENIConfig",
                     &format!("{source}: {why}; no ENI can be created for pods"),
@@ -618,17 +597,14 @@ impl Control {
     /// pool as it is (AWS_MANAGE_ENIS_NON_SCHEDULABLE).
     fn node_changed(&mut self, view: &k8s::NodeView) {
         if self.pool.node.unschedulable != view.unschedulable {
-            log::info("the Node", &[("unschedulable", &view.unschedulable)]);
+            tracing::info!(unschedulable = %view.unschedulable, "the Node");
             self.pool.node.unschedulable = view.unschedulable;
         }
         let Some(max_pods) = view.max_pods else {
             return;
         };
         if self.pool.node.max_pods != max_pods {
-            log::info(
-                "maxPods from the Node",
-                &[("was", &self.pool.node.max_pods), ("now", &max_pods)],
-            );
+            tracing::info!(was = %self.pool.node.max_pods, now = %max_pods, "maxPods from the Node");
             self.pool.node.max_pods = max_pods;
         }
     }
@@ -644,20 +620,13 @@ impl Control {
             // holds is what `host` says, and a failure is tried again at the next read.
             match tokio::task::block_in_place(|| policy.apply()) {
                 Ok(()) => {
-                    log::info(
-                        "the VPC's CIDRs changed; SNAT exemptions follow",
-                        &[
-                            ("was", &cidrs(&host.vpc_cidrs)),
-                            ("now", &cidrs(&network.vpc_cidrs)),
-                        ],
-                    );
+                    tracing::info!(was = %cidrs(&host.vpc_cidrs), now = %cidrs(&network.vpc_cidrs), "the VPC's CIDRs changed; SNAT exemptions follow");
                     host.vpc_cidrs = network.vpc_cidrs.clone();
                     host.snat = policy;
                 }
-                Err(e) => log::error(
-                    "SNAT table update; tried again at the next read",
-                    &[("error", &e)],
-                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "SNAT table update; tried again at the next read")
+                }
             }
         }
         let seen: Vec<Seen> = network
@@ -682,10 +651,7 @@ impl Control {
                     } else {
                         "detached"
                     };
-                    log::warn(
-                        "IMDS shows an ENI differently from the pool (changed out of band)",
-                        &[("eni", &eni), ("what", &kind)],
-                    );
+                    tracing::warn!(eni = %eni, what = %kind, "IMDS shows an ENI differently from the pool (changed out of band)");
                     self.metrics
                         .count("vpccni_reconcile_findings_total", &[("kind", kind)]);
                     if self.provisioning {
@@ -701,10 +667,7 @@ impl Control {
                     }
                 }
                 Finding::Unknown { eni, device } => {
-                    log::warn(
-                        "an ENI was attached by someone else; left alone, its device index avoided",
-                        &[("eni", &eni), ("device", &device)],
-                    );
+                    tracing::warn!(eni = %eni, device = %device, "an ENI was attached by someone else; left alone, its device index avoided");
                     self.metrics
                         .count("vpccni_reconcile_findings_total", &[("kind", "foreign")]);
                     self.executor.avoid_device(device);
@@ -715,10 +678,7 @@ impl Control {
                     let Some((device, card)) = host.foreign_enis.remove(&eni) else {
                         continue;
                     };
-                    log::info(
-                        "an ENI that is not ours was detached; its slot is free again",
-                        &[("eni", &eni), ("device", &device)],
-                    );
+                    tracing::info!(eni = %eni, device = %device, "an ENI that is not ours was detached; its slot is free again");
                     if card == 0 {
                         self.executor.stop_avoiding(device);
                         self.pool.node.unmanaged_enis =
@@ -764,14 +724,7 @@ impl Control {
                 self.dirty = true;
                 self.metrics
                     .count("vpccni_vanished_pod_releases_total", &[]);
-                log::info(
-                    "released the address of a pod the API server no longer has",
-                    &[
-                        ("ip", &a.ip),
-                        ("pod", &format!("{}/{}", a.meta.namespace, a.meta.name)),
-                        ("container", &key.container_id),
-                    ],
-                );
+                tracing::info!(ip = %a.ip, pod = %format!("{}/{}", a.meta.namespace, a.meta.name), container = %key.container_id, "released the address of a pod the API server no longer has");
             }
         }
         // One pass over the host's links and rules for all the pods released in this snapshot,
@@ -780,7 +733,7 @@ impl Control {
             let prefix = self.veth_prefix.clone();
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = datapath::pod::remove_pods_host_state(&prefix, &released) {
-                    log::warn("removing vanished pods' host side", &[("error", &e)]);
+                    tracing::warn!(error = %e, "removing vanished pods' host side");
                 }
             });
         }
@@ -807,7 +760,7 @@ impl Control {
                 if detail.is_empty() { "" } else { ": " },
                 detail
             );
-            log::warn("ADD timed out", &[("pod", &w.meta.name), ("why", &message)]);
+            tracing::warn!(pod = %w.meta.name, why = %message, "ADD timed out");
             self.send(
                 w.reply,
                 Reply::Error {
@@ -833,10 +786,7 @@ impl Control {
             };
             let w = self.waiting.pop_front().expect("front exists");
             self.metrics.add_waited(w.since.elapsed());
-            log::debug(
-                "assigned",
-                &[("ip", &a.ip), ("pod", &w.meta.name), ("eni", &a.eni)],
-            );
+            tracing::debug!(ip = %a.ip, pod = %w.meta.name, eni = %a.eni, "assigned");
             self.dirty = true;
             self.outbox.push(Outgoing {
                 reply: w.reply,
@@ -860,15 +810,12 @@ impl Control {
         };
         let decision = decide(&self.pool, &self.memory, &self.settings, now, &demand);
         if decision.stalls != self.stalls && !decision.stalls.is_empty() {
-            log::warn(
-                "the pool cannot grow",
-                &[("why", &format!("{:?}", decision.stalls))],
-            );
+            tracing::warn!(why = ?decision.stalls, "the pool cannot grow");
         }
         self.stalls = decision.stalls;
         self.wake_at = decision.wake_at;
         for action in decision.actions {
-            log::debug("action", &[("action", &format!("{action:?}"))]);
+            tracing::debug!(action = ?action, "action");
             self.pool.begin(&action);
             self.memory.began(&action, now);
             self.actions_in_flight += 1;
@@ -885,10 +832,6 @@ impl Control {
     fn finished(&mut self, action: Action, report: Report) {
         self.actions_in_flight -= 1;
         if let Some(e) = &report.error {
-            let level = match e.kind {
-                CloudErrorKind::Unauthorized => log::Level::Error,
-                _ => log::Level::Warn,
-            };
             let hint = if e.kind == CloudErrorKind::Unauthorized {
                 let hint = format!("the node's IAM role lacks ec2:{}", e.operation);
                 self.reporter
@@ -897,15 +840,11 @@ impl Control {
             } else {
                 String::new()
             };
-            log::event(
-                level,
-                "EC2 action failed",
-                &[
-                    ("action", &format!("{action:?}")),
-                    ("error", e),
-                    ("hint", &hint),
-                ],
-            );
+            if e.kind == CloudErrorKind::Unauthorized {
+                tracing::error!(action = ?action, error = %e, hint, "EC2 action failed");
+            } else {
+                tracing::warn!(action = ?action, error = %e, "EC2 action failed");
+            }
         }
         let failed = matches!(report.outcome, Outcome::Failed(_));
         let dropped = ipam::choreography::settle(
@@ -917,7 +856,7 @@ impl Control {
         );
         self.note_dropped(&dropped);
         if !failed {
-            log::debug("action done", &[("action", &format!("{action:?}"))]);
+            tracing::debug!(action = ?action, "action done");
         }
     }
 
@@ -929,14 +868,7 @@ impl Control {
         self.dirty = true;
         for (key, a) in dropped {
             self.metrics.count("awscni_force_removed_ips", &[]);
-            log::warn(
-                "EC2 no longer has a pod's address",
-                &[
-                    ("ip", &a.ip),
-                    ("container", &key.container_id),
-                    ("pod", &a.meta.name),
-                ],
-            );
+            tracing::warn!(ip = %a.ip, container = %key.container_id, pod = %a.meta.name, "EC2 no longer has a pod's address");
         }
     }
 
@@ -944,10 +876,7 @@ impl Control {
         if self.dirty {
             self.dirty = false;
             if let Err(e) = self.store.save(&self.pool.checkpoint()) {
-                log::error(
-                    "checkpoint write failed; ADDs are refused",
-                    &[("error", &e)],
-                );
+                tracing::error!(error = %e, "checkpoint write failed; ADDs are refused");
                 self.metrics
                     .count("awscni_ipamd_error_count", &[("fn", "checkpoint")]);
                 let now = self.clock.now();

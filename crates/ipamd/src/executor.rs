@@ -3,7 +3,6 @@
 //! a bounded number at once.
 
 use crate::control::Clock;
-use crate::log;
 use crate::metrics::Metrics;
 use cloud::aws::AwsEc2;
 use cloud::{CloudError, Ec2, Eni, EniQuery, ErrorKind};
@@ -188,17 +187,10 @@ impl<E: Ec2, L: Links> Executor<E, L> {
             let request = match next {
                 Next::Done(finished) => {
                     for warning in &finished.warnings {
-                        log::warn(warning, &[("action", &format!("{action:?}"))]);
+                        tracing::warn!(action = ?action, "{warning}");
                     }
                     if let Outcome::EniCreated { eni, .. } = &finished.outcome {
-                        log::info(
-                            "ENI attached",
-                            &[
-                                ("eni", &eni.id),
-                                ("device", &eni.device_number),
-                                ("subnet", &eni.subnet_id),
-                            ],
-                        );
+                        tracing::info!(eni = %eni.id, device = %eni.device_number, subnet = %eni.subnet_id, "ENI attached");
                     }
                     return finished;
                 }

@@ -121,16 +121,14 @@ fn main() -> ExitCode {
         eprintln!("vpc-ipamd: log file: {e}");
         return ExitCode::from(2);
     }
-    log::info(
-        "vpc-ipamd starting",
-        &[
-            ("version", &env!("CARGO_PKG_VERSION")),
-            // The release the DaemonSet says it runs (upstream's manifest sets it too).
-            ("VPC_CNI_VERSION", &config.vpc_cni_version),
-        ],
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        // The release the DaemonSet says it runs (upstream's manifest sets it too).
+        VPC_CNI_VERSION = %config.vpc_cni_version,
+        "vpc-ipamd starting"
     );
     for warning in &config.warnings {
-        log::warn("setting corrected", &[("what", warning)]);
+        tracing::warn!(what = %warning, "setting corrected");
     }
     let eni_config = match &args.eni_config {
         Some(path) => match read_eni_config(path) {
@@ -151,7 +149,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(args, config, eni_config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error("vpc-ipamd failed", &[("error", &e)]);
+            tracing::error!(error = %e, "vpc-ipamd failed");
             eprintln!("vpc-ipamd: {e}");
             ExitCode::FAILURE
         }
@@ -168,9 +166,8 @@ async fn connect_cluster(
 ) -> Result<Option<(Arc<Cluster>, bool)>, String> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     if !k8s::in_cluster(env) {
-        log::info(
-            "standalone: no Kubernetes API (neither KUBERNETES_SERVICE_HOST nor KUBECONFIG)",
-            &[],
+        tracing::info!(
+            "standalone: no Kubernetes API (neither KUBERNETES_SERVICE_HOST nor KUBECONFIG)"
         );
         return Ok(None);
     }
@@ -187,10 +184,7 @@ async fn connect_cluster(
     match cluster.wait_reachable(patience).await {
         Ok(()) => Ok(Some((Arc::new(cluster), true))),
         Err(e) => {
-            log::warn(
-                "starting without the API server; maxPods from the instance type",
-                &[("error", &e)],
-            );
+            tracing::warn!(error = %e, "starting without the API server; maxPods from the instance type");
             Ok(Some((Arc::new(cluster), false)))
         }
     }
@@ -249,7 +243,7 @@ async fn run(
     if let Some((cluster, _)) = &cluster {
         let grace = Duration::from_secs(args.vanished_pod_grace_seconds);
         control = control.in_cluster(
-            cluster.reporter(|e| log::warn("Kubernetes Event", &[("error", &e)])),
+            cluster.reporter(|e| tracing::warn!(error = %e, "Kubernetes Event")),
             grace,
         );
         follow_cluster(
@@ -294,14 +288,7 @@ async fn run(
         metrics.clone(),
     ));
     tokio::spawn(forward_signals(events.clone()));
-    log::info(
-        "serving",
-        &[
-            ("socket", &args.socket.display()),
-            ("introspection", &config.introspection_bind),
-            ("metrics", &args.metrics_bind),
-        ],
-    );
+    tracing::info!(socket = %args.socket.display(), introspection = %config.introspection_bind, metrics = %args.metrics_bind, "serving");
     control.run(started.receiver).await;
     Ok(())
 }
@@ -315,7 +302,7 @@ fn follow_cluster(
     grace: Duration,
     eni_config: bool,
 ) {
-    let watch_error = |e: String| log::warn("Kubernetes watch", &[("error", &e)]);
+    let watch_error = |e: String| tracing::warn!(error = %e, "Kubernetes watch");
     {
         let (cluster, events) = (cluster.clone(), events.clone());
         tokio::spawn(async move {
@@ -394,7 +381,7 @@ async fn read_imds_periodically(
                     return;
                 }
             }
-            Err(e) => log::warn("IMDS read for the reconcile", &[("error", &e)]),
+            Err(e) => tracing::warn!(error = %e, "IMDS read for the reconcile"),
         }
     }
 }
@@ -406,15 +393,11 @@ async fn collect_leaked_enis(executor: Arc<ipamd::executor::Executor>, scan: clo
         match cloud::gc::collect_leaked_enis(&executor.ec2, &scan, std::time::SystemTime::now())
             .await
         {
-            Ok(report) if !report.deleted.is_empty() || !report.tagged.is_empty() => log::info(
-                "leaked ENIs",
-                &[
-                    ("deleted", &report.deleted.join(",")),
-                    ("tagged", &report.tagged.join(",")),
-                ],
-            ),
+            Ok(report) if !report.deleted.is_empty() || !report.tagged.is_empty() => {
+                tracing::info!(deleted = %report.deleted.join(","), tagged = %report.tagged.join(","), "leaked ENIs")
+            }
             Ok(_) => {}
-            Err(e) => log::warn("leaked-ENI scan", &[("error", &e)]),
+            Err(e) => tracing::warn!(error = %e, "leaked-ENI scan"),
         }
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }

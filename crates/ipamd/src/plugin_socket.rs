@@ -3,7 +3,6 @@
 //! a thread is cheaper than an async runtime's machinery for it; see docs/architecture.md).
 
 use crate::control::Event;
-use crate::log;
 use proto::{ErrorKind, Listener, Reply};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -23,7 +22,7 @@ fn accept(listener: Listener, events: mpsc::UnboundedSender<Event>) {
         let stream = match listener.accept() {
             Ok(s) => s,
             Err(e) => {
-                log::warn("plugin socket accept", &[("error", &e)]);
+                tracing::warn!(error = %e, "plugin socket accept");
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }

@@ -4,7 +4,6 @@
 
 use crate::control::{self, Control, Deps, Event, HostFacts};
 use crate::executor::{self, blocks_of, Executor, HostLinks, Links};
-use crate::log;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 use cloud::aws::AwsEc2;
@@ -70,7 +69,7 @@ async fn fetch_identity() -> Result<(Identity, cloud::identity::ImdsClient), Sta
             Ok(identity) => return Ok((identity, client)),
             Err(e) if attempt + 1 >= IMDS_TRIES => return Err(StartError::Identity(e)),
             Err(e) => {
-                log::warn("IMDS not answering yet", &[("error", &e)]);
+                tracing::warn!(error = %e, "IMDS not answering yet");
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
             }
@@ -92,10 +91,7 @@ where
         match call().await {
             Err(e) if e.kind == cloud::ErrorKind::Unavailable && attempt < 6 => {
                 attempt += 1;
-                log::warn(
-                    "EC2 did not answer; retrying",
-                    &[("call", &what), ("error", &e)],
-                );
+                tracing::warn!(call = %what, error = %e, "EC2 did not answer; retrying");
                 tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
             }
             result => return result,
@@ -171,26 +167,17 @@ impl Predecessor {
         loop {
             let alive = self.answering().await;
             if !alive.is_empty() && since.elapsed() >= PREDECESSOR_PATIENCE {
-                log::error(
-                    "still answering where aws-node would; not aws-node after this long: taking over",
-                    &[("answering", &alive.join(", ")), ("waited_ms", &since.elapsed().as_millis())],
-                );
+                tracing::error!(answering = %alive.join(", "), waited_ms = %since.elapsed().as_millis(), "still answering where aws-node would; not aws-node after this long: taking over");
                 return;
             }
             if alive.is_empty() {
                 if said.is_some() {
-                    log::info(
-                        "the previous CNI daemon has stopped; taking over",
-                        &[("waited_ms", &since.elapsed().as_millis())],
-                    );
+                    tracing::info!(waited_ms = %since.elapsed().as_millis(), "the previous CNI daemon has stopped; taking over");
                 }
                 return;
             }
             if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                log::warn(
-                    "waiting for the previous CNI daemon (aws-node) to stop before restoring its checkpoint",
-                    &[("answering", &alive.join(", ")), ("waited_ms", &since.elapsed().as_millis())],
-                );
+                tracing::warn!(answering = %alive.join(", "), waited_ms = %since.elapsed().as_millis(), "waiting for the previous CNI daemon (aws-node) to stop before restoring its checkpoint");
                 said = Some(Instant::now());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -209,14 +196,7 @@ pub async fn start(
     let clock = control::Clock::starting_at(control::now());
     predecessor.wait_until_gone().await;
     let (identity, imds) = fetch_identity().await?;
-    log::info(
-        "identity",
-        &[
-            ("instance", &identity.instance_id),
-            ("type", &identity.instance_type),
-            ("az", &identity.availability_zone),
-        ],
-    );
+    tracing::info!(instance = %identity.instance_id, instance_type = %identity.instance_type, az = %identity.availability_zone, "identity");
     let ec2 = AwsEc2::from_environment(
         Pacing::default(),
         config.ec2_endpoint.clone(),
@@ -273,10 +253,7 @@ pub async fn start(
     let mut executor_devices_avoided = Vec::new();
     for eni in &attached {
         if let Role::Unmanaged(why) = &roles[&eni.id] {
-            log::info(
-                "ENI left alone: not ours",
-                &[("eni", &eni.id), ("why", why)],
-            );
+            tracing::info!(eni = %eni.id, why = %why, "ENI left alone: not ours");
             if let Some(a) = eni.attachment.as_ref().filter(|a| a.network_card == 0) {
                 unmanaged_on_card0 += 1;
                 executor_devices_avoided.push(a.device_index);
@@ -309,10 +286,7 @@ pub async fn start(
                 usable.push((eni, attachment, *cidr, primary_ip))
             }
             (attachment, _, _) => {
-                log::warn(
-                    "ENI without subnet CIDR or primary address left alone",
-                    &[("eni", &eni.id)],
-                );
+                tracing::warn!(eni = %eni.id, "ENI without subnet CIDR or primary address left alone");
                 if let Some(a) = attachment {
                     unmanaged_on_card0 += 1;
                     executor_devices_avoided.push(a.device_index);
@@ -411,23 +385,14 @@ pub async fn start(
     // Upstream's SNAT and connmark rules would keep matching beside our table.
     let upstream = blocking(|| Ok(datapath::upstream::remove_rules())).await?;
     if !upstream.failed.is_empty() {
-        log::error(
-            "could not remove the Amazon VPC CNI's host rules; they may still SNAT and mark beside ours",
-            &[("errors", &upstream.failed.join("; "))],
-        );
+        tracing::error!(errors = %upstream.failed.join("; "), "could not remove the Amazon VPC CNI's host rules; they may still SNAT and mark beside ours");
         metrics.count("awscni_ipamd_error_count", &[("fn", "removeUpstreamRules")]);
     }
     if !upstream.removed.is_empty() {
-        log::info(
-            "removed the Amazon VPC CNI's host rules",
-            &[("what", &upstream.removed.join("; "))],
-        );
+        tracing::info!(what = %upstream.removed.join("; "), "removed the Amazon VPC CNI's host rules");
     }
     if !upstream.unavailable.is_empty() {
-        log::warn(
-            "could not look for the Amazon VPC CNI's host rules: not installed",
-            &[("tools", &upstream.unavailable.join(", "))],
-        );
+        tracing::warn!(tools = %upstream.unavailable.join(", "), "could not look for the Amazon VPC CNI's host rules: not installed");
     }
     let policy = snat_policy(config, &identity, &primary_interface);
     let applied = policy.clone();
@@ -473,19 +438,13 @@ pub async fn start(
         Ok(Some(checkpoint)) => (checkpoint, true),
         Ok(None) => {
             if !wired.is_empty() {
-                log::warn(
-                    "no checkpoint, but pods are wired on this host: their addresses are rebuilt from the host",
-                    &[("checkpoint", &store.path().display()), ("pods", &wired.len())],
-                );
+                tracing::warn!(checkpoint = %store.path().display(), pods = %wired.len(), "no checkpoint, but pods are wired on this host: their addresses are rebuilt from the host");
             }
             (from_host(), false)
         }
         Err(StoreError::Corrupt { path, source }) => {
             let aside = store.quarantine().map_err(StartError::Store)?;
-            log::error(
-                "the checkpoint is unreadable: moved aside; the addresses of pods wired on this host stay reserved",
-                &[("checkpoint", &path.display()), ("error", &source), ("kept_at", &aside.display())],
-            );
+            tracing::error!(checkpoint = %path.display(), error = %source, kept_at = %aside.display(), "the checkpoint is unreadable: moved aside; the addresses of pods wired on this host stay reserved");
             metrics.count("awscni_ipamd_error_count", &[("fn", "checkpoint")]);
             (from_host(), false)
         }
@@ -502,30 +461,16 @@ pub async fn start(
                 source: e,
             })
         })?;
-    log::info(
-        "checkpoint restored",
-        &[
-            ("from", &if from_file { "file" } else { "host" }),
-            ("restored", &report.restored),
-            ("pods_gone", &report.dead.len()),
-            ("addresses_gone", &report.stale.len()),
-        ],
-    );
+    tracing::info!(from = %if from_file { "file" } else { "host" }, restored = %report.restored, pods_gone = %report.dead.len(), addresses_gone = %report.stale.len(), "checkpoint restored");
     for a in &report.stale {
         let ip = a
             .ipv4
             .map_or_else(|| "none".to_string(), |ip| ip.to_string());
         if from_file {
             metrics.count("awscni_force_removed_ips", &[]);
-            log::warn(
-                "a pod's address is no longer on this node's ENIs",
-                &[("pod", &a.metadata.k8s_pod_name), ("ip", &ip)],
-            );
+            tracing::warn!(pod = %a.metadata.k8s_pod_name, ip = %ip, "a pod's address is no longer on this node's ENIs");
         } else {
-            log::warn(
-                "a pod interface whose address is on none of our ENIs is left alone (another CNI's, or a branch-ENI pod)",
-                &[("veth", &a.container_id), ("ip", &ip)],
-            );
+            tracing::warn!(veth = %a.container_id, ip = %ip, "a pod interface whose address is on none of our ENIs is left alone (another CNI's, or a branch-ENI pod)");
         }
     }
     // Host state is removed only for what our checkpoint named and the restore dropped: anything
@@ -544,10 +489,7 @@ pub async fn start(
     let removed =
         blocking(move || datapath::pod::remove_pods_host_state(&prefix, &dropped)).await?;
     if !removed.is_empty() {
-        log::info(
-            "removed host state of pods that are gone",
-            &[("what", &removed.join(", "))],
-        );
+        tracing::info!(what = %removed.join(", "), "removed host state of pods that are gone");
     }
     store.save(&pool.checkpoint()).map_err(StartError::Store)?;
 
