@@ -50,6 +50,73 @@ impl Response {
 
 pub type Handler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
 
+/// A request's line and headers, as `httparse` reads them.
+pub struct Head {
+    pub method: String,
+    /// Path and query, as sent.
+    pub target: String,
+    /// HTTP/1.1 rather than 1.0: kept alive unless the client says otherwise.
+    pub http11: bool,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Largest request head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most headers in a request head.
+const MAX_HEADERS: usize = 64;
+
+/// Reads one request head (up to its blank line) and parses it with `httparse`. `None`: the client
+/// closed the connection before sending anything; `InvalidData`: not an HTTP/1.x request head.
+pub fn read_head(reader: &mut impl BufRead) -> io::Result<Option<Head>> {
+    let mut bytes = Vec::with_capacity(512);
+    loop {
+        let start = bytes.len();
+        if reader.read_until(b'\n', &mut bytes)? == 0 {
+            if bytes.is_empty() {
+                return Ok(None);
+            }
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let line = &bytes[start..];
+        if line == b"\r\n" || line == b"\n" {
+            break;
+        }
+        if bytes.len() > MAX_HEAD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request head too large",
+            ));
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(&bytes) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "incomplete request head",
+            ))
+        }
+        Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+    }
+    Ok(Some(Head {
+        method: request.method.unwrap_or_default().to_string(),
+        target: request.path.unwrap_or_default().to_string(),
+        http11: request.version == Some(1),
+        headers: request
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    String::from_utf8_lossy(h.value).trim().to_string(),
+                )
+            })
+            .collect(),
+    }))
+}
+
 pub struct HttpServer {
     pub address: SocketAddr,
     /// The listening socket, shut down to wake the accept loop: connecting to it would not work when
@@ -119,32 +186,21 @@ fn serve_connection(stream: TcpStream, handler: &Handler) -> io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let mut parts = line.split_whitespace();
-        let (Some(method), Some(target), Some(version)) =
-            (parts.next(), parts.next(), parts.next())
-        else {
-            return write_response(&mut writer, &Response::new(400, "bad request line"), false);
+        let head = match read_head(&mut reader) {
+            Ok(Some(head)) => head,
+            Ok(None) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return write_response(&mut writer, &Response::new(400, e.to_string()), false)
+            }
+            Err(e) => return Err(e),
         };
-        let (method, target) = (method.to_string(), target.to_string());
-        let mut keep_alive = version == "HTTP/1.1";
-        let mut headers = Vec::new();
-        loop {
-            let mut header = String::new();
-            if reader.read_line(&mut header)? == 0 {
-                return Ok(());
-            }
-            let header = header.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                headers.push((name.trim().to_string(), value.trim().to_string()));
-            }
-        }
+        let Head {
+            method,
+            target,
+            http11,
+            headers,
+        } = head;
+        let mut keep_alive = http11;
         let request_header = |name: &str| {
             headers
                 .iter()
@@ -200,4 +256,33 @@ fn write_response(out: &mut TcpStream, response: &Response, keep_alive: bool) ->
     message.extend_from_slice(response.body.as_bytes());
     out.write_all(&message)?;
     out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_are_parsed_by_httparse_and_garbage_is_refused() {
+        let mut input: &[u8] =
+            b"POST /?Action=X HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET";
+        let head = read_head(&mut input).unwrap().unwrap();
+        assert_eq!(
+            (head.method.as_str(), head.target.as_str()),
+            ("POST", "/?Action=X")
+        );
+        assert!(head.http11);
+        assert_eq!(head.headers[1], ("Content-Length".into(), "3".into()));
+        assert_eq!(input, b"abcGET", "the body is left to read");
+
+        let mut old: &[u8] = b"GET / HTTP/1.0\n\n";
+        assert!(!read_head(&mut old).unwrap().unwrap().http11);
+        let mut nothing: &[u8] = b"";
+        assert!(read_head(&mut nothing).unwrap().is_none());
+        let mut garbage: &[u8] = b"\x01\x02 nonsense\r\n\r\n";
+        let e = read_head(&mut garbage).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        let mut cut: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n";
+        assert!(read_head(&mut cut).is_err(), "a head that ends early");
+    }
 }

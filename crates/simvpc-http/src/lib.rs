@@ -4,7 +4,7 @@
 
 pub mod config;
 mod ec2;
-mod http;
+pub mod http;
 mod imds;
 mod query;
 mod server;

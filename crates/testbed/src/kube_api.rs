@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
@@ -238,29 +238,19 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
-    let mut line = String::new();
-    if reader.read_line(&mut line).ok()? == 0 {
-        return None;
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next()?.to_string();
-    let target = parts.next()?.to_string();
-    let mut length = 0usize;
-    let mut metadata_only = false;
-    loop {
-        let mut header = String::new();
-        reader.read_line(&mut header).ok()?;
-        let header = header.trim_end();
-        if header.is_empty() {
-            break;
-        }
-        let (name, value) = header.split_once(':')?;
-        match name.to_ascii_lowercase().as_str() {
-            "content-length" => length = value.trim().parse().ok()?,
-            "accept" => metadata_only = value.contains("as=PartialObjectMetadata"),
-            _ => {}
-        }
-    }
+    let head = simvpc_http::http::read_head(reader).ok()??;
+    let header = |name: &str| {
+        head.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let length: usize = match header("content-length") {
+        Some(v) => v.parse().ok()?,
+        None => 0,
+    };
+    let metadata_only = header("accept").is_some_and(|v| v.contains("as=PartialObjectMetadata"));
+    let simvpc_http::http::Head { method, target, .. } = head;
     let mut body = vec![0; length];
     reader.read_exact(&mut body).ok()?;
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
