@@ -142,11 +142,19 @@ pub enum Reply {
     Attachment(String),
 }
 
-/// What to do next for an action.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Next {
-    Call(Request),
+/// What to do next for an action: make the run's current request (now, or after a wait), or
+/// nothing more. The request is borrowed from the run, which keeps it to repeat it as it was.
+#[derive(Debug, PartialEq)]
+pub enum Next<'a> {
+    Call(&'a Request),
     /// The same or a next call, after a wait.
+    After(Duration, &'a Request),
+    Done(Finished),
+}
+
+/// What a stage decided: the request it makes, or how the action ended.
+enum Step {
+    Call(Request),
     After(Duration, Request),
     Done(Finished),
 }
@@ -371,7 +379,8 @@ impl Choreography {
 
     /// Starts `action`. `seed` spreads its retries' jitter; `token` makes its creations idempotent
     /// (unique per action). `now` is wall time, for the ENI's `createdAt` tag.
-    pub fn start(&mut self, action: Action, seed: u64, token: String, now: Time) -> (Run, Next) {
+    /// The run's first request is [`Run::first`].
+    pub fn start(&mut self, action: Action, seed: u64, token: String, now: Time) -> Run {
         let (stage, request) = match &action {
             Action::AssignAddresses { eni, kind, count } => {
                 let eni = eni.clone();
@@ -433,16 +442,15 @@ impl Choreography {
                 None => (Stage::FreeLookup, Request::DescribeEni { eni: eni.clone() }),
             },
         };
-        let run = Run {
+        Run {
             action,
             stage,
-            request: request.clone(),
+            request,
             retries: 0,
             seed,
             token,
             warnings: Vec::new(),
-        };
-        (run, Next::Call(request))
+        }
     }
 
     fn create_request(
@@ -505,7 +513,12 @@ impl Choreography {
     }
 
     /// Reads the reply to the run's last request and says what comes next.
-    pub fn step(&mut self, run: &mut Run, reply: Result<Reply, CloudError>, now: Time) -> Next {
+    pub fn step<'r>(
+        &mut self,
+        run: &'r mut Run,
+        reply: Result<Reply, CloudError>,
+        now: Time,
+    ) -> Next<'r> {
         let reply = match reply {
             Err(e) if run.retryable(&e) => {
                 if e.kind == ErrorKind::Throttled || run.retries < MAX_RETRIES {
@@ -514,23 +527,29 @@ impl Choreography {
                         unit_from(run.seed ^ u64::from(run.retries).rotate_left(32)),
                     );
                     run.retries += 1;
-                    return Next::After(wait, run.request.clone());
+                    return Next::After(wait, &run.request);
                 }
                 Err(e)
             }
             other => other,
         };
         let stage = std::mem::replace(&mut run.stage, Stage::FreeLookup);
-        let (stage, next) = self.advance(run, stage, reply, now);
+        let (stage, step) = self.advance(run, stage, reply, now);
         if let Some(stage) = stage {
             run.stage = stage;
             run.retries = 0;
-            run.request = match &next {
-                Next::Call(r) | Next::After(_, r) => r.clone(),
-                Next::Done(_) => unreachable!("a next stage makes a request"),
-            };
         }
-        next
+        match step {
+            Step::Call(request) => {
+                run.request = request;
+                Next::Call(&run.request)
+            }
+            Step::After(wait, request) => {
+                run.request = request;
+                Next::After(wait, &run.request)
+            }
+            Step::Done(finished) => Next::Done(finished),
+        }
     }
 
     fn advance(
@@ -539,7 +558,7 @@ impl Choreography {
         stage: Stage,
         reply: Result<Reply, CloudError>,
         now: Time,
-    ) -> (Option<Stage>, Next) {
+    ) -> (Option<Stage>, Step) {
         let done = |run: &mut Run, outcome, error| (None, run.finish(outcome, error));
         let failed = |run: &mut Run, e: CloudError| {
             (
@@ -618,7 +637,7 @@ impl Choreography {
                         subnets: ranked,
                         index: 0,
                     }),
-                    Next::Call(request),
+                    Step::Call(request),
                 )
             }
 
@@ -631,7 +650,7 @@ impl Choreography {
                             device,
                             tries: 1,
                         }),
-                        Next::Call(request),
+                        Step::Call(request),
                     )
                 }
                 None => {
@@ -663,7 +682,7 @@ impl Choreography {
                             subnets,
                             index: index + 1,
                         }),
-                        Next::Call(request),
+                        Step::Call(request),
                     );
                 }
                 failed(run, e)
@@ -683,7 +702,7 @@ impl Choreography {
                         tries,
                         error: e,
                     }),
-                    Next::Call(request),
+                    Step::Call(request),
                 )
             }
             (Stage::Attach { eni, device, .. }, Err(e)) => self.undo(eni.id, Some(device), e, true),
@@ -716,7 +735,7 @@ impl Choreography {
                                 device,
                                 tries: tries + 1,
                             }),
-                            Next::Call(request),
+                            Step::Call(request),
                         )
                     }
                     None => self.undo(eni.id, Some(device), error, true),
@@ -753,7 +772,7 @@ impl Choreography {
                                 device,
                                 attachment_id,
                             }),
-                            Next::Call(request),
+                            Step::Call(request),
                         )
                     }
                 }
@@ -856,7 +875,7 @@ impl Choreography {
                             error,
                             detached: true,
                         }),
-                        Next::After(DETACH_WAIT, Request::Delete { eni: eni_id }),
+                        Step::After(DETACH_WAIT, Request::Delete { eni: eni_id }),
                     );
                 }
                 if let Some(device) = device {
@@ -881,13 +900,13 @@ impl Choreography {
                 {
                     Some(a) => (
                         Some(Stage::FreeDetach),
-                        Next::Call(Request::Detach {
+                        Step::Call(Request::Detach {
                             attachment_id: a.id,
                         }),
                     ),
                     None => (
                         Some(Stage::FreeDelete),
-                        Next::Call(Request::Delete { eni: eni_id }),
+                        Step::Call(Request::Delete { eni: eni_id }),
                     ),
                 }
             }
@@ -901,7 +920,7 @@ impl Choreography {
                 }
                 (
                     Some(Stage::FreeDetach),
-                    Next::Call(Request::Detach { attachment_id }),
+                    Step::Call(Request::Detach { attachment_id }),
                 )
             }
             (Stage::FreeDetach, reply) => match reply {
@@ -912,7 +931,7 @@ impl Choreography {
                     ..
                 }) => (
                     Some(Stage::FreeDelete),
-                    Next::After(
+                    Step::After(
                         DETACH_WAIT,
                         Request::Delete {
                             eni: run.action.eni().unwrap_or_default().to_string(),
@@ -958,7 +977,7 @@ impl Choreography {
         eni: Box<Eni>,
         device: u32,
         attachment_id: String,
-    ) -> (Option<Stage>, Next) {
+    ) -> (Option<Stage>, Step) {
         let request = Request::KeepOnTermination {
             eni: eni.id.clone(),
             attachment_id: attachment_id.clone(),
@@ -969,7 +988,7 @@ impl Choreography {
                 device,
                 attachment_id,
             }),
-            Next::Call(request),
+            Step::Call(request),
         )
     }
 
@@ -979,7 +998,7 @@ impl Choreography {
         device: u32,
         attachment_id: String,
         cidr: Ipv4Cidr,
-    ) -> (Option<Stage>, Next) {
+    ) -> (Option<Stage>, Step) {
         let (Some(mac), Some(primary_ip)) = (parse_mac(&eni.mac), eni.primary_ip) else {
             let error = node_error(
                 "CreateNetworkInterface",
@@ -1005,7 +1024,7 @@ impl Choreography {
                 attachment_id,
                 link: link.clone(),
             }),
-            Next::Call(Request::SetupLink(link)),
+            Step::Call(Request::SetupLink(link)),
         )
     }
 
@@ -1016,7 +1035,7 @@ impl Choreography {
         device: Option<u32>,
         error: CloudError,
         detached: bool,
-    ) -> (Option<Stage>, Next) {
+    ) -> (Option<Stage>, Step) {
         let request = Request::Delete {
             eni: eni_id.clone(),
         };
@@ -1027,7 +1046,7 @@ impl Choreography {
                 error,
                 detached,
             }),
-            Next::Call(request),
+            Step::Call(request),
         )
     }
 
@@ -1038,7 +1057,7 @@ impl Choreography {
         device: u32,
         attachment_id: String,
         error: CloudError,
-    ) -> (Option<Stage>, Next) {
+    ) -> (Option<Stage>, Step) {
         (
             Some(Stage::Undo {
                 eni_id,
@@ -1046,18 +1065,18 @@ impl Choreography {
                 error,
                 detached: false,
             }),
-            Next::Call(Request::Detach { attachment_id }),
+            Step::Call(Request::Detach { attachment_id }),
         )
     }
 
     /// An ENI detached or deleted behind our back: its device index is free again and its link goes.
-    fn forget(&mut self, run: &mut Run) -> (Option<Stage>, Next) {
+    fn forget(&mut self, run: &mut Run) -> (Option<Stage>, Step) {
         match self.attached.remove(run.action.eni().unwrap_or_default()) {
             Some(gone) => {
                 self.devices.remove(&gone.device);
                 (
                     Some(Stage::Forget),
-                    Next::Call(Request::TeardownLink(gone.link)),
+                    Step::Call(Request::TeardownLink(gone.link)),
                 )
             }
             None => (None, run.finish(Outcome::Synced(None), None)),
@@ -1068,6 +1087,16 @@ impl Choreography {
 impl Run {
     pub fn action(&self) -> &Action {
         &self.action
+    }
+
+    /// The first request, to make when the run starts.
+    pub fn first(&self) -> Next<'_> {
+        Next::Call(&self.request)
+    }
+
+    /// The request the run is at: the one to repeat when a retry's wait is over.
+    pub fn request(&self) -> &Request {
+        &self.request
     }
 
     /// Throttled (it did not happen), or a failure where repeating is safe: a lost reply to a
@@ -1088,8 +1117,8 @@ impl Run {
         }
     }
 
-    fn finish(&mut self, outcome: Outcome, error: Option<CloudError>) -> Next {
-        Next::Done(Finished {
+    fn finish(&mut self, outcome: Outcome, error: Option<CloudError>) -> Step {
+        Step::Done(Finished {
             outcome,
             error,
             warnings: std::mem::take(&mut self.warnings),
@@ -1185,21 +1214,21 @@ mod tests {
         action: Action,
         mut answer: impl FnMut(&Request) -> Result<Reply, CloudError>,
     ) -> (Vec<(Option<Duration>, Request)>, Finished) {
-        let (mut run, mut next) = ch.start(action, 7, "tok".into(), NOW);
+        let mut run = ch.start(action, 7, "tok".into(), NOW);
+        let mut next = run.first();
         let mut asked = Vec::new();
         for _ in 0..200 {
-            let request = match next {
+            let reply = match next {
                 Next::Done(finished) => return (asked, finished),
                 Next::Call(r) => {
                     asked.push((None, r.clone()));
-                    r
+                    answer(r)
                 }
                 Next::After(wait, r) => {
                     asked.push((Some(wait), r.clone()));
-                    r
+                    answer(r)
                 }
             };
-            let reply = answer(&request);
             next = ch.step(&mut run, reply, NOW);
         }
         panic!("no end after 200 requests: {asked:?}");

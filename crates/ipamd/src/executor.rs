@@ -180,11 +180,12 @@ impl<E: Ec2, L: Links> Executor<E, L> {
             .expect("the semaphore is never closed");
         let seed = rand::random();
         let token = cloud::aws::client_token();
-        let (mut run, mut next) = self
+        let mut run = self
             .choreography()
             .start(action.clone(), seed, token, now());
+        let mut next = run.first();
         loop {
-            let request = match next {
+            let reply = match next {
                 Next::Done(finished) => {
                     for warning in &finished.warnings {
                         tracing::warn!(action = ?action, "{warning}");
@@ -194,13 +195,12 @@ impl<E: Ec2, L: Links> Executor<E, L> {
                     }
                     return finished;
                 }
-                Next::Call(request) => request,
+                Next::Call(request) => self.call(request).await,
                 Next::After(wait, request) => {
                     tokio::time::sleep(wait).await;
-                    request
+                    self.call(request).await
                 }
             };
-            let reply = self.call(&request).await;
             next = self.choreography().step(&mut run, reply, now());
         }
     }
