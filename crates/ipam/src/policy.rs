@@ -10,6 +10,7 @@
 //! then tries prefixes again; /32s left over once prefixes come back are released when not needed.
 
 use crate::action::{Action, AddressKind, Failure, Outcome, SubnetTarget};
+use crate::pacing::Backoff;
 use crate::pool::{Pool, PoolStats, MIN_ENI_AGE};
 use crate::settings::PoolSettings;
 use crate::time::Time;
@@ -62,6 +63,8 @@ pub struct PolicyMemory {
 
 /// Holds after a failure, as upstream: a subnet out of addresses, a refused attachment.
 const HOLD: Duration = Duration::from_secs(120);
+/// No growth for 2, 4, ... 64 s after the first, second, ... unclassified failure in a row.
+const FAILURE_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(64));
 
 impl PolicyMemory {
     /// An action was sent: a release starts the shrink pacing.
@@ -91,8 +94,7 @@ impl PolicyMemory {
             Outcome::Failed(Failure::AddressLimitExceeded | Failure::EniNotFound) => {}
             Outcome::Failed(Failure::Other) => {
                 self.consecutive_failures += 1;
-                let backoff = Duration::from_secs(1 << self.consecutive_failures.min(6));
-                self.retry_after = Some(now + backoff);
+                self.retry_after = Some(now + FAILURE_BACKOFF.ceiling(self.consecutive_failures));
             }
             _ if matches!(
                 action,

@@ -17,6 +17,7 @@ use ipam::choreography::NodeFacts;
 use ipam::config::Config;
 use ipam::maxpods::{max_pods, MaxPodsOptions};
 use ipam::ownership::{self, EniFacts, Role};
+use ipam::pacing::Backoff;
 use ipam::pool::{EniConfigSpec, EniInfo};
 use ipam::{NodeSpec, Pool, PoolSettings};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -30,6 +31,11 @@ use tokio::sync::mpsc;
 /// (a leak that CNI GC or the pod list repairs is better than an address given out twice).
 const YOUNG: Duration = Duration::from_secs(10);
 const IMDS_TRIES: u32 = 5;
+/// Waits between IMDS tries at start: 1, 2, 4, 8 s.
+const IMDS_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(8));
+/// Waits between start-up describes EC2 did not answer: 0.2 s doubling to 6.4 s.
+const DESCRIBE_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(100), Duration::from_millis(6400));
 /// The longest a terminating predecessor is waited for: aws-node's grace period is 10 s in its
 /// manifest, Kubernetes' default 30 s.
 const PREDECESSOR_PATIENCE: Duration = Duration::from_secs(120);
@@ -71,7 +77,7 @@ async fn fetch_identity() -> Result<(Identity, cloud::identity::ImdsClient), Sta
             Err(e) => {
                 tracing::warn!(error = %e, "IMDS not answering yet");
                 attempt += 1;
-                tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+                tokio::time::sleep(IMDS_BACKOFF.ceiling(attempt)).await;
             }
         }
     }
@@ -92,7 +98,7 @@ where
             Err(e) if e.kind == cloud::ErrorKind::Unavailable && attempt < 6 => {
                 attempt += 1;
                 tracing::warn!(call = %what, error = %e, "EC2 did not answer; retrying");
-                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                tokio::time::sleep(DESCRIBE_BACKOFF.ceiling(attempt)).await;
             }
             result => return result,
         }
