@@ -20,7 +20,8 @@ use crate::policy::PolicyMemory;
 use crate::pool::{Assignment, EniInfo};
 use crate::subnets::{self, Candidate};
 use crate::{Action, AddressKind, IpamKey, Ipv4Cidr, Pool, SubnetTarget, Time};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -248,9 +249,11 @@ struct Attached {
 #[derive(Debug)]
 pub struct Choreography {
     facts: NodeFacts,
+    /// `aws-K8S-<instance>`, made once.
+    description: String,
     devices: BTreeSet<u32>,
-    attached: HashMap<String, Attached>,
-    subnet_cidrs: HashMap<String, Ipv4Cidr>,
+    attached: FxHashMap<String, Attached>,
+    subnet_cidrs: FxHashMap<String, Ipv4Cidr>,
 }
 
 /// One action on its way: where it is and what it is waiting for.
@@ -326,10 +329,11 @@ enum Stage {
 impl Choreography {
     pub fn new(facts: NodeFacts) -> Choreography {
         Choreography {
+            description: format!("{DESCRIPTION_PREFIX}{}", facts.instance_id),
             facts,
             devices: BTreeSet::new(),
-            attached: HashMap::new(),
-            subnet_cidrs: HashMap::new(),
+            attached: FxHashMap::default(),
+            subnet_cidrs: FxHashMap::default(),
         }
     }
 
@@ -484,7 +488,7 @@ impl Choreography {
         tags.extend(facts.extra_tags.clone());
         Request::Create(CreateEni {
             subnet_id: subnet_id.to_string(),
-            description: format!("{DESCRIPTION_PREFIX}{}", facts.instance_id),
+            description: self.description.clone(),
             security_groups: security_groups.clone(),
             secondary_ips: if *kind == AddressKind::Ip { *count } else { 0 },
             prefixes: if *kind == AddressKind::Prefix {
@@ -597,7 +601,10 @@ impl Choreography {
                     Ok(Reply::Subnets(found)) => {
                         for s in &found {
                             if let Some(cidr) = s.cidr {
-                                self.subnet_cidrs.insert(s.id.clone(), cidr);
+                                // Known already, almost always: no key to copy.
+                                if self.subnet_cidrs.get(&s.id) != Some(&cidr) {
+                                    self.subnet_cidrs.insert(s.id.clone(), cidr);
+                                }
                             }
                         }
                         let candidates: Vec<Candidate> = found
