@@ -204,7 +204,11 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply
     })?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write_message(&stream, request)?;
+    if let Err(e) = write_message(&stream, request) {
+        // The daemon may answer without reading (it refuses a peer that is not root) and close
+        // before the request is written: its answer is still there to read, and says more.
+        return read_message(&stream).map_err(|_| e);
+    }
     read_message(&stream)
 }
 
@@ -444,6 +448,43 @@ mod tests {
         std::fs::write(&path, "keep me").unwrap();
         assert!(Listener::bind(&path).is_err());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+    }
+
+    #[test]
+    fn an_answer_sent_before_the_request_was_read_is_still_read() {
+        // A request far larger than the socket's buffer: the writer is still writing when the other
+        // end answers and closes, so the write fails (broken pipe) every time.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("refusing.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            write_message(
+                &stream,
+                &Reply::Error {
+                    kind: ErrorKind::BadRequest,
+                    message: "only root may use this socket".into(),
+                },
+            )
+            .unwrap();
+        });
+        let valid = (0..100_000)
+            .map(|i| Attachment {
+                network: "aws-cni".into(),
+                container_id: format!("container-{i:032}"),
+                ifname: "eth0".into(),
+            })
+            .collect();
+        let request = Request::Gc {
+            network: "aws-cni".into(),
+            valid,
+        };
+        let reply = call(&path, &request, Duration::from_secs(10)).unwrap();
+        server.join().unwrap();
+        assert!(
+            matches!(&reply, Reply::Error { message, .. } if message.contains("only root")),
+            "{reply:?}"
+        );
     }
 
     #[test]
