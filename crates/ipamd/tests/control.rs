@@ -6,14 +6,14 @@
 use cloud::{CloudError, CreateEni, Ec2, Eni, EniQuery, ErrorKind, InstanceInfo, SubnetInfo};
 use ipam::choreography::{LinkSpec, NodeFacts};
 use ipam::limits::InstanceLimits;
-use ipam::pool::{EniConfigSpec, EniInfo};
+use ipam::pool::EniConfigSpec;
 use ipam::{Config, Ipv4Cidr, Ipv6Cidr, NodeSpec, Pool, PoolSettings, Time};
 use ipamd::control::{Clock, Control, Deps, Event};
 use ipamd::executor::{Executor, Links};
 use ipamd::metrics::Metrics;
 use ipamd::store::Store;
 use proto::{Attachment, DelReason, PodRef, Reply, Request};
-use simvpc::{CreateEniRequest, SimConfig, SimVpc};
+use simvpc::{SimConfig, SimVpc};
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -97,17 +97,8 @@ impl Ec2 for SimEc2 {
     }
 
     async fn create_network_interface(&self, request: &CreateEni) -> cloud::Result<Eni> {
-        let request = CreateEniRequest {
-            subnet_id: request.subnet_id.clone(),
-            description: request.description.clone(),
-            security_groups: request.security_groups.clone(),
-            secondary_ip_count: request.secondary_ips,
-            prefix_count: request.prefixes,
-            tags: request.tags.iter().cloned().collect(),
-            client_token: Some(request.client_token.clone()),
-        };
         self.answer("CreateNetworkInterface", |vpc, now| {
-            vpc.create_network_interface(now, request)
+            vpc.create_network_interface(now, request.into())
         })
         .await
         .map(|e| e.to_ec2())
@@ -199,31 +190,10 @@ impl Ec2 for SimEc2 {
         &self,
         filters: &[(String, Vec<String>)],
     ) -> cloud::Result<Vec<SubnetInfo>> {
-        let wanted = |name: &str, value: &str| {
-            filters
-                .iter()
-                .filter(|(n, _)| n == name)
-                .all(|(_, values)| values.iter().any(|v| v == value))
-        };
         self.answer("DescribeSubnets", |vpc, now| {
-            vpc.describe_subnets_where(now, |s| {
-                wanted("availability-zone", &s.az) && wanted("subnet-id", &s.id)
-            })
+            vpc.describe_subnets_filtered(now, filters)
         })
         .await
-        .map(|found| {
-            found
-                .into_iter()
-                .map(|(s, cidr, free)| SubnetInfo {
-                    id: s.id,
-                    availability_zone: s.az,
-                    cidr: Some(cidr),
-                    ipv6_cidr: s.ipv6_cidr,
-                    free_addresses: free,
-                    tags: s.tags,
-                })
-                .collect()
-        })
     }
 }
 
@@ -315,20 +285,7 @@ fn start(setup: Setup) -> Node {
         unschedulable: false,
     };
     let mut pool = Pool::new(spec, &settings);
-    pool.add_eni(
-        EniInfo {
-            id: primary.id.clone(),
-            device_number: 0,
-            subnet_id: primary.subnet_id.clone(),
-            subnet_cidr: primary.subnet_cidr,
-            primary_ip: primary.primary_ip,
-            is_primary: true,
-            is_trunk: false,
-            is_efa: false,
-            excluded: false,
-        },
-        clock.now(),
-    );
+    pool.add_eni(primary.eni_info(0), clock.now());
 
     let ec2 = SimEc2(Arc::new(Shared {
         vpc: Mutex::new(vpc),

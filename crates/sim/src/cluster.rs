@@ -4,7 +4,7 @@ use crate::report::{Calls, NodeReady, Report, Sample, Waits};
 use crate::scenario::Scenario;
 use ipam::choreography::NodeFacts;
 use ipam::maxpods::{max_pods, MaxPodsOptions};
-use ipam::pool::{EniConfigSpec, EniInfo, NodeSpec};
+use ipam::pool::{EniConfigSpec, NodeSpec};
 use ipam::{limits, Config, Ipv4Cidr, Pool, PoolSettings, Time};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -245,20 +245,7 @@ impl Cluster {
             .expect("primary ENI")
             .clone();
         let mut pool = Pool::new(node_spec, &self.settings);
-        pool.add_eni(
-            EniInfo {
-                id: primary.id.clone(),
-                device_number: 0,
-                subnet_id: primary.subnet_id.clone(),
-                subnet_cidr: primary.subnet_cidr,
-                primary_ip: primary.primary_ip,
-                is_primary: true,
-                is_trunk: false,
-                is_efa: false,
-                excluded: false,
-            },
-            self.now,
-        );
+        pool.add_eni(primary.eni_info(0), self.now);
         let idx = self.nodes.len();
         self.slots[slot] = Some(idx);
         let facts = NodeFacts {

@@ -2,12 +2,12 @@
 //! (`ipam::choreography`) interpreted against the simulated VPC on the virtual clock, and its pods.
 
 use ipam::choreography::{self, Choreography, NodeFacts, Reply, Request, Run};
-use ipam::ec2::{CloudError, ErrorKind, SubnetInfo};
+use ipam::ec2::{CloudError, ErrorKind};
 use ipam::{
     decide, Action, Demand, IpamKey, Ipv4Cidr, PodMeta, PolicyMemory, Pool, PoolSettings, Time,
 };
 use rustc_hash::FxHashMap;
-use simvpc::{CreateEniRequest, SimVpc};
+use simvpc::SimVpc;
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -302,49 +302,14 @@ fn call_vpc(
             vpc.describe_network_interfaces(now, std::slice::from_ref(eni), &[], None),
             |(enis, _)| Reply::Enis(enis.iter().map(|e| e.to_ec2()).collect()),
         ),
-        Request::DescribeSubnets { filters } => {
-            let wanted = |name: &str, value: &str| {
-                filters
-                    .iter()
-                    .filter(|(n, _)| n == name)
-                    .all(|(_, values)| values.iter().any(|v| v == value))
-            };
-            answer(
-                op,
-                vpc.describe_subnets_where(now, |s| {
-                    wanted("availability-zone", &s.az) && wanted("subnet-id", &s.id)
-                }),
-                |found| {
-                    Reply::Subnets(
-                        found
-                            .into_iter()
-                            .map(|(s, cidr, free)| SubnetInfo {
-                                id: s.id,
-                                availability_zone: s.az,
-                                cidr: Some(cidr),
-                                ipv6_cidr: s.ipv6_cidr,
-                                free_addresses: free,
-                                tags: s.tags,
-                            })
-                            .collect(),
-                    )
-                },
-            )
-        }
-        Request::Create(c) => {
-            let req = CreateEniRequest {
-                subnet_id: c.subnet_id.clone(),
-                description: c.description.clone(),
-                security_groups: c.security_groups.clone(),
-                secondary_ip_count: c.secondary_ips,
-                prefix_count: c.prefixes,
-                tags: c.tags.iter().cloned().collect(),
-                client_token: Some(c.client_token.clone()),
-            };
-            answer(op, vpc.create_network_interface(now, req), |e| {
-                Reply::Eni(Box::new(e.to_ec2()))
-            })
-        }
+        Request::DescribeSubnets { filters } => answer(
+            op,
+            vpc.describe_subnets_filtered(now, filters),
+            Reply::Subnets,
+        ),
+        Request::Create(c) => answer(op, vpc.create_network_interface(now, c.into()), |e| {
+            Reply::Eni(Box::new(e.to_ec2()))
+        }),
         Request::Attach {
             eni,
             instance_id,

@@ -4,7 +4,7 @@ use crate::query::Params;
 use crate::xml::Xml;
 use ipam::net::{Ipv4Cidr, Ipv6Cidr};
 use ipam::time::Time;
-use simvpc::{codes, CreateEniRequest, Ec2Error, NetworkInterface, SimVpc, Subnet};
+use simvpc::{codes, CreateEniRequest, Ec2Error, NetworkInterface, SimVpc};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -293,7 +293,7 @@ fn run(vpc: &mut SimVpc, now: Time, action: &str, p: &Params) -> Result<Outcome,
                     (ids.is_empty() || ids.contains(&s.id))
                         && filters
                             .iter()
-                            .all(|(name, values)| subnet_matches(s, &vpc_id, name, values))
+                            .all(|(name, values)| s.matches(&vpc_id, name, values))
                 }),
                 |subnets, x| {
                     x.items("subnetSet", subnets, |x, (subnet, cidr, free)| {
@@ -378,21 +378,6 @@ fn run(vpc: &mut SimVpc, now: Time, action: &str, p: &Params) -> Result<Outcome,
             })
         }
     })
-}
-
-fn subnet_matches(subnet: &Subnet, vpc_id: &str, name: &str, values: &[String]) -> bool {
-    let any = |v: &str| values.iter().any(|x| x == v);
-    match name {
-        "availability-zone" | "availabilityZone" => any(&subnet.az),
-        "vpc-id" => any(vpc_id),
-        "subnet-id" => any(&subnet.id),
-        "tag-key" => subnet.tags.keys().any(|k| any(k)),
-        _ => match name.strip_prefix("tag:") {
-            Some(key) => subnet.tags.get(key).is_some_and(|v| any(v)),
-            // Unknown filters match nothing, as EC2 rejects them; the caller sees an empty set.
-            None => false,
-        },
-    }
 }
 
 fn tag_set<'a>(x: &mut Xml, tags: impl Iterator<Item = (&'a String, &'a String)>) {

@@ -170,6 +170,25 @@ pub struct Subnet {
     pub ipv6_cidr: Option<Ipv6Cidr>,
 }
 
+impl Subnet {
+    /// Whether a DescribeSubnets filter (`availability-zone`, `vpc-id`, `subnet-id`, `tag-key`,
+    /// `tag:<key>`) selects this subnet of VPC `vpc_id`. Unknown filters match nothing, as EC2
+    /// rejects them.
+    pub fn matches(&self, vpc_id: &str, name: &str, values: &[String]) -> bool {
+        let any = |v: &str| values.iter().any(|x| x == v);
+        match name {
+            "availability-zone" | "availabilityZone" => any(&self.az),
+            "vpc-id" => any(vpc_id),
+            "subnet-id" => any(&self.id),
+            "tag-key" => self.tags.keys().any(|k| any(k)),
+            _ => match name.strip_prefix("tag:") {
+                Some(key) => self.tags.get(key).is_some_and(|v| any(v)),
+                None => false,
+            },
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachmentStatus {
     Attached,
@@ -230,6 +249,21 @@ impl NetworkInterface {
     /// Address slots used: EC2 counts the primary, each secondary IP and each prefix against the limit.
     pub fn slots(&self) -> u32 {
         1 + self.secondary_ips.len() as u32 + self.prefixes.len() as u32
+    }
+
+    /// The pool's view of this ENI, attached at `device` (0: the instance's primary ENI).
+    pub fn eni_info(&self, device: u32) -> ipam::pool::EniInfo {
+        ipam::pool::EniInfo {
+            id: self.id.clone(),
+            device_number: device,
+            subnet_id: self.subnet_id.clone(),
+            subnet_cidr: self.subnet_cidr,
+            primary_ip: self.primary_ip,
+            is_primary: device == 0,
+            is_trunk: false,
+            is_efa: false,
+            excluded: false,
+        }
     }
 
     /// As DescribeNetworkInterfaces puts it on the wire, in the shared types of the EC2 boundary.
@@ -293,6 +327,20 @@ pub struct CreateEniRequest {
     pub tags: BTreeMap<String, String>,
     /// EC2's idempotency token: a repeat with the same token returns the ENI the first call made.
     pub client_token: Option<String>,
+}
+
+impl From<&ipam::ec2::CreateEni> for CreateEniRequest {
+    fn from(c: &ipam::ec2::CreateEni) -> CreateEniRequest {
+        CreateEniRequest {
+            subnet_id: c.subnet_id.clone(),
+            description: c.description.clone(),
+            security_groups: c.security_groups.clone(),
+            secondary_ip_count: c.secondary_ips,
+            prefix_count: c.prefixes,
+            tags: c.tags.iter().cloned().collect(),
+            client_token: Some(c.client_token.clone()),
+        }
+    }
 }
 
 /// A Describe filter: EC2's name (`attachment.instance-id`, `tag:<key>`, `tag-key`, `status`, ...) and values.
@@ -1287,6 +1335,36 @@ impl SimVpc {
     /// DescribeSubnets of one AZ: (subnet, free addresses), as AvailableIpAddressCount reports them.
     pub fn describe_subnets(&mut self, now: Time, az: &str) -> Reply<Vec<(Subnet, Ipv4Cidr, u32)>> {
         self.describe_subnets_where(now, |s| s.az == az)
+    }
+
+    /// DescribeSubnets with EC2's filters (all must match), in the shared types of the EC2 boundary.
+    pub fn describe_subnets_filtered(
+        &mut self,
+        now: Time,
+        filters: &[Filter],
+    ) -> Reply<Vec<ipam::ec2::SubnetInfo>> {
+        let vpc_id = self.vpc_id.clone();
+        let reply = self.describe_subnets_where(now, |s| {
+            filters
+                .iter()
+                .all(|(name, values)| s.matches(&vpc_id, name, values))
+        });
+        Reply {
+            result: reply.result.map(|found| {
+                found
+                    .into_iter()
+                    .map(|(s, cidr, free)| ipam::ec2::SubnetInfo {
+                        id: s.id,
+                        availability_zone: s.az,
+                        cidr: Some(cidr),
+                        ipv6_cidr: s.ipv6_cidr,
+                        free_addresses: free,
+                        tags: s.tags,
+                    })
+                    .collect()
+            }),
+            latency: reply.latency,
+        }
     }
 
     /// DescribeSubnets with the caller's filter (ids, tags, AZ): (subnet, CIDR, free addresses).

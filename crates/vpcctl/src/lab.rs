@@ -114,14 +114,7 @@ pub fn run(command: Command) -> Result<(), String> {
                 return Err("--nodes must be at least 1".into());
             }
             let vpc = match vpc {
-                Some(path) => {
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| format!("--vpc {}: {e}", path.display()))?;
-                    Some(
-                        simvpc_http::ServeConfig::parse(&text)
-                            .map_err(|e| format!("--vpc {}: {e}", path.display()))?,
-                    )
-                }
+                Some(path) => Some(read_vpc(&path).map_err(|e| format!("--vpc {e}"))?),
                 None => None,
             };
             let settings = settings
@@ -172,11 +165,7 @@ pub fn run(command: Command) -> Result<(), String> {
             command: SimvpcCommand::Serve { listen, config },
         } => {
             let config = match config {
-                Some(path) => {
-                    let text =
-                        std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-                    simvpc_http::ServeConfig::parse(&text).map_err(|e| format!("{path}: {e}"))?
-                }
+                Some(path) => read_vpc(std::path::Path::new(&path))?,
                 None => simvpc_http::ServeConfig::example(),
             };
             let running = simvpc_http::Server::start(&config, listen)?;
@@ -263,6 +252,14 @@ pub fn run(command: Command) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// A simulated VPC's file (docs/simvpc.md); errors name the file.
+fn read_vpc(path: &std::path::Path) -> Result<simvpc_http::ServeConfig, String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| simvpc_http::ServeConfig::parse(&text))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// A progress bar on standard error (indicatif draws it only on a terminal, at most 20 times a
