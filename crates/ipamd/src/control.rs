@@ -114,6 +114,11 @@ impl Clock {
     pub fn now(&self) -> Time {
         self.wall + self.at.elapsed()
     }
+
+    /// How long since the clock started (the daemon's start).
+    pub fn elapsed(&self) -> Duration {
+        self.at.elapsed()
+    }
 }
 
 fn cidrs(list: &[Ipv4Cidr]) -> String {
@@ -152,7 +157,6 @@ pub struct Control {
     clock: Clock,
     wake_at: Option<Time>,
     stalls: Vec<Stall>,
-    started: Instant,
     actions_in_flight: usize,
     reporter: k8s::Reporter,
     eni_config_source: Option<String>,
@@ -240,7 +244,6 @@ impl Control {
             clock,
             wake_at: None,
             stalls: Vec::new(),
-            started: clock.at,
             actions_in_flight: 0,
             reporter: k8s::Reporter::disabled(),
             eni_config_source: None,
@@ -385,9 +388,9 @@ impl Control {
             && self.kept_from_ready().is_none()
         {
             self.phase = Phase::Ready;
-            self.metrics.started(self.started.elapsed());
+            self.metrics.started(self.clock.elapsed());
             let stats = self.pool.stats();
-            tracing::info!(after_ms = %self.started.elapsed().as_millis(), addresses = %stats.total, available = %stats.available, enis = %self.pool.enis().len(), "ready");
+            tracing::info!(after_ms = %self.clock.elapsed().as_millis(), addresses = %stats.total, available = %stats.available, enis = %self.pool.enis().len(), "ready");
         }
     }
 

@@ -518,9 +518,7 @@ impl Cluster {
         r.leaked_enis = self
             .vpc
             .interfaces()
-            .filter(|e| {
-                e.attachment.is_none() && e.tags.contains_key("node.k8s.amazonaws.com/instance_id")
-            })
+            .filter(|e| e.attachment.is_none() && e.tags.contains_key(ipam::ec2::INSTANCE_TAG))
             .count() as u64;
         r
     }
@@ -537,12 +535,12 @@ impl Cluster {
             if n.counters.cooldown_violations > 0 {
                 return Err(format!(
                     "{} reused an address inside its cooldown",
-                    n.instance_id
+                    n.instance_id()
                 ));
             }
             let inst = self
                 .vpc
-                .instance(&n.instance_id)
+                .instance(n.instance_id())
                 .ok_or("node without instance")?;
             let on_instance: Vec<_> = self
                 .vpc
@@ -550,13 +548,13 @@ impl Cluster {
                 .filter(|e| {
                     e.attachment
                         .as_ref()
-                        .is_some_and(|a| a.instance_id == n.instance_id)
+                        .is_some_and(|a| a.instance_id == n.instance_id())
                 })
                 .collect();
             if on_instance.len() as u32 > inst.limits.enis() {
                 return Err(format!(
                     "{} has {} ENIs, above its limit",
-                    n.instance_id,
+                    n.instance_id(),
                     on_instance.len()
                 ));
             }
@@ -573,9 +571,10 @@ impl Cluster {
                 // Every ENI the node created is attached to it or deleted: none is left behind.
                 if let Some(leaked) = self.vpc.interfaces().find(|e| {
                     e.attachment.is_none()
-                        && e.tags.get("node.k8s.amazonaws.com/instance_id") == Some(&n.instance_id)
+                        && e.tags.get(ipam::ec2::INSTANCE_TAG).map(String::as_str)
+                            == Some(n.instance_id())
                 }) {
-                    return Err(format!("{} left {} unattached", n.instance_id, leaked.id));
+                    return Err(format!("{} left {} unattached", n.instance_id(), leaked.id));
                 }
                 let ec2: HashMap<&str, HashSet<Ipv4Cidr>> = on_instance
                     .iter()
@@ -602,7 +601,7 @@ impl Cluster {
                 if ec2 != pool {
                     return Err(format!(
                         "{}: pool {pool:?} differs from EC2 {ec2:?}",
-                        n.instance_id
+                        n.instance_id()
                     ));
                 }
             }

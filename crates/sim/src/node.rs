@@ -45,7 +45,6 @@ struct PendingAdd {
 }
 
 pub struct Node {
-    pub instance_id: String,
     pub pool: Pool,
     pub memory: PolicyMemory,
     pub settings: PoolSettings,
@@ -71,7 +70,6 @@ impl Node {
             choreography.avoid_device(eni.info.device_number);
         }
         Node {
-            instance_id: choreography.facts().instance_id.clone(),
             pool,
             memory: PolicyMemory::default(),
             settings,
@@ -86,6 +84,10 @@ impl Node {
             released_at: FxHashMap::default(),
             counters: NodeCounters::default(),
         }
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.choreography.facts().instance_id
     }
 
     /// How long the node took from launch to ready (the daemon's rule: the first pass after which no
@@ -174,7 +176,7 @@ impl Node {
             self.next_call += 1;
             // Reproducible: the jitter and the token follow from the node and the call.
             let token = match action {
-                Action::CreateEni { .. } => format!("{}-{id}", self.instance_id),
+                Action::CreateEni { .. } => format!("{}-{id}", self.instance_id()),
                 _ => String::new(),
             };
             let run = self.choreography.start(action, id, token, now);
