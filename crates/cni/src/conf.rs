@@ -23,6 +23,10 @@ struct RawConf {
     prev_result: Option<Value>,
     #[serde(rename = "cni.dev/valid-attachments")]
     valid_attachments: Option<Vec<ValidAttachment>>,
+    #[serde(rename = "enableIPv6")]
+    enable_ipv6: Option<bool>,
+    #[serde(rename = "enableV4Egress")]
+    enable_v4_egress: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -46,6 +50,11 @@ pub struct NetConf {
     pub ipamd_socket: PathBuf,
     pub prev_result: Option<Value>,
     pub valid_attachments: Option<Vec<ValidAttachment>>,
+    /// `enableIPv6` (the installer writes ENABLE_IPv6): the pod gets an IPv6 address. Known before
+    /// the daemon answers, so the family's routes are added while it does.
+    pub ipv6: bool,
+    /// `enableV4Egress` (ENABLE_V4_EGRESS, default true): an IPv6 pod also gets `v4if0`.
+    pub v4_egress: bool,
 }
 
 impl NetConf {
@@ -107,6 +116,8 @@ impl NetConf {
                 .unwrap_or_else(|| proto::DEFAULT_SOCKET.into()),
             prev_result: raw.prev_result,
             valid_attachments: raw.valid_attachments,
+            ipv6: raw.enable_ipv6.unwrap_or(false),
+            v4_egress: raw.enable_v4_egress.unwrap_or(true),
         })
     }
 

@@ -11,7 +11,7 @@ mod result;
 
 use conf::{Env, K8sArgs, NetConf, SUPPORTED_VERSIONS};
 use datapath::netns::NetNs;
-use datapath::pod::{self, AddError, PodAddress, PodLink, PodNetwork};
+use datapath::pod::{self, AddError, Family, PodAddress, PodLink, PodNetwork};
 use error::{CniError, Code};
 use proto::{Attachment, DelReason, ErrorKind, PodRef, ProtoError, Reply, Request};
 use std::io::{Read, Write};
@@ -108,14 +108,56 @@ fn pod_ref(args: &K8sArgs) -> PodRef {
     }
 }
 
-/// Upstream's name when Kubernetes says which pod this is; the container id for bare runtimes.
-fn host_veth(env: &Env, conf: &NetConf, args: &K8sArgs) -> String {
-    let key = if args.pod_name.is_empty() || args.pod_namespace.is_empty() {
+/// What host veth names are made from: upstream's pod key when Kubernetes says which pod this is,
+/// the container id for bare runtimes.
+fn veth_key(env: &Env, args: &K8sArgs) -> String {
+    if args.pod_name.is_empty() || args.pod_namespace.is_empty() {
         env.container_id.clone()
     } else {
         datapath::names::pod_key(&args.pod_namespace, &args.pod_name)
-    };
-    datapath::names::host_veth_name(&conf.veth_prefix, &key)
+    }
+}
+
+fn host_veth(env: &Env, conf: &NetConf, args: &K8sArgs) -> String {
+    datapath::names::host_veth_name(&conf.veth_prefix, &veth_key(env, args))
+}
+
+/// The host end of an IPv6 pod's `v4if0`, when the configuration gives IPv6 pods IPv4 egress.
+fn egress_veth(env: &Env, conf: &NetConf, args: &K8sArgs) -> Option<String> {
+    (conf.ipv6 && conf.v4_egress)
+        .then(|| datapath::names::host_veth_name(pod::EGRESS_VETH_PREFIX, &veth_key(env, args)))
+}
+
+fn family(env: &Env, conf: &NetConf, args: &K8sArgs) -> Family {
+    if conf.ipv6 {
+        Family::Ipv6 {
+            egress_veth: egress_veth(env, conf, args),
+        }
+    } else {
+        Family::Ipv4
+    }
+}
+
+/// The daemon's answer as the pod's address, if it is what the configuration prepared the pod for.
+fn pod_address(conf: &NetConf, allocation: proto::Allocation) -> Result<PodAddress, CniError> {
+    let wanted_egress = conf.ipv6 && conf.v4_egress;
+    if allocation.address.is_ipv6() != conf.ipv6 || allocation.egress_v4.is_some() != wanted_egress
+    {
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            format!(
+                "vpc-ipamd gave {} (IPv4 egress {:?}) but the configuration says enableIPv6={}, \
+                 enableV4Egress={}: the conflist and the daemon's ENABLE_IPv6/ENABLE_V4_EGRESS \
+                 disagree (vpcctl install writes the conflist from the same settings)",
+                allocation.address, allocation.egress_v4, conf.ipv6, conf.v4_egress
+            ),
+        ));
+    }
+    Ok(PodAddress {
+        address: allocation.address,
+        route_table: allocation.route_table,
+        egress_v4: allocation.egress_v4,
+    })
 }
 
 fn daemon_error(conf: &NetConf, e: ProtoError) -> CniError {
@@ -148,19 +190,32 @@ fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<String, CniError> {
         host_veth: host_veth(env, conf, &args),
         ifname: env.ifname.clone(),
         mtu: conf.mtu,
+        family: family(env, conf, &args),
     };
     let request = Request::Add {
         attachment: attachment(env, conf),
         pod: pod_ref(&args),
         netns: env.netns.clone(),
     };
+    // The address goes back at once rather than waiting for the runtime's DEL.
+    let give_back = |address| {
+        let give_back = Request::Del {
+            attachment: attachment(env, conf),
+            pod: Some(pod_ref(&args)),
+            reason: DelReason::SetupFailed,
+        };
+        if let Err(del_error) = proto::call(&conf.ipamd_socket, &give_back, OTHER_TIMEOUT) {
+            log.write(&format!(
+                "could not return {address} after a failed ADD: {del_error}"
+            ));
+        }
+    };
     let allocate = || match proto::call(&conf.ipamd_socket, &request, ADD_TIMEOUT)
         .map_err(|e| daemon_error(conf, e))?
     {
-        Reply::Added { allocation } => Ok(PodAddress {
-            address: allocation.address,
-            route_table: allocation.route_table,
-        }),
+        Reply::Added { allocation } => {
+            pod_address(conf, allocation).inspect_err(|_| give_back(allocation.address))
+        }
         Reply::Error { kind, message } => Err(reply_error(kind, message)),
         other => Err(CniError::new(
             Code::Internal,
@@ -171,27 +226,17 @@ fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<String, CniError> {
         Ok(done) => done,
         Err(AddError::Allocation(e)) => return Err(e),
         Err(AddError::Wiring { error, allocated }) => {
-            // The address goes back at once rather than waiting for the runtime's DEL.
             if let Some(allocated) = allocated {
-                let give_back = Request::Del {
-                    attachment: attachment(env, conf),
-                    pod: Some(pod_ref(&args)),
-                    reason: DelReason::SetupFailed,
-                };
-                if let Err(del_error) = proto::call(&conf.ipamd_socket, &give_back, OTHER_TIMEOUT) {
-                    log.write(&format!(
-                        "could not return {} after a failed ADD: {del_error}",
-                        allocated.address
-                    ));
-                }
+                give_back(allocated.address);
             }
             return Err(error.into());
         }
     };
     log.write(&format!(
-        "added {} table {} on {}",
-        allocated.address, allocated.route_table, link.host_veth
+        "added {} table {} on {} (IPv4 egress {:?})",
+        allocated.address, allocated.route_table, link.host_veth, allocated.egress_v4
     ));
+    let egress_veth = egress_veth(env, conf, &args);
     Ok(result::AddResult {
         cni_version: &conf.cni_version,
         host_veth: &link.host_veth,
@@ -200,6 +245,10 @@ fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<String, CniError> {
         pod_mac: wired.pod_mac,
         netns: &env.netns,
         address: allocated.address,
+        egress: egress_veth
+            .as_deref()
+            .zip(wired.egress_macs)
+            .map(|(veth, (host_mac, pod_mac))| (veth, host_mac, pod_mac)),
     }
     .to_json()
     .to_string())
@@ -229,7 +278,7 @@ fn del(env: &Env, conf: &NetConf, log: &Log) -> Result<(), CniError> {
         reason: DelReason::PodDeleted,
     };
     let released = match proto::call(&conf.ipamd_socket, &request, OTHER_TIMEOUT) {
-        Ok(Reply::Deleted { released }) => released.map(|a| a.address),
+        Ok(Reply::Deleted { released }) => released,
         Ok(other) => {
             log.write(&format!("vpc-ipamd answered DEL with {other:?}"));
             None
@@ -243,8 +292,20 @@ fn del(env: &Env, conf: &NetConf, log: &Log) -> Result<(), CniError> {
         .as_ref()
         .map(|r| r.host_veth.clone())
         .unwrap_or_else(|| host_veth(env, conf, &args));
-    if let Some(address) = released.or_else(|| recorded.as_ref().map(|r| r.address)) {
+    if let Some(address) = released
+        .map(|a| a.address)
+        .or_else(|| recorded.as_ref().map(|r| r.address))
+    {
         pod::remove(&host_veth, address)?;
+    }
+    // The egress pair itself goes with the pod's namespace; its route is taken now, as its
+    // address may be given to the next pod.
+    let egress_veth = recorded
+        .as_ref()
+        .and_then(|r| r.egress_veth.clone())
+        .or_else(|| egress_veth(env, conf, &args));
+    if let (Some(veth), Some(egress)) = (egress_veth, released.and_then(|a| a.egress_v4)) {
+        pod::remove_egress(&veth, egress)?;
     }
     Ok(())
 }
@@ -260,7 +321,7 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
         ));
     }
     env.validate(true)?;
-    K8sArgs::parse(&env.args)?;
+    let args = K8sArgs::parse(&env.args)?;
     let prev = conf
         .prev_result
         .as_ref()
@@ -307,10 +368,12 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
                 host_veth: recorded.host_veth,
                 ifname: env.ifname.clone(),
                 mtu: conf.mtu,
+                family: family(env, conf, &args),
             },
             address: PodAddress {
                 address: recorded.address,
                 route_table: allocation.route_table,
+                egress_v4: allocation.egress_v4,
             },
         },
     )?);

@@ -8,13 +8,15 @@
 
 use crate::error::{CniError, Code};
 use serde_json::{json, Value};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// What DEL and CHECK need to find a pod's wiring again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
     pub host_veth: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
+    /// The host end of an IPv6 pod's `v4if0`: the interface listed before it.
+    pub egress_veth: Option<String>,
     /// Only upstream's results carry it.
     pub route_table: Option<u32>,
 }
@@ -26,28 +28,50 @@ pub struct AddResult<'a> {
     pub ifname: &'a str,
     pub pod_mac: [u8; 6],
     pub netns: &'a str,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
+    /// An IPv6 pod's `v4if0` pair: the host end's name and MAC, and the pod end's MAC. Listed as
+    /// interfaces but its address is not among the IPs: the pod's IP is its IPv6 address alone.
+    pub egress: Option<(&'a str, [u8; 6], [u8; 6])>,
 }
 
 impl AddResult<'_> {
     pub fn to_json(&self) -> Value {
-        let mut ip = json!({
-            "address": format!("{}/32", self.address),
-            "gateway": datapath::pod::GATEWAY.to_string(),
-            "interface": 1,
-        });
+        let (address, gateway, default, version) = match self.address {
+            IpAddr::V4(ip) => (
+                format!("{ip}/32"),
+                datapath::pod::GATEWAY.to_string(),
+                "0.0.0.0/0",
+                "4",
+            ),
+            IpAddr::V6(ip) => (
+                format!("{ip}/128"),
+                datapath::pod::GATEWAY_V6.to_string(),
+                "::/0",
+                "6",
+            ),
+        };
+        let mut ip = json!({"address": address, "gateway": gateway, "interface": 1});
         // Results before 1.0.0 carry the IP version on each address.
         if !self.cni_version.starts_with('1') {
-            ip["version"] = "4".into();
+            ip["version"] = version.into();
+        }
+        let mut interfaces = vec![
+            json!({"name": self.host_veth, "mac": mac_string(&self.host_mac)}),
+            json!({"name": self.ifname, "mac": mac_string(&self.pod_mac), "sandbox": self.netns}),
+        ];
+        if let Some((host, host_mac, pod_mac)) = self.egress {
+            interfaces.push(json!({"name": host, "mac": mac_string(&host_mac)}));
+            interfaces.push(json!({
+                "name": datapath::pod::EGRESS_IFNAME,
+                "mac": mac_string(&pod_mac),
+                "sandbox": self.netns,
+            }));
         }
         json!({
             "cniVersion": self.cni_version,
-            "interfaces": [
-                {"name": self.host_veth, "mac": mac_string(&self.host_mac)},
-                {"name": self.ifname, "mac": mac_string(&self.pod_mac), "sandbox": self.netns},
-            ],
+            "interfaces": interfaces,
             "ips": [ip],
-            "routes": [{"dst": "0.0.0.0/0", "gw": datapath::pod::GATEWAY.to_string()}],
+            "routes": [{"dst": default, "gw": gateway}],
             "dns": {},
         })
     }
@@ -79,21 +103,27 @@ pub fn recorded(prev: &Value, ifname: &str) -> Result<Recorded, CniError> {
         Some(text) => text.parse().ok(),
         None => None,
     };
-    let addresses: Vec<Ipv4Addr> = prev["ips"]
+    let addresses: Vec<IpAddr> = prev["ips"]
         .as_array()
         .ok_or_else(|| malformed("no ips"))?
         .iter()
         .filter(|ip| ip["interface"].as_u64() == Some(container_index as u64))
         .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
         .collect();
+    let egress_veth = interfaces
+        .iter()
+        .position(|i| i["name"] == datapath::pod::EGRESS_IFNAME && i["sandbox"].is_string())
+        .and_then(|at| interfaces[at.checked_sub(1)?]["name"].as_str())
+        .map(str::to_string);
     match addresses.as_slice() {
         [address] => Ok(Recorded {
             host_veth,
             address: *address,
+            egress_veth,
             route_table,
         }),
         _ => Err(malformed(&format!(
-            "expected one IPv4 address on {ifname}, found {}",
+            "expected one address on {ifname}, found {}",
             addresses.len()
         ))),
     }
@@ -109,6 +139,7 @@ fn mac_string(mac: &[u8; 6]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn result(version: &str) -> Value {
         AddResult {
@@ -118,7 +149,8 @@ mod tests {
             ifname: "eth0",
             pod_mac: [0x0a, 0, 0, 0, 0, 2],
             netns: "/var/run/netns/x",
-            address: Ipv4Addr::new(10, 0, 1, 7),
+            address: Ipv4Addr::new(10, 0, 1, 7).into(),
+            egress: None,
         }
         .to_json()
     }
@@ -141,7 +173,8 @@ mod tests {
             recorded,
             Recorded {
                 host_veth: "enib5faff8a083".into(),
-                address: Ipv4Addr::new(10, 0, 1, 7),
+                address: Ipv4Addr::new(10, 0, 1, 7).into(),
+                egress_veth: None,
                 route_table: None,
             }
         );
@@ -162,12 +195,45 @@ mod tests {
         };
         let main = recorded(&upstream("1"), "eth0").unwrap();
         assert_eq!(main.route_table, Some(datapath::MAIN_TABLE));
-        assert_eq!(main.address, Ipv4Addr::new(10, 0, 0, 9));
+        assert_eq!(main.address, IpAddr::from(Ipv4Addr::new(10, 0, 0, 9)));
         assert_eq!(main.host_veth, "eni1234567890a");
         assert_eq!(
             recorded(&upstream("10101"), "eth0").unwrap().route_table,
             Some(10101)
         );
+    }
+
+    #[test]
+    fn an_ipv6_result_names_its_egress_interfaces_but_only_its_ipv6_address() {
+        let address: IpAddr = "2600:1f14:abc:de00:1234::7".parse().unwrap();
+        let value = AddResult {
+            cni_version: "0.4.0",
+            host_veth: "enib5faff8a083",
+            host_mac: [0x02, 0, 0, 0, 0, 1],
+            ifname: "eth0",
+            pod_mac: [0x0a, 0, 0, 0, 0, 2],
+            netns: "/var/run/netns/x",
+            address,
+            egress: Some((
+                "v4eb5faff8a083",
+                [0x02, 0, 0, 0, 0, 3],
+                [0x0a, 0, 0, 0, 0, 4],
+            )),
+        }
+        .to_json();
+        assert_eq!(value["ips"].as_array().unwrap().len(), 1);
+        assert_eq!(value["ips"][0]["address"], "2600:1f14:abc:de00:1234::7/128");
+        assert_eq!(value["ips"][0]["gateway"], "fe80::1");
+        assert_eq!(value["ips"][0]["version"], "6");
+        assert_eq!(value["routes"][0]["dst"], "::/0");
+        assert_eq!(value["interfaces"][3]["name"], "v4if0");
+        assert_eq!(value["interfaces"][3]["sandbox"], "/var/run/netns/x");
+        let back = recorded(&value, "eth0").unwrap();
+        assert_eq!(
+            (back.address, back.host_veth.as_str()),
+            (address, "enib5faff8a083")
+        );
+        assert_eq!(back.egress_veth.as_deref(), Some("v4eb5faff8a083"));
     }
 
     #[test]

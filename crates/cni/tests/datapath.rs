@@ -138,6 +138,7 @@ fn snat_policy(external_snat: bool) -> SnatPolicy {
         randomize: RandomizeSnat::FullyRandom,
         node_port_support: true,
         connmark: 0x80,
+        v4_egress: false,
     }
 }
 

@@ -2,13 +2,13 @@
 
 use crate::{Context, Error, Result};
 use futures::TryStreamExt;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::packet_route::rule::{RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Runs `work` with a netlink connection opened in the calling thread's network namespace (the
 /// socket stays bound to the namespace it was created in).
@@ -142,6 +142,69 @@ pub(crate) async fn ipv4_routes(handle: &Handle) -> Result<Vec<RouteMessage>> {
         .try_collect()
         .await
         .context(|| "listing routes".into())
+}
+
+pub(crate) async fn ipv6_routes(handle: &Handle) -> Result<Vec<RouteMessage>> {
+    handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv6Addr>::new().table_id(0).build())
+        .execute()
+        .try_collect()
+        .await
+        .context(|| "listing IPv6 routes".into())
+}
+
+/// The IPv6 addresses on link `index`, with their flags (IFA_FLAGS, which carries more bits than the
+/// header's byte).
+pub(crate) async fn ipv6_addresses(
+    handle: &Handle,
+    index: u32,
+) -> Result<Vec<(Ipv6Addr, u8, AddressFlags)>> {
+    let messages: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .context(|| format!("listing the addresses of link {index}"))?;
+    Ok(messages
+        .into_iter()
+        .filter_map(|m| {
+            let ip = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
+                _ => None,
+            })?;
+            let flags = m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    AddressAttribute::Flags(f) => Some(*f),
+                    _ => None,
+                })
+                .unwrap_or_else(|| AddressFlags::from_bits_retain(m.header.flags.bits().into()));
+            Some((ip, m.header.prefix_len, flags))
+        })
+        .collect())
+}
+
+pub(crate) fn route_destination_v6(route: &RouteMessage) -> Option<(Ipv6Addr, u8)> {
+    let address = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(*ip),
+        _ => None,
+    });
+    match (address, route.header.destination_prefix_length) {
+        (Some(ip), len) => Some((ip, len)),
+        (None, 0) => Some((Ipv6Addr::UNSPECIFIED, 0)),
+        (None, _) => None,
+    }
+}
+
+pub(crate) fn route_gateway_v6(route: &RouteMessage) -> Option<Ipv6Addr> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => Some(*ip),
+        _ => None,
+    })
 }
 
 pub(crate) fn route_table(route: &RouteMessage) -> u32 {

@@ -170,6 +170,19 @@ pub fn setup_host(host: &HostRouting) -> Result<()> {
     })
 }
 
+/// An IPv6 node: IPv6 on, forwarding on, and router advertisements still accepted on the primary
+/// ENI (`accept_ra=2`; forwarding alone would stop them, and the node's default route with them).
+/// `accept_ra` goes first so that there is no moment without it.
+pub fn setup_host_v6(primary_interface: &str) -> Result<()> {
+    nl::write_sysctl("net/ipv6/conf/all/disable_ipv6", "0", false)?;
+    nl::write_sysctl(
+        &format!("net/ipv6/conf/{primary_interface}/accept_ra"),
+        "2",
+        false,
+    )?;
+    nl::write_sysctl("net/ipv6/conf/all/forwarding", "1", false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,20 +1,34 @@
 //! Wiring one pod: a veth pair, the pod's /32 behind a link-local gateway with a permanent neighbour,
 //! and on the host a /32 route to the veth plus the policy rules that pick the ENI's route table.
+//!
+//! An IPv6 pod gets its /128 the same way behind `fe80::1`, with a /128 route on the host and no
+//! rules (every IPv6 pod is on the primary ENI, in main). Its IPv4 egress is a second veth pair,
+//! `v4if0` in the pod, whose address from 169.254.172.0/22 the node SNATs to its own on the way out.
 
 use crate::netns::NetNs;
 use crate::nl::{self, tolerate_exists, tolerate_missing};
 use crate::{Context, Error, Result, MAIN_TABLE};
+use rtnetlink::packet_route::address::{AddressFlags, AddressHeaderFlags};
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The pod's default gateway. It exists nowhere: the permanent neighbour entry sends everything to
 /// the host end of the veth, which needs no address of its own.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// An IPv6 pod's default gateway, as [`GATEWAY`] is an IPv4 pod's.
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+/// The interface in an IPv6 pod that carries its IPv4 egress (upstream's name).
+pub const EGRESS_IFNAME: &str = "v4if0";
+/// The IPv4 egress range of IPv6 pods; `.1` is their gateway, which exists nowhere either.
+pub const EGRESS_RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(169, 254, 172, 0), 22);
+pub const EGRESS_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 172, 1);
+/// The prefix of the host ends of `v4if0` pairs, named as pod veths are.
+pub const EGRESS_VETH_PREFIX: &str = "v4e";
 /// `to <pod> lookup main`: traffic to a pod never leaves by an ENI table.
 pub const TO_POD_PRIORITY: u32 = 512;
 /// `from <pod> lookup <ENI table>`: a pod on a secondary ENI leaves by that ENI.
@@ -30,13 +44,27 @@ pub struct PodLink {
     /// The interface inside the pod (CNI_IFNAME).
     pub ifname: String,
     pub mtu: u32,
+    pub family: Family,
+}
+
+/// The pod's address family, known from the configuration before the daemon answers, so that each
+/// family's routes can be added while the answer is awaited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Family {
+    Ipv4,
+    /// `egress_veth`: the host end of the pod's `v4if0`, when it has IPv4 egress.
+    Ipv6 {
+        egress_veth: Option<String>,
+    },
 }
 
 /// The pod's address and the host table for traffic from it ([`MAIN_TABLE`] for the primary ENI).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PodAddress {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub route_table: u32,
+    /// An IPv6 pod's IPv4 egress address, on `v4if0`.
+    pub egress_v4: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +77,8 @@ pub struct PodNetwork {
 pub struct Wired {
     pub host_mac: [u8; 6],
     pub pod_mac: [u8; 6],
+    /// The `v4if0` pair's host and pod MACs.
+    pub egress_macs: Option<([u8; 6], [u8; 6])>,
 }
 
 /// Why [`add`] failed. Either way nothing it created is left behind.
@@ -65,20 +95,36 @@ pub enum AddError<E> {
 }
 
 impl PodLink {
+    /// The host ends of the pod's veth pairs.
+    fn host_ends(&self) -> impl Iterator<Item = &str> {
+        let egress = match &self.family {
+            Family::Ipv6 {
+                egress_veth: Some(veth),
+            } => Some(veth.as_str()),
+            _ => None,
+        };
+        std::iter::once(self.host_veth.as_str()).chain(egress)
+    }
+
     fn validate(&self) -> Result<()> {
-        for name in [&self.host_veth, &self.ifname] {
+        for name in self.host_ends().chain([self.ifname.as_str()]) {
             if name.is_empty() || name.len() > crate::names::IFNAME_MAX {
                 return Err(Error::Invalid(format!(
                     "interface name {name:?} must be 1 to 15 characters"
                 )));
             }
         }
-        if !MTU_RANGE.contains(&self.mtu) {
+        // IPv6 needs links of 1280 bytes at least (RFC 8200).
+        let range = match self.family {
+            Family::Ipv4 => MTU_RANGE,
+            Family::Ipv6 { .. } => 1280..=*MTU_RANGE.end(),
+        };
+        if !range.contains(&self.mtu) {
             return Err(Error::Invalid(format!(
                 "MTU {} is outside {}..={}",
                 self.mtu,
-                MTU_RANGE.start(),
-                MTU_RANGE.end()
+                range.start(),
+                range.end()
             )));
         }
         Ok(())
@@ -102,21 +148,35 @@ pub fn add<E>(
     let host = NetNs::current().map_err(unallocated)?;
     // A host veth of the same name is left from an earlier sandbox of the same pod. Asking the
     // kernel for the index is cheap, and it is almost always 0.
-    if link_index(&link.host_veth) != 0 {
-        remove_veth(&link.host_veth).map_err(unallocated)?;
+    for end in link.host_ends() {
+        if link_index(end) != 0 {
+            remove_veth(end).map_err(unallocated)?;
+        }
     }
     let (host_mac, pod_mac) = (random_mac(), random_mac());
+    let egress_macs = link
+        .host_ends()
+        .nth(1)
+        .map(|_| (random_mac(), random_mac()));
     let (created_tx, created_rx) = std::sync::mpsc::sync_channel(1);
     let (address_tx, address_rx) = std::sync::mpsc::sync_channel(1);
     let (pod_side, allocated) = netns.run_alongside(
         || {
             let macs = (host_mac, pod_mac);
-            wire_pod_side(netns, link, macs, host.fd(), created_tx, address_rx)
+            wire_pod_side(
+                netns,
+                link,
+                macs,
+                egress_macs,
+                host.fd(),
+                created_tx,
+                address_rx,
+            )
         },
         move || {
             let allocated = allocate();
             // The pod side may have failed already and hung up; its error is reported below.
-            let _ = address_tx.send(allocated.as_ref().ok().map(|a| a.address));
+            let _ = address_tx.send(allocated.as_ref().ok().copied());
             allocated.map(|pod| {
                 let host_side = wire_host_side(link, &pod, created_rx);
                 (pod, host_side)
@@ -126,16 +186,27 @@ pub fn add<E>(
     let (allocated, host_side) = match allocated {
         Ok(allocated) => allocated,
         Err(e) => {
-            let _ = remove_veth(&link.host_veth);
+            for end in link.host_ends() {
+                let _ = remove_veth(end);
+            }
             return Err(AddError::Allocation(e));
         }
     };
     // The pod side's error comes first: when it failed, the host side had nothing to wire.
     match pod_side.and_then(|side| side).and(host_side) {
-        Ok(()) => Ok((Wired { host_mac, pod_mac }, allocated)),
+        Ok(()) => Ok((
+            Wired {
+                host_mac,
+                pod_mac,
+                egress_macs,
+            },
+            allocated,
+        )),
         Err(error) => {
             let _ = remove(&link.host_veth, allocated.address);
-            let _ = remove_veth(&link.host_veth);
+            for end in link.host_ends() {
+                let _ = remove_veth(end);
+            }
             Err(AddError::Wiring {
                 error,
                 allocated: Some(allocated),
@@ -155,8 +226,8 @@ fn link_index(name: &str) -> u32 {
 }
 
 /// The host end, once the pod side says through `created` that it exists: its IPv6 settings, up,
-/// the /32 route to the pod and the pod's policy rules. The netlink connection is opened before
-/// the wait.
+/// the /32 (/128) route to the pod and an IPv4 pod's policy rules; then an IPv6 pod's egress end, up,
+/// with the /32 route to its egress address. The netlink connection is opened before the wait.
 fn wire_host_side(
     link: &PodLink,
     pod: &PodAddress,
@@ -167,58 +238,153 @@ fn wire_host_side(
         created
             .recv()
             .map_err(|_| Error::Invalid("the pod side stopped before creating the veth".into()))?;
-        let index = link_index(&link.host_veth);
-        if index == 0 {
-            return Err(Error::Invalid(format!(
-                "{} is not in the host namespace",
-                link.host_veth
-            )));
-        }
+        let index = host_link_index(&link.host_veth)?;
         // The host end stays down until its IPv6 settings are written, so that it never sends a
-        // router solicitation or accepts an advertisement.
+        // router solicitation or accepts an advertisement. An IPv6 pod's host end also skips
+        // duplicate address detection: its link-local address is the pod's neighbour at once.
+        let dad = matches!(link.family, Family::Ipv6 { .. }).then_some(("accept_dad", "0"));
         for (key, value) in [
             ("accept_ra", "0"),
             ("accept_redirects", "1"),
             ("forwarding", "0"),
-        ] {
+        ]
+        .into_iter()
+        .chain(dad)
+        {
             nl::write_sysctl(
                 &format!("net/ipv6/conf/{}/{key}", link.host_veth),
                 value,
                 true,
             )?;
         }
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .context(|| format!("bringing {} up", link.host_veth))?;
-        let to_pod = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(pod.address, 32)
-            .output_interface(index)
-            .scope(RouteScope::Link)
-            .build();
-        handle
-            .route()
-            .add(to_pod)
-            .replace()
-            .execute()
-            .await
-            .context(|| format!("adding route {}/32 dev {}", pod.address, link.host_veth))?;
-        add_rule(
-            &handle,
-            rule(TO_POD_PRIORITY, None, Some(pod.address), MAIN_TABLE),
-        )
-        .await?;
-        if pod.route_table != MAIN_TABLE {
-            add_rule(
-                &handle,
-                rule(FROM_POD_PRIORITY, Some(pod.address), None, pod.route_table),
-            )
-            .await?;
+        set_up(&handle, index, &link.host_veth).await?;
+        match pod.address {
+            IpAddr::V4(address) => {
+                route_to_link(&handle, address, index, &link.host_veth).await?;
+                add_rule(
+                    &handle,
+                    rule(TO_POD_PRIORITY, None, Some(address), MAIN_TABLE),
+                )
+                .await?;
+                if pod.route_table != MAIN_TABLE {
+                    add_rule(
+                        &handle,
+                        rule(FROM_POD_PRIORITY, Some(address), None, pod.route_table),
+                    )
+                    .await?;
+                }
+            }
+            IpAddr::V6(address) => {
+                let to_pod = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(address, 128)
+                    .output_interface(index)
+                    .build();
+                handle
+                    .route()
+                    .add(to_pod)
+                    .replace()
+                    .execute()
+                    .await
+                    .context(|| format!("adding route {address}/128 dev {}", link.host_veth))?;
+            }
+        }
+        if let (
+            Family::Ipv6 {
+                egress_veth: Some(veth),
+            },
+            Some(egress),
+        ) = (&link.family, pod.egress_v4)
+        {
+            let index = host_link_index(veth)?;
+            set_up(&handle, index, veth).await?;
+            route_to_link(&handle, egress, index, veth).await?;
         }
         Ok(())
     })
+}
+
+fn host_link_index(name: &str) -> Result<u32> {
+    match link_index(name) {
+        0 => Err(Error::Invalid(format!(
+            "{name} is not in the host namespace"
+        ))),
+        index => Ok(index),
+    }
+}
+
+async fn set_up(handle: &Handle, index: u32, name: &str) -> Result<()> {
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .context(|| format!("bringing {name} up"))
+}
+
+/// `<address>/32 dev <link> scope link` in main.
+async fn route_to_link(handle: &Handle, address: Ipv4Addr, index: u32, name: &str) -> Result<()> {
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(address, 32)
+        .output_interface(index)
+        .scope(RouteScope::Link)
+        .build();
+    handle
+        .route()
+        .add(route)
+        .replace()
+        .execute()
+        .await
+        .context(|| format!("adding route {address}/32 dev {name}"))
+}
+
+/// Creates the veth pair `ifname` (here, `mac`) / `host_veth` (`host_mac`, placed straight into the
+/// host namespace `host_fd`), up or down, and returns the pod end's index.
+async fn create_veth(
+    handle: &Handle,
+    netns: &NetNs,
+    (ifname, mac): (&str, [u8; 6]),
+    (host_veth, host_mac): (&str, [u8; 6]),
+    mtu: u32,
+    host_fd: std::os::unix::io::RawFd,
+    up: bool,
+) -> Result<u32> {
+    let peer = LinkMessageBuilder::<LinkUnspec>::new()
+        .name(host_veth.to_string())
+        .mtu(mtu)
+        .address(host_mac.to_vec())
+        .setns_by_fd(host_fd)
+        .build();
+    let veth = LinkVeth::new(ifname, host_veth)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .mtu(mtu)
+        .address(mac.to_vec());
+    let veth = if up { veth.up() } else { veth }.build();
+    // No look before creating: the kernel refuses a name that exists, one round trip less.
+    match handle.link().add(veth).execute().await {
+        Err(e) if nl::errno(&e) == Some(libc::EEXIST) => {
+            return Err(Error::Invalid(format!(
+                "{ifname} already exists in {}",
+                netns.path().display()
+            )))
+        }
+        other => other.context(|| format!("creating veth {ifname} / {host_veth}"))?,
+    }
+    match link_index(ifname) {
+        0 => Err(Error::Invalid(format!("{ifname} vanished"))),
+        index => Ok(index),
+    }
+}
+
+async fn permanent_neighbour(handle: &Handle, index: u32, ip: IpAddr, mac: &[u8; 6]) -> Result<()> {
+    handle
+        .neighbours()
+        .add(index, ip)
+        .link_layer_address(mac)
+        .state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .context(|| format!("adding neighbour {ip}"))
 }
 
 /// Runs inside the pod's namespace: creates the veth with its host end placed straight into the
@@ -229,62 +395,102 @@ fn wire_pod_side(
     netns: &NetNs,
     link: &PodLink,
     (host_mac, pod_mac): ([u8; 6], [u8; 6]),
+    egress_macs: Option<([u8; 6], [u8; 6])>,
     host_fd: std::os::unix::io::RawFd,
     created: std::sync::mpsc::SyncSender<()>,
-    address: std::sync::mpsc::Receiver<Option<Ipv4Addr>>,
+    address: std::sync::mpsc::Receiver<Option<PodAddress>>,
 ) -> Result<()> {
     nl::run(|handle| async move {
-        let peer = LinkMessageBuilder::<LinkUnspec>::new()
-            .name(link.host_veth.clone())
-            .mtu(link.mtu)
-            .address(host_mac.to_vec())
-            .setns_by_fd(host_fd)
-            .build();
-        let veth = LinkVeth::new(&link.ifname, &link.host_veth)
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .mtu(link.mtu)
-            .address(pod_mac.to_vec())
-            .up()
-            .build();
-        // No look before creating: the kernel refuses a name that exists, one round trip less.
-        match handle.link().add(veth).execute().await {
-            Err(e) if nl::errno(&e) == Some(libc::EEXIST) => {
-                return Err(Error::Invalid(format!(
-                    "{} already exists in {}",
-                    link.ifname,
-                    netns.path().display()
-                )))
+        let ends = (
+            (link.ifname.as_str(), pod_mac),
+            (link.host_veth.as_str(), host_mac),
+        );
+        let egress_veth = match &link.family {
+            Family::Ipv4 => {
+                let index =
+                    create_veth(&handle, netns, ends.0, ends.1, link.mtu, host_fd, true).await?;
+                // The host side may have given up already (no address); then nobody is waiting.
+                let _ = created.send(());
+                nl::default_via_link_gateway(&handle, index, GATEWAY, MAIN_TABLE).await?;
+                permanent_neighbour(&handle, index, IpAddr::V4(GATEWAY), &host_mac).await?;
+                // Blocking is fine: this runtime has nothing else to do meanwhile.
+                let Ok(Some(pod)) = address.recv() else {
+                    return Ok(());
+                };
+                return handle
+                    .address()
+                    .add(index, pod.address, 32)
+                    .execute()
+                    .await
+                    .context(|| format!("adding {}/32 to {}", pod.address, link.ifname));
             }
-            other => {
-                other.context(|| format!("creating veth {} / {}", link.ifname, link.host_veth))?
-            }
+            Family::Ipv6 { egress_veth } => egress_veth,
+        };
+        // Created down: its IPv6 settings must be in place before the link comes up, so that its
+        // link-local address skips duplicate address detection too.
+        let index = create_veth(&handle, netns, ends.0, ends.1, link.mtu, host_fd, false).await?;
+        for (key, value) in [("accept_dad", "0"), ("disable_ipv6", "0")] {
+            nl::write_sysctl(
+                &format!("net/ipv6/conf/{}/{key}", link.ifname),
+                value,
+                false,
+            )?;
         }
-        // The host side may have given up already (no address); then nobody is waiting.
+        nl::write_sysctl("net/ipv6/conf/lo/disable_ipv6", "0", true)?;
+        set_up(&handle, index, &link.ifname).await?;
+        let egress = match (egress_veth, egress_macs) {
+            (Some(veth), Some((egress_host_mac, egress_pod_mac))) => {
+                let egress_index = create_veth(
+                    &handle,
+                    netns,
+                    (EGRESS_IFNAME, egress_pod_mac),
+                    (veth, egress_host_mac),
+                    link.mtu,
+                    host_fd,
+                    true,
+                )
+                .await?;
+                Some((egress_index, egress_host_mac))
+            }
+            _ => None,
+        };
         let _ = created.send(());
-        let index = link_index(&link.ifname);
-        if index == 0 {
-            return Err(Error::Invalid(format!("{} vanished", link.ifname)));
-        }
-        nl::default_via_link_gateway(&handle, index, GATEWAY, MAIN_TABLE).await?;
+        let default = RouteMessageBuilder::<Ipv6Addr>::new()
+            .gateway(GATEWAY_V6)
+            .output_interface(index)
+            .build();
         handle
-            .neighbours()
-            .add(index, IpAddr::V4(GATEWAY))
-            .link_layer_address(&host_mac)
-            .state(NeighbourState::Permanent)
+            .route()
+            .add(default)
             .replace()
             .execute()
             .await
-            .context(|| format!("adding neighbour {GATEWAY}"))?;
-        // Blocking is fine: this runtime has nothing else to do meanwhile.
-        let Ok(Some(address)) = address.recv() else {
+            .context(|| format!("adding default via {GATEWAY_V6}"))?;
+        permanent_neighbour(&handle, index, IpAddr::V6(GATEWAY_V6), &host_mac).await?;
+        if let Some((egress_index, egress_host_mac)) = egress {
+            nl::default_via_link_gateway(&handle, egress_index, EGRESS_GATEWAY, MAIN_TABLE).await?;
+            let gateway = IpAddr::V4(EGRESS_GATEWAY);
+            permanent_neighbour(&handle, egress_index, gateway, &egress_host_mac).await?;
+        }
+        let Ok(Some(pod)) = address.recv() else {
             return Ok(());
         };
-        handle
-            .address()
-            .add(index, IpAddr::V4(address), 32)
-            .execute()
+        // No duplicate address detection: the /80 is this node's alone, so a duplicate cannot
+        // exist, and waiting for it costs upstream about 1.5 s per pod.
+        let mut add = handle.address().add(index, pod.address, 128);
+        add.message_mut().header.flags = AddressHeaderFlags::Nodad;
+        add.execute()
             .await
-            .context(|| format!("adding {address}/32 to {}", link.ifname))
+            .context(|| format!("adding {}/128 to {}", pod.address, link.ifname))?;
+        if let (Some((egress_index, _)), Some(egress)) = (egress, pod.egress_v4) {
+            handle
+                .address()
+                .add(egress_index, IpAddr::V4(egress), 32)
+                .execute()
+                .await
+                .context(|| format!("adding {egress}/32 to {EGRESS_IFNAME}"))?;
+        }
+        Ok(())
     })
 }
 
@@ -296,28 +502,57 @@ fn wire_pod_side(
 /// The veth is left to the runtime, which deletes the pod's namespace and with it the pair, as
 /// upstream does: deleting a link waits for an RCU grace period (~20 ms here), the whole cost of a
 /// DEL otherwise, while namespace teardown happens in the background.
-pub fn remove(host_veth: &str, address: Ipv4Addr) -> Result<()> {
+pub fn remove(host_veth: &str, address: IpAddr) -> Result<()> {
     nl::run(|handle| async move {
         let veth = nl::link_by_name(&handle, host_veth).await?;
         let veth_index = veth.as_ref().map(|l| l.header.index);
-        let route = nl::ipv4_routes(&handle).await?.into_iter().find(|r| {
-            nl::route_table(r) == MAIN_TABLE && nl::route_destination(r) == Some((address, 32))
-        });
+        let route = match address {
+            IpAddr::V4(address) => nl::ipv4_routes(&handle).await?.into_iter().find(|r| {
+                nl::route_table(r) == MAIN_TABLE && nl::route_destination(r) == Some((address, 32))
+            }),
+            IpAddr::V6(address) => nl::ipv6_routes(&handle).await?.into_iter().find(|r| {
+                nl::route_table(r) == MAIN_TABLE
+                    && nl::route_destination_v6(r) == Some((address, 128))
+            }),
+        };
         let owned_by_other = match (&route, veth_index) {
             (Some(route), Some(ours)) => nl::route_oif(route) != Some(ours),
             (Some(_), None) => true,
             (None, _) => false,
         };
         if !owned_by_other {
-            delete_rules(&handle, |r| {
-                (r.priority == TO_POD_PRIORITY && r.to == Some((address, 32)))
-                    || (r.priority == FROM_POD_PRIORITY && r.from == Some((address, 32)))
-            })
-            .await?;
+            if let IpAddr::V4(address) = address {
+                delete_rules(&handle, |r| {
+                    (r.priority == TO_POD_PRIORITY && r.to == Some((address, 32)))
+                        || (r.priority == FROM_POD_PRIORITY && r.from == Some((address, 32)))
+                })
+                .await?;
+            }
             if let Some(route) = route {
                 tolerate_missing(handle.route().del(route).execute().await)
-                    .context(|| format!("deleting route {}/32", address))?;
+                    .context(|| format!("deleting the route to {address}"))?;
             }
+        }
+        Ok(())
+    })
+}
+
+/// Removes the host's route to an IPv6 pod's egress address through `egress_veth`, if it goes
+/// there (the address may already be another pod's). Idempotent; the pair itself goes with the
+/// pod's namespace.
+pub fn remove_egress(egress_veth: &str, address: Ipv4Addr) -> Result<()> {
+    nl::run(|handle| async move {
+        let Some(veth) = nl::link_by_name(&handle, egress_veth).await? else {
+            return Ok(());
+        };
+        let route = nl::ipv4_routes(&handle).await?.into_iter().find(|r| {
+            nl::route_table(r) == MAIN_TABLE
+                && nl::route_destination(r) == Some((address, 32))
+                && nl::route_oif(r) == Some(veth.header.index)
+        });
+        if let Some(route) = route {
+            tolerate_missing(handle.route().del(route).execute().await)
+                .context(|| format!("deleting route {address}/32"))?;
         }
         Ok(())
     })
@@ -338,6 +573,10 @@ fn remove_veth(host_veth: &str) -> Result<()> {
 /// difference in words; empty means the pod is wired as it should be.
 pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
     let (link, pod) = (&pod.link, &pod.address);
+    let address = match pod.address {
+        IpAddr::V4(address) => address,
+        IpAddr::V6(address) => return check_v6(netns, link, address, pod.egress_v4),
+    };
     let mut problems = Vec::new();
     let host_mac = nl::run(|handle| async move {
         let mut problems = Vec::new();
@@ -357,13 +596,13 @@ pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
         }
         let routes = nl::ipv4_routes(&handle).await?;
         let to_pod = routes.iter().find(|r| {
-            nl::route_table(r) == MAIN_TABLE && nl::route_destination(r) == Some((pod.address, 32))
+            nl::route_table(r) == MAIN_TABLE && nl::route_destination(r) == Some((address, 32))
         });
         match to_pod {
-            None => problems.push(format!("host has no route to {}/32", pod.address)),
+            None => problems.push(format!("host has no route to {}/32", address)),
             Some(r) if nl::route_oif(r) != Some(veth.header.index) => problems.push(format!(
                 "host route to {}/32 does not go to {}",
-                pod.address, link.host_veth
+                address, link.host_veth
             )),
             Some(_) => {}
         }
@@ -380,18 +619,18 @@ pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
                     && r.table == table
             })
         };
-        if !has(TO_POD_PRIORITY, None, Some(pod.address), MAIN_TABLE) {
+        if !has(TO_POD_PRIORITY, None, Some(address), MAIN_TABLE) {
             problems.push(format!(
                 "rule 'to {} lookup main priority {TO_POD_PRIORITY}' is missing",
-                pod.address
+                address
             ));
         }
         if pod.route_table != MAIN_TABLE
-            && !has(FROM_POD_PRIORITY, Some(pod.address), None, pod.route_table)
+            && !has(FROM_POD_PRIORITY, Some(address), None, pod.route_table)
         {
             problems.push(format!(
                 "rule 'from {} lookup {} priority {FROM_POD_PRIORITY}' is missing",
-                pod.address, pod.route_table
+                address, pod.route_table
             ));
         }
         Ok((problems, nl::link_mac(&veth).map(<[u8]>::to_vec)))
@@ -423,10 +662,10 @@ pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
                 .into_iter()
                 .map(|(_, ip, len)| (ip, len))
                 .collect();
-            if !addresses.contains(&(pod.address, 32)) {
+            if !addresses.contains(&(address, 32)) {
                 problems.push(format!(
                     "{} has {addresses:?}, expected {}/32",
-                    link.ifname, pod.address
+                    link.ifname, address
                 ));
             }
             let routes = nl::ipv4_routes(&handle).await?;
@@ -446,7 +685,7 @@ pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
             }) {
                 problems.push(format!("pod has no default route via {GATEWAY}"));
             }
-            let neighbour = gateway_neighbour(&handle, index).await?;
+            let neighbour = neighbour(&handle, index, IpAddr::V4(GATEWAY)).await?;
             match (neighbour, &host_mac) {
                 (None, _) => problems.push(format!("pod has no neighbour entry for {GATEWAY}")),
                 (Some((mac, state)), Some(expected)) => {
@@ -470,6 +709,89 @@ pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
     Ok(problems)
 }
 
+/// [`check`] for an IPv6 pod: the host's /128 route to its veth, the /128 on its interface (not
+/// tentative), its default route via [`GATEWAY_V6`] and that neighbour, and its egress address.
+fn check_v6(
+    netns: &NetNs,
+    link: &PodLink,
+    address: Ipv6Addr,
+    egress: Option<Ipv4Addr>,
+) -> Result<Vec<String>> {
+    let (mut problems, host_mac) = nl::run(|handle| async move {
+        let mut problems = Vec::new();
+        let Some(veth) = nl::link_by_name(&handle, &link.host_veth).await? else {
+            problems.push(format!("host veth {} does not exist", link.host_veth));
+            return Ok((problems, None));
+        };
+        let to_pod = nl::ipv6_routes(&handle).await?.into_iter().find(|r| {
+            nl::route_table(r) == MAIN_TABLE && nl::route_destination_v6(r) == Some((address, 128))
+        });
+        match to_pod {
+            None => problems.push(format!("host has no route to {address}/128")),
+            Some(r) if nl::route_oif(&r) != Some(veth.header.index) => problems.push(format!(
+                "host route to {address}/128 does not go to {}",
+                link.host_veth
+            )),
+            Some(_) => {}
+        }
+        Ok((problems, nl::link_mac(&veth).map(<[u8]>::to_vec)))
+    })?;
+    problems.extend(netns.run(|| {
+        nl::run(|handle| async move {
+            let mut problems = Vec::new();
+            let Some(pod_link) = nl::link_by_name(&handle, &link.ifname).await? else {
+                problems.push(format!("{} does not exist in the pod", link.ifname));
+                return Ok(problems);
+            };
+            let index = pod_link.header.index;
+            let addresses = nl::ipv6_addresses(&handle, index).await?;
+            match addresses
+                .iter()
+                .find(|(ip, len, _)| (*ip, *len) == (address, 128))
+            {
+                None => problems.push(format!("{} does not have {address}/128", link.ifname)),
+                Some((_, _, flags)) if flags.contains(AddressFlags::Tentative) => {
+                    problems.push(format!("{address} is still tentative"))
+                }
+                Some(_) => {}
+            }
+            let default = nl::ipv6_routes(&handle).await?.into_iter().any(|r| {
+                nl::route_table(&r) == MAIN_TABLE
+                    && nl::route_oif(&r) == Some(index)
+                    && nl::route_destination_v6(&r) == Some((Ipv6Addr::UNSPECIFIED, 0))
+                    && nl::route_gateway_v6(&r) == Some(GATEWAY_V6)
+            });
+            if !default {
+                problems.push(format!("pod has no default route via {GATEWAY_V6}"));
+            }
+            match (
+                neighbour(&handle, index, IpAddr::V6(GATEWAY_V6)).await?,
+                &host_mac,
+            ) {
+                (Some((mac, NeighbourState::Permanent)), Some(expected)) if &mac == expected => {}
+                (found, _) => problems.push(format!(
+                    "neighbour {GATEWAY_V6} is {:?}, expected the host veth's MAC, permanent",
+                    found.map(|(mac, state)| (nl::mac_string(&mac), state))
+                )),
+            }
+            if let Some(egress) = egress {
+                let found = match nl::link_by_name(&handle, EGRESS_IFNAME).await? {
+                    Some(l) => nl::ipv4_addresses(&handle, l.header.index)
+                        .await?
+                        .iter()
+                        .any(|(_, ip, len)| (*ip, *len) == (egress, 32)),
+                    None => false,
+                };
+                if !found {
+                    problems.push(format!("{EGRESS_IFNAME} does not have {egress}/32"));
+                }
+            }
+            Ok(problems)
+        })
+    })??);
+    Ok(problems)
+}
+
 /// The host ends of pod veths (links named with `veth_prefix`), by link index.
 async fn pod_veths(
     handle: &Handle,
@@ -486,43 +808,67 @@ async fn pod_veths(
         .collect())
 }
 
-/// The pods wired on this host: each /32 route in main to a veth named with `veth_prefix`, as
-/// (address, host veth name). A restarting daemon uses it to tell live pods from dead ones.
-pub fn wired_addresses(veth_prefix: &str) -> Result<Vec<(Ipv4Addr, String)>> {
+/// The routes in main to pod veths (links named with `veth_prefix`): /32s and /128s, as (address,
+/// route, veth index).
+async fn pod_routes(
+    handle: &Handle,
+    veths: &std::collections::HashMap<u32, String>,
+) -> Result<Vec<(IpAddr, rtnetlink::packet_route::route::RouteMessage, u32)>> {
+    let v4 = nl::ipv4_routes(handle)
+        .await?
+        .into_iter()
+        .filter_map(|route| match nl::route_destination(&route) {
+            Some((ip, 32)) => Some((IpAddr::V4(ip), route)),
+            _ => None,
+        });
+    let v6 = nl::ipv6_routes(handle)
+        .await?
+        .into_iter()
+        .filter_map(|route| match nl::route_destination_v6(&route) {
+            Some((ip, 128)) => Some((IpAddr::V6(ip), route)),
+            _ => None,
+        });
+    Ok(v4
+        .chain(v6)
+        .filter(|(_, route)| nl::route_table(route) == MAIN_TABLE)
+        .filter_map(|(ip, route)| {
+            let oif = nl::route_oif(&route).filter(|oif| veths.contains_key(oif))?;
+            Some((ip, route, oif))
+        })
+        .collect())
+}
+
+/// The pods wired on this host: each /32 or /128 route in main to a veth named with `veth_prefix`,
+/// as (address, host veth name). A restarting daemon uses it to tell live pods from dead ones.
+pub fn wired_addresses(veth_prefix: &str) -> Result<Vec<(IpAddr, String)>> {
     nl::run(|handle| async move {
         let veths = pod_veths(&handle, veth_prefix).await?;
-        Ok(nl::ipv4_routes(&handle)
+        Ok(pod_routes(&handle, &veths)
             .await?
-            .iter()
-            .filter(|route| nl::route_table(route) == MAIN_TABLE)
-            .filter_map(
-                |route| match (nl::route_destination(route), nl::route_oif(route)) {
-                    (Some((ip, 32)), Some(oif)) => veths.get(&oif).map(|veth| (ip, veth.clone())),
-                    _ => None,
-                },
-            )
+            .into_iter()
+            .map(|(ip, _, oif)| (ip, veths[&oif].clone()))
             .collect())
     })
 }
 
-/// Removes host state of pods that are gone: every /32 route in main to a veth named with
+/// Removes host state of pods that are gone: every /32 or /128 route in main to a veth named with
 /// `veth_prefix` whose address is not in `keep`, that veth, and the priority-512 and -1536 rules of
 /// addresses not in `keep`. Veths with no route are left alone: an ADD may be halfway through.
 /// Returns what was removed, in words. (CNI GC: the runtime named every attachment still valid.)
 pub fn collect_leftovers(
     veth_prefix: &str,
-    keep: &std::collections::HashSet<Ipv4Addr>,
+    keep: &std::collections::HashSet<IpAddr>,
 ) -> Result<Vec<String>> {
     remove_host_state(veth_prefix, &|ip| !keep.contains(&ip))
 }
 
-/// Removes the host state of exactly these addresses: their /32 routes to veths named with
+/// Removes the host state of exactly these addresses: their routes to veths named with
 /// `veth_prefix`, those veths, and their priority-512 and -1536 rules. Nothing of any other
 /// address is touched, however it looks: a pod interface we cannot account for (another CNI's,
 /// a branch-ENI pod of upstream's) stays. Returns what was removed, in words.
 pub fn remove_pods_host_state(
     veth_prefix: &str,
-    addresses: &std::collections::HashSet<Ipv4Addr>,
+    addresses: &std::collections::HashSet<IpAddr>,
 ) -> Result<Vec<String>> {
     if addresses.is_empty() {
         return Ok(Vec::new());
@@ -530,26 +876,19 @@ pub fn remove_pods_host_state(
     remove_host_state(veth_prefix, &|ip| addresses.contains(&ip))
 }
 
-fn remove_host_state(veth_prefix: &str, doomed: &dyn Fn(Ipv4Addr) -> bool) -> Result<Vec<String>> {
+fn remove_host_state(veth_prefix: &str, doomed: &dyn Fn(IpAddr) -> bool) -> Result<Vec<String>> {
     nl::run(|handle| async move {
         let mut removed = Vec::new();
         let veths = pod_veths(&handle, veth_prefix).await?;
         let mut doomed_veths = std::collections::BTreeMap::new();
-        for route in nl::ipv4_routes(&handle).await? {
-            let (Some((ip, 32)), Some(oif)) =
-                (nl::route_destination(&route), nl::route_oif(&route))
-            else {
-                continue;
-            };
-            let Some(veth) = veths.get(&oif) else {
-                continue;
-            };
-            if nl::route_table(&route) != MAIN_TABLE || !doomed(ip) {
+        for (ip, route, oif) in pod_routes(&handle, &veths).await? {
+            if !doomed(ip) {
                 continue;
             }
+            let veth = &veths[&oif];
             tolerate_missing(handle.route().del(route).execute().await)
-                .context(|| format!("deleting route {ip}/32"))?;
-            removed.push(format!("route {ip}/32 dev {veth}"));
+                .context(|| format!("deleting the route to {ip}"))?;
+            removed.push(format!("route {ip} dev {veth}"));
             doomed_veths.insert(oif, veth.clone());
         }
         for message in nl::ipv4_rules(&handle).await? {
@@ -560,7 +899,7 @@ fn remove_host_state(veth_prefix: &str, doomed: &dyn Fn(Ipv4Addr) -> bool) -> Re
                 _ => None,
             };
             let Some((ip, 32)) = address else { continue };
-            if !doomed(ip) {
+            if !doomed(IpAddr::V4(ip)) {
                 continue;
             }
             tolerate_missing(handle.rule().del(message).execute().await)
@@ -576,27 +915,33 @@ fn remove_host_state(veth_prefix: &str, doomed: &dyn Fn(Ipv4Addr) -> bool) -> Re
     })
 }
 
-async fn gateway_neighbour(
+async fn neighbour(
     handle: &Handle,
     index: u32,
+    ip: IpAddr,
 ) -> Result<Option<(Vec<u8>, NeighbourState)>> {
     use futures::TryStreamExt;
+    let family = match ip {
+        IpAddr::V4(_) => rtnetlink::IpVersion::V4,
+        IpAddr::V6(_) => rtnetlink::IpVersion::V6,
+    };
     let neighbours: Vec<_> = handle
         .neighbours()
         .get()
-        .set_family(rtnetlink::IpVersion::V4)
+        .set_family(family)
         .execute()
         .try_collect()
         .await
         .context(|| "listing neighbours".into())?;
+    let destination = |a: &NeighbourAttribute| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(found)) => IpAddr::V4(*found) == ip,
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(found)) => IpAddr::V6(*found) == ip,
+        _ => false,
+    };
     Ok(neighbours
         .iter()
         .filter(|n| n.header.ifindex == index)
-        .find(|n| {
-            n.attributes.iter().any(|a| {
-                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) if *ip == GATEWAY)
-            })
-        })
+        .find(|n| n.attributes.iter().any(destination))
         .map(|n| {
             let mac = n
                 .attributes
@@ -694,6 +1039,7 @@ mod tests {
             host_veth: "eni0123456789a".into(),
             ifname: "eth0".into(),
             mtu: 9001,
+            family: Family::Ipv4,
         };
         assert!(ok.validate().is_ok());
         let long = PodLink {
@@ -701,8 +1047,22 @@ mod tests {
             ..ok.clone()
         };
         assert!(long.validate().is_err());
-        let tiny = PodLink { mtu: 100, ..ok };
+        let tiny = PodLink {
+            mtu: 100,
+            ..ok.clone()
+        };
         assert!(tiny.validate().unwrap_err().to_string().contains("MTU 100"));
+        let v6 = |mtu, egress_veth: &str| PodLink {
+            mtu,
+            family: Family::Ipv6 {
+                egress_veth: Some(egress_veth.into()),
+            },
+            ..ok.clone()
+        };
+        assert!(v6(1280, "v4e0123456789a").validate().is_ok());
+        let small = v6(1279, "v4e0123456789a").validate().unwrap_err();
+        assert!(small.to_string().contains("outside 1280..=9001"), "{small}");
+        assert!(v6(1500, "v4e0123456789abcdef").validate().is_err());
     }
 
     #[test]

@@ -55,6 +55,11 @@ pub struct SnatPolicy {
     pub randomize: RandomizeSnat,
     pub node_port_support: bool,
     pub connmark: u32,
+    /// IPv6 pods' IPv4 egress (`ENABLE_V4_EGRESS` in an IPv6 cluster): their 169.254.172.0/22
+    /// addresses are SNATed to the primary IP whatever the destination and whatever
+    /// `AWS_VPC_K8S_CNI_EXTERNALSNAT` says (nothing outside the node could answer them), and new
+    /// connections to them from outside the node are rejected.
+    pub v4_egress: bool,
 }
 
 impl SnatPolicy {
@@ -104,15 +109,27 @@ impl SnatPolicy {
         }
         out.push_str("  }\n");
 
+        let flags = match self.randomize {
+            RandomizeSnat::FullyRandom => " fully-random",
+            RandomizeSnat::Random => " random",
+            RandomizeSnat::None => "",
+        };
+        let (range, len) = crate::pod::EGRESS_RANGE;
+        if self.v4_egress {
+            out.push_str(&format!(
+                "  chain egress-guard {{\n    type filter hook forward priority filter; policy accept;\n    ip daddr {range}/{len} ct state new reject\n  }}\n"
+            ));
+        }
         out.push_str(
             "  chain egress {\n    type nat hook postrouting priority srcnat; policy accept;\n",
         );
+        if self.v4_egress {
+            out.push_str(&format!(
+                "    ip saddr {range}/{len} snat to {}{flags}\n",
+                self.primary_ip
+            ));
+        }
         if !self.external_snat {
-            let flags = match self.randomize {
-                RandomizeSnat::FullyRandom => " fully-random",
-                RandomizeSnat::Random => " random",
-                RandomizeSnat::None => "",
-            };
             out.push_str(&format!(
                 "    oifname != \"vlan*\" ip daddr != @snat-exempt fib daddr type != local snat to {}{flags}\n",
                 self.primary_ip
@@ -208,6 +225,7 @@ mod tests {
             randomize: RandomizeSnat::FullyRandom,
             node_port_support: true,
             connmark: 0x80,
+            v4_egress: false,
         }
     }
 
@@ -298,5 +316,25 @@ mod tests {
         }
         .ruleset();
         assert!(text.contains("snat to 10.0.0.10\n"), "{text}");
+    }
+
+    #[test]
+    fn v4_egress_is_snated_even_with_external_snat_and_guarded_from_outside() {
+        let text = SnatPolicy {
+            v4_egress: true,
+            external_snat: true,
+            randomize: RandomizeSnat::Random,
+            ..policy()
+        }
+        .ruleset();
+        assert!(
+            text.contains("ip saddr 169.254.172.0/22 snat to 10.0.0.10 random\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hook forward priority filter; policy accept;\n    ip daddr 169.254.172.0/22 ct state new reject"),
+            "{text}"
+        );
+        assert!(!policy().ruleset().contains("169.254.172"));
     }
 }

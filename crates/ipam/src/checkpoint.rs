@@ -4,7 +4,7 @@
 use crate::pool::{IpamKey, PodMeta, Pool};
 use crate::time::Time;
 use serde::{Deserialize, Serialize};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const VERSION: &str = "vpc-cni-ipam/1";
 
@@ -45,7 +45,15 @@ pub struct Allocation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv4: Option<Ipv4Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ipv6: Option<String>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// An IPv6 pod's IPv4 egress address: ours alone (upstream's egress plugin keeps its own files),
+    /// and ignored by upstream's reader.
+    #[serde(
+        rename = "egressIPv4",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub egress_ipv4: Option<Ipv4Addr>,
     /// Unix nanoseconds.
     #[serde(default)]
     pub allocation_timestamp: i64,
@@ -67,6 +75,8 @@ pub enum CheckpointError {
     Version { found: String },
     #[error("checkpoint assigns {0} twice")]
     DuplicateAddress(Ipv4Addr),
+    #[error("checkpoint assigns {0} twice")]
+    DuplicateV6(Ipv6Addr),
 }
 
 impl Checkpoint {
@@ -105,6 +115,7 @@ impl Pool {
                 if_name: k.if_name.clone(),
                 ipv4: Some(a.ip),
                 ipv6: None,
+                egress_ipv4: None,
                 allocation_timestamp: a.assigned_at.as_nanos() as i64,
                 metadata: Metadata {
                     k8s_pod_namespace: a.meta.namespace.clone(),

@@ -103,6 +103,8 @@ pub struct Config {
     pub veth_prefix: String,
     pub pod_sg_enforcing_mode: SgEnforcingMode,
     pub v6_egress: bool,
+    /// ENABLE_V4_EGRESS (default true): IPv4 egress for the pods of an IPv6 cluster.
+    pub v4_egress: bool,
     /// Values upstream tolerates and corrects (a reserved tag key, a timeout under 10 s): taken
     /// as upstream takes them, and said here for the daemon to log.
     pub warnings: Vec<String>,
@@ -234,6 +236,7 @@ impl Config {
         "AWS_VPC_K8S_CNI_VETHPREFIX",
         "POD_SECURITY_GROUP_ENFORCING_MODE",
         "ENABLE_V6_EGRESS",
+        "ENABLE_V4_EGRESS",
     ];
 
     /// Builds the configuration from `lookup(name)`, e.g. `|k| std::env::var(k).ok()`.
@@ -350,6 +353,7 @@ impl Config {
                 }
             },
             v6_egress: env.bool("ENABLE_V6_EGRESS", false)?,
+            v4_egress: env.bool("ENABLE_V4_EGRESS", true)?,
             warnings,
         };
         cfg.validate()?;
@@ -371,6 +375,13 @@ impl Config {
             return Err(ConfigError::Conflict(
                 "ENABLE_IPv6=true cannot be combined with AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true"
                     .into(),
+            ));
+        }
+        if self.ipv6 && self.pod_mtu < 1280 {
+            return Err(Env::invalid(
+                "POD_MTU",
+                &self.pod_mtu.to_string(),
+                "IPv6 pods need an MTU of 1280 at least",
             ));
         }
         if self.prefix_delegation
@@ -401,9 +412,6 @@ impl Config {
                 ),
             ))
         };
-        if self.ipv6 {
-            return refuse("ENABLE_IPv6", "true", "IPv6 pods");
-        }
         if self.pod_eni {
             return refuse(
                 "ENABLE_POD_ENI",
@@ -719,15 +727,16 @@ mod tests {
                 "{name}={value}: {err}"
             );
         }
-        let v6 = cfg(&[
+        let v6 = [
             ("ENABLE_IPv6", "true"),
             ("ENABLE_IPv4", "false"),
             ("ENABLE_PREFIX_DELEGATION", "true"),
-        ])
-        .unwrap()
-        .unsupported_by_daemon()
-        .unwrap_err();
-        assert!(v6.to_string().contains("ENABLE_IPv6"), "{v6}");
+        ];
+        let config = cfg(&v6).unwrap();
+        assert_eq!(config.unsupported_by_daemon(), Ok(()));
+        assert!(config.v4_egress, "ENABLE_V4_EGRESS defaults to true");
+        let small = cfg(&[v6[0], v6[1], v6[2], ("POD_MTU", "1200")]).unwrap_err();
+        assert!(small.to_string().contains("POD_MTU"), "{small}");
         // What upstream itself ignores while the feature is off is accepted.
         for (name, value) in [
             ("NETWORK_POLICY_ENFORCING_MODE", "none"),

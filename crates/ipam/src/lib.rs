@@ -20,6 +20,7 @@ pub mod reconcile;
 pub mod settings;
 pub mod subnets;
 pub mod time;
+pub mod v6;
 
 pub use action::{Action, AddressKind, SubnetTarget};
 pub use config::Config;

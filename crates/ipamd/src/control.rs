@@ -12,6 +12,7 @@ use datapath::snat::SnatPolicy;
 use ipam::action::Outcome;
 use ipam::pool::{Assignment, EniConfigSpec};
 use ipam::reconcile::{self, Finding, Reconciler, Seen};
+use ipam::v6::{V6Assignment, V6Pool};
 use ipam::Ipv4Cidr;
 use ipam::{
     decide, Action, Demand, IpamKey, PodMeta, PolicyMemory, Pool, PoolSettings, Stall, Time,
@@ -134,14 +135,28 @@ fn key_of(a: &Attachment) -> IpamKey {
 
 fn allocation(a: &Assignment) -> Allocation {
     Allocation {
-        address: a.ip,
+        address: a.ip.into(),
         device_number: a.device_number,
         route_table: a.route_table,
+        egress_v4: None,
+    }
+}
+
+/// Every IPv6 pod is on the primary ENI, in main.
+fn v6_allocation(a: &V6Assignment) -> Allocation {
+    Allocation {
+        address: a.ip.into(),
+        device_number: 0,
+        route_table: datapath::MAIN_TABLE,
+        egress_v4: a.egress_v4,
     }
 }
 
 pub struct Control {
     pool: Pool,
+    /// IPv6 pods' addresses (ENABLE_IPv6): then `pool` holds the ENIs but gives no pod addresses,
+    /// and provisioning is off.
+    v6: Option<V6Pool>,
     memory: PolicyMemory,
     settings: PoolSettings,
     veth_prefix: String,
@@ -172,6 +187,7 @@ pub struct Control {
 /// others.
 pub struct Deps {
     pub pool: Pool,
+    pub v6: Option<V6Pool>,
     pub settings: PoolSettings,
     /// The host veth prefix (AWS_VPC_K8S_CNI_VETHPREFIX), to find a vanished pod's host side.
     pub veth_prefix: String,
@@ -218,6 +234,7 @@ impl Control {
     pub fn new(deps: Deps) -> Control {
         let Deps {
             pool,
+            v6,
             settings,
             veth_prefix,
             provisioning,
@@ -229,6 +246,7 @@ impl Control {
         } = deps;
         Control {
             pool,
+            v6,
             memory: PolicyMemory::default(),
             settings,
             veth_prefix,
@@ -280,6 +298,18 @@ impl Control {
         &self.pool
     }
 
+    pub fn v6(&self) -> Option<&V6Pool> {
+        self.v6.as_ref()
+    }
+
+    /// The addresses STATUS says can be given now: an IPv6 node's are bounded by max-pods only.
+    fn available(&self) -> u32 {
+        match &self.v6 {
+            Some(v6) => self.pool.node.max_pods.saturating_sub(v6.assigned() as u32),
+            None => self.pool.stats().available,
+        }
+    }
+
     pub fn phase(&self) -> Phase {
         self.phase
     }
@@ -293,7 +323,11 @@ impl Control {
     }
 
     pub fn gauges(&self) -> PoolGauges {
-        let stats = self.pool.stats();
+        let mut stats = self.pool.stats();
+        if let Some(v6) = &self.v6 {
+            stats.assigned = v6.assigned() as u32;
+            stats.total = self.pool.node.max_pods.max(stats.assigned);
+        }
         let node = &self.pool.node;
         let eni_max = node.max_enis.saturating_sub(node.unmanaged_enis);
         PoolGauges {
@@ -450,6 +484,12 @@ impl Control {
             } => {
                 self.metrics.count("awscni_add_ip_req_count", &[]);
                 let key = key_of(&attachment);
+                if let Some(a) = self.v6.as_ref().and_then(|v6| v6.assignment(&key)) {
+                    let message = Reply::Added {
+                        allocation: v6_allocation(a),
+                    };
+                    return self.send(reply, message);
+                }
                 if let Some(a) = self.pool.assignment(&key) {
                     let message = Reply::Added {
                         allocation: allocation(a),
@@ -465,13 +505,37 @@ impl Control {
                         },
                     );
                 }
+                let meta = PodMeta {
+                    namespace: pod.namespace,
+                    name: pod.name,
+                    interfaces_count: 1,
+                };
+                if let Some(v6) = &mut self.v6 {
+                    // The /80 never runs out: an IPv6 ADD never waits.
+                    let message = match v6.assign(&key, meta, now) {
+                        Ok(a) => {
+                            tracing::debug!(ip = %a.ip, egress = ?a.egress_v4, pod = %a.meta.name, "assigned");
+                            self.dirty = true;
+                            Reply::Added {
+                                allocation: v6_allocation(a),
+                            }
+                        }
+                        Err(e) => Reply::Error {
+                            kind: ErrorKind::NoAddressAvailable,
+                            message: e.to_string(),
+                        },
+                    };
+                    let assigned = matches!(message, Reply::Added { .. }).then_some(key);
+                    self.outbox.push(Outgoing {
+                        reply,
+                        message,
+                        assigned,
+                    });
+                    return;
+                }
                 let waiting = Waiting {
                     key,
-                    meta: PodMeta {
-                        namespace: pod.namespace,
-                        name: pod.name,
-                        interfaces_count: 1,
-                    },
+                    meta,
                     reply,
                     since: Instant::now(),
                 };
@@ -515,6 +579,17 @@ impl Control {
                     );
                     IpamKey::new(RECOVERED_NETWORK, &veth, "eth0")
                 });
+                if let Some(v6) = &mut self.v6 {
+                    let found = v6
+                        .unassign(&key)
+                        .or_else(|| recovered.and_then(|r| v6.unassign(&r)));
+                    if let Some(a) = &found {
+                        self.dirty = true;
+                        tracing::debug!(ip = %a.ip, pod = %a.meta.name, "released");
+                    }
+                    let released = found.as_ref().map(v6_allocation);
+                    return self.send(reply, Reply::Deleted { released });
+                }
                 let unassigned = self.pool.unassign(&key, now).or_else(|e| {
                     match recovered.filter(|r| self.pool.assignment(r).is_some()) {
                         Some(r) => self.pool.unassign(&r, now),
@@ -532,13 +607,17 @@ impl Control {
                 self.send(reply, Reply::Deleted { released });
             }
             Request::Lookup { attachment } => {
-                let found = self.pool.assignment(&key_of(&attachment)).map(allocation);
+                let key = key_of(&attachment);
+                let found = match &self.v6 {
+                    Some(v6) => v6.assignment(&key).map(v6_allocation),
+                    None => self.pool.assignment(&key).map(allocation),
+                };
                 self.send(reply, Reply::Found { allocation: found });
             }
             Request::Status => {
                 let message = Reply::Status {
                     ready: self.phase == Phase::Ready,
-                    available_addresses: self.pool.stats().available,
+                    available_addresses: self.available(),
                     detail: match self.phase {
                         Phase::Warming => {
                             self.kept_from_ready().unwrap_or("initialising").to_string()
@@ -551,6 +630,27 @@ impl Control {
             }
             Request::Gc { network, valid } => {
                 let valid: HashSet<IpamKey> = valid.iter().map(key_of).collect();
+                if let Some(v6) = &mut self.v6 {
+                    let doomed: Vec<IpamKey> = v6
+                        .assignments()
+                        .filter(|(k, _)| k.network_name == network && !valid.contains(k))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for key in &doomed {
+                        if let Some(a) = v6.unassign(key) {
+                            tracing::info!(ip = %a.ip, container = %key.container_id, "collected");
+                            self.dirty = true;
+                        }
+                    }
+                    let keep = v6.assignments().map(|(_, a)| a.ip.into()).collect();
+                    return self.send(
+                        reply,
+                        Reply::Collected {
+                            keep,
+                            released: doomed.len() as u32,
+                        },
+                    );
+                }
                 let doomed: Vec<IpamKey> = self
                     .pool
                     .assignments()
@@ -563,7 +663,7 @@ impl Control {
                         self.dirty = true;
                     }
                 }
-                let keep = self.pool.assignments().map(|(_, a)| a.ip).collect();
+                let keep = self.pool.assignments().map(|(_, a)| a.ip.into()).collect();
                 self.send(
                     reply,
                     Reply::Collected {
@@ -701,13 +801,17 @@ impl Control {
         let now = self.clock.now();
         let mut absent = HashMap::new();
         let mut gone = Vec::new();
-        for (key, a) in self.pool.assignments() {
-            if a.meta.name.is_empty() {
+        let metas: Vec<(&IpamKey, &PodMeta)> = match &self.v6 {
+            Some(v6) => v6.assignments().map(|(k, a)| (k, &a.meta)).collect(),
+            None => self.pool.assignments().map(|(k, a)| (k, &a.meta)).collect(),
+        };
+        for (key, meta) in metas {
+            if meta.name.is_empty() {
                 continue;
             }
             let pod = k8s::PodRef {
-                namespace: a.meta.namespace.clone(),
-                name: a.meta.name.clone(),
+                namespace: meta.namespace.clone(),
+                name: meta.name.clone(),
             };
             if pods.contains(&pod) {
                 continue;
@@ -722,12 +826,22 @@ impl Control {
         self.absent_since = absent;
         let mut released = HashSet::new();
         for key in gone {
-            if let Ok(a) = self.pool.unassign(&key, now) {
-                released.insert(a.ip);
+            let unassigned = match &mut self.v6 {
+                Some(v6) => v6
+                    .unassign(&key)
+                    .map(|a| (std::net::IpAddr::from(a.ip), a.meta)),
+                None => self
+                    .pool
+                    .unassign(&key, now)
+                    .ok()
+                    .map(|a| (a.ip.into(), a.meta)),
+            };
+            if let Some((ip, meta)) = unassigned {
+                released.insert(ip);
                 self.dirty = true;
                 self.metrics
                     .count("vpccni_vanished_pod_releases_total", &[]);
-                tracing::info!(ip = %a.ip, pod = %format!("{}/{}", a.meta.namespace, a.meta.name), container = %key.container_id, "released the address of a pod the API server no longer has");
+                tracing::info!(ip = %ip, pod = %format!("{}/{}", meta.namespace, meta.name), container = %key.container_id, "released the address of a pod the API server no longer has");
             }
         }
         // One pass over the host's links and rules for all the pods released in this snapshot,
@@ -878,14 +992,21 @@ impl Control {
     fn flush(&mut self) {
         if self.dirty {
             self.dirty = false;
-            if let Err(e) = self.store.save(&self.pool.checkpoint()) {
+            let checkpoint = match &self.v6 {
+                Some(v6) => v6.checkpoint(),
+                None => self.pool.checkpoint(),
+            };
+            if let Err(e) = self.store.save(&checkpoint) {
                 tracing::error!(error = %e, "checkpoint write failed; ADDs are refused");
                 self.metrics
                     .count("awscni_ipamd_error_count", &[("fn", "checkpoint")]);
                 let now = self.clock.now();
                 for out in &mut self.outbox {
                     if let Some(key) = out.assigned.take() {
-                        let _ = self.pool.unassign(&key, now);
+                        match &mut self.v6 {
+                            Some(v6) => drop(v6.unassign(&key)),
+                            None => drop(self.pool.unassign(&key, now)),
+                        }
                         out.message = Reply::Error {
                             kind: ErrorKind::Internal,
                             message: format!("the checkpoint could not be written: {e}"),

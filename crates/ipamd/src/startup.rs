@@ -124,7 +124,53 @@ fn snat_policy(config: &Config, identity: &Identity, primary_interface: &str) ->
         },
         node_port_support: config.node_port_support,
         connmark: config.connmark,
+        v4_egress: config.ipv6 && config.v4_egress,
     }
+}
+
+/// The primary ENI's /80 for IPv6 pods: the one it has (upstream's, or ours from an earlier start),
+/// or one assigned now. A subnet without an IPv6 block cannot give one, and says so.
+async fn v6_prefix(
+    ec2: &impl Ec2,
+    config: &Config,
+    primary: &cloud::Eni,
+    subnets: &[cloud::SubnetInfo],
+) -> Result<ipam::Ipv6Cidr, StartError> {
+    let subnet = subnets.iter().find(|s| s.id == primary.subnet_id);
+    if subnet.and_then(|s| s.ipv6_cidr).is_none() {
+        return Err(StartError::Config(format!(
+            "ENABLE_IPv6=true, but the primary ENI's subnet {} has no IPv6 CIDR block: \
+             associate one with the subnet (and its VPC), or run this node with ENABLE_IPv6=false",
+            primary.subnet_id
+        )));
+    }
+    let existing = primary
+        .ipv6_prefixes
+        .iter()
+        .find(|p| p.prefix_len() == ipam::v6::PREFIX_LEN);
+    if let Some(prefix) = existing {
+        tracing::info!(prefix = %prefix, eni = %primary.id, "IPv6 pods: the primary ENI's /80");
+        return Ok(*prefix);
+    }
+    if config.disable_provisioning {
+        return Err(StartError::Config(format!(
+            "ENABLE_IPv6=true, but the primary ENI {} has no /80 prefix and \
+             DISABLE_NETWORK_RESOURCE_PROVISIONING=true forbids assigning one",
+            primary.id
+        )));
+    }
+    let assigned = ec2
+        .assign_ipv6_prefixes(&primary.id, 1)
+        .await
+        .map_err(StartError::Ec2)?;
+    let prefix = assigned.into_iter().next().ok_or_else(|| {
+        StartError::Config(format!(
+            "AssignIpv6Addresses on {} answered without a prefix",
+            primary.id
+        ))
+    })?;
+    tracing::info!(prefix = %prefix, eni = %primary.id, "IPv6 pods: assigned a /80 to the primary ENI");
+    Ok(prefix)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -307,6 +353,13 @@ pub async fn start(
         .map(|s| s.id.clone())
         .collect();
 
+    // An IPv6 node's one /80, before the executor takes EC2: the only EC2 change IPv6 pods need.
+    let v6_prefix = if config.ipv6 {
+        Some(v6_prefix(&ec2, config, &primary, &subnets).await?)
+    } else {
+        None
+    };
+
     let settings = PoolSettings::from_config(config);
     let node_spec = NodeSpec {
         instance_type: identity.instance_type.clone(),
@@ -370,7 +423,10 @@ pub async fn start(
             // Counted as old enough to free: it was attached before this start.
             now - Duration::from_secs(3600),
         );
-        pool.add_blocks(&eni.id, &blocks_of(eni));
+        // An IPv6 node gives no IPv4 pod addresses, whatever its ENIs hold.
+        if v6_prefix.is_none() {
+            pool.add_blocks(&eni.id, &blocks_of(eni));
+        }
     }
 
     // The host side: rules, SNAT, and a link per secondary ENI.
@@ -388,6 +444,10 @@ pub async fn start(
         connmark: config.connmark,
     };
     blocking(move || node::setup_host(&host)).await?;
+    if v6_prefix.is_some() {
+        let primary = primary_interface.clone();
+        blocking(move || node::setup_host_v6(&primary)).await?;
+    }
     // Upstream's SNAT and connmark rules would keep matching beside our table.
     let upstream = blocking(|| Ok(datapath::upstream::remove_rules())).await?;
     if !upstream.failed.is_empty() {
@@ -418,7 +478,7 @@ pub async fn start(
 
     // The checkpoint, against what EC2 (the pool) and the host (routes to pod veths) show.
     let prefix = config.veth_prefix.clone();
-    let wired: HashMap<std::net::Ipv4Addr, String> =
+    let wired: HashMap<std::net::IpAddr, String> =
         blocking(move || datapath::pod::wired_addresses(&prefix))
             .await?
             .into_iter()
@@ -433,8 +493,15 @@ pub async fn start(
                 network_name: control::RECOVERED_NETWORK.into(),
                 container_id: veth.clone(),
                 if_name: "eth0".into(),
-                ipv4: Some(*ip),
-                ipv6: None,
+                ipv4: match ip {
+                    std::net::IpAddr::V4(ip) => Some(*ip),
+                    std::net::IpAddr::V6(_) => None,
+                },
+                ipv6: match ip {
+                    std::net::IpAddr::V4(_) => None,
+                    std::net::IpAddr::V6(ip) => Some(*ip),
+                },
+                egress_ipv4: None,
                 allocation_timestamp: now.as_nanos() as i64,
                 metadata: Metadata::default(),
             })
@@ -457,21 +524,30 @@ pub async fn start(
         Err(e) => return Err(StartError::Store(e)),
     };
     let young = (now - YOUNG).as_nanos() as i64;
-    let report = pool
-        .restore(&checkpoint, |a| {
-            a.ipv4.is_some_and(|ip| wired.contains_key(&ip)) || a.allocation_timestamp > young
+    let alive = |a: &Allocation| {
+        let wired_ip = |ip: std::net::IpAddr| wired.contains_key(&ip);
+        a.ipv4.is_some_and(|ip| wired_ip(ip.into()))
+            || a.ipv6.is_some_and(|ip| wired_ip(ip.into()))
+            || a.allocation_timestamp > young
+    };
+    let mut v6 = v6_prefix.map(|prefix| ipam::v6::V6Pool::new(prefix, config.v4_egress));
+    let report = match &mut v6 {
+        Some(v6) => v6.restore(&checkpoint, alive),
+        None => pool.restore(&checkpoint, alive),
+    }
+    .map_err(|e| {
+        StartError::Store(StoreError::Corrupt {
+            path: store.path().to_path_buf(),
+            source: e,
         })
-        .map_err(|e| {
-            StartError::Store(StoreError::Corrupt {
-                path: store.path().to_path_buf(),
-                source: e,
-            })
-        })?;
+    })?;
     tracing::info!(from = %if from_file { "file" } else { "host" }, restored = %report.restored, pods_gone = %report.dead.len(), addresses_gone = %report.stale.len(), "checkpoint restored");
     for a in &report.stale {
-        let ip = a
-            .ipv4
-            .map_or_else(|| "none".to_string(), |ip| ip.to_string());
+        let ip = match (a.ipv4, a.ipv6) {
+            (Some(ip), _) => ip.to_string(),
+            (None, Some(ip)) => ip.to_string(),
+            (None, None) => "none".to_string(),
+        };
         if from_file {
             metrics.count("awscni_force_removed_ips", &[]);
             tracing::warn!(pod = %a.metadata.k8s_pod_name, ip = %ip, "a pod's address is no longer on this node's ENIs");
@@ -481,12 +557,15 @@ pub async fn start(
     }
     // Host state is removed only for what our checkpoint named and the restore dropped: anything
     // else wired here is not ours to account for.
-    let dropped: HashSet<std::net::Ipv4Addr> = if from_file {
+    let dropped: HashSet<std::net::IpAddr> = if from_file {
         report
             .dead
             .iter()
             .chain(&report.stale)
-            .filter_map(|a| a.ipv4)
+            .flat_map(|a| {
+                let v4 = a.ipv4.map(std::net::IpAddr::from);
+                v4.into_iter().chain(a.ipv6.map(std::net::IpAddr::from))
+            })
             .collect()
     } else {
         HashSet::new()
@@ -497,15 +576,21 @@ pub async fn start(
     if !removed.is_empty() {
         tracing::info!(what = %removed.join(", "), "removed host state of pods that are gone");
     }
-    store.save(&pool.checkpoint()).map_err(StartError::Store)?;
+    let checkpoint = match &v6 {
+        Some(v6) => v6.checkpoint(),
+        None => pool.checkpoint(),
+    };
+    store.save(&checkpoint).map_err(StartError::Store)?;
 
     let (events, receiver) = mpsc::unbounded_channel();
     let pool_ids: HashSet<String> = pool.enis().iter().map(|e| e.info.id.clone()).collect();
+    let provisioning = !config.disable_provisioning && v6.is_none();
     let control = Control::new(Deps {
         pool,
+        v6,
         settings,
         veth_prefix: config.veth_prefix.clone(),
-        provisioning: !config.disable_provisioning,
+        provisioning,
         store,
         executor: executor.clone(),
         events: events.clone(),

@@ -117,6 +117,7 @@ mod tests {
                 if_name: "eth0".into(),
                 ipv4: Some("10.0.0.7".parse().unwrap()),
                 ipv6: None,
+                egress_ipv4: None,
                 allocation_timestamp: 5,
                 metadata: Metadata::default(),
             }],

@@ -15,7 +15,7 @@ use ipamd::store::Store;
 use proto::{Attachment, DelReason, PodRef, Reply, Request};
 use simvpc::{SimConfig, SimVpc};
 use std::collections::{BTreeMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -230,6 +230,8 @@ struct Setup {
     /// Where the checkpoint goes, under the temporary directory.
     checkpoint: &'static str,
     vanished_pod_grace: Option<Duration>,
+    /// An IPv6 node's /80 (ENABLE_IPv6), with IPv4 egress.
+    v6_prefix: Option<&'static str>,
 }
 
 impl Default for Setup {
@@ -243,6 +245,7 @@ impl Default for Setup {
             ],
             checkpoint: "state/ipam.json",
             vanished_pod_grace: None,
+            v6_prefix: None,
         }
     }
 }
@@ -315,11 +318,15 @@ fn start(setup: Setup) -> Node {
     std::fs::write(dir.path().join("a-file"), "").unwrap();
     let checkpoint = dir.path().join(setup.checkpoint);
     let (events, receiver) = mpsc::unbounded_channel();
+    let v6 = setup
+        .v6_prefix
+        .map(|p| ipam::v6::V6Pool::new(p.parse().unwrap(), true));
     let mut control = Control::new(Deps {
         pool,
+        provisioning: v6.is_none(),
+        v6,
         settings,
         veth_prefix: "tstx".into(),
-        provisioning: true,
         store: Store::new(&checkpoint),
         executor: Arc::new(executor),
         events: events.clone(),
@@ -416,6 +423,13 @@ fn added(reply: &Reply) -> proto::Allocation {
     }
 }
 
+fn v4(allocation: &proto::Allocation) -> Ipv4Addr {
+    match allocation.address {
+        IpAddr::V4(ip) => ip,
+        other => panic!("expected an IPv4 address, got {other}"),
+    }
+}
+
 fn checkpointed(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -430,13 +444,13 @@ async fn a_cold_add_is_served_once_ec2_created_and_attached_an_eni() {
     let (eni, addresses) = &enis[&1];
     assert_eq!(allocation.device_number, 1);
     assert!(
-        addresses.contains(&allocation.address),
+        addresses.contains(&v4(&allocation)),
         "{} is not on {eni} in EC2: {addresses:?}",
         allocation.address
     );
     let pods_cidr: Ipv4Cidr = "198.18.64.0/20".parse().unwrap();
     assert!(
-        pods_cidr.contains(allocation.address),
+        pods_cidr.contains(v4(&allocation)),
         "custom networking's subnet"
     );
     let calls = node.ec2.calls();
@@ -659,4 +673,66 @@ async fn the_plugin_socket_serves_root_and_refuses_anyone_else() {
         }
         (root, other) => panic!("as root={root}: {other:?}"),
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ipv6_add_takes_a_128_and_an_egress_address_without_ec2_and_del_returns_them() {
+    let node = start(Setup {
+        v6_prefix: Some("2600:1f14:abc:de00:1234::/80"),
+        ..Setup::default()
+    });
+    let first = added(&node.add("c1", "web-1").await.unwrap());
+    let second = added(&node.add("c2", "web-2").await.unwrap());
+    let prefix: Ipv6Cidr = "2600:1f14:abc:de00:1234::/80".parse().unwrap();
+    for a in [&first, &second] {
+        let IpAddr::V6(ip) = a.address else {
+            panic!("expected IPv6, got {}", a.address)
+        };
+        assert!(
+            prefix.contains_cidr(&Ipv6Cidr::new(ip, 128).unwrap()),
+            "{ip}"
+        );
+        assert_eq!((a.device_number, a.route_table), (0, 254));
+        let egress = a.egress_v4.expect("an egress address");
+        assert_eq!(egress.octets()[..2], [169, 254], "{egress}");
+    }
+    assert_ne!(first.address, second.address);
+    assert_ne!(first.egress_v4, second.egress_v4);
+    assert!(node.ec2.calls().is_empty(), "{:?}", node.ec2.calls());
+    let saved = checkpointed(&node.checkpoint);
+    assert!(
+        saved.contains(&format!("\"ipv6\":\"{}\"", first.address)),
+        "{saved}"
+    );
+    assert!(!saved.contains("\"ipv4\""), "{saved}");
+
+    let again = added(&node.add("c1", "web-1").await.unwrap());
+    assert_eq!(again, first, "a retried ADD gets the same addresses");
+    let deleted = node
+        .ask(Request::Del {
+            attachment: attachment("c1"),
+            pod: None,
+            reason: DelReason::PodDeleted,
+        })
+        .await;
+    assert_eq!(
+        deleted,
+        Reply::Deleted {
+            released: Some(first)
+        }
+    );
+    let saved = checkpointed(&node.checkpoint);
+    assert!(!saved.contains(&first.address.to_string()), "{saved}");
+    let status = node.ask(Request::Status).await;
+    assert!(
+        matches!(
+            status,
+            Reply::Status {
+                ready: true,
+                available_addresses: 28,
+                ..
+            }
+        ),
+        "{status:?}"
+    );
 }

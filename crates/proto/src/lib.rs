@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -82,11 +82,17 @@ pub enum DelReason {
 /// Where a pod's address lives: enough for the plugin to wire it and for DEL to unwire it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
-    pub address: Ipv4Addr,
+    /// An IPv4 address in an IPv4 cluster, an IPv6 address (/128) in an IPv6 one. Either is written
+    /// as the plain address, so an IPv4 reply reads the same to a plugin that knew only IPv4.
+    pub address: IpAddr,
     /// The ENI's device number: 0 is the primary ENI.
     pub device_number: u32,
     /// The host route table for traffic from the pod: 254 (main) on the primary ENI.
     pub route_table: u32,
+    /// An IPv6 pod's IPv4 egress address (169.254.172.0/22, SNATed to the node's IPv4 on the way
+    /// out), when ENABLE_V4_EGRESS is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_v4: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,7 +118,7 @@ pub enum Reply {
         /// Addresses still assigned on the node after collection, in every network (the host's
         /// routes and rules are shared by all of them); host state for any other address of ours
         /// is a leftover.
-        keep: Vec<Ipv4Addr>,
+        keep: Vec<IpAddr>,
         released: u32,
     },
     Error {
@@ -415,9 +421,10 @@ mod tests {
             serve_one(&stream, |request| match request {
                 Request::Add { .. } => Reply::Added {
                     allocation: Allocation {
-                        address: Ipv4Addr::new(10, 0, 0, 5),
+                        address: Ipv4Addr::new(10, 0, 0, 5).into(),
                         device_number: 1,
                         route_table: 2,
+                        egress_v4: None,
                     },
                 },
                 _ => Reply::Error {
@@ -433,12 +440,37 @@ mod tests {
             reply,
             Reply::Added {
                 allocation: Allocation {
-                    address: Ipv4Addr::new(10, 0, 0, 5),
+                    address: Ipv4Addr::new(10, 0, 0, 5).into(),
                     device_number: 1,
-                    route_table: 2
+                    route_table: 2,
+                    egress_v4: None,
                 }
             }
         );
+    }
+
+    #[test]
+    fn an_ipv4_allocation_reads_as_protocol_1_always_wrote_it() {
+        let written = r#"{"reply":"added","allocation":{"address":"10.0.0.5","device_number":1,"route_table":2}}"#;
+        let v4 = Reply::Added {
+            allocation: Allocation {
+                address: Ipv4Addr::new(10, 0, 0, 5).into(),
+                device_number: 1,
+                route_table: 2,
+                egress_v4: None,
+            },
+        };
+        assert_eq!(serde_json::to_string(&v4).unwrap(), written);
+        assert_eq!(serde_json::from_str::<Reply>(written).unwrap(), v4);
+        let v6 = Allocation {
+            address: "2600:1f14::7".parse().unwrap(),
+            device_number: 0,
+            route_table: 254,
+            egress_v4: Some(Ipv4Addr::new(169, 254, 172, 9)),
+        };
+        let text = serde_json::to_string(&v6).unwrap();
+        assert!(text.contains(r#""address":"2600:1f14::7""#), "{text}");
+        assert_eq!(serde_json::from_str::<Allocation>(&text).unwrap(), v6);
     }
 
     #[test]

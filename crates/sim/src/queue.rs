@@ -2,61 +2,74 @@
 //! ever scheduled before the one being processed. Events due at the same time come out in the order they
 //! were scheduled.
 //!
-//! Keys are (time, sequence number) packed into a u128. Bucket i holds keys whose highest bit differing
-//! from the last key taken out is bit i-1 (bucket 0: equal to it). Taking the minimum out of the first
-//! non-empty bucket and spreading that bucket over the lower ones moves each event a few times at most,
-//! in sequential pushes, where a binary heap of tens of thousands of events misses the cache on every level.
+//! Bucket i (1 to 64) holds events whose time's highest bit differing from the last time taken out is
+//! bit i-1; events due at that last time wait in `due`, first in first out. Taking the minimum out of the
+//! first non-empty bucket and spreading that bucket over the lower ones moves each event a few times at
+//! most, in sequential pushes, where a binary heap of tens of thousands of events misses the cache on
+//! every level. Within a bucket events stay in scheduling order: a bucket is only ever spread over buckets
+//! that are empty, in order, and later pushes append. So the order among equal times needs no sequence
+//! number in the key, and `due` holds every event of one instant instead of one at a time.
 
 use ipam::Time;
+use std::collections::VecDeque;
 
 pub struct EventQueue<E> {
-    buckets: Vec<Vec<(u128, E)>>,
-    last: u128,
-    seq: u64,
+    due: VecDeque<E>,
+    buckets: Vec<Vec<(u64, E)>>,
+    /// Bit i-1 set when bucket i holds events, so the first non-empty bucket is one instruction away.
+    occupied: u64,
+    last: u64,
 }
 
 impl<E> Default for EventQueue<E> {
     fn default() -> Self {
         EventQueue {
-            buckets: (0..=128).map(|_| Vec::new()).collect(),
+            due: VecDeque::new(),
+            buckets: (0..=64).map(|_| Vec::new()).collect(),
+            occupied: 0,
             last: 0,
-            seq: 0,
         }
     }
 }
 
 impl<E> EventQueue<E> {
-    fn bucket(&self, key: u128) -> usize {
-        (128 - (key ^ self.last).leading_zeros()) as usize
+    fn place(&mut self, at: u64, event: E) {
+        if at == self.last {
+            self.due.push_back(event);
+        } else {
+            let b = (64 - (at ^ self.last).leading_zeros()) as usize;
+            self.buckets[b].push((at, event));
+            self.occupied |= 1 << (b - 1);
+        }
     }
 
     /// Schedules `event` at `at`; a time before the last event taken out counts as that time.
     pub fn push(&mut self, at: Time, event: E) {
-        self.seq += 1;
-        let at = at.as_nanos().max((self.last >> 64) as u64);
-        let key = u128::from(at) << 64 | u128::from(self.seq);
-        let b = self.bucket(key);
-        self.buckets[b].push((key, event));
+        self.place(at.as_nanos().max(self.last), event);
     }
 
-    /// The time of the next event, moving it to the front.
+    /// The time of the next event, moving the events due then to the front.
     pub fn peek_time(&mut self) -> Option<Time> {
-        if self.buckets[0].is_empty() {
-            let i = self.buckets.iter().position(|b| !b.is_empty())?;
-            let items = std::mem::take(&mut self.buckets[i]);
-            self.last = items.iter().map(|(k, _)| *k).min().expect("non-empty");
-            for (key, event) in items {
-                let b = self.bucket(key);
-                self.buckets[b].push((key, event));
+        if self.due.is_empty() {
+            if self.occupied == 0 {
+                return None;
             }
+            let i = self.occupied.trailing_zeros() as usize + 1;
+            self.occupied &= !(1 << (i - 1));
+            let mut items = std::mem::take(&mut self.buckets[i]);
+            self.last = items.iter().map(|(at, _)| *at).min().expect("occupied");
+            for (at, event) in items.drain(..) {
+                self.place(at, event);
+            }
+            // The emptied bucket keeps its allocation for the events that will land in it again.
+            self.buckets[i] = items;
         }
-        self.buckets[0].last().map(|(k, _)| Time((k >> 64) as u64))
+        Some(Time(self.last))
     }
 
     pub fn pop(&mut self) -> Option<(Time, E)> {
-        self.peek_time()?;
-        let (key, event) = self.buckets[0].pop().expect("peek_time found one");
-        Some((Time((key >> 64) as u64), event))
+        let at = self.peek_time()?;
+        Some((at, self.due.pop_front().expect("peek_time found one")))
     }
 }
 

@@ -61,18 +61,26 @@ pub struct AddressServer {
 impl AddressServer {
     /// Serves `addresses` (address, device number, route table) in order.
     pub fn start(addresses: &[(Ipv4Addr, u32, u32)]) -> Self {
+        Self::serving(
+            addresses
+                .iter()
+                .map(|&(address, device_number, route_table)| Allocation {
+                    address: address.into(),
+                    device_number,
+                    route_table,
+                    egress_v4: None,
+                })
+                .collect(),
+        )
+    }
+
+    /// Serves these allocations in order (an IPv6 daemon's, for one).
+    pub fn serving(free: Vec<Allocation>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("ipamd.sock");
         let listener = Listener::bind(&socket).unwrap();
         let state = Arc::new(Mutex::new(ServerState {
-            free: addresses
-                .iter()
-                .map(|&(address, device_number, route_table)| Allocation {
-                    address,
-                    device_number,
-                    route_table,
-                })
-                .collect(),
+            free,
             ..Default::default()
         }));
         let stop = Arc::new(AtomicBool::new(false));
