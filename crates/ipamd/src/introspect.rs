@@ -32,19 +32,38 @@ pub async fn ask<T: Send + 'static>(
 
 /// Go's encoding of a net.IPMask in JSON: base64 of the mask's bytes.
 fn mask_base64(prefix_len: u8) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mask = u32::MAX
         .checked_shl(32 - prefix_len as u32)
         .unwrap_or(0)
         .to_be_bytes();
-    let bits = (mask[0] as u32) << 16 | (mask[1] as u32) << 8 | mask[2] as u32;
-    let mut out: String = (0..4)
-        .map(|i| ALPHABET[(bits >> (18 - 6 * i) & 63) as usize] as char)
-        .collect();
-    let last = (mask[3] as u32) << 16;
-    out.push(ALPHABET[(last >> 18 & 63) as usize] as char);
-    out.push(ALPHABET[(last >> 12 & 63) as usize] as char);
-    out.push_str("==");
+    base64(&mask)
+}
+
+fn mask_base64_v6(prefix_len: u8) -> String {
+    let mask = u128::MAX
+        .checked_shl(128 - prefix_len as u32)
+        .unwrap_or(0)
+        .to_be_bytes();
+    base64(&mask)
+}
+
+/// Standard base64 with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let bits = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(bits >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
     out
 }
 
@@ -104,14 +123,52 @@ pub fn enis(control: &Control) -> Value {
                 "IsEFA": eni.info.is_efa,
                 "DeviceNumber": eni.info.device_number,
                 "AvailableIPv4Cidrs": cidrs,
-                "IPv6Cidrs": {},
+                "IPv6Cidrs": match control.v6().filter(|_| eni.info.is_primary) {
+                    Some(v6) => ipv6_cidrs(v6),
+                    None => json!({}),
+                },
                 "IsExcludedForPodIPs": eni.info.excluded || !pool.gives_pod_addresses(eni),
                 "RouteTableID": eni.info.route_table(),
                 "SubnetID": eni.info.subnet_id,
             }),
         );
     }
-    json!({"0": {"TotalIPs": stats.total, "AssignedIPs": stats.assigned, "ENIs": enis}})
+    let gauges = control.gauges();
+    let (total, assigned) = match control.v6() {
+        Some(_) => (gauges.total_addresses, gauges.assigned_addresses),
+        None => (stats.total, stats.assigned),
+    };
+    json!({"0": {"TotalIPs": total, "AssignedIPs": assigned, "ENIs": enis}})
+}
+
+/// An IPv6 node's /80 in upstream's shape, with the /128s assigned from it (the free ones are
+/// 2^48 and not listed).
+fn ipv6_cidrs(v6: &ipam::v6::V6Pool) -> Value {
+    let prefix = v6.prefix();
+    let addresses: Map<String, Value> = v6
+        .assignments()
+        .map(|(key, a)| {
+            (
+                a.ip.to_string(),
+                json!({
+                    "Address": a.ip.to_string(),
+                    "IPAMKey": {"networkName": key.network_name, "containerID": "", "ifName": ""},
+                    "IPAMMetadata": {"k8sPodNamespace": a.meta.namespace, "k8sPodName": a.meta.name},
+                    "AssignedTime": rfc3339_nanos(a.assigned_at.as_nanos()),
+                    "UnassignedTime": ZERO_TIME,
+                    "EgressIPv4": a.egress_v4.map(|e| e.to_string()),
+                }),
+            )
+        })
+        .collect();
+    json!({
+        prefix.to_string(): {
+            "Cidr": {"IP": prefix.addr().to_string(), "Mask": mask_base64_v6(prefix.prefix_len())},
+            "IPAddresses": addresses,
+            "IsPrefix": true,
+            "AddressFamily": "6",
+        }
+    })
 }
 
 /// `/v1/pods`: one entry per assignment.
@@ -132,15 +189,50 @@ pub fn pods(control: &Control) -> Value {
             })
         })
         .collect();
+    if let Some(v6) = control.v6() {
+        let eni = control
+            .pool()
+            .enis()
+            .iter()
+            .find(|e| e.info.is_primary)
+            .map(|e| e.info.id.clone());
+        pods.extend(v6.assignments().map(|(k, a)| {
+            json!({
+                "namespace": a.meta.namespace,
+                "name": a.meta.name,
+                "network": k.network_name,
+                "ip": a.ip.to_string(),
+                "egressIPv4": a.egress_v4.map(|e| e.to_string()),
+                "eni": eni,
+                "deviceNumber": 0,
+                "routeTable": datapath::MAIN_TABLE,
+                "assignedTime": rfc3339_nanos(a.assigned_at.as_nanos()),
+            })
+        }));
+    }
     pods.sort_by_key(|p| (p["namespace"].to_string(), p["name"].to_string()));
     Value::Array(pods)
 }
 
 /// `/v1/status`: what `vpcctl status` shows.
 pub fn status(control: &Control) -> Value {
-    let stats = control.pool().stats();
+    let mut stats = control.pool().stats();
     let node = &control.pool().node;
-    json!({
+    let v6 = control.v6().map(|v6| {
+        // An IPv6 node's addresses are bounded by max-pods alone.
+        let gauges = control.gauges();
+        stats.total = gauges.total_addresses;
+        stats.assigned = gauges.assigned_addresses;
+        stats.available = stats.total - stats.assigned;
+        stats.cooling = 0;
+        stats.prefixes = 1;
+        json!({
+            "prefix": v6.prefix().to_string(),
+            "assigned": v6.assigned(),
+            "egressIPv4": v6.egress(),
+        })
+    });
+    let mut status = json!({
         "phase": match control.phase() {
             Phase::Warming => "warming",
             Phase::Ready => "ready",
@@ -160,7 +252,11 @@ pub fn status(control: &Control) -> Value {
         "pendingAdds": control.waiting(),
         "ec2ActionsInFlight": control.actions_in_flight(),
         "stalled": control.stall_detail(),
-    })
+    });
+    if let Some(v6) = v6 {
+        status["ipv6"] = v6;
+    }
+    status
 }
 
 fn cidr_list(cidrs: &[Ipv4Cidr]) -> Vec<String> {
@@ -287,5 +383,7 @@ mod tests {
         assert_eq!(mask_base64(28), "////8A==");
         assert_eq!(mask_base64(24), "////AA==");
         assert_eq!(mask_base64(0), "AAAAAA==");
+        assert_eq!(mask_base64_v6(80), "/////////////wAAAAAAAA==");
+        assert_eq!(mask_base64_v6(128), "/////////////////////w==");
     }
 }

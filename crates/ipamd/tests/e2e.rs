@@ -5,12 +5,20 @@
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::collections::{BTreeSet, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use testbed::probe::WhoAmI;
 use testbed::{Binaries, Options, Pod, Stop, Testbed};
 
 const PORT: u16 = 7000;
+
+/// An IPv4 pod's address.
+fn ipv4(pod: &Pod) -> Ipv4Addr {
+    match pod.ip {
+        IpAddr::V4(ip) => ip,
+        other => panic!("{} has {other}, not an IPv4 address", pod.name),
+    }
+}
 
 fn skip(test: &str, why: &str) {
     // Straight to stderr, past the harness's capture, so that a skip is never silent.
@@ -284,7 +292,7 @@ fn prefix_delegation_keeps_warm_prefix_target_free_prefixes() {
     assert_eq!(status["addresses"]["prefixes"], 3, "{status}");
     assert_eq!(status["addresses"]["available"], 28, "{status}");
     for pod in &pods {
-        assert!(pod.ip.octets()[0] == 10, "{}", pod.ip);
+        assert!(ipv4(pod).octets()[0] == 10, "{}", pod.ip);
     }
     check_invariants(&tb, 0, &pods);
 }
@@ -300,7 +308,7 @@ fn custom_networking_puts_pods_in_the_eniconfig_subnet() {
     let pods: Vec<Pod> = (0..5).map(|_| tb.add_pod(0).unwrap()).collect();
     let pod_cidr: ipam::Ipv4Cidr = testbed::POD_CIDR.parse().unwrap();
     for pod in &pods {
-        assert!(pod_cidr.contains(pod.ip), "{} is not in {pod_cidr}", pod.ip);
+        assert!(pod_cidr.contains(ipv4(pod)), "{} is not in {pod_cidr}", pod.ip);
     }
     let enis = tb.nodes[0].introspect("/v1/enis").unwrap();
     let pod_subnet = tb.pod_subnet.clone().unwrap();
@@ -354,7 +362,7 @@ fn a_tight_ec2_bucket_slows_allocation_but_loses_nothing() {
         throttled > 0,
         "the bucket never throttled: the test proves nothing"
     );
-    let seen: HashSet<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    let seen: HashSet<Ipv4Addr> = pods.iter().map(ipv4).collect();
     assert_eq!(seen.len(), pods.len());
     check_invariants(&tb, 0, &pods);
 }
@@ -517,7 +525,7 @@ fn kubernetes_custom_networking_follows_the_nodes_eniconfig_and_rbac_covers_exac
     let pods: Vec<Pod> = (0..3).map(|_| tb.add_pod(0).unwrap()).collect();
     let pod_cidr: ipam::Ipv4Cidr = testbed::POD_CIDR.parse().unwrap();
     for pod in &pods {
-        assert!(pod_cidr.contains(pod.ip), "{} is not in {pod_cidr}", pod.ip);
+        assert!(pod_cidr.contains(ipv4(pod)), "{} is not in {pod_cidr}", pod.ip);
     }
     check_invariants(&tb, 0, &pods);
 
@@ -1167,7 +1175,7 @@ fn custom_networking_without_an_eniconfig_keeps_the_node_not_ready_until_one_exi
     tb.wait_ready(0, Duration::from_secs(30)).unwrap();
     let pod = tb.add_pod(0).unwrap();
     let pod_cidr: ipam::Ipv4Cidr = testbed::POD_CIDR.parse().unwrap();
-    assert!(pod_cidr.contains(pod.ip), "{}", pod.ip);
+    assert!(pod_cidr.contains(ipv4(&pod)), "{}", pod.ip);
 }
 
 #[test]
@@ -1250,7 +1258,7 @@ fn an_excluded_subnet_gives_no_pod_addresses_even_from_enis_already_attached() {
     let allowed: ipam::Ipv4Cidr = "10.0.16.0/20".parse().unwrap();
     for pod in &pods {
         assert!(
-            allowed.contains(pod.ip),
+            allowed.contains(ipv4(pod)),
             "{} is in the excluded subnet",
             pod.ip
         );

@@ -5,7 +5,7 @@ use crate::probe::WhoAmI;
 use crate::{Binaries, Options, Pod, Stop, Testbed};
 use serde_json::{json, Value};
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,8 @@ pub struct DemoOptions {
     pub settings: Vec<(String, String)>,
     /// Leave everything running after the report until SIGINT or SIGTERM (`--keep`).
     pub keep: bool,
+    /// IPv6 nodes and pods (`--ipv6`), with IPv4 egress.
+    pub ipv6: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -34,6 +36,8 @@ pub struct DemoReport {
     pub pod_to_pod: (usize, usize),
     pub across_nodes: usize,
     pub pod_to_vpc: (usize, usize),
+    /// IPv6 pods to an IPv4 VPC host by `v4if0`, seen from their node's address: (ok, tried).
+    pub v4_egress: (usize, usize),
     pub ec2_calls: u64,
     /// The VPC's namespace, and each node and pod with its namespace (the JSON report).
     pub vpc_netns: String,
@@ -43,7 +47,9 @@ pub struct DemoReport {
 
 impl DemoReport {
     pub fn connected(&self) -> bool {
-        self.pod_to_pod.0 == self.pod_to_pod.1 && self.pod_to_vpc.0 == self.pod_to_vpc.1
+        self.pod_to_pod.0 == self.pod_to_pod.1
+            && self.pod_to_vpc.0 == self.pod_to_vpc.1
+            && self.v4_egress.0 == self.v4_egress.1
     }
 
     /// The report as one JSON document (`--json`).
@@ -56,6 +62,7 @@ impl DemoReport {
                 "pod_to_pod": {"tried": self.pod_to_pod.1, "ok": self.pod_to_pod.0},
                 "across_nodes": self.across_nodes,
                 "pod_to_vpc": {"tried": self.pod_to_vpc.1, "ok": self.pod_to_vpc.0},
+                "v4_egress": {"tried": self.v4_egress.1, "ok": self.v4_egress.0},
             },
             "ready_after_ms": self.ready_after.iter().map(|d| d.as_millis() as u64).collect::<Vec<_>>(),
             "add_ms": self.add_times.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
@@ -89,6 +96,7 @@ fn nodes_as_ec2_holds_them(testbed: &Testbed) -> Result<Vec<Value>, String> {
                                 "primary_address": e.primary_ip.to_string(),
                                 "addresses": e.secondary_ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
                                 "prefixes": e.prefixes.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                                "ipv6_prefixes": e.ipv6_prefixes.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
                             }),
                         )
                     })
@@ -170,6 +178,7 @@ pub fn run(
             daemon_env: env,
             custom_networking: options.custom_networking,
             vpc: options.vpc.clone(),
+            ipv6: options.ipv6,
             ..Options::default()
         },
         binaries,
@@ -187,8 +196,15 @@ pub fn run(
         None => say(
             out,
             format!(
-                "simulated VPC 10.0.0.0/16 serving EC2 and IMDS in namespace {}; {} node(s) of type {}",
-                testbed.vpc.name, options.nodes, options.instance_type
+                "simulated VPC 10.0.0.0/16{} serving EC2 and IMDS in namespace {}; {} node(s) of type {}",
+                if options.ipv6 {
+                    format!(" and {}", crate::VPC_CIDR_V6)
+                } else {
+                    String::new()
+                },
+                testbed.vpc.name,
+                options.nodes,
+                options.instance_type
             ),
         ),
     }
@@ -232,16 +248,20 @@ pub fn run(
         ),
     );
     for pod in &pods {
+        let egress = pod
+            .egress_v4
+            .map(|e| format!(" (IPv4 egress {e})"))
+            .unwrap_or_default();
         say(
             out,
             format!(
-                "  {:8} on {:7} {}",
+                "  {:8} on {:7} {}{egress}",
                 pod.name, testbed.nodes[pod.node].name, pod.ip
             ),
         );
     }
 
-    // Every pod listens; so does the VPC router of the node subnet.
+    // Every pod listens; so does the VPC router of the node subnet (on both families for IPv6).
     let mut listeners = Vec::new();
     for pod in &pods {
         let address = SocketAddr::from((pod.ip, PROBE_PORT));
@@ -251,13 +271,26 @@ pub fn run(
                 .map_err(|e| e.to_string())?,
         );
     }
-    let router = testbed.nodes[0].gateway;
-    listeners.push(
-        testbed
-            .vpc
-            .run(move || WhoAmI::bind(SocketAddr::from((router, PROBE_PORT))))?
-            .map_err(|e| e.to_string())?,
-    );
+    let router_v4 = testbed.nodes[0].gateway;
+    let router = if options.ipv6 {
+        IpAddr::V6(crate::fabric::gateway_v6(
+            crate::NODE_CIDR_V6.parse().expect("a CIDR"),
+        ))
+    } else {
+        IpAddr::V4(router_v4)
+    };
+    let mut routers = vec![router];
+    if options.ipv6 {
+        routers.push(IpAddr::V4(router_v4));
+    }
+    for address in routers {
+        listeners.push(
+            testbed
+                .vpc
+                .run(move || WhoAmI::bind(SocketAddr::from((address, PROBE_PORT))))?
+                .map_err(|e| e.to_string())?,
+        );
+    }
     let mut failures = Vec::new();
     for (i, pod) in pods.iter().enumerate() {
         if pods.len() > 1 {
@@ -280,12 +313,30 @@ pub fn run(
             Ok(seen) => failures.push(format!("{} → VPC router: seen as {seen}", pod.name)),
             Err(e) => failures.push(format!("{} → VPC router: {e}", pod.name)),
         }
+        if pod.ip.is_ipv6() {
+            report.v4_egress.1 += 1;
+            let node_ip = IpAddr::V4(testbed.nodes[pod.node].primary_ip);
+            match testbed.seen_as(&pod.netns, router_v4, PROBE_PORT) {
+                Ok(seen) if seen == node_ip => report.v4_egress.0 += 1,
+                Ok(seen) => failures.push(format!(
+                    "{} → IPv4 VPC router by v4if0: seen as {seen}, not the node's {node_ip}",
+                    pod.name
+                )),
+                Err(e) => failures.push(format!("{} → IPv4 VPC router by v4if0: {e}", pod.name)),
+            }
+        }
     }
     drop(listeners);
     say(out, format!(
         "connectivity: pod to pod {}/{} ({} across nodes), pod to VPC {}/{}; every connection arrived from the pod's own address",
         report.pod_to_pod.0, report.pod_to_pod.1, report.across_nodes, report.pod_to_vpc.0, report.pod_to_vpc.1
     ));
+    if options.ipv6 {
+        say(out, format!(
+            "IPv4 egress: pod to IPv4 VPC host {}/{}, each seen from its node's address",
+            report.v4_egress.0, report.v4_egress.1
+        ));
+    }
     for failure in &failures {
         say(out, format!("  FAILED {failure}"));
     }
@@ -307,10 +358,11 @@ pub fn run(
         let enis = node.introspect("/v1/enis")?;
         if let Some(map) = enis["0"]["ENIs"].as_object() {
             for (id, eni) in map {
-                let cidrs: Vec<&String> = eni["AvailableIPv4Cidrs"]
-                    .as_object()
-                    .map(|c| c.keys().collect())
-                    .unwrap_or_default();
+                let cidrs: Vec<&String> = ["AvailableIPv4Cidrs", "IPv6Cidrs"]
+                    .iter()
+                    .filter_map(|family| eni[family].as_object())
+                    .flat_map(|c| c.keys())
+                    .collect();
                 say(
                     out,
                     format!(
@@ -355,6 +407,7 @@ pub fn run(
                 "node": testbed.nodes[p.node].name,
                 "netns": p.netns.name,
                 "ip": p.ip.to_string(),
+                "egress_v4": p.egress_v4.map(|e| e.to_string()),
             })
         })
         .collect();

@@ -5,12 +5,16 @@
 //! permanent neighbour entries, and like the VPC it answers every ARP request in the subnet itself
 //! (proxy ARP on the bridge, private-VLAN style): nothing on a node answers ARP for pod addresses,
 //! so traffic between nodes always goes through the router, which knows where each address lives.
+//!
+//! A subnet with an IPv6 block gets the VPC's IPv6 router on its bridge (`fe80:ec2::1`, and the
+//! block's `::1`), and every /80 delegated to an ENI a route through that ENI's link-local address,
+//! as the VPC routes a prefix to the ENI that holds it.
 
 use crate::netns::{ip_batch, sysctl};
-use ipam::Ipv4Cidr;
+use ipam::{Ipv4Cidr, Ipv6Cidr};
 use simvpc::{AttachmentStatus, SimVpc};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
 
 /// What is wired now, to turn each EC2 change into the few commands it needs.
@@ -20,6 +24,37 @@ struct Wired {
     links: BTreeMap<String, (String, String, u32)>,
     /// (address, MAC, bridge).
     neighbours: BTreeSet<(Ipv4Addr, String, String)>,
+    /// (delegated /80, the ENI's link-local address, bridge).
+    routes: BTreeSet<(Ipv6Cidr, Ipv6Addr, String)>,
+}
+
+/// The VPC's IPv6 router as an instance sees it.
+pub const ROUTER_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0xec2, 0, 0, 0, 0, 0, 1);
+
+/// The subnet's IPv6 router address: the block's `::1`.
+pub fn gateway_v6(cidr: Ipv6Cidr) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(cidr.addr()) + 1)
+}
+
+/// The link-local address a NIC with `mac` takes (modified EUI-64, the kernel's default).
+fn link_local(mac: &str) -> Option<Ipv6Addr> {
+    let b: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).ok())
+        .collect::<Option<_>>()?;
+    let [m0, m1, m2, m3, m4, m5] = b[..] else {
+        return None;
+    };
+    Some(Ipv6Addr::new(
+        0xfe80,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([m0 ^ 0x02, m1]),
+        u16::from_be_bytes([m2, 0xff]),
+        u16::from_be_bytes([0xfe, m3]),
+        u16::from_be_bytes([m4, m5]),
+    ))
 }
 
 pub struct Fabric {
@@ -64,7 +99,7 @@ impl Fabric {
     fn bridge_for(
         &self,
         subnet_id: &str,
-        cidr: Ipv4Cidr,
+        (cidr, cidr_v6): (Ipv4Cidr, Option<Ipv6Cidr>),
         commands: &mut Vec<String>,
         new_bridges: &mut Vec<String>,
     ) -> String {
@@ -85,6 +120,14 @@ impl Fabric {
             gateway(cidr),
             cidr.prefix_len()
         ));
+        if let Some(v6) = cidr_v6 {
+            commands.push(format!("addr add {ROUTER_V6}/64 dev {name} nodad"));
+            commands.push(format!(
+                "addr add {}/{} dev {name} nodad",
+                gateway_v6(v6),
+                v6.prefix_len()
+            ));
+        }
         commands.push(format!("link set {name} up"));
         new_bridges.push(name.clone());
         bridges.insert(subnet_id.to_string(), (name.clone(), cidr));
@@ -98,6 +141,7 @@ impl Fabric {
         let mut new_bridges = Vec::new();
         let mut links = BTreeMap::new();
         let mut neighbours = BTreeSet::new();
+        let mut routes = BTreeSet::new();
         let nodes = self.nodes.lock().expect("nodes lock").clone();
         for eni in vpc.interfaces() {
             let Some(attachment) = &eni.attachment else {
@@ -109,12 +153,18 @@ impl Fabric {
             let Some(node) = nodes.get(&attachment.instance_id) else {
                 continue;
             };
+            let cidr_v6 = vpc.subnet(&eni.subnet_id).and_then(|s| s.ipv6_cidr);
             let bridge = self.bridge_for(
                 &eni.subnet_id,
-                eni.subnet_cidr,
+                (eni.subnet_cidr, cidr_v6),
                 &mut commands,
                 &mut new_bridges,
             );
+            if let Some(via) = link_local(&eni.mac) {
+                for prefix in &eni.ipv6_prefixes {
+                    routes.insert((*prefix, via, bridge.clone()));
+                }
+            }
             let port = format!("p{}", &eni.id[eni.id.len().saturating_sub(12)..]);
             links.insert(
                 eni.id.clone(),
@@ -162,6 +212,13 @@ impl Fabric {
             commands.push(format!("neigh del {address} dev {bridge}"));
         }
         wired.neighbours = neighbours;
+        for (prefix, via, bridge) in routes.difference(&wired.routes) {
+            commands.push(format!("route replace {prefix} via {via} dev {bridge}"));
+        }
+        for (prefix, _, _) in wired.routes.difference(&routes) {
+            commands.push(format!("route del {prefix}"));
+        }
+        wired.routes = routes;
         drop(wired);
         let mut result = ip_batch(&self.netns, &commands);
         for bridge in new_bridges {
@@ -178,5 +235,23 @@ impl Fabric {
         if let Err(e) = result {
             self.errors.lock().expect("errors lock").push(e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nics_link_local_address_is_its_modified_eui64() {
+        assert_eq!(
+            link_local("02:fa:00:00:00:01"),
+            Some("fe80::fa:ff:fe00:1".parse().unwrap())
+        );
+        assert_eq!(
+            link_local("0a:1b:2c:3d:4e:5f"),
+            Some("fe80::81b:2cff:fe3d:4e5f".parse().unwrap())
+        );
+        assert_eq!(link_local("not a mac"), None);
     }
 }

@@ -18,7 +18,7 @@ pub use simvpc_http::ServeConfig;
 use simvpc_http::{Running, Server};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,6 +27,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const NODE_CIDR: &str = "10.0.0.0/20";
+/// With `Options::ipv6`: the VPC's IPv6 block and the node subnet's /64 (documentation space: the
+/// traffic never leaves the testbed's namespaces).
+pub const VPC_CIDR_V6: &str = "2001:db8:7c00::/56";
+pub const NODE_CIDR_V6: &str = "2001:db8:7c00::/64";
 /// Custom networking's pod subnet, from the secondary VPC CIDR, as operators do (100.64.0.0/10).
 pub const POD_CIDR: &str = "100.64.0.0/20";
 pub const AZ: &str = "us-west-2a";
@@ -98,6 +102,9 @@ pub struct Options {
     /// a subnet named `pods`, if any, is custom networking's. `nodes`, `instance_type`,
     /// `node_subnet` and `preattached` then do not apply.
     pub vpc: Option<ServeConfig>,
+    /// IPv6 pods: the node subnet gets an IPv6 /64, the daemons run with ENABLE_IPv6 (and prefix
+    /// delegation), the plugin with enableIPv6.
+    pub ipv6: bool,
 }
 
 impl Default for Options {
@@ -112,6 +119,7 @@ impl Default for Options {
             kubernetes: false,
             preattached: Vec::new(),
             vpc: None,
+            ipv6: false,
         }
     }
 }
@@ -189,7 +197,9 @@ pub struct Pod {
     pub node: usize,
     pub netns: Netns,
     pub container_id: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
+    /// An IPv6 pod's IPv4 egress address (on `v4if0`).
+    pub egress_v4: Option<Ipv4Addr>,
     /// The plugin's ADD result, handed back with DEL as runtimes do.
     pub result: Value,
 }
@@ -213,6 +223,7 @@ pub struct Testbed {
     root: PathBuf,
     next_pod: AtomicU32,
     pub kube: Option<kube_api::KubeApi>,
+    pub ipv6: bool,
 }
 
 /// YAML documents as JSON, through PyYAML in the test venv (`python`): the manifests' parser.
@@ -247,7 +258,9 @@ fn built_in_vpc(options: &Options) -> Result<ServeConfig, String> {
         az: AZ.into(),
         tags: BTreeMap::from([("kubernetes.io/role/cni".into(), "1".into())]),
         prefix_reservations: Vec::new(),
-        ipv6_cidr: None,
+        ipv6_cidr: options
+            .ipv6
+            .then(|| NODE_CIDR_V6.parse().expect("a CIDR")),
     }];
     if options.custom_networking {
         subnets.push(SubnetConfig {
@@ -267,7 +280,11 @@ fn built_in_vpc(options: &Options) -> Result<ServeConfig, String> {
             } else {
                 Vec::new()
             },
-            ipv6_cidrs: Vec::new(),
+            ipv6_cidrs: if options.ipv6 {
+                vec![VPC_CIDR_V6.parse().expect("a CIDR")]
+            } else {
+                Vec::new()
+            },
         },
         subnets,
         instances: (1..=options.nodes)
@@ -308,6 +325,13 @@ impl Testbed {
         let vpc = Netns::create("vpc")?;
         netns::sysctl(&vpc.name, "net.ipv4.ip_forward", "1")?;
         netns::sysctl(&vpc.name, "net.ipv4.conf.all.send_redirects", "0")?;
+        // The VPC's IPv6 router: forwarding, and no duplicate address detection to wait for.
+        for (key, value) in [
+            ("net.ipv6.conf.all.forwarding", "1"),
+            ("net.ipv6.conf.default.accept_dad", "0"),
+        ] {
+            netns::sysctl(&vpc.name, key, value)?;
+        }
         let config = match &options.vpc {
             Some(config) => config.clone(),
             None => built_in_vpc(options)?,
@@ -338,6 +362,7 @@ impl Testbed {
             next_pod: AtomicU32::new(0),
             server: None,
             kube: None,
+            ipv6: options.ipv6,
         };
         if options.kubernetes {
             let listen: SocketAddr = "0.0.0.0:0".parse().expect("an address");
@@ -359,8 +384,11 @@ impl Testbed {
         testbed.server = Some(server);
         for endpoint in endpoints {
             let netns = Netns::create(&format!("{}-", endpoint.name))?;
+            // The ENIs' link-local addresses, which the fabric routes /80s through, are usable as
+            // soon as the links are up.
+            netns::sysctl(&netns.name, "net.ipv6.conf.default.accept_dad", "0")?;
             fabric.add_node(&endpoint.instance_id, &netns.name);
-            let (primary_ip, cidr) = {
+            let (primary_ip, cidr, has_v6) = {
                 let v = vpc_model.lock().expect("vpc lock");
                 let instance = v
                     .instance(&endpoint.instance_id)
@@ -370,7 +398,8 @@ impl Testbed {
                     .find(|e| e.id == instance.primary_eni)
                     .ok_or("primary ENI vanished")?;
                 fabric.follow(&v);
-                (eni.primary_ip, eni.subnet_cidr)
+                let has_v6 = v.subnet(&eni.subnet_id).is_some_and(|s| s.ipv6_cidr.is_some());
+                (eni.primary_ip, eni.subnet_cidr, has_v6)
             };
             let gw = gateway(cidr);
             // What the instance's OS does at boot: the primary ENI up with its address and route.
@@ -382,6 +411,13 @@ impl Testbed {
                     format!("route add default via {gw} dev eth0"),
                 ],
             )?;
+            if has_v6 {
+                // What EC2's router advertisement gives an instance in an IPv6 subnet.
+                netns::ip_batch(
+                    &netns.name,
+                    &[format!("route add ::/0 via {} dev eth0", fabric::ROUTER_V6)],
+                )?;
+            }
             let state = testbed.root.join(&endpoint.name);
             std::fs::create_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;
             let imds_port = port_of(&endpoint.imds_url)?;
@@ -436,6 +472,15 @@ impl Testbed {
                 )
                 .map_err(|e| format!("{}: {e}", file.display()))?;
                 env.push(("VPC_CNI_ENICONFIG_FILE".into(), file.display().to_string()));
+            }
+            if options.ipv6 {
+                for (key, value) in [
+                    ("ENABLE_IPv6", "true"),
+                    ("ENABLE_IPv4", "false"),
+                    ("ENABLE_PREFIX_DELEGATION", "true"),
+                ] {
+                    env.push((key.into(), value.into()));
+                }
             }
             env.extend(options.daemon_env.iter().cloned());
             testbed.nodes.push(Node {
@@ -601,6 +646,9 @@ impl Testbed {
             "ipamdSocket": n.socket().display().to_string(),
             "pluginLogFile": n.state.join("plugin.log").display().to_string(),
         });
+        if self.ipv6 {
+            conf["enableIPv6"] = true.into();
+        }
         if let Some(prev) = prev {
             conf["prevResult"] = prev.clone();
         }
@@ -685,17 +733,23 @@ impl Testbed {
         }
         let result: Value =
             serde_json::from_str(&stdout).map_err(|e| format!("ADD result: {e}: {stdout}"))?;
-        let ip = result["ips"][0]["address"]
+        let ip: IpAddr = result["ips"][0]["address"]
             .as_str()
             .and_then(|a| a.split('/').next())
             .and_then(|a| a.parse().ok())
             .ok_or_else(|| format!("ADD result without an address: {stdout}"))?;
+        let egress_v4 = if ip.is_ipv6() {
+            egress_address(&netns)
+        } else {
+            None
+        };
         Ok(Pod {
             name,
             node,
             netns,
             container_id,
             ip,
+            egress_v4,
             result,
         })
     }
@@ -751,9 +805,35 @@ impl Testbed {
 
     /// Connects from `from` to `to:port` (where a `probe::WhoAmI` listens) and returns the source
     /// address the far end saw.
-    pub fn seen_as(&self, from: &Netns, to: Ipv4Addr, port: u16) -> Result<Ipv4Addr, String> {
-        from.run(move || probe::seen_as(SocketAddr::from((to, port))))?
+    pub fn seen_as(
+        &self,
+        from: &Netns,
+        to: impl Into<IpAddr>,
+        port: u16,
+    ) -> Result<IpAddr, String> {
+        let target = SocketAddr::from((to.into(), port));
+        from.run(move || probe::seen_as(target))?
     }
+}
+
+/// The IPv4 address on a pod's `v4if0`; none without the link (egress off).
+fn egress_address(pod: &Netns) -> Option<Ipv4Addr> {
+    let listing = netns::ip(&[
+        "-n",
+        &pod.name,
+        "-4",
+        "-o",
+        "addr",
+        "show",
+        datapath::pod::EGRESS_IFNAME,
+    ])
+    .ok()?;
+    listing
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
 }
 
 impl Drop for Testbed {

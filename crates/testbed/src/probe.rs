@@ -2,7 +2,7 @@
 //! `proto`) the small HTTP GET for the daemon's endpoints.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -60,7 +60,7 @@ impl Drop for WhoAmI {
     }
 }
 
-pub fn seen_as(target: SocketAddr) -> Result<Ipv4Addr, String> {
+pub fn seen_as(target: SocketAddr) -> Result<IpAddr, String> {
     let mut stream = TcpStream::connect_timeout(&target, TIMEOUT)
         .map_err(|e| format!("connecting to {target}: {e}"))?;
     stream

@@ -81,6 +81,10 @@ pub enum Command {
         /// The report as one JSON document on stdout (the narration goes to stderr).
         #[arg(long)]
         json: bool,
+        /// IPv6 nodes and pods: the node subnet gets an IPv6 /64, each node a /80, each pod a /128
+        /// and an IPv4 egress address (ENABLE_IPv6, ENABLE_V4_EGRESS).
+        #[arg(long)]
+        ipv6: bool,
     },
 }
 
@@ -109,6 +113,7 @@ pub fn run(command: Command) -> Result<(), String> {
             settings,
             keep,
             json,
+            ipv6,
         } => {
             if nodes == 0 {
                 return Err("--nodes must be at least 1".into());
@@ -124,9 +129,24 @@ pub fn run(command: Command) -> Result<(), String> {
                     _ => Err(format!("--set {s:?}: expected KEY=VALUE")),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            // A setting the daemon would refuse is refused here, before any namespace exists.
+            // A setting the daemon would refuse is refused here, before any namespace exists, with
+            // what the flags set (as the testbed sets them) before the --set values.
+            let mut effective: Vec<(String, String)> = Vec::new();
+            if ipv6 {
+                for (k, v) in [
+                    ("ENABLE_IPv6", "true"),
+                    ("ENABLE_IPv4", "false"),
+                    ("ENABLE_PREFIX_DELEGATION", "true"),
+                ] {
+                    effective.push((k.into(), v.into()));
+                }
+            }
+            if custom_networking {
+                effective.push(("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG".into(), "true".into()));
+            }
+            effective.extend(settings.iter().cloned());
             ipam::Config::from_lookup(|k| {
-                settings
+                effective
                     .iter()
                     .rev()
                     .find(|(n, _)| n == k)
@@ -144,6 +164,7 @@ pub fn run(command: Command) -> Result<(), String> {
                 vpc,
                 settings,
                 keep,
+                ipv6,
             };
             let mut print_json = |report: &testbed::demo::DemoReport| {
                 if json {
