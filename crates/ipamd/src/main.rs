@@ -223,7 +223,7 @@ async fn run(
             ),
         },
     };
-    let started = startup::start(
+    let started = match startup::start(
         &config,
         eni_config
             .as_ref()
@@ -234,7 +234,25 @@ async fn run(
         metrics.clone(),
     )
     .await
-    .map_err(|e| e.to_string())?;
+    {
+        Ok(started) => started,
+        Err(e) => {
+            // The node stays not ready (no conflist is written without a running daemon); the
+            // Event says why where `kubectl describe` shows it, not only in this pod's log.
+            if let Some((cluster, true)) = &cluster {
+                let sent = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    cluster.warn_now("StartFailed", &e.to_string()),
+                )
+                .await
+                .unwrap_or_else(|_| Err("the API server did not answer in 5 s".into()));
+                if let Err(why) = sent {
+                    tracing::warn!(error = %why, "could not send the StartFailed Event");
+                }
+            }
+            return Err(e.to_string());
+        }
+    };
     let events = started.events.clone();
     if let Some((source, spec)) = eni_config {
         let _ = events.send(Event::EniConfig { source, spec });

@@ -308,7 +308,11 @@ fn custom_networking_puts_pods_in_the_eniconfig_subnet() {
     let pods: Vec<Pod> = (0..5).map(|_| tb.add_pod(0).unwrap()).collect();
     let pod_cidr: ipam::Ipv4Cidr = testbed::POD_CIDR.parse().unwrap();
     for pod in &pods {
-        assert!(pod_cidr.contains(ipv4(pod)), "{} is not in {pod_cidr}", pod.ip);
+        assert!(
+            pod_cidr.contains(ipv4(pod)),
+            "{} is not in {pod_cidr}",
+            pod.ip
+        );
     }
     let enis = tb.nodes[0].introspect("/v1/enis").unwrap();
     let pod_subnet = tb.pod_subnet.clone().unwrap();
@@ -525,7 +529,11 @@ fn kubernetes_custom_networking_follows_the_nodes_eniconfig_and_rbac_covers_exac
     let pods: Vec<Pod> = (0..3).map(|_| tb.add_pod(0).unwrap()).collect();
     let pod_cidr: ipam::Ipv4Cidr = testbed::POD_CIDR.parse().unwrap();
     for pod in &pods {
-        assert!(pod_cidr.contains(ipv4(pod)), "{} is not in {pod_cidr}", pod.ip);
+        assert!(
+            pod_cidr.contains(ipv4(pod)),
+            "{} is not in {pod_cidr}",
+            pod.ip
+        );
     }
     check_invariants(&tb, 0, &pods);
 
@@ -1343,4 +1351,202 @@ fn someone_elses_eni_detached_gives_its_slot_back() {
     wait_for("the slot comes back", || eni_max(&tb) == 3);
     let log = std::fs::read_to_string(tb.nodes[0].daemon_log()).unwrap();
     assert!(!log.contains("attached by someone else"), "{log}");
+}
+
+/// EC2's count of successful calls of `operation` so far.
+fn ec2_ok(tb: &Testbed, operation: &str) -> u64 {
+    let model = tb.vpc_model();
+    let vpc = model.lock().unwrap();
+    vpc.calls
+        .iter()
+        .find(|(op, _)| op.name() == operation)
+        .map_or(0, |(_, c)| c.ok)
+}
+
+/// The IPv6 prefixes EC2 has delegated to the node's primary ENI.
+fn primary_v6_prefixes(tb: &Testbed, node: usize) -> Vec<String> {
+    let model = tb.vpc_model();
+    let vpc = model.lock().unwrap();
+    let instance = vpc.instance(&tb.nodes[node].instance_id).unwrap();
+    let primary = vpc
+        .interfaces()
+        .find(|e| e.id == instance.primary_eni)
+        .unwrap();
+    primary
+        .ipv6_prefixes
+        .iter()
+        .map(|p| p.to_string())
+        .collect()
+}
+
+/// The checkpoint's IPv6 entries as (address, egress address); panics on IPv4 entries.
+fn v6_checkpoint(tb: &Testbed, node: usize) -> Vec<(String, String)> {
+    let checkpoint: Value =
+        serde_json::from_slice(&std::fs::read(tb.nodes[node].checkpoint()).unwrap()).unwrap();
+    let mut entries: Vec<(String, String)> = checkpoint["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            assert!(
+                a.get("ipv4").is_none(),
+                "an IPv4 entry on an IPv6 node: {a}"
+            );
+            (
+                a["ipv6"].as_str().unwrap().to_string(),
+                a["egressIPv4"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    entries.sort();
+    entries
+}
+
+#[test]
+fn ipv6_nodes_give_pods_their_80_and_ipv4_egress_and_a_kill_loses_nothing() {
+    let test = "ipv6_nodes_give_pods_their_80_and_ipv4_egress_and_a_kill_loses_nothing";
+    let Some(mut tb) = testbed(
+        test,
+        Options {
+            nodes: 2,
+            ipv6: true,
+            ..Options::default()
+        },
+    ) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    tb.start_daemon(1).unwrap();
+    // One /80 per node, one call each, and no ENI, address or prefix call besides.
+    let prefixes = primary_v6_prefixes(&tb, 0);
+    assert_eq!(prefixes.len(), 1, "{prefixes:?}");
+    assert!(prefixes[0].ends_with("/80"), "{prefixes:?}");
+    assert_eq!(ec2_ok(&tb, "AssignIpv6Addresses"), 2);
+    for op in ["CreateNetworkInterface", "AssignPrivateIpAddresses"] {
+        assert_eq!(ec2_ok(&tb, op), 0, "{op}");
+    }
+    let prefix: ipam::Ipv6Cidr = prefixes[0].parse().unwrap();
+
+    let mut on_0: Vec<Pod> = (0..3).map(|_| tb.add_pod(0).unwrap()).collect();
+    let on_1 = tb.add_pod(1).unwrap();
+    for pod in &on_0 {
+        let IpAddr::V6(ip) = pod.ip else {
+            panic!("{} got {}", pod.name, pod.ip)
+        };
+        assert!(
+            prefix.contains_cidr(&ipam::Ipv6Cidr::new(ip, 128).unwrap()),
+            "{ip}"
+        );
+        assert!(pod.egress_v4.is_some(), "{} has no v4if0 address", pod.name);
+    }
+
+    // Across nodes over IPv6, to the VPC over IPv6 from the pod's own address, and to an IPv4
+    // VPC host by v4if0 from the node's address.
+    let router_v6 = IpAddr::V6(testbed::fabric::gateway_v6(
+        testbed::NODE_CIDR_V6.parse().unwrap(),
+    ));
+    let router_v4 = tb.nodes[0].gateway;
+    let peer = on_1.ip;
+    let listeners = (
+        on_1.netns
+            .run(move || WhoAmI::bind(SocketAddr::from((peer, PORT))).unwrap())
+            .unwrap(),
+        tb.vpc
+            .run(move || WhoAmI::bind(SocketAddr::from((router_v6, PORT))).unwrap())
+            .unwrap(),
+        tb.vpc
+            .run(move || WhoAmI::bind(SocketAddr::from((router_v4, PORT))).unwrap())
+            .unwrap(),
+    );
+    let node_ip = IpAddr::V4(tb.nodes[0].primary_ip);
+    for pod in &on_0 {
+        assert_eq!(tb.seen_as(&pod.netns, peer, PORT).unwrap(), pod.ip);
+        assert_eq!(tb.seen_as(&pod.netns, router_v6, PORT).unwrap(), pod.ip);
+        assert_eq!(tb.seen_as(&pod.netns, router_v4, PORT).unwrap(), node_ip);
+    }
+    drop(listeners);
+
+    // kill -9 while ADDs and a DEL are in flight, then a restart: no address lost, none given
+    // twice, the same /80 (no second AssignIpv6Addresses), the checkpoint equal to the pods.
+    let gone = on_0.remove(0);
+    let raced = std::thread::scope(|scope| {
+        let del = scope.spawn(|| tb.del_pod(gone));
+        let delay = Duration::from_millis(rand::rngs::StdRng::seed_from_u64(6).gen_range(0..30));
+        let added = adds_during(&tb, 0, 6, || {
+            std::thread::sleep(delay);
+            tb.kill(0);
+        });
+        let _ = del.join().unwrap();
+        added
+    });
+    tb.stop_daemon(0, Stop::Kill).unwrap();
+    tb.start_daemon(0).unwrap();
+    on_0.extend(raced);
+    // What the runtime's GC does with the attachments of ADDs that failed, and of the DEL the
+    // daemon may not have heard.
+    tb.gc(0, &on_0.iter().collect::<Vec<_>>()).unwrap();
+    let more = tb.add_pod(0).unwrap();
+    on_0.push(more);
+    assert_eq!(primary_v6_prefixes(&tb, 0), prefixes, "the /80 is kept");
+    assert_eq!(ec2_ok(&tb, "AssignIpv6Addresses"), 2);
+    let recorded = v6_checkpoint(&tb, 0);
+    let mut expected: Vec<String> = on_0.iter().map(|p| p.ip.to_string()).collect();
+    expected.sort();
+    let addresses: Vec<String> = recorded.iter().map(|(ip, _)| ip.clone()).collect();
+    assert_eq!(
+        addresses, expected,
+        "the checkpoint differs from the running pods"
+    );
+    let egress: HashSet<&String> = recorded.iter().map(|(_, e)| e).collect();
+    assert_eq!(
+        egress.len(),
+        recorded.len(),
+        "an egress address given twice: {recorded:?}"
+    );
+    let status = tb.nodes[0].introspect("/v1/status").unwrap();
+    assert_eq!(status["ipv6"]["prefix"], prefixes[0]);
+    assert_eq!(status["addresses"]["assigned"], on_0.len());
+    let router_v6_listener = tb
+        .vpc
+        .run(move || WhoAmI::bind(SocketAddr::from((router_v6, PORT))).unwrap())
+        .unwrap();
+    for pod in &on_0 {
+        assert_eq!(
+            tb.seen_as(&pod.netns, router_v6, PORT).unwrap(),
+            pod.ip,
+            "{} lost its connectivity",
+            pod.name
+        );
+    }
+    drop(router_v6_listener);
+}
+
+#[test]
+fn ipv6_on_a_subnet_without_an_ipv6_block_stops_with_a_clear_error_and_an_event() {
+    let mut options = options(&[
+        ("ENABLE_IPv6", "true"),
+        ("ENABLE_IPv4", "false"),
+        ("ENABLE_PREFIX_DELEGATION", "true"),
+    ]);
+    options.kubernetes = true;
+    let Some(mut tb) = testbed("ipv6_without_a_block", options) else {
+        return;
+    };
+    let error = tb.start_daemon(0).unwrap_err();
+    assert!(
+        error.contains("has no IPv6 CIDR block"),
+        "the daemon must say why: {error}"
+    );
+    let events = warning_events(&tb, "StartFailed");
+    assert_eq!(events.len(), 1, "{events:?}");
+    let message = events[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("ENABLE_IPv6=true") && message.contains("subnet"),
+        "{message}"
+    );
+    assert_eq!(ec2_ok(&tb, "AssignIpv6Addresses"), 0);
+    assert!(
+        !tb.nodes[0].socket().exists(),
+        "no socket: the node stays not ready"
+    );
 }

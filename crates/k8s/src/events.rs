@@ -64,6 +64,23 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// One Warning Event, sent before this returns: for a daemon about to exit (start-up failed),
+    /// whose queued Events would die with it.
+    pub async fn warn_now(&self, reason: &str, message: &str) -> Result<(), String> {
+        let Some(pod) = &self.settings.own_pod else {
+            return Err("MY_POD_NAME is not set: no pod to attach the Event to".into());
+        };
+        let events: Api<Event> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let event = warning_event(pod, &self.settings.node_name, reason, message);
+        events
+            .create(&PostParams::default(), &event)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("creating the Event {reason}: {e}"))
+    }
+}
+
 fn warning_event(pod: &str, node: &str, reason: &str, message: &str) -> Event {
     let now = k8s_openapi::chrono::Utc::now();
     Event {

@@ -332,10 +332,13 @@ pub fn run(
         report.pod_to_pod.0, report.pod_to_pod.1, report.across_nodes, report.pod_to_vpc.0, report.pod_to_vpc.1
     ));
     if options.ipv6 {
-        say(out, format!(
-            "IPv4 egress: pod to IPv4 VPC host {}/{}, each seen from its node's address",
-            report.v4_egress.0, report.v4_egress.1
-        ));
+        say(
+            out,
+            format!(
+                "IPv4 egress: pod to IPv4 VPC host {}/{}, each seen from its node's address",
+                report.v4_egress.0, report.v4_egress.1
+            ),
+        );
     }
     for failure in &failures {
         say(out, format!("  FAILED {failure}"));

@@ -258,9 +258,7 @@ fn built_in_vpc(options: &Options) -> Result<ServeConfig, String> {
         az: AZ.into(),
         tags: BTreeMap::from([("kubernetes.io/role/cni".into(), "1".into())]),
         prefix_reservations: Vec::new(),
-        ipv6_cidr: options
-            .ipv6
-            .then(|| NODE_CIDR_V6.parse().expect("a CIDR")),
+        ipv6_cidr: options.ipv6.then(|| NODE_CIDR_V6.parse().expect("a CIDR")),
     }];
     if options.custom_networking {
         subnets.push(SubnetConfig {
@@ -398,7 +396,9 @@ impl Testbed {
                     .find(|e| e.id == instance.primary_eni)
                     .ok_or("primary ENI vanished")?;
                 fabric.follow(&v);
-                let has_v6 = v.subnet(&eni.subnet_id).is_some_and(|s| s.ipv6_cidr.is_some());
+                let has_v6 = v
+                    .subnet(&eni.subnet_id)
+                    .is_some_and(|s| s.ipv6_cidr.is_some());
                 (eni.primary_ip, eni.subnet_cidr, has_v6)
             };
             let gw = gateway(cidr);
