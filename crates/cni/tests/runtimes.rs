@@ -5,9 +5,10 @@
 mod common;
 
 use common::*;
-use serde_json::json;
+use proto::Allocation;
+use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -58,12 +59,8 @@ fn rootfs(dir: &Path) -> PathBuf {
     root
 }
 
-fn conflist(server: &AddressServer, log: &Path) -> String {
-    conflist_with(server, log, &[])
-}
-
-/// Our plugin first, then `chained` reference plugins, then portmap.
-fn conflist_with(server: &AddressServer, log: &Path, chained: &[serde_json::Value]) -> String {
+/// Our plugin (with `extra` keys) first, then `chained` reference plugins, then portmap.
+fn conflist_with(server: &AddressServer, log: &Path, extra: &Value, chained: &[Value]) -> String {
     let mut list = json!({
         "cniVersion": "1.0.0",
         "name": "aws-cni",
@@ -81,6 +78,11 @@ fn conflist_with(server: &AddressServer, log: &Path, chained: &[serde_json::Valu
         ]
     });
     let plugins = list["plugins"].as_array_mut().unwrap();
+    if let Value::Object(extra) = extra {
+        for (k, v) in extra {
+            plugins[0][k] = v.clone();
+        }
+    }
     for (i, plugin) in chained.iter().enumerate() {
         plugins.insert(1 + i, plugin.clone());
     }
@@ -167,33 +169,87 @@ impl Drop for SystemCniFiles {
     }
 }
 
-/// A node namespace with an address of its own, so that host ports have somewhere to live.
+/// A node namespace with an address of each family of its own, so that host ports have somewhere
+/// to live.
 fn node() -> Netns {
     let node = Netns::new("rtnode");
-    node.exec("sysctl -qw net.ipv4.ip_forward=1");
+    node.exec("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1");
     node.exec("ip link add eth0 type veth peer name peer0");
     node.exec("ip addr add 10.0.0.10/24 dev eth0");
+    node.exec(&format!("ip addr add {NODE_IP6}/64 dev eth0 nodad"));
     node.exec("ip link set eth0 up");
     node.exec("ip link set peer0 up");
     node
 }
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 60);
+const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const POD_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0xaaaa, 0, 0, 0x60);
+
+/// What the runtime test runs: an IPv4 pod, or an IPv6 pod with IPv4 egress.
+struct Family {
+    server: AddressServer,
+    pod: IpAddr,
+    node: IpAddr,
+    extra: Value,
+}
+
+fn ipv4() -> Family {
+    Family {
+        server: AddressServer::start(&[(POD_IP, 0, 254)]),
+        pod: POD_IP.into(),
+        node: Ipv4Addr::new(10, 0, 0, 10).into(),
+        extra: json!({}),
+    }
+}
+
+fn ipv6() -> Family {
+    Family {
+        server: AddressServer::serving(vec![Allocation {
+            address: POD_IP6.into(),
+            device_number: 0,
+            route_table: 254,
+            egress_v4: Some(Ipv4Addr::new(169, 254, 172, 2)),
+        }]),
+        pod: POD_IP6.into(),
+        node: NODE_IP6.into(),
+        extra: json!({"enableIPv6": true}),
+    }
+}
+
+/// Nothing of the pod left on the node: no rule or route naming its address, no veth.
+fn host_is_clean(node: &Netns, pod: IpAddr) {
+    let pod = pod.to_string();
+    assert!(!node.exec("ip rule show").contains(&pod));
+    assert!(!node.exec("ip -6 route show").contains(&pod));
+    assert!(!node.exec("ip -4 route show").contains("169.254.172."));
+    let links = node.exec("ip -o link show");
+    assert!(!links.contains("eni") && !links.contains("v4e"), "{links}");
+}
 
 #[test]
 fn containerd_ctr_runs_a_container_on_our_network() {
-    if !have(
-        &["containerd", "ctr", "runc"],
-        "containerd_ctr_runs_a_container_on_our_network",
-    ) {
+    containerd_ctr_runs("containerd_ctr_runs_a_container_on_our_network", ipv4());
+}
+
+#[test]
+fn containerd_ctr_runs_an_ipv6_container_with_ipv4_egress() {
+    containerd_ctr_runs(
+        "containerd_ctr_runs_an_ipv6_container_with_ipv4_egress",
+        ipv6(),
+    );
+}
+
+fn containerd_ctr_runs(test: &str, family: Family) {
+    if !have(&["containerd", "ctr", "runc"], test) {
         return;
     }
     let _turn = SYSTEM_CNI_DIRS.lock().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = rootfs(dir.path());
-    let server = AddressServer::start(&[(POD_IP, 0, 254)]);
+    let server = &family.server;
     let log = dir.path().join("plugin.log");
-    let _files = SystemCniFiles::install(&conflist(&server, &log));
+    let _files = SystemCniFiles::install(&conflist_with(server, &log, &family.extra, &[]));
     let node = node();
     let address = dir.path().join("containerd.sock");
     let _containerd = KillOnDrop(
@@ -228,7 +284,7 @@ fn containerd_ctr_runs_a_container_on_our_network() {
     );
     let body = http_get(
         &node,
-        SocketAddr::from((POD_IP, 8080)),
+        SocketAddr::from((family.pod, 8080)),
         Duration::from_secs(20),
     );
     assert!(body.contains(MARKER));
@@ -246,21 +302,29 @@ fn containerd_ctr_runs_a_container_on_our_network() {
         server.assigned().is_empty(),
         "ctr's DEL released the address"
     );
-    assert!(!node.exec("ip rule show").contains(&POD_IP.to_string()));
-    assert!(!node.exec("ip -o link show").contains("eni"));
+    host_is_clean(&node, family.pod);
 }
 
 #[test]
 fn podman_with_a_host_port_through_portmap() {
-    if !have(
-        &["podman", "runc", "iptables"],
-        "podman_with_a_host_port_through_portmap",
-    ) {
+    podman_with_a_host_port("podman_with_a_host_port_through_portmap", ipv4());
+}
+
+#[test]
+fn podman_runs_an_ipv6_pod_with_a_host_port_through_portmap() {
+    podman_with_a_host_port(
+        "podman_runs_an_ipv6_pod_with_a_host_port_through_portmap",
+        ipv6(),
+    );
+}
+
+fn podman_with_a_host_port(test: &str, family: Family) {
+    if !have(&["podman", "runc", "iptables", "ip6tables"], test) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let root = rootfs(dir.path());
-    let server = AddressServer::start(&[(POD_IP, 0, 254)]);
+    let server = &family.server;
     let log = dir.path().join("plugin.log");
     let net_dir = dir.path().join("net.d");
     let plugin_dir = dir.path().join("bin");
@@ -274,7 +338,7 @@ fn podman_with_a_host_port_through_portmap() {
     ];
     std::fs::write(
         net_dir.join("aws-cni.conflist"),
-        conflist_with(&server, &log, &chained),
+        conflist_with(server, &log, &family.extra, &chained),
     )
     .unwrap();
     std::fs::copy(plugin_binary(), plugin_dir.join("vpc-cni")).unwrap();
@@ -350,12 +414,12 @@ fn podman_with_a_host_port_through_portmap() {
     // Straight to the pod's VPC address, and through the host port that portmap set up.
     http_get(
         &node,
-        SocketAddr::from((POD_IP, 8080)),
+        SocketAddr::from((family.pod, 8080)),
         Duration::from_secs(20),
     );
     http_get(
         &node,
-        SocketAddr::from(([10, 0, 0, 10], 18080)),
+        SocketAddr::from((family.node, 18080)),
         Duration::from_secs(20),
     );
     let attached = server.assigned();
@@ -385,6 +449,6 @@ fn podman_with_a_host_port_through_portmap() {
         server.assigned().is_empty(),
         "podman's DEL released the address"
     );
-    assert!(!node.exec("ip rule show").contains(&POD_IP.to_string()));
+    host_is_clean(&node, family.pod);
     let _ = podman(&["rmi", &image]);
 }

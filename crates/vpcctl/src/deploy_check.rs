@@ -12,6 +12,7 @@ const OVERLAYS: &[&str] = &[
     "prefix-delegation",
     "custom-networking",
     "aws-node",
+    "ipv6",
 ];
 
 fn root() -> PathBuf {
@@ -203,8 +204,20 @@ fn overlays_render_validate_and_set_only_what_the_containers_read() {
                 "{overlay}: ConfigMap keys nobody reads: {unread:?}"
             );
         }
-        let pd = configmaps[0]["data"]["ENABLE_PREFIX_DELEGATION"] == "true";
-        assert_eq!(pd, *overlay == "prefix-delegation", "{overlay}");
+        let data = &configmaps[0]["data"];
+        let pd = data["ENABLE_PREFIX_DELEGATION"] == "true";
+        assert_eq!(
+            pd,
+            ["prefix-delegation", "ipv6"].contains(overlay),
+            "{overlay}"
+        );
+        let v6 = data["ENABLE_IPv6"] == "true";
+        assert_eq!(v6, *overlay == "ipv6", "{overlay}");
+        assert_eq!(
+            v6,
+            data["ENABLE_IPv4"] == "false",
+            "{overlay}: exactly one family"
+        );
         for eniconfig in docs.iter().filter(|d| d["kind"] == "ENIConfig") {
             assert!(
                 eniconfig["spec"]["subnet"]

@@ -27,6 +27,8 @@ pub const VARIABLES: &[&str] = &[
     "AWS_VPC_K8S_PLUGIN_LOG_LEVEL",
     "ENABLE_BANDWIDTH_PLUGIN",
     "DISABLE_POD_V6",
+    "ENABLE_IPv6",
+    "ENABLE_V4_EGRESS",
 ];
 
 /// The reference plugins upstream's image installs beside its own, for the conflist's chain and
@@ -145,7 +147,15 @@ fn setting(lookup: &dyn Fn(&str) -> Option<String>, name: &str, default: &str) -
 }
 
 fn flag(lookup: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<bool, String> {
-    match setting(lookup, name, "false").trim() {
+    flag_or(lookup, name, false)
+}
+
+fn flag_or(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+    default: bool,
+) -> Result<bool, String> {
+    match setting(lookup, name, if default { "true" } else { "false" }).trim() {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
         other => Err(format!("{name}={other:?}: expected true or false")),
@@ -160,8 +170,13 @@ pub fn conflist(lookup: &dyn Fn(&str) -> Option<String>, socket: &Path) -> Resul
         .trim()
         .parse()
         .map_err(|_| format!("POD_MTU/AWS_VPC_ENI_MTU {mtu:?} is not a number"))?;
-    if !(576..=9001).contains(&mtu_value) {
-        return Err(format!("MTU {mtu_value} must lie between 576 and 9001"));
+    let ipv6 = flag(lookup, "ENABLE_IPv6")?;
+    let lowest = if ipv6 { 1280 } else { 576 };
+    if !(lowest..=9001).contains(&mtu_value) {
+        return Err(format!(
+            "MTU {mtu_value} must lie between {lowest} and 9001{}",
+            if ipv6 { " for IPv6 pods" } else { "" }
+        ));
     }
     let log_file = setting(
         lookup,
@@ -184,6 +199,13 @@ pub fn conflist(lookup: &dyn Fn(&str) -> Option<String>, socket: &Path) -> Resul
     if socket != Path::new(proto::DEFAULT_SOCKET) {
         plugin["ipamdSocket"] = json!(socket.display().to_string());
     }
+    // Told to the plugin so that it adds the family's routes (and v4if0) while the daemon answers;
+    // upstream chains a separate egress plugin for v4if0 instead.
+    let v4_egress = flag_or(lookup, "ENABLE_V4_EGRESS", true)?;
+    if ipv6 {
+        plugin["enableIPv6"] = json!(true);
+        plugin["enableV4Egress"] = json!(v4_egress);
+    }
     let mut plugins = vec![
         plugin,
         json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}),
@@ -192,6 +214,12 @@ pub fn conflist(lookup: &dyn Fn(&str) -> Option<String>, socket: &Path) -> Resul
         plugins.push(json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}));
     }
     if flag(lookup, "DISABLE_POD_V6")? {
+        if ipv6 {
+            return Err(
+                "DISABLE_POD_V6=true with ENABLE_IPv6=true would turn off the pods' only family"
+                    .into(),
+            );
+        }
         plugins.push(json!({"type": "tuning", "sysctl": {
             "net.ipv6.conf.all.disable_ipv6": "1",
             "net.ipv6.conf.default.disable_ipv6": "1",
@@ -328,6 +356,30 @@ mod tests {
             .map(|p| p["type"].as_str().unwrap())
             .collect();
         assert_eq!(types, ["vpc-cni", "portmap", "bandwidth", "tuning"]);
+        let v6 = conflist(&lookup(&[("ENABLE_IPv6", "true")]), Path::new("/s")).unwrap();
+        let types: Vec<&str> = v6["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["vpc-cni", "portmap"], "portmap still chained");
+        assert_eq!(v6["plugins"][0]["enableIPv6"], true);
+        assert_eq!(v6["plugins"][0]["enableV4Egress"], true);
+        let no_egress = conflist(
+            &lookup(&[("ENABLE_IPv6", "true"), ("ENABLE_V4_EGRESS", "false")]),
+            Path::new("/s"),
+        )
+        .unwrap();
+        assert_eq!(no_egress["plugins"][0]["enableV4Egress"], false);
+        assert!(plugins[0].get("enableIPv6").is_none(), "IPv4 says nothing");
+        for bad in [
+            [("ENABLE_IPv6", "true"), ("POD_MTU", "1200")],
+            [("ENABLE_IPv6", "true"), ("DISABLE_POD_V6", "true")],
+        ] {
+            let e = conflist(&lookup(&bad), Path::new("/s")).unwrap_err();
+            assert!(e.contains(bad[1].1) || e.contains(bad[1].0), "{e}");
+        }
         let e = conflist(&lookup(&[("POD_MTU", "70000")]), Path::new("/s")).unwrap_err();
         assert!(e.contains("70000"), "{e}");
         let e = conflist(
