@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# ADD and DEL latency of the vpc-cni plugin against Debian's ptp + host-local, 100 pods each, same run.
+# ADD and DEL latency of the vpc-cni plugin against Debian's ptp + host-local, 100 pods each, same run,
+# and of its IPv6 pods (with v4if0) against its IPv4 ones.
 # Needs root; installs the reference plugins if they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."

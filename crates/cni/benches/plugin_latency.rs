@@ -1,15 +1,17 @@
 //! 100 pods through ADD and DEL with our plugin and with the reference ptp + host-local plugins, in
 //! the same run on the same machine, taking turns pod by pod, each plugin process started inside the
 //! same node namespace.
-//! Prints p50 and p90 of each and our ratio to the reference. Needs root, the reference plugins
-//! (`containernetworking-plugins`) and iproute2.
+//! Prints p50 and p90 of each and our ratio to the reference, and the same for our plugin wiring
+//! IPv6 pods (with `v4if0` for IPv4 egress) against its own IPv4 ADD. Needs root, the reference
+//! plugins (`containernetworking-plugins`) and iproute2.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use common::*;
+use proto::Allocation;
 use serde_json::{json, Value};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -40,6 +42,9 @@ struct Figures {
 struct Contender<'a> {
     binary: PathBuf,
     conf: String,
+    /// The pods' Kubernetes namespace: our two contenders' host veths are named from it, and must
+    /// not take each other's for a stale sandbox's.
+    namespace: &'static str,
     pods: Vec<Netns>,
     results: Vec<String>,
     figures: Figures,
@@ -51,7 +56,7 @@ impl Contender<'_> {
         let timed = invoke(
             &self.binary,
             self.node,
-            &cni_env("ADD", i, &self.pods[i]),
+            &cni_env("ADD", i, &self.pods[i], self.namespace),
             &self.conf,
         );
         self.figures.add.push(timed.elapsed);
@@ -64,7 +69,7 @@ impl Contender<'_> {
         let timed = invoke(
             &self.binary,
             self.node,
-            &cni_env("DEL", i, &self.pods[i]),
+            &cni_env("DEL", i, &self.pods[i], self.namespace),
             &with_prev.to_string(),
         );
         self.figures.del.push(timed.elapsed);
@@ -82,7 +87,7 @@ fn race(contenders: &mut [Contender], pods: usize) {
     }
 }
 
-fn cni_env(command: &str, i: usize, pod: &Netns) -> Vec<(&'static str, String)> {
+fn cni_env(command: &str, i: usize, pod: &Netns, namespace: &str) -> Vec<(&'static str, String)> {
     vec![
         ("CNI_COMMAND", command.to_string()),
         ("CNI_CONTAINERID", format!("bench-{i}")),
@@ -91,7 +96,7 @@ fn cni_env(command: &str, i: usize, pod: &Netns) -> Vec<(&'static str, String)> 
         ("CNI_PATH", REFERENCE.to_string()),
         (
             "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME=pod-{i}"),
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=pod-{i}"),
         ),
     ]
 }
@@ -119,6 +124,22 @@ fn main() {
         .collect();
     let server = AddressServer::start(&addresses);
     let ours_conf = conf("1.0.0", &server.socket, json!({}));
+    let v6_server = AddressServer::serving(
+        (0..PODS)
+            .map(|i| Allocation {
+                address: Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0xaaaa, 0, 0, i as u16 + 1).into(),
+                device_number: 0,
+                route_table: 254,
+                egress_v4: Some(Ipv4Addr::new(
+                    169,
+                    254,
+                    172 + (i / 250) as u8,
+                    (i % 250 + 2) as u8,
+                )),
+            })
+            .collect(),
+    );
+    let v6_conf = conf("1.0.0", &v6_server.socket, json!({"enableIPv6": true}));
     let data = tempfile::tempdir().unwrap();
     let reference_conf = json!({
         "cniVersion": "1.0.0",
@@ -134,6 +155,7 @@ fn main() {
             Contender {
                 binary: plugin_binary(),
                 conf: ours_conf.clone(),
+                namespace: "bench",
                 pods: fresh_pods(pods),
                 results: Vec::new(),
                 figures: Figures::default(),
@@ -142,6 +164,16 @@ fn main() {
             Contender {
                 binary: Path::new(REFERENCE).join("ptp"),
                 conf: reference_conf.clone(),
+                namespace: "bench",
+                pods: fresh_pods(pods),
+                results: Vec::new(),
+                figures: Figures::default(),
+                node: &node,
+            },
+            Contender {
+                binary: plugin_binary(),
+                conf: v6_conf.clone(),
+                namespace: "bench6",
                 pods: fresh_pods(pods),
                 results: Vec::new(),
                 figures: Figures::default(),
@@ -153,10 +185,14 @@ fn main() {
     race(&mut contenders(5), 5);
     let mut measured = contenders(PODS);
     race(&mut measured, PODS);
-    let [ours, reference] = &mut measured[..] else {
-        unreachable!("two contenders")
+    let [ours, reference, ours_v6] = &mut measured[..] else {
+        unreachable!("three contenders")
     };
-    let (ours, reference) = (&mut ours.figures, &mut reference.figures);
+    let (ours, reference, ours_v6) = (
+        &mut ours.figures,
+        &mut reference.figures,
+        &mut ours_v6.figures,
+    );
 
     let row = |name: &str, f: &mut Figures| {
         let add = (percentile(&mut f.add, 0.5), percentile(&mut f.add, 0.9));
@@ -173,6 +209,7 @@ fn main() {
     println!("vpc-cni binary: {}", plugin_binary().display());
     let (our_add, our_del) = row("vpc-cni", ours);
     let (ref_add, ref_del) = row("ptp + host-local", reference);
+    let (v6_add, v6_del) = row("vpc-cni IPv6", ours_v6);
     println!(
         "ratio ADD p50 {:.3} (target <= 0.25), p90 {:.3}",
         our_add.0 / ref_add.0,
@@ -182,5 +219,10 @@ fn main() {
         "ratio DEL p50 {:.3} (target <= 0.20), p90 {:.3}",
         our_del.0 / ref_del.0,
         our_del.1 / ref_del.1
+    );
+    println!(
+        "IPv6 (with v4if0) to IPv4: ADD p50 {:.3} (target <= 1.5; upstream waits ~1.5 s for DAD), DEL p50 {:.3}",
+        v6_add.0 / our_add.0,
+        v6_del.0 / our_del.0
     );
 }
