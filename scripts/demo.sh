@@ -3,7 +3,7 @@
 # namespaces with the real vpc-ipamd, pods wired by the real plugin, traffic between them).
 # Needs root; installs iproute2 and nftables when missing. Arguments go to `vpcctl demo`
 # (--pods N, --nodes K, --prefix-delegation, --custom-networking, --instance-type T, --vpc FILE,
-# --set KEY=VALUE, --keep, --json).
+# --set KEY=VALUE, --keep, --json, --ipv6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then

@@ -169,3 +169,53 @@ fn a_setting_the_daemon_refuses_is_refused_before_anything_is_built() {
         .unwrap();
     assert!(String::from_utf8_lossy(&output.stderr).contains("KEY=VALUE"));
 }
+
+#[test]
+fn the_ipv6_demo_proves_its_traffic_and_reports_each_pods_addresses() {
+    if !root("the_ipv6_demo_proves_its_traffic_and_reports_each_pods_addresses") {
+        return;
+    }
+    let output = vpcctl()
+        .args(["demo", "--ipv6", "--nodes", "2", "--pods", "4", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    let connectivity = &report["connectivity"];
+    for kind in ["pod_to_pod", "pod_to_vpc", "v4_egress"] {
+        assert_eq!(connectivity[kind]["tried"], 4, "{kind}: {connectivity}");
+        assert_eq!(connectivity[kind]["ok"], 4, "{kind}: {connectivity}");
+    }
+    assert_eq!(connectivity["across_nodes"], 4, "{connectivity}");
+    for pod in report["pods"].as_array().unwrap() {
+        let ip: std::net::IpAddr = pod["ip"].as_str().unwrap().parse().unwrap();
+        assert!(ip.is_ipv6(), "{pod}");
+        let egress: std::net::Ipv4Addr = pod["egress_v4"].as_str().unwrap().parse().unwrap();
+        assert_eq!(egress.octets()[..3], [169, 254, 172], "{pod}");
+    }
+    for node in report["nodes"].as_array().unwrap() {
+        let primary = &node["enis"][0];
+        assert_eq!(
+            primary["ipv6_prefixes"].as_array().unwrap().len(),
+            1,
+            "{node}"
+        );
+    }
+    assert!(
+        stderr.contains("IPv4 egress: pod to IPv4 VPC host 4/4"),
+        "{stderr}"
+    );
+    // A setting that contradicts IPv6 is refused before anything is built.
+    let refused = vpcctl()
+        .args(["demo", "--ipv6", "--custom-networking"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG"),
+        "{stderr}"
+    );
+}
