@@ -10,6 +10,28 @@ pub struct MaxPodsOptions {
     pub max_eni: Option<u32>,
     /// Print the uncapped value (the calculator's --show-max-allowed; eni-max-pods.txt is uncapped).
     pub uncapped: bool,
+    /// IPv6 pods: counted as prefix delegation counts them (upstream's calculator has no IPv6 case,
+    /// and EKS sizes IPv6 nodes so), though a node's pods share one /80.
+    pub ipv6: bool,
+}
+
+/// Why IPv6 pods cannot run on this instance type with these options, if they cannot: they need
+/// prefix delegation, which Xen instances lack, and exclude custom networking (as upstream).
+pub fn ipv6_refusal(
+    instance_type: &str,
+    limits: &InstanceLimits,
+    opts: MaxPodsOptions,
+) -> Option<String> {
+    if !opts.ipv6 {
+        return None;
+    }
+    if !limits.supports_prefixes() {
+        return Some(format!(
+            "IPv6 pods need prefix delegation, which {instance_type} (not a Nitro instance) does not support"
+        ));
+    }
+    opts.custom_networking
+        .then(|| "IPv6 pods cannot be combined with custom networking".to_string())
 }
 
 /// The kubelet's recommended ceiling: 110 on instances with at most 30 vCPUs, 250 above.
@@ -31,7 +53,7 @@ pub fn max_pods(limits: &InstanceLimits, opts: MaxPodsOptions) -> u32 {
         enis = enis.saturating_sub(1);
     }
     let per_eni = limits.slots_per_eni();
-    let per_eni = if opts.prefix_delegation && limits.supports_prefixes() {
+    let per_eni = if (opts.prefix_delegation || opts.ipv6) && limits.supports_prefixes() {
         per_eni * 16
     } else {
         per_eni
@@ -57,6 +79,7 @@ mod tests {
                 custom_networking: cn,
                 max_eni: None,
                 uncapped,
+                ipv6: false,
             },
         )
     }
@@ -84,6 +107,26 @@ mod tests {
         assert_eq!(mp("m5.large", true, false, false), 110);
         assert_eq!(mp("c5.18xlarge", false, false, false), 250);
         assert_eq!(mp("m5.large", false, false, false), 29);
+    }
+
+    #[test]
+    fn ipv6_counts_as_prefix_delegation_and_is_refused_where_it_cannot_run() {
+        let ipv6 = |custom_networking| MaxPodsOptions {
+            ipv6: true,
+            custom_networking,
+            ..Default::default()
+        };
+        let m5 = lookup("m5.large").unwrap();
+        assert_eq!(max_pods(m5, ipv6(false)), 110);
+        assert_eq!(max_pods(lookup("c5.18xlarge").unwrap(), ipv6(false)), 250);
+        assert_eq!(ipv6_refusal("m5.large", m5, ipv6(false)), None);
+        let xen = ipv6_refusal("m4.4xlarge", lookup("m4.4xlarge").unwrap(), ipv6(false));
+        assert!(xen.unwrap().contains("m4.4xlarge"));
+        assert!(ipv6_refusal("m5.large", m5, ipv6(true)).is_some());
+        assert_eq!(
+            ipv6_refusal("m5.large", m5, MaxPodsOptions::default()),
+            None
+        );
     }
 
     #[test]

@@ -163,6 +163,7 @@ pub fn plan(input: &PlanInput, limits: &InstanceLimits) -> Result<Plan, PlanErro
             custom_networking: custom,
             max_eni: None,
             uncapped: false,
+            ipv6: false,
         },
     );
     if input.pods_per_node > max_pods {

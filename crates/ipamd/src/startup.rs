@@ -353,6 +353,17 @@ pub async fn start(
         .map(|s| s.id.clone())
         .collect();
 
+    let refusal = ipam::maxpods::ipv6_refusal(
+        &identity.instance_type,
+        &limits,
+        MaxPodsOptions {
+            ipv6: config.ipv6,
+            ..MaxPodsOptions::default()
+        },
+    );
+    if let Some(why) = refusal {
+        return Err(StartError::Config(format!("ENABLE_IPv6=true: {why}")));
+    }
     // An IPv6 node's one /80, before the executor takes EC2: the only EC2 change IPv6 pods need.
     let v6_prefix = if config.ipv6 {
         Some(v6_prefix(&ec2, config, &primary, &subnets).await?)
@@ -376,6 +387,7 @@ pub async fn start(
                         custom_networking: config.custom_networking,
                         max_eni: config.max_eni,
                         uncapped: false,
+                        ipv6: config.ipv6,
                     },
                 )
             }),

@@ -226,6 +226,7 @@ impl Cluster {
                     custom_networking: custom,
                     max_eni: self.config.max_eni,
                     uncapped: false,
+                    ipv6: false,
                 },
             ),
             supports_prefixes: lim.supports_prefixes(),

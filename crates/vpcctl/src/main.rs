@@ -37,6 +37,9 @@ enum Command {
         /// Do not apply the 110/250 ceiling (upstream's --show-max-allowed; eni-max-pods.txt is uncapped).
         #[arg(long)]
         show_max_allowed: bool,
+        /// IPv6 pods (ENABLE_IPv6): counted as prefix delegation counts them.
+        #[arg(long)]
+        ipv6: bool,
         #[arg(long)]
         json: bool,
     },
@@ -218,6 +221,7 @@ fn run(cli: Cli) -> Result<(), String> {
             custom_networking,
             max_eni,
             show_max_allowed,
+            ipv6,
             json,
         } => {
             let Some(lim) = limits::lookup(&instance_type) else {
@@ -234,7 +238,11 @@ fn run(cli: Cli) -> Result<(), String> {
                 custom_networking,
                 max_eni,
                 uncapped: show_max_allowed,
+                ipv6,
             };
+            if let Some(why) = ipam::maxpods::ipv6_refusal(&instance_type, lim, opts) {
+                return Err(why);
+            }
             let n = max_pods(lim, opts);
             if json {
                 let v = serde_json::json!({
@@ -246,6 +254,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     "prefixDelegation": prefix_delegation && lim.supports_prefixes(),
                     "prefixDelegationSupported": lim.supports_prefixes(),
                     "customNetworking": custom_networking,
+                    "ipv6": ipv6,
                     "capped": !show_max_allowed,
                 });
                 println!("{v}");
