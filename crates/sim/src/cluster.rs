@@ -111,6 +111,9 @@ impl Cluster {
             .map_err(|e| format!("vpc.cidr: {e}"))?;
         let mutating_refill_per_sec = sim.buckets[&Category::Mutating].1;
         let mut vpc = SimVpc::new(cidr, sim);
+        if let Some(v6) = &scenario.vpc.ipv6_cidr {
+            vpc.add_ipv6_cidr(v6.parse().map_err(|e| format!("vpc.ipv6_cidr: {e}"))?);
+        }
         let mut subnet_ids = Vec::new();
         for s in &scenario.vpc.subnets {
             let c: Ipv4Cidr = s.cidr.parse().map_err(|e| format!("subnet: {e}"))?;
@@ -126,7 +129,32 @@ impl Cluster {
                     r.parse().map_err(|e| format!("prefix reservation: {e}"))?,
                 )?;
             }
+            if let Some(v6) = &s.ipv6_cidr {
+                let block = v6.parse().map_err(|e| format!("subnet ipv6_cidr: {e}"))?;
+                vpc.associate_subnet_ipv6(&id, block)?;
+            }
             subnet_ids.push(id);
+        }
+        if config.ipv6 {
+            for g in &scenario.nodes {
+                let subnet = &scenario.vpc.subnets[g.subnet];
+                if subnet.ipv6_cidr.is_none() {
+                    return Err(format!(
+                        "ENABLE_IPv6=true, but the nodes' subnet {} has no ipv6_cidr",
+                        subnet.cidr
+                    ));
+                }
+                let options = MaxPodsOptions {
+                    ipv6: true,
+                    custom_networking: config.custom_networking,
+                    ..MaxPodsOptions::default()
+                };
+                let lim = limits::lookup(&g.instance_type)
+                    .ok_or_else(|| format!("unknown instance type {:?}", g.instance_type))?;
+                if let Some(why) = ipam::maxpods::ipv6_refusal(&g.instance_type, lim, options) {
+                    return Err(format!("ENABLE_IPv6=true: {why}"));
+                }
+            }
         }
         let mut cluster = Cluster {
             rng: SmallRng::seed_from_u64(scenario.seed ^ 0x5eed),
@@ -226,7 +254,7 @@ impl Cluster {
                     custom_networking: custom,
                     max_eni: self.config.max_eni,
                     uncapped: false,
-                    ipv6: false,
+                    ipv6: self.config.ipv6,
                 },
             ),
             supports_prefixes: lim.supports_prefixes(),
@@ -256,8 +284,11 @@ impl Cluster {
             max_enis: lim.enis(),
             ..NodeFacts::default()
         };
-        self.nodes
-            .push(Node::new(facts, pool, self.settings.clone(), self.now));
+        let mut node = Node::new(facts, pool, self.settings.clone(), self.now);
+        if self.config.ipv6 {
+            node = node.ipv6(primary.id.clone(), self.config.v4_egress);
+        }
+        self.nodes.push(node);
         let next = self.nodes[idx].plan(&mut self.vpc, self.now);
         self.apply(idx, next);
         Ok(())
@@ -361,9 +392,15 @@ impl Cluster {
                     ..Sample::default()
                 };
                 for n in &self.nodes {
-                    let st = n.pool.stats();
-                    s.held += u64::from(st.total);
-                    s.in_use += u64::from(st.assigned);
+                    // An IPv6 node holds no IPv4 address of the subnet beyond its primary; its
+                    // pods use /128s of its /80.
+                    if n.is_ipv6() {
+                        s.in_use += n.running.len() as u64;
+                    } else {
+                        let st = n.pool.stats();
+                        s.held += u64::from(st.total);
+                        s.in_use += u64::from(st.assigned);
+                    }
                     s.pending_adds += n.pending_adds() as u64;
                 }
                 s.mutating_calls = self

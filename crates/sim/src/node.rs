@@ -3,6 +3,9 @@
 
 use ipam::choreography::{self, Choreography, NodeFacts, Reply, Request, Run};
 use ipam::ec2::{CloudError, ErrorKind};
+use ipam::pacing::Backoff;
+use ipam::v6::V6Pool;
+use ipam::Ipv6Cidr;
 use ipam::{
     decide, Action, Demand, IpamKey, Ipv4Cidr, PodMeta, PolicyMemory, Pool, PoolSettings, Time,
 };
@@ -44,8 +47,27 @@ struct PendingAdd {
     key: IpamKey,
 }
 
+/// An IPv6 node (ENABLE_IPv6), as the daemon runs one: the primary ENI's /80 asked for once, then a
+/// /128 (and an egress address) for each pod from it; no warm pool and no policy.
+struct V6 {
+    primary_eni: String,
+    egress: bool,
+    pool: Option<V6Pool>,
+    /// The AssignIpv6Addresses reply on its way, and the tries so far.
+    reply: Option<Result<Vec<Ipv6Cidr>, CloudError>>,
+    attempts: u32,
+}
+
+/// The call id of an IPv6 node's AssignIpv6Addresses (choreography calls count up from 0).
+const V6_CALL: u64 = RETRY - 1;
+/// Waits between AssignIpv6Addresses tries EC2 refused: the daemon's start-up retries through the
+/// AWS backend's own pacing; this is its shape, without the jitter.
+const V6_BACKOFF: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(20));
+
 pub struct Node {
     pub pool: Pool,
+    // Boxed: most nodes are IPv4, and what each pod event touches stays small.
+    v6: Option<Box<V6>>,
     pub memory: PolicyMemory,
     pub settings: PoolSettings,
     // Boxed: what each pod event touches stays on fewer cache lines (about 3% of the 1,000-node day).
@@ -71,6 +93,7 @@ impl Node {
         }
         Node {
             pool,
+            v6: None,
             memory: PolicyMemory::default(),
             settings,
             choreography,
@@ -86,6 +109,28 @@ impl Node {
         }
     }
 
+    /// An IPv6 node: its pods get /128s of one /80 on `primary_eni` (with IPv4 egress addresses
+    /// when `egress`), and its pool of ENIs gives none.
+    pub fn ipv6(mut self, primary_eni: String, egress: bool) -> Node {
+        self.v6 = Some(Box::new(V6 {
+            primary_eni,
+            egress,
+            pool: None,
+            reply: None,
+            attempts: 0,
+        }));
+        self
+    }
+
+    pub fn is_ipv6(&self) -> bool {
+        self.v6.is_some()
+    }
+
+    /// The /80 an IPv6 node's pods take their addresses from, once EC2 has delegated it.
+    pub fn ipv6_prefix(&self) -> Option<Ipv6Cidr> {
+        self.v6.as_ref()?.pool.as_ref().map(V6Pool::prefix)
+    }
+
     pub fn instance_id(&self) -> &str {
         &self.choreography.facts().instance_id
     }
@@ -98,6 +143,10 @@ impl Node {
 
     pub fn calls_in_flight(&self) -> usize {
         self.calls.len()
+            + self
+                .v6
+                .as_ref()
+                .map_or(0, |v6| usize::from(v6.pool.is_none()))
     }
 
     pub fn pending_adds(&self) -> usize {
@@ -124,6 +173,16 @@ impl Node {
 
     /// A pod deleted while still waiting for an address just stops waiting.
     pub fn pod_leaves(&mut self, pod: u64, now: Time) {
+        if let Some(v6) = &mut self.v6 {
+            match self.running.remove(&pod) {
+                Some(key) => {
+                    let pool = v6.pool.as_mut().expect("running pods hold an address");
+                    pool.unassign(&key).expect("running pods hold an address");
+                }
+                None => self.pending_adds.retain(|p| p.pod != pod),
+            }
+            return;
+        }
         if let Some(key) = self.running.remove(&pod) {
             let a = self
                 .pool
@@ -140,6 +199,18 @@ impl Node {
             interfaces_count: 1,
             ..PodMeta::default()
         };
+        if let Some(v6) = &mut self.v6 {
+            let Some(pool) = &mut v6.pool else { return };
+            while let Some(p) = self.pending_adds.front() {
+                if pool.assign(&p.key, meta.clone(), now).is_err() {
+                    break;
+                }
+                let p = self.pending_adds.pop_front().expect("just looked");
+                self.running.insert(p.pod, p.key);
+                self.counters.add_waits.push(now.since(p.since));
+            }
+            return;
+        }
         while let Some(p) = self.pending_adds.front() {
             match self
                 .pool
@@ -162,6 +233,9 @@ impl Node {
 
     /// Runs the policy and starts the EC2 calls it asks for.
     pub fn plan(&mut self, vpc: &mut SimVpc, now: Time) -> Vec<Next> {
+        if self.v6.is_some() {
+            return self.plan_v6(vpc, now);
+        }
         self.pool.expire_cooldowns(now, self.settings.ip_cooldown);
         self.serve_pending(now);
         let demand = Demand {
@@ -243,8 +317,61 @@ impl Node {
         }
     }
 
+    /// An IPv6 node: the /80 asked for until EC2 gives it, then pods served at once.
+    fn plan_v6(&mut self, vpc: &mut SimVpc, now: Time) -> Vec<Next> {
+        let v6 = self.v6.as_mut().expect("an IPv6 node");
+        if v6.pool.is_none() {
+            if v6.reply.is_none() {
+                return self.ask_v6(vpc, now);
+            }
+            return Vec::new();
+        }
+        self.serve_pending(now);
+        if self.ready_at.is_none() {
+            self.ready_at = Some(now);
+            return vec![Next::Ready];
+        }
+        Vec::new()
+    }
+
+    fn ask_v6(&mut self, vpc: &mut SimVpc, now: Time) -> Vec<Next> {
+        let v6 = self.v6.as_mut().expect("an IPv6 node");
+        let r = vpc.assign_ipv6_prefixes(now, &v6.primary_eni, 1);
+        let result = r
+            .result
+            .map_err(|e| CloudError::new("AssignIpv6Addresses", e.code, &e.message));
+        v6.reply = Some(result);
+        vec![Next::Reply(now + r.latency, V6_CALL)]
+    }
+
+    fn on_v6_reply(&mut self, vpc: &mut SimVpc, now: Time) -> Vec<Next> {
+        let v6 = self.v6.as_mut().expect("an IPv6 node");
+        match v6.reply.take().expect("a sent call has a reply") {
+            Ok(prefixes) => {
+                let prefix = *prefixes.first().expect("EC2 delegated one /80");
+                v6.pool = Some(V6Pool::new(prefix, v6.egress));
+                self.plan(vpc, now)
+            }
+            Err(e) => {
+                if e.kind == ErrorKind::Throttled {
+                    self.counters.throttled_retries += 1;
+                }
+                v6.attempts += 1;
+                // Still in flight for `calls_in_flight`: the retry is scheduled, not sent.
+                v6.reply = Some(Err(e));
+                vec![Next::Reply(
+                    now + V6_BACKOFF.ceiling(v6.attempts),
+                    V6_CALL | RETRY,
+                )]
+            }
+        }
+    }
+
     /// Reads the reply of call `id` and goes on with its action.
     pub fn on_reply(&mut self, id: u64, vpc: &mut SimVpc, now: Time) -> Vec<Next> {
+        if id == V6_CALL {
+            return self.on_v6_reply(vpc, now);
+        }
         let call = self.calls.get_mut(&id).expect("reply to a live call");
         let reply = call.reply.take().expect("a sent call has a reply");
         if reply
@@ -258,6 +385,9 @@ impl Node {
 
     /// A retry's wait is over: make the run's request again.
     pub fn on_retry(&mut self, id: u64, vpc: &mut SimVpc, now: Time) -> Vec<Next> {
+        if id == V6_CALL {
+            return self.ask_v6(vpc, now);
+        }
         let call = self.calls.get_mut(&id).expect("retry of a live call");
         let (result, latency) = call_vpc(call.run.request(), vpc, now);
         call.reply = Some(result);

@@ -41,6 +41,9 @@ fn sixty() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct VpcSpec {
     pub cidr: String,
+    /// The VPC's IPv6 block (a /56), for IPv6 clusters.
+    #[serde(default)]
+    pub ipv6_cidr: Option<String>,
     pub subnets: Vec<SubnetSpec>,
 }
 
@@ -54,6 +57,9 @@ pub struct SubnetSpec {
     /// Subnet CIDR reservations of type prefix.
     #[serde(default)]
     pub prefix_reservations: Vec<String>,
+    /// The subnet's IPv6 /64, out of `vpc.ipv6_cidr`: nodes in it can have a /80 delegated.
+    #[serde(default)]
+    pub ipv6_cidr: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -265,3 +265,74 @@ fn a_long_run_reports_its_progress_in_order_and_ends_at_one() {
     );
     assert_eq!(seen.last(), Some(&1.0));
 }
+
+/// An IPv6 cluster: 20 nodes launched together against a tight mutating bucket, pods churning.
+const IPV6: &str = r#"
+name = "ipv6"
+duration_secs = 3600
+sample_every_secs = 600
+[vpc]
+cidr = "10.0.0.0/16"
+ipv6_cidr = "2600:1f14:abc:de00::/56"
+subnets = [{ cidr = "10.0.0.0/20", az = "us-west-2a", ipv6_cidr = "2600:1f14:abc:de00::/64" }]
+[[nodes]]
+instance_type = "m5.large"
+count = 20
+[workload]
+pods_per_node = 60
+mean_lifetime_secs = 600
+initial_burst = 30
+[settings]
+ENABLE_IPv6 = "true"
+ENABLE_IPv4 = "false"
+ENABLE_PREFIX_DELEGATION = "true"
+[ec2]
+mutating_bucket = [5, 2]
+"#;
+
+#[test]
+fn ipv6_nodes_make_one_ec2_call_each_and_serve_every_pod_at_once() {
+    let scenario = Scenario::parse(IPV6).unwrap();
+    let mut cluster = Cluster::new(scenario).unwrap();
+    while cluster.step().unwrap() {}
+    let r = cluster.report();
+    // One AssignIpv6Addresses per node, retried when the bucket is empty, and no other change.
+    let mutating: Vec<(&String, u64)> = r
+        .ec2_calls
+        .iter()
+        .filter(|(op, _)| !op.starts_with("Describe"))
+        .map(|(op, c)| (op, c.ok))
+        .filter(|(_, ok)| *ok > 0)
+        .collect();
+    assert_eq!(
+        mutating,
+        [(&"AssignIpv6Addresses".to_string(), 20)],
+        "{:?}",
+        r.ec2_calls
+    );
+    assert!(
+        r.throttled_retries > 0,
+        "the bucket of 5 throttles 20 launches"
+    );
+    assert_eq!(r.nodes_never_ready, 0);
+    // Once a node has its /80, no ADD waits; m5.large takes 110 pods in IPv6 (prefix delegation).
+    assert_eq!(r.add_wait.immediate, r.add_wait.adds);
+    assert!(r.add_wait.adds > 20 * 60, "{}", r.add_wait.adds);
+    assert_eq!(r.unschedulable_pods, 0);
+    let prefixes: std::collections::HashSet<_> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.ipv6_prefix().unwrap())
+        .collect();
+    assert_eq!(prefixes.len(), 20, "one /80 each");
+    // No IPv4 address of the subnet is held beyond the primaries; pods are counted in use.
+    let last = r.timeline.last().unwrap();
+    assert_eq!(last.held, 0);
+    assert!(last.in_use > 0);
+
+    let refused = |text: &str| Cluster::new(Scenario::parse(text).unwrap()).err().unwrap();
+    let no_block = IPV6.replace(", ipv6_cidr = \"2600:1f14:abc:de00::/64\"", "");
+    assert!(refused(&no_block).contains("no ipv6_cidr"));
+    let xen = IPV6.replace("m5.large", "m4.large");
+    assert!(refused(&xen).contains("m4.large"));
+}
