@@ -30,6 +30,8 @@ pub enum Mode {
     CustomNetworking {
         prefixes: bool,
     },
+    /// IPv6 pods (ENABLE_IPv6): a /80 per node from its subnet's /64; IPv4 for the nodes only.
+    Ipv6,
 }
 
 impl Mode {
@@ -85,6 +87,8 @@ pub struct Plan {
     /// When the VPC's CIDRs cannot hold the plan: secondary CIDRs (a VPC CIDR block is at most a
     /// /16) that can hold the pod subnets, from 100.64.0.0/10.
     pub proposed_secondary_cidrs: Vec<Ipv4Cidr>,
+    /// IPv6: each subnet also takes an IPv6 block of this length (always a /64 on AWS).
+    pub ipv6_subnet_prefix_len: Option<u8>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -147,6 +151,9 @@ pub fn plan(input: &PlanInput, limits: &InstanceLimits) -> Result<Plan, PlanErro
             "growth factor {} must be at least 1",
             input.growth
         )));
+    }
+    if input.mode == Mode::Ipv6 {
+        return plan_ipv6(input, limits);
     }
     let prefixes = input.mode.prefixes();
     if prefixes && !limits.supports_prefixes() {
@@ -284,7 +291,94 @@ pub fn plan(input: &PlanInput, limits: &InstanceLimits) -> Result<Plan, PlanErro
         });
     }
 
-    // Lay the subnets out in the VPC's CIDRs, largest first.
+    let (azs, proposed) = lay_out(input, &needs, &mut steps);
+    Ok(Plan {
+        max_pods,
+        nodes_per_az: nodes,
+        enis_per_node: enis,
+        needs,
+        azs,
+        arithmetic: steps,
+        proposed_secondary_cidrs: proposed,
+        ipv6_subnet_prefix_len: None,
+    })
+}
+
+/// IPv6 pods: a node's pods share one /80 of its subnet's /64, so the subnets are sized by the
+/// nodes' IPv4 primary addresses alone (IPv6 nodes still have one; their pods' IPv4 egress is the
+/// node's own 169.254.172.0/22, not the VPC's).
+fn plan_ipv6(input: &PlanInput, limits: &InstanceLimits) -> Result<Plan, PlanError> {
+    let options = MaxPodsOptions {
+        ipv6: true,
+        ..MaxPodsOptions::default()
+    };
+    if let Some(why) = crate::maxpods::ipv6_refusal(&input.instance_type, limits, options) {
+        return Err(PlanError::Invalid(why));
+    }
+    let max_pods = max_pods(limits, options);
+    if input.pods_per_node > max_pods {
+        return Err(PlanError::TooManyPods {
+            instance_type: input.instance_type.clone(),
+            max_pods,
+            wanted: input.pods_per_node,
+        });
+    }
+    /// A subnet's /64 holds 2^16 /80s.
+    const PREFIXES_PER_SUBNET: u64 = 1 << 16;
+    let nodes = (input.nodes_per_az as f64 * input.growth).ceil() as u64;
+    if nodes > PREFIXES_PER_SUBNET {
+        return Err(PlanError::Invalid(format!(
+            "{nodes} nodes per AZ need more /80s than a /64 holds ({PREFIXES_PER_SUBNET}): split the node group"
+        )));
+    }
+    // A VPC's IPv6 block is a /56: 256 subnets of a /64.
+    if input.azs > 256 {
+        return Err(PlanError::Invalid(format!(
+            "{} AZs need more /64s than a VPC's /56 holds (256)",
+            input.azs
+        )));
+    }
+    let len = prefix_len_for(nodes, None)
+        .ok_or_else(|| PlanError::Invalid(format!("{nodes} node addresses do not fit a /16")))?;
+    let mut steps = vec![
+        format!(
+            "nodes per AZ: {} x growth {} = {nodes}",
+            input.nodes_per_az, input.growth
+        ),
+        format!(
+            "IPv6: each node's pods share one /80 (2^48 addresses, for at most {max_pods} pods) of its subnet's /64, which holds {PREFIXES_PER_SUBNET} /80s: {nodes} are used; the VPC's /56 holds 256 subnets"
+        ),
+        format!(
+            "IPv4: {nodes} nodes x 1 primary address (one ENI per node; the pods' IPv4 egress is the node's own 169.254.172.0/22, SNATed to it) -> /{len} ({} usable after AWS's 5)",
+            (1u64 << (32 - len)) - RESERVED_PER_SUBNET
+        ),
+    ];
+    let needs = vec![SubnetNeed {
+        role: "nodes",
+        addresses: nodes,
+        prefixes: None,
+        prefix_len: len,
+    }];
+    let (azs, proposed) = lay_out(input, &needs, &mut steps);
+    Ok(Plan {
+        max_pods,
+        nodes_per_az: nodes,
+        enis_per_node: 1,
+        needs,
+        azs,
+        arithmetic: steps,
+        proposed_secondary_cidrs: proposed,
+        ipv6_subnet_prefix_len: Some(64),
+    })
+}
+
+/// Places every AZ's subnets in the VPC's CIDRs, largest first; when they do not fit, proposes
+/// secondary CIDRs for the pod subnets instead (and no layout).
+fn lay_out(
+    input: &PlanInput,
+    needs: &[SubnetNeed],
+    steps: &mut Vec<String>,
+) -> (Vec<AzPlan>, Vec<Ipv4Cidr>) {
     let mut free: Vec<(u64, u64)> = input
         .vpc_cidrs
         .iter()
@@ -339,15 +433,11 @@ pub fn plan(input: &PlanInput, limits: &InstanceLimits) -> Result<Plan, PlanErro
     for az in &mut azs {
         az.subnets.sort_by_key(|(role, _)| role.clone());
     }
-    Ok(Plan {
-        max_pods,
-        nodes_per_az: nodes,
-        enis_per_node: enis,
-        needs,
-        azs: if proposed.is_empty() { azs } else { Vec::new() },
-        arithmetic: steps,
-        proposed_secondary_cidrs: proposed,
-    })
+    if proposed.is_empty() {
+        (azs, proposed)
+    } else {
+        (Vec::new(), proposed)
+    }
 }
 
 #[cfg(test)]
@@ -472,6 +562,57 @@ mod tests {
             .collect();
         assert_eq!(proposed, ["100.64.0.0/16"]);
         assert!(p.azs.is_empty());
+    }
+
+    #[test]
+    fn ipv6_sizes_subnets_by_the_nodes_ipv4_alone() {
+        // 110 pods on 100 nodes per AZ: in IPv4 prefix mode a /18-sized need per AZ; in IPv6 the
+        // pods take none of the VPC's IPv4, so 100 node addresses -> a /25 (123 usable) per AZ.
+        let limits = lookup("m5.large").unwrap();
+        let p = plan(
+            &input(Mode::Ipv6, 110, 50, 2.0, "10.0.0.0/16", "m5.large"),
+            limits,
+        )
+        .unwrap();
+        assert_eq!(p.max_pods, 110);
+        assert_eq!(p.enis_per_node, 1);
+        assert_eq!(p.ipv6_subnet_prefix_len, Some(64));
+        assert_eq!(p.needs.len(), 1);
+        assert_eq!((p.needs[0].addresses, p.needs[0].prefix_len), (100, 25));
+        let layout: Vec<String> = p.azs.iter().map(|az| az.subnets[0].1.to_string()).collect();
+        assert_eq!(layout, ["10.0.0.0/25", "10.0.0.128/25", "10.0.1.0/25"]);
+        assert!(
+            p.arithmetic.iter().any(|s| s.contains("/80")),
+            "{:?}",
+            p.arithmetic
+        );
+        let pd = plan(
+            &input(
+                Mode::PrefixDelegation,
+                110,
+                50,
+                2.0,
+                "10.0.0.0/16",
+                "m5.large",
+            ),
+            limits,
+        )
+        .unwrap();
+        assert!(pd.needs[0].prefix_len < 25, "IPv4 pods need far more");
+        // Where IPv6 cannot run, and beyond its ceilings.
+        let xen = plan(
+            &input(Mode::Ipv6, 50, 10, 1.0, "10.0.0.0/16", "m4.large"),
+            lookup("m4.large").unwrap(),
+        );
+        assert!(matches!(xen, Err(PlanError::Invalid(why)) if why.contains("m4.large")));
+        let too_many = plan(
+            &input(Mode::Ipv6, 200, 10, 1.0, "10.0.0.0/16", "m5.large"),
+            limits,
+        );
+        assert!(matches!(
+            too_many,
+            Err(PlanError::TooManyPods { max_pods: 110, .. })
+        ));
     }
 
     #[test]

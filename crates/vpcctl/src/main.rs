@@ -103,7 +103,7 @@ enum PlanCommand {
         /// The VPC's CIDR blocks (repeat for secondary ones).
         #[arg(long = "vpc-cidr", required = true)]
         vpc_cidrs: Vec<ipam::Ipv4Cidr>,
-        /// secondary-ips, prefix-delegation, custom-networking or custom-networking-prefixes.
+        /// secondary-ips, prefix-delegation, custom-networking, custom-networking-prefixes or ipv6.
         #[arg(long, default_value = "secondary-ips")]
         mode: String,
         #[arg(long, default_value = "m5.large")]
@@ -150,7 +150,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 "prefix-delegation" => Mode::PrefixDelegation,
                 "custom-networking" => Mode::CustomNetworking { prefixes: false },
                 "custom-networking-prefixes" => Mode::CustomNetworking { prefixes: true },
-                other => return Err(format!("--mode {other:?}: expected secondary-ips, prefix-delegation, custom-networking or custom-networking-prefixes")),
+                "ipv6" => Mode::Ipv6,
+                other => return Err(format!("--mode {other:?}: expected secondary-ips, prefix-delegation, custom-networking, custom-networking-prefixes or ipv6")),
             };
             let limits = limits::lookup(&instance_type)
                 .ok_or_else(|| format!("unknown instance type {instance_type:?}"))?;
@@ -179,7 +180,11 @@ fn run(cli: Cli) -> Result<(), String> {
                     .iter()
                     .map(|(role, cidr)| format!("{role} {cidr}"))
                     .collect();
-                println!("AZ {}: {}", az.az + 1, subnets.join(", "));
+                let v6 = p
+                    .ipv6_subnet_prefix_len
+                    .map(|len| format!(" (each with a /{len} of the VPC's IPv6 block)"))
+                    .unwrap_or_default();
+                println!("AZ {}: {}{v6}", az.az + 1, subnets.join(", "));
             }
             Ok(())
         }
