@@ -106,6 +106,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vpc-ipamd: {e}");
+            report_refused_settings(&args, &e.to_string());
             return ExitCode::from(2);
         }
     };
@@ -153,6 +154,43 @@ fn main() -> ExitCode {
             eprintln!("vpc-ipamd: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Settings refused at start (a typo, a conflict such as ENABLE_IPv6 with ENABLE_IPv4) keep the node
+/// not ready with the daemon restarting; a `StartFailed` Warning Event on the daemon's pod says why
+/// where `kubectl describe` shows it. Best effort, bounded: the configuration that would name a
+/// custom API endpoint is the one that did not parse, so the in-cluster default is used.
+fn report_refused_settings(args: &Args, message: &str) {
+    if !k8s::in_cluster(|k| std::env::var(k).ok().filter(|v| !v.is_empty())) {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    let message = format!("vpc-ipamd refused its settings: {message}");
+    let sent = runtime.block_on(async {
+        let cluster = Cluster::connect(ClusterSettings {
+            node_name: args.node_name.clone().unwrap_or_default(),
+            own_pod: args.pod_name.clone().filter(|p| !p.is_empty()),
+            endpoint: None,
+            eni_config_annotation: String::new(),
+            eni_config_label: String::new(),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            cluster.warn_now("StartFailed", &message),
+        )
+        .await
+        .unwrap_or_else(|_| Err("the API server did not answer in 5 s".into()))
+    });
+    if let Err(why) = sent {
+        eprintln!("vpc-ipamd: could not send the StartFailed Event: {why}");
     }
 }
 

@@ -1549,4 +1549,37 @@ fn ipv6_on_a_subnet_without_an_ipv6_block_stops_with_a_clear_error_and_an_event(
         !tb.nodes[0].socket().exists(),
         "no socket: the node stays not ready"
     );
+
+    // Settings refused before anything else (IPv6 beside IPv4, IPv6 without prefix delegation)
+    // say so the same way.
+    for (key, value, says) in [
+        (
+            "ENABLE_IPv4",
+            "true",
+            "exactly one of ENABLE_IPv4 and ENABLE_IPv6",
+        ),
+        (
+            "ENABLE_PREFIX_DELEGATION",
+            "false",
+            "ENABLE_IPv6=true requires ENABLE_PREFIX_DELEGATION=true",
+        ),
+    ] {
+        let before = warning_events(&tb, "StartFailed").len();
+        tb.set_daemon_env(0, key, value);
+        let error = tb.start_daemon(0).unwrap_err();
+        assert!(error.contains(says), "{error}");
+        let events = warning_events(&tb, "StartFailed");
+        assert_eq!(events.len(), before + 1, "{events:?}");
+        let message = events.last().unwrap()["message"].as_str().unwrap();
+        assert!(message.contains(says), "{message}");
+        tb.set_daemon_env(
+            0,
+            key,
+            if key == "ENABLE_IPv4" {
+                "false"
+            } else {
+                "true"
+            },
+        );
+    }
 }
