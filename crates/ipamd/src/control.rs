@@ -341,8 +341,22 @@ impl Control {
                 .pool
                 .enis()
                 .iter()
-                .map(|e| (e.info.id.clone(), e.assigned()))
+                .map(|e| {
+                    let v6 = self.v6.as_ref().filter(|_| e.info.is_primary);
+                    let assigned = v6.map_or(e.assigned(), |v6| v6.assigned() as u32);
+                    (e.info.id.clone(), assigned)
+                })
                 .collect(),
+            assigned_per_cidr: match &self.v6 {
+                Some(v6) => vec![(v6.prefix().to_string(), v6.assigned() as u32)],
+                None => self
+                    .pool
+                    .enis()
+                    .iter()
+                    .flat_map(|e| e.blocks())
+                    .map(|b| (b.cidr.to_string(), b.assigned()))
+                    .collect(),
+            },
             pending_adds: self.waiting.len() as u32,
             ready: self.phase == Phase::Ready,
             throttled: self.executor.throttled(),

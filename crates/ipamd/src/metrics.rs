@@ -85,6 +85,8 @@ pub struct PoolGauges {
     pub eni_max: u32,
     pub ip_max: u32,
     pub assigned_per_eni: Vec<(String, u32)>,
+    /// Per /32, /28 or (IPv6) /80 the pool holds, the addresses assigned from it.
+    pub assigned_per_cidr: Vec<(String, u32)>,
     pub pending_adds: u32,
     pub ready: bool,
     /// Calls EC2 throttled (and the client retried), by operation, from the client's own tally.
@@ -265,6 +267,13 @@ impl Metrics {
         for (eni, n) in &pool.assigned_per_eni {
             let _ = writeln!(out, "awscni_assigned_ip_per_eni{{eni=\"{eni}\"}} {n}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP awscni_assigned_ip_per_cidr Addresses assigned to pods per CIDR (secondary /32, /28 prefix, or IPv6 /80)\n# TYPE awscni_assigned_ip_per_cidr gauge"
+        );
+        for (cidr, n) in &pool.assigned_per_cidr {
+            let _ = writeln!(out, "awscni_assigned_ip_per_cidr{{cidr=\"{cidr}\"}} {n}");
+        }
         for (name, help, labelled) in COUNTERS {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             let mut any = false;
@@ -361,6 +370,7 @@ mod tests {
         let text = m.render(&PoolGauges {
             enis: 2,
             assigned_per_eni: vec![("eni-1".into(), 4)],
+            assigned_per_cidr: vec![("2600:1f14::/80".into(), 7)],
             throttled: vec![("CreateNetworkInterface", 3)],
             ..PoolGauges::default()
         });
@@ -372,6 +382,7 @@ mod tests {
             "awscni_ec2api_error_count{fn=\"CreateNetworkInterface\"} 1",
             "awscni_aws_api_error_count{api=\"CreateNetworkInterface\",error=\"InsufficientFreeAddressesInSubnet\"} 1",
             "awscni_assigned_ip_per_eni{eni=\"eni-1\"} 4",
+            "awscni_assigned_ip_per_cidr{cidr=\"2600:1f14::/80\"} 7",
             "vpccni_ec2_call_duration_seconds_bucket{operation=\"AssignPrivateIpAddresses\",le=\"0.05\"} 1",
             "vpccni_ec2_call_duration_seconds_bucket{operation=\"AssignPrivateIpAddresses\",le=\"0.025\"} 0",
             "vpccni_add_wait_seconds_bucket{le=\"0.005\"} 1",

@@ -1506,6 +1506,16 @@ fn ipv6_nodes_give_pods_their_80_and_ipv4_egress_and_a_kill_loses_nothing() {
     let status = tb.nodes[0].introspect("/v1/status").unwrap();
     assert_eq!(status["ipv6"]["prefix"], prefixes[0]);
     assert_eq!(status["addresses"]["assigned"], on_0.len());
+    let metrics = tb.nodes[0].metrics().unwrap();
+    let per_cidr = format!(
+        "awscni_assigned_ip_per_cidr{{cidr=\"{}\"}} {}",
+        prefixes[0],
+        on_0.len()
+    );
+    assert!(
+        metrics.lines().any(|l| l == per_cidr),
+        "{per_cidr} not in\n{metrics}"
+    );
     let router_v6_listener = tb
         .vpc
         .run(move || WhoAmI::bind(SocketAddr::from((router_v6, PORT))).unwrap())
