@@ -5,6 +5,7 @@
 
 pub mod names;
 pub mod netns;
+pub mod netpol;
 mod nl;
 pub mod node;
 pub mod pod;

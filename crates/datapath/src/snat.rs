@@ -184,7 +184,7 @@ pub fn remove() -> Result<()> {
     nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
 }
 
-fn nft(script: &str) -> Result<()> {
+pub(crate) fn nft(script: &str) -> Result<()> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())

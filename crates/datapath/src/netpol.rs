@@ -1,0 +1,258 @@
+//! NetworkPolicy enforcement as one nftables table, `inet vpc-cni-netpol`, rendered whole from the
+//! evaluator's verdicts and replaced in one transaction, as the SNAT table is.
+//!
+//! In the forward hook, after the kernel's conntrack has accepted the packets of established flows
+//! (so return traffic of an allowed flow is never judged again, and no conntrack of our own exists):
+//! the packet's input interface selects, through a verdict map, the egress chain of the pod it
+//! comes from, and its output interface the ingress chain of the pod it goes to. A chain returns
+//! when one of its sets matches and drops otherwise, so that a packet between two isolated pods
+//! passes the sender's egress and the receiver's ingress both. Each chain looks its packet up in
+//! at most four sets per family: (address, protocol, port), address, (protocol, port), each an
+//! interval set, so CIDRs with holes and port ranges are one lookup. Pods no policy isolates have
+//! no chain and no map entry. Egress to the node itself goes through the input hook the same way;
+//! traffic from the node to a pod (kubelet probes) is never judged, as the API requires.
+
+use crate::Result;
+use netpol::{Grant, Protocol, Verdict};
+use std::fmt::Write;
+
+pub const TABLE: &str = "vpc-cni-netpol";
+
+/// One local pod: its host veth and what its policies allow each way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRules {
+    pub host_veth: String,
+    pub ingress: Verdict,
+    pub egress: Verdict,
+}
+
+fn protocol(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+fn range<T: std::fmt::Display + PartialEq>(first: T, last: T) -> String {
+    if first == last {
+        first.to_string()
+    } else {
+        format!("{first}-{last}")
+    }
+}
+
+/// The elements of one chain's sets, per family.
+#[derive(Default)]
+struct Sets {
+    any: bool,
+    /// `protocol . port`: any peer.
+    ports: Vec<String>,
+    /// (v4, v6) `address`: any port.
+    peers: (Vec<String>, Vec<String>),
+    /// (v4, v6) `address . protocol . port`.
+    both: (Vec<String>, Vec<String>),
+}
+
+impl Sets {
+    fn from(grants: &[Grant]) -> Sets {
+        let mut sets = Sets::default();
+        for grant in grants {
+            let ports: Option<Vec<String>> = grant.ports.as_ref().map(|ranges| {
+                ranges
+                    .iter()
+                    .map(|r| format!("{} . {}", protocol(r.protocol), range(r.first, r.last)))
+                    .collect()
+            });
+            match (&grant.peers, ports) {
+                (None, None) => sets.any = true,
+                (None, Some(ports)) => sets.ports.extend(ports),
+                (Some(peers), None) => {
+                    sets.peers
+                        .0
+                        .extend(peers.v4_ranges().map(|(s, e)| range(s, e)));
+                    sets.peers
+                        .1
+                        .extend(peers.v6_ranges().map(|(s, e)| range(s, e)));
+                }
+                (Some(peers), Some(ports)) => {
+                    for (s, e) in peers.v4_ranges() {
+                        let a = range(s, e);
+                        sets.both
+                            .0
+                            .extend(ports.iter().map(|p| format!("{a} . {p}")));
+                    }
+                    for (s, e) in peers.v6_ranges() {
+                        let a = range(s, e);
+                        sets.both
+                            .1
+                            .extend(ports.iter().map(|p| format!("{a} . {p}")));
+                    }
+                }
+            }
+        }
+        for list in [
+            &mut sets.ports,
+            &mut sets.peers.0,
+            &mut sets.peers.1,
+            &mut sets.both.0,
+            &mut sets.both.1,
+        ] {
+            list.sort();
+            list.dedup();
+        }
+        sets
+    }
+}
+
+/// One pod's chain for one direction: `addr` is `saddr` for ingress (the peer sends) and `daddr`
+/// for egress (the peer receives); the port is always the destination's.
+fn chain(out: &mut String, name: &str, grants: &[Grant], addr: &str) {
+    let sets = Sets::from(grants);
+    let _ = writeln!(out, "  chain {name} {{");
+    if sets.any {
+        let _ = writeln!(out, "    return");
+    }
+    let set = |out: &mut String, elements: &[String], matched: &str| {
+        if !elements.is_empty() {
+            let _ = writeln!(out, "    {matched} {{ {} }} return", elements.join(", "));
+        }
+    };
+    set(out, &sets.ports, "meta l4proto . th dport");
+    set(out, &sets.peers.0, &format!("ip {addr}"));
+    set(out, &sets.peers.1, &format!("ip6 {addr}"));
+    set(
+        out,
+        &sets.both.0,
+        &format!("ip {addr} . meta l4proto . th dport"),
+    );
+    set(
+        out,
+        &sets.both.1,
+        &format!("ip6 {addr} . meta l4proto . th dport"),
+    );
+    let _ = writeln!(out, "    drop\n  }}");
+}
+
+/// The whole table as nftables text.
+pub fn ruleset(pods: &[PodRules]) -> String {
+    let mut out = format!("table inet {TABLE} {{\n");
+    let mut ingress = Vec::new();
+    let mut egress = Vec::new();
+    for pod in pods {
+        if let Verdict::Isolated(grants) = &pod.ingress {
+            let name = format!("in-{}", pod.host_veth);
+            chain(&mut out, &name, grants, "saddr");
+            ingress.push(format!("\"{}\" : jump {name}", pod.host_veth));
+        }
+        if let Verdict::Isolated(grants) = &pod.egress {
+            let name = format!("eg-{}", pod.host_veth);
+            chain(&mut out, &name, grants, "daddr");
+            egress.push(format!("\"{}\" : jump {name}", pod.host_veth));
+        }
+    }
+    for (map, elements) in [("ingress", &ingress), ("egress", &egress)] {
+        let _ = writeln!(out, "  map {map} {{\n    type ifname : verdict");
+        if !elements.is_empty() {
+            let _ = writeln!(out, "    elements = {{ {} }}", elements.join(", "));
+        }
+        let _ = writeln!(out, "  }}");
+    }
+    out.push_str(
+        "  chain forward {\n    type filter hook forward priority filter; policy accept;\n    \
+         ct state established,related accept\n    iifname vmap @egress\n    oifname vmap @ingress\n  }\n",
+    );
+    out.push_str(
+        "  chain input {\n    type filter hook input priority filter; policy accept;\n    \
+         ct state established,related accept\n    iifname vmap @egress\n  }\n",
+    );
+    out.push_str("}\n");
+    out
+}
+
+/// Replaces the table in one transaction.
+pub fn apply(pods: &[PodRules]) -> Result<()> {
+    crate::snat::nft(&format!(
+        "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
+        ruleset(pods)
+    ))
+}
+
+/// Removes the table: no pod is isolated any more.
+pub fn remove() -> Result<()> {
+    crate::snat::nft(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netpol::{IpSet, PortRange};
+
+    fn grant(peers: Option<&str>, ports: Option<Vec<PortRange>>) -> Grant {
+        Grant {
+            peers: peers
+                .map(|c| IpSet::block(&c.parse().unwrap(), &["10.0.0.128/25".parse().unwrap()])),
+            ports,
+            policy: "default/p".into(),
+        }
+    }
+
+    #[test]
+    fn grants_become_interval_sets_and_open_pods_get_no_chain() {
+        let tcp80 = PortRange {
+            protocol: Protocol::Tcp,
+            first: 80,
+            last: 80,
+        };
+        let udp = PortRange {
+            protocol: Protocol::Udp,
+            first: 5000,
+            last: 5010,
+        };
+        let text = ruleset(&[
+            PodRules {
+                host_veth: "enia".into(),
+                ingress: Verdict::Isolated(vec![
+                    grant(Some("10.0.0.0/24"), Some(vec![tcp80, udp])),
+                    grant(None, Some(vec![tcp80])),
+                ]),
+                egress: Verdict::Isolated(vec![]),
+            },
+            PodRules {
+                host_veth: "enib".into(),
+                ingress: Verdict::Open,
+                egress: Verdict::Isolated(vec![grant(Some("2001:db8::/64"), None)]),
+            },
+        ]);
+        assert!(
+            text.contains("ip saddr . meta l4proto . th dport { 10.0.0.0-10.0.0.127 . tcp . 80, 10.0.0.0-10.0.0.127 . udp . 5000-5010 } return"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meta l4proto . th dport { tcp . 80 } return"),
+            "{text}"
+        );
+        assert!(
+            text.contains("chain eg-enia {\n    drop\n  }"),
+            "deny all: {text}"
+        );
+        assert!(
+            text.contains("ip6 daddr { 2001:db8::-2001:db8::ffff:ffff:ffff:ffff } return"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("in-enib"),
+            "an open pod has no chain: {text}"
+        );
+        assert!(text.contains("\"enia\" : jump in-enia"), "{text}");
+        assert!(
+            text.contains("\"enia\" : jump eg-enia, \"enib\" : jump eg-enib"),
+            "{text}"
+        );
+        let empty = ruleset(&[]);
+        assert!(
+            empty.contains("map ingress {\n    type ifname : verdict\n  }"),
+            "{empty}"
+        );
+    }
+}
