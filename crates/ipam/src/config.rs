@@ -77,6 +77,8 @@ pub struct Config {
     pub backing_store: String,
     pub annotate_pod_ip: bool,
     pub network_policy_mode: NetworkPolicyMode,
+    /// ENABLE_NETWORK_POLICY: enforce NetworkPolicies (watched from the API server).
+    pub network_policy: bool,
     pub multi_nic: bool,
     pub cluster_name: String,
     pub additional_eni_tags: BTreeMap<String, String>,
@@ -213,6 +215,7 @@ impl Config {
         "AWS_VPC_K8S_CNI_BACKING_STORE",
         "ANNOTATE_POD_IP",
         "NETWORK_POLICY_ENFORCING_MODE",
+        "ENABLE_NETWORK_POLICY",
         "ENABLE_MULTI_NIC",
         "CLUSTER_NAME",
         "ADDITIONAL_ENI_TAGS",
@@ -299,6 +302,7 @@ impl Config {
                     }
                 },
             },
+            network_policy: env.bool("ENABLE_NETWORK_POLICY", false)?,
             multi_nic: env.bool("ENABLE_MULTI_NIC", false)?,
             cluster_name: env.string("CLUSTER_NAME", ""),
             additional_eni_tags: additional_tags(&env, &mut warnings)?,
@@ -377,6 +381,13 @@ impl Config {
                     .into(),
             ));
         }
+        if self.network_policy_mode == NetworkPolicyMode::Strict && !self.network_policy {
+            return Err(ConfigError::Conflict(
+                "NETWORK_POLICY_ENFORCING_MODE=strict denies new pods' traffic until their policies are \
+                 enforced, which needs ENABLE_NETWORK_POLICY=true"
+                    .into(),
+            ));
+        }
         if self.ipv6 && self.pod_mtu < 1280 {
             return Err(Env::invalid(
                 "POD_MTU",
@@ -418,15 +429,6 @@ impl Config {
                 "true",
                 "security groups for pods (branch ENIs)",
             );
-        }
-        match self.network_policy_mode {
-            NetworkPolicyMode::Strict => {
-                return refuse("NETWORK_POLICY_ENFORCING_MODE", "strict", "NetworkPolicy")
-            }
-            NetworkPolicyMode::Standard => {
-                return refuse("NETWORK_POLICY_ENFORCING_MODE", "standard", "NetworkPolicy")
-            }
-            NetworkPolicyMode::Unset | NetworkPolicyMode::None => {}
         }
         if self.annotate_pod_ip {
             return refuse(
@@ -708,8 +710,6 @@ mod tests {
         assert_eq!(Config::default().unsupported_by_daemon(), Ok(()));
         for (name, value) in [
             ("ENABLE_POD_ENI", "true"),
-            ("NETWORK_POLICY_ENFORCING_MODE", "strict"),
-            ("NETWORK_POLICY_ENFORCING_MODE", "standard"),
             ("ENABLE_MULTI_NIC", "true"),
             ("ENABLE_IMDS_ONLY_MODE", "true"),
             ("ANNOTATE_POD_IP", "true"),
@@ -737,9 +737,23 @@ mod tests {
         assert!(config.v4_egress, "ENABLE_V4_EGRESS defaults to true");
         let small = cfg(&[v6[0], v6[1], v6[2], ("POD_MTU", "1200")]).unwrap_err();
         assert!(small.to_string().contains("POD_MTU"), "{small}");
+        // NetworkPolicy: strict needs enforcement on; standard alone is what upstream's manifest
+        // sets with its agent off, and enforces nothing.
+        let strict = cfg(&[("NETWORK_POLICY_ENFORCING_MODE", "strict")]).unwrap_err();
+        assert!(
+            strict.to_string().contains("ENABLE_NETWORK_POLICY=true"),
+            "{strict}"
+        );
+        let on = cfg(&[
+            ("NETWORK_POLICY_ENFORCING_MODE", "strict"),
+            ("ENABLE_NETWORK_POLICY", "true"),
+        ])
+        .unwrap();
+        assert!(on.network_policy && on.unsupported_by_daemon().is_ok());
         // What upstream itself ignores while the feature is off is accepted.
         for (name, value) in [
             ("NETWORK_POLICY_ENFORCING_MODE", "none"),
+            ("NETWORK_POLICY_ENFORCING_MODE", "standard"),
             ("POD_SECURITY_GROUP_ENFORCING_MODE", "standard"),
             ("ENABLE_POD_ENI", "false"),
         ] {

@@ -180,6 +180,9 @@ pub struct Control {
     vanished_pod_grace: Duration,
     host: Option<HostFacts>,
     reconciler: Reconciler,
+    /// NetworkPolicy enforcement, when on, and the assignments it has been told of.
+    netpol: Option<mpsc::UnboundedSender<crate::netpol::Input>>,
+    told_netpol: HashSet<IpamKey>,
 }
 
 /// What the loop is made of: the pool and settings start-up built, and its effects on the world (the
@@ -269,7 +272,89 @@ impl Control {
             vanished_pod_grace: Duration::from_secs(60),
             host: None,
             reconciler: Reconciler::default(),
+            netpol: None,
+            told_netpol: HashSet::new(),
         }
+    }
+
+    /// NetworkPolicy enforced by the task behind `enforcer`: told of every pod's address, and
+    /// handed each new pod's ADD reply to send once the pod's rules are in force.
+    pub fn with_network_policy(
+        mut self,
+        enforcer: mpsc::UnboundedSender<crate::netpol::Input>,
+    ) -> Control {
+        self.netpol = Some(enforcer);
+        self
+    }
+
+    /// Every assignment as NetworkPolicy sees it: (namespace, pod, address).
+    fn pod_addresses(&self) -> HashMap<IpamKey, (String, String, std::net::IpAddr)> {
+        match &self.v6 {
+            Some(v6) => v6
+                .assignments()
+                .map(|(k, a)| {
+                    let who = (a.meta.namespace.clone(), a.meta.name.clone(), a.ip.into());
+                    (k.clone(), who)
+                })
+                .collect(),
+            None => self
+                .pool
+                .assignments()
+                .map(|(k, a)| {
+                    let who = (a.meta.namespace.clone(), a.meta.name.clone(), a.ip.into());
+                    (k.clone(), who)
+                })
+                .collect(),
+        }
+    }
+
+    /// Tells the enforcer what changed since the last flush; new pods' replies go through it.
+    fn tell_netpol(&mut self) {
+        let Some(enforcer) = self.netpol.clone() else {
+            return;
+        };
+        let current = self.pod_addresses();
+        for key in self
+            .told_netpol
+            .iter()
+            .filter(|k| !current.contains_key(*k))
+        {
+            let _ = enforcer.send(crate::netpol::Input::Down { key: key.clone() });
+        }
+        let mut direct = Vec::new();
+        for out in self.outbox.drain(..) {
+            let new_pod = out
+                .assigned
+                .as_ref()
+                .filter(|_| matches!(out.message, Reply::Added { .. }))
+                .and_then(|key| Some((key.clone(), current.get(key)?.clone())));
+            match new_pod {
+                Some((key, (namespace, name, ip))) => {
+                    self.told_netpol.insert(key.clone());
+                    let _ = enforcer.send(crate::netpol::Input::Up {
+                        key,
+                        namespace,
+                        name,
+                        ip,
+                        reply: Some((out.reply, out.message)),
+                    });
+                }
+                None => direct.push(out),
+            }
+        }
+        self.outbox = direct;
+        for (key, (namespace, name, ip)) in &current {
+            if !self.told_netpol.contains(key) {
+                let _ = enforcer.send(crate::netpol::Input::Up {
+                    key: key.clone(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    ip: *ip,
+                    reply: None,
+                });
+            }
+        }
+        self.told_netpol = current.into_keys().collect();
     }
 
     /// The host as start-up left it, for the periodic IMDS reconcile.
@@ -1029,6 +1114,7 @@ impl Control {
                 }
             }
         }
+        self.tell_netpol();
         for out in self.outbox.drain(..) {
             let _ = out.reply.send(out.message);
         }

@@ -8,6 +8,7 @@ pub mod http;
 pub mod introspect;
 pub mod log;
 pub mod metrics;
+pub mod netpol;
 pub mod plugin_socket;
 pub mod startup;
 pub mod store;

@@ -296,6 +296,32 @@ async fn run(
         let _ = events.send(Event::EniConfig { source, spec });
     }
     let mut control = started.control;
+    let enforce = config.network_policy
+        && config.network_policy_mode != ipam::config::NetworkPolicyMode::None;
+    if enforce {
+        let Some((cluster, _)) = &cluster else {
+            return Err("ENABLE_NETWORK_POLICY=true needs the Kubernetes API server (in a cluster, or KUBECONFIG), where the NetworkPolicies are".into());
+        };
+        let strict = config.network_policy_mode == ipam::config::NetworkPolicyMode::Strict;
+        let enforcer = ipamd::netpol::spawn(
+            ipamd::netpol::Enforcement::new(strict, &config.veth_prefix),
+            metrics.clone(),
+        );
+        let inputs = enforcer.clone();
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            cluster
+                .follow_network_policies(
+                    |c| {
+                        let _ = inputs.send(ipamd::netpol::Input::Cluster(c));
+                    },
+                    |e| tracing::warn!(error = %e, "NetworkPolicy watch"),
+                )
+                .await
+        });
+        tracing::info!(mode = %if strict { "strict" } else { "standard" }, "NetworkPolicy enforced");
+        control = control.with_network_policy(enforcer);
+    }
     if let Some((cluster, _)) = &cluster {
         let grace = Duration::from_secs(args.vanished_pod_grace_seconds);
         control = control.in_cluster(

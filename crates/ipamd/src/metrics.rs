@@ -68,6 +68,7 @@ struct Inner {
     ec2_latency: BTreeMap<String, Histogram>,
     add_wait: Histogram,
     startup: Histogram,
+    policy_apply: Histogram,
 }
 
 #[derive(Default)]
@@ -192,6 +193,12 @@ impl Metrics {
 
     pub fn add_waited(&self, waited: Duration) {
         self.lock().add_wait.observe(waited);
+    }
+
+    /// A NetworkPolicy change (or a pod's rules) in the kernel, from the event to the end of the
+    /// nft transaction.
+    pub fn policy_applied(&self, took: Duration) {
+        self.lock().policy_apply.observe(took);
     }
 
     pub fn started(&self, took: Duration) {
@@ -328,6 +335,13 @@ impl Metrics {
             "awscni_ipamd_startup_duration_seconds",
             "success=\"true\"",
         );
+        let _ = writeln!(
+            out,
+            "# HELP vpccni_network_policy_apply_seconds From a NetworkPolicy, namespace or pod change (or a new pod) to its rules in the kernel\n# TYPE vpccni_network_policy_apply_seconds histogram"
+        );
+        inner
+            .policy_apply
+            .render(&mut out, "vpccni_network_policy_apply_seconds", "");
         let _ = writeln!(
             out,
             "# HELP awscni_build_info Build information\n# TYPE awscni_build_info gauge\nawscni_build_info{{version=\"{}\"}} 1",

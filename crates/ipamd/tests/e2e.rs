@@ -1593,3 +1593,103 @@ fn ipv6_on_a_subnet_without_an_ipv6_block_stops_with_a_clear_error_and_an_event(
         );
     }
 }
+
+/// Whether a connection from `pod` to `to` is answered, and how long it took either way.
+fn reach(tb: &Testbed, pod: &Pod, to: IpAddr) -> (bool, Duration) {
+    let started = Instant::now();
+    let ok = tb.seen_as(&pod.netns, to, PORT).is_ok();
+    (ok, started.elapsed())
+}
+
+#[test]
+fn network_policies_from_the_api_server_hold_from_a_pods_first_packet() {
+    let mut options = options(&[
+        ("ENABLE_NETWORK_POLICY", "true"),
+        ("NETWORK_POLICY_ENFORCING_MODE", "strict"),
+    ]);
+    options.kubernetes = true;
+    let Some(mut tb) = testbed("network_policies", options) else {
+        return;
+    };
+    kube(&tb).apply(
+        "namespaces",
+        serde_json::json!({"metadata": {"name": "default",
+            "labels": {"kubernetes.io/metadata.name": "default"}}}),
+    );
+    // db takes the probe port from web only; locked pods may send nothing.
+    kube(&tb).apply(
+        "networkpolicies",
+        serde_json::json!({"metadata": {"namespace": "default", "name": "db"},
+            "spec": {"podSelector": {"matchLabels": {"app": "db"}},
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                                  "ports": [{"port": PORT}]}]}}),
+    );
+    kube(&tb).apply(
+        "networkpolicies",
+        serde_json::json!({"metadata": {"namespace": "default", "name": "locked"},
+            "spec": {"podSelector": {"matchLabels": {"app": "locked"}},
+                     "policyTypes": ["Egress"], "egress": []}}),
+    );
+    tb.start_daemon(0).unwrap();
+    let api = kube(&tb);
+    let web = tb.add_pod_labelled(0, &[("app", "web")]).unwrap();
+    let db = tb.add_pod_labelled(0, &[("app", "db")]).unwrap();
+    let other = tb.add_pod_labelled(0, &[("app", "other")]).unwrap();
+    let db_ip = db.ip;
+    let _db_listens = db
+        .netns
+        .run(move || WhoAmI::bind(SocketAddr::from((db_ip, PORT))).unwrap())
+        .unwrap();
+    let router = IpAddr::V4(tb.nodes[0].gateway);
+    let _router_listens = tb
+        .vpc
+        .run(move || WhoAmI::bind(SocketAddr::from((router, PORT))).unwrap())
+        .unwrap();
+
+    assert!(reach(&tb, &web, db.ip).0, "web may reach db");
+    assert!(!reach(&tb, &other, db.ip).0, "other may not");
+    assert!(reach(&tb, &other, router).0, "other's egress is open");
+
+    // New pods under a deny-egress policy never send a packet; allowed ones succeed at once, on
+    // their first SYN (a SYN lost to a late rule would be retried only after a second).
+    for _ in 0..5 {
+        let locked = tb.add_pod_labelled(0, &[("app", "locked")]).unwrap();
+        let (ok, _) = reach(&tb, &locked, router);
+        assert!(!ok, "{} sent a packet despite its policy", locked.name);
+        let free = tb.add_pod_labelled(0, &[("app", "free")]).unwrap();
+        let (ok, took) = reach(&tb, &free, router);
+        assert!(
+            ok && took < Duration::from_millis(900),
+            "{}: {ok} after {took:?}",
+            free.name
+        );
+    }
+
+    // A change through the API server takes effect: db now takes other too.
+    api.apply(
+        "networkpolicies",
+        serde_json::json!({"metadata": {"namespace": "default", "name": "db"},
+            "spec": {"podSelector": {"matchLabels": {"app": "db"}},
+                     "ingress": [{"from": [{"podSelector": {"matchExpressions": [
+                         {"key": "app", "operator": "In", "values": ["web", "other"]}]}}]}]}}),
+    );
+    wait_for("the updated policy", || reach(&tb, &other, db.ip).0);
+    let metrics = tb.nodes[0].metrics().unwrap();
+    assert!(
+        metrics.contains("vpccni_network_policy_apply_seconds_count"),
+        "{metrics}"
+    );
+    // What was asked of the API server for it: list and watch, of these kinds only.
+    let asked: BTreeSet<(String, String)> = api
+        .accesses()
+        .into_iter()
+        .filter(|a| ["networkpolicies", "namespaces"].contains(&a.resource.as_str()))
+        .map(|a| (a.verb, a.resource))
+        .collect();
+    let expected: BTreeSet<(String, String)> = ["networkpolicies", "namespaces"]
+        .iter()
+        .flat_map(|r| ["list", "watch"].map(|v| (v.to_string(), r.to_string())))
+        .collect();
+    assert_eq!(asked, expected);
+    tb.stop_daemon(0, Stop::Term).unwrap();
+}

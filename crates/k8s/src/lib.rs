@@ -9,6 +9,7 @@ mod eniconfig;
 mod events;
 mod node;
 mod pods;
+mod policy_inputs;
 
 pub use eniconfig::{EniConfig, EniConfigBody, EniConfigSelection};
 pub use events::Reporter;

@@ -16,6 +16,13 @@ const KINDS: &[(&str, &str, bool, &str)] = &[
     ("nodes", "", false, "Node"),
     ("pods", "", true, "Pod"),
     ("events", "", true, "Event"),
+    ("namespaces", "", false, "Namespace"),
+    (
+        "networkpolicies",
+        "networking.k8s.io",
+        true,
+        "NetworkPolicy",
+    ),
     ("eniconfigs", "crd.k8s.amazonaws.com", false, "ENIConfig"),
 ];
 

@@ -710,6 +710,16 @@ impl Testbed {
 
     /// A new pod namespace wired by the plugin on `node`.
     pub fn add_pod(&self, node: usize) -> Result<Pod, String> {
+        self.add_pod_labelled(node, &[])
+    }
+
+    /// A new pod with these labels: the Pod object carries them from before the ADD (as the
+    /// scheduler's does) and its address after (as the kubelet reports it).
+    pub fn add_pod_labelled(&self, node: usize, labels: &[(&str, &str)]) -> Result<Pod, String> {
+        let labels: serde_json::Map<String, Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
         let n = self.next_pod.fetch_add(1, Ordering::SeqCst);
         let name = format!("pod-{n}");
         let netns = Netns::create("pod")?;
@@ -718,7 +728,7 @@ impl Testbed {
         if let Some(api) = &self.kube {
             api.apply(
                 "pods",
-                json!({"metadata": {"namespace": POD_NAMESPACE, "name": name},
+                json!({"metadata": {"namespace": POD_NAMESPACE, "name": name, "labels": labels},
                        "spec": {"nodeName": self.nodes[node].name}}),
             );
         }
@@ -743,6 +753,14 @@ impl Testbed {
         } else {
             None
         };
+        if let Some(api) = &self.kube {
+            api.apply(
+                "pods",
+                json!({"metadata": {"namespace": POD_NAMESPACE, "name": name, "labels": labels},
+                       "spec": {"nodeName": self.nodes[node].name},
+                       "status": {"podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}}),
+            );
+        }
         Ok(Pod {
             name,
             node,

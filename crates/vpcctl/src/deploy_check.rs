@@ -13,6 +13,7 @@ const OVERLAYS: &[&str] = &[
     "custom-networking",
     "aws-node",
     "ipv6",
+    "network-policy",
 ];
 
 fn root() -> PathBuf {

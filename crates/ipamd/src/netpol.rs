@@ -1,0 +1,332 @@
+//! NetworkPolicy enforcement (ENABLE_NETWORK_POLICY): one task holds the cluster as the API server
+//! shows it and the pods this node wired, evaluates the local pods' policies (`netpol`) and applies
+//! the whole table (`datapath::netpol`) after each batch of changes.
+//!
+//! No start race: the control loop hands a new pod's ADD reply to this task, which sends it only
+//! once the pod's rules are in the kernel. The pod's address is the daemon's own (the API server
+//! learns it later, from the kubelet); its labels and ports come from the API server, whose Pod
+//! exists before the kubelet calls ADD but may reach this node's watch a moment later: the reply
+//! then waits for it, up to `KNOWN_WITHIN`, so that the pod starts with its own policies. A pod
+//! the API server still has not shown is open (`standard`) or denied everything (`strict`) until it
+//! has.
+
+use crate::metrics::Metrics;
+use datapath::netpol::PodRules;
+use ipam::IpamKey;
+use proto::{ErrorKind, Reply};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a new pod's ADD reply waits for the pod to reach this node's watch.
+pub const KNOWN_WITHIN: Duration = Duration::from_secs(2);
+use tokio::sync::{mpsc, oneshot};
+
+pub enum Input {
+    /// The cluster as the API server shows it now (every listing complete).
+    Cluster(netpol::Cluster),
+    /// A pod of this node has an address; `reply` goes to the plugin once its rules are in force.
+    Up {
+        key: IpamKey,
+        namespace: String,
+        name: String,
+        ip: IpAddr,
+        reply: Option<(oneshot::Sender<Reply>, Reply)>,
+    },
+    Down {
+        key: IpamKey,
+    },
+}
+
+struct Local {
+    namespace: String,
+    name: String,
+    ip: IpAddr,
+}
+
+/// What the task decides from, apart from its effects: pure, so that it is tested without root.
+pub struct Enforcement {
+    strict: bool,
+    veth_prefix: String,
+    cluster: Option<netpol::Cluster>,
+    local: BTreeMap<IpamKey, Local>,
+}
+
+impl Enforcement {
+    pub fn new(strict: bool, veth_prefix: &str) -> Enforcement {
+        Enforcement {
+            strict,
+            veth_prefix: veth_prefix.to_string(),
+            cluster: None,
+            local: BTreeMap::new(),
+        }
+    }
+
+    /// Whether the API server has shown the pod of `key` (its labels are known).
+    fn known(&self, key: &IpamKey) -> bool {
+        let (Some(cluster), Some(local)) = (&self.cluster, self.local.get(key)) else {
+            return false;
+        };
+        cluster
+            .pods
+            .iter()
+            .any(|p| p.namespace == local.namespace && p.name == local.name)
+    }
+
+    fn take(&mut self, input: Input, replies: &mut Vec<Waiting>) {
+        match input {
+            Input::Cluster(cluster) => self.cluster = Some(cluster),
+            Input::Up {
+                key,
+                namespace,
+                name,
+                ip,
+                reply,
+            } => {
+                self.local.insert(
+                    key.clone(),
+                    Local {
+                        namespace,
+                        name,
+                        ip,
+                    },
+                );
+                if let Some((reply, message)) = reply {
+                    replies.push(Waiting {
+                        key,
+                        until: Instant::now() + KNOWN_WITHIN,
+                        reply,
+                        message,
+                    });
+                }
+            }
+            Input::Down { key } => {
+                self.local.remove(&key);
+            }
+        }
+    }
+
+    /// Every local pod's rules. The cluster's pods carry this node's addresses for its own pods
+    /// (the API server may not have them yet).
+    pub fn rules(&self) -> Vec<PodRules> {
+        let mut cluster = self.cluster.clone().unwrap_or_default();
+        let mut known = std::collections::HashSet::new();
+        for local in self.local.values() {
+            match cluster
+                .pods
+                .iter_mut()
+                .find(|p| p.namespace == local.namespace && p.name == local.name)
+            {
+                Some(pod) => {
+                    if !pod.ips.contains(&local.ip) {
+                        pod.ips.push(local.ip);
+                    }
+                    if self.cluster.is_some() {
+                        known.insert((local.namespace.clone(), local.name.clone()));
+                    }
+                }
+                None => cluster.pods.push(netpol::Pod {
+                    namespace: local.namespace.clone(),
+                    name: local.name.clone(),
+                    ips: vec![local.ip],
+                    ..netpol::Pod::default()
+                }),
+            }
+        }
+        let evaluator = netpol::Evaluator::new(&cluster);
+        let unknown = if self.strict {
+            netpol::Verdict::Isolated(Vec::new())
+        } else {
+            netpol::Verdict::Open
+        };
+        let mut rules = Vec::new();
+        for local in self.local.values() {
+            // A pod without a Kubernetes name (a bare runtime's) is no policy's to isolate.
+            if local.name.is_empty() {
+                continue;
+            }
+            let host_veth = datapath::names::host_veth_name(
+                &self.veth_prefix,
+                &datapath::names::pod_key(&local.namespace, &local.name),
+            );
+            let id = (local.namespace.clone(), local.name.clone());
+            let pod = cluster
+                .pods
+                .iter()
+                .find(|p| p.namespace == id.0 && p.name == id.1)
+                .expect("every local pod is in the model");
+            let (ingress, egress) = if known.contains(&id) {
+                let verdicts = evaluator.pod(pod);
+                (verdicts.ingress, verdicts.egress)
+            } else {
+                (unknown.clone(), unknown.clone())
+            };
+            if ingress == netpol::Verdict::Open && egress == netpol::Verdict::Open {
+                continue;
+            }
+            rules.push(PodRules {
+                host_veth,
+                ingress,
+                egress,
+            });
+        }
+        rules
+    }
+}
+
+/// An ADD reply held until its pod's rules are in force.
+struct Waiting {
+    key: IpamKey,
+    until: Instant,
+    reply: oneshot::Sender<Reply>,
+    message: Reply,
+}
+
+/// Starts the task; its input is the returned sender.
+pub fn spawn(enforcement: Enforcement, metrics: Arc<Metrics>) -> mpsc::UnboundedSender<Input> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(run(enforcement, rx, metrics));
+    tx
+}
+
+async fn run(
+    mut state: Enforcement,
+    mut inputs: mpsc::UnboundedReceiver<Input>,
+    metrics: Arc<Metrics>,
+) {
+    let mut applied: Option<Vec<PodRules>> = None;
+    let mut waiting: Vec<Waiting> = Vec::new();
+    loop {
+        let deadline = waiting.iter().map(|w| w.until).min();
+        let first = tokio::select! {
+            input = inputs.recv() => match input {
+                Some(input) => Some(input),
+                None => return,
+            },
+            _ = sleep_until(deadline) => None,
+        };
+        let started = Instant::now();
+        if let Some(first) = first {
+            state.take(first, &mut waiting);
+        }
+        while let Ok(more) = inputs.try_recv() {
+            state.take(more, &mut waiting);
+        }
+        let rules = state.rules();
+        let mut failure = None;
+        if applied.as_ref() != Some(&rules) {
+            let table = rules.clone();
+            let result = tokio::task::spawn_blocking(move || datapath::netpol::apply(&table))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            match result {
+                Ok(()) => {
+                    metrics.policy_applied(started.elapsed());
+                    tracing::debug!(pods = %rules.len(), took_ms = %started.elapsed().as_millis(), "NetworkPolicy table applied");
+                    applied = Some(rules);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "NetworkPolicy table could not be applied");
+                    metrics.count("awscni_ipamd_error_count", &[("fn", "networkPolicy")]);
+                    failure = Some(e);
+                }
+            }
+        }
+        let now = Instant::now();
+        let (ready, still): (Vec<Waiting>, Vec<Waiting>) = waiting
+            .into_iter()
+            .partition(|w| failure.is_some() || state.known(&w.key) || w.until <= now);
+        waiting = still;
+        for w in ready {
+            let message = match &failure {
+                None => w.message,
+                // The pod would run without its policies: the runtime retries the ADD instead.
+                Some(e) => Reply::Error {
+                    kind: ErrorKind::Internal,
+                    message: format!("the pod's NetworkPolicy rules could not be applied: {e}"),
+                },
+            };
+            let _ = w.reply.send(message);
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: &str) -> IpamKey {
+        IpamKey::new("aws-cni", n, "eth0")
+    }
+
+    fn up(state: &mut Enforcement, name: &str, ip: &str) {
+        state.take(
+            Input::Up {
+                key: key(name),
+                namespace: "default".into(),
+                name: name.into(),
+                ip: ip.parse().unwrap(),
+                reply: None,
+            },
+            &mut Vec::new(),
+        );
+    }
+
+    fn deny_all_ingress() -> netpol::Cluster {
+        netpol::Cluster {
+            pods: vec![netpol::Pod {
+                namespace: "default".into(),
+                name: "known".into(),
+                ..netpol::Pod::default()
+            }],
+            policies: vec![netpol::Policy {
+                namespace: "default".into(),
+                name: "deny".into(),
+                ..netpol::Policy::default()
+            }],
+            ..netpol::Cluster::default()
+        }
+    }
+
+    #[test]
+    fn a_pod_the_api_server_has_not_shown_is_open_or_denied_by_the_mode() {
+        for strict in [false, true] {
+            let mut state = Enforcement::new(strict, "eni");
+            up(&mut state, "new", "10.0.0.5");
+            let rules = state.rules();
+            if strict {
+                assert_eq!(rules.len(), 1);
+                assert_eq!(rules[0].ingress, netpol::Verdict::Isolated(vec![]));
+                assert_eq!(rules[0].egress, netpol::Verdict::Isolated(vec![]));
+                assert_eq!(
+                    rules[0].host_veth,
+                    datapath::names::host_veth_name("eni", "default.new")
+                );
+            } else {
+                assert!(rules.is_empty(), "standard: open until known");
+            }
+        }
+    }
+
+    #[test]
+    fn known_pods_get_their_policies_and_the_daemons_address_counts() {
+        let mut state = Enforcement::new(true, "eni");
+        state.take(Input::Cluster(deny_all_ingress()), &mut Vec::new());
+        up(&mut state, "known", "10.0.0.7");
+        let rules = state.rules();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0].ingress, netpol::Verdict::Isolated(vec![]));
+        assert_eq!(rules[0].egress, netpol::Verdict::Open, "no egress policy");
+        state.take(Input::Down { key: key("known") }, &mut Vec::new());
+        assert!(state.rules().is_empty());
+    }
+}
