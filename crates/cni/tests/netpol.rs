@@ -113,8 +113,18 @@ fn policies_allow_what_they_say_and_nothing_else_on_real_traffic() {
     serve(&web, WEB, &[80]);
     serve(&db, DB, &[5432, 80]);
     serve(&other, OTHER, &[80]);
-    // Before any policy everything flows.
+    // Before any policy everything flows; two long-lived flows are opened to db's echo port, one
+    // the policy will allow and one it will deny. The table without policies is in place already,
+    // as on a node where conntrack tracks every flow (a namespace without a rule that reads
+    // conntrack tracks none, and would pick flows up afresh anyway).
+    node.run(|| table::apply(&[])).unwrap();
     assert!(reaches(&other, DB, 5432));
+    let echo = SocketAddr::from((DB, 7001));
+    let echo_server = peer_echo_server(&db, echo, 2);
+    let mut allowed_flow = Client::connect(&web, echo).unwrap();
+    let mut denied_flow = Client::connect(&other, echo).unwrap();
+    assert_eq!(allowed_flow.seen_as().unwrap(), WEB.to_string());
+    assert_eq!(denied_flow.seen_as().unwrap(), OTHER.to_string());
 
     let pod = |name: &str, ip: Ipv4Addr| Pod {
         namespace: "default".into(),
@@ -140,7 +150,7 @@ fn policies_allow_what_they_say_and_nothing_else_on_real_traffic() {
                         pod_selector: Some(selector("web")),
                         namespace_selector: None,
                     }],
-                    ports: vec![tcp(5432)],
+                    ports: vec![tcp(5432), tcp(7001)],
                 }],
                 ..Policy::default()
             },
@@ -170,12 +180,23 @@ fn policies_allow_what_they_say_and_nothing_else_on_real_traffic() {
             let verdicts = evaluator.pod(p);
             PodRules {
                 host_veth: veth.clone(),
+                addresses: p.ips.clone(),
                 ingress: verdicts.ingress,
                 egress: verdicts.egress,
             }
         })
         .collect();
     node.run(|| table::apply(&rules)).unwrap();
+    let changed = table::changed_addresses(&[], &rules);
+    node.run(|| table::forget_flows(&changed)).unwrap();
+    // The flow the policy denies is cut; the allowed one goes on.
+    assert_eq!(allowed_flow.seen_as().unwrap(), WEB.to_string());
+    assert!(
+        denied_flow.seen_as().is_err(),
+        "a flow the new policy denies lives on"
+    );
+    drop((allowed_flow, denied_flow));
+    drop(echo_server);
 
     assert!(reaches(&web, DB, 5432), "web to db on 5432 is allowed");
     assert!(!reaches(&web, DB, 80), "db takes nothing else");

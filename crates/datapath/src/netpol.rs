@@ -22,6 +22,8 @@ pub const TABLE: &str = "vpc-cni-netpol";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodRules {
     pub host_veth: String,
+    /// The pod's addresses: their flows are forgotten when its rules change.
+    pub addresses: Vec<std::net::IpAddr>,
     pub ingress: Verdict,
     pub egress: Verdict,
 }
@@ -170,12 +172,48 @@ pub fn ruleset(pods: &[PodRules]) -> String {
     out
 }
 
+/// The addresses of the pods whose rules in `now` are new or differ from `before`: their
+/// established flows may be ones the change denies.
+pub fn changed_addresses(before: &[PodRules], now: &[PodRules]) -> Vec<std::net::IpAddr> {
+    now.iter()
+        .filter(|pod| !before.contains(pod))
+        .flat_map(|pod| pod.addresses.iter().copied())
+        .collect()
+}
+
 /// Replaces the table in one transaction.
 pub fn apply(pods: &[PodRules]) -> Result<()> {
     crate::snat::nft(&format!(
         "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
         ruleset(pods)
     ))
+}
+
+/// Forgets the kernel's conntrack entries of flows to and from `addresses` (both directions, and
+/// behind a Service's DNAT), so that the next packet of each flow is judged by the rules in force:
+/// a flow a policy change denies is cut, an allowed one is picked up again (TCP's loose tracking).
+/// The `conntrack` tool does it; "nothing to delete" is not an error.
+pub fn forget_flows(addresses: &[std::net::IpAddr]) -> Result<()> {
+    for ip in addresses {
+        let ip = ip.to_string();
+        for selector in ["--orig-src", "--orig-dst", "--reply-src"] {
+            let out = std::process::Command::new("conntrack")
+                .args(["-D", selector, &ip])
+                .output()
+                .map_err(|e| crate::Error::Io {
+                    what: "running conntrack (is the conntrack package installed?)".into(),
+                    source: e,
+                })?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if !out.status.success() && !stderr.contains("0 flow entries have been deleted") {
+                return Err(crate::Error::Invalid(format!(
+                    "conntrack -D {selector} {ip}: {}",
+                    stderr.trim()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Removes the table: no pod is isolated any more.
@@ -212,6 +250,7 @@ mod tests {
         let text = ruleset(&[
             PodRules {
                 host_veth: "enia".into(),
+                addresses: vec![],
                 ingress: Verdict::Isolated(vec![
                     grant(Some("10.0.0.0/24"), Some(vec![tcp80, udp])),
                     grant(None, Some(vec![tcp80])),
@@ -220,6 +259,7 @@ mod tests {
             },
             PodRules {
                 host_veth: "enib".into(),
+                addresses: vec![],
                 ingress: Verdict::Open,
                 egress: Verdict::Isolated(vec![grant(Some("2001:db8::/64"), None)]),
             },

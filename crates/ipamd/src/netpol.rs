@@ -51,6 +51,9 @@ pub struct Enforcement {
     veth_prefix: String,
     cluster: Option<netpol::Cluster>,
     local: BTreeMap<IpamKey, Local>,
+    /// Addresses of pods that arrived since the last table: no flow of theirs can need cutting,
+    /// and forgetting flows costs a few milliseconds a pod.
+    fresh: Vec<IpAddr>,
 }
 
 impl Enforcement {
@@ -60,6 +63,7 @@ impl Enforcement {
             veth_prefix: veth_prefix.to_string(),
             cluster: None,
             local: BTreeMap::new(),
+            fresh: Vec::new(),
         }
     }
 
@@ -92,6 +96,7 @@ impl Enforcement {
                         ip,
                     },
                 );
+                self.fresh.push(ip);
                 if let Some((reply, message)) = reply {
                     replies.push(Waiting {
                         key,
@@ -167,6 +172,7 @@ impl Enforcement {
             }
             rules.push(PodRules {
                 host_veth,
+                addresses: vec![local.ip],
                 ingress,
                 egress,
             });
@@ -215,12 +221,21 @@ async fn run(
         }
         let rules = state.rules();
         let mut failure = None;
+        let fresh = std::mem::take(&mut state.fresh);
         if applied.as_ref() != Some(&rules) {
             let table = rules.clone();
-            let result = tokio::task::spawn_blocking(move || datapath::netpol::apply(&table))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
+            // Flows of pods whose rules changed are forgotten once the new rules are in: a flow
+            // the change denies is cut instead of living on, an allowed one is picked up again.
+            let mut cut =
+                datapath::netpol::changed_addresses(applied.as_deref().unwrap_or(&[]), &rules);
+            cut.retain(|ip| !fresh.contains(ip));
+            let result = tokio::task::spawn_blocking(move || {
+                datapath::netpol::apply(&table)?;
+                datapath::netpol::forget_flows(&cut)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
             match result {
                 Ok(()) => {
                     metrics.policy_applied(started.elapsed());
