@@ -5,11 +5,10 @@
 //! (so return traffic of an allowed flow is never judged again, and no conntrack of our own exists):
 //! the packet's input interface selects, through a verdict map, the egress chain of the pod it
 //! comes from, and its output interface the ingress chain of the pod it goes to. A chain returns
-//! when one of its sets matches and drops otherwise, so that a packet between two isolated pods
-//! passes the sender's egress and the receiver's ingress both. Each chain looks its packet up in
-//! at most four sets per family: (address, protocol, port), address, (protocol, port), each an
-//! interval set, so CIDRs with holes and port ranges are one lookup. Pods no policy isolates have
-//! no chain and no map entry. Egress to the node itself goes through the input hook the same way;
+//! when one of its rules matches and drops otherwise, so that a packet between two isolated pods
+//! passes the sender's egress and the receiver's ingress both. Each rule is one grant, one lookup
+//! in an interval set of (address, protocol, port), address, or (protocol, port), so CIDRs with
+//! holes and port ranges are one lookup. Pods no policy isolates have no chain and no map entry. Egress to the node itself goes through the input hook the same way;
 //! traffic from the node to a pod (kubelet probes) is never judged, as the API requires.
 
 use crate::Result;
@@ -44,95 +43,68 @@ fn range<T: std::fmt::Display + PartialEq>(first: T, last: T) -> String {
     }
 }
 
-/// The elements of one chain's sets, per family.
-#[derive(Default)]
-struct Sets {
-    any: bool,
-    /// `protocol . port`: any peer.
-    ports: Vec<String>,
-    /// (v4, v6) `address`: any port.
-    peers: (Vec<String>, Vec<String>),
-    /// (v4, v6) `address . protocol . port`.
-    both: (Vec<String>, Vec<String>),
-}
-
-impl Sets {
-    fn from(grants: &[Grant]) -> Sets {
-        let mut sets = Sets::default();
-        for grant in grants {
-            let ports: Option<Vec<String>> = grant.ports.as_ref().map(|ranges| {
-                ranges
-                    .iter()
-                    .map(|r| format!("{} . {}", protocol(r.protocol), range(r.first, r.last)))
-                    .collect()
-            });
-            match (&grant.peers, ports) {
-                (None, None) => sets.any = true,
-                (None, Some(ports)) => sets.ports.extend(ports),
-                (Some(peers), None) => {
-                    sets.peers
-                        .0
-                        .extend(peers.v4_ranges().map(|(s, e)| range(s, e)));
-                    sets.peers
-                        .1
-                        .extend(peers.v6_ranges().map(|(s, e)| range(s, e)));
-                }
-                (Some(peers), Some(ports)) => {
-                    for (s, e) in peers.v4_ranges() {
-                        let a = range(s, e);
-                        sets.both
-                            .0
-                            .extend(ports.iter().map(|p| format!("{a} . {p}")));
-                    }
-                    for (s, e) in peers.v6_ranges() {
-                        let a = range(s, e);
-                        sets.both
-                            .1
-                            .extend(ports.iter().map(|p| format!("{a} . {p}")));
-                    }
-                }
+/// A grant's ports as disjoint `protocol . port` elements: ranges of one protocol that overlap or
+/// touch are merged (an interval set refuses overlapping elements).
+fn port_elements(ranges: &[netpol::PortRange]) -> Vec<String> {
+    let mut sorted: Vec<(Protocol, u16, u16)> = ranges
+        .iter()
+        .map(|r| (r.protocol, r.first, r.last))
+        .collect();
+    sorted.sort();
+    let mut merged: Vec<(Protocol, u16, u16)> = Vec::new();
+    for (protocol, first, last) in sorted {
+        match merged.last_mut() {
+            Some((p, _, end)) if *p == protocol && u32::from(first) <= u32::from(*end) + 1 => {
+                *end = (*end).max(last)
             }
+            _ => merged.push((protocol, first, last)),
         }
-        for list in [
-            &mut sets.ports,
-            &mut sets.peers.0,
-            &mut sets.peers.1,
-            &mut sets.both.0,
-            &mut sets.both.1,
-        ] {
-            list.sort();
-            list.dedup();
-        }
-        sets
     }
+    merged
+        .into_iter()
+        .map(|(p, first, last)| format!("{} . {}", protocol(p), range(first, last)))
+        .collect()
 }
 
 /// One pod's chain for one direction: `addr` is `saddr` for ingress (the peer sends) and `daddr`
-/// for egress (the peer receives); the port is always the destination's.
+/// for egress (the peer receives); the port is always the destination's. One rule per grant, each
+/// one lookup in an anonymous interval set whose elements are disjoint (the grant's peers are
+/// disjoint ranges, its ports are merged); grants may overlap each other, which sets may not.
 fn chain(out: &mut String, name: &str, grants: &[Grant], addr: &str) {
-    let sets = Sets::from(grants);
     let _ = writeln!(out, "  chain {name} {{");
-    if sets.any {
-        let _ = writeln!(out, "    return");
-    }
-    let set = |out: &mut String, elements: &[String], matched: &str| {
+    let rule = |out: &mut String, matched: &str, elements: Vec<String>| {
         if !elements.is_empty() {
             let _ = writeln!(out, "    {matched} {{ {} }} return", elements.join(", "));
         }
     };
-    set(out, &sets.ports, "meta l4proto . th dport");
-    set(out, &sets.peers.0, &format!("ip {addr}"));
-    set(out, &sets.peers.1, &format!("ip6 {addr}"));
-    set(
-        out,
-        &sets.both.0,
-        &format!("ip {addr} . meta l4proto . th dport"),
-    );
-    set(
-        out,
-        &sets.both.1,
-        &format!("ip6 {addr} . meta l4proto . th dport"),
-    );
+    for grant in grants {
+        let ports = grant.ports.as_deref().map(port_elements);
+        match (&grant.peers, ports) {
+            (None, None) => {
+                let _ = writeln!(out, "    return");
+            }
+            (None, Some(ports)) => rule(out, "meta l4proto . th dport", ports),
+            (Some(peers), None) => {
+                let v4 = peers.v4_ranges().map(|(s, e)| range(s, e)).collect();
+                rule(out, &format!("ip {addr}"), v4);
+                let v6 = peers.v6_ranges().map(|(s, e)| range(s, e)).collect();
+                rule(out, &format!("ip6 {addr}"), v6);
+            }
+            (Some(peers), Some(ports)) => {
+                let product = |a: String| ports.iter().map(move |p| format!("{a} . {p}"));
+                let v4 = peers
+                    .v4_ranges()
+                    .flat_map(|(s, e)| product(range(s, e)))
+                    .collect();
+                rule(out, &format!("ip {addr} . meta l4proto . th dport"), v4);
+                let v6 = peers
+                    .v6_ranges()
+                    .flat_map(|(s, e)| product(range(s, e)))
+                    .collect();
+                rule(out, &format!("ip6 {addr} . meta l4proto . th dport"), v6);
+            }
+        }
+    }
     let _ = writeln!(out, "    drop\n  }}");
 }
 
@@ -288,6 +260,43 @@ mod tests {
         assert!(
             text.contains("\"enia\" : jump eg-enia, \"enib\" : jump eg-enib"),
             "{text}"
+        );
+        // Grants may overlap each other (one rule each); a grant's own ports are merged.
+        let overlapping = ruleset(&[PodRules {
+            host_veth: "enic".into(),
+            addresses: vec![],
+            ingress: Verdict::Isolated(vec![
+                grant(
+                    Some("10.0.0.0/24"),
+                    Some(vec![
+                        PortRange {
+                            protocol: Protocol::Tcp,
+                            first: 1000,
+                            last: 1000,
+                        },
+                        PortRange {
+                            protocol: Protocol::Tcp,
+                            first: 1000,
+                            last: 1100,
+                        },
+                        PortRange {
+                            protocol: Protocol::Tcp,
+                            first: 1101,
+                            last: 1200,
+                        },
+                    ]),
+                ),
+                grant(Some("10.0.0.5/32"), Some(vec![tcp80])),
+            ]),
+            egress: Verdict::Open,
+        }]);
+        assert!(
+            overlapping.contains("{ 10.0.0.0-10.0.0.127 . tcp . 1000-1200 } return"),
+            "{overlapping}"
+        );
+        assert!(
+            overlapping.contains("{ 10.0.0.5 . tcp . 80 } return"),
+            "{overlapping}"
         );
         let empty = ruleset(&[]);
         assert!(

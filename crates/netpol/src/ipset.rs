@@ -93,9 +93,18 @@ impl IpSet {
     }
 
     pub fn host(ip: IpAddr) -> IpSet {
+        IpSet::hosts([ip])
+    }
+
+    /// Many single addresses, sorted once (a selector can pick thousands of pods).
+    pub fn hosts(ips: impl IntoIterator<Item = IpAddr>) -> IpSet {
         let mut set = IpSet::default();
-        let (v6, k) = key(ip);
-        set.family_mut(v6).push((k, k));
+        for ip in ips {
+            let (v6, k) = key(ip);
+            set.family_mut(v6).push((k, k));
+        }
+        normalise(&mut set.v4);
+        normalise(&mut set.v6);
         set
     }
 

@@ -78,10 +78,14 @@ pub struct PodPolicy {
     pub egress: Verdict,
 }
 
-/// The cluster indexed for evaluation: namespace labels by name.
+/// The cluster indexed for evaluation: namespace labels by name, and each rule's peers once
+/// computed (they do not depend on the pod the rule is judged for, and a node evaluates all its
+/// pods against the same policies).
 pub struct Evaluator<'c> {
     cluster: &'c Cluster,
     namespace_labels: HashMap<&'c str, &'c Labels>,
+    /// (policy, direction, rule) → the rule's peers (None: any).
+    peers: std::cell::RefCell<HashMap<(usize, bool, usize), Option<IpSet>>>,
 }
 
 impl<'c> Evaluator<'c> {
@@ -93,6 +97,7 @@ impl<'c> Evaluator<'c> {
                 .iter()
                 .map(|n| (n.name.as_str(), &n.labels))
                 .collect(),
+            peers: std::cell::RefCell::new(HashMap::new()),
         }
     }
 
@@ -107,7 +112,7 @@ impl<'c> Evaluator<'c> {
     pub fn direction(&self, pod: &Pod, direction: Direction) -> Verdict {
         let mut isolated = false;
         let mut grants = Vec::new();
-        for policy in &self.cluster.policies {
+        for (index, policy) in self.cluster.policies.iter().enumerate() {
             if policy.namespace != pod.namespace
                 || !policy.applies(direction)
                 || !policy.pod_selector.matches(&pod.labels)
@@ -115,8 +120,18 @@ impl<'c> Evaluator<'c> {
                 continue;
             }
             isolated = true;
-            for rule in policy.rules(direction) {
-                self.rule(policy, rule, pod, direction, &mut grants);
+            for (r, rule) in policy.rules(direction).iter().enumerate() {
+                let key = (index, direction == Direction::Ingress, r);
+                let cached = self.peers.borrow().get(&key).cloned();
+                let peers = match cached {
+                    Some(peers) => peers,
+                    None => {
+                        let peers = self.rule_peers(policy, rule);
+                        self.peers.borrow_mut().insert(key, peers.clone());
+                        peers
+                    }
+                };
+                self.rule(policy, rule, peers, pod, direction, &mut grants);
             }
         }
         if isolated {
@@ -157,35 +172,36 @@ impl<'c> Evaluator<'c> {
     fn peer_set(&self, policy: &Policy, peer: &Peer) -> IpSet {
         match peer {
             Peer::IpBlock { cidr, except } => IpSet::block(cidr, except),
-            Peer::Pods { .. } => {
-                let mut set = IpSet::default();
-                for candidate in &self.cluster.pods {
-                    if self.selects(policy, peer, candidate) {
-                        for ip in &candidate.ips {
-                            set.add(&IpSet::host(*ip));
-                        }
-                    }
-                }
-                set
-            }
+            Peer::Pods { .. } => IpSet::hosts(
+                self.cluster
+                    .pods
+                    .iter()
+                    .filter(|candidate| self.selects(policy, peer, candidate))
+                    .flat_map(|candidate| candidate.ips.iter().copied()),
+            ),
         }
+    }
+
+    /// The union of a rule's peers; None when it lists none (every peer).
+    fn rule_peers(&self, policy: &Policy, rule: &Rule) -> Option<IpSet> {
+        (!rule.peers.is_empty()).then(|| {
+            rule.peers.iter().fold(IpSet::default(), |mut set, peer| {
+                set.add(&self.peer_set(policy, peer));
+                set
+            })
+        })
     }
 
     fn rule(
         &self,
         policy: &Policy,
         rule: &Rule,
+        peers: Option<IpSet>,
         pod: &Pod,
         direction: Direction,
         grants: &mut Vec<Grant>,
     ) {
         let name = format!("{}/{}", policy.namespace, policy.name);
-        let peers = (!rule.peers.is_empty()).then(|| {
-            rule.peers.iter().fold(IpSet::default(), |mut set, peer| {
-                set.add(&self.peer_set(policy, peer));
-                set
-            })
-        });
         if rule.ports.is_empty() {
             grants.push(Grant {
                 peers,
@@ -237,12 +253,13 @@ impl<'c> Evaluator<'c> {
                 let Some(n) = resolve(candidate, port_name, protocol) else {
                     continue;
                 };
-                let mut addresses = IpSet::default();
-                for ip in &candidate.ips {
-                    if peers.as_ref().is_none_or(|set| set.contains(*ip)) {
-                        addresses.add(&IpSet::host(*ip));
-                    }
-                }
+                let addresses = IpSet::hosts(
+                    candidate
+                        .ips
+                        .iter()
+                        .copied()
+                        .filter(|ip| peers.as_ref().is_none_or(|set| set.contains(*ip))),
+                );
                 if !addresses.is_empty() {
                     grants.push(Grant {
                         peers: Some(addresses),
