@@ -213,7 +213,43 @@ fn policies_allow_what_they_say_and_nothing_else_on_real_traffic() {
         reaches(&node, DB, 80),
         "the node (kubelet probes) is never judged"
     );
-    // The rules can be replaced whole: without policies everything flows again.
+    // A change touches only what differs: db now takes other on 5432 too.
+    let mut widened = cluster.clone();
+    widened.policies[0].ingress[0].peers.push(Peer::Pods {
+        pod_selector: Some(selector("other")),
+        namespace_selector: None,
+    });
+    let evaluator = Evaluator::new(&widened);
+    let now: Vec<PodRules> = rules
+        .iter()
+        .zip(&widened.pods)
+        .map(|(r, p)| {
+            let v = evaluator.pod(p);
+            PodRules {
+                ingress: v.ingress,
+                egress: v.egress,
+                ..r.clone()
+            }
+        })
+        .collect();
+    let script = table::update_script(&rules, &now);
+    assert!(
+        script.starts_with(&format!("flush chain inet {} in-", table::TABLE))
+            && !script.contains("eg-"),
+        "only db's ingress chain changes: {script}"
+    );
+    node.run(|| table::update(&rules, &now)).unwrap();
+    assert!(reaches(&other, DB, 5432), "the update is in force");
+    assert!(
+        !reaches(&other, WEB, 80),
+        "and other's egress chain is as it was"
+    );
+    // Updated to no policy at all: the chains and map entries go, everything flows again.
+    node.run(|| table::update(&now, &[])).unwrap();
+    assert!(reaches(&other, WEB, 80));
+    assert!(!node
+        .exec(&format!("nft list table inet {}", table::TABLE))
+        .contains("chain in-"));
     node.run(|| table::apply(&[])).unwrap();
     assert!(reaches(&other, DB, 5432));
     node.run(table::remove).unwrap();

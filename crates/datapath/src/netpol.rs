@@ -13,6 +13,7 @@
 
 use crate::Result;
 use netpol::{Grant, Protocol, Verdict};
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 pub const TABLE: &str = "vpc-cni-netpol";
@@ -66,29 +67,28 @@ fn port_elements(ranges: &[netpol::PortRange]) -> Vec<String> {
         .collect()
 }
 
-/// One pod's chain for one direction: `addr` is `saddr` for ingress (the peer sends) and `daddr`
+/// One pod's rules for one direction: `addr` is `saddr` for ingress (the peer sends) and `daddr`
 /// for egress (the peer receives); the port is always the destination's. One rule per grant, each
 /// one lookup in an anonymous interval set whose elements are disjoint (the grant's peers are
-/// disjoint ranges, its ports are merged); grants may overlap each other, which sets may not.
-fn chain(out: &mut String, name: &str, grants: &[Grant], addr: &str) {
-    let _ = writeln!(out, "  chain {name} {{");
-    let rule = |out: &mut String, matched: &str, elements: Vec<String>| {
+/// disjoint ranges, its ports are merged); grants may overlap each other, which sets may not. The
+/// last rule drops.
+fn chain_rules(grants: &[Grant], addr: &str) -> Vec<String> {
+    fn lookup(rules: &mut Vec<String>, matched: &str, elements: Vec<String>) {
         if !elements.is_empty() {
-            let _ = writeln!(out, "    {matched} {{ {} }} return", elements.join(", "));
+            rules.push(format!("{matched} {{ {} }} return", elements.join(", ")));
         }
-    };
+    }
+    let mut rules = Vec::new();
     for grant in grants {
         let ports = grant.ports.as_deref().map(port_elements);
         match (&grant.peers, ports) {
-            (None, None) => {
-                let _ = writeln!(out, "    return");
-            }
-            (None, Some(ports)) => rule(out, "meta l4proto . th dport", ports),
+            (None, None) => rules.push("return".into()),
+            (None, Some(ports)) => lookup(&mut rules, "meta l4proto . th dport", ports),
             (Some(peers), None) => {
                 let v4 = peers.v4_ranges().map(|(s, e)| range(s, e)).collect();
-                rule(out, &format!("ip {addr}"), v4);
+                lookup(&mut rules, &format!("ip {addr}"), v4);
                 let v6 = peers.v6_ranges().map(|(s, e)| range(s, e)).collect();
-                rule(out, &format!("ip6 {addr}"), v6);
+                lookup(&mut rules, &format!("ip6 {addr}"), v6);
             }
             (Some(peers), Some(ports)) => {
                 let product = |a: String| ports.iter().map(move |p| format!("{a} . {p}"));
@@ -96,38 +96,67 @@ fn chain(out: &mut String, name: &str, grants: &[Grant], addr: &str) {
                     .v4_ranges()
                     .flat_map(|(s, e)| product(range(s, e)))
                     .collect();
-                rule(out, &format!("ip {addr} . meta l4proto . th dport"), v4);
+                lookup(
+                    &mut rules,
+                    &format!("ip {addr} . meta l4proto . th dport"),
+                    v4,
+                );
                 let v6 = peers
                     .v6_ranges()
                     .flat_map(|(s, e)| product(range(s, e)))
                     .collect();
-                rule(out, &format!("ip6 {addr} . meta l4proto . th dport"), v6);
+                lookup(
+                    &mut rules,
+                    &format!("ip6 {addr} . meta l4proto . th dport"),
+                    v6,
+                );
             }
         }
     }
-    let _ = writeln!(out, "    drop\n  }}");
+    rules.push("drop".into());
+    rules
+}
+
+/// The isolated directions of each pod: (map, host veth) → (chain, its rules).
+fn chains(pods: &[PodRules]) -> BTreeMap<(&'static str, &str), (String, Vec<String>)> {
+    let mut out = BTreeMap::new();
+    for pod in pods {
+        for (map, prefix, addr, verdict) in [
+            ("ingress", "in", "saddr", &pod.ingress),
+            ("egress", "eg", "daddr", &pod.egress),
+        ] {
+            if let Verdict::Isolated(grants) = verdict {
+                out.insert(
+                    (map, pod.host_veth.as_str()),
+                    (
+                        format!("{prefix}-{}", pod.host_veth),
+                        chain_rules(grants, addr),
+                    ),
+                );
+            }
+        }
+    }
+    out
 }
 
 /// The whole table as nftables text.
 pub fn ruleset(pods: &[PodRules]) -> String {
     let mut out = format!("table inet {TABLE} {{\n");
-    let mut ingress = Vec::new();
-    let mut egress = Vec::new();
-    for pod in pods {
-        if let Verdict::Isolated(grants) = &pod.ingress {
-            let name = format!("in-{}", pod.host_veth);
-            chain(&mut out, &name, grants, "saddr");
-            ingress.push(format!("\"{}\" : jump {name}", pod.host_veth));
+    let mut elements: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for ((map, veth), (chain, rules)) in chains(pods) {
+        let _ = writeln!(out, "  chain {chain} {{");
+        for rule in rules {
+            let _ = writeln!(out, "    {rule}");
         }
-        if let Verdict::Isolated(grants) = &pod.egress {
-            let name = format!("eg-{}", pod.host_veth);
-            chain(&mut out, &name, grants, "daddr");
-            egress.push(format!("\"{}\" : jump {name}", pod.host_veth));
-        }
+        let _ = writeln!(out, "  }}");
+        elements
+            .entry(map)
+            .or_default()
+            .push(format!("\"{veth}\" : jump {chain}"));
     }
-    for (map, elements) in [("ingress", &ingress), ("egress", &egress)] {
+    for map in ["ingress", "egress"] {
         let _ = writeln!(out, "  map {map} {{\n    type ifname : verdict");
-        if !elements.is_empty() {
+        if let Some(elements) = elements.get(map) {
             let _ = writeln!(out, "    elements = {{ {} }}", elements.join(", "));
         }
         let _ = writeln!(out, "  }}");
@@ -142,6 +171,52 @@ pub fn ruleset(pods: &[PodRules]) -> String {
     );
     out.push_str("}\n");
     out
+}
+
+/// The transaction that turns the table of `before` into that of `now`, touching only the chains
+/// and map elements that differ: a change to a few pods' policies costs a few rules, where the
+/// whole table of a busy node is a large transaction.
+pub fn update_script(before: &[PodRules], now: &[PodRules]) -> String {
+    let (old, new) = (chains(before), chains(now));
+    let mut out = String::new();
+    for ((map, veth), (chain, _)) in &old {
+        if !new.contains_key(&(*map, *veth)) {
+            let _ = writeln!(out, "delete element inet {TABLE} {map} {{ \"{veth}\" }}");
+            let _ = writeln!(out, "flush chain inet {TABLE} {chain}");
+            let _ = writeln!(out, "delete chain inet {TABLE} {chain}");
+        }
+    }
+    for ((map, veth), (chain, rules)) in &new {
+        match old.get(&(*map, *veth)) {
+            Some((_, before)) if before == rules => continue,
+            Some(_) => {
+                let _ = writeln!(out, "flush chain inet {TABLE} {chain}");
+            }
+            None => {
+                let _ = writeln!(out, "add chain inet {TABLE} {chain}");
+            }
+        }
+        for rule in rules {
+            let _ = writeln!(out, "add rule inet {TABLE} {chain} {rule}");
+        }
+        if !old.contains_key(&(*map, *veth)) {
+            let _ = writeln!(
+                out,
+                "add element inet {TABLE} {map} {{ \"{veth}\" : jump {chain} }}"
+            );
+        }
+    }
+    out
+}
+
+/// Changes the table from `before` (as applied) to `now` in one transaction; nothing when they
+/// render the same.
+pub fn update(before: &[PodRules], now: &[PodRules]) -> Result<()> {
+    let script = update_script(before, now);
+    if script.is_empty() {
+        return Ok(());
+    }
+    crate::snat::nft(&script)
 }
 
 /// The addresses of the pods whose rules in `now` are new or differ from `before`: their

@@ -229,8 +229,18 @@ async fn run(
             let mut cut =
                 datapath::netpol::changed_addresses(applied.as_deref().unwrap_or(&[]), &rules);
             cut.retain(|ip| !fresh.contains(ip));
+            let before = applied.clone();
             let result = tokio::task::spawn_blocking(move || {
-                datapath::netpol::apply(&table)?;
+                // Only what changed, in one transaction; the whole table when there is no table of
+                // ours yet, or the update is refused (the table was changed behind our back).
+                let updated = match &before {
+                    Some(before) => datapath::netpol::update(before, &table),
+                    None => datapath::netpol::apply(&table),
+                };
+                if let Err(e) = updated {
+                    tracing::warn!(error = %e, "NetworkPolicy update refused; replacing the table");
+                    datapath::netpol::apply(&table)?;
+                }
                 datapath::netpol::forget_flows(&cut)
             })
             .await
