@@ -1693,3 +1693,86 @@ fn network_policies_from_the_api_server_hold_from_a_pods_first_packet() {
     assert_eq!(asked, expected);
     tb.stop_daemon(0, Stop::Term).unwrap();
 }
+
+/// One TCP connection attempt from `pod` to `to`, in a thread of its own: whether it was answered
+/// within `patience`, and how long it took.
+fn attempt(pod: &Pod, to: IpAddr, patience: Duration) -> std::thread::JoinHandle<(bool, Duration)> {
+    let path = pod.netns.path();
+    std::thread::spawn(move || {
+        let ns = datapath::netns::NetNs::open(&path).unwrap();
+        ns.run(move || {
+            let started = Instant::now();
+            let ok = std::net::TcpStream::connect_timeout(&SocketAddr::from((to, PORT)), patience)
+                .is_ok();
+            (ok, started.elapsed())
+        })
+        .unwrap()
+    })
+}
+
+#[test]
+fn two_hundred_new_pods_under_a_deny_policy_never_get_a_packet_out() {
+    let mut options = options(&[
+        ("ENABLE_NETWORK_POLICY", "true"),
+        ("NETWORK_POLICY_ENFORCING_MODE", "standard"),
+        ("WARM_IP_TARGET", "25"),
+        // The node holds 27 addresses: each batch reuses the last one's.
+        ("IP_COOLDOWN_PERIOD", "1"),
+    ]);
+    options.kubernetes = true;
+    let Some(mut tb) = testbed("netpol_race", options) else {
+        return;
+    };
+    kube(&tb).apply(
+        "networkpolicies",
+        serde_json::json!({"metadata": {"namespace": "default", "name": "locked"},
+            "spec": {"podSelector": {"matchLabels": {"app": "locked"}},
+                     "policyTypes": ["Egress"], "egress": []}}),
+    );
+    tb.start_daemon(0).unwrap();
+    let router = IpAddr::V4(tb.nodes[0].gateway);
+    let _router_listens = tb
+        .vpc
+        .run(move || WhoAmI::bind(SocketAddr::from((router, PORT))).unwrap())
+        .unwrap();
+    // In batches of 20 (the node holds 29 pods): each pod's first packet leaves the instant its
+    // ADD returns; the locked ones must never be answered, the free ones on their first SYN.
+    let (mut locked_out, mut free_slow) = (Vec::new(), Vec::new());
+    let (mut locked_total, mut free_total) = (0, 0);
+    for _ in 0..10 {
+        let mut batch = Vec::new();
+        for i in 0..22 {
+            let app = if i < 20 { "locked" } else { "free" };
+            let pod = tb.add_pod_labelled(0, &[("app", app)]).unwrap();
+            let probe = attempt(&pod, router, Duration::from_millis(800));
+            batch.push((app, pod, probe));
+        }
+        for (app, pod, probe) in batch {
+            let (ok, took) = probe.join().unwrap();
+            match app {
+                "locked" => {
+                    locked_total += 1;
+                    if ok {
+                        locked_out.push(pod.name.clone());
+                    }
+                }
+                _ => {
+                    free_total += 1;
+                    if !ok || took > Duration::from_millis(500) {
+                        free_slow.push(format!("{} ({ok}, {took:?})", pod.name));
+                    }
+                }
+            }
+            tb.del_pod(pod).unwrap();
+        }
+    }
+    assert_eq!(locked_total, 200);
+    assert!(
+        locked_out.is_empty(),
+        "locked pods got packets out: {locked_out:?}"
+    );
+    assert!(
+        free_slow.is_empty(),
+        "of {free_total} free pods: {free_slow:?}"
+    );
+}
