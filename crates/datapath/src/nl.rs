@@ -108,28 +108,39 @@ pub(crate) fn link_is_up(link: &LinkMessage) -> bool {
     link.header.flags.contains(LinkFlags::Up)
 }
 
-/// The IPv4 addresses on link `index`, with the messages that delete them.
-pub(crate) async fn ipv4_addresses(
-    handle: &Handle,
-    index: u32,
-) -> Result<Vec<(AddressMessage, Ipv4Addr, u8)>> {
-    let messages: Vec<AddressMessage> = handle
+/// Every address message of link `index`.
+async fn link_addresses(handle: &Handle, index: u32) -> Result<Vec<AddressMessage>> {
+    handle
         .address()
         .get()
         .set_link_index_filter(index)
         .execute()
         .try_collect()
         .await
-        .context(|| format!("listing the addresses of link {index}"))?;
-    Ok(messages
+        .context(|| format!("listing the addresses of link {index}"))
+}
+
+fn address_of(m: &AddressMessage) -> Option<IpAddr> {
+    m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    })
+}
+
+/// The IPv4 addresses on link `index`, with the messages that delete them.
+pub(crate) async fn ipv4_addresses(
+    handle: &Handle,
+    index: u32,
+) -> Result<Vec<(AddressMessage, Ipv4Addr, u8)>> {
+    Ok(link_addresses(handle, index)
+        .await?
         .into_iter()
-        .filter_map(|m| {
-            let ip = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            })?;
-            let len = m.header.prefix_len;
-            Some((m, ip, len))
+        .filter_map(|m| match address_of(&m)? {
+            IpAddr::V4(ip) => {
+                let len = m.header.prefix_len;
+                Some((m, ip, len))
+            }
+            IpAddr::V6(_) => None,
         })
         .collect())
 }
@@ -160,21 +171,13 @@ pub(crate) async fn ipv6_addresses(
     handle: &Handle,
     index: u32,
 ) -> Result<Vec<(Ipv6Addr, u8, AddressFlags)>> {
-    let messages: Vec<AddressMessage> = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .context(|| format!("listing the addresses of link {index}"))?;
-    Ok(messages
+    Ok(link_addresses(handle, index)
+        .await?
         .into_iter()
         .filter_map(|m| {
-            let ip = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
-                _ => None,
-            })?;
+            let IpAddr::V6(ip) = address_of(&m)? else {
+                return None;
+            };
             let flags = m
                 .attributes
                 .iter()

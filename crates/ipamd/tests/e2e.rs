@@ -1594,6 +1594,13 @@ fn ipv6_on_a_subnet_without_an_ipv6_block_stops_with_a_clear_error_and_an_event(
     }
 }
 
+/// A NetworkPolicy that lets pods labelled app=`app` send nothing.
+fn deny_egress_of(app: &str) -> Value {
+    serde_json::json!({"metadata": {"namespace": "default", "name": app},
+        "spec": {"podSelector": {"matchLabels": {"app": app}},
+                 "policyTypes": ["Egress"], "egress": []}})
+}
+
 /// Whether a connection from `pod` to `to` is answered, and how long it took either way.
 fn reach(tb: &Testbed, pod: &Pod, to: IpAddr) -> (bool, Duration) {
     let started = Instant::now();
@@ -1624,12 +1631,7 @@ fn network_policies_from_the_api_server_hold_from_a_pods_first_packet() {
                      "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
                                   "ports": [{"port": PORT}]}]}}),
     );
-    kube(&tb).apply(
-        "networkpolicies",
-        serde_json::json!({"metadata": {"namespace": "default", "name": "locked"},
-            "spec": {"podSelector": {"matchLabels": {"app": "locked"}},
-                     "policyTypes": ["Egress"], "egress": []}}),
-    );
+    kube(&tb).apply("networkpolicies", deny_egress_of("locked"));
     tb.start_daemon(0).unwrap();
     let api = kube(&tb);
     let web = tb.add_pod_labelled(0, &[("app", "web")]).unwrap();
@@ -1723,12 +1725,7 @@ fn two_hundred_new_pods_under_a_deny_policy_never_get_a_packet_out() {
     let Some(mut tb) = testbed("netpol_race", options) else {
         return;
     };
-    kube(&tb).apply(
-        "networkpolicies",
-        serde_json::json!({"metadata": {"namespace": "default", "name": "locked"},
-            "spec": {"podSelector": {"matchLabels": {"app": "locked"}},
-                     "policyTypes": ["Egress"], "egress": []}}),
-    );
+    kube(&tb).apply("networkpolicies", deny_egress_of("locked"));
     tb.start_daemon(0).unwrap();
     let router = IpAddr::V4(tb.nodes[0].gateway);
     let _router_listens = tb
