@@ -54,6 +54,8 @@ pub struct Enforcement {
     /// Addresses of pods that arrived since the last table: no flow of theirs can need cutting,
     /// and forgetting flows costs a few milliseconds a pod.
     fresh: Vec<IpAddr>,
+    /// Pods ADDed in this daemon's life (the others were restored from the checkpoint).
+    added: std::collections::HashSet<IpamKey>,
 }
 
 impl Enforcement {
@@ -64,6 +66,7 @@ impl Enforcement {
             cluster: None,
             local: BTreeMap::new(),
             fresh: Vec::new(),
+            added: std::collections::HashSet::new(),
         }
     }
 
@@ -97,6 +100,9 @@ impl Enforcement {
                     },
                 );
                 self.fresh.push(ip);
+                if reply.is_some() {
+                    self.added.insert(key.clone());
+                }
                 if let Some((reply, message)) = reply {
                     replies.push(Waiting {
                         key,
@@ -108,8 +114,27 @@ impl Enforcement {
             }
             Input::Down { key } => {
                 self.local.remove(&key);
+                self.added.remove(&key);
             }
         }
+    }
+
+    /// Whether the API server's view has arrived (every listing complete).
+    fn synced(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// The rules of the pods ADDed in this daemon's life: before the first view of the cluster,
+    /// the only ones it may decide (a restarted daemon leaves the running pods' rules, which its
+    /// predecessor applied, as they are until it knows better).
+    pub fn rules_of_added(&self) -> Vec<PodRules> {
+        let mut rules = self.rules();
+        rules.retain(|r| {
+            self.local
+                .iter()
+                .any(|(key, local)| self.added.contains(key) && r.addresses.contains(&local.ip))
+        });
+        rules
     }
 
     /// Every local pod's rules. The cluster's pods carry this node's addresses for its own pods
@@ -202,6 +227,8 @@ async fn run(
     metrics: Arc<Metrics>,
 ) {
     let mut applied: Option<Vec<PodRules>> = None;
+    // Whether the table is wholly this daemon's (replaced once the cluster was known).
+    let mut owned = false;
     let mut waiting: Vec<Waiting> = Vec::new();
     loop {
         let deadline = waiting.iter().map(|w| w.until).min();
@@ -219,28 +246,39 @@ async fn run(
         while let Ok(more) = inputs.try_recv() {
             state.take(more, &mut waiting);
         }
-        let rules = state.rules();
+        // Until the cluster's first view the table is left as the last daemon left it, but for
+        // pods ADDed since, whose rules go in on top; from the first view on, the table is this
+        // daemon's: replaced whole once, then updated.
+        let synced = state.synced();
+        let rules = if synced {
+            state.rules()
+        } else {
+            state.rules_of_added()
+        };
         let mut failure = None;
         let fresh = std::mem::take(&mut state.fresh);
-        if applied.as_ref() != Some(&rules) {
+        let whole = synced && !owned;
+        if whole || applied.as_ref() != Some(&rules) {
             let table = rules.clone();
-            // Flows of pods whose rules changed are forgotten once the new rules are in: a flow
-            // the change denies is cut instead of living on, an allowed one is picked up again.
             let mut cut =
                 datapath::netpol::changed_addresses(applied.as_deref().unwrap_or(&[]), &rules);
             cut.retain(|ip| !fresh.contains(ip));
             let before = applied.clone();
             let result = tokio::task::spawn_blocking(move || {
-                // Only what changed, in one transaction; the whole table when there is no table of
-                // ours yet, or the update is refused (the table was changed behind our back).
-                let updated = match &before {
-                    Some(before) => datapath::netpol::update(before, &table),
-                    None => datapath::netpol::apply(&table),
+                // Only what changed, in one transaction; the whole table once the cluster is
+                // known, or when an update is refused (the table changed behind our back, or
+                // there is none yet).
+                let updated = if whole {
+                    datapath::netpol::apply(&table)
+                } else {
+                    datapath::netpol::update(before.as_deref().unwrap_or(&[]), &table)
                 };
                 if let Err(e) = updated {
                     tracing::warn!(error = %e, "NetworkPolicy update refused; replacing the table");
                     datapath::netpol::apply(&table)?;
                 }
+                // Flows of pods whose rules changed are forgotten once the new rules are in:
+                // a flow the change denies is cut, an allowed one is picked up again.
                 datapath::netpol::forget_flows(&cut)
             })
             .await
@@ -251,6 +289,7 @@ async fn run(
                     metrics.policy_applied(started.elapsed());
                     tracing::debug!(pods = %rules.len(), took_ms = %started.elapsed().as_millis(), "NetworkPolicy table applied");
                     applied = Some(rules);
+                    owned |= synced;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "NetworkPolicy table could not be applied");
@@ -340,6 +379,40 @@ mod tests {
                 assert!(rules.is_empty(), "standard: open until known");
             }
         }
+    }
+
+    #[test]
+    fn before_the_cluster_is_known_only_pods_added_since_the_start_are_decided() {
+        let mut state = Enforcement::new(true, "eni");
+        // Restored from the checkpoint: its predecessor's rules stay as they are.
+        up(&mut state, "restored", "10.0.0.5");
+        assert!(state.rules_of_added().is_empty());
+        let (reply, _) = oneshot::channel();
+        state.take(
+            Input::Up {
+                key: key("new"),
+                namespace: "default".into(),
+                name: "new".into(),
+                ip: "10.0.0.6".parse().unwrap(),
+                reply: Some((
+                    reply,
+                    Reply::Status {
+                        ready: true,
+                        available_addresses: 0,
+                        detail: String::new(),
+                    },
+                )),
+            },
+            &mut Vec::new(),
+        );
+        let added = state.rules_of_added();
+        assert_eq!(added.len(), 1, "strict: the new pod is denied until known");
+        assert_eq!(added[0].addresses, ["10.0.0.6".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            state.rules().len(),
+            2,
+            "all of them once the cluster is known"
+        );
     }
 
     #[test]

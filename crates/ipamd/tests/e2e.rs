@@ -1633,7 +1633,6 @@ fn network_policies_from_the_api_server_hold_from_a_pods_first_packet() {
     );
     kube(&tb).apply("networkpolicies", deny_egress_of("locked"));
     tb.start_daemon(0).unwrap();
-    let api = kube(&tb);
     let web = tb.add_pod_labelled(0, &[("app", "web")]).unwrap();
     let db = tb.add_pod_labelled(0, &[("app", "db")]).unwrap();
     let other = tb.add_pod_labelled(0, &[("app", "other")]).unwrap();
@@ -1668,7 +1667,7 @@ fn network_policies_from_the_api_server_hold_from_a_pods_first_packet() {
     }
 
     // A change through the API server takes effect: db now takes other too.
-    api.apply(
+    kube(&tb).apply(
         "networkpolicies",
         serde_json::json!({"metadata": {"namespace": "default", "name": "db"},
             "spec": {"podSelector": {"matchLabels": {"app": "db"}},
@@ -1676,13 +1675,28 @@ fn network_policies_from_the_api_server_hold_from_a_pods_first_packet() {
                          {"key": "app", "operator": "In", "values": ["web", "other"]}]}}]}]}}),
     );
     wait_for("the updated policy", || reach(&tb, &other, db.ip).0);
+    // The rules outlive the daemon (kill -9) and a restart: the new daemon leaves them as they are
+    // until it knows the cluster, then takes them over.
+    tb.stop_daemon(0, Stop::Kill).unwrap();
+    assert!(reach(&tb, &web, db.ip).0 && reach(&tb, &other, db.ip).0);
+    assert!(
+        tb.nodes[0].introspect("/v1/pods").is_err(),
+        "the daemon is down"
+    );
+    tb.start_daemon(0).unwrap();
+    assert!(reach(&tb, &web, db.ip).0, "after the restart");
+    let third = tb.add_pod_labelled(0, &[("app", "third")]).unwrap();
+    assert!(
+        !reach(&tb, &third, db.ip).0,
+        "a new pod is judged by the same policies"
+    );
     let metrics = tb.nodes[0].metrics().unwrap();
     assert!(
         metrics.contains("vpccni_network_policy_apply_seconds_count"),
         "{metrics}"
     );
     // What was asked of the API server for it: list and watch, of these kinds only.
-    let asked: BTreeSet<(String, String)> = api
+    let asked: BTreeSet<(String, String)> = kube(&tb)
         .accesses()
         .into_iter()
         .filter(|a| ["networkpolicies", "namespaces"].contains(&a.resource.as_str()))
