@@ -306,14 +306,20 @@ const COMMANDS: &[&str] = &[
     "/v1/pods",
     "/v1/status",
     "/v1/eni-configs",
+    "/v1/network-policy",
     "/v1/networkutils-env-settings",
     "/v1/ipamd-env-settings",
 ];
 
-pub fn introspection_routes(events: mpsc::UnboundedSender<Event>, config: Arc<Config>) -> Routes {
+pub fn introspection_routes(
+    events: mpsc::UnboundedSender<Event>,
+    config: Arc<Config>,
+    network_policy: Option<mpsc::UnboundedSender<crate::netpol::Input>>,
+) -> Routes {
     Arc::new(move |path: String| {
         let events = events.clone();
         let config = config.clone();
+        let network_policy = network_policy.clone();
         Box::pin(async move {
             let from_loop = |answer: Option<Value>| match answer {
                 Some(v) => Response::json(&v),
@@ -328,6 +334,20 @@ pub fn introspection_routes(events: mpsc::UnboundedSender<Event>, config: Arc<Co
                     Some(Some(config)) => Response::json(&config),
                     Some(None) => Response::text(404, "this node has no ENIConfig"),
                     None => Response::text(503, "the control loop did not answer"),
+                },
+                "/v1/network-policy" => match network_policy {
+                    None => Response::text(
+                        404,
+                        "NetworkPolicy is not enforced on this node (ENABLE_NETWORK_POLICY)",
+                    ),
+                    Some(enforcer) => {
+                        let (tx, rx) = oneshot::channel();
+                        let _ = enforcer.send(crate::netpol::Input::Inspect(tx));
+                        match tokio::time::timeout(Duration::from_secs(2), rx).await {
+                            Ok(Ok(view)) => Response::json(&view),
+                            _ => Response::text(503, "the NetworkPolicy task did not answer"),
+                        }
+                    }
                 },
                 "/v1/networkutils-env-settings" => Response::json(&networkutils_settings(&config)),
                 "/v1/ipamd-env-settings" => Response::json(&ipamd_settings(&config)),

@@ -298,6 +298,7 @@ async fn run(
     let mut control = started.control;
     let enforce = config.network_policy
         && config.network_policy_mode != ipam::config::NetworkPolicyMode::None;
+    let mut network_policy = None;
     if enforce {
         let Some((cluster, _)) = &cluster else {
             return Err("ENABLE_NETWORK_POLICY=true needs the Kubernetes API server (in a cluster, or KUBECONFIG), where the NetworkPolicies are".into());
@@ -320,6 +321,7 @@ async fn run(
                 .await
         });
         tracing::info!(mode = %if strict { "strict" } else { "standard" }, "NetworkPolicy enforced");
+        network_policy = Some(enforcer.clone());
         control = control.with_network_policy(enforcer);
     }
     if let Some((cluster, _)) = &cluster {
@@ -343,7 +345,8 @@ async fn run(
         let listener = tokio::net::TcpListener::bind(&config.introspection_bind)
             .await
             .map_err(|e| format!("introspection on {}: {e}", config.introspection_bind))?;
-        let routes = introspect::introspection_routes(events.clone(), config.clone());
+        let routes =
+            introspect::introspection_routes(events.clone(), config.clone(), network_policy);
         tokio::spawn(ipamd::http::serve(listener, routes));
     }
     if !config.disable_metrics {

@@ -37,6 +37,8 @@ pub enum Input {
     Down {
         key: IpamKey,
     },
+    /// What each local pod's policies allow, for `/v1/network-policy`.
+    Inspect(oneshot::Sender<serde_json::Value>),
 }
 
 struct Local {
@@ -116,7 +118,60 @@ impl Enforcement {
                 self.local.remove(&key);
                 self.added.remove(&key);
             }
+            Input::Inspect(answer) => {
+                let _ = answer.send(self.describe());
+            }
         }
+    }
+
+    /// Every local pod with what its policies allow each way, by policy, in words a person reads.
+    pub fn describe(&self) -> serde_json::Value {
+        let verdict = |v: &netpol::Verdict| match v {
+            netpol::Verdict::Open => serde_json::json!("open"),
+            netpol::Verdict::Isolated(grants) => grants
+                .iter()
+                .map(|g| {
+                    let peers = match &g.peers {
+                        None => serde_json::json!("any"),
+                        Some(set) => set
+                            .v4_ranges()
+                            .map(|(s, e)| range(s, e))
+                            .chain(set.v6_ranges().map(|(s, e)| range(s, e)))
+                            .collect(),
+                    };
+                    let ports = match &g.ports {
+                        None => serde_json::json!("any"),
+                        Some(ranges) => ranges
+                            .iter()
+                            .map(|r| format!("{:?}/{}", r.protocol, range(r.first, r.last)))
+                            .collect(),
+                    };
+                    serde_json::json!({"policy": g.policy, "peers": peers, "ports": ports})
+                })
+                .collect(),
+        };
+        let rules = self.rules();
+        let pods: Vec<serde_json::Value> = self
+            .local
+            .values()
+            .filter(|l| !l.name.is_empty())
+            .map(|l| {
+                let rule = rules.iter().find(|r| r.addresses.contains(&l.ip));
+                let open = netpol::Verdict::Open;
+                serde_json::json!({
+                    "namespace": l.namespace,
+                    "name": l.name,
+                    "address": l.ip.to_string(),
+                    "ingress": verdict(rule.map_or(&open, |r| &r.ingress)),
+                    "egress": verdict(rule.map_or(&open, |r| &r.egress)),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "mode": if self.strict { "strict" } else { "standard" },
+            "clusterKnown": self.synced(),
+            "pods": pods,
+        })
     }
 
     /// Whether the API server's view has arrived (every listing complete).
@@ -203,6 +258,14 @@ impl Enforcement {
             });
         }
         rules
+    }
+}
+
+fn range<T: std::fmt::Display + PartialEq>(first: T, last: T) -> String {
+    if first == last {
+        first.to_string()
+    } else {
+        format!("{first}-{last}")
     }
 }
 

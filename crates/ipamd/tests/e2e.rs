@@ -1650,6 +1650,31 @@ fn network_policies_from_the_api_server_hold_from_a_pods_first_packet() {
     assert!(reach(&tb, &web, db.ip).0, "web may reach db");
     assert!(!reach(&tb, &other, db.ip).0, "other may not");
     assert!(reach(&tb, &other, router).0, "other's egress is open");
+    // What the daemon says each pod's policies allow (vpcctl netpol reads this).
+    let view = tb.nodes[0].introspect("/v1/network-policy").unwrap();
+    assert_eq!(view["mode"], "strict");
+    assert_eq!(view["clusterKnown"], true);
+    let of = |name: &str| {
+        view["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} not in {view}"))
+    };
+    let db_view = of(&db.name);
+    assert_eq!(db_view["ingress"][0]["policy"], "default/db", "{db_view}");
+    assert_eq!(
+        db_view["ingress"][0]["peers"],
+        serde_json::json!([web.ip.to_string()])
+    );
+    assert_eq!(
+        db_view["ingress"][0]["ports"],
+        serde_json::json!([format!("Tcp/{PORT}")])
+    );
+    assert_eq!(db_view["egress"], "open");
+    assert_eq!(of(&web.name)["ingress"], "open");
 
     // New pods under a deny-egress policy never send a packet; allowed ones succeed at once, on
     // their first SYN (a SYN lost to a late rule would be retried only after a second).

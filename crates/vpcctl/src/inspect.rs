@@ -169,6 +169,86 @@ pub fn pods(target: &Target) -> Result<(), String> {
     Ok(())
 }
 
+/// `vpcctl netpol [NAMESPACE/POD]`.
+#[derive(clap::Args)]
+pub struct NetpolTarget {
+    #[command(flatten)]
+    target: Target,
+    /// Only this pod, as namespace/name.
+    pod: Option<String>,
+}
+
+/// What each pod's NetworkPolicies allow, a row per grant: who may reach it (ingress) and whom it
+/// may reach (egress), on which ports, by which policy.
+pub fn netpol(args: &NetpolTarget) -> Result<(), String> {
+    let view = get_json(&args.target, "/v1/network-policy")?;
+    let wanted = |pod: &Value| {
+        args.pod
+            .as_deref()
+            .is_none_or(|p| format!("{}/{}", show(&pod["namespace"]), show(&pod["name"])) == p)
+    };
+    let pods: Vec<&Value> = view["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| wanted(p))
+        .collect();
+    if let Some(p) = &args.pod {
+        if pods.is_empty() {
+            return Err(format!("{p} is not a pod of this node"));
+        }
+    }
+    if args.target.json {
+        println!(
+            "{:#}",
+            serde_json::json!({"mode": view["mode"], "clusterKnown": view["clusterKnown"], "pods": pods})
+        );
+        return Ok(());
+    }
+    let list = |v: &Value| match v {
+        Value::Array(items) => items.iter().map(show).collect::<Vec<_>>().join(" "),
+        other => show(other),
+    };
+    let mut rows = Vec::new();
+    for pod in pods {
+        let name = format!("{}/{}", show(&pod["namespace"]), show(&pod["name"]));
+        for direction in ["ingress", "egress"] {
+            match &pod[direction] {
+                Value::Array(grants) if grants.is_empty() => rows.push(vec![
+                    name.clone(),
+                    direction.into(),
+                    "(isolated)".into(),
+                    "nothing".into(),
+                    "-".into(),
+                ]),
+                Value::Array(grants) => rows.extend(grants.iter().map(|g| {
+                    vec![
+                        name.clone(),
+                        direction.into(),
+                        show(&g["policy"]),
+                        list(&g["peers"]),
+                        list(&g["ports"]),
+                    ]
+                })),
+                _ => rows.push(vec![
+                    name.clone(),
+                    direction.into(),
+                    "(no policy)".into(),
+                    "any".into(),
+                    "any".into(),
+                ]),
+            }
+        }
+    }
+    println!(
+        "mode {}, cluster known: {}",
+        show(&view["mode"]),
+        show(&view["clusterKnown"])
+    );
+    table(&["POD", "DIRECTION", "POLICY", "PEERS", "PORTS"], &rows);
+    Ok(())
+}
+
 pub fn metrics(target: &MetricsTarget) -> Result<(), String> {
     let text = get(target.address, "/metrics")?;
     for line in text.lines() {

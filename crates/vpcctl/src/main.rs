@@ -59,6 +59,8 @@ enum Command {
     Pods(inspect::Target),
     /// The daemon's Prometheus metrics.
     Metrics(inspect::MetricsTarget),
+    /// What the NetworkPolicies of this node's pods allow, by policy (ENABLE_NETWORK_POLICY).
+    Netpol(inspect::NetpolTarget),
     /// Run by the DaemonSet: copy the plugin to the host, wait for the daemon, write the conflist.
     Install {
         /// The plugin binary to install.
@@ -192,6 +194,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Enis(target) => inspect::enis(&target),
         Command::Pods(target) => inspect::pods(&target),
         Command::Metrics(target) => inspect::metrics(&target),
+        Command::Netpol(args) => inspect::netpol(&args),
         Command::Install {
             plugin,
             chained_from,
