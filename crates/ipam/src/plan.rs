@@ -372,19 +372,34 @@ fn plan_ipv6(input: &PlanInput, limits: &InstanceLimits) -> Result<Plan, PlanErr
     })
 }
 
-/// Places every AZ's subnets in the VPC's CIDRs, largest first; when they do not fit, proposes
-/// secondary CIDRs for the pod subnets instead (and no layout).
+/// Places every AZ's subnets, largest first; when they do not fit, proposes secondary CIDRs for
+/// the pod subnets instead (and no layout). Under custom networking the node subnets go in the
+/// VPC's primary CIDR (the first given) and the pod subnets in its secondary CIDRs only, those of
+/// 100.64.0.0/10 first: keeping pods out of the routable primary range is what custom networking
+/// is for.
 fn lay_out(
     input: &PlanInput,
     needs: &[SubnetNeed],
     steps: &mut Vec<String>,
 ) -> (Vec<AzPlan>, Vec<Ipv4Cidr>) {
-    let mut free: Vec<(u64, u64)> = input
-        .vpc_cidrs
-        .iter()
-        .map(|c| (c.base() as u64, c.base() as u64 + c.size()))
-        .collect();
-    free.sort();
+    let range = |c: &Ipv4Cidr| (c.base() as u64, c.base() as u64 + c.size());
+    let custom = input.mode.custom();
+    let mut shared: Vec<(u64, u64)> = input.vpc_cidrs.iter().map(range).collect();
+    shared.sort();
+    // Under custom networking: the primary CIDR for nodes, the secondary ones for pods.
+    let cgnat: Ipv4Cidr = "100.64.0.0/10".parse().expect("a CIDR");
+    let mut secondary: Vec<&Ipv4Cidr> = input.vpc_cidrs.iter().skip(1).collect();
+    secondary.sort_by_key(|c| (!cgnat.contains_cidr(c), c.base()));
+    let mut for_nodes: Vec<(u64, u64)> = input.vpc_cidrs.first().map(range).into_iter().collect();
+    let mut for_pods: Vec<(u64, u64)> = secondary.iter().map(|c| range(c)).collect();
+    if custom {
+        let names: Vec<String> = secondary.iter().map(|c| c.to_string()).collect();
+        steps.push(format!(
+            "custom networking: node subnets in the primary CIDR {}, pod subnets in the secondary CIDRs ({})",
+            input.vpc_cidrs.first().map_or("-".into(), |c| c.to_string()),
+            if names.is_empty() { "none given".to_string() } else { names.join(", ") }
+        ));
+    }
     let mut order: Vec<(u32, usize)> = (0..input.azs)
         .flat_map(|az| (0..needs.len()).map(move |n| (az, n)))
         .collect();
@@ -397,14 +412,19 @@ fn lay_out(
         .collect();
     let mut proposed = Vec::new();
     for (az, n) in order {
-        if let Some(cidr) = place(&mut free, needs[n].prefix_len) {
+        let free = match (custom, needs[n].role) {
+            (false, _) => &mut shared,
+            (true, "pods") => &mut for_pods,
+            (true, _) => &mut for_nodes,
+        };
+        if let Some(cidr) = place(free, needs[n].prefix_len) {
             azs[az as usize]
                 .subnets
                 .push((needs[n].role.to_string(), cidr));
             continue;
         }
         // The pod subnets of every AZ, in /16 blocks from 100.64.0.0/10 as custom networking
-        // users do.
+        // users do, past the secondary CIDRs the VPC has already.
         let pod_len = needs.last().map_or(LARGEST, |n| n.prefix_len);
         let total = u64::from(input.azs) << (32 - pod_len);
         let blocks = div_ceil(total, 1 << (32 - LARGEST));
@@ -416,11 +436,11 @@ fn lay_out(
                 .find(|&l| 1u64 << (32 - l) >= total)
                 .unwrap_or(LARGEST)
         };
-        proposed = (0..blocks)
-            .map(|b| {
-                Ipv4Cidr::new(Ipv4Addr::new(100, 64 + b as u8, 0, 0), len)
-                    .expect("100.64.0.0 + n/16 is aligned")
-            })
+        let taken = |c: &Ipv4Cidr| input.vpc_cidrs.iter().any(|v| v.overlaps(c));
+        proposed = (0..64u8)
+            .filter_map(|b| Ipv4Cidr::new(Ipv4Addr::new(100, 64 + b, 0, 0), len))
+            .filter(|c| !taken(c))
+            .take(blocks as usize)
             .collect();
         let names: Vec<String> = proposed.iter().map(|c: &Ipv4Cidr| c.to_string()).collect();
         steps.push(format!(
@@ -562,6 +582,85 @@ mod tests {
             .collect();
         assert_eq!(proposed, ["100.64.0.0/16"]);
         assert!(p.azs.is_empty());
+    }
+
+    #[test]
+    fn custom_networking_keeps_nodes_in_the_primary_cidr_and_pods_in_the_secondary_ones() {
+        // The example: 110 pods, 50 nodes per AZ, growth 2, three AZs, the VPC's primary
+        // 10.0.0.0/16 and secondaries 100.64.0.0/16 and 100.65.0.0/16: /25 node subnets in
+        // 10.0.0.0/16, /17 pod subnets in the secondaries, never the other way round.
+        let limits = lookup("m5.large").unwrap();
+        let mut request = input(
+            Mode::CustomNetworking { prefixes: true },
+            110,
+            50,
+            2.0,
+            "10.0.0.0/16",
+            "m5.large",
+        );
+        request.vpc_cidrs.push("100.64.0.0/16".parse().unwrap());
+        request.vpc_cidrs.push("100.65.0.0/16".parse().unwrap());
+        let p = plan(&request, limits).unwrap();
+        let primary: Ipv4Cidr = "10.0.0.0/16".parse().unwrap();
+        let cgnat: Ipv4Cidr = "100.64.0.0/10".parse().unwrap();
+        assert_eq!(p.azs.len(), 3);
+        for az in &p.azs {
+            for (role, cidr) in &az.subnets {
+                match role.as_str() {
+                    "nodes" => assert!(primary.contains_cidr(cidr), "{role} {cidr}"),
+                    _ => assert!(cgnat.contains_cidr(cidr), "{role} {cidr}"),
+                }
+            }
+        }
+        // A secondary CIDR outside 100.64.0.0/10 serves pods too, after those inside it; with
+        // none at all, the pods' blocks are proposed past what the VPC has.
+        let mut other = input(
+            Mode::CustomNetworking { prefixes: false },
+            20,
+            10,
+            1.0,
+            "10.0.0.0/16",
+            "m5.large",
+        );
+        other.vpc_cidrs.push("172.16.0.0/16".parse().unwrap());
+        let p = plan(&other, limits).unwrap();
+        let secondary: Ipv4Cidr = "172.16.0.0/16".parse().unwrap();
+        assert!(p.azs.iter().all(|az| az
+            .subnets
+            .iter()
+            .all(|(role, c)| (role == "pods") == secondary.contains_cidr(c))));
+        let none = plan(
+            &input(
+                Mode::CustomNetworking { prefixes: false },
+                20,
+                10,
+                1.0,
+                "10.0.0.0/16",
+                "m5.large",
+            ),
+            limits,
+        )
+        .unwrap();
+        assert!(none.azs.is_empty());
+        assert!(
+            cgnat.contains_cidr(&none.proposed_secondary_cidrs[0]),
+            "{:?}",
+            none.proposed_secondary_cidrs
+        );
+        // Without custom networking every CIDR serves every subnet.
+        let shared = plan(
+            &input(
+                Mode::PrefixDelegation,
+                110,
+                50,
+                1.0,
+                "10.0.0.0/16",
+                "m5.large",
+            ),
+            limits,
+        )
+        .unwrap();
+        assert_eq!(shared.azs.len(), 3);
     }
 
     #[test]
