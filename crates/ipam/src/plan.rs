@@ -93,14 +93,82 @@ pub struct Plan {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("{instance_type} holds at most {max_pods} pods in this mode, not {wanted}")]
+    #[error("{instance_type} holds at most {max_pods} pods in this mode, not {wanted}{}", alternatives_text(.alternatives))]
     TooManyPods {
         instance_type: String,
         max_pods: u32,
         wanted: u32,
+        /// What would hold them: other modes on this instance type, or the smallest types of its
+        /// family in this mode.
+        alternatives: Vec<String>,
     },
     #[error("{0}")]
     Invalid(String),
+}
+
+fn alternatives_text(alternatives: &[String]) -> String {
+    if alternatives.is_empty() {
+        String::new()
+    } else {
+        format!("; these would: {}", alternatives.join(", "))
+    }
+}
+
+/// Max pods of `limits` in `mode`, as the kubelet would be told; None where the mode cannot run.
+fn mode_max_pods(limits: &InstanceLimits, mode: Mode) -> Option<u32> {
+    let ipv6 = mode == Mode::Ipv6;
+    let options = MaxPodsOptions {
+        prefix_delegation: mode.prefixes(),
+        custom_networking: mode.custom(),
+        ipv6,
+        ..MaxPodsOptions::default()
+    };
+    if (mode.prefixes() || ipv6) && !limits.supports_prefixes() {
+        return None;
+    }
+    Some(max_pods(limits, options))
+}
+
+/// The modes of this instance type and the instance types of its family (smallest first, by
+/// vCPUs) in this mode that hold `pods` pods.
+fn alternatives(
+    instance_type: &str,
+    limits: &InstanceLimits,
+    mode: Mode,
+    pods: u32,
+) -> Vec<String> {
+    let modes = [
+        (Mode::SecondaryIps, "secondary-ips"),
+        (Mode::PrefixDelegation, "prefix-delegation"),
+        (
+            Mode::CustomNetworking { prefixes: false },
+            "custom-networking",
+        ),
+        (
+            Mode::CustomNetworking { prefixes: true },
+            "custom-networking-prefixes",
+        ),
+        (Mode::Ipv6, "ipv6"),
+    ];
+    let mut out: Vec<String> = modes
+        .iter()
+        .filter(|(m, _)| *m != mode)
+        .filter(|(m, _)| mode_max_pods(limits, *m).is_some_and(|n| n >= pods))
+        .map(|(_, name)| format!("--mode {name} on {instance_type}"))
+        .collect();
+    let family = instance_type.split('.').next().unwrap_or(instance_type);
+    let mut bigger: Vec<&InstanceLimits> = crate::limits::all()
+        .filter(|l| l.instance_type.split('.').next() == Some(family))
+        .filter(|l| mode_max_pods(l, mode).is_some_and(|n| n >= pods))
+        .collect();
+    bigger.sort_by_key(|l| (l.vcpus, l.instance_type.clone()));
+    out.extend(
+        bigger
+            .iter()
+            .take(2)
+            .map(|l| format!("{} in this mode", l.instance_type)),
+    );
+    out
 }
 
 fn div_ceil(a: u64, b: u64) -> u64 {
@@ -178,6 +246,12 @@ pub fn plan(input: &PlanInput, limits: &InstanceLimits) -> Result<Plan, PlanErro
             instance_type: input.instance_type.clone(),
             max_pods,
             wanted: input.pods_per_node,
+            alternatives: alternatives(
+                &input.instance_type,
+                limits,
+                input.mode,
+                input.pods_per_node,
+            ),
         });
     }
     let mut steps = Vec::new();
@@ -321,6 +395,12 @@ fn plan_ipv6(input: &PlanInput, limits: &InstanceLimits) -> Result<Plan, PlanErr
             instance_type: input.instance_type.clone(),
             max_pods,
             wanted: input.pods_per_node,
+            alternatives: alternatives(
+                &input.instance_type,
+                limits,
+                Mode::Ipv6,
+                input.pods_per_node,
+            ),
         });
     }
     /// A subnet's /64 holds 2^16 /80s.
@@ -722,13 +802,35 @@ mod tests {
             limits,
         )
         .unwrap_err();
+        let PlanError::TooManyPods {
+            instance_type,
+            max_pods,
+            wanted,
+            alternatives,
+        } = &e
+        else {
+            panic!("{e}");
+        };
         assert_eq!(
-            e,
-            PlanError::TooManyPods {
-                instance_type: "m5.large".into(),
-                max_pods: 29,
-                wanted: 110
-            }
+            (instance_type.as_str(), *max_pods, *wanted),
+            ("m5.large", 29, 110)
+        );
+        // Other modes on m5.large (110 with prefixes or IPv6), and the family's smallest types
+        // with secondary IPs: m5.4xlarge (234) and m5.8xlarge.
+        assert_eq!(
+            alternatives,
+            &[
+                "--mode prefix-delegation on m5.large",
+                "--mode custom-networking-prefixes on m5.large",
+                "--mode ipv6 on m5.large",
+                "m5.4xlarge in this mode",
+                "m5.8xlarge in this mode",
+            ]
+        );
+        assert!(
+            e.to_string()
+                .contains("these would: --mode prefix-delegation"),
+            "{e}"
         );
         let e = plan(
             &input(Mode::SecondaryIps, 20, 10, 0.5, "10.0.0.0/16", "m5.large"),
