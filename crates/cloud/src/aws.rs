@@ -131,7 +131,7 @@ impl AwsEc2 {
                         kind: ErrorKind::Unavailable,
                         operation,
                         code: "transport".into(),
-                        message: DisplayErrorContext(&e).to_string(),
+                        message: DisplayErrorContext(&e).to_string().into(),
                     },
                 },
             };

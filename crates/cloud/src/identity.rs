@@ -65,7 +65,7 @@ pub fn client(endpoint: Option<&str>) -> Result<Client> {
             kind: ErrorKind::InvalidParameter,
             operation: "IMDS",
             code: "endpoint".into(),
-            message: e.to_string(),
+            message: e.to_string().into(),
         })?;
     }
     Ok(builder.build())
@@ -79,8 +79,10 @@ async fn get(client: &Client, path: &str) -> Result<String> {
         .map_err(|e| CloudError {
             kind: ErrorKind::Unavailable,
             operation: "IMDS",
-            code: path.to_string(),
-            message: aws_sdk_ec2::error::DisplayErrorContext(&e).to_string(),
+            code: path.to_string().into(),
+            message: aws_sdk_ec2::error::DisplayErrorContext(&e)
+                .to_string()
+                .into(),
         })
 }
 
@@ -88,8 +90,8 @@ fn parse<T: std::str::FromStr>(path: &str, text: &str) -> Result<T> {
     text.parse().map_err(|_| CloudError {
         kind: ErrorKind::Other,
         operation: "IMDS",
-        code: path.to_string(),
-        message: format!("{text:?} does not parse"),
+        code: path.to_string().into(),
+        message: format!("{text:?} does not parse").into(),
     })
 }
 
@@ -165,7 +167,8 @@ impl Identity {
                 kind: ErrorKind::Other,
                 operation: "IMDS",
                 code: "mac".into(),
-                message: format!("the primary MAC {primary_mac} is not among the interfaces"),
+                message: format!("the primary MAC {primary_mac} is not among the interfaces")
+                    .into(),
             })?;
         Ok(Identity {
             instance_id: get(client, "instance-id").await?,

@@ -228,12 +228,12 @@ pub fn blocks_of(eni: &Eni) -> Vec<Ipv4Cidr> {
         .collect()
 }
 
-fn node_error(operation: &'static str, code: &str, message: String) -> CloudError {
+fn node_error(operation: &'static str, code: &'static str, message: String) -> CloudError {
     CloudError {
         kind: ErrorKind::Other,
         operation,
         code: code.into(),
-        message,
+        message: message.into(),
     }
 }
 
@@ -665,7 +665,8 @@ impl Choreography {
                         kind: ErrorKind::AttachmentLimitExceeded,
                         operation: "AttachNetworkInterface",
                         code: "NoFreeDeviceIndex".into(),
-                        message: format!("all {} device indexes are in use", self.facts.max_enis),
+                        message: format!("all {} device indexes are in use", self.facts.max_enis)
+                            .into(),
                     };
                     self.undo(eni.id, None, error, true)
                 }
@@ -1153,12 +1154,12 @@ mod tests {
         }
     }
 
-    fn error(kind: ErrorKind, code: &str) -> CloudError {
+    fn error(kind: ErrorKind, code: &'static str) -> CloudError {
         CloudError {
             kind,
             operation: "X",
             code: code.into(),
-            message: String::new(),
+            message: "".into(),
         }
     }
 

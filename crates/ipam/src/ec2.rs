@@ -4,6 +4,7 @@
 
 use crate::net::{Ipv4Cidr, Ipv6Cidr};
 use crate::ownership::InterfaceType;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -44,9 +45,10 @@ pub enum ErrorKind {
 pub struct CloudError {
     pub kind: ErrorKind,
     pub operation: &'static str,
-    /// EC2's error code, or a description of the transport failure.
-    pub code: String,
-    pub message: String,
+    /// EC2's error code, or a description of the transport failure. Borrowed where they are
+    /// fixed (the simulator's throttled calls, tens of millions on a busy day, allocate nothing).
+    pub code: Cow<'static, str>,
+    pub message: Cow<'static, str>,
 }
 
 /// EC2's error codes, by kind.
@@ -77,16 +79,27 @@ pub fn classify(code: &str) -> ErrorKind {
 
 impl CloudError {
     pub fn new(operation: &'static str, code: &str, message: &str) -> CloudError {
-        let kind = classify(code);
+        CloudError::of(operation, code.to_string(), message.to_string())
+    }
+
+    /// As `new`, taking the code and message as they are (no copy when they are borrowed).
+    pub fn of(
+        operation: &'static str,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<Cow<'static, str>>,
+    ) -> CloudError {
+        let code = code.into();
+        let kind = classify(&code);
+        let message = message.into();
         let message = if kind == ErrorKind::Unauthorized {
-            format!("the node's IAM role lacks ec2:{operation} ({message})")
+            format!("the node's IAM role lacks ec2:{operation} ({message})").into()
         } else {
-            message.to_string()
+            message
         };
         CloudError {
             kind,
             operation,
-            code: code.to_string(),
+            code,
             message,
         }
     }

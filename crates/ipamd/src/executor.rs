@@ -165,7 +165,7 @@ impl<E: Ec2, L: Links> Executor<E, L> {
         self.metrics.ec2_call(
             operation,
             started.elapsed(),
-            result.as_ref().err().map(|e| e.code.as_str()),
+            result.as_ref().err().map(|e| e.code.as_ref()),
         );
         result
     }
@@ -212,7 +212,7 @@ impl<E: Ec2, L: Links> Executor<E, L> {
                 kind: ErrorKind::Other,
                 operation: op,
                 code: "NodeSetup".into(),
-                message,
+                message: message.into(),
             })
         };
         match request {

@@ -98,7 +98,7 @@ impl Ec2 for SimEc2 {
 
     async fn create_network_interface(&self, request: &CreateEni) -> cloud::Result<Eni> {
         self.answer("CreateNetworkInterface", |vpc, now| {
-            vpc.create_network_interface(now, request.into())
+            vpc.create_network_interface(now, request)
         })
         .await
         .map(|e| e.to_ec2())

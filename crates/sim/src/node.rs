@@ -339,7 +339,7 @@ impl Node {
         let r = vpc.assign_ipv6_prefixes(now, &v6.primary_eni, 1);
         let result = r
             .result
-            .map_err(|e| CloudError::new("AssignIpv6Addresses", e.code, &e.message));
+            .map_err(|e| CloudError::of("AssignIpv6Addresses", e.code, e.message));
         v6.reply = Some(result);
         vec![Next::Reply(now + r.latency, V6_CALL)]
     }
@@ -409,7 +409,7 @@ fn call_vpc(
         let result = r
             .result
             .map(reply)
-            .map_err(|e| CloudError::new(operation, e.code, &e.message));
+            .map_err(|e| CloudError::of(operation, e.code, e.message));
         (result, r.latency)
     }
     let op = request.operation();
@@ -439,7 +439,7 @@ fn call_vpc(
             vpc.describe_subnets_filtered(now, filters),
             Reply::Subnets,
         ),
-        Request::Create(c) => answer(op, vpc.create_network_interface(now, c.into()), |e| {
+        Request::Create(c) => answer(op, vpc.create_network_interface(now, c), |e| {
             Reply::Eni(Box::new(e.to_ec2()))
         }),
         Request::Attach {

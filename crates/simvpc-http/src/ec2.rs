@@ -29,7 +29,7 @@ impl Outcome {
 fn invalid(message: impl Into<String>) -> Ec2Error {
     Ec2Error {
         code: codes::INVALID_PARAMETER,
-        message: message.into(),
+        message: message.into().into(),
     }
 }
 
@@ -334,11 +334,14 @@ fn run(vpc: &mut SimVpc, now: Time, action: &str, p: &Params) -> Result<Outcome,
             let mut x = Xml::new();
             let mut found = Vec::new();
             for name in p.list("InstanceType") {
-                found.push(ipam::limits::lookup(&name).ok_or_else(|| Ec2Error {
-                    code: "InvalidInstanceType",
-                    message: format!(
-                        "The following supplied instance types do not exist: [{name}]"
-                    ),
+                found.push(ipam::limits::lookup(&name).ok_or_else(|| {
+                    Ec2Error {
+                        code: "InvalidInstanceType",
+                        message: format!(
+                            "The following supplied instance types do not exist: [{name}]"
+                        )
+                        .into(),
+                    }
                 })?);
             }
             x.items("instanceTypeSet", found, |x, limits| {
@@ -374,7 +377,7 @@ fn run(vpc: &mut SimVpc, now: Time, action: &str, p: &Params) -> Result<Outcome,
         other => {
             return Err(Ec2Error {
                 code: INVALID_ACTION,
-                message: format!("The action {other} is not valid for this web service."),
+                message: format!("The action {other} is not valid for this web service.").into(),
             })
         }
     })

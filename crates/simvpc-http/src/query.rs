@@ -28,7 +28,7 @@ impl Params {
     pub fn required(&self, name: &str) -> Result<&str, Ec2Error> {
         self.get(name).ok_or_else(|| Ec2Error {
             code: MISSING_PARAMETER,
-            message: format!("The request must contain the parameter {name}"),
+            message: format!("The request must contain the parameter {name}").into(),
         })
     }
 
@@ -37,7 +37,7 @@ impl Params {
             .map(|v| {
                 v.parse().map_err(|_| Ec2Error {
                     code: simvpc::codes::INVALID_PARAMETER,
-                    message: format!("Value ({v}) for parameter {name} is invalid"),
+                    message: format!("Value ({v}) for parameter {name} is invalid").into(),
                 })
             })
             .transpose()
