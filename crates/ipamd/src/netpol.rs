@@ -326,6 +326,11 @@ async fn run(
             let mut cut =
                 datapath::netpol::changed_addresses(applied.as_deref().unwrap_or(&[]), &rules);
             cut.retain(|ip| !fresh.contains(ip));
+            if whole {
+                // Taking over a predecessor's table: this daemon does not know what it replaces,
+                // and forgetting every pod's flows would make each stall on its next reply.
+                cut.clear();
+            }
             let before = applied.clone();
             let result = tokio::task::spawn_blocking(move || {
                 // Only what changed, in one transaction; the whole table once the cluster is
