@@ -40,6 +40,9 @@ pub struct Bounds {
     pub max_p99_wait_ms: f64,
     /// At most this many EC2 calls in the whole run (throttled ones included), if set.
     pub max_ec2_calls: Option<u64>,
+    /// At most this many EC2 calls per node and hour (throttled ones included), if set: the
+    /// trade-off in the operator's own terms, whatever the scenario's size.
+    pub max_ec2_calls_per_node_hour: Option<f64>,
 }
 
 impl Outcome {
@@ -82,6 +85,8 @@ impl Outcome {
 #[derive(Clone, Debug, Serialize)]
 pub struct TuneReport {
     pub scenario: String,
+    /// The scenario's node-hours (nodes times the hours each runs), for calls per node-hour.
+    pub node_hours: f64,
     pub bounds: Bounds,
     /// The scenario run with the settings it was written with: what the cluster does today.
     pub baseline: Outcome,
@@ -208,7 +213,21 @@ pub fn tune(
         .map(|(settings, r)| Outcome::from_report(settings, r))
         .collect();
     let baseline = outcomes.remove(0);
-    Ok(analyse(scenario.name.clone(), bounds, baseline, outcomes))
+    let node_hours = scenario
+        .nodes
+        .iter()
+        .map(|g| {
+            let hours = scenario.duration_secs.saturating_sub(g.start_secs) as f64 / 3600.0;
+            f64::from(g.count) * hours
+        })
+        .sum();
+    Ok(analyse(
+        scenario.name.clone(),
+        node_hours,
+        bounds,
+        baseline,
+        outcomes,
+    ))
 }
 
 fn label_of(settings: &BTreeMap<String, String>) -> String {
@@ -225,6 +244,7 @@ fn label_of(settings: &BTreeMap<String, String>) -> String {
 /// The Pareto front and the recommendation, from finished runs.
 pub fn analyse(
     scenario: String,
+    node_hours: f64,
     bounds: Bounds,
     baseline: Outcome,
     candidates: Vec<Outcome>,
@@ -238,6 +258,9 @@ pub fn analyse(
             let c = &candidates[i];
             c.p99_wait_ms <= bounds.max_p99_wait_ms
                 && bounds.max_ec2_calls.is_none_or(|max| c.ec2_calls <= max)
+                && bounds
+                    .max_ec2_calls_per_node_hour
+                    .is_none_or(|max| c.ec2_calls as f64 <= max * node_hours)
                 && c.unschedulable_pods <= baseline.unschedulable_pods
                 && c.throttled_calls <= baseline.throttled_calls
         })
@@ -249,6 +272,7 @@ pub fn analyse(
         });
     TuneReport {
         scenario,
+        node_hours,
         bounds,
         baseline,
         candidates,
@@ -268,7 +292,14 @@ impl TuneReport {
         let calls_bound = self
             .bounds
             .max_ec2_calls
-            .map_or(String::new(), |n| format!(", at most {n} EC2 calls"));
+            .map_or(String::new(), |n| format!(", at most {n} EC2 calls"))
+            + &self
+                .bounds
+                .max_ec2_calls_per_node_hour
+                .map_or(String::new(), |n| {
+                    format!(", at most {n} EC2 calls per node-hour")
+                });
+        let per_node_hour = |calls: u64| calls as f64 / self.node_hours.max(f64::MIN_POSITIVE);
         let _ = writeln!(
             o,
             "scenario {}: {} settings searched, p99 ADD wait bound {:.0} ms{calls_bound}, no more throttled calls than the scenario's settings\n",
@@ -292,7 +323,7 @@ impl TuneReport {
                 let b = &self.baseline;
                 let _ = writeln!(
                     o,
-                    "\nrecommended: {}\n  addresses held {:.1} -> {:.1} ({:+.0}%), p99 ADD wait {:.0} -> {:.0} ms, EC2 calls {} -> {}, p99 node ready {:.1} -> {:.1} s",
+                    "\nrecommended: {}\n  addresses held {:.1} -> {:.1} ({:+.0}%), p99 ADD wait {:.0} -> {:.0} ms, EC2 calls {} -> {} ({:.2} -> {:.2} per node-hour), p99 node ready {:.1} -> {:.1} s",
                     r.label(),
                     b.mean_held,
                     r.mean_held,
@@ -301,6 +332,8 @@ impl TuneReport {
                     r.p99_wait_ms,
                     b.ec2_calls,
                     r.ec2_calls,
+                    per_node_hour(b.ec2_calls),
+                    per_node_hour(r.ec2_calls),
                     b.p99_ready_secs,
                     r.p99_ready_secs
                 );
@@ -411,6 +444,7 @@ mod tests {
         Bounds {
             max_p99_wait_ms,
             max_ec2_calls: None,
+            max_ec2_calls_per_node_hour: None,
         }
     }
 
@@ -427,6 +461,7 @@ mod tests {
         ];
         let r = analyse(
             "t".into(),
+            10.0,
             wait_bound(1000.0),
             baseline.clone(),
             runs.clone(),
@@ -441,14 +476,30 @@ mod tests {
             max_ec2_calls: Some(65),
             ..wait_bound(1000.0)
         };
-        let r = analyse("t".into(), bounds, baseline.clone(), runs.clone());
+        let r = analyse("t".into(), 10.0, bounds, baseline.clone(), runs.clone());
         assert_eq!(r.recommended, Some(3));
         assert!(r.render().contains("at most 65 EC2 calls"));
+        // The same bound per node-hour, over 10 node-hours: 6.5 a node-hour.
+        let bounds = Bounds {
+            max_ec2_calls_per_node_hour: Some(6.5),
+            ..wait_bound(1000.0)
+        };
+        let r = analyse("t".into(), 10.0, bounds, baseline.clone(), runs.clone());
+        assert_eq!(r.recommended, Some(3));
+        let text = r.render();
+        assert!(
+            text.contains("at most 6.5 EC2 calls per node-hour"),
+            "{text}"
+        );
+        assert!(
+            text.contains("EC2 calls 50 -> 40 (5.00 -> 4.00 per node-hour)"),
+            "{text}"
+        );
         // A setting throttled more than the baseline is not recommended however few addresses it holds:
         // 2, as small but with more calls, is.
         let mut throttled = runs;
         throttled[1].throttled_calls = 1;
-        let r = analyse("t".into(), wait_bound(1000.0), baseline, throttled);
+        let r = analyse("t".into(), 10.0, wait_bound(1000.0), baseline, throttled);
         assert_eq!(r.recommended, Some(2));
     }
 
@@ -456,6 +507,7 @@ mod tests {
     fn no_recommendation_when_nothing_meets_the_bound() {
         let r = analyse(
             "t".into(),
+            10.0,
             wait_bound(10.0),
             outcome(10.0, 50.0, 5, 0),
             vec![outcome(5.0, 20.0, 5, 0)],

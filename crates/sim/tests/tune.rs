@@ -5,6 +5,7 @@ fn tuned(scenario: &Scenario, max_p99_wait_ms: f64) -> TuneReport {
     let bounds = Bounds {
         max_p99_wait_ms,
         max_ec2_calls: None,
+        max_ec2_calls_per_node_hour: None,
     };
     tune(scenario, bounds, 2, &|_, _| {}).unwrap()
 }

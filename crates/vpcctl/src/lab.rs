@@ -44,6 +44,10 @@ pub enum Command {
         /// At most this many EC2 calls over the whole run (throttled ones included).
         #[arg(long)]
         max_ec2_calls: Option<u64>,
+        /// At most this many EC2 calls per node and hour (throttled ones included): the trade-off
+        /// between addresses held and EC2 calls, whatever the scenario's size.
+        #[arg(long)]
+        max_ec2_calls_per_node_hour: Option<f64>,
         #[arg(long)]
         json: bool,
     },
@@ -217,12 +221,14 @@ pub fn run(command: Command) -> Result<(), String> {
             built_in,
             max_p99_wait,
             max_ec2_calls,
+            max_ec2_calls_per_node_hour,
             json,
         } => {
             let scenario = load_scenario(scenario, &built_in)?;
             let bounds = sim::tune::Bounds {
                 max_p99_wait_ms: max_p99_wait,
                 max_ec2_calls,
+                max_ec2_calls_per_node_hour,
             };
             let bar = progress_bar(json, "{bar:30} {pos}/{len} runs ({elapsed})");
             let progress = |done: usize, total: usize| {
