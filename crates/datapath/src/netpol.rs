@@ -36,7 +36,8 @@ fn protocol(p: Protocol) -> &'static str {
     }
 }
 
-fn range<T: std::fmt::Display + PartialEq>(first: T, last: T) -> String {
+/// `first-last`, or `first` alone: nftables' range, and how `vpcctl netpol` shows one.
+pub fn range<T: std::fmt::Display + PartialEq>(first: T, last: T) -> String {
     if first == last {
         first.to_string()
     } else {

@@ -11,7 +11,7 @@
 //! has.
 
 use crate::metrics::Metrics;
-use datapath::netpol::PodRules;
+use datapath::netpol::{range, PodRules};
 use ipam::IpamKey;
 use proto::{ErrorKind, Reply};
 use std::collections::BTreeMap;
@@ -258,14 +258,6 @@ impl Enforcement {
             });
         }
         rules
-    }
-}
-
-fn range<T: std::fmt::Display + PartialEq>(first: T, last: T) -> String {
-    if first == last {
-        first.to_string()
-    } else {
-        format!("{first}-{last}")
     }
 }
 

@@ -92,10 +92,6 @@ impl IpSet {
         set
     }
 
-    pub fn host(ip: IpAddr) -> IpSet {
-        IpSet::hosts([ip])
-    }
-
     /// Many single addresses, sorted once (a selector can pick thousands of pods).
     pub fn hosts(ips: impl IntoIterator<Item = IpAddr>) -> IpSet {
         let mut set = IpSet::default();
@@ -173,7 +169,7 @@ mod tests {
     #[test]
     fn unions_merge_and_host_bits_are_ignored() {
         let mut set = IpSet::cidr(&c("10.0.0.7/31"));
-        set.add(&IpSet::host(ip("10.0.0.8")));
+        set.add(&IpSet::hosts([ip("10.0.0.8")]));
         set.add(&IpSet::cidr(&c("2001:db8::/127")));
         let v4: Vec<_> = set.v4_ranges().collect();
         assert_eq!(v4, [(ip4("10.0.0.6"), ip4("10.0.0.8"))]);
