@@ -287,25 +287,40 @@ impl Control {
         self
     }
 
-    /// Every assignment as NetworkPolicy sees it: (namespace, pod, address).
-    fn pod_addresses(&self) -> HashMap<IpamKey, (String, String, std::net::IpAddr)> {
+    /// Every pod's address in whichever family the node runs, so that what follows is written
+    /// once for both.
+    fn assigned(&self) -> Vec<(&IpamKey, &PodMeta, std::net::IpAddr)> {
         match &self.v6 {
             Some(v6) => v6
                 .assignments()
-                .map(|(k, a)| {
-                    let who = (a.meta.namespace.clone(), a.meta.name.clone(), a.ip.into());
-                    (k.clone(), who)
-                })
+                .map(|(k, a)| (k, &a.meta, a.ip.into()))
                 .collect(),
             None => self
                 .pool
                 .assignments()
-                .map(|(k, a)| {
-                    let who = (a.meta.namespace.clone(), a.meta.name.clone(), a.ip.into());
-                    (k.clone(), who)
-                })
+                .map(|(k, a)| (k, &a.meta, a.ip.into()))
                 .collect(),
         }
+    }
+
+    /// Frees `key`'s address in whichever family the node runs.
+    fn release(&mut self, key: &IpamKey, now: Time) -> Option<(Allocation, PodMeta)> {
+        match &mut self.v6 {
+            Some(v6) => v6.unassign(key).map(|a| (v6_allocation(&a), a.meta)),
+            None => self
+                .pool
+                .unassign(key, now)
+                .ok()
+                .map(|a| (allocation(&a), a.meta)),
+        }
+    }
+
+    /// Every assignment as NetworkPolicy sees it: (namespace, pod, address).
+    fn pod_addresses(&self) -> HashMap<IpamKey, (String, String, std::net::IpAddr)> {
+        self.assigned()
+            .into_iter()
+            .map(|(k, meta, ip)| (k.clone(), (meta.namespace.clone(), meta.name.clone(), ip)))
+            .collect()
     }
 
     /// Tells the enforcer what changed since the last flush; new pods' replies go through it.
@@ -678,31 +693,15 @@ impl Control {
                     );
                     IpamKey::new(RECOVERED_NETWORK, &veth, "eth0")
                 });
-                if let Some(v6) = &mut self.v6 {
-                    let found = v6
-                        .unassign(&key)
-                        .or_else(|| recovered.and_then(|r| v6.unassign(&r)));
-                    if let Some(a) = &found {
-                        self.dirty = true;
-                        tracing::debug!(ip = %a.ip, pod = %a.meta.name, "released");
-                    }
-                    let released = found.as_ref().map(v6_allocation);
-                    return self.send(reply, Reply::Deleted { released });
-                }
-                let unassigned = self.pool.unassign(&key, now).or_else(|e| {
-                    match recovered.filter(|r| self.pool.assignment(r).is_some()) {
-                        Some(r) => self.pool.unassign(&r, now),
-                        None => Err(e),
-                    }
-                });
-                let released = match unassigned {
-                    Ok(a) => {
-                        self.dirty = true;
-                        tracing::debug!(ip = %a.ip, pod = %a.meta.name, "released");
-                        Some(allocation(&a))
-                    }
-                    Err(_) => None,
+                let found = match self.release(&key, now) {
+                    Some(found) => Some(found),
+                    None => recovered.and_then(|r| self.release(&r, now)),
                 };
+                let released = found.map(|(allocation, meta)| {
+                    self.dirty = true;
+                    tracing::debug!(ip = %allocation.address, pod = %meta.name, "released");
+                    allocation
+                });
                 self.send(reply, Reply::Deleted { released });
             }
             Request::Lookup { attachment } => {
@@ -729,40 +728,19 @@ impl Control {
             }
             Request::Gc { network, valid } => {
                 let valid: HashSet<IpamKey> = valid.iter().map(key_of).collect();
-                if let Some(v6) = &mut self.v6 {
-                    let doomed: Vec<IpamKey> = v6
-                        .assignments()
-                        .filter(|(k, _)| k.network_name == network && !valid.contains(k))
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    for key in &doomed {
-                        if let Some(a) = v6.unassign(key) {
-                            tracing::info!(ip = %a.ip, container = %key.container_id, "collected");
-                            self.dirty = true;
-                        }
-                    }
-                    let keep = v6.assignments().map(|(_, a)| a.ip.into()).collect();
-                    return self.send(
-                        reply,
-                        Reply::Collected {
-                            keep,
-                            released: doomed.len() as u32,
-                        },
-                    );
-                }
                 let doomed: Vec<IpamKey> = self
-                    .pool
-                    .assignments()
-                    .filter(|(k, _)| k.network_name == network && !valid.contains(k))
-                    .map(|(k, _)| k.clone())
+                    .assigned()
+                    .into_iter()
+                    .filter(|(k, _, _)| k.network_name == network && !valid.contains(k))
+                    .map(|(k, _, _)| k.clone())
                     .collect();
                 for key in &doomed {
-                    if let Ok(a) = self.pool.unassign(key, now) {
-                        tracing::info!(ip = %a.ip, container = %key.container_id, "collected");
+                    if let Some((a, _)) = self.release(key, now) {
+                        tracing::info!(ip = %a.address, container = %key.container_id, "collected");
                         self.dirty = true;
                     }
                 }
-                let keep = self.pool.assignments().map(|(_, a)| a.ip.into()).collect();
+                let keep = self.assigned().into_iter().map(|(_, _, ip)| ip).collect();
                 self.send(
                     reply,
                     Reply::Collected {
@@ -900,11 +878,7 @@ impl Control {
         let now = self.clock.now();
         let mut absent = HashMap::new();
         let mut gone = Vec::new();
-        let metas: Vec<(&IpamKey, &PodMeta)> = match &self.v6 {
-            Some(v6) => v6.assignments().map(|(k, a)| (k, &a.meta)).collect(),
-            None => self.pool.assignments().map(|(k, a)| (k, &a.meta)).collect(),
-        };
-        for (key, meta) in metas {
+        for (key, meta, _) in self.assigned() {
             if meta.name.is_empty() {
                 continue;
             }
@@ -925,17 +899,7 @@ impl Control {
         self.absent_since = absent;
         let mut released = HashSet::new();
         for key in gone {
-            let unassigned = match &mut self.v6 {
-                Some(v6) => v6
-                    .unassign(&key)
-                    .map(|a| (std::net::IpAddr::from(a.ip), a.meta)),
-                None => self
-                    .pool
-                    .unassign(&key, now)
-                    .ok()
-                    .map(|a| (a.ip.into(), a.meta)),
-            };
-            if let Some((ip, meta)) = unassigned {
+            if let Some((Allocation { address: ip, .. }, meta)) = self.release(&key, now) {
                 released.insert(ip);
                 self.dirty = true;
                 self.metrics
@@ -1100,18 +1064,17 @@ impl Control {
                 self.metrics
                     .count("awscni_ipamd_error_count", &[("fn", "checkpoint")]);
                 let now = self.clock.now();
-                for out in &mut self.outbox {
+                let mut outbox = std::mem::take(&mut self.outbox);
+                for out in &mut outbox {
                     if let Some(key) = out.assigned.take() {
-                        match &mut self.v6 {
-                            Some(v6) => drop(v6.unassign(&key)),
-                            None => drop(self.pool.unassign(&key, now)),
-                        }
+                        self.release(&key, now);
                         out.message = Reply::Error {
                             kind: ErrorKind::Internal,
                             message: format!("the checkpoint could not be written: {e}"),
                         };
                     }
                 }
+                self.outbox = outbox;
             }
         }
         self.tell_netpol();
