@@ -288,6 +288,8 @@ async fn run(
     loop {
         let deadline = waiting.iter().map(|w| w.until).min();
         let first = tokio::select! {
+            // An input ready with the deadline may be the pod the reply waits for.
+            biased;
             input = inputs.recv() => match input {
                 Some(input) => Some(input),
                 None => return,
@@ -359,9 +361,10 @@ async fn run(
             }
         }
         let now = Instant::now();
-        let (ready, still): (Vec<Waiting>, Vec<Waiting>) = waiting
-            .into_iter()
-            .partition(|w| failure.is_some() || state.known(&w.key) || w.until <= now);
+        let queued = !inputs.is_empty();
+        let (ready, still): (Vec<Waiting>, Vec<Waiting>) = waiting.into_iter().partition(|w| {
+            failure.is_some() || state.known(&w.key) || past_deadline(w.until, now, queued)
+        });
         waiting = still;
         for w in ready {
             let message = match &failure {
@@ -375,6 +378,14 @@ async fn run(
             let _ = w.reply.send(message);
         }
     }
+}
+
+/// Whether a reply whose pod is still unknown goes now. Past its deadline it still waits for the
+/// inputs that queued up meanwhile (applying a table can take longer than the deadline on a loaded
+/// node, and the pod may be among them); past twice the deadline it goes regardless, so that a
+/// stream of changes cannot hold it.
+fn past_deadline(until: Instant, now: Instant, queued: bool) -> bool {
+    until <= now && (!queued || until + KNOWN_WITHIN <= now)
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -403,6 +414,25 @@ mod tests {
             },
             &mut Vec::new(),
         );
+    }
+
+    #[test]
+    fn a_late_reply_waits_for_queued_inputs_but_not_forever() {
+        let until = Instant::now();
+        assert!(!past_deadline(
+            until + Duration::from_millis(1),
+            until,
+            false
+        ));
+        assert!(
+            past_deadline(until, until, false),
+            "nothing queued: it goes"
+        );
+        assert!(
+            !past_deadline(until, until + Duration::from_millis(1), true),
+            "the pod may be in what queued up"
+        );
+        assert!(past_deadline(until, until + KNOWN_WITHIN, true));
     }
 
     fn deny_all_ingress() -> netpol::Cluster {

@@ -1682,12 +1682,15 @@ fn network_policies_from_the_api_server_hold_from_a_pods_first_packet() {
         let locked = tb.add_pod_labelled(0, &[("app", "locked")]).unwrap();
         let (ok, _) = reach(&tb, &locked, router);
         assert!(!ok, "{} sent a packet despite its policy", locked.name);
+        let t0 = Instant::now();
         let free = tb.add_pod_labelled(0, &[("app", "free")]).unwrap();
+        let add_took = t0.elapsed();
         let (ok, took) = reach(&tb, &free, router);
         assert!(
             ok && took < Duration::from_millis(900),
-            "{}: {ok} after {took:?}",
-            free.name
+            "{}: {ok} after {took:?} (its ADD took {add_took:?})\n{}",
+            free.name,
+            tb.nodes[0].log_tail(60)
         );
     }
 
