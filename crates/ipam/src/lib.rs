@@ -7,6 +7,7 @@ pub mod action;
 pub mod checkpoint;
 pub mod choreography;
 pub mod config;
+pub mod config_map;
 pub mod ec2;
 pub mod limits;
 pub mod maxpods;

@@ -43,6 +43,51 @@ impl PoolSettings {
         }
     }
 
+    /// Takes the settings a running daemon may change (`config_map::LIVE`) from `new`, and says
+    /// which changed, as `NAME: old -> new`.
+    pub fn take_live(&mut self, new: &PoolSettings) -> Vec<String> {
+        let mut changed = Vec::new();
+        let mut take = |name: &str, old: &mut u32, new: u32| {
+            if *old != new {
+                changed.push(format!("{name}: {old} -> {new}"));
+                *old = new;
+            }
+        };
+        take(
+            "WARM_ENI_TARGET",
+            &mut self.warm_eni_target,
+            new.warm_eni_target,
+        );
+        take(
+            "WARM_IP_TARGET",
+            &mut self.warm_ip_target,
+            new.warm_ip_target,
+        );
+        take(
+            "MINIMUM_IP_TARGET",
+            &mut self.minimum_ip_target,
+            new.minimum_ip_target,
+        );
+        take(
+            "WARM_PREFIX_TARGET",
+            &mut self.warm_prefix_target,
+            new.warm_prefix_target,
+        );
+        if self.max_eni != new.max_eni {
+            changed.push(format!("MAX_ENI: {:?} -> {:?}", self.max_eni, new.max_eni));
+            self.max_eni = new.max_eni;
+        }
+        if self.ip_cooldown != new.ip_cooldown {
+            changed.push(format!(
+                "IP_COOLDOWN_PERIOD: {} -> {}",
+                self.ip_cooldown.as_secs(),
+                new.ip_cooldown.as_secs()
+            ));
+            self.ip_cooldown = new.ip_cooldown;
+        }
+        changed
+    }
+
     pub fn ip_targets_defined(&self) -> bool {
         self.warm_ip_target != 0 || self.minimum_ip_target != 0
     }

@@ -55,10 +55,31 @@ pub enum Event {
     Node(k8s::NodeView),
     /// The instance's ENIs, their addresses and the VPC's CIDRs, as IMDS shows them now.
     Imds(cloud::identity::Network),
+    /// The settings with the `amazon-vpc-cni` ConfigMap over the environment, at each change of
+    /// the ConfigMap: the pool takes the live ones (`ipam::config_map::LIVE`).
+    Settings {
+        pool: PoolSettings,
+        view: SettingsView,
+    },
     /// `immediate`: a second signal, stop as soon as EC2 calls in flight are done.
     Stop {
         immediate: bool,
     },
+}
+
+/// Where the settings come from, for `/v1/config`.
+#[derive(Clone, Debug, Default)]
+pub struct SettingsView {
+    /// Whether the ConfigMap exists (`None`: not read, no API server).
+    pub config_map: Option<bool>,
+    /// ConfigMap key → the variable it sets, for the keys taken.
+    pub keys: std::collections::BTreeMap<String, String>,
+    /// Keys refused, with why.
+    pub refused: Vec<String>,
+    /// Keys other components read.
+    pub others: Vec<String>,
+    /// Keys whose value differs from what the daemon started with and that wait for a restart.
+    pub pending_restart: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,6 +204,7 @@ pub struct Control {
     /// NetworkPolicy enforcement, when on, and the assignments it has been told of.
     netpol: Option<mpsc::UnboundedSender<crate::netpol::Input>>,
     told_netpol: HashSet<IpamKey>,
+    settings_view: SettingsView,
 }
 
 /// What the loop is made of: the pool and settings start-up built, and its effects on the world (the
@@ -274,6 +296,7 @@ impl Control {
             reconciler: Reconciler::default(),
             netpol: None,
             told_netpol: HashSet::new(),
+            settings_view: SettingsView::default(),
         }
     }
 
@@ -392,6 +415,11 @@ impl Control {
             self.eni_config_source.as_deref()?,
             self.pool.node.eni_config.as_ref()?,
         ))
+    }
+
+    /// The pool's settings now, and where they came from.
+    pub fn settings(&self) -> (&PoolSettings, &SettingsView) {
+        (&self.settings, &self.settings_view)
     }
 
     pub fn pool(&self) -> &Pool {
@@ -562,6 +590,12 @@ impl Control {
             Event::PodsOnNode(pods) => self.release_vanished_pods(&pods),
             Event::Node(view) => self.node_changed(&view),
             Event::Imds(network) => self.reconcile(network),
+            Event::Settings { pool, view } => {
+                for change in self.settings.take_live(&pool) {
+                    tracing::info!(%change, "setting changed by the ConfigMap");
+                }
+                self.settings_view = view;
+            }
             Event::Stop { immediate } => {
                 let until = if immediate {
                     Instant::now()

@@ -5,6 +5,7 @@
 use crate::control::{Control, Event, Phase};
 use crate::http::{Response, Routes};
 use ipam::config::Config;
+use ipam::settings::PoolSettings;
 use ipam::Ipv4Cidr;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
@@ -276,19 +277,48 @@ pub fn networkutils_settings(config: &Config) -> Value {
     })
 }
 
-pub fn ipamd_settings(config: &Config) -> Value {
+/// Upstream's `/v1/ipamd-env-settings`, with the pool's settings as they are now (a ConfigMap
+/// change applies the live ones without a restart).
+pub fn ipamd_settings(config: &Config, live: &PoolSettings) -> Value {
     json!({
-        "WARM_IP_TARGET": config.warm_ip_target,
-        "WARM_ENI_TARGET": config.warm_eni_target,
-        "MINIMUM_IP_TARGET": config.minimum_ip_target,
-        "WARM_PREFIX_TARGET": config.warm_prefix_target,
-        "ENABLE_PREFIX_DELEGATION": config.prefix_delegation,
-        "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG": config.custom_networking,
-        "AWS_MANAGE_ENIS_NON_SCHEDULABLE": config.manage_enis_non_schedulable,
-        "ENABLE_SUBNET_DISCOVERY": config.subnet_discovery,
-        "IP_COOLDOWN_PERIOD": config.ip_cooldown.as_secs(),
-        "MAX_ENI": config.max_eni,
+        "WARM_IP_TARGET": live.warm_ip_target,
+        "WARM_ENI_TARGET": live.warm_eni_target,
+        "MINIMUM_IP_TARGET": live.minimum_ip_target,
+        "WARM_PREFIX_TARGET": live.warm_prefix_target,
+        "ENABLE_PREFIX_DELEGATION": live.prefix_delegation,
+        "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG": live.custom_networking,
+        "AWS_MANAGE_ENIS_NON_SCHEDULABLE": live.manage_enis_non_schedulable,
+        "ENABLE_SUBNET_DISCOVERY": live.subnet_discovery,
+        "IP_COOLDOWN_PERIOD": live.ip_cooldown.as_secs(),
+        "MAX_ENI": live.max_eni,
         "VPC_CNI_VERSION": config.vpc_cni_version,
+    })
+}
+
+/// `/v1/config`: the pool's settings now and where each came from; what the ConfigMap set that
+/// was refused, belongs to another component, or waits for a restart.
+fn settings(control: &Control) -> Value {
+    let (live, view) = control.settings();
+    json!({
+        "precedence": format!(
+            "the ConfigMap {}/{} over the environment",
+            ipam::config_map::NAMESPACE,
+            ipam::config_map::NAME
+        ),
+        "configMap": match view.config_map {
+            None => json!("not read (no API server)"),
+            Some(false) => json!("absent"),
+            Some(true) => json!({"keys": view.keys, "refused": view.refused, "others": view.others}),
+        },
+        "live": {
+            "WARM_ENI_TARGET": live.warm_eni_target,
+            "WARM_IP_TARGET": live.warm_ip_target,
+            "MINIMUM_IP_TARGET": live.minimum_ip_target,
+            "WARM_PREFIX_TARGET": live.warm_prefix_target,
+            "MAX_ENI": live.max_eni,
+            "IP_COOLDOWN_PERIOD": live.ip_cooldown.as_secs(),
+        },
+        "pendingRestart": view.pending_restart,
     })
 }
 
@@ -309,6 +339,7 @@ const COMMANDS: &[&str] = &[
     "/v1/network-policy",
     "/v1/networkutils-env-settings",
     "/v1/ipamd-env-settings",
+    "/v1/config",
 ];
 
 pub fn introspection_routes(
@@ -350,7 +381,11 @@ pub fn introspection_routes(
                     }
                 },
                 "/v1/networkutils-env-settings" => Response::json(&networkutils_settings(&config)),
-                "/v1/ipamd-env-settings" => Response::json(&ipamd_settings(&config)),
+                "/v1/ipamd-env-settings" => {
+                    let config = config.clone();
+                    from_loop(ask(&events, move |c| ipamd_settings(&config, c.settings().0)).await)
+                }
+                "/v1/config" => from_loop(ask(&events, settings).await),
                 _ => Response::text(
                     404,
                     format!("no such endpoint; try {}", COMMANDS.join(", ")),

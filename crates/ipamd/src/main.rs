@@ -5,14 +5,16 @@
 
 use clap::Parser;
 use ipam::config::Config;
+use ipam::config_map::{self, ClusterSettings};
 use ipam::pool::EniConfigSpec;
-use ipamd::control::Event;
+use ipam::settings::PoolSettings;
+use ipamd::control::{Event, SettingsView};
 use ipamd::introspect;
 use ipamd::log::{self, Level};
 use ipamd::metrics::Metrics;
 use ipamd::startup;
 use ipamd::store::Store;
-use k8s::{Cluster, ClusterSettings};
+use k8s::Cluster;
 use proto::Listener;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -98,9 +100,13 @@ fn read_eni_config(path: &PathBuf) -> Result<EniConfigSpec, String> {
     })
 }
 
+/// The process's environment, read once: the layer under the ConfigMap's settings.
+type Environment = Arc<std::collections::BTreeMap<String, String>>;
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match Config::from_lookup(|k| std::env::var(k).ok())
+    let environment: Environment = Arc::new(std::env::vars().collect());
+    let config = match Config::from_lookup(|k| environment.get(k).cloned())
         .and_then(|c| c.unsupported_by_daemon().map(|()| c))
     {
         Ok(c) => c,
@@ -147,7 +153,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    match runtime.block_on(run(args, config, eni_config)) {
+    match runtime.block_on(run(args, config, environment, eni_config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "vpc-ipamd failed");
@@ -173,7 +179,7 @@ fn report_refused_settings(args: &Args, message: &str) {
     };
     let message = format!("vpc-ipamd refused its settings: {message}");
     let sent = runtime.block_on(async {
-        let cluster = Cluster::connect(ClusterSettings {
+        let cluster = Cluster::connect(k8s::ClusterSettings {
             node_name: args.node_name.clone().unwrap_or_default(),
             own_pod: args.pod_name.clone().filter(|p| !p.is_empty()),
             endpoint: None,
@@ -209,7 +215,7 @@ async fn connect_cluster(
         );
         return Ok(None);
     }
-    let cluster = Cluster::connect(ClusterSettings {
+    let cluster = Cluster::connect(k8s::ClusterSettings {
         node_name: args.node_name.clone().unwrap_or_default(),
         own_pod: args.pod_name.clone().filter(|p| !p.is_empty()),
         endpoint: config.cluster_endpoint.clone().filter(|e| !e.is_empty()),
@@ -228,15 +234,180 @@ async fn connect_cluster(
     }
 }
 
+/// The settings with the ConfigMap read once over the environment, at start; what the ConfigMap
+/// set that was refused or is another component's goes to a Warning Event.
+async fn settings_from_cluster(
+    cluster: &Cluster,
+    config: Config,
+    environment: &Environment,
+) -> (Config, SettingsView, ClusterSettings, Vec<String>) {
+    let data = match cluster.config_map().await {
+        Ok(data) => data,
+        Err(e) => {
+            tracing::warn!(error = %e, "the ConfigMap could not be read; the environment's settings stand");
+            return (
+                config,
+                SettingsView::default(),
+                ClusterSettings::default(),
+                Vec::new(),
+            );
+        }
+    };
+    let env = |k: &str| environment.get(k).cloned();
+    let from_map = ClusterSettings::from_data(&data.clone().unwrap_or_default());
+    let (config, taken) =
+        match config_map::layered(&from_map, &ClusterSettings::default(), &env, &|c| {
+            c.unsupported_by_daemon()
+        }) {
+            Ok(layered) => layered,
+            // The environment alone parsed in main(): only the ConfigMap can be at fault.
+            Err(e) => {
+                tracing::warn!(error = %e, "the ConfigMap's settings set aside");
+                (config, ClusterSettings::default())
+            }
+        };
+    let view = settings_view(data.is_some(), &taken, Vec::new());
+    let said = report_settings(cluster, &view, &[]).await;
+    (config, view, taken, said)
+}
+
+fn settings_view(present: bool, taken: &ClusterSettings, pending: Vec<String>) -> SettingsView {
+    SettingsView {
+        config_map: Some(present),
+        keys: taken
+            .keys
+            .iter()
+            .map(|(variable, key)| (key.clone(), variable.clone()))
+            .collect(),
+        refused: taken.refused.clone(),
+        others: taken.others.clone(),
+        pending_restart: pending,
+    }
+}
+
+/// Warning Events for what the ConfigMap sets that is not taken, but for what `said` holds (said
+/// about the previous version); returns all that applies now.
+async fn report_settings(cluster: &Cluster, view: &SettingsView, said: &[String]) -> Vec<String> {
+    let mut now = Vec::new();
+    let notes = view
+        .refused
+        .iter()
+        .map(|r| ("InvalidSetting", format!("ConfigMap {}/{}: {r}; the previous value stands", config_map::NAMESPACE, config_map::NAME)))
+        .chain(view.pending_restart.iter().map(|p| {
+            ("RestartNeeded", format!("ConfigMap {}/{}: {p} takes effect when the daemon restarts (kubectl rollout restart daemonset -n kube-system)", config_map::NAMESPACE, config_map::NAME))
+        }));
+    for (reason, message) in notes {
+        now.push(message.clone());
+        if said.contains(&message) {
+            continue;
+        }
+        tracing::warn!(%reason, %message, "setting not applied");
+        let sent = tokio::time::timeout(Duration::from_secs(5), cluster.warn_now(reason, &message))
+            .await
+            .unwrap_or_else(|_| Err("the API server did not answer in 5 s".into()));
+        if let Err(why) = sent {
+            tracing::warn!(error = %why, "could not send the Event");
+        }
+    }
+    now
+}
+
+/// Follows the ConfigMap: the live settings go to the control loop at each change; the others are
+/// reported as waiting for a restart (compared with what the daemon started with).
+async fn follow_settings(
+    cluster: Arc<Cluster>,
+    events: mpsc::UnboundedSender<Event>,
+    environment: Environment,
+    at_start: ClusterSettings,
+    mut said: Vec<String>,
+) {
+    let env = move |k: &str| environment.get(k).cloned();
+    let mut last = at_start.clone();
+    let (changes_tx, mut changes) = mpsc::unbounded_channel();
+    {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            cluster
+                .follow_config_map(
+                    move |data| drop(changes_tx.send(data)),
+                    |e| tracing::warn!(error = %e, "ConfigMap watch"),
+                )
+                .await
+        });
+    }
+    while let Some(data) = changes.recv().await {
+        let from_map = ClusterSettings::from_data(&data.clone().unwrap_or_default());
+        let (config, taken) =
+            match config_map::layered(&from_map, &last, &env, &|c| c.unsupported_by_daemon()) {
+                Ok(layered) => layered,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the ConfigMap's settings set aside");
+                    continue;
+                }
+            };
+        let (_, restart) = config_map::changes(&|k| at_start.get(k, &env), &|k| taken.get(k, &env));
+        let pending = restart
+            .iter()
+            .map(|variable| {
+                let key = taken.key_of(variable);
+                let key = if key == *variable {
+                    at_start.key_of(variable)
+                } else {
+                    key
+                };
+                match taken.get(variable, &env) {
+                    Some(value) => format!("{key}={value:?}"),
+                    None => format!("{key} removed"),
+                }
+            })
+            .collect();
+        let view = settings_view(data.is_some(), &taken, pending);
+        said = report_settings(&cluster, &view, &said).await;
+        last = taken;
+        let _ = events.send(Event::Settings {
+            pool: PoolSettings::from_config(&config),
+            view,
+        });
+    }
+}
+
 async fn run(
     args: Args,
     config: Config,
+    environment: Environment,
     file_eni_config: Option<(String, EniConfigSpec)>,
 ) -> Result<(), String> {
     let metrics = Arc::new(Metrics::default());
+    let mut config = config;
+    let mut cluster = connect_cluster(
+        &args,
+        &config,
+        config.custom_networking && file_eni_config.is_none(),
+    )
+    .await?;
+    let mut settings_view = SettingsView::default();
+    let mut at_start = ClusterSettings::default();
+    let mut said = Vec::new();
+    if let Some((c, true)) = &cluster {
+        let before = (
+            config.eni_config_label.clone(),
+            config.eni_config_annotation.clone(),
+        );
+        let c = c.clone();
+        (config, settings_view, at_start, said) =
+            settings_from_cluster(&c, config, &environment).await;
+        // The ConfigMap may name another ENIConfig label or annotation: the client reads them.
+        if before
+            != (
+                config.eni_config_label.clone(),
+                config.eni_config_annotation.clone(),
+            )
+        {
+            cluster = connect_cluster(&args, &config, true).await?;
+        }
+    }
     let config = Arc::new(config);
     let eni_config_from_cluster = config.custom_networking && file_eni_config.is_none();
-    let cluster = connect_cluster(&args, &config, eni_config_from_cluster).await?;
     let mut kubelet = None;
     let mut eni_config = file_eni_config.map(|(source, spec)| (source, Ok(spec)));
     if let Some((cluster, true)) = &cluster {
@@ -296,6 +467,19 @@ async fn run(
         let _ = events.send(Event::EniConfig { source, spec });
     }
     let mut control = started.control;
+    if let Some((cluster, _)) = &cluster {
+        let _ = events.send(Event::Settings {
+            pool: PoolSettings::from_config(&config),
+            view: settings_view,
+        });
+        tokio::spawn(follow_settings(
+            cluster.clone(),
+            events.clone(),
+            environment.clone(),
+            at_start,
+            said,
+        ));
+    }
     let enforce = config.network_policy
         && config.network_policy_mode != ipam::config::NetworkPolicyMode::None;
     let mut network_policy = None;

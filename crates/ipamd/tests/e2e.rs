@@ -1815,3 +1815,95 @@ fn two_hundred_new_pods_under_a_deny_policy_never_get_a_packet_out() {
         "of {free_total} free pods: {free_slow:?}"
     );
 }
+
+/// The seeds' runbook sets the CNI's settings in the `amazon-vpc-cni` ConfigMap: read at start,
+/// followed while running (pool targets live, the rest waiting for a restart and said so), a bad
+/// value keeping the previous one, every refusal a Warning Event.
+#[test]
+fn the_configmap_sets_the_pool_live_and_says_what_waits_for_a_restart() {
+    let mut options = options(&[]);
+    options.kubernetes = true;
+    let Some(mut tb) = testbed("config_map", options) else {
+        return;
+    };
+    let set = |tb: &Testbed, data: Value| {
+        kube(tb).apply(
+            "configmaps",
+            serde_json::json!({"metadata": {"namespace": "kube-system", "name": "amazon-vpc-cni"},
+                               "data": data}),
+        )
+    };
+    let total = |tb: &Testbed| settled(tb, 0)["addresses"]["total"].as_u64().unwrap();
+    set(
+        &tb,
+        serde_json::json!({"warm-ip-target": "2", "minimum-ip-target": "3",
+                           "enable-network-policy-controller": "true"}),
+    );
+    tb.start_daemon(0).unwrap();
+    // Without the ConfigMap the default WARM_ENI_TARGET=1 holds an ENI's worth (9 on an m5.large).
+    assert_eq!(total(&tb), 3, "the ConfigMap's targets from the start");
+    let config = tb.nodes[0].introspect("/v1/config").unwrap();
+    assert_eq!(
+        config["configMap"]["keys"]["warm-ip-target"],
+        "WARM_IP_TARGET"
+    );
+    assert!(
+        config["configMap"]["others"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("enable-network-policy-controller"),
+        "{config}"
+    );
+
+    // Live: the pool follows a new target without a restart.
+    set(
+        &tb,
+        serde_json::json!({"warm-ip-target": "6", "minimum-ip-target": "3"}),
+    );
+    wait_for("the new WARM_IP_TARGET", || {
+        tb.nodes[0].introspect("/v1/ipamd-env-settings").unwrap()["WARM_IP_TARGET"] == 6
+    });
+    assert_eq!(total(&tb), 6);
+
+    // What cannot change live waits for a restart and says so; a typo and a bad value are refused
+    // by name and the previous value stands.
+    set(
+        &tb,
+        serde_json::json!({"warm-ip-target": "lots", "minimum-ip-target": "3",
+                           "warm-ip-targt": "9", "enable-prefix-delegation": "true"}),
+    );
+    wait_for("the refusals", || {
+        let config = tb.nodes[0].introspect("/v1/config").unwrap();
+        config["pendingRestart"] == serde_json::json!(["enable-prefix-delegation=\"true\""])
+            && config["configMap"]["refused"].as_array().map(Vec::len) == Some(2)
+    });
+    let settings = tb.nodes[0].introspect("/v1/ipamd-env-settings").unwrap();
+    assert_eq!(settings["WARM_IP_TARGET"], 6, "the previous value stands");
+    assert_eq!(settings["ENABLE_PREFIX_DELEGATION"], false);
+    wait_for("the Warning Events", || {
+        !warning_events(&tb, "RestartNeeded").is_empty()
+            && warning_events(&tb, "InvalidSetting").len() == 2
+    });
+    let invalid: Vec<String> = warning_events(&tb, "InvalidSetting")
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        invalid
+            .iter()
+            .any(|m| m.contains("warm-ip-target=\"lots\""))
+            && invalid
+                .iter()
+                .any(|m| m.contains("warm-ip-targt: no such setting")),
+        "{invalid:?}"
+    );
+
+    // Deleted: the environment's settings (here the defaults) again.
+    assert!(kube(&tb).delete("configmaps", "kube-system", "amazon-vpc-cni"));
+    wait_for("the environment's settings", || {
+        let config = tb.nodes[0].introspect("/v1/config").unwrap();
+        config["configMap"] == "absent" && config["live"]["WARM_IP_TARGET"] == 0
+    });
+    assert_eq!(total(&tb), 9, "WARM_ENI_TARGET=1 again");
+    tb.stop_daemon(0, Stop::Term).unwrap();
+}

@@ -5,12 +5,14 @@
 
 #![forbid(unsafe_code)]
 
+mod config_map;
 mod eniconfig;
 mod events;
 mod node;
 mod pods;
 mod policy_inputs;
 
+pub use config_map::Data as ConfigMapData;
 pub use eniconfig::{EniConfig, EniConfigBody, EniConfigSelection};
 pub use events::Reporter;
 pub use node::NodeView;

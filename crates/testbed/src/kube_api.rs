@@ -17,6 +17,7 @@ const KINDS: &[(&str, &str, bool, &str)] = &[
     ("pods", "", true, "Pod"),
     ("events", "", true, "Event"),
     ("namespaces", "", false, "Namespace"),
+    ("configmaps", "", true, "ConfigMap"),
     (
         "networkpolicies",
         "networking.k8s.io",
