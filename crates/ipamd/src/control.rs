@@ -194,6 +194,8 @@ pub struct Control {
     wake_at: Option<Time>,
     stalls: Vec<Stall>,
     actions_in_flight: usize,
+    /// The same, by upstream's name for the work (`awscni_ipamd_action_inprogress`).
+    in_progress: std::collections::BTreeMap<&'static str, u32>,
     reporter: k8s::Reporter,
     eni_config_source: Option<String>,
     /// Assignments whose pod the API server did not list, since when.
@@ -255,6 +257,15 @@ impl HostFacts {
     }
 }
 
+/// Upstream's name for the work an action does, as `awscni_ipamd_action_inprogress` labels it.
+fn function_of(action: &Action) -> &'static str {
+    match action {
+        Action::AssignAddresses { .. } | Action::CreateEni { .. } => "increaseDatastorePool",
+        Action::ReleaseAddresses { .. } | Action::FreeEni { .. } => "decreaseDatastorePool",
+        Action::ResyncEni { .. } => "nodeIPPoolReconcile",
+    }
+}
+
 impl Control {
     pub fn new(deps: Deps) -> Control {
         let Deps {
@@ -288,6 +299,14 @@ impl Control {
             wake_at: None,
             stalls: Vec::new(),
             actions_in_flight: 0,
+            in_progress: [
+                "increaseDatastorePool",
+                "decreaseDatastorePool",
+                "nodeIPPoolReconcile",
+            ]
+            .into_iter()
+            .map(|f| (f, 0))
+            .collect(),
             reporter: k8s::Reporter::disabled(),
             eni_config_source: None,
             absent_since: HashMap::new(),
@@ -486,6 +505,8 @@ impl Control {
                     .collect(),
             },
             pending_adds: self.waiting.len() as u32,
+            cooling: stats.cooling,
+            in_progress: self.in_progress.iter().map(|(f, n)| (*f, *n)).collect(),
             ready: self.phase == Phase::Ready,
             throttled: self.executor.throttled(),
         }
@@ -832,13 +853,22 @@ impl Control {
         if let Some(policy) = host.snat_for(&network.vpc_cidrs) {
             // One nft run, once in a node's life: the loop waits for it, so that what the table
             // holds is what `host` says, and a failure is tried again at the next read.
-            match tokio::task::block_in_place(|| policy.apply()) {
+            let applied = tokio::task::block_in_place(|| policy.apply());
+            let outcome = if applied.is_ok() {
+                "success"
+            } else {
+                "failure"
+            };
+            self.metrics
+                .count("awscni_connmark_reconcile_total", &[("result", outcome)]);
+            match applied {
                 Ok(()) => {
                     tracing::info!(was = %cidrs(&host.vpc_cidrs), now = %cidrs(&network.vpc_cidrs), "the VPC's CIDRs changed; SNAT exemptions follow");
                     host.vpc_cidrs = network.vpc_cidrs.clone();
                     host.snat = policy;
                 }
                 Err(e) => {
+                    self.metrics.count("awscni_reconcile_error_count", &[]);
                     tracing::error!(error = %e, "SNAT table update; tried again at the next read")
                 }
             }
@@ -868,6 +898,20 @@ impl Control {
                     tracing::warn!(eni = %eni, what = %kind, "IMDS shows an ENI differently from the pool (changed out of band)");
                     self.metrics
                         .count("vpccni_reconcile_findings_total", &[("kind", kind)]);
+                    // Upstream's names: an ENI gone, addresses gone or added.
+                    let held = self
+                        .pool
+                        .enis()
+                        .iter()
+                        .find(|e| e.info.id == eni)
+                        .map_or(0, |e| e.blocks().len());
+                    let function = match imds {
+                        None => "eniReconcileDel",
+                        Some(s) if s.blocks.len() < held => "eniIPPoolReconcileDel",
+                        Some(_) => "eniDataStorePoolReconcileAdd",
+                    };
+                    self.metrics
+                        .count("awscni_reconcile_count", &[("fn", function)]);
                     if self.provisioning {
                         // EC2's word, through the policy's read-back, before anything is trusted.
                         self.pool.mark_for_resync(&eni);
@@ -884,6 +928,8 @@ impl Control {
                     tracing::warn!(eni = %eni, device = %device, "an ENI was attached by someone else; left alone, its device index avoided");
                     self.metrics
                         .count("vpccni_reconcile_findings_total", &[("kind", "foreign")]);
+                    self.metrics
+                        .count("awscni_reconcile_count", &[("fn", "eniReconcileAdd")]);
                     self.executor.avoid_device(device);
                     self.pool.node.unmanaged_enis += 1;
                     host.foreign_enis.insert(eni, (device, 0));
@@ -1033,6 +1079,7 @@ impl Control {
             self.pool.begin(&action);
             self.memory.began(&action, now);
             self.actions_in_flight += 1;
+            *self.in_progress.entry(function_of(&action)).or_default() += 1;
             let executor = self.executor.clone();
             let events = self.events.clone();
             let clock = self.clock;
@@ -1045,6 +1092,9 @@ impl Control {
 
     fn finished(&mut self, action: Action, report: Report) {
         self.actions_in_flight -= 1;
+        if let Some(n) = self.in_progress.get_mut(function_of(&action)) {
+            *n -= 1;
+        }
         if let Some(e) = &report.error {
             let hint = if e.kind == CloudErrorKind::Unauthorized {
                 let hint = format!("the node's IAM role lacks ec2:{}", e.operation);
@@ -1061,6 +1111,9 @@ impl Control {
             }
         }
         let failed = matches!(report.outcome, Outcome::Failed(_));
+        if failed && matches!(action, Action::CreateEni { .. }) {
+            self.metrics.count("awscni_eni_allocation_error_count", &[]);
+        }
         let dropped = ipam::choreography::settle(
             &mut self.pool,
             &mut self.memory,
@@ -1080,6 +1133,13 @@ impl Control {
             return;
         }
         self.dirty = true;
+        let enis: HashSet<&str> = dropped
+            .iter()
+            .map(|(_, a)| a.eni.as_str())
+            .filter(|eni| !self.pool.enis().iter().any(|e| e.info.id == *eni))
+            .collect();
+        self.metrics
+            .add("awscni_force_removed_enis", &[], enis.len() as u64);
         for (key, a) in dropped {
             self.metrics.count("awscni_force_removed_ips", &[]);
             tracing::warn!(ip = %a.ip, container = %key.container_id, pod = %a.meta.name, "EC2 no longer has a pod's address");
@@ -1111,6 +1171,14 @@ impl Control {
                 self.outbox = outbox;
             }
         }
+        // New addresses the checkpoint holds (a failed write took them back above).
+        let given = self
+            .outbox
+            .iter()
+            .filter(|o| o.assigned.is_some() && matches!(o.message, Reply::Added { .. }))
+            .count();
+        self.metrics
+            .add("awscni_ip_allocation_total", &[], given as u64);
         self.tell_netpol();
         for out in self.outbox.drain(..) {
             let _ = out.reply.send(out.message);

@@ -268,8 +268,26 @@ impl<E: Ec2, L: Links> Executor<E, L> {
                 .timed(op, self.ec2.delete_network_interface(eni))
                 .await
                 .map(|()| Reply::Done),
-            Request::SetupLink(link) => host(self.links.setup(link).await),
-            Request::TeardownLink(link) => host(self.links.teardown(link).await),
+            Request::SetupLink(link) => {
+                let result = self.links.setup(link).await;
+                if let Err(e) = &result {
+                    self.metrics.count(
+                        "awscni_aws_utils_error_count",
+                        &[("fn", "setupENINetwork"), ("error", e)],
+                    );
+                }
+                host(result)
+            }
+            Request::TeardownLink(link) => {
+                let result = self.links.teardown(link).await;
+                if let Err(e) = &result {
+                    self.metrics.count(
+                        "awscni_aws_utils_error_count",
+                        &[("fn", "teardownENINetwork"), ("error", e)],
+                    );
+                }
+                host(result)
+            }
         }
     }
 }

@@ -432,6 +432,7 @@ async fn run(
             ),
         },
     };
+    let initialising = std::time::Instant::now();
     let started = match startup::start(
         &config,
         eni_config
@@ -462,6 +463,7 @@ async fn run(
             return Err(e.to_string());
         }
     };
+    metrics.node_initialized(initialising.elapsed());
     let events = started.events.clone();
     if let Some((source, spec)) = eni_config {
         let _ = events.send(Event::EniConfig { source, spec });
@@ -650,7 +652,10 @@ async fn read_imds_periodically(
                     return;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "IMDS read for the reconcile"),
+            Err(e) => {
+                metrics.count("awscni_reconcile_error_count", &[]);
+                tracing::warn!(error = %e, "IMDS read for the reconcile")
+            }
         }
     }
 }

@@ -66,8 +66,12 @@ struct Inner {
     /// (metric, rendered labels) → value.
     counters: BTreeMap<(&'static str, String), u64>,
     ec2_latency: BTreeMap<String, Histogram>,
+    /// Upstream's summary, without quantiles: (api, error, status) → (sum in ms, count).
+    api_latency_ms: BTreeMap<String, (f64, u64)>,
     add_wait: Histogram,
     startup: Histogram,
+    node_init: Histogram,
+    pod_eni_allocation: Histogram,
     policy_apply: Histogram,
 }
 
@@ -89,6 +93,10 @@ pub struct PoolGauges {
     /// Per /32, /28 or (IPv6) /80 the pool holds, the addresses assigned from it.
     pub assigned_per_cidr: Vec<(String, u32)>,
     pub pending_adds: u32,
+    /// Addresses released by pods and not yet given again (IP_COOLDOWN_PERIOD).
+    pub cooling: u32,
+    /// EC2 actions in flight, by upstream's name for the work (`increaseDatastorePool`, ...).
+    pub in_progress: Vec<(&'static str, u32)>,
     pub ready: bool,
     /// Calls EC2 throttled (and the client retried), by operation, from the client's own tally.
     pub throttled: Vec<(&'static str, u64)>,
@@ -131,6 +139,46 @@ const COUNTERS: &[(&str, &str, bool)] = &[
     (
         "awscni_ipamd_error_count",
         "Internal errors by function",
+        true,
+    ),
+    (
+        "awscni_ip_allocation_total",
+        "Addresses given to pods (each ADD served with an address)",
+        false,
+    ),
+    (
+        "awscni_eni_allocation_error_count",
+        "ENIs that could not be created or attached",
+        false,
+    ),
+    (
+        "awscni_force_removed_enis",
+        "ENIs gone from the node (detached out of band) while pods had addresses on them",
+        false,
+    ),
+    (
+        "awscni_reconcile_count",
+        "Differences with IMDS acted on, by upstream's function (eniReconcileAdd, eniReconcileDel, eniIPPoolReconcileDel)",
+        true,
+    ),
+    (
+        "awscni_reconcile_error_count",
+        "Periodic reconciles that failed (IMDS unreadable, the SNAT table not applied)",
+        false,
+    ),
+    (
+        "awscni_connmark_reconcile_total",
+        "SNAT and connmark table applications, by result",
+        true,
+    ),
+    (
+        "awscni_aws_utils_error_count",
+        "Node-side errors around EC2 work (an ENI's link not set up), by function and error",
+        true,
+    ),
+    (
+        "awscni_pod_eni_error_count",
+        "Errors for pod ENIs (security groups for pods are not built: none yet)",
         true,
     ),
     (
@@ -178,6 +226,21 @@ impl Metrics {
             .counters
             .entry(("awscni_ec2api_req_count", key.clone()))
             .or_default() += 1;
+        let summary = render_labels(&[
+            ("api", operation),
+            (
+                "error",
+                if error_code.is_some() {
+                    "true"
+                } else {
+                    "false"
+                },
+            ),
+            ("status", error_code.unwrap_or("200")),
+        ]);
+        let entry = inner.api_latency_ms.entry(summary).or_default();
+        entry.0 += took.as_secs_f64() * 1000.0;
+        entry.1 += 1;
         if let Some(code) = error_code {
             *inner
                 .counters
@@ -203,6 +266,11 @@ impl Metrics {
 
     pub fn started(&self, took: Duration) {
         self.lock().startup.observe(took);
+    }
+
+    /// The node's initialisation (identity, ENIs, checkpoint, host set-up), as upstream's nodeInit.
+    pub fn node_initialized(&self, took: Duration) {
+        self.lock().node_init.observe(took);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -255,6 +323,26 @@ impl Metrics {
             "Addresses this node may hold",
             pool.ip_max,
         );
+        gauge(
+            &mut out,
+            "awscni_ip_cooldown_queue_size",
+            "Addresses released by pods and cooling down before reuse",
+            pool.cooling,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP awscni_connmark_backend The backend of the SNAT and connmark rules (1 for the one in use)\n# TYPE awscni_connmark_backend gauge\nawscni_connmark_backend{{backend=\"nftables\"}} 1"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP awscni_ipamd_action_inprogress EC2 work in flight, by upstream's function\n# TYPE awscni_ipamd_action_inprogress gauge"
+        );
+        for (function, n) in &pool.in_progress {
+            let _ = writeln!(
+                out,
+                "awscni_ipamd_action_inprogress{{fn=\"{function}\"}} {n}"
+            );
+        }
         gauge(
             &mut out,
             "vpccni_pending_adds",
@@ -337,6 +425,30 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
+            "# HELP awscni_ipamd_node_initialization_duration_seconds Time to initialise the node (identity, ENIs, checkpoint, host)\n# TYPE awscni_ipamd_node_initialization_duration_seconds histogram"
+        );
+        inner.node_init.render(
+            &mut out,
+            "awscni_ipamd_node_initialization_duration_seconds",
+            "success=\"true\"",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP awscni_pod_eni_allocation_duration_seconds Time to give a pod its branch ENI (security groups for pods are not built: no observations yet)\n# TYPE awscni_pod_eni_allocation_duration_seconds histogram"
+        );
+        inner
+            .pod_eni_allocation
+            .render(&mut out, "awscni_pod_eni_allocation_duration_seconds", "");
+        let _ = writeln!(
+            out,
+            "# HELP awscni_aws_api_latency_ms EC2 call latency in milliseconds, by operation, whether it failed and its status (200 or the error code)\n# TYPE awscni_aws_api_latency_ms summary"
+        );
+        for (labels, (sum, count)) in &inner.api_latency_ms {
+            let _ = writeln!(out, "awscni_aws_api_latency_ms_sum{{{labels}}} {sum}");
+            let _ = writeln!(out, "awscni_aws_api_latency_ms_count{{{labels}}} {count}");
+        }
+        let _ = writeln!(
+            out,
             "# HELP vpccni_network_policy_apply_seconds From a NetworkPolicy, namespace or pod change (or a new pod) to its rules in the kernel\n# TYPE vpccni_network_policy_apply_seconds histogram"
         );
         inner
@@ -386,6 +498,8 @@ mod tests {
             assigned_per_eni: vec![("eni-1".into(), 4)],
             assigned_per_cidr: vec![("2600:1f14::/80".into(), 7)],
             throttled: vec![("CreateNetworkInterface", 3)],
+            cooling: 2,
+            in_progress: vec![("increaseDatastorePool", 1)],
             ..PoolGauges::default()
         });
         for line in [
@@ -403,6 +517,13 @@ mod tests {
             "vpccni_add_wait_seconds_count 1",
             "awscni_no_available_ip_addresses 0",
             "vpccni_ec2_throttled_total{operation=\"CreateNetworkInterface\"} 3",
+            "awscni_aws_api_latency_ms_count{api=\"CreateNetworkInterface\",error=\"true\",status=\"InsufficientFreeAddressesInSubnet\"} 1",
+            "awscni_aws_api_latency_ms_sum{api=\"AssignPrivateIpAddresses\",error=\"false\",status=\"200\"} 30",
+            "awscni_ipamd_action_inprogress{fn=\"increaseDatastorePool\"} 1",
+            "awscni_ip_cooldown_queue_size 2",
+            "awscni_connmark_backend{backend=\"nftables\"} 1",
+            "awscni_pod_eni_allocation_duration_seconds_count 0",
+            "awscni_ip_allocation_total 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -474,7 +474,10 @@ pub async fn start(
     }
     let policy = snat_policy(config, &identity, &primary_interface);
     let applied = policy.clone();
-    blocking(move || applied.apply()).await?;
+    let result = blocking(move || applied.apply()).await;
+    let outcome = if result.is_ok() { "success" } else { "failure" };
+    metrics.count("awscni_connmark_reconcile_total", &[("result", outcome)]);
+    result?;
     for &(eni, ..) in &usable {
         if eni.id == primary.id {
             continue;

@@ -1907,3 +1907,120 @@ fn the_configmap_sets_the_pool_live_and_says_what_waits_for_a_restart() {
     assert_eq!(total(&tb), 9, "WARM_ENI_TARGET=1 again");
     tb.stop_daemon(0, Stop::Term).unwrap();
 }
+
+/// Every `awscni_*` / `vpccni_*` name in `text`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for prefix in ["awscni_", "vpccni_"] {
+        let mut rest = text;
+        while let Some(at) = rest.find(prefix) {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            names.insert(name);
+        }
+    }
+    names
+}
+
+/// Upstream's metrics (docs/observability.md has them with their meaning here).
+const UPSTREAM_METRICS: &[&str] = &[
+    "awscni_add_ip_req_count",
+    "awscni_assigned_ip_addresses",
+    "awscni_assigned_ip_per_cidr",
+    "awscni_assigned_ip_per_eni",
+    "awscni_aws_api_error_count",
+    "awscni_aws_api_latency_ms",
+    "awscni_aws_utils_error_count",
+    "awscni_build_info",
+    "awscni_connmark_backend",
+    "awscni_connmark_reconcile_total",
+    "awscni_del_ip_req_count",
+    "awscni_ec2api_error_count",
+    "awscni_ec2api_req_count",
+    "awscni_eni_allocated",
+    "awscni_eni_max",
+    "awscni_force_removed_enis",
+    "awscni_force_removed_ips",
+    "awscni_ip_max",
+    "awscni_ipamd_action_inprogress",
+    "awscni_ipamd_error_count",
+    "awscni_ipamd_node_initialization_duration_seconds",
+    "awscni_ipamd_startup_duration_seconds",
+    "awscni_no_available_ip_addresses",
+    "awscni_pod_eni_error_count",
+    "awscni_reconcile_count",
+    "awscni_total_ip_addresses",
+    "awscni_total_ipv4_prefixes",
+];
+
+/// The dashboard in deploy/ and the seeds' PromQL query only what a running daemon exports, and
+/// the daemon exports all of upstream's metrics.
+#[test]
+fn every_metric_the_dashboard_and_the_seeds_query_is_exported() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dashboard = std::fs::read_to_string(root.join("deploy/dashboards/vpc-cni.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let mut queries = String::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{} has no query", panel["title"]);
+        for target in targets {
+            queries += target["expr"].as_str().expect("a PromQL expression");
+            queries += "\n";
+        }
+    }
+    let seed_queries =
+        std::fs::read_to_string(root.join("deploy/dashboards/seed-queries.promql")).unwrap();
+    // The copy is the seeds' text where the seeds are at hand.
+    let seeds = root.join("../shared/seeds/002_0257405eb05ab51d.txt");
+    match std::fs::read_to_string(&seeds) {
+        Ok(text) => {
+            for line in seed_queries.lines().filter(|l| l.contains("awscni_")) {
+                assert!(text.lines().any(|t| t == line), "not in the seeds: {line}");
+            }
+        }
+        Err(_) => skip(
+            "every_metric_..._is_exported (the copy's check only)",
+            &format!("no seeds at {}", seeds.display()),
+        ),
+    }
+    let Some(mut tb) = testbed("metrics_names", options(&[])) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let pod = tb.add_pod(0).unwrap();
+    let text = tb.nodes[0].metrics().unwrap();
+    let exported: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    let base = |name: &str| {
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|b| exported.contains(*b))
+            .unwrap_or(name)
+            .to_string()
+    };
+    let wanted: BTreeSet<String> = metric_names(&queries)
+        .into_iter()
+        .chain(metric_names(&seed_queries))
+        .chain(UPSTREAM_METRICS.iter().map(|m| m.to_string()))
+        .collect();
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|m| !exported.contains(&base(m)))
+        .collect();
+    assert!(missing.is_empty(), "not exported: {missing:?}\n{text}");
+    // What the ADD did shows in the seeds' allocation counter.
+    assert!(
+        text.lines().any(|l| l == "awscni_ip_allocation_total 1"),
+        "{text}"
+    );
+    tb.del_pod(pod).unwrap();
+}
