@@ -70,7 +70,9 @@ pub enum Event {
 /// Where the settings come from, for `/v1/config`.
 #[derive(Clone, Debug, Default)]
 pub struct SettingsView {
-    /// Whether the ConfigMap exists (`None`: not read, no API server).
+    /// The ConfigMap's name (VPC_CNI_CONFIG_MAP).
+    pub name: String,
+    /// Whether the ConfigMap exists (`None`: not read: no API server, or none named).
     pub config_map: Option<bool>,
     /// ConfigMap key → the variable it sets, for the keys taken.
     pub keys: std::collections::BTreeMap<String, String>,

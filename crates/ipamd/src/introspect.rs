@@ -303,10 +303,10 @@ fn settings(control: &Control) -> Value {
         "precedence": format!(
             "the ConfigMap {}/{} over the environment",
             ipam::config_map::NAMESPACE,
-            ipam::config_map::NAME
+            view.name
         ),
         "configMap": match view.config_map {
-            None => json!("not read (no API server)"),
+            None => json!("not read (no API server, or VPC_CNI_CONFIG_MAP empty)"),
             Some(false) => json!("absent"),
             Some(true) => json!({"keys": view.keys, "refused": view.refused, "others": view.others}),
         },

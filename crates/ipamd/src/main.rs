@@ -70,6 +70,11 @@ struct Args {
     /// out of band, a VPC CIDR added); EC2 is asked only about what differs.
     #[arg(long, env = "VPC_CNI_RECONCILE_SECONDS", default_value_t = 60)]
     reconcile_seconds: u64,
+    /// The ConfigMap in kube-system whose kebab-case keys set the daemon's settings, live
+    /// (docs/configuration.md); empty: none. On EKS `amazon-vpc-cni` also carries the VPC resource
+    /// controller's Windows settings, under the same key names.
+    #[arg(long, env = "VPC_CNI_CONFIG_MAP", default_value = config_map::NAME)]
+    config_map: String,
     /// `json` for one JSON object per log line.
     #[arg(long, env = "VPC_CNI_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -238,10 +243,11 @@ async fn connect_cluster(
 /// set that was refused or is another component's goes to a Warning Event.
 async fn settings_from_cluster(
     cluster: &Cluster,
+    name: &str,
     config: Config,
     environment: &Environment,
 ) -> (Config, SettingsView, ClusterSettings, Vec<String>) {
-    let data = match cluster.config_map().await {
+    let data = match cluster.config_map(name).await {
         Ok(data) => data,
         Err(e) => {
             tracing::warn!(error = %e, "the ConfigMap could not be read; the environment's settings stand");
@@ -266,13 +272,19 @@ async fn settings_from_cluster(
                 (config, ClusterSettings::default())
             }
         };
-    let view = settings_view(data.is_some(), &taken, Vec::new());
+    let view = settings_view(name, data.is_some(), &taken, Vec::new());
     let said = report_settings(cluster, &view, &[]).await;
     (config, view, taken, said)
 }
 
-fn settings_view(present: bool, taken: &ClusterSettings, pending: Vec<String>) -> SettingsView {
+fn settings_view(
+    name: &str,
+    present: bool,
+    taken: &ClusterSettings,
+    pending: Vec<String>,
+) -> SettingsView {
     SettingsView {
+        name: name.to_string(),
         config_map: Some(present),
         keys: taken
             .keys
@@ -292,9 +304,9 @@ async fn report_settings(cluster: &Cluster, view: &SettingsView, said: &[String]
     let notes = view
         .refused
         .iter()
-        .map(|r| ("InvalidSetting", format!("ConfigMap {}/{}: {r}; the previous value stands", config_map::NAMESPACE, config_map::NAME)))
+        .map(|r| ("InvalidSetting", format!("ConfigMap {}/{}: {r}; the previous value stands", config_map::NAMESPACE, view.name)))
         .chain(view.pending_restart.iter().map(|p| {
-            ("RestartNeeded", format!("ConfigMap {}/{}: {p} takes effect when the daemon restarts (kubectl rollout restart daemonset -n kube-system)", config_map::NAMESPACE, config_map::NAME))
+            ("RestartNeeded", format!("ConfigMap {}/{}: {p} takes effect when the daemon restarts (kubectl rollout restart daemonset -n kube-system)", config_map::NAMESPACE, view.name))
         }));
     for (reason, message) in notes {
         now.push(message.clone());
@@ -316,6 +328,7 @@ async fn report_settings(cluster: &Cluster, view: &SettingsView, said: &[String]
 /// reported as waiting for a restart (compared with what the daemon started with).
 async fn follow_settings(
     cluster: Arc<Cluster>,
+    name: String,
     events: mpsc::UnboundedSender<Event>,
     environment: Environment,
     at_start: ClusterSettings,
@@ -325,10 +338,11 @@ async fn follow_settings(
     let mut last = at_start.clone();
     let (changes_tx, mut changes) = mpsc::unbounded_channel();
     {
-        let cluster = cluster.clone();
+        let (cluster, name) = (cluster.clone(), name.clone());
         tokio::spawn(async move {
             cluster
                 .follow_config_map(
+                    &name,
                     move |data| drop(changes_tx.send(data)),
                     |e| tracing::warn!(error = %e, "ConfigMap watch"),
                 )
@@ -361,7 +375,7 @@ async fn follow_settings(
                 }
             })
             .collect();
-        let view = settings_view(data.is_some(), &taken, pending);
+        let view = settings_view(&name, data.is_some(), &taken, pending);
         said = report_settings(&cluster, &view, &said).await;
         last = taken;
         let _ = events.send(Event::Settings {
@@ -388,14 +402,15 @@ async fn run(
     let mut settings_view = SettingsView::default();
     let mut at_start = ClusterSettings::default();
     let mut said = Vec::new();
-    if let Some((c, true)) = &cluster {
+    let config_map_name = args.config_map.trim().to_string();
+    if let (Some((c, true)), false) = (&cluster, config_map_name.is_empty()) {
         let before = (
             config.eni_config_label.clone(),
             config.eni_config_annotation.clone(),
         );
         let c = c.clone();
         (config, settings_view, at_start, said) =
-            settings_from_cluster(&c, config, &environment).await;
+            settings_from_cluster(&c, &config_map_name, config, &environment).await;
         // The ConfigMap may name another ENIConfig label or annotation: the client reads them.
         if before
             != (
@@ -469,13 +484,14 @@ async fn run(
         let _ = events.send(Event::EniConfig { source, spec });
     }
     let mut control = started.control;
-    if let Some((cluster, _)) = &cluster {
+    if let (Some((cluster, _)), false) = (&cluster, config_map_name.is_empty()) {
         let _ = events.send(Event::Settings {
             pool: PoolSettings::from_config(&config),
             view: settings_view,
         });
         tokio::spawn(follow_settings(
             cluster.clone(),
+            config_map_name.clone(),
             events.clone(),
             environment.clone(),
             at_start,

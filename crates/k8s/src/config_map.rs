@@ -3,7 +3,7 @@
 
 use crate::{api_error, Cluster, ClusterError};
 use futures::StreamExt;
-use ipam::config_map::{NAME, NAMESPACE};
+use ipam::config_map::NAMESPACE;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
@@ -22,14 +22,14 @@ impl Cluster {
         Api::namespaced(self.client.clone(), NAMESPACE)
     }
 
-    /// The ConfigMap's data now.
-    pub async fn config_map(&self) -> Result<Data, ClusterError> {
+    /// The data of the ConfigMap `name` now.
+    pub async fn config_map(&self, name: &str) -> Result<Data, ClusterError> {
         let found = self
             .config_maps()
-            .get_opt(NAME)
+            .get_opt(name)
             .await
             .map_err(api_error(format!(
-                "reading the ConfigMap {NAMESPACE}/{NAME}"
+                "reading the ConfigMap {NAMESPACE}/{name}"
             )))?;
         Ok(found.as_ref().map(data_of))
     }
@@ -38,10 +38,11 @@ impl Cluster {
     /// deleted), starting with what it is when the watch begins. Runs until the process ends.
     pub async fn follow_config_map(
         &self,
+        name: &str,
         mut on_change: impl FnMut(Data),
         mut on_error: impl FnMut(String),
     ) {
-        let config = watcher::Config::default().fields(&format!("metadata.name={NAME}"));
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let mut events = std::pin::pin!(watcher(self.config_maps(), config).default_backoff());
         let mut listing: Option<Data> = None;
         let mut last: Option<Data> = None;
