@@ -338,3 +338,77 @@ fn the_seeds_runbook_finds_the_aws_node_overlay() {
         serde_json::json!({"k8s-app": "aws-node"})
     );
 }
+
+/// deploy/metrics-helper renders, validates, and sets only what the helper reads; its Role grants
+/// exactly the pod listing it does.
+#[test]
+fn the_metrics_helper_manifests_render_validate_and_set_only_what_it_reads() {
+    let venv = root().join(".venv/bin");
+    let (Some(validate), Some(python)) = (
+        tool(&venv.join("kubernetes-validate")),
+        tool(&venv.join("python")),
+    ) else {
+        skip("kubernetes-validate is not in .venv (scripts/test.sh installs it)");
+        return;
+    };
+    if !kubectl_installed() {
+        return;
+    }
+    let Some(helper) = binary("vpc-cni-metrics-helper") else {
+        skip("vpc-cni-metrics-helper is not built (cargo test --workspace builds it)");
+        return;
+    };
+    let output = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root().join("deploy/metrics-helper"))
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let yaml = String::from_utf8(output.stdout).unwrap();
+    let file = std::env::temp_dir().join(format!("vpc-cni-helper-{}.yaml", std::process::id()));
+    std::fs::write(&file, &yaml).unwrap();
+    let checked = Command::new(&validate)
+        .arg("--strict")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let report = String::from_utf8_lossy(&checked.stdout).to_string()
+        + &String::from_utf8_lossy(&checked.stderr);
+    assert!(
+        checked.status.success() && !report.contains("ERROR"),
+        "{report}"
+    );
+    let docs = testbed::yaml_documents(&python, &yaml);
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("a Deployment");
+    let reads = help_variables(&helper, &[]);
+    assert!(reads.contains("AWS_CLUSTER_ID"), "{reads:?}");
+    for container in deployment["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+    {
+        let set = container_variables(container, &[]);
+        let unread: Vec<_> = set.difference(&reads).collect();
+        assert!(unread.is_empty(), "the helper never reads {unread:?}");
+    }
+    let role = docs.iter().find(|d| d["kind"] == "Role").expect("a Role");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}])
+    );
+    let policy: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("deploy/metrics-helper/iam-policy.json")).unwrap(),
+    )
+    .expect("the IAM policy is JSON");
+    assert_eq!(
+        policy["Statement"][0]["Action"],
+        serde_json::json!(["cloudwatch:PutMetricData"])
+    );
+}
