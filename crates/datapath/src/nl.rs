@@ -332,13 +332,30 @@ pub(crate) fn mac_string(mac: &[u8]) -> String {
         .join(":")
 }
 
-/// Writes a sysctl (`net/ipv4/ip_forward`, slash-separated so that interface names with dots stay
-/// whole) of the calling thread's namespace. `tolerate_missing` covers keys that exist only on kernels
-/// with IPv6.
+/// Sets a sysctl (`net/ipv4/ip_forward`, slash-separated so that interface names with dots stay
+/// whole) of the calling thread's namespace, unless it already has the value: the daemon's
+/// container sees /proc/sys read-only, and the privileged init container (`vpc-ipamd --init-node`)
+/// set the node's values before it. `tolerate_missing` covers keys that exist only on kernels with
+/// IPv6.
 pub(crate) fn write_sysctl(key: &str, value: &str, tolerate_missing: bool) -> Result<()> {
     let path = format!("/proc/sys/{key}");
+    match std::fs::read_to_string(&path) {
+        Ok(now) if now.trim() == value => return Ok(()),
+        Err(e) if tolerate_missing && e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        _ => {}
+    }
     match std::fs::write(&path, value) {
         Err(e) if tolerate_missing && e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e)
+            if e.raw_os_error() == Some(libc::EROFS)
+                || e.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            Err(e).context(|| {
+                format!(
+                    "writing {value} to {path} (read-only here: the init container, vpc-ipamd --init-node, sets it)"
+                )
+            })
+        }
         other => other.context(|| format!("writing {value} to {path}")),
     }
 }

@@ -141,15 +141,20 @@ pub struct HostRouting {
     pub connmark: u32,
 }
 
-/// Forwarding on, loose reverse-path filtering on the primary ENI (replies to pods on secondary
-/// ENIs arrive there), and the fwmark rule.
-pub fn setup_host(host: &HostRouting) -> Result<()> {
+/// The node's sysctls: forwarding on, loose reverse-path filtering on the primary ENI (replies to
+/// pods on secondary ENIs arrive there). What the init container sets (`vpc-ipamd --init-node`).
+pub fn host_sysctls(primary_interface: &str) -> Result<()> {
     nl::write_sysctl("net/ipv4/ip_forward", "1", false)?;
     nl::write_sysctl(
-        &format!("net/ipv4/conf/{}/rp_filter", host.primary_interface),
+        &format!("net/ipv4/conf/{primary_interface}/rp_filter"),
         "2",
         false,
-    )?;
+    )
+}
+
+/// The node's sysctls (checked: the init container set them), and the fwmark rule.
+pub fn setup_host(host: &HostRouting) -> Result<()> {
+    host_sysctls(&host.primary_interface)?;
     let host = host.clone();
     nl::run(|handle| async move {
         delete_rules(&handle, |r| {

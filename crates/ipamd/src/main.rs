@@ -75,6 +75,10 @@ struct Args {
     /// controller's Windows settings, under the same key names.
     #[arg(long, env = "VPC_CNI_CONFIG_MAP", default_value = config_map::NAME)]
     config_map: String,
+    /// Set the node's sysctls and exit: the DaemonSet's privileged init container, so that the
+    /// daemon's own container runs with NET_ADMIN and NET_RAW alone (docs/deployment.md).
+    #[arg(long)]
+    init_node: bool,
     /// `json` for one JSON object per log line.
     #[arg(long, env = "VPC_CNI_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -158,6 +162,19 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("a tokio runtime");
+    if args.init_node {
+        return match runtime.block_on(startup::init_node(config.ipv6)) {
+            Ok(link) => {
+                tracing::info!(primary = %link, ipv6 = %config.ipv6, "node sysctls set");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "node initialisation failed");
+                eprintln!("vpc-ipamd --init-node: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(run(args, config, environment, eni_config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -67,6 +67,34 @@ pub struct Started {
     pub vpc_id: String,
 }
 
+/// What the privileged init container does before the daemon's container starts without privileges:
+/// the node's sysctls (/proc/sys is read-only in a container that is not privileged), on the link
+/// that has the primary ENI's MAC. Returns that link's name.
+pub async fn init_node(ipv6: bool) -> Result<String, StartError> {
+    let (identity, _) = fetch_identity().await?;
+    let mac = executor::parse_mac(&identity.primary_mac).ok_or_else(|| {
+        StartError::Config(format!(
+            "primary MAC {:?} does not parse",
+            identity.primary_mac
+        ))
+    })?;
+    let primary = blocking(move || node::link_name_by_mac(mac))
+        .await?
+        .ok_or_else(|| {
+            StartError::Datapath(format!(
+                "no link has the primary ENI's MAC {}",
+                identity.primary_mac
+            ))
+        })?;
+    let link = primary.clone();
+    blocking(move || node::host_sysctls(&link)).await?;
+    if ipv6 {
+        let link = primary.clone();
+        blocking(move || node::setup_host_v6(&link)).await?;
+    }
+    Ok(primary)
+}
+
 async fn fetch_identity() -> Result<(Identity, cloud::identity::ImdsClient), StartError> {
     let client = identity::client(None).map_err(StartError::Identity)?;
     let mut attempt = 0;

@@ -2024,3 +2024,68 @@ fn every_metric_the_dashboard_and_the_seeds_query_is_exported() {
     );
     tb.del_pod(pod).unwrap();
 }
+
+/// The DaemonSet runs the daemon as upstream runs aws-node: not privileged, NET_ADMIN and NET_RAW
+/// only, /proc/sys read-only, after a privileged init container set the node's sysctls. Measured:
+/// netlink, nftables and conntrack need NET_ADMIN; NET_RAW is iptables-legacy's, to find upstream's
+/// rules at take-over.
+#[test]
+fn the_daemon_runs_with_net_admin_and_net_raw_after_the_init_container() {
+    let mut options = options(&[
+        ("ENABLE_NETWORK_POLICY", "true"),
+        ("NETWORK_POLICY_ENFORCING_MODE", "standard"),
+    ]);
+    options.kubernetes = true;
+    options.unprivileged = true;
+    let Some(mut tb) = testbed("unprivileged", options) else {
+        return;
+    };
+    // Without the init container the node's forwarding is off and the daemon cannot turn it on.
+    tb.spawn_daemon(0).unwrap();
+    let refused = tb.wait_ready(0, Duration::from_secs(30)).unwrap_err();
+    assert!(
+        refused.contains("ip_forward") && refused.contains("--init-node"),
+        "{refused}"
+    );
+    tb.init_node(0).unwrap();
+    tb.start_daemon(0).unwrap();
+    let pid = tb.nodes[0].daemon_pid().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(effective, (1 << 12) | (1 << 13), "NET_ADMIN and NET_RAW only");
+
+    kube(&tb).apply(
+        "namespaces",
+        serde_json::json!({"metadata": {"name": "default",
+            "labels": {"kubernetes.io/metadata.name": "default"}}}),
+    );
+    kube(&tb).apply("networkpolicies", deny_egress_of("locked"));
+    let router = IpAddr::V4(tb.nodes[0].gateway);
+    let router_listens = tb
+        .vpc
+        .run(move || WhoAmI::bind(SocketAddr::from((router, PORT))).unwrap())
+        .unwrap();
+    // Past the primary ENI's nine addresses: ENIs are created, attached and their links set up,
+    // SNAT and NetworkPolicy tables applied, all without privileges.
+    let mut pods: Vec<Pod> = (0..11)
+        .map(|_| tb.add_pod_labelled(0, &[("app", "free")]).unwrap())
+        .collect();
+    let locked = tb.add_pod_labelled(0, &[("app", "locked")]).unwrap();
+    let status = settled(&tb, 0);
+    assert!(status["enis"].as_u64().unwrap() >= 2, "{status}");
+    for pod in &pods {
+        assert!(reach(&tb, pod, router).0, "{} reaches the VPC", pod.name);
+    }
+    assert!(!reach(&tb, &locked, router).0, "its policy holds");
+    pods.push(locked);
+    drop(router_listens);
+    for pod in pods {
+        tb.del_pod(pod).unwrap();
+    }
+    check_invariants(&tb, 0, &[]);
+    tb.stop_daemon(0, Stop::Term).unwrap();
+}

@@ -105,6 +105,10 @@ pub struct Options {
     /// IPv6 pods: the node subnet gets an IPv6 /64, the daemons run with ENABLE_IPv6 (and prefix
     /// delegation), the plugin with enableIPv6.
     pub ipv6: bool,
+    /// The daemon as the DaemonSet runs it: in a mount namespace of its own where /proc/sys is
+    /// read-only, with no capability but NET_ADMIN and NET_RAW. `Testbed::init_node` then sets
+    /// the node's sysctls first, as the init container does.
+    pub unprivileged: bool,
 }
 
 impl Default for Options {
@@ -120,6 +124,7 @@ impl Default for Options {
             preattached: Vec::new(),
             vpc: None,
             ipv6: false,
+            unprivileged: false,
         }
     }
 }
@@ -224,6 +229,7 @@ pub struct Testbed {
     next_pod: AtomicU32,
     pub kube: Option<kube_api::KubeApi>,
     pub ipv6: bool,
+    unprivileged: bool,
 }
 
 /// YAML documents as JSON, through PyYAML in the test venv (`python`): the manifests' parser.
@@ -361,6 +367,7 @@ impl Testbed {
             server: None,
             kube: None,
             ipv6: options.ipv6,
+            unprivileged: options.unprivileged,
         };
         if options.kubernetes {
             let listen: SocketAddr = "0.0.0.0:0".parse().expect("an address");
@@ -548,11 +555,16 @@ impl Testbed {
             .stdout(out.try_clone().map_err(|e| e.to_string())?)
             .stderr(out);
         let fd = std::os::unix::io::AsRawFd::as_raw_fd(&netns);
-        // SAFETY: setns is async-signal-safe, and `netns` stays open until the child has spawned.
+        let unprivileged = self.unprivileged;
+        // SAFETY: setns, unshare, mount and prctl are async-signal-safe system calls on memory
+        // the child owns, and `netns` stays open until the child has spawned.
         unsafe {
             command.pre_exec(move || {
                 if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if unprivileged {
+                    contain()?;
                 }
                 Ok(())
             });
@@ -561,6 +573,30 @@ impl Testbed {
             .spawn()
             .map_err(|e| format!("{}: {e}", self.binaries.ipamd.display()))?;
         n.daemon = Some(child);
+        Ok(())
+    }
+
+    /// Runs `vpc-ipamd --init-node` in the node's namespace with the daemon's environment and full
+    /// privileges, as the DaemonSet's init container does, and waits for it.
+    pub fn init_node(&self, node: usize) -> Result<(), String> {
+        let n = &self.nodes[node];
+        let mut command = Command::new(&self.binaries.ipamd);
+        command
+            .arg("--init-node")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(n.env.iter().map(|(k, v)| (k, v)));
+        let output = n
+            .netns
+            .run(move || command.output())?
+            .map_err(|e| format!("vpc-ipamd --init-node: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "vpc-ipamd --init-node exited with {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
         Ok(())
     }
 
@@ -867,4 +903,54 @@ impl Drop for Testbed {
         }
         let _ = std::fs::remove_dir_all(&self.root);
     }
+}
+
+/// In the child, before exec: what a container that is not privileged gets. /proc/sys read-only in
+/// a mount namespace of its own, and a bounding set of NET_ADMIN and NET_RAW only (a root process
+/// that execs keeps no capability outside it).
+fn contain() -> std::io::Result<()> {
+    let check = |r: libc::c_int| {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let sys = c"/proc/sys";
+    // SAFETY: plain system calls with NUL-terminated paths that outlive them.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            sys.as_ptr(),
+            sys.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            std::ptr::null(),
+            sys.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            std::ptr::null(),
+        ))?;
+        // linux/capability.h: CAP_NET_ADMIN 12, CAP_NET_RAW 13.
+        for cap in 0..64 {
+            if cap == 12 || cap == 13 {
+                continue;
+            }
+            // Past the kernel's last capability the call fails with EINVAL: done.
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
