@@ -2056,7 +2056,11 @@ fn the_daemon_runs_with_net_admin_and_net_raw_after_the_init_container() {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
         .unwrap();
-    assert_eq!(effective, (1 << 12) | (1 << 13), "NET_ADMIN and NET_RAW only");
+    assert_eq!(
+        effective,
+        (1 << 12) | (1 << 13),
+        "NET_ADMIN and NET_RAW only"
+    );
 
     kube(&tb).apply(
         "namespaces",
