@@ -532,8 +532,8 @@ async fn run(
         tokio::spawn(async move {
             cluster
                 .follow_network_policies(
-                    |c| {
-                        let _ = inputs.send(ipamd::netpol::Input::Cluster(c));
+                    |c, versions| {
+                        let _ = inputs.send(ipamd::netpol::Input::Cluster(c, versions));
                     },
                     |e| tracing::warn!(error = %e, "NetworkPolicy watch"),
                 )

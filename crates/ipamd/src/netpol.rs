@@ -24,8 +24,9 @@ pub const KNOWN_WITHIN: Duration = Duration::from_secs(2);
 use tokio::sync::{mpsc, oneshot};
 
 pub enum Input {
-    /// The cluster as the API server shows it now (every listing complete).
-    Cluster(netpol::Cluster),
+    /// The cluster as the API server shows it now (every listing complete), and the
+    /// resourceVersion of each kind it was built from.
+    Cluster(netpol::Cluster, k8s::Versions),
     /// A pod of this node has an address; `reply` goes to the plugin once its rules are in force.
     Up {
         key: IpamKey,
@@ -58,6 +59,10 @@ pub struct Enforcement {
     fresh: Vec<IpAddr>,
     /// Pods ADDed in this daemon's life (the others were restored from the checkpoint).
     added: std::collections::HashSet<IpamKey>,
+    /// The resourceVersions of the view last taken, and of the view whose rules are in the kernel:
+    /// `/v1/network-policy` shows both, so that whoever made a change knows when it is in force.
+    versions: k8s::Versions,
+    applied: k8s::Versions,
 }
 
 impl Enforcement {
@@ -69,6 +74,8 @@ impl Enforcement {
             local: BTreeMap::new(),
             fresh: Vec::new(),
             added: std::collections::HashSet::new(),
+            versions: k8s::Versions::new(),
+            applied: k8s::Versions::new(),
         }
     }
 
@@ -85,7 +92,10 @@ impl Enforcement {
 
     fn take(&mut self, input: Input, replies: &mut Vec<Waiting>) {
         match input {
-            Input::Cluster(cluster) => self.cluster = Some(cluster),
+            Input::Cluster(cluster, versions) => {
+                self.cluster = Some(cluster);
+                self.versions = versions;
+            }
             Input::Up {
                 key,
                 namespace,
@@ -170,6 +180,8 @@ impl Enforcement {
         serde_json::json!({
             "mode": if self.strict { "strict" } else { "standard" },
             "clusterKnown": self.synced(),
+            "seenVersions": self.versions,
+            "appliedVersions": self.applied,
             "pods": pods,
         })
     }
@@ -360,6 +372,9 @@ async fn run(
                 }
             }
         }
+        if failure.is_none() {
+            state.applied = state.versions.clone();
+        }
         let now = Instant::now();
         let queued = !inputs.is_empty();
         let (ready, still): (Vec<Waiting>, Vec<Waiting>) = waiting.into_iter().partition(|w| {
@@ -508,7 +523,10 @@ mod tests {
     #[test]
     fn known_pods_get_their_policies_and_the_daemons_address_counts() {
         let mut state = Enforcement::new(true, "eni");
-        state.take(Input::Cluster(deny_all_ingress()), &mut Vec::new());
+        state.take(
+            Input::Cluster(deny_all_ingress(), k8s::Versions::new()),
+            &mut Vec::new(),
+        );
         up(&mut state, "known", "10.0.0.7");
         let rules = state.rules();
         assert_eq!(rules.len(), 1);

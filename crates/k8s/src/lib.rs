@@ -11,6 +11,7 @@ mod events;
 mod node;
 mod pods;
 mod policy_inputs;
+pub use policy_inputs::Versions;
 
 pub use config_map::Data as ConfigMapData;
 pub use eniconfig::{EniConfig, EniConfigBody, EniConfigSelection};

@@ -181,6 +181,9 @@ struct Kind<T> {
     objects: BTreeMap<(String, String), T>,
     listing: Option<BTreeMap<(String, String), T>>,
     listed: bool,
+    /// The highest resourceVersion seen: every change of this kind up to it is in `objects` (a
+    /// watch delivers one kind's changes in order).
+    version: u64,
 }
 
 impl<T> Default for Kind<T> {
@@ -189,6 +192,7 @@ impl<T> Default for Kind<T> {
             objects: BTreeMap::new(),
             listing: None,
             listed: false,
+            version: 0,
         }
     }
 }
@@ -201,6 +205,19 @@ impl<T> Kind<T> {
                 k.meta().name.clone().unwrap_or_default(),
             )
         };
+        let seen = |k: &K| {
+            k.meta()
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        match &event {
+            Event::InitApply(k) | Event::Apply(k) | Event::Delete(k) => {
+                self.version = self.version.max(seen(k))
+            }
+            Event::Init | Event::InitDone => {}
+        }
         match event {
             Event::Init => self.listing = Some(BTreeMap::new()),
             Event::InitApply(k) => {
@@ -228,6 +245,10 @@ impl<T> Kind<T> {
     }
 }
 
+/// The highest resourceVersion of each kind a view of the cluster was built from (for the
+/// enforcer's introspection: a test or a bench waits on it to know a change is in force).
+pub type Versions = BTreeMap<&'static str, u64>;
+
 enum Change {
     Policy(Event<NetworkPolicy>),
     Namespace(Event<Namespace>),
@@ -240,7 +261,7 @@ impl Cluster {
     /// errors go to `on_error` and the watches retry.
     pub async fn follow_network_policies(
         &self,
-        mut on_change: impl FnMut(netpol::Cluster),
+        mut on_change: impl FnMut(netpol::Cluster, Versions),
         mut on_error: impl FnMut(String),
     ) {
         let config = watcher::Config::default;
@@ -269,11 +290,18 @@ impl Cluster {
                 }
             }
             if p.listed && n.listed && q.listed {
-                on_change(netpol::Cluster {
-                    namespaces: n.values().cloned().collect(),
-                    pods: q.values().cloned().collect(),
-                    policies: p.values().cloned().collect(),
-                });
+                on_change(
+                    netpol::Cluster {
+                        namespaces: n.values().cloned().collect(),
+                        pods: q.values().cloned().collect(),
+                        policies: p.values().cloned().collect(),
+                    },
+                    BTreeMap::from([
+                        ("networkpolicies", p.version),
+                        ("namespaces", n.version),
+                        ("pods", q.version),
+                    ]),
+                );
             }
         }
     }

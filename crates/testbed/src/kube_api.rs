@@ -155,6 +155,19 @@ impl KubeApi {
             .collect()
     }
 
+    /// The resourceVersion of the last change to `resource` (0 if none): a watcher that has seen
+    /// it has seen every change of that kind.
+    pub fn version_of(&self, resource: &str) -> u64 {
+        let store = self.shared.store.lock().expect("store");
+        store
+            .history
+            .iter()
+            .filter(|c| c.resource == resource)
+            .map(|c| c.version)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// What was asked of the server so far.
     pub fn accesses(&self) -> BTreeSet<Access> {
         self.shared.store.lock().expect("store").accesses.clone()

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod fabric;
 pub mod kube_api;
 pub mod netns;
+pub mod policy_bench;
 pub mod probe;
 
 use fabric::{gateway, Fabric};
@@ -198,6 +199,7 @@ impl Node {
 }
 
 pub struct Pod {
+    pub namespace: String,
     pub name: String,
     pub node: usize,
     pub netns: Netns,
@@ -227,6 +229,8 @@ pub struct Testbed {
     pub binaries: Binaries,
     root: PathBuf,
     next_pod: AtomicU32,
+    /// Every ADD's sandbox gets a container id of its own, as a runtime gives.
+    next_sandbox: AtomicU32,
     pub kube: Option<kube_api::KubeApi>,
     pub ipv6: bool,
     unprivileged: bool,
@@ -364,6 +368,7 @@ impl Testbed {
             binaries,
             root,
             next_pod: AtomicU32::new(0),
+            next_sandbox: AtomicU32::new(0),
             server: None,
             kube: None,
             ipv6: options.ipv6,
@@ -697,14 +702,14 @@ impl Testbed {
         node: usize,
         command: &str,
         container_id: &str,
-        pod: &str,
+        (namespace, pod): (&str, &str),
         netns: &Path,
         conf: &Value,
     ) -> Result<(i32, String), String> {
         let n = &self.nodes[node];
         let ns = std::fs::File::open(n.netns.path()).map_err(|e| e.to_string())?;
         let args = format!(
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NAMESPACE};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id}"
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id}"
         );
         let mut cmd = Command::new(&self.binaries.plugin);
         cmd.env_clear()
@@ -757,20 +762,46 @@ impl Testbed {
             .map(|(k, v)| (k.to_string(), json!(v)))
             .collect();
         let n = self.next_pod.fetch_add(1, Ordering::SeqCst);
-        let name = format!("pod-{n}");
+        self.add_pod_object(
+            node,
+            POD_NAMESPACE,
+            &format!("pod-{n}"),
+            json!({"labels": labels}),
+            json!({}),
+        )
+    }
+
+    /// A new pod `namespace/name` whose Pod object has `metadata` (labels, ...) and `spec`
+    /// (containers and their ports, ...) besides what the testbed sets.
+    pub fn add_pod_object(
+        &self,
+        node: usize,
+        namespace: &str,
+        name: &str,
+        metadata: Value,
+        spec: Value,
+    ) -> Result<Pod, String> {
+        let n = self.next_sandbox.fetch_add(1, Ordering::SeqCst);
+        let name = name.to_string();
         let netns = Netns::create("pod")?;
         let container_id = format!("{:032x}{n:08x}", std::process::id());
+        let mut object = json!({"metadata": metadata, "spec": spec});
+        object["metadata"]["namespace"] = json!(namespace);
+        object["metadata"]["name"] = json!(name);
+        object["spec"]["nodeName"] = json!(self.nodes[node].name);
         // The scheduler's part: the pod exists, bound to the node, before the kubelet runs it.
         if let Some(api) = &self.kube {
-            api.apply(
-                "pods",
-                json!({"metadata": {"namespace": POD_NAMESPACE, "name": name, "labels": labels},
-                       "spec": {"nodeName": self.nodes[node].name}}),
-            );
+            api.apply("pods", object.clone());
         }
         let conf = self.conf(node, None);
-        let (code, stdout) =
-            self.run_plugin(node, "ADD", &container_id, &name, &netns.path(), &conf)?;
+        let (code, stdout) = self.run_plugin(
+            node,
+            "ADD",
+            &container_id,
+            (namespace, &name),
+            &netns.path(),
+            &conf,
+        )?;
         if code != 0 {
             return Err(format!(
                 "ADD {name} on {}: exit {code}: {stdout}",
@@ -790,14 +821,11 @@ impl Testbed {
             None
         };
         if let Some(api) = &self.kube {
-            api.apply(
-                "pods",
-                json!({"metadata": {"namespace": POD_NAMESPACE, "name": name, "labels": labels},
-                       "spec": {"nodeName": self.nodes[node].name},
-                       "status": {"podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}}),
-            );
+            object["status"] = json!({"podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]});
+            api.apply("pods", object);
         }
         Ok(Pod {
+            namespace: namespace.to_string(),
             name,
             node,
             netns,
@@ -814,7 +842,7 @@ impl Testbed {
             pod.node,
             "DEL",
             &pod.container_id,
-            &pod.name,
+            (&pod.namespace, &pod.name),
             &pod.netns.path(),
             &self.conf(pod.node, Some(&pod.result)),
         )?;
@@ -822,7 +850,7 @@ impl Testbed {
             return Err(format!("DEL {}: exit {code}: {stdout}", pod.name));
         }
         if let Some(api) = &self.kube {
-            api.delete("pods", POD_NAMESPACE, &pod.name);
+            api.delete("pods", &pod.namespace, &pod.name);
         }
         Ok(())
     }
@@ -834,7 +862,8 @@ impl Testbed {
             .iter()
             .map(|p| json!({"containerID": p.container_id, "ifname": "eth0"}))
             .collect();
-        let (code, stdout) = self.run_plugin(node, "GC", "", "", Path::new(""), &conf)?;
+        let (code, stdout) =
+            self.run_plugin(node, "GC", "", (POD_NAMESPACE, ""), Path::new(""), &conf)?;
         if code != 0 {
             return Err(format!("GC: exit {code}: {stdout}"));
         }

@@ -60,6 +60,66 @@ impl Drop for WhoAmI {
     }
 }
 
+/// Echoes every datagram back to its sender, until dropped. Bound in whatever namespace the caller
+/// is in.
+pub struct UdpEcho {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    pub fn bind(address: SocketAddr) -> std::io::Result<UdpEcho> {
+        let socket = std::net::UdpSocket::bind(address)?;
+        // Wakes up to see whether it is to stop.
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 512];
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok((n, from)) = socket.recv_from(&mut buffer) {
+                        let _ = socket.send_to(&buffer[..n], from);
+                    }
+                }
+            })
+        };
+        Ok(UdpEcho {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Whether `target` answers within `patience`: a TCP connection accepted, or a datagram echoed.
+pub fn answers(target: SocketAddr, udp: bool, patience: Duration) -> bool {
+    if !udp {
+        return TcpStream::connect_timeout(&target, patience).is_ok();
+    }
+    let local: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse().expect("an address")
+    } else {
+        "[::]:0".parse().expect("an address")
+    };
+    let Ok(socket) = std::net::UdpSocket::bind(local) else {
+        return false;
+    };
+    if socket.set_read_timeout(Some(patience)).is_err() || socket.connect(target).is_err() {
+        return false;
+    }
+    let mut buffer = [0u8; 16];
+    socket.send(b"probe").is_ok() && matches!(socket.recv(&mut buffer), Ok(5))
+}
+
 pub fn seen_as(target: SocketAddr) -> Result<IpAddr, String> {
     let mut stream = TcpStream::connect_timeout(&target, TIMEOUT)
         .map_err(|e| format!("connecting to {target}: {e}"))?;

@@ -89,6 +89,15 @@ pub enum Command {
         /// and an IPv4 egress address (ENABLE_IPv6, ENABLE_V4_EGRESS).
         #[arg(long)]
         ipv6: bool,
+        /// The NetworkPolicy bench (docs/network-policy.md): Namespaces, Pods and NetworkPolicies
+        /// from this multi-document YAML, the policies enforced by the daemons through the API
+        /// server, every ordered pair of pods probed on every `--probe`; prints the matrix.
+        #[arg(long, value_name = "FILE")]
+        manifests: Option<std::path::PathBuf>,
+        /// With --manifests: what to probe, as tcp/80,udp/53 (every pod serves these and its
+        /// container ports).
+        #[arg(long, default_value = "tcp/80", requires = "manifests")]
+        probe: String,
     },
 }
 
@@ -118,9 +127,20 @@ pub fn run(command: Command) -> Result<(), String> {
             keep,
             json,
             ipv6,
+            manifests,
+            probe,
         } => {
             if nodes == 0 {
                 return Err("--nodes must be at least 1".into());
+            }
+            if let Some(path) = manifests {
+                if ipv6 || custom_networking || vpc.is_some() || keep {
+                    return Err(
+                        "--manifests runs the NetworkPolicy bench on IPv4 nodes: drop --ipv6, --custom-networking, --vpc and --keep"
+                            .into(),
+                    );
+                }
+                return policy_bench(&path, &probe, nodes, json);
             }
             let vpc = match vpc {
                 Some(path) => Some(read_vpc(&path).map_err(|e| format!("--vpc {e}"))?),
@@ -381,6 +401,48 @@ fn write_charts(
             let path = dir.join(format!("{name}.{ext}"));
             std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
             eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// `vpcctl demo --manifests FILE --probe ...`: the NetworkPolicy bench.
+fn policy_bench(
+    path: &std::path::Path,
+    probes: &str,
+    nodes: usize,
+    json: bool,
+) -> Result<(), String> {
+    use testbed::policy_bench::{matrix, parse_probes, to_json, Bench, Manifests};
+    let probes = parse_probes(probes)?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let manifests = Manifests::from_yaml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let binaries = testbed::Binaries::locate()?;
+    eprintln!(
+        "{} namespaces, {} pods, {} policies on {nodes} node(s); probing {}",
+        manifests.namespaces.len(),
+        manifests.pods.len(),
+        manifests.policies.len(),
+        probes
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut bench = Bench::start(&manifests, &probes, nodes, Vec::new(), binaries)?;
+    let outcome = bench
+        .set_policies(&manifests.policies)
+        .map(|()| bench.probe(&probes));
+    let ids: Vec<String> = bench.pods().map(|(spec, _)| spec.id()).collect();
+    let stopped = bench.stop();
+    let outcomes = outcome?;
+    stopped?;
+    if json {
+        println!("{}", to_json(&outcomes));
+    } else {
+        println!("policies in force on every node; + connected, - not, . the pod itself (rows: clients, columns: servers)");
+        for probe in &probes {
+            println!("\n{}", matrix(&outcomes, *probe, &ids));
         }
     }
     Ok(())

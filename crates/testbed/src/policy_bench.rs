@@ -1,0 +1,602 @@
+//! The NetworkPolicy bench (`vpcctl demo --manifests FILE --probe tcp/80,udp/81`): the namespaces
+//! and pods of a multi-document Kubernetes YAML are created in the test API server and wired by
+//! the real plugin on real nodes; every pod serves every probed port and its named container
+//! ports; the policies go through the API server that the daemons watch; once every node says
+//! they are in force, every ordered pair of distinct pods is probed on every port (TCP: a
+//! connection accepted; UDP: a datagram echoed). A user tests policies here before applying them
+//! to a cluster; the test suite runs Kubernetes' own NetworkPolicy cases through it.
+
+use crate::probe::{answers, UdpEcho, WhoAmI};
+use crate::{Binaries, Options, Pod, Stop, Testbed};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// How long a probe waits for its answer: traffic between namespaces on one machine answers in
+/// well under a millisecond, so this is only a loaded machine's margin.
+const PATIENCE: Duration = Duration::from_secs(2);
+/// How long the daemons have to put a change in force.
+const IN_FORCE_WITHIN: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Probe {
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+impl FromStr for Probe {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Probe, String> {
+        let (protocol, port) = text
+            .split_once('/')
+            .ok_or_else(|| format!("probe {text:?}: expected PROTOCOL/PORT, as tcp/80"))?;
+        let protocol = match protocol.to_ascii_lowercase().as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            "sctp" => {
+                return Err(format!(
+                "probe {text:?}: SCTP sockets cannot be opened on this kernel (no sctp module); \
+                     SCTP rules are checked by the evaluator's tests, not probed"
+            ))
+            }
+            other => {
+                return Err(format!(
+                    "probe {text:?}: protocol {other:?} is not tcp or udp"
+                ))
+            }
+        };
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("probe {text:?}: {port:?} is not a port"))?;
+        Ok(Probe { protocol, port })
+    }
+}
+
+impl fmt::Display for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let protocol = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        write!(f, "{protocol}/{}", self.port)
+    }
+}
+
+/// `tcp/80,udp/81` as probes.
+pub fn parse_probes(text: &str) -> Result<Vec<Probe>, String> {
+    let probes: Vec<Probe> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    if probes.is_empty() {
+        return Err("--probe: no probe given".into());
+    }
+    Ok(probes)
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchPod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Map<String, Value>,
+    /// `spec.nodeName`, if the manifest names a node.
+    pub node: Option<String>,
+    /// The containers as the manifest gives them (their ports name the named ports).
+    pub containers: Value,
+    /// The container ports that can be served: (protocol, port).
+    pub serves: BTreeSet<Probe>,
+}
+
+impl BenchPod {
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Namespaces, pods and NetworkPolicies from multi-document YAML.
+#[derive(Clone, Debug, Default)]
+pub struct Manifests {
+    /// Name → labels.
+    pub namespaces: BTreeMap<String, Map<String, Value>>,
+    pub pods: Vec<BenchPod>,
+    pub policies: Vec<Value>,
+}
+
+fn name_of(doc: &Value, what: &str) -> Result<String, String> {
+    doc["metadata"]["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| format!("{what} without metadata.name"))
+}
+
+impl Manifests {
+    pub fn from_yaml(text: &str) -> Result<Manifests, String> {
+        let mut out = Manifests::default();
+        for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let doc =
+                Value::deserialize(document).map_err(|e| format!("document {}: {e}", i + 1))?;
+            if doc.is_null() {
+                continue;
+            }
+            out.add(doc)
+                .map_err(|e| format!("document {}: {e}", i + 1))?;
+        }
+        // A namespace that a pod or a policy names but no document declares is created bare.
+        let named: Vec<String> = out
+            .pods
+            .iter()
+            .map(|p| p.namespace.clone())
+            .chain(out.policies.iter().map(|p| {
+                p["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_string()
+            }))
+            .collect();
+        for namespace in named {
+            out.namespaces.entry(namespace).or_default();
+        }
+        let mut seen = BTreeSet::new();
+        for pod in &out.pods {
+            if !seen.insert(pod.id()) {
+                return Err(format!("pod {} is declared twice", pod.id()));
+            }
+        }
+        if out.pods.len() < 2 {
+            return Err("the manifests need at least two pods to probe between".into());
+        }
+        Ok(out)
+    }
+
+    fn add(&mut self, doc: Value) -> Result<(), String> {
+        match doc["kind"].as_str().unwrap_or("") {
+            "List" => {
+                for item in doc["items"].as_array().cloned().unwrap_or_default() {
+                    self.add(item)?;
+                }
+                Ok(())
+            }
+            "Namespace" => {
+                let name = name_of(&doc, "a Namespace")?;
+                let labels = doc["metadata"]["labels"]
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default();
+                self.namespaces.insert(name, labels);
+                Ok(())
+            }
+            "NetworkPolicy" => {
+                name_of(&doc, "a NetworkPolicy")?;
+                self.policies.push(doc);
+                Ok(())
+            }
+            "Pod" => {
+                let name = name_of(&doc, "a Pod")?;
+                let namespace = doc["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_string();
+                let containers = doc["spec"]["containers"].clone();
+                let mut serves = BTreeSet::new();
+                for port in containers
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+                {
+                    let number = port["containerPort"]
+                        .as_u64()
+                        .and_then(|p| u16::try_from(p).ok())
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| format!("pod {namespace}/{name}: a container port without a containerPort: {port}"))?;
+                    let protocol = match port["protocol"].as_str().unwrap_or("TCP") {
+                        "TCP" => Protocol::Tcp,
+                        "UDP" => Protocol::Udp,
+                        // Named for the policies' sake; not served (no SCTP sockets here).
+                        "SCTP" => continue,
+                        other => return Err(format!("pod {namespace}/{name}: protocol {other:?}")),
+                    };
+                    serves.insert(Probe {
+                        protocol,
+                        port: number,
+                    });
+                }
+                self.pods.push(BenchPod {
+                    namespace,
+                    name,
+                    labels: doc["metadata"]["labels"]
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default(),
+                    node: doc["spec"]["nodeName"].as_str().map(str::to_string),
+                    containers,
+                    serves,
+                });
+                Ok(())
+            }
+            other => Err(format!(
+                "kind {other:?}: the bench takes Namespace, Pod and NetworkPolicy objects"
+            )),
+        }
+    }
+}
+
+/// One probe's outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub from: String,
+    pub to: String,
+    pub probe: Probe,
+    pub connected: bool,
+}
+
+/// The bench, running: a testbed with NetworkPolicy on, the manifests' namespaces and pods, the
+/// servers in each pod.
+pub struct Bench {
+    pub testbed: Testbed,
+    pods: Vec<(BenchPod, Pod)>,
+    tcp: Vec<WhoAmI>,
+    udp: Vec<UdpEcho>,
+    policies: BTreeSet<(String, String)>,
+}
+
+impl Bench {
+    /// Starts `nodes` nodes with `settings` (the daemons' environment, over NetworkPolicy on in
+    /// standard mode), creates the namespaces and pods and has every pod serve `probes` and its
+    /// container ports. No policy yet.
+    pub fn start(
+        manifests: &Manifests,
+        probes: &[Probe],
+        nodes: usize,
+        settings: Vec<(String, String)>,
+        binaries: Binaries,
+    ) -> Result<Bench, String> {
+        let mut env = vec![
+            ("ENABLE_NETWORK_POLICY".to_string(), "true".to_string()),
+            (
+                "NETWORK_POLICY_ENFORCING_MODE".to_string(),
+                "standard".to_string(),
+            ),
+        ];
+        env.extend(settings);
+        let mut testbed = Testbed::start(
+            &Options {
+                nodes: nodes.max(1),
+                kubernetes: true,
+                daemon_env: env,
+                ..Options::default()
+            },
+            binaries,
+        )?;
+        let api = testbed.kube.as_ref().expect("a Kubernetes API server");
+        for (name, labels) in &manifests.namespaces {
+            let mut labels = labels.clone();
+            labels.insert("kubernetes.io/metadata.name".into(), json!(name));
+            api.apply(
+                "namespaces",
+                json!({"metadata": {"name": name, "labels": labels}}),
+            );
+        }
+        for i in 0..testbed.nodes.len() {
+            testbed.start_daemon(i)?;
+        }
+        let mut pods = Vec::new();
+        for (i, spec) in manifests.pods.iter().enumerate() {
+            let node = match &spec.node {
+                Some(name) => testbed
+                    .nodes
+                    .iter()
+                    .position(|n| &n.name == name)
+                    .ok_or_else(|| {
+                        format!(
+                            "pod {} names node {name:?}; the nodes are {}",
+                            spec.id(),
+                            testbed
+                                .nodes
+                                .iter()
+                                .map(|n| n.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    })?,
+                None => i % testbed.nodes.len(),
+            };
+            let mut object_spec = json!({});
+            if !spec.containers.is_null() {
+                object_spec["containers"] = spec.containers.clone();
+            }
+            let pod = testbed.add_pod_object(
+                node,
+                &spec.namespace,
+                &spec.name,
+                json!({"labels": spec.labels}),
+                object_spec,
+            )?;
+            pods.push((spec.clone(), pod));
+        }
+        let (mut tcp, mut udp) = (Vec::new(), Vec::new());
+        for (spec, pod) in &pods {
+            let served: BTreeSet<Probe> = spec.serves.iter().chain(probes).copied().collect();
+            for probe in served {
+                let address = SocketAddr::new(pod.ip, probe.port);
+                match probe.protocol {
+                    Protocol::Tcp => tcp.push(
+                        pod.netns
+                            .run(move || WhoAmI::bind(address))?
+                            .map_err(|e| format!("{}: serving {probe}: {e}", spec.id()))?,
+                    ),
+                    Protocol::Udp => udp.push(
+                        pod.netns
+                            .run(move || UdpEcho::bind(address))?
+                            .map_err(|e| format!("{}: serving {probe}: {e}", spec.id()))?,
+                    ),
+                }
+            }
+        }
+        Ok(Bench {
+            testbed,
+            pods,
+            tcp,
+            udp,
+            policies: BTreeSet::new(),
+        })
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = (&BenchPod, &Pod)> {
+        self.pods.iter().map(|(s, p)| (s, p))
+    }
+
+    fn api(&self) -> &crate::kube_api::KubeApi {
+        self.testbed.kube.as_ref().expect("a Kubernetes API server")
+    }
+
+    /// Makes `policies` the cluster's policies (the others deleted, these created or replaced)
+    /// and waits until every node has them in force.
+    pub fn set_policies(&mut self, policies: &[Value]) -> Result<(), String> {
+        let mut wanted = BTreeSet::new();
+        for policy in policies {
+            let namespace = policy["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string();
+            let name = name_of(policy, "a NetworkPolicy")?;
+            let mut object = policy.clone();
+            object["metadata"]["namespace"] = json!(namespace);
+            self.api().apply("networkpolicies", object);
+            wanted.insert((namespace, name));
+        }
+        for (namespace, name) in self.policies.difference(&wanted) {
+            self.api().delete("networkpolicies", namespace, name);
+        }
+        self.policies = wanted;
+        self.wait_in_force("networkpolicies")
+    }
+
+    /// Replaces a namespace's labels (its name label kept) and waits until it is in force.
+    pub fn label_namespace(
+        &mut self,
+        namespace: &str,
+        labels: Map<String, Value>,
+    ) -> Result<(), String> {
+        let mut labels = labels;
+        labels.insert("kubernetes.io/metadata.name".into(), json!(namespace));
+        self.api().apply(
+            "namespaces",
+            json!({"metadata": {"name": namespace, "labels": labels}}),
+        );
+        self.wait_in_force("namespaces")
+    }
+
+    /// Replaces a pod's labels and waits until it is in force.
+    pub fn label_pod(&mut self, id: &str, labels: Map<String, Value>) -> Result<(), String> {
+        let (namespace, name) = id
+            .split_once('/')
+            .ok_or_else(|| format!("pod {id:?}: expected NAMESPACE/NAME"))?;
+        let mut object = self
+            .api()
+            .objects("pods")
+            .into_iter()
+            .find(|o| o["metadata"]["namespace"] == namespace && o["metadata"]["name"] == name)
+            .ok_or_else(|| format!("no pod {id}"))?;
+        object["metadata"]["labels"] = Value::Object(labels);
+        self.api().apply("pods", object);
+        self.wait_in_force("pods")
+    }
+
+    /// Waits until every node's daemon has the API server's last change of `resource` in its
+    /// kernel (`appliedVersions` in /v1/network-policy).
+    fn wait_in_force(&self, resource: &str) -> Result<(), String> {
+        let version = self.api().version_of(resource);
+        let deadline = Instant::now() + IN_FORCE_WITHIN;
+        for node in &self.testbed.nodes {
+            loop {
+                let view = node.introspect("/v1/network-policy")?;
+                if view["appliedVersions"][resource].as_u64().unwrap_or(0) >= version {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "{}: the change of {resource} (resourceVersion {version}) not in force within {} s: {view}",
+                        node.name,
+                        IN_FORCE_WITHIN.as_secs()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every ordered pair of distinct pods on every probe, all at once.
+    pub fn probe(&self, probes: &[Probe]) -> Vec<Outcome> {
+        let mut outcomes = Vec::new();
+        std::thread::scope(|scope| {
+            let mut running = Vec::new();
+            for (from_spec, from) in &self.pods {
+                for (to_spec, to) in &self.pods {
+                    if from_spec.id() == to_spec.id() {
+                        continue;
+                    }
+                    for probe in probes {
+                        let target = SocketAddr::new(to.ip, probe.port);
+                        let udp = probe.protocol == Protocol::Udp;
+                        let netns = &from.netns;
+                        running.push((
+                            from_spec.id(),
+                            to_spec.id(),
+                            *probe,
+                            scope.spawn(move || {
+                                netns
+                                    .run(move || answers(target, udp, PATIENCE))
+                                    .unwrap_or(false)
+                            }),
+                        ));
+                    }
+                }
+            }
+            for (from, to, probe, handle) in running {
+                outcomes.push(Outcome {
+                    from,
+                    to,
+                    probe,
+                    connected: handle.join().unwrap_or(false),
+                });
+            }
+        });
+        outcomes
+    }
+
+    /// Deletes the pods through the plugin and stops the daemons.
+    pub fn stop(mut self) -> Result<(), String> {
+        self.tcp.clear();
+        self.udp.clear();
+        for (_, pod) in std::mem::take(&mut self.pods) {
+            self.testbed.del_pod(pod)?;
+        }
+        for i in 0..self.testbed.nodes.len() {
+            self.testbed.stop_daemon(i, Stop::Term)?;
+        }
+        Ok(())
+    }
+}
+
+/// The outcomes of one probe as a matrix: a row per client, a column per server; `+` connected,
+/// `-` not, `.` the pod itself.
+pub fn matrix(outcomes: &[Outcome], probe: Probe, pods: &[String]) -> String {
+    let width = pods.iter().map(String::len).max().unwrap_or(1).max(5);
+    let mut out = format!("{:width$}", probe.to_string());
+    for to in pods {
+        out += &format!(" {to:>width$}");
+    }
+    out.push('\n');
+    for from in pods {
+        out += &format!("{from:width$}");
+        for to in pods {
+            let cell = if from == to {
+                "."
+            } else {
+                match outcomes
+                    .iter()
+                    .find(|o| &o.from == from && &o.to == to && o.probe == probe)
+                {
+                    Some(o) if o.connected => "+",
+                    Some(_) => "-",
+                    None => "?",
+                }
+            };
+            out += &format!(" {cell:>width$}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The outcomes as the `--json` report.
+pub fn to_json(outcomes: &[Outcome]) -> Value {
+    json!({"probes": outcomes.iter().map(|o| json!({
+        "from": o.from,
+        "to": o.to,
+        "port": o.probe.to_string(),
+        "connected": o.connected,
+    })).collect::<Vec<_>>()})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_are_read_and_bad_ones_refused_by_document() {
+        let m = Manifests::from_yaml(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {team: a}}\n---\n\
+             kind: Pod\nmetadata: {namespace: x, name: a, labels: {pod: a}}\n\
+             spec: {containers: [{name: c, ports: [{name: web, containerPort: 80}, {containerPort: 53, protocol: UDP}]}]}\n---\n\
+             kind: Pod\nmetadata: {namespace: y, name: b}\n---\n\
+             kind: NetworkPolicy\nmetadata: {namespace: x, name: deny}\nspec: {podSelector: {}}\n",
+        )
+        .unwrap();
+        assert_eq!(m.pods.len(), 2);
+        assert_eq!(m.namespaces["x"]["team"], "a");
+        assert!(m.namespaces.contains_key("y"), "named by a pod, created");
+        assert_eq!(
+            m.pods[0].serves,
+            BTreeSet::from(["tcp/80".parse().unwrap(), "udp/53".parse().unwrap()])
+        );
+        let e = Manifests::from_yaml(
+            "kind: Pod\nmetadata: {name: a}\n---\nkind: Service\nmetadata: {name: s}\n",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("document 2: kind \"Service\""), "{e}");
+        let e = Manifests::from_yaml("kind: Pod\nmetadata: {name: a}\n").unwrap_err();
+        assert!(e.contains("at least two pods"), "{e}");
+        assert!(parse_probes("tcp/80, udp/81").unwrap().len() == 2);
+        assert!(parse_probes("sctp/80").unwrap_err().contains("SCTP"));
+        assert!(parse_probes("tcp/0").is_err() && parse_probes("icmp/1").is_err());
+    }
+
+    #[test]
+    fn the_matrix_marks_each_pair() {
+        let probe: Probe = "tcp/80".parse().unwrap();
+        let outcomes = vec![
+            Outcome {
+                from: "x/a".into(),
+                to: "x/b".into(),
+                probe,
+                connected: true,
+            },
+            Outcome {
+                from: "x/b".into(),
+                to: "x/a".into(),
+                probe,
+                connected: false,
+            },
+        ];
+        let text = matrix(&outcomes, probe, &["x/a".into(), "x/b".into()]);
+        let rows: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            rows[1].split_whitespace().collect::<Vec<_>>(),
+            ["x/a", ".", "+"]
+        );
+        assert_eq!(
+            rows[2].split_whitespace().collect::<Vec<_>>(),
+            ["x/b", "-", "."]
+        );
+        assert_eq!(to_json(&outcomes)["probes"][1]["connected"], false);
+    }
+}
