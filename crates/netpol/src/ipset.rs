@@ -126,6 +126,18 @@ impl IpSet {
         ranges.get(i).is_some_and(|&(start, _)| start <= k)
     }
 
+    /// Whether every address of `other` is in this set.
+    pub fn covers(&self, other: &IpSet) -> bool {
+        let within = |mine: &[(u128, u128)], theirs: &[(u128, u128)]| {
+            theirs.iter().all(|&(start, end)| {
+                // Ranges are merged, so a covered range lies within one of ours.
+                let i = mine.partition_point(|&(_, e)| e < start);
+                mine.get(i).is_some_and(|&(s, e)| s <= start && end <= e)
+            })
+        };
+        within(&self.v4, &other.v4) && within(&self.v6, &other.v6)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.v4.is_empty() && self.v6.is_empty()
     }

@@ -54,7 +54,39 @@ pub enum Verdict {
     Isolated(Vec<Grant>),
 }
 
+impl Grant {
+    /// Whether this grant lets through everything `other` does.
+    pub fn covers(&self, other: &Grant) -> bool {
+        let peers = match (&self.peers, &other.peers) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(mine), Some(theirs)) => mine.covers(theirs),
+        };
+        let ports = match (&self.ports, &other.ports) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(mine), Some(theirs)) => theirs.iter().all(|t| {
+                mine.iter()
+                    .any(|m| m.protocol == t.protocol && m.first <= t.first && t.last <= m.last)
+            }),
+        };
+        peers && ports
+    }
+}
+
 impl Verdict {
+    /// Whether this verdict lets through everything `other` does: a change from `other` to this
+    /// one denies no flow.
+    pub fn covers(&self, other: &Verdict) -> bool {
+        match (self, other) {
+            (Verdict::Open, _) => true,
+            (Verdict::Isolated(_), Verdict::Open) => false,
+            (Verdict::Isolated(mine), Verdict::Isolated(theirs)) => {
+                theirs.iter().all(|t| mine.iter().any(|m| m.covers(t)))
+            }
+        }
+    }
+
     /// Whether a packet to or from `peer` on `protocol`/`port` is allowed (its pod's port for
     /// ingress, the peer's for egress).
     pub fn allows(&self, peer: IpAddr, protocol: Protocol, port: u16) -> bool {
