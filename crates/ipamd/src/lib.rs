@@ -10,5 +10,6 @@ pub mod log;
 pub mod metrics;
 pub mod netpol;
 pub mod plugin_socket;
+pub mod settings;
 pub mod startup;
 pub mod store;

@@ -12,6 +12,7 @@ use ipamd::control::{Event, SettingsView};
 use ipamd::introspect;
 use ipamd::log::{self, Level};
 use ipamd::metrics::Metrics;
+use ipamd::settings::Environment;
 use ipamd::startup;
 use ipamd::store::Store;
 use k8s::Cluster;
@@ -108,9 +109,6 @@ fn read_eni_config(path: &PathBuf) -> Result<EniConfigSpec, String> {
         security_groups: file.security_groups,
     })
 }
-
-/// The process's environment, read once: the layer under the ConfigMap's settings.
-type Environment = Arc<std::collections::BTreeMap<String, String>>;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -256,152 +254,6 @@ async fn connect_cluster(
     }
 }
 
-/// The settings with the ConfigMap read once over the environment, at start; what the ConfigMap
-/// set that was refused or is another component's goes to a Warning Event.
-async fn settings_from_cluster(
-    cluster: &Cluster,
-    name: &str,
-    config: Config,
-    environment: &Environment,
-) -> (Config, SettingsView, ClusterSettings, Vec<String>) {
-    let data = match cluster.config_map(name).await {
-        Ok(data) => data,
-        Err(e) => {
-            tracing::warn!(error = %e, "the ConfigMap could not be read; the environment's settings stand");
-            return (
-                config,
-                SettingsView::default(),
-                ClusterSettings::default(),
-                Vec::new(),
-            );
-        }
-    };
-    let env = |k: &str| environment.get(k).cloned();
-    let from_map = ClusterSettings::from_data(&data.clone().unwrap_or_default());
-    let (config, taken) =
-        match config_map::layered(&from_map, &ClusterSettings::default(), &env, &|c| {
-            c.unsupported_by_daemon()
-        }) {
-            Ok(layered) => layered,
-            // The environment alone parsed in main(): only the ConfigMap can be at fault.
-            Err(e) => {
-                tracing::warn!(error = %e, "the ConfigMap's settings set aside");
-                (config, ClusterSettings::default())
-            }
-        };
-    let view = settings_view(name, data.is_some(), &taken, Vec::new());
-    let said = report_settings(cluster, &view, &[]).await;
-    (config, view, taken, said)
-}
-
-fn settings_view(
-    name: &str,
-    present: bool,
-    taken: &ClusterSettings,
-    pending: Vec<String>,
-) -> SettingsView {
-    SettingsView {
-        name: name.to_string(),
-        config_map: Some(present),
-        keys: taken
-            .keys
-            .iter()
-            .map(|(variable, key)| (key.clone(), variable.clone()))
-            .collect(),
-        refused: taken.refused.clone(),
-        others: taken.others.clone(),
-        pending_restart: pending,
-    }
-}
-
-/// Warning Events for what the ConfigMap sets that is not taken, but for what `said` holds (said
-/// about the previous version); returns all that applies now.
-async fn report_settings(cluster: &Cluster, view: &SettingsView, said: &[String]) -> Vec<String> {
-    let mut now = Vec::new();
-    let notes = view
-        .refused
-        .iter()
-        .map(|r| ("InvalidSetting", format!("ConfigMap {}/{}: {r}; the previous value stands", config_map::NAMESPACE, view.name)))
-        .chain(view.pending_restart.iter().map(|p| {
-            ("RestartNeeded", format!("ConfigMap {}/{}: {p} takes effect when the daemon restarts (kubectl rollout restart daemonset -n kube-system)", config_map::NAMESPACE, view.name))
-        }));
-    for (reason, message) in notes {
-        now.push(message.clone());
-        if said.contains(&message) {
-            continue;
-        }
-        tracing::warn!(%reason, %message, "setting not applied");
-        let sent = tokio::time::timeout(Duration::from_secs(5), cluster.warn_now(reason, &message))
-            .await
-            .unwrap_or_else(|_| Err("the API server did not answer in 5 s".into()));
-        if let Err(why) = sent {
-            tracing::warn!(error = %why, "could not send the Event");
-        }
-    }
-    now
-}
-
-/// Follows the ConfigMap: the live settings go to the control loop at each change; the others are
-/// reported as waiting for a restart (compared with what the daemon started with).
-async fn follow_settings(
-    cluster: Arc<Cluster>,
-    name: String,
-    events: mpsc::UnboundedSender<Event>,
-    environment: Environment,
-    at_start: ClusterSettings,
-    mut said: Vec<String>,
-) {
-    let env = move |k: &str| environment.get(k).cloned();
-    let mut last = at_start.clone();
-    let (changes_tx, mut changes) = mpsc::unbounded_channel();
-    {
-        let (cluster, name) = (cluster.clone(), name.clone());
-        tokio::spawn(async move {
-            cluster
-                .follow_config_map(
-                    &name,
-                    move |data| drop(changes_tx.send(data)),
-                    |e| tracing::warn!(error = %e, "ConfigMap watch"),
-                )
-                .await
-        });
-    }
-    while let Some(data) = changes.recv().await {
-        let from_map = ClusterSettings::from_data(&data.clone().unwrap_or_default());
-        let (config, taken) =
-            match config_map::layered(&from_map, &last, &env, &|c| c.unsupported_by_daemon()) {
-                Ok(layered) => layered,
-                Err(e) => {
-                    tracing::warn!(error = %e, "the ConfigMap's settings set aside");
-                    continue;
-                }
-            };
-        let (_, restart) = config_map::changes(&|k| at_start.get(k, &env), &|k| taken.get(k, &env));
-        let pending = restart
-            .iter()
-            .map(|variable| {
-                let key = taken.key_of(variable);
-                let key = if key == *variable {
-                    at_start.key_of(variable)
-                } else {
-                    key
-                };
-                match taken.get(variable, &env) {
-                    Some(value) => format!("{key}={value:?}"),
-                    None => format!("{key} removed"),
-                }
-            })
-            .collect();
-        let view = settings_view(&name, data.is_some(), &taken, pending);
-        said = report_settings(&cluster, &view, &said).await;
-        last = taken;
-        let _ = events.send(Event::Settings {
-            pool: PoolSettings::from_config(&config),
-            view,
-        });
-    }
-}
-
 async fn run(
     args: Args,
     config: Config,
@@ -427,7 +279,7 @@ async fn run(
         );
         let c = c.clone();
         (config, settings_view, at_start, said) =
-            settings_from_cluster(&c, &config_map_name, config, &environment).await;
+            ipamd::settings::from_cluster(&c, &config_map_name, config, &environment).await;
         // The ConfigMap may name another ENIConfig label or annotation: the client reads them.
         if before
             != (
@@ -506,7 +358,7 @@ async fn run(
             pool: PoolSettings::from_config(&config),
             view: settings_view,
         });
-        tokio::spawn(follow_settings(
+        tokio::spawn(ipamd::settings::follow(
             cluster.clone(),
             config_map_name.clone(),
             events.clone(),
