@@ -45,6 +45,15 @@ pub enum NetworkPolicyMode {
     Standard,
 }
 
+/// Where NetworkPolicy enforcement reads the policies (`VPC_CNI_NETWORK_POLICY_INPUT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkPolicyInput {
+    /// NetworkPolicies, Namespaces and Pods, evaluated on the node.
+    Cluster,
+    /// EKS's PolicyEndpoints, which its managed controller resolves.
+    PolicyEndpoints,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SgEnforcingMode {
     Strict,
@@ -79,6 +88,7 @@ pub struct Config {
     pub network_policy_mode: NetworkPolicyMode,
     /// ENABLE_NETWORK_POLICY: enforce NetworkPolicies (watched from the API server).
     pub network_policy: bool,
+    pub network_policy_input: NetworkPolicyInput,
     pub multi_nic: bool,
     pub cluster_name: String,
     pub additional_eni_tags: BTreeMap<String, String>,
@@ -216,6 +226,7 @@ impl Config {
         "ANNOTATE_POD_IP",
         "NETWORK_POLICY_ENFORCING_MODE",
         "ENABLE_NETWORK_POLICY",
+        "VPC_CNI_NETWORK_POLICY_INPUT",
         "ENABLE_MULTI_NIC",
         "CLUSTER_NAME",
         "ADDITIONAL_ENI_TAGS",
@@ -303,6 +314,20 @@ impl Config {
                 },
             },
             network_policy: env.bool("ENABLE_NETWORK_POLICY", false)?,
+            network_policy_input: match env.raw("VPC_CNI_NETWORK_POLICY_INPUT") {
+                None => NetworkPolicyInput::Cluster,
+                Some(v) => match v.trim() {
+                    "cluster" => NetworkPolicyInput::Cluster,
+                    "policyendpoints" => NetworkPolicyInput::PolicyEndpoints,
+                    _ => {
+                        return Err(Env::invalid(
+                            "VPC_CNI_NETWORK_POLICY_INPUT",
+                            &v,
+                            "expected cluster (NetworkPolicies, evaluated on the node) or policyendpoints (EKS's managed controller)",
+                        ))
+                    }
+                },
+            },
             multi_nic: env.bool("ENABLE_MULTI_NIC", false)?,
             cluster_name: env.string("CLUSTER_NAME", ""),
             additional_eni_tags: additional_tags(&env, &mut warnings)?,

@@ -381,17 +381,34 @@ async fn run(
         );
         let inputs = enforcer.clone();
         let cluster = cluster.clone();
+        let input = config.network_policy_input;
         tokio::spawn(async move {
-            cluster
-                .follow_network_policies(
-                    |c, versions| {
-                        let _ = inputs.send(ipamd::netpol::Input::Cluster(c, versions));
-                    },
-                    |e| tracing::warn!(error = %e, "NetworkPolicy watch"),
-                )
-                .await
+            let on_error = |e: String| tracing::warn!(error = %e, "NetworkPolicy watch");
+            match input {
+                ipam::config::NetworkPolicyInput::Cluster => {
+                    cluster
+                        .follow_network_policies(
+                            |c, versions| {
+                                let _ = inputs.send(ipamd::netpol::Input::Cluster(c, versions));
+                            },
+                            on_error,
+                        )
+                        .await
+                }
+                ipam::config::NetworkPolicyInput::PolicyEndpoints => {
+                    cluster
+                        .follow_policy_endpoints(
+                            |endpoints, versions| {
+                                let _ = inputs
+                                    .send(ipamd::netpol::Input::Endpoints(endpoints, versions));
+                            },
+                            on_error,
+                        )
+                        .await
+                }
+            }
         });
-        tracing::info!(mode = %if strict { "strict" } else { "standard" }, "NetworkPolicy enforced");
+        tracing::info!(mode = %if strict { "strict" } else { "standard" }, input = ?config.network_policy_input, "NetworkPolicy enforced");
         network_policy = Some(enforcer.clone());
         control = control.with_network_policy(enforcer);
     }

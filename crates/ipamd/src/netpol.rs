@@ -27,6 +27,8 @@ pub enum Input {
     /// The cluster as the API server shows it now (every listing complete), and the
     /// resourceVersion of each kind it was built from.
     Cluster(netpol::Cluster, k8s::Versions),
+    /// Every PolicyEndpoint of the cluster (`VPC_CNI_NETWORK_POLICY_INPUT=policyendpoints`).
+    Endpoints(Vec<netpol::endpoints::PolicyEndpoint>, k8s::Versions),
     /// A pod of this node has an address; `reply` goes to the plugin once its rules are in force.
     Up {
         key: IpamKey,
@@ -53,6 +55,8 @@ pub struct Enforcement {
     strict: bool,
     veth_prefix: String,
     cluster: Option<netpol::Cluster>,
+    /// EKS's PolicyEndpoints, when they are the input: then `cluster` stays empty.
+    endpoints: Option<Vec<netpol::endpoints::PolicyEndpoint>>,
     local: BTreeMap<IpamKey, Local>,
     /// Addresses of pods that arrived since the last table: no flow of theirs can need cutting,
     /// and forgetting flows costs a few milliseconds a pod.
@@ -71,6 +75,7 @@ impl Enforcement {
             strict,
             veth_prefix: veth_prefix.to_string(),
             cluster: None,
+            endpoints: None,
             local: BTreeMap::new(),
             fresh: Vec::new(),
             added: std::collections::HashSet::new(),
@@ -81,6 +86,11 @@ impl Enforcement {
 
     /// Whether the API server has shown the pod of `key` (its labels are known).
     fn known(&self, key: &IpamKey) -> bool {
+        // EKS's controller lists a pod only once it has an address, which the kubelet reports
+        // after the ADD: waiting for it would hold every ADD for the whole deadline.
+        if self.endpoints.is_some() {
+            return self.local.contains_key(key);
+        }
         let (Some(cluster), Some(local)) = (&self.cluster, self.local.get(key)) else {
             return false;
         };
@@ -94,6 +104,10 @@ impl Enforcement {
         match input {
             Input::Cluster(cluster, versions) => {
                 self.cluster = Some(cluster);
+                self.versions = versions;
+            }
+            Input::Endpoints(endpoints, versions) => {
+                self.endpoints = Some(endpoints);
                 self.versions = versions;
             }
             Input::Up {
@@ -188,7 +202,7 @@ impl Enforcement {
 
     /// Whether the API server's view has arrived (every listing complete).
     fn synced(&self) -> bool {
-        self.cluster.is_some()
+        self.cluster.is_some() || self.endpoints.is_some()
     }
 
     /// The rules of the pods ADDed in this daemon's life: before the first view of the cluster,
@@ -207,6 +221,9 @@ impl Enforcement {
     /// Every local pod's rules. The cluster's pods carry this node's addresses for its own pods
     /// (the API server may not have them yet).
     pub fn rules(&self) -> Vec<PodRules> {
+        if let Some(endpoints) = &self.endpoints {
+            return self.rules_from_endpoints(endpoints);
+        }
         let mut cluster = self.cluster.clone().unwrap_or_default();
         let mut known = std::collections::HashSet::new();
         for local in self.local.values() {
@@ -264,6 +281,47 @@ impl Enforcement {
             }
             rules.push(PodRules {
                 host_veth,
+                addresses: vec![local.ip],
+                ingress,
+                egress,
+            });
+        }
+        rules
+    }
+}
+
+impl Enforcement {
+    /// Each local pod's rules from EKS's PolicyEndpoints. A pod no object lists is open
+    /// (`standard`) or denied everything (`strict`), as a pod with no policy yet.
+    fn rules_from_endpoints(
+        &self,
+        endpoints: &[netpol::endpoints::PolicyEndpoint],
+    ) -> Vec<PodRules> {
+        let mut rules = Vec::new();
+        for local in self.local.values().filter(|l| !l.name.is_empty()) {
+            let listed = endpoints.iter().any(|pe| {
+                pe.pods
+                    .iter()
+                    .any(|(n, p, a)| (*n == local.namespace && *p == local.name) || *a == local.ip)
+            });
+            let (ingress, egress) = if listed || !self.strict {
+                let verdicts =
+                    netpol::endpoints::pod(endpoints, &local.namespace, &local.name, local.ip);
+                (verdicts.ingress, verdicts.egress)
+            } else {
+                (
+                    netpol::Verdict::Isolated(Vec::new()),
+                    netpol::Verdict::Isolated(Vec::new()),
+                )
+            };
+            if ingress == netpol::Verdict::Open && egress == netpol::Verdict::Open {
+                continue;
+            }
+            rules.push(PodRules {
+                host_veth: datapath::names::host_veth_name(
+                    &self.veth_prefix,
+                    &datapath::names::pod_key(&local.namespace, &local.name),
+                ),
                 addresses: vec![local.ip],
                 ingress,
                 egress,

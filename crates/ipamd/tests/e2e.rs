@@ -2093,3 +2093,102 @@ fn the_daemon_runs_with_net_admin_and_net_raw_after_the_init_container() {
     check_invariants(&tb, 0, &[]);
     tb.stop_daemon(0, Stop::Term).unwrap();
 }
+
+/// With `VPC_CNI_NETWORK_POLICY_INPUT=policyendpoints` the daemon enforces EKS's PolicyEndpoints as
+/// the managed controller writes them (each policy resolved into the selected pods and its peers'
+/// CIDRs), and reads nothing else for it.
+#[test]
+fn policy_endpoints_as_eks_writes_them_are_enforced() {
+    let mut options = options(&[
+        ("ENABLE_NETWORK_POLICY", "true"),
+        ("VPC_CNI_NETWORK_POLICY_INPUT", "policyendpoints"),
+    ]);
+    options.kubernetes = true;
+    let Some(mut tb) = testbed("policy_endpoints", options) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    let web = tb.add_pod_labelled(0, &[("app", "web")]).unwrap();
+    let db = tb.add_pod_labelled(0, &[("app", "db")]).unwrap();
+    let other = tb.add_pod_labelled(0, &[("app", "other")]).unwrap();
+    let db_ip = db.ip;
+    let _db_listens = db
+        .netns
+        .run(move || WhoAmI::bind(SocketAddr::from((db_ip, PORT))).unwrap())
+        .unwrap();
+    assert!(
+        reach(&tb, &other, db.ip).0,
+        "open before any PolicyEndpoint"
+    );
+
+    let in_force = |tb: &Testbed| {
+        let version = kube(tb).version_of("policyendpoints");
+        wait_for("the PolicyEndpoints in force", || {
+            let view = tb.nodes[0].introspect("/v1/network-policy").unwrap();
+            view["appliedVersions"]["policyendpoints"]
+                .as_u64()
+                .unwrap_or(0)
+                >= version
+        });
+    };
+    let endpoint = |peers: &[&Pod]| {
+        serde_json::json!({
+            "metadata": {"namespace": "default", "name": "db-x7k2p"},
+            "spec": {
+                "policyRef": {"name": "db", "namespace": "default"},
+                "podSelector": {"matchLabels": {"app": "db"}},
+                "podIsolation": ["Ingress"],
+                "podSelectorEndpoints": [{"hostIP": tb.nodes[0].primary_ip.to_string(),
+                    "podIP": db.ip.to_string(), "name": db.name, "namespace": "default"}],
+                "ingress": peers.iter().map(|p| serde_json::json!({
+                    "cidr": format!("{}/32", p.ip), "ports": [{"protocol": "TCP", "port": PORT}]})).collect::<Vec<_>>(),
+            }
+        })
+    };
+    kube(&tb).apply("policyendpoints", endpoint(&[&web]));
+    in_force(&tb);
+    assert!(reach(&tb, &web, db.ip).0, "web is the resolved peer");
+    assert!(
+        !reach(&tb, &other, db.ip).0,
+        "other is not: {}\n{}",
+        tb.nodes[0].introspect("/v1/network-policy").unwrap(),
+        tb.nodes[0].log_tail(20)
+    );
+    let view = tb.nodes[0].introspect("/v1/network-policy").unwrap();
+    let db_view = view["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == db.name.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(db_view["ingress"][0]["policy"], "default/db", "{db_view}");
+
+    // The controller resolves a new peer: the object is updated.
+    kube(&tb).apply("policyendpoints", endpoint(&[&web, &other]));
+    in_force(&tb);
+    assert!(reach(&tb, &other, db.ip).0, "other added");
+    kube(&tb).apply("policyendpoints", endpoint(&[&web]));
+    in_force(&tb);
+    assert!(!reach(&tb, &other, db.ip).0, "other taken out again");
+    // The policy deleted: its objects go, and db is open.
+    assert!(kube(&tb).delete("policyendpoints", "default", "db-x7k2p"));
+    in_force(&tb);
+    assert!(reach(&tb, &other, db.ip).0, "open once the policy is gone");
+
+    // What was asked of the API server for it: PolicyEndpoints only.
+    let asked: BTreeSet<(String, String)> = kube(&tb)
+        .accesses()
+        .into_iter()
+        .filter(|a| {
+            ["policyendpoints", "networkpolicies", "namespaces"].contains(&a.resource.as_str())
+        })
+        .map(|a| (a.verb, a.resource))
+        .collect();
+    let expected: BTreeSet<(String, String)> = ["list", "watch"]
+        .iter()
+        .map(|v| (v.to_string(), "policyendpoints".to_string()))
+        .collect();
+    assert_eq!(asked, expected);
+    tb.stop_daemon(0, Stop::Term).unwrap();
+}

@@ -10,6 +10,7 @@ mod eniconfig;
 mod events;
 mod node;
 mod pods;
+mod policy_endpoints;
 mod policy_inputs;
 pub use policy_inputs::Versions;
 

@@ -177,13 +177,13 @@ fn namespace(n: &Namespace) -> netpol::Namespace {
 }
 
 /// One kind's objects, by namespace and name, and whether its first listing is complete.
-struct Kind<T> {
+pub(crate) struct Kind<T> {
     objects: BTreeMap<(String, String), T>,
     listing: Option<BTreeMap<(String, String), T>>,
-    listed: bool,
+    pub(crate) listed: bool,
     /// The highest resourceVersion seen: every change of this kind up to it is in `objects` (a
     /// watch delivers one kind's changes in order).
-    version: u64,
+    pub(crate) version: u64,
 }
 
 impl<T> Default for Kind<T> {
@@ -198,7 +198,7 @@ impl<T> Default for Kind<T> {
 }
 
 impl<T> Kind<T> {
-    fn apply<K: Resource>(&mut self, event: Event<K>, convert: impl Fn(&K) -> T) {
+    pub(crate) fn apply<K: Resource>(&mut self, event: Event<K>, convert: impl Fn(&K) -> T) {
         let key = |k: &K| {
             (
                 k.meta().namespace.clone().unwrap_or_default(),
@@ -240,7 +240,7 @@ impl<T> Kind<T> {
         }
     }
 
-    fn values(&self) -> impl Iterator<Item = &T> {
+    pub(crate) fn values(&self) -> impl Iterator<Item = &T> {
         self.objects.values()
     }
 }

@@ -21,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod endpoints;
 pub mod ipset;
 mod model;
 

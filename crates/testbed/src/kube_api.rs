@@ -25,6 +25,12 @@ const KINDS: &[(&str, &str, bool, &str)] = &[
         "NetworkPolicy",
     ),
     ("eniconfigs", "crd.k8s.amazonaws.com", false, "ENIConfig"),
+    (
+        "policyendpoints",
+        "networking.k8s.aws",
+        true,
+        "PolicyEndpoint",
+    ),
 ];
 
 /// One request as RBAC sees it.
@@ -70,7 +76,7 @@ fn kind_of(resource: &str) -> Option<(&'static str, &'static str, bool, &'static
 fn api_version(group: &str) -> String {
     match group {
         "" => "v1".to_string(),
-        "crd.k8s.amazonaws.com" => format!("{group}/v1alpha1"),
+        "crd.k8s.amazonaws.com" | "networking.k8s.aws" => format!("{group}/v1alpha1"),
         _ => format!("{group}/v1"),
     }
 }

@@ -14,6 +14,7 @@ const OVERLAYS: &[&str] = &[
     "aws-node",
     "ipv6",
     "network-policy",
+    "network-policy-eks",
 ];
 
 fn root() -> PathBuf {
