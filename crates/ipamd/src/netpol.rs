@@ -9,6 +9,10 @@
 //! then waits for it, up to `KNOWN_WITHIN`, so that the pod starts with its own policies. A pod
 //! the API server still has not shown is open (`standard`) or denied everything (`strict`) until it
 //! has.
+//!
+//! With EKS's PolicyEndpoints as the input (`VPC_CNI_NETWORK_POLICY_INPUT=policyendpoints`) the
+//! task enforces what the managed controller resolved instead of evaluating; the controller lists
+//! a pod only once it has an address, so an ADD reply waits only for the table.
 
 use crate::metrics::Metrics;
 use datapath::netpol::{range, PodRules};
@@ -260,10 +264,7 @@ impl Enforcement {
             if local.name.is_empty() {
                 continue;
             }
-            let host_veth = datapath::names::host_veth_name(
-                &self.veth_prefix,
-                &datapath::names::pod_key(&local.namespace, &local.name),
-            );
+            let host_veth = self.host_veth(local);
             let id = (local.namespace.clone(), local.name.clone());
             let pod = cluster
                 .pods
@@ -299,11 +300,9 @@ impl Enforcement {
     ) -> Vec<PodRules> {
         let mut rules = Vec::new();
         for local in self.local.values().filter(|l| !l.name.is_empty()) {
-            let listed = endpoints.iter().any(|pe| {
-                pe.pods
-                    .iter()
-                    .any(|(n, p, a)| (*n == local.namespace && *p == local.name) || *a == local.ip)
-            });
+            let listed = endpoints
+                .iter()
+                .any(|pe| netpol::endpoints::lists(pe, &local.namespace, &local.name, local.ip));
             let (ingress, egress) = if listed || !self.strict {
                 let verdicts =
                     netpol::endpoints::pod(endpoints, &local.namespace, &local.name, local.ip);
@@ -318,16 +317,20 @@ impl Enforcement {
                 continue;
             }
             rules.push(PodRules {
-                host_veth: datapath::names::host_veth_name(
-                    &self.veth_prefix,
-                    &datapath::names::pod_key(&local.namespace, &local.name),
-                ),
+                host_veth: self.host_veth(local),
                 addresses: vec![local.ip],
                 ingress,
                 egress,
             });
         }
         rules
+    }
+
+    fn host_veth(&self, local: &Local) -> String {
+        datapath::names::host_veth_name(
+            &self.veth_prefix,
+            &datapath::names::pod_key(&local.namespace, &local.name),
+        )
     }
 }
 

@@ -51,6 +51,14 @@ fn grant(policy: &str, rule: &EndpointRule) -> Grant {
     }
 }
 
+/// Whether `pe` lists the pod `namespace/name` at `ip` (by name, or by address for an object
+/// written before a rename the controller has not caught up with).
+pub fn lists(pe: &PolicyEndpoint, namespace: &str, name: &str, ip: IpAddr) -> bool {
+    pe.pods
+        .iter()
+        .any(|(n, p, a)| (n == namespace && p == name) || *a == ip)
+}
+
 /// The verdicts of the pod `namespace/name` at `ip` under `endpoints`: isolated in a direction when
 /// an object listing it isolates that direction (or has rules for it), with the union of those
 /// objects' rules; open otherwise.
@@ -58,11 +66,7 @@ pub fn pod(endpoints: &[PolicyEndpoint], namespace: &str, name: &str, ip: IpAddr
     let mut ingress: Option<Vec<Grant>> = None;
     let mut egress: Option<Vec<Grant>> = None;
     for pe in endpoints {
-        let listed = pe
-            .pods
-            .iter()
-            .any(|(n, p, a)| (n == namespace && p == name) || *a == ip);
-        if !listed {
+        if !lists(pe, namespace, name, ip) {
             continue;
         }
         for (direction, rules, verdict) in [
