@@ -201,6 +201,17 @@ fn policies_allow_what_they_say_and_nothing_else_on_real_traffic() {
     assert!(reaches(&web, DB, 5432), "web to db on 5432 is allowed");
     assert!(!reaches(&web, DB, 80), "db takes nothing else");
     assert!(!reaches(&other, DB, 5432), "db takes nothing from other");
+    // What db's ingress chain dropped is counted, by chain.
+    let db_chain = format!(
+        "in-{}",
+        rules
+            .iter()
+            .find(|r| r.addresses.contains(&std::net::IpAddr::V4(DB)))
+            .unwrap()
+            .host_veth
+    );
+    let dropped = node.run(table::dropped).unwrap();
+    assert!(dropped[&db_chain] >= 2, "two attempts denied: {dropped:?}");
     assert!(
         reaches(&db, WEB, 80),
         "web is not isolated; db's egress is open; replies return"
@@ -240,6 +251,11 @@ fn policies_allow_what_they_say_and_nothing_else_on_real_traffic() {
     );
     node.run(|| table::update(&rules, &now)).unwrap();
     assert!(reaches(&other, DB, 5432), "the update is in force");
+    let after = node.run(table::dropped).unwrap();
+    assert!(
+        after[&db_chain] >= dropped[&db_chain],
+        "the count outlives the chain's new rules: {after:?}"
+    );
     assert!(
         !reaches(&other, WEB, 80),
         "and other's egress chain is as it was"
@@ -247,6 +263,10 @@ fn policies_allow_what_they_say_and_nothing_else_on_real_traffic() {
     // Updated to no policy at all: the chains and map entries go, everything flows again.
     node.run(|| table::update(&now, &[])).unwrap();
     assert!(reaches(&other, WEB, 80));
+    assert!(
+        node.run(table::dropped).unwrap().is_empty(),
+        "no chain, no count"
+    );
     assert!(!node
         .exec(&format!("nft list table inet {}", table::TABLE))
         .contains("chain in-"));

@@ -149,13 +149,14 @@ fn chains(pods: &[PodRules]) -> BTreeMap<(&'static str, &str), (String, Vec<Stri
             ("egress", "eg", "daddr", &pod.egress),
         ] {
             if let Verdict::Isolated(grants) = verdict {
-                out.insert(
-                    (map, pod.host_veth.as_str()),
-                    (
-                        format!("{prefix}-{}", pod.host_veth),
-                        chain_rules(grants, addr),
-                    ),
-                );
+                let chain = format!("{prefix}-{}", pod.host_veth);
+                let mut rules = chain_rules(grants, addr);
+                // What the chain drops is counted by a named counter of the same name, which
+                // outlives the chain's rules being replaced (`dropped`).
+                if let Some(last) = rules.last_mut() {
+                    *last = format!("counter name \"{chain}\" drop");
+                }
+                out.insert((map, pod.host_veth.as_str()), (chain, rules));
             }
         }
     }
@@ -167,6 +168,7 @@ pub fn ruleset(pods: &[PodRules]) -> String {
     let mut out = format!("table inet {TABLE} {{\n");
     let mut elements: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for ((map, veth), (chain, rules)) in chains(pods) {
+        let _ = writeln!(out, "  counter {chain} {{\n  }}");
         let _ = writeln!(out, "  chain {chain} {{");
         for rule in rules {
             let _ = writeln!(out, "    {rule}");
@@ -207,6 +209,7 @@ pub fn update_script(before: &[PodRules], now: &[PodRules]) -> String {
             let _ = writeln!(out, "delete element inet {TABLE} {map} {{ \"{veth}\" }}");
             let _ = writeln!(out, "flush chain inet {TABLE} {chain}");
             let _ = writeln!(out, "delete chain inet {TABLE} {chain}");
+            let _ = writeln!(out, "delete counter inet {TABLE} {chain}");
         }
     }
     for ((map, veth), (chain, rules)) in &new {
@@ -216,6 +219,7 @@ pub fn update_script(before: &[PodRules], now: &[PodRules]) -> String {
                 let _ = writeln!(out, "flush chain inet {TABLE} {chain}");
             }
             None => {
+                let _ = writeln!(out, "add counter inet {TABLE} {chain}");
                 let _ = writeln!(out, "add chain inet {TABLE} {chain}");
             }
         }
@@ -367,6 +371,42 @@ fn conntrack(args: &[&str], input: Option<&str>) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The packets each isolated pod's chains dropped, by chain (`in-<host veth>` for what the pod
+/// was sent, `eg-<host veth>` for what it sent), from the table's named counters. A chain's count
+/// lives as long as the pod is isolated that way; replacing the whole table (a take-over, a refused
+/// update) starts them again.
+pub fn dropped() -> Result<BTreeMap<String, u64>> {
+    let out = std::process::Command::new("nft")
+        .args(["list", "counters", "table", "inet", TABLE])
+        .output()
+        .map_err(|e| crate::Error::Io {
+            what: "running nft (is the nftables package installed?)".into(),
+            source: e,
+        })?;
+    if !out.status.success() {
+        // No table yet: nothing isolated, nothing dropped.
+        return Ok(BTreeMap::new());
+    }
+    Ok(counts(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `nft list counters` text as chain → packets.
+fn counts(text: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("counter ") {
+            current = rest.split_whitespace().next().map(str::to_string);
+        } else if let (Some(chain), Some(rest)) = (&current, line.strip_prefix("packets ")) {
+            if let Some(n) = rest.split_whitespace().next().and_then(|n| n.parse().ok()) {
+                out.insert(chain.clone(), n);
+            }
+            current = None;
+        }
+    }
+    out
+}
+
 /// Removes the table: no pod is isolated any more.
 pub fn remove() -> Result<()> {
     crate::snat::nft(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n"))
@@ -403,6 +443,14 @@ mod tests {
                 ("--reply-src", "10.0.1.3".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn counters_are_read_by_chain() {
+        let text = "table inet vpc-cni-netpol {\n\tcounter eg-enia {\n\t\tpackets 3 bytes 180\n\t}\n\tcounter in-enia {\n\t\tpackets 0 bytes 0\n\t}\n}\n";
+        let counts = counts(text);
+        assert_eq!(counts["eg-enia"], 3);
+        assert_eq!(counts["in-enia"], 0);
     }
 
     #[test]
@@ -532,7 +580,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("chain eg-enia {\n    drop\n  }"),
+            text.contains("chain eg-enia {\n    counter name \"eg-enia\" drop\n  }"),
             "deny all: {text}"
         );
         assert!(

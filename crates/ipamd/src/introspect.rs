@@ -395,21 +395,59 @@ pub fn introspection_routes(
     })
 }
 
+/// The packets each isolated pod's NetworkPolicy chains dropped, as Prometheus text: the pods from
+/// the enforcer, the counts from the table's counters.
+async fn policy_drops(enforcer: &mpsc::UnboundedSender<crate::netpol::Input>) -> String {
+    let (tx, rx) = oneshot::channel();
+    if enforcer.send(crate::netpol::Input::Pods(tx)).is_err() {
+        return String::new();
+    }
+    let Ok(Ok(pods)) = tokio::time::timeout(Duration::from_secs(2), rx).await else {
+        return String::new();
+    };
+    let counts = match tokio::task::spawn_blocking(datapath::netpol::dropped).await {
+        Ok(Ok(counts)) => counts,
+        _ => return String::new(),
+    };
+    let mut out = String::from(
+        "# HELP vpccni_network_policy_dropped_packets_total Packets a pod's NetworkPolicies dropped, by direction\n\
+         # TYPE vpccni_network_policy_dropped_packets_total counter\n",
+    );
+    for (namespace, name, veth) in pods {
+        for (prefix, direction) in [("in", "ingress"), ("eg", "egress")] {
+            if let Some(n) = counts.get(&format!("{prefix}-{veth}")) {
+                out += &format!(
+                    "vpccni_network_policy_dropped_packets_total{{namespace=\"{namespace}\",pod=\"{name}\",direction=\"{direction}\"}} {n}\n"
+                );
+            }
+        }
+    }
+    out
+}
+
 pub fn metrics_routes(
     events: mpsc::UnboundedSender<Event>,
     metrics: Arc<crate::metrics::Metrics>,
+    network_policy: Option<mpsc::UnboundedSender<crate::netpol::Input>>,
 ) -> Routes {
     Arc::new(move |path: String| {
         let events = events.clone();
         let metrics = metrics.clone();
+        let network_policy = network_policy.clone();
         Box::pin(async move {
             match path.as_str() {
                 "/metrics" => match ask(&events, |c| c.gauges()).await {
-                    Some(gauges) => Response {
-                        status: 200,
-                        content_type: "text/plain; version=0.0.4",
-                        body: metrics.render(&gauges),
-                    },
+                    Some(gauges) => {
+                        let mut body = metrics.render(&gauges);
+                        if let Some(enforcer) = &network_policy {
+                            body += &policy_drops(enforcer).await;
+                        }
+                        Response {
+                            status: 200,
+                            content_type: "text/plain; version=0.0.4",
+                            body,
+                        }
+                    }
                     None => Response::text(503, "the control loop did not answer"),
                 },
                 "/healthz" => match ask(&events, |_| ()).await {

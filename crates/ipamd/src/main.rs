@@ -433,15 +433,18 @@ async fn run(
         let listener = tokio::net::TcpListener::bind(&config.introspection_bind)
             .await
             .map_err(|e| format!("introspection on {}: {e}", config.introspection_bind))?;
-        let routes =
-            introspect::introspection_routes(events.clone(), config.clone(), network_policy);
+        let routes = introspect::introspection_routes(
+            events.clone(),
+            config.clone(),
+            network_policy.clone(),
+        );
         tokio::spawn(ipamd::http::serve(listener, routes));
     }
     if !config.disable_metrics {
         let listener = tokio::net::TcpListener::bind(&args.metrics_bind)
             .await
             .map_err(|e| format!("metrics on {}: {e}", args.metrics_bind))?;
-        let routes = introspect::metrics_routes(events.clone(), metrics.clone());
+        let routes = introspect::metrics_routes(events.clone(), metrics.clone(), network_policy);
         tokio::spawn(ipamd::http::serve(listener, routes));
     }
     if config.collects_leaked_enis() {

@@ -46,6 +46,9 @@ pub enum Input {
     },
     /// What each local pod's policies allow, for `/v1/network-policy`.
     Inspect(oneshot::Sender<serde_json::Value>),
+    /// Each local pod with its host veth (the name of its chains), for the drop counts in
+    /// `/metrics`.
+    Pods(oneshot::Sender<Vec<(String, String, String)>>),
 }
 
 struct Local {
@@ -148,6 +151,15 @@ impl Enforcement {
             }
             Input::Inspect(answer) => {
                 let _ = answer.send(self.describe());
+            }
+            Input::Pods(answer) => {
+                let pods = self
+                    .local
+                    .values()
+                    .filter(|l| !l.name.is_empty())
+                    .map(|l| (l.namespace.clone(), l.name.clone(), self.host_veth(l)))
+                    .collect();
+                let _ = answer.send(pods);
             }
         }
     }

@@ -1723,6 +1723,17 @@ fn network_policies_from_the_api_server_hold_from_a_pods_first_packet() {
         metrics.contains("vpccni_network_policy_apply_seconds_count"),
         "{metrics}"
     );
+    // What db's policies dropped (third's attempt, since the restart), per pod and direction.
+    let prefix = format!(
+        "vpccni_network_policy_dropped_packets_total{{namespace=\"default\",pod=\"{}\",direction=\"ingress\"}} ",
+        db.name
+    );
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in {metrics}"));
+    assert!(dropped >= 1, "{metrics}");
     // What was asked of the API server for it: list and watch, of these kinds only.
     let asked: BTreeSet<(String, String)> = kube(&tb)
         .accesses()
