@@ -113,7 +113,17 @@ fn kubernetes_network_policy_cases_hold_through_the_bench() {
         let mut policies: BTreeMap<(String, String), Value> = BTreeMap::new();
         bench.set_policies(&[]).unwrap();
         for (i, step) in case["steps"].as_array().unwrap().iter().enumerate() {
+            for id in step["delete"].as_array().into_iter().flatten() {
+                let (namespace, name) = id.as_str().unwrap().split_once('/').unwrap();
+                policies.remove(&(namespace.to_string(), name.to_string()));
+            }
             for policy in step["apply"].as_array().into_iter().flatten() {
+                // "{ns/pod}" in a policy stands for that pod's address.
+                let mut text = policy.to_string();
+                for (spec, pod) in bench.pods() {
+                    text = text.replace(&format!("{{{}}}", spec.id()), &pod.ip.to_string());
+                }
+                let policy: Value = serde_json::from_str(&text).unwrap();
                 let key = (
                     policy["metadata"]["namespace"]
                         .as_str()
@@ -121,9 +131,9 @@ fn kubernetes_network_policy_cases_hold_through_the_bench() {
                         .to_string(),
                     policy["metadata"]["name"].as_str().unwrap().to_string(),
                 );
-                policies.insert(key, policy.clone());
+                policies.insert(key, policy);
             }
-            if step.get("apply").is_some() {
+            if step.get("apply").is_some() || step.get("delete").is_some() {
                 bench
                     .set_policies(&policies.values().cloned().collect::<Vec<_>>())
                     .unwrap();
