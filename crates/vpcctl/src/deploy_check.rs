@@ -43,17 +43,53 @@ fn kubectl_installed() -> bool {
 }
 
 fn render(overlay: &str) -> String {
+    render_dir(&root().join("deploy/overlays").join(overlay))
+}
+
+fn render_dir(dir: &Path) -> String {
     let output = Command::new("kubectl")
         .arg("kustomize")
-        .arg(root().join("deploy/overlays").join(overlay))
+        .arg(dir)
         .output()
         .expect("kubectl runs");
     assert!(
         output.status.success(),
-        "kubectl kustomize {overlay}: {}",
+        "kubectl kustomize {}: {}",
+        dir.display(),
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).unwrap()
+}
+
+/// `kubernetes-validate` and PyYAML from the test venv, and kubectl; says which is missing.
+fn tools() -> Option<(PathBuf, PathBuf)> {
+    let venv = root().join(".venv/bin");
+    let (Some(validate), Some(python)) = (
+        tool(&venv.join("kubernetes-validate")),
+        tool(&venv.join("python")),
+    ) else {
+        skip("kubernetes-validate is not in .venv (scripts/test.sh installs it)");
+        return None;
+    };
+    kubectl_installed().then_some((validate, python))
+}
+
+/// Validates rendered manifests against the Kubernetes schemas, offline and strict.
+fn assert_valid(validate: &Path, yaml: &str, what: &str) {
+    let file = std::env::temp_dir().join(format!("vpc-cni-{what}-{}.yaml", std::process::id()));
+    std::fs::write(&file, yaml).unwrap();
+    let output = Command::new(validate)
+        .arg("--strict")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        output.status.success() && !report.contains("ERROR"),
+        "{what}: {report}"
+    );
 }
 
 /// The variables a binary's `--help` names as `[env: NAME=...]`.
@@ -103,17 +139,9 @@ fn container_variables(
 
 #[test]
 fn overlays_render_validate_and_set_only_what_the_containers_read() {
-    let venv = root().join(".venv/bin");
-    let (Some(validate), Some(python)) = (
-        tool(&venv.join("kubernetes-validate")),
-        tool(&venv.join("python")),
-    ) else {
-        skip("kubernetes-validate is not in .venv (scripts/test.sh installs it)");
+    let Some((validate, python)) = tools() else {
         return;
     };
-    if !kubectl_installed() {
-        return;
-    }
     let Some(ipamd) = binary("vpc-ipamd") else {
         skip("vpc-ipamd is not built (cargo test --workspace builds it)");
         return;
@@ -149,21 +177,7 @@ fn overlays_render_validate_and_set_only_what_the_containers_read() {
 
     for overlay in OVERLAYS {
         let yaml = render(overlay);
-        let file =
-            std::env::temp_dir().join(format!("vpc-cni-{overlay}-{}.yaml", std::process::id()));
-        std::fs::write(&file, &yaml).unwrap();
-        let output = Command::new(&validate)
-            .arg("--strict")
-            .arg(&file)
-            .output()
-            .unwrap();
-        let report = String::from_utf8_lossy(&output.stdout).to_string()
-            + &String::from_utf8_lossy(&output.stderr);
-        let _ = std::fs::remove_file(&file);
-        assert!(
-            output.status.success() && !report.contains("ERROR"),
-            "{overlay}: {report}"
-        );
+        assert_valid(&validate, &yaml, overlay);
 
         let docs = testbed::yaml_documents(&python, &yaml);
         let configmaps: Vec<&serde_json::Value> =
@@ -344,46 +358,15 @@ fn the_seeds_runbook_finds_the_aws_node_overlay() {
 /// exactly the pod listing it does.
 #[test]
 fn the_metrics_helper_manifests_render_validate_and_set_only_what_it_reads() {
-    let venv = root().join(".venv/bin");
-    let (Some(validate), Some(python)) = (
-        tool(&venv.join("kubernetes-validate")),
-        tool(&venv.join("python")),
-    ) else {
-        skip("kubernetes-validate is not in .venv (scripts/test.sh installs it)");
+    let Some((validate, python)) = tools() else {
         return;
     };
-    if !kubectl_installed() {
-        return;
-    }
     let Some(helper) = binary("vpc-cni-metrics-helper") else {
         skip("vpc-cni-metrics-helper is not built (cargo test --workspace builds it)");
         return;
     };
-    let output = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(root().join("deploy/metrics-helper"))
-        .output()
-        .expect("kubectl runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let yaml = String::from_utf8(output.stdout).unwrap();
-    let file = std::env::temp_dir().join(format!("vpc-cni-helper-{}.yaml", std::process::id()));
-    std::fs::write(&file, &yaml).unwrap();
-    let checked = Command::new(&validate)
-        .arg("--strict")
-        .arg(&file)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&file);
-    let report = String::from_utf8_lossy(&checked.stdout).to_string()
-        + &String::from_utf8_lossy(&checked.stderr);
-    assert!(
-        checked.status.success() && !report.contains("ERROR"),
-        "{report}"
-    );
+    let yaml = render_dir(&root().join("deploy/metrics-helper"));
+    assert_valid(&validate, &yaml, "metrics-helper");
     let docs = testbed::yaml_documents(&python, &yaml);
     let deployment = docs
         .iter()
