@@ -413,6 +413,14 @@ impl Config {
                     .into(),
             ));
         }
+        if self.network_policy_input == NetworkPolicyInput::PolicyEndpoints && !self.network_policy
+        {
+            return Err(ConfigError::Conflict(
+                "VPC_CNI_NETWORK_POLICY_INPUT=policyendpoints chooses where enforced policies come from, \
+                 which needs ENABLE_NETWORK_POLICY=true"
+                    .into(),
+            ));
+        }
         if self.ipv6 && self.pod_mtu < 1280 {
             return Err(Env::invalid(
                 "POD_MTU",
@@ -764,6 +772,12 @@ mod tests {
         assert!(small.to_string().contains("POD_MTU"), "{small}");
         // NetworkPolicy: strict needs enforcement on; standard alone is what upstream's manifest
         // sets with its agent off, and enforces nothing.
+        let input = cfg(&[("VPC_CNI_NETWORK_POLICY_INPUT", "policyendpoints")]).unwrap_err();
+        assert!(
+            input.to_string().contains("VPC_CNI_NETWORK_POLICY_INPUT")
+                && input.to_string().contains("ENABLE_NETWORK_POLICY=true"),
+            "{input}"
+        );
         let strict = cfg(&[("NETWORK_POLICY_ENFORCING_MODE", "strict")]).unwrap_err();
         assert!(
             strict.to_string().contains("ENABLE_NETWORK_POLICY=true"),

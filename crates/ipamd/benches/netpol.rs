@@ -58,20 +58,8 @@ fn policy(name: &str, spec: Value) -> Value {
 
 /// Waits until the node has the API server's last NetworkPolicy change in its kernel.
 fn in_force(tb: &Testbed) {
-    let version = tb.kube.as_ref().unwrap().version_of("networkpolicies");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let view = tb.nodes[0].introspect("/v1/network-policy").unwrap();
-        if view["appliedVersions"]["networkpolicies"]
-            .as_u64()
-            .unwrap_or(0)
-            >= version
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "not in force: {view}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    tb.wait_policy_in_force("networkpolicies", Duration::from_secs(30))
+        .unwrap();
 }
 
 /// ADD times of `ADDS` pods through the plugin, one at a time, warm pool.

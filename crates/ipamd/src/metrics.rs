@@ -396,49 +396,49 @@ impl Metrics {
                 "vpccni_ec2_throttled_total{{operation=\"{operation}\"}} {n}"
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP vpccni_ec2_call_duration_seconds EC2 call latency by operation, pacing and retries included\n# TYPE vpccni_ec2_call_duration_seconds histogram"
-        );
-        for (operation, histogram) in &inner.ec2_latency {
-            histogram.render(
-                &mut out,
+        let ec2: Vec<(String, &Histogram)> = inner
+            .ec2_latency
+            .iter()
+            .map(|(operation, h)| (render_labels(&[("operation", operation)]), h))
+            .collect();
+        let ec2: Vec<(&str, &Histogram)> = ec2.iter().map(|(l, h)| (l.as_str(), *h)).collect();
+        for (name, help, series) in [
+            (
                 "vpccni_ec2_call_duration_seconds",
-                &render_labels(&[("operation", operation)]),
-            );
+                "EC2 call latency by operation, pacing and retries included",
+                ec2,
+            ),
+            (
+                "vpccni_add_wait_seconds",
+                "How long ADDs waited for an address",
+                vec![("", &inner.add_wait)],
+            ),
+            (
+                "awscni_ipamd_startup_duration_seconds",
+                "Time from start to Ready",
+                vec![("success=\"true\"", &inner.startup)],
+            ),
+            (
+                "awscni_ipamd_node_initialization_duration_seconds",
+                "Time to initialise the node (identity, ENIs, checkpoint, host)",
+                vec![("success=\"true\"", &inner.node_init)],
+            ),
+            (
+                "awscni_pod_eni_allocation_duration_seconds",
+                "Time to give a pod its branch ENI (security groups for pods are not built: no observations yet)",
+                vec![("", &inner.pod_eni_allocation)],
+            ),
+            (
+                "vpccni_network_policy_apply_seconds",
+                "From a NetworkPolicy, namespace or pod change (or a new pod) to its rules in the kernel",
+                vec![("", &inner.policy_apply)],
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for (labels, histogram) in series {
+                histogram.render(&mut out, name, labels);
+            }
         }
-        let _ = writeln!(
-            out,
-            "# HELP vpccni_add_wait_seconds How long ADDs waited for an address\n# TYPE vpccni_add_wait_seconds histogram"
-        );
-        inner
-            .add_wait
-            .render(&mut out, "vpccni_add_wait_seconds", "");
-        let _ = writeln!(
-            out,
-            "# HELP awscni_ipamd_startup_duration_seconds Time from start to Ready\n# TYPE awscni_ipamd_startup_duration_seconds histogram"
-        );
-        inner.startup.render(
-            &mut out,
-            "awscni_ipamd_startup_duration_seconds",
-            "success=\"true\"",
-        );
-        let _ = writeln!(
-            out,
-            "# HELP awscni_ipamd_node_initialization_duration_seconds Time to initialise the node (identity, ENIs, checkpoint, host)\n# TYPE awscni_ipamd_node_initialization_duration_seconds histogram"
-        );
-        inner.node_init.render(
-            &mut out,
-            "awscni_ipamd_node_initialization_duration_seconds",
-            "success=\"true\"",
-        );
-        let _ = writeln!(
-            out,
-            "# HELP awscni_pod_eni_allocation_duration_seconds Time to give a pod its branch ENI (security groups for pods are not built: no observations yet)\n# TYPE awscni_pod_eni_allocation_duration_seconds histogram"
-        );
-        inner
-            .pod_eni_allocation
-            .render(&mut out, "awscni_pod_eni_allocation_duration_seconds", "");
         let _ = writeln!(
             out,
             "# HELP awscni_aws_api_latency_ms EC2 call latency in milliseconds, by operation, whether it failed and its status (200 or the error code)\n# TYPE awscni_aws_api_latency_ms summary"
@@ -447,13 +447,6 @@ impl Metrics {
             let _ = writeln!(out, "awscni_aws_api_latency_ms_sum{{{labels}}} {sum}");
             let _ = writeln!(out, "awscni_aws_api_latency_ms_count{{{labels}}} {count}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP vpccni_network_policy_apply_seconds From a NetworkPolicy, namespace or pod change (or a new pod) to its rules in the kernel\n# TYPE vpccni_network_policy_apply_seconds histogram"
-        );
-        inner
-            .policy_apply
-            .render(&mut out, "vpccni_network_policy_apply_seconds", "");
         let _ = writeln!(
             out,
             "# HELP awscni_build_info Build information\n# TYPE awscni_build_info gauge\nawscni_build_info{{version=\"{}\"}} 1",

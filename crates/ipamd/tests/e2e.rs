@@ -2133,14 +2133,8 @@ fn policy_endpoints_as_eks_writes_them_are_enforced() {
     );
 
     let in_force = |tb: &Testbed| {
-        let version = kube(tb).version_of("policyendpoints");
-        wait_for("the PolicyEndpoints in force", || {
-            let view = tb.nodes[0].introspect("/v1/network-policy").unwrap();
-            view["appliedVersions"]["policyendpoints"]
-                .as_u64()
-                .unwrap_or(0)
-                >= version
-        });
+        tb.wait_policy_in_force("policyendpoints", Duration::from_secs(30))
+            .unwrap()
     };
     let endpoint = |peers: &[&Pod]| {
         serde_json::json!({

@@ -581,6 +581,32 @@ impl Testbed {
         Ok(())
     }
 
+    /// Waits until every node's daemon has the API server's last change of `resource` in its
+    /// kernel (`appliedVersions` in /v1/network-policy): a NetworkPolicy change made through the
+    /// API server is then in force.
+    pub fn wait_policy_in_force(&self, resource: &str, patience: Duration) -> Result<(), String> {
+        let api = self.kube.as_ref().ok_or("no Kubernetes API server")?;
+        let version = api.version_of(resource);
+        let deadline = Instant::now() + patience;
+        for node in &self.nodes {
+            loop {
+                let view = node.introspect("/v1/network-policy")?;
+                if view["appliedVersions"][resource].as_u64().unwrap_or(0) >= version {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "{}: the change of {resource} (resourceVersion {version}) not in force within {} s: {view}",
+                        node.name,
+                        patience.as_secs()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `vpc-ipamd --init-node` in the node's namespace with the daemon's environment and full
     /// privileges, as the DaemonSet's init container does, and waits for it.
     pub fn init_node(&self, node: usize) -> Result<(), String> {

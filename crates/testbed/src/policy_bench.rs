@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long a probe waits for its answer: traffic between namespaces on one machine answers in
 /// well under a millisecond, so this is only a loaded machine's margin.
@@ -419,28 +419,8 @@ impl Bench {
         self.wait_in_force("pods")
     }
 
-    /// Waits until every node's daemon has the API server's last change of `resource` in its
-    /// kernel (`appliedVersions` in /v1/network-policy).
     fn wait_in_force(&self, resource: &str) -> Result<(), String> {
-        let version = self.api().version_of(resource);
-        let deadline = Instant::now() + IN_FORCE_WITHIN;
-        for node in &self.testbed.nodes {
-            loop {
-                let view = node.introspect("/v1/network-policy")?;
-                if view["appliedVersions"][resource].as_u64().unwrap_or(0) >= version {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(format!(
-                        "{}: the change of {resource} (resourceVersion {version}) not in force within {} s: {view}",
-                        node.name,
-                        IN_FORCE_WITHIN.as_secs()
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        Ok(())
+        self.testbed.wait_policy_in_force(resource, IN_FORCE_WITHIN)
     }
 
     /// Every ordered pair of distinct pods on every probe, all at once.
