@@ -17,9 +17,3 @@ print(f"nodes {r['nodes']}, simulated {r['simulated_secs']} s, pod events {event
 print(f"wall {wall:.2f} s, {events / wall:,.0f} pod events/s; ratio to the 10 s target: {wall / 10:.2f} (below 1 meets it)")
 PY
 
-# The tuner on the same 1,000-node day: a release build takes seconds a run where the tests' debug build
-# would take minutes.
-if [ "${TUNE:-1}" != 0 ]; then
-  echo "== vpcctl tune --scenario bench/bench-1000-nodes.toml --max-p99-wait 2s"
-  ./target/release/vpcctl tune --scenario bench/bench-1000-nodes.toml --max-p99-wait 2s
-fi

@@ -43,6 +43,22 @@ enum Event {
     },
 }
 
+/// Running totals of a run: see [`Cluster::spent`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spent {
+    pub ec2_calls: u64,
+    pub throttled_calls: u64,
+    pub unschedulable_pods: u64,
+}
+
+/// How [`Cluster::run_unless`] ended.
+#[derive(Debug)]
+pub enum Ended {
+    Finished(Box<Report>),
+    /// Stopped with this reason: a bound broken.
+    Stopped(String),
+}
+
 /// Many nodes sharing one simulated VPC, on one virtual clock.
 pub struct Cluster {
     pub scenario: Scenario,
@@ -502,6 +518,40 @@ impl Cluster {
 
     pub fn run(self) -> Result<Report, String> {
         self.run_with_progress(&mut |_| {})
+    }
+
+    /// What the run has spent so far. Every figure only grows, so a bound on one that is broken now
+    /// stays broken to the end: the tuner stops such a run instead of finishing it.
+    pub fn spent(&self) -> Spent {
+        let mut s = Spent {
+            unschedulable_pods: self.unschedulable,
+            ..Spent::default()
+        };
+        for c in self.vpc.calls.values() {
+            s.ec2_calls += c.ok + c.throttled + c.failed;
+            s.throttled_calls += c.throttled;
+        }
+        s
+    }
+
+    /// Runs to the end unless `stop`, asked every few thousand events, names a reason to stop there.
+    pub fn run_unless(
+        mut self,
+        stop: &mut dyn FnMut(&Cluster) -> Option<String>,
+    ) -> Result<Ended, String> {
+        let mut steps: u32 = 0;
+        while self.step()? {
+            steps = steps.wrapping_add(1);
+            if steps % (1 << 12) == 0 {
+                if let Some(reason) = stop(&self) {
+                    return Ok(Ended::Stopped(reason));
+                }
+            }
+        }
+        Ok(match stop(&self) {
+            Some(reason) => Ended::Stopped(reason),
+            None => Ended::Finished(Box::new(self.report())),
+        })
     }
 
     /// Runs to the end, telling `progress` now and then the share of the simulated time done, and 1.0

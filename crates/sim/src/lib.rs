@@ -12,6 +12,6 @@ pub mod report;
 pub mod scenario;
 pub mod tune;
 
-pub use cluster::Cluster;
+pub use cluster::{Cluster, Ended, Spent};
 pub use report::Report;
 pub use scenario::Scenario;

@@ -138,6 +138,15 @@ pub struct Report {
 }
 
 impl Report {
+    /// The run's totals, as [`crate::Cluster::spent`] counts them while it runs.
+    pub fn spent(&self) -> crate::Spent {
+        crate::Spent {
+            ec2_calls: self.total_calls(),
+            throttled_calls: self.ec2_calls.values().map(|c| c.throttled).sum(),
+            unschedulable_pods: self.unschedulable_pods,
+        }
+    }
+
     pub fn total_calls(&self) -> u64 {
         self.ec2_calls
             .values()

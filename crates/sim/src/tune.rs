@@ -2,11 +2,11 @@
 //! (addresses held, p99 ADD wait, EC2 calls), and the setting that meets a p99 bound (and, if given, a
 //! bound on EC2 calls) with the fewest addresses held. Every point is a full simulator run, so the numbers are the engine's, not a model's.
 
-use crate::{Cluster, Report, Scenario};
+use crate::{Cluster, Ended, Report, Scenario, Spent};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 /// The settings the tuner owns; a candidate replaces all of them, whatever the scenario had.
 const WARM_POOL_KEYS: &[&str] = &[
@@ -54,14 +54,15 @@ impl Outcome {
                 r.timeline.iter().map(|s| f(s) as f64).sum::<f64>() / r.timeline.len() as f64
             }
         };
+        let spent = r.spent();
         Outcome {
             settings,
             mean_held: mean(|s| s.held),
             mean_in_use: mean(|s| s.in_use),
             p99_wait_ms: r.add_wait.p99_ms,
-            ec2_calls: r.total_calls(),
-            throttled_calls: r.ec2_calls.values().map(|c| c.throttled).sum(),
-            unschedulable_pods: r.unschedulable_pods,
+            ec2_calls: spent.ec2_calls,
+            throttled_calls: spent.throttled_calls,
+            unschedulable_pods: spent.unschedulable_pods,
             p99_ready_secs: r.node_ready.p99_ms / 1000.0,
         }
     }
@@ -98,6 +99,9 @@ pub struct TuneReport {
     /// flooding it slows every node's start and every other tool), and holds the fewest addresses
     /// (fewest EC2 calls among equals). None when no candidate does.
     pub recommended: Option<usize>,
+    pub search: Search,
+    /// With [`Search::Fast`], the settings stopped because they broke a bound; not in `candidates`.
+    pub out_of_bounds: Vec<OutOfBounds>,
 }
 
 /// The grid searched: upstream's ENI-granular default, IP targets with and without a minimum sized
@@ -163,28 +167,43 @@ pub fn with_settings(scenario: &Scenario, settings: &BTreeMap<String, String>) -
     s
 }
 
-/// Runs the scenario under each of `grid` on `threads` threads, reports in the grid's order;
-/// `progress` is told each finished run (done, total).
-pub fn run_all(
+/// How much of the grid the tuner runs to the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Search {
+    /// Every setting to the end: the whole Pareto front, whatever the bounds.
+    Exhaustive,
+    /// A setting is stopped as soon as it breaks a bound on a figure that only grows (EC2 calls,
+    /// throttled calls, unschedulable pods): it could never be recommended, and the settings that
+    /// flood the account's bucket are the slowest to simulate. Same recommendation as exhaustive.
+    Fast,
+}
+
+/// Runs the scenario under each of `grid` on `threads` threads, reports in the grid's order. `stop`
+/// is asked now and then during run `i` whether to stop it; `done` is told each run that ends.
+fn run_grid(
     scenario: &Scenario,
     grid: &[BTreeMap<String, String>],
     threads: usize,
-    progress: &(dyn Fn(usize, usize) + Sync),
-) -> Result<Vec<Report>, String> {
+    stop: &(dyn Fn(usize, &Cluster) -> Option<String> + Sync),
+    done: &(dyn Fn(usize, &Ended) + Sync),
+) -> Result<Vec<Ended>, String> {
     let total = grid.len();
     let next = AtomicUsize::new(0);
-    let finished = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<Report, String>>>> = Mutex::new(vec![None; total]);
+    let results: Mutex<Vec<Option<Result<Ended, String>>>> =
+        Mutex::new((0..total).map(|_| None).collect());
     std::thread::scope(|scope| {
         for _ in 0..threads.clamp(1, total.max(1)) {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(settings) = grid.get(i) else { break };
-                let report = Cluster::new(with_settings(scenario, settings))
-                    .and_then(Cluster::run)
+                let ended = Cluster::new(with_settings(scenario, settings))
+                    .and_then(|c| c.run_unless(&mut |c| stop(i, c)))
                     .map_err(|e| format!("{}: {e}", label_of(settings)));
-                results.lock().expect("no run panics holding the lock")[i] = Some(report);
-                progress(finished.fetch_add(1, Ordering::Relaxed) + 1, total);
+                if let Ok(ended) = &ended {
+                    done(i, ended);
+                }
+                results.lock().expect("no run panics holding the lock")[i] = Some(ended);
             });
         }
     });
@@ -196,23 +215,67 @@ pub fn run_all(
         .collect()
 }
 
-/// Runs the baseline and every candidate on `threads` threads; `progress` is told each finished run
-/// (done, total).
+/// A setting that broke a bound on a figure that only grows, with the bound it broke.
+#[derive(Clone, Debug, Serialize)]
+pub struct OutOfBounds {
+    pub settings: BTreeMap<String, String>,
+    pub reason: String,
+}
+
+impl OutOfBounds {
+    pub fn label(&self) -> String {
+        label_of(&self.settings)
+    }
+}
+
+/// The bounds a run's running totals are held to; the baseline's own totals are known once it ends.
+struct Limits {
+    bounds: Bounds,
+    node_hours: f64,
+    baseline: OnceLock<Spent>,
+}
+
+impl Limits {
+    fn broken(&self, s: Spent) -> Option<String> {
+        if let Some(b) = self.baseline.get() {
+            if s.throttled_calls > b.throttled_calls {
+                return Some(format!(
+                    "throttled more than the scenario's settings ({})",
+                    b.throttled_calls
+                ));
+            }
+            if s.unschedulable_pods > b.unschedulable_pods {
+                return Some(format!(
+                    "more pods unschedulable than the scenario's settings ({})",
+                    b.unschedulable_pods
+                ));
+            }
+        }
+        if let Some(max) = self.bounds.max_ec2_calls {
+            if s.ec2_calls > max {
+                return Some(format!("more than {max} EC2 calls"));
+            }
+        }
+        if let Some(max) = self.bounds.max_ec2_calls_per_node_hour {
+            if s.ec2_calls as f64 > max * self.node_hours {
+                return Some(format!("more than {max} EC2 calls per node-hour"));
+            }
+        }
+        None
+    }
+}
+
+/// Runs the baseline and every candidate on `threads` threads, as far as `search` says; `progress`
+/// is told each run that ends (done, total).
 pub fn tune(
     scenario: &Scenario,
     bounds: Bounds,
+    search: Search,
     threads: usize,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<TuneReport, String> {
     let mut grid = vec![BTreeMap::new()];
     grid.extend(candidates(scenario));
-    let reports = run_all(scenario, &grid, threads, progress)?;
-    let mut outcomes: Vec<Outcome> = grid
-        .into_iter()
-        .zip(&reports)
-        .map(|(settings, r)| Outcome::from_report(settings, r))
-        .collect();
-    let baseline = outcomes.remove(0);
     let node_hours = scenario
         .nodes
         .iter()
@@ -221,13 +284,56 @@ pub fn tune(
             f64::from(g.count) * hours
         })
         .sum();
-    Ok(analyse(
+    let limits = Limits {
+        bounds,
+        node_hours,
+        baseline: OnceLock::new(),
+    };
+    let finished = AtomicUsize::new(0);
+    let total = grid.len();
+    let ended = run_grid(
+        scenario,
+        &grid,
+        threads,
+        &|i, cluster| {
+            if i == 0 || search == Search::Exhaustive {
+                return None;
+            }
+            limits.broken(cluster.spent())
+        },
+        &|i, ended| {
+            if let (0, Ended::Finished(r)) = (i, ended) {
+                let _ = limits.baseline.set(r.spent());
+            }
+            progress(finished.fetch_add(1, Ordering::Relaxed) + 1, total);
+        },
+    )?;
+    let mut outcomes = Vec::new();
+    let mut out_of_bounds = Vec::new();
+    for (settings, ended) in grid.into_iter().zip(ended) {
+        match ended {
+            // A run that ended before the baseline's totals were known is held to them now, so which
+            // settings are out of bounds does not depend on which thread was faster.
+            Ended::Finished(r) => match limits.broken(r.spent()) {
+                Some(reason) if search == Search::Fast && !outcomes.is_empty() => {
+                    out_of_bounds.push(OutOfBounds { settings, reason })
+                }
+                _ => outcomes.push(Outcome::from_report(settings, &r)),
+            },
+            Ended::Stopped(reason) => out_of_bounds.push(OutOfBounds { settings, reason }),
+        }
+    }
+    let baseline = outcomes.remove(0);
+    let mut report = analyse(
         scenario.name.clone(),
         node_hours,
         bounds,
         baseline,
         outcomes,
-    ))
+    );
+    report.search = search;
+    report.out_of_bounds = out_of_bounds;
+    Ok(report)
 }
 
 fn label_of(settings: &BTreeMap<String, String>) -> String {
@@ -278,6 +384,8 @@ pub fn analyse(
         candidates,
         pareto_front,
         recommended,
+        search: Search::Exhaustive,
+        out_of_bounds: Vec::new(),
     }
 }
 
@@ -304,7 +412,7 @@ impl TuneReport {
             o,
             "scenario {}: {} settings searched, p99 ADD wait bound {:.0} ms{calls_bound}, no more throttled calls than the scenario's settings\n",
             self.scenario,
-            self.candidates.len(),
+            self.candidates.len() + self.out_of_bounds.len(),
             self.bounds.max_p99_wait_ms
         );
         o.push_str(TABLE_HEADER);
@@ -317,6 +425,15 @@ impl TuneReport {
                 "*"
             };
             row(&mut o, mark, &self.candidates[i]);
+        }
+        if !self.out_of_bounds.is_empty() {
+            let _ = writeln!(
+                o,
+                "Stopped as soon as they broke a bound (none of these can be recommended; --exhaustive runs them to the end):"
+            );
+            for x in &self.out_of_bounds {
+                let _ = writeln!(o, "x   {}: {}", x.label(), x.reason);
+            }
         }
         match self.recommendation() {
             Some(r) => {
@@ -377,7 +494,13 @@ pub fn compare(
 ) -> Result<(Vec<Outcome>, Vec<Report>), String> {
     let mut grid = vec![BTreeMap::new()];
     grid.extend(sets);
-    let reports = run_all(scenario, &grid, threads, &|_, _| {})?;
+    let reports = run_grid(scenario, &grid, threads, &|_, _| None, &|_, _| {})?
+        .into_iter()
+        .map(|ended| match ended {
+            Ended::Finished(r) => Ok(*r),
+            Ended::Stopped(reason) => Err(reason),
+        })
+        .collect::<Result<Vec<Report>, String>>()?;
     let outcomes = grid
         .into_iter()
         .zip(&reports)
@@ -501,6 +624,44 @@ mod tests {
         throttled[1].throttled_calls = 1;
         let r = analyse("t".into(), 10.0, wait_bound(1000.0), baseline, throttled);
         assert_eq!(r.recommended, Some(2));
+    }
+
+    #[test]
+    fn a_run_is_out_of_bounds_once_a_growing_figure_passes_its_bound() {
+        let limits = Limits {
+            bounds: Bounds {
+                max_ec2_calls: Some(100),
+                max_ec2_calls_per_node_hour: Some(5.0),
+                ..wait_bound(1000.0)
+            },
+            node_hours: 10.0,
+            baseline: OnceLock::new(),
+        };
+        let spent = |ec2_calls, throttled_calls, unschedulable_pods| Spent {
+            ec2_calls,
+            throttled_calls,
+            unschedulable_pods,
+        };
+        // Before the baseline ends only the fixed bounds hold: 5 a node-hour over 10 node-hours is 50.
+        assert_eq!(limits.broken(spent(50, 7, 3)), None);
+        assert_eq!(
+            limits.broken(spent(51, 0, 0)).as_deref(),
+            Some("more than 5 EC2 calls per node-hour")
+        );
+        assert_eq!(
+            limits.broken(spent(101, 0, 0)).as_deref(),
+            Some("more than 100 EC2 calls")
+        );
+        limits.baseline.set(spent(40, 6, 2)).unwrap();
+        assert_eq!(limits.broken(spent(40, 6, 2)), None);
+        assert_eq!(
+            limits.broken(spent(40, 7, 2)).as_deref(),
+            Some("throttled more than the scenario's settings (6)")
+        );
+        assert_eq!(
+            limits.broken(spent(40, 0, 3)).as_deref(),
+            Some("more pods unschedulable than the scenario's settings (2)")
+        );
     }
 
     #[test]

@@ -1,13 +1,17 @@
-use sim::tune::{tune, Bounds, TuneReport};
+use sim::tune::{tune, Bounds, Search, TuneReport};
 use sim::Scenario;
 
 fn tuned(scenario: &Scenario, max_p99_wait_ms: f64) -> TuneReport {
+    searched(scenario, max_p99_wait_ms, Search::Fast)
+}
+
+fn searched(scenario: &Scenario, max_p99_wait_ms: f64, search: Search) -> TuneReport {
     let bounds = Bounds {
         max_p99_wait_ms,
         max_ec2_calls: None,
         max_ec2_calls_per_node_hour: None,
     };
-    tune(scenario, bounds, 2, &|_, _| {}).unwrap()
+    tune(scenario, bounds, search, 2, &|_, _| {}).unwrap()
 }
 
 /// One m5.large (10 IPv4 addresses per ENI: a primary and 9 secondaries) with five pods that never
@@ -63,8 +67,9 @@ initial_burst = 5
 
 #[test]
 fn every_built_in_has_a_tighter_setting_that_meets_the_wait() {
-    // The cluster-scale scenarios (500 and 1,000 nodes) included: about three minutes here, most of it
-    // the IP-target settings of the 1,000-node day flooding the account's bucket with retries.
+    // The cluster-scale scenarios (500 and 1,000 nodes) included: seconds, because the settings that
+    // flood the account's bucket with retries are stopped as soon as they are throttled more than the
+    // scenario's own.
     for name in Scenario::built_in_names() {
         let scenario = Scenario::built_in(name).unwrap();
         let report = tuned(&scenario, 2000.0);
@@ -112,5 +117,68 @@ fn compare_runs_the_scenario_as_written_first_and_each_set_over_it() {
     assert!(
         text.contains("3 runs compared") && text.contains("WARM_IP_TARGET=2"),
         "{text}"
+    );
+}
+
+/// The fast search stops a setting as soon as it breaks a bound; it must recommend what running every
+/// setting to the end recommends, and stop only settings whose full run breaks that bound.
+#[test]
+fn the_fast_search_recommends_what_the_exhaustive_one_does() {
+    let mut stopped = 0;
+    for name in ["steady", "prefix-fragmented", "launch-storm-500"] {
+        let scenario = Scenario::built_in(name).unwrap();
+        let fast = searched(&scenario, 2000.0, Search::Fast);
+        let all = searched(&scenario, 2000.0, Search::Exhaustive);
+        let (text, all_text) = (fast.render(), all.render());
+        assert!(all.out_of_bounds.is_empty(), "{all_text}");
+        let label = |r: &TuneReport| r.recommendation().map(|o| o.label());
+        assert_eq!(label(&fast), label(&all), "{name}\n{text}\n{all_text}");
+        assert_eq!(
+            fast.candidates.len() + fast.out_of_bounds.len(),
+            all.candidates.len(),
+            "{text}"
+        );
+        let full = |label: &str| {
+            all.candidates
+                .iter()
+                .find(|o| o.label() == label)
+                .unwrap_or_else(|| panic!("{label} in the exhaustive search"))
+        };
+        // What finished in both is the same run, figure for figure.
+        for o in &fast.candidates {
+            let f = full(&o.label());
+            assert_eq!(
+                (o.mean_held, o.p99_wait_ms, o.ec2_calls, o.throttled_calls),
+                (f.mean_held, f.p99_wait_ms, f.ec2_calls, f.throttled_calls),
+                "{name}: {}",
+                o.label()
+            );
+        }
+        // Every setting stopped breaks, run to its end, the bound it was stopped for.
+        let b = &all.baseline;
+        for x in &fast.out_of_bounds {
+            let f = full(&x.label());
+            let broke = if x.reason.starts_with("throttled") {
+                f.throttled_calls > b.throttled_calls
+            } else {
+                assert!(x.reason.contains("unschedulable"), "{}", x.reason);
+                f.unschedulable_pods > b.unschedulable_pods
+            };
+            assert!(
+                broke,
+                "{name}: {} stopped for {:?}\n{all_text}",
+                x.label(),
+                x.reason
+            );
+            assert!(
+                text.contains(&format!("x   {}: {}", x.label(), x.reason)),
+                "{text}"
+            );
+        }
+        stopped += fast.out_of_bounds.len();
+    }
+    assert!(
+        stopped > 0,
+        "no setting was stopped: the test proves nothing"
     );
 }

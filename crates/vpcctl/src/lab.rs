@@ -48,6 +48,11 @@ pub enum Command {
         /// between addresses held and EC2 calls, whatever the scenario's size.
         #[arg(long)]
         max_ec2_calls_per_node_hour: Option<f64>,
+        /// Run every setting to the end, for the whole Pareto front: without it, a setting is stopped
+        /// as soon as it breaks a bound (more throttled calls or unschedulable pods than the
+        /// scenario's settings, more EC2 calls than allowed), which gives the same recommendation.
+        #[arg(long)]
+        exhaustive: bool,
         #[arg(long)]
         json: bool,
     },
@@ -242,6 +247,7 @@ pub fn run(command: Command) -> Result<(), String> {
             max_p99_wait,
             max_ec2_calls,
             max_ec2_calls_per_node_hour,
+            exhaustive,
             json,
         } => {
             let scenario = load_scenario(scenario, &built_in)?;
@@ -255,7 +261,12 @@ pub fn run(command: Command) -> Result<(), String> {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
             };
-            let report = sim::tune::tune(&scenario, bounds, threads(), &progress)?;
+            let search = if exhaustive {
+                sim::tune::Search::Exhaustive
+            } else {
+                sim::tune::Search::Fast
+            };
+            let report = sim::tune::tune(&scenario, bounds, search, threads(), &progress)?;
             bar.finish_and_clear();
             if json {
                 print_json(&report);
