@@ -526,11 +526,7 @@ impl Choreography {
         let reply = match reply {
             Err(e) if run.retryable(&e) => {
                 if e.kind == ErrorKind::Throttled || run.retries < MAX_RETRIES {
-                    let wait = BACKOFF.delay(
-                        run.retries,
-                        unit_from(run.seed ^ u64::from(run.retries).rotate_left(32)),
-                    );
-                    run.retries += 1;
+                    let wait = run.backoff();
                     return Next::After(wait, &run.request);
                 }
                 Err(e)
@@ -1105,6 +1101,18 @@ impl Run {
     /// The request the run is at: the one to repeat when a retry's wait is over.
     pub fn request(&self) -> &Request {
         &self.request
+    }
+
+    /// The wait before the request is repeated, counting the try. This is all a throttled reply
+    /// does to a run ([`Choreography::step`] reads neither the clock nor the node's state for it),
+    /// so a caller that knows its request was throttled may take the wait at once.
+    pub fn backoff(&mut self) -> Duration {
+        let wait = BACKOFF.delay(
+            self.retries,
+            unit_from(self.seed ^ u64::from(self.retries).rotate_left(32)),
+        );
+        self.retries += 1;
+        wait
     }
 
     /// Throttled (it did not happen), or a failure where repeating is safe: a lost reply to a

@@ -1,4 +1,4 @@
-use crate::node::{Next, Node, RETRY};
+use crate::node::{Next, Nexts, Node, RETRY};
 use crate::queue::EventQueue;
 use crate::report::{Calls, NodeReady, Report, Sample, Waits};
 use crate::scenario::Scenario;
@@ -229,7 +229,7 @@ impl Cluster {
         self.queue.push(at, e);
     }
 
-    fn apply(&mut self, node: usize, next: Vec<Next>) {
+    fn apply(&mut self, node: usize, next: Nexts) {
         for n in next {
             match n {
                 Next::Reply(at, id) => self.schedule(at, Event::Reply { node, id }),
