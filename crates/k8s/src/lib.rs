@@ -12,6 +12,7 @@ mod node;
 mod pods;
 mod policy_endpoints;
 mod policy_inputs;
+pub mod shape;
 pub use policy_inputs::Versions;
 
 pub use config_map::Data as ConfigMapData;

@@ -332,9 +332,177 @@ impl Scenario {
     }
 }
 
+/// One node of a running cluster, as `vpcctl simulate --from-cluster` reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeenNode {
+    pub instance_type: String,
+    pub zone: String,
+    /// Pods on the pod network.
+    pub pods: u32,
+}
+
+/// A day of a running cluster as a scenario, in the file format (so it can be printed, edited and
+/// read back): its nodes grouped by instance type and zone, launched over half an hour; one subnet
+/// per zone; its pods per node, all placed when a node is ready and replaced as they leave; their
+/// mean lifetime, taken as the mean age of the pods alive now (for lifetimes drawn as the
+/// simulator draws them, exponentially, the two are the same); its settings. The API server knows
+/// nothing of subnets, so each zone gets a /14 and exhaustion is not modelled. Returns the text and
+/// notes on what was left out.
+pub fn from_cluster(
+    nodes: &[SeenNode],
+    pod_ages_secs: &[f64],
+    settings: &BTreeMap<String, String>,
+    hours: u64,
+) -> Result<(String, Vec<String>), ScenarioError> {
+    use toml::{Table, Value};
+    let mut notes = Vec::new();
+    let mut groups: BTreeMap<(&str, &str), (u32, u64)> = BTreeMap::new();
+    for n in nodes {
+        if ipam::limits::lookup(&n.instance_type).is_none() {
+            notes.push(format!(
+                "a node of instance type {:?} left out: not in the limits table",
+                n.instance_type
+            ));
+            continue;
+        }
+        let g = groups.entry((&n.zone, &n.instance_type)).or_default();
+        g.0 += 1;
+        g.1 += u64::from(n.pods);
+    }
+    if groups.is_empty() {
+        return Err(ScenarioError::Invalid(
+            "the cluster has no node the VPC CNI runs on with a known instance type".into(),
+        ));
+    }
+    let zones: Vec<&str> = {
+        let mut z: Vec<&str> = groups.keys().map(|(z, _)| *z).collect();
+        z.dedup();
+        z
+    };
+    if zones.len() > 64 {
+        return Err(ScenarioError::Invalid(format!(
+            "{} zones: at most 64 fit a /14 each in 10.0.0.0/8",
+            zones.len()
+        )));
+    }
+    let table = |pairs: Vec<(&str, Value)>| -> Value {
+        Value::Table(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+    };
+    let subnets = zones
+        .iter()
+        .enumerate()
+        .map(|(i, z)| {
+            table(vec![
+                ("cidr", Value::from(format!("10.{}.0.0/14", i * 4))),
+                ("az", Value::from(*z)),
+            ])
+        })
+        .collect::<Vec<_>>();
+    let (count, pods): (u32, u64) = groups.values().fold((0, 0), |(c, p), g| (c + g.0, p + g.1));
+    let node_groups = groups
+        .iter()
+        .map(|((zone, instance_type), (n, _))| {
+            let subnet = zones.iter().position(|z| z == zone).expect("listed");
+            table(vec![
+                ("instance_type", Value::from(*instance_type)),
+                ("count", Value::from(i64::from(*n))),
+                ("subnet", Value::from(subnet as i64)),
+                ("launch_spread_secs", Value::from(1800)),
+            ])
+        })
+        .collect::<Vec<_>>();
+    let pods_per_node = pods as f64 / f64::from(count);
+    let lifetime = if pod_ages_secs.is_empty() {
+        notes.push("no pods: a mean pod lifetime of an hour assumed".into());
+        3600.0
+    } else {
+        (pod_ages_secs.iter().sum::<f64>() / pod_ages_secs.len() as f64).max(60.0)
+    };
+    let workload = table(vec![
+        (
+            "pods_per_node",
+            Value::from((pods_per_node * 100.0).round() / 100.0),
+        ),
+        ("mean_lifetime_secs", Value::from(lifetime.round())),
+        ("initial_burst", Value::from(pods_per_node.round() as i64)),
+    ]);
+    let mut doc = Table::new();
+    doc.insert("name".into(), Value::from("from-cluster"));
+    doc.insert(
+        "description".into(),
+        Value::from(format!(
+            "{count} nodes and {pods} pods read from a cluster; subnets are not in the API server (a /14 per zone): write yours under [vpc] to model their exhaustion"
+        )),
+    );
+    doc.insert(
+        "duration_secs".into(),
+        Value::from((hours * 3600).min(i64::MAX as u64) as i64),
+    );
+    doc.insert("sample_every_secs".into(), Value::from(300));
+    doc.insert(
+        "vpc".into(),
+        table(vec![
+            ("cidr", Value::from("10.0.0.0/8")),
+            ("subnets", Value::Array(subnets)),
+        ]),
+    );
+    doc.insert("nodes".into(), Value::Array(node_groups));
+    doc.insert("workload".into(), workload);
+    doc.insert(
+        "settings".into(),
+        Value::Table(
+            settings
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+                .collect(),
+        ),
+    );
+    let text = toml::to_string(&doc).map_err(|e| ScenarioError::Invalid(e.to_string()))?;
+    Scenario::parse(&text)?;
+    Ok((text, notes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_becomes_a_scenario_by_type_and_zone() {
+        let node = |t: &str, z: &str, pods| SeenNode {
+            instance_type: t.into(),
+            zone: z.into(),
+            pods,
+        };
+        let nodes = [
+            node("m5.large", "us-west-2a", 10),
+            node("m5.large", "us-west-2a", 20),
+            node("m5.xlarge", "us-west-2b", 30),
+            node("m5.large", "us-west-2b", 0),
+            node("x9.huge", "us-west-2b", 5),
+        ];
+        let settings = BTreeMap::from([("WARM_IP_TARGET".to_string(), "3".to_string())]);
+        let (text, notes) = from_cluster(&nodes, &[600.0, 1800.0], &settings, 2).unwrap();
+        let s = Scenario::parse(&text).unwrap();
+        assert_eq!(s.duration_secs, 7200);
+        let zones: Vec<&str> = s.vpc.subnets.iter().map(|x| x.az.as_str()).collect();
+        assert_eq!(zones, ["us-west-2a", "us-west-2b"]);
+        let groups: Vec<(&str, u32, usize)> = s
+            .nodes
+            .iter()
+            .map(|g| (g.instance_type.as_str(), g.count, g.subnet))
+            .collect();
+        assert_eq!(
+            groups,
+            [("m5.large", 2, 0), ("m5.large", 1, 1), ("m5.xlarge", 1, 1)]
+        );
+        // 60 pods on the 4 nodes kept; the unknown type's node and pods are left out, and said so.
+        assert_eq!(s.workload.pods_per_node, 15.0);
+        assert_eq!(s.workload.initial_burst, 15);
+        assert_eq!(s.workload.mean_lifetime_secs, 1200.0);
+        assert_eq!(s.settings, settings);
+        assert!(notes.iter().any(|n| n.contains("x9.huge")), "{notes:?}");
+        assert!(from_cluster(&nodes[4..], &[], &settings, 1).is_err());
+    }
 
     #[test]
     fn built_ins_parse() {

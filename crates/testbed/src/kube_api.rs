@@ -18,6 +18,7 @@ const KINDS: &[(&str, &str, bool, &str)] = &[
     ("events", "", true, "Event"),
     ("namespaces", "", false, "Namespace"),
     ("configmaps", "", true, "ConfigMap"),
+    ("daemonsets", "apps", true, "DaemonSet"),
     (
         "networkpolicies",
         "networking.k8s.io",

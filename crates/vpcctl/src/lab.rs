@@ -12,12 +12,12 @@ use std::time::Instant;
 pub enum Command {
     /// Replays pod churn through the real pool engine against the simulated VPC.
     Simulate {
-        /// A scenario file (docs/simulate.md); without it, the built-in scenario named by --built-in.
-        #[arg(long)]
-        scenario: Option<String>,
-        /// steady, prefix-fragmented, launch-storm-500 or churn-day-1000.
-        #[arg(long, default_value = "steady")]
-        built_in: String,
+        #[command(flatten)]
+        source: Source,
+        /// With --from-cluster: print the scenario built (the file format of --scenario, to edit
+        /// and run again) and what was left out, instead of running it.
+        #[arg(long, requires = "from_cluster")]
+        print_scenario: bool,
         #[arg(long)]
         json: bool,
         /// Write the report's plots here, each as SVG and PNG: addresses.*, ec2-calls.*, add-waits.*
@@ -33,11 +33,8 @@ pub enum Command {
     /// EC2 calls, and the setting that meets --max-p99-wait (and --max-ec2-calls) with the fewest
     /// addresses held.
     Tune {
-        /// A scenario file (docs/simulate.md); without it, the built-in scenario named by --built-in.
-        #[arg(long)]
-        scenario: Option<String>,
-        #[arg(long, default_value = "steady")]
-        built_in: String,
+        #[command(flatten)]
+        source: Source,
         /// The p99 ADD wait to meet: 2s, 500ms, or plain milliseconds.
         #[arg(long, default_value = "1s", value_parser = parse_millis)]
         max_p99_wait: f64,
@@ -104,6 +101,67 @@ pub enum Command {
         #[arg(long, default_value = "tcp/80", requires = "manifests")]
         probe: String,
     },
+}
+
+/// Where a scenario comes from: a file, a running cluster, or a built-in.
+#[derive(clap::Args)]
+pub struct Source {
+    /// A scenario file (docs/simulate.md); without it, the built-in scenario named by --built-in.
+    #[arg(long, conflicts_with = "from_cluster")]
+    scenario: Option<String>,
+    /// steady, prefix-fragmented, launch-storm-500 or churn-day-1000.
+    #[arg(long, default_value = "steady")]
+    built_in: String,
+    /// A scenario of the cluster the kubeconfig points at (KUBECONFIG, else ~/.kube/config): its
+    /// nodes by instance type and zone, its pods per node and their mean age as their lifetime,
+    /// and the VPC CNI's settings from its DaemonSet and the amazon-vpc-cni ConfigMap.
+    #[arg(long)]
+    from_cluster: bool,
+    /// With --from-cluster: the VPC CNI's DaemonSet, as NAMESPACE/NAME (default: kube-system/aws-node,
+    /// else kube-system/vpc-cni).
+    #[arg(long, requires = "from_cluster", value_name = "NAMESPACE/NAME")]
+    daemonset: Option<String>,
+    /// With --from-cluster: the simulated hours.
+    #[arg(long, requires = "from_cluster", default_value_t = 24)]
+    hours: u64,
+}
+
+/// A scenario built from a cluster: its text (the file format) and what the cluster's shape left out.
+struct Built {
+    text: String,
+    notes: Vec<String>,
+}
+
+impl Source {
+    fn load(self) -> Result<(Scenario, Option<Built>), String> {
+        if !self.from_cluster {
+            return load_scenario(self.scenario, &self.built_in).map(|s| (s, None));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let shape = runtime
+            .block_on(k8s::shape::read_shape(self.daemonset.as_deref()))
+            .map_err(|e| e.to_string())?;
+        let nodes: Vec<sim::scenario::SeenNode> = shape
+            .nodes
+            .iter()
+            .map(|n| sim::scenario::SeenNode {
+                instance_type: n.instance_type.clone(),
+                zone: n.zone.clone(),
+                pods: n.pods,
+            })
+            .collect();
+        let (text, more) =
+            sim::scenario::from_cluster(&nodes, &shape.pod_ages_secs, &shape.settings, self.hours)
+                .map_err(|e| e.to_string())?;
+        let mut notes = vec![format!("settings from the DaemonSet {}", shape.daemonset)];
+        notes.extend(shape.notes);
+        notes.extend(more);
+        let scenario = Scenario::parse(&text).map_err(|e| e.to_string())?;
+        Ok((scenario, Some(Built { text, notes })))
+    }
 }
 
 #[derive(Subcommand)]
@@ -242,15 +300,15 @@ pub fn run(command: Command) -> Result<(), String> {
             }
         }
         Command::Tune {
-            scenario,
-            built_in,
+            source,
             max_p99_wait,
             max_ec2_calls,
             max_ec2_calls_per_node_hour,
             exhaustive,
             json,
         } => {
-            let scenario = load_scenario(scenario, &built_in)?;
+            let (scenario, built) = source.load()?;
+            print_notes(built.as_ref());
             let bounds = sim::tune::Bounds {
                 max_p99_wait_ms: max_p99_wait,
                 max_ec2_calls,
@@ -276,13 +334,23 @@ pub fn run(command: Command) -> Result<(), String> {
             Ok(())
         }
         Command::Simulate {
-            scenario,
-            built_in,
+            source,
+            print_scenario,
             json,
             plots,
             compare,
         } => {
-            let scenario = load_scenario(scenario, &built_in)?;
+            let (scenario, built) = source.load()?;
+            if print_scenario {
+                if let Some(built) = &built {
+                    for note in &built.notes {
+                        println!("# {note}");
+                    }
+                    print!("{}", built.text);
+                }
+                return Ok(());
+            }
+            print_notes(built.as_ref());
             if !compare.is_empty() {
                 return simulate_compare(&scenario, compare, json, plots.as_deref());
             }
@@ -309,6 +377,13 @@ pub fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
+    }
+}
+
+/// What a scenario built from a cluster left out, on standard error so `--json` stays one document.
+fn print_notes(built: Option<&Built>) {
+    for note in built.map(|b| b.notes.as_slice()).unwrap_or_default() {
+        eprintln!("from the cluster: {note}");
     }
 }
 
