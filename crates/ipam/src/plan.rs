@@ -47,6 +47,21 @@ impl Mode {
     }
 }
 
+/// Every mode, as `--mode` names it.
+const MODES: &[(Mode, &str)] = &[
+    (Mode::SecondaryIps, "secondary-ips"),
+    (Mode::PrefixDelegation, "prefix-delegation"),
+    (
+        Mode::CustomNetworking { prefixes: false },
+        "custom-networking",
+    ),
+    (
+        Mode::CustomNetworking { prefixes: true },
+        "custom-networking-prefixes",
+    ),
+    (Mode::Ipv6, "ipv6"),
+];
+
 #[derive(Clone, Debug)]
 pub struct PlanInput {
     pub pods_per_node: u32,
@@ -137,20 +152,7 @@ fn alternatives(
     mode: Mode,
     pods: u32,
 ) -> Vec<String> {
-    let modes = [
-        (Mode::SecondaryIps, "secondary-ips"),
-        (Mode::PrefixDelegation, "prefix-delegation"),
-        (
-            Mode::CustomNetworking { prefixes: false },
-            "custom-networking",
-        ),
-        (
-            Mode::CustomNetworking { prefixes: true },
-            "custom-networking-prefixes",
-        ),
-        (Mode::Ipv6, "ipv6"),
-    ];
-    let mut out: Vec<String> = modes
+    let mut out: Vec<String> = MODES
         .iter()
         .filter(|(m, _)| *m != mode)
         .filter(|(m, _)| mode_max_pods(limits, *m).is_some_and(|n| n >= pods))
@@ -741,6 +743,59 @@ mod tests {
         )
         .unwrap();
         assert_eq!(shared.azs.len(), 3);
+    }
+
+    #[test]
+    fn every_modes_layout_fits_the_vpc_without_overlap_and_keeps_pods_out_of_the_primary() {
+        // A VPC as EKS's custom networking guide lays it out: a routable primary and CGNAT
+        // secondaries. Under custom networking nodes stay in the primary and pods in the
+        // secondaries; otherwise a subnet serves both and may come from any block.
+        let limits = lookup("m5.xlarge").unwrap();
+        let primary: Ipv4Cidr = "10.0.0.0/16".parse().unwrap();
+        let secondaries: Vec<Ipv4Cidr> = ["100.64.0.0/16", "100.65.0.0/16"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        for &(mode, name) in MODES {
+            let mut request = input(mode, 30, 40, 1.5, "10.0.0.0/16", "m5.xlarge");
+            request.vpc_cidrs.extend(secondaries.iter().copied());
+            let p = plan(&request, limits).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(p.azs.len(), 3, "{name}: {p:?}");
+            let all: Vec<(&str, Ipv4Cidr)> = p
+                .azs
+                .iter()
+                .flat_map(|az| az.subnets.iter().map(|(r, c)| (r.as_str(), *c)))
+                .collect();
+            for (i, (role, cidr)) in all.iter().enumerate() {
+                assert!(
+                    request.vpc_cidrs.iter().any(|v| v.contains_cidr(cidr)),
+                    "{name}: {role} {cidr} outside the VPC"
+                );
+                for (other_role, other) in &all[i + 1..] {
+                    assert!(
+                        !cidr.overlaps(other),
+                        "{name}: {role} {cidr} overlaps {other_role} {other}"
+                    );
+                }
+                if mode.custom() {
+                    match *role {
+                        "nodes" => assert!(primary.contains_cidr(cidr), "{name}: {role} {cidr}"),
+                        "pods" => assert!(
+                            secondaries.iter().any(|s| s.contains_cidr(cidr)),
+                            "{name}: {role} {cidr}"
+                        ),
+                        other => panic!("{name}: a subnet for {other}"),
+                    }
+                } else {
+                    assert_eq!(*role, "nodes", "{name}: pods share the nodes' subnets");
+                }
+            }
+            let per_az = if mode.custom() { 2 } else { 1 };
+            assert!(
+                p.azs.iter().all(|az| az.subnets.len() == per_az),
+                "{name}: {p:?}"
+            );
+        }
     }
 
     #[test]
