@@ -73,6 +73,7 @@ struct Inner {
     node_init: Histogram,
     pod_eni_allocation: Histogram,
     policy_apply: Histogram,
+    flows_cut: Histogram,
 }
 
 #[derive(Default)]
@@ -264,6 +265,10 @@ impl Metrics {
         self.lock().policy_apply.observe(took);
     }
 
+    pub fn flows_cut(&self, took: Duration) {
+        self.lock().flows_cut.observe(took);
+    }
+
     pub fn started(&self, took: Duration) {
         self.lock().startup.observe(took);
     }
@@ -432,6 +437,11 @@ impl Metrics {
                 "vpccni_network_policy_apply_seconds",
                 "From a NetworkPolicy, namespace or pod change (or a new pod) to its rules in the kernel",
                 vec![("", &inner.policy_apply)],
+            ),
+            (
+                "vpccni_network_policy_flows_cut_seconds",
+                "From a change that narrows pods' policies to their established flows it denies cut (conntrack entries removed)",
+                vec![("", &inner.flows_cut)],
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");

@@ -49,6 +49,15 @@ pub enum Input {
     /// Each local pod with its host veth (the name of its chains), for the drop counts in
     /// `/metrics`.
     Pods(oneshot::Sender<Vec<(String, String, String)>>),
+    /// The established flows that the view of these versions denies are cut.
+    FlowsCut(k8s::Versions),
+}
+
+/// The flows of pods whose rules narrowed, to cut once the rules are in, and the view it is for.
+struct Cut {
+    addresses: Vec<IpAddr>,
+    versions: k8s::Versions,
+    since: Instant,
 }
 
 struct Local {
@@ -70,10 +79,12 @@ pub struct Enforcement {
     fresh: Vec<IpAddr>,
     /// Pods ADDed in this daemon's life (the others were restored from the checkpoint).
     added: std::collections::HashSet<IpamKey>,
-    /// The resourceVersions of the view last taken, and of the view whose rules are in the kernel:
-    /// `/v1/network-policy` shows both, so that whoever made a change knows when it is in force.
+    /// The resourceVersions of the view last taken, of the view whose rules are in the kernel (new
+    /// flows are judged by them), and of the view whose denied established flows are cut too:
+    /// `/v1/network-policy` shows them, so that whoever made a change knows when it is in force.
     versions: k8s::Versions,
     applied: k8s::Versions,
+    cut: k8s::Versions,
 }
 
 impl Enforcement {
@@ -88,6 +99,7 @@ impl Enforcement {
             added: std::collections::HashSet::new(),
             versions: k8s::Versions::new(),
             applied: k8s::Versions::new(),
+            cut: k8s::Versions::new(),
         }
     }
 
@@ -161,6 +173,7 @@ impl Enforcement {
                     .collect();
                 let _ = answer.send(pods);
             }
+            Input::FlowsCut(versions) => self.cut = versions,
         }
     }
 
@@ -212,6 +225,7 @@ impl Enforcement {
             "clusterKnown": self.synced(),
             "seenVersions": self.versions,
             "appliedVersions": self.applied,
+            "cutVersions": self.cut,
             "pods": pods,
         })
     }
@@ -357,13 +371,55 @@ struct Waiting {
 /// Starts the task; its input is the returned sender.
 pub fn spawn(enforcement: Enforcement, metrics: Arc<Metrics>) -> mpsc::UnboundedSender<Input> {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(enforcement, rx, metrics));
+    let (cuts, jobs) = mpsc::unbounded_channel();
+    tokio::spawn(cut_flows(jobs, tx.clone(), metrics.clone()));
+    tokio::spawn(run(enforcement, rx, cuts, metrics));
     tx
+}
+
+/// Cuts the flows of pods whose rules narrowed, in order, apart from the task that applies the
+/// rules: on a node tracking tens of thousands of flows the walk of the conntrack table outlasts
+/// the rules' transaction, and the next change, ADD replies and `/v1/network-policy` must not wait
+/// for it. Jobs that queued up meanwhile are cut in one walk.
+async fn cut_flows(
+    mut jobs: mpsc::UnboundedReceiver<Cut>,
+    done: mpsc::UnboundedSender<Input>,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(mut job) = jobs.recv().await {
+        while let Ok(more) = jobs.try_recv() {
+            job.addresses.extend(more.addresses);
+            job.versions = more.versions;
+        }
+        if !job.addresses.is_empty() {
+            job.addresses.sort();
+            job.addresses.dedup();
+            let addresses = std::mem::take(&mut job.addresses);
+            let result =
+                tokio::task::spawn_blocking(move || datapath::netpol::forget_flows(&addresses))
+                    .await;
+            match result
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
+                Ok(()) => metrics.flows_cut(job.since.elapsed()),
+                Err(e) => {
+                    tracing::error!(error = %e, "flows a NetworkPolicy change denies could not be cut");
+                    metrics.count("awscni_ipamd_error_count", &[("fn", "networkPolicyFlows")]);
+                    continue;
+                }
+            }
+        }
+        if done.send(Input::FlowsCut(job.versions)).is_err() {
+            return;
+        }
+    }
 }
 
 async fn run(
     mut state: Enforcement,
     mut inputs: mpsc::UnboundedReceiver<Input>,
+    cuts: mpsc::UnboundedSender<Cut>,
     metrics: Arc<Metrics>,
 ) {
     let mut applied: Option<Vec<PodRules>> = None;
@@ -400,10 +456,10 @@ async fn run(
         let mut failure = None;
         let fresh = std::mem::take(&mut state.fresh);
         let whole = synced && !owned;
+        let mut cut = Vec::new();
         if whole || applied.as_ref() != Some(&rules) {
             let table = rules.clone();
-            let mut cut =
-                datapath::netpol::changed_addresses(applied.as_deref().unwrap_or(&[]), &rules);
+            cut = datapath::netpol::changed_addresses(applied.as_deref().unwrap_or(&[]), &rules);
             cut.retain(|ip| !fresh.contains(ip));
             if whole {
                 // Taking over a predecessor's table: this daemon does not know what it replaces,
@@ -424,9 +480,7 @@ async fn run(
                     tracing::warn!(error = %e, "NetworkPolicy update refused; replacing the table");
                     datapath::netpol::apply(&table)?;
                 }
-                // Flows of pods whose rules changed are forgotten once the new rules are in:
-                // a flow the change denies is cut, an allowed one is picked up again.
-                datapath::netpol::forget_flows(&cut)
+                Ok::<(), datapath::Error>(())
             })
             .await
             .map_err(|e| e.to_string())
@@ -445,6 +499,7 @@ async fn run(
                 }
             }
         }
+        let advanced = failure.is_none() && state.applied != state.versions;
         if failure.is_none() {
             state.applied = state.versions.clone();
         }
@@ -464,6 +519,17 @@ async fn run(
                 },
             };
             let _ = w.reply.send(message);
+        }
+        // The flows of pods whose rules narrowed are forgotten once the new rules are in: a flow
+        // the change denies is cut, an allowed one is picked up again. Every view newly in force
+        // goes to the cutter, with something to cut or not, so that `cutVersions` follows in
+        // order.
+        if advanced || (failure.is_none() && !cut.is_empty()) {
+            let _ = cuts.send(Cut {
+                addresses: cut,
+                versions: state.applied.clone(),
+                since: started,
+            });
         }
     }
 }

@@ -218,6 +218,15 @@ pub enum Stop {
     Kill,
 }
 
+/// How far a daemon has taken a NetworkPolicy change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyStage {
+    /// Its rules are in the kernel: new flows are judged by them.
+    Rules,
+    /// And the established flows it denies are cut.
+    FlowsCut,
+}
+
 pub struct Testbed {
     pub vpc: Netns,
     server: Option<Running>,
@@ -581,22 +590,37 @@ impl Testbed {
         Ok(())
     }
 
-    /// Waits until every node's daemon has the API server's last change of `resource` in its
-    /// kernel (`appliedVersions` in /v1/network-policy): a NetworkPolicy change made through the
-    /// API server is then in force.
+    /// Waits until every node's daemon has the API server's last change of `resource` in force:
+    /// its rules in the kernel and the established flows it denies cut (`cutVersions` in
+    /// /v1/network-policy).
     pub fn wait_policy_in_force(&self, resource: &str, patience: Duration) -> Result<(), String> {
+        self.wait_policy(resource, PolicyStage::FlowsCut, patience)
+    }
+
+    /// Waits until every node's daemon has taken the API server's last change of `resource` as far
+    /// as `stage`.
+    pub fn wait_policy(
+        &self,
+        resource: &str,
+        stage: PolicyStage,
+        patience: Duration,
+    ) -> Result<(), String> {
         let api = self.kube.as_ref().ok_or("no Kubernetes API server")?;
         let version = api.version_of(resource);
         let deadline = Instant::now() + patience;
+        let field = match stage {
+            PolicyStage::Rules => "appliedVersions",
+            PolicyStage::FlowsCut => "cutVersions",
+        };
         for node in &self.nodes {
             loop {
                 let view = node.introspect("/v1/network-policy")?;
-                if view["appliedVersions"][resource].as_u64().unwrap_or(0) >= version {
+                if view[field][resource].as_u64().unwrap_or(0) >= version {
                     break;
                 }
                 if Instant::now() > deadline {
                     return Err(format!(
-                        "{}: the change of {resource} (resourceVersion {version}) not in force within {} s: {view}",
+                        "{}: the change of {resource} (resourceVersion {version}) not in {field} within {} s: {view}",
                         node.name,
                         patience.as_secs()
                     ));
