@@ -17,15 +17,18 @@ fn skip(why: &str) {
     let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
 }
 
-/// Upstream's model: every pod labelled `pod: <name>`, serving 80 and 81 on TCP and UDP under the
-/// container port names serve-80-tcp and so on.
+/// Upstream's model: every pod labelled `pod: <name>`, serving 80 and 81 on TCP, UDP and SCTP
+/// under the container port names serve-80-tcp and so on (SCTP through raw sockets: this kernel
+/// has no SCTP sockets).
 fn model() -> Manifests {
     let mut manifests = Manifests::default();
     let mut ports = Vec::new();
     for port in [80u16, 81] {
-        for (protocol, upper, lower) in
-            [(Protocol::Tcp, "TCP", "tcp"), (Protocol::Udp, "UDP", "udp")]
-        {
+        for (protocol, upper, lower) in [
+            (Protocol::Tcp, "TCP", "tcp"),
+            (Protocol::Udp, "UDP", "udp"),
+            (Protocol::Sctp, "SCTP", "sctp"),
+        ] {
             ports.push((
                 json!({"name": format!("serve-{port}-{lower}"), "containerPort": port, "protocol": upper}),
                 Probe { protocol, port },

@@ -9,6 +9,7 @@ pub mod kube_api;
 pub mod netns;
 pub mod policy_bench;
 pub mod probe;
+pub mod sctp;
 
 use fabric::{gateway, Fabric};
 pub use netns::Netns;

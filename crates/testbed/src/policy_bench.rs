@@ -3,17 +3,20 @@
 //! the real plugin on real nodes; every pod serves every probed port and its named container
 //! ports; the policies go through the API server that the daemons watch; once every node says
 //! they are in force, every ordered pair of distinct pods is probed on every port (TCP: a
-//! connection accepted; UDP: a datagram echoed). A user tests policies here before applying them
-//! to a cluster; the test suite runs Kubernetes' own NetworkPolicy cases through it.
+//! connection accepted; UDP: a datagram echoed; SCTP: an INIT seen by the target, sent and seen
+//! through raw sockets, as this kernel has no SCTP sockets). A user tests policies here before
+//! applying them to a cluster; the test suite runs Kubernetes' own NetworkPolicy cases through it.
 
 use crate::probe::{answers, UdpEcho, WhoAmI};
+use crate::sctp::SctpListener;
 use crate::{Binaries, Options, Pod, Stop, Testbed};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 /// How long a probe waits for its answer: traffic between namespaces on one machine answers in
@@ -26,6 +29,7 @@ const IN_FORCE_WITHIN: Duration = Duration::from_secs(30);
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -44,15 +48,10 @@ impl FromStr for Probe {
         let protocol = match protocol.to_ascii_lowercase().as_str() {
             "tcp" => Protocol::Tcp,
             "udp" => Protocol::Udp,
-            "sctp" => {
-                return Err(format!(
-                "probe {text:?}: SCTP sockets cannot be opened on this kernel (no sctp module); \
-                     SCTP rules are checked by the evaluator's tests, not probed"
-            ))
-            }
+            "sctp" => Protocol::Sctp,
             other => {
                 return Err(format!(
-                    "probe {text:?}: protocol {other:?} is not tcp or udp"
+                    "probe {text:?}: protocol {other:?} is not tcp, udp or sctp"
                 ))
             }
         };
@@ -70,6 +69,7 @@ impl fmt::Display for Probe {
         let protocol = match self.protocol {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
         };
         write!(f, "{protocol}/{}", self.port)
     }
@@ -208,8 +208,7 @@ impl Manifests {
                     let protocol = match port["protocol"].as_str().unwrap_or("TCP") {
                         "TCP" => Protocol::Tcp,
                         "UDP" => Protocol::Udp,
-                        // Named for the policies' sake; not served (no SCTP sockets here).
-                        "SCTP" => continue,
+                        "SCTP" => Protocol::Sctp,
                         other => return Err(format!("pod {namespace}/{name}: protocol {other:?}")),
                     };
                     serves.insert(Probe {
@@ -253,6 +252,8 @@ pub struct Bench {
     pods: Vec<(BenchPod, Pod)>,
     tcp: Vec<WhoAmI>,
     udp: Vec<UdpEcho>,
+    /// By pod address: what arrives over SCTP, whatever the port.
+    sctp: BTreeMap<IpAddr, SctpListener>,
     policies: BTreeSet<(String, String)>,
 }
 
@@ -330,12 +331,28 @@ impl Bench {
             )?;
             pods.push((spec.clone(), pod));
         }
-        let (mut tcp, mut udp) = (Vec::new(), Vec::new());
+        let (mut tcp, mut udp, mut sctp) = (Vec::new(), Vec::new(), BTreeMap::new());
         for (spec, pod) in &pods {
             let served: BTreeSet<Probe> = spec.serves.iter().chain(probes).copied().collect();
             for probe in served {
                 let address = SocketAddr::new(pod.ip, probe.port);
                 match probe.protocol {
+                    Protocol::Sctp => {
+                        let IpAddr::V4(ip) = pod.ip else {
+                            return Err(format!(
+                                "{}: SCTP is probed over IPv4 only (raw sockets stand in for the SCTP sockets this kernel lacks)",
+                                spec.id()
+                            ));
+                        };
+                        if let std::collections::btree_map::Entry::Vacant(slot) = sctp.entry(pod.ip)
+                        {
+                            let listener = pod
+                                .netns
+                                .run(move || SctpListener::bind(ip))?
+                                .map_err(|e| format!("{}: serving {probe}: {e}", spec.id()))?;
+                            slot.insert(listener);
+                        }
+                    }
                     Protocol::Tcp => tcp.push(
                         pod.netns
                             .run(move || WhoAmI::bind(address))?
@@ -354,6 +371,7 @@ impl Bench {
             pods,
             tcp,
             udp,
+            sctp,
             policies: BTreeSet::new(),
         })
     }
@@ -435,16 +453,29 @@ impl Bench {
                     }
                     for probe in probes {
                         let target = SocketAddr::new(to.ip, probe.port);
-                        let udp = probe.protocol == Protocol::Udp;
                         let netns = &from.netns;
+                        let listener = self.sctp.get(&to.ip);
+                        let from_ip = from.ip;
+                        let probe = *probe;
                         running.push((
                             from_spec.id(),
                             to_spec.id(),
-                            *probe,
+                            probe,
                             scope.spawn(move || {
-                                netns
-                                    .run(move || answers(target, udp, PATIENCE))
-                                    .unwrap_or(false)
+                                match (probe.protocol, target, from_ip, listener) {
+                                    (
+                                        Protocol::Sctp,
+                                        SocketAddr::V4(target),
+                                        IpAddr::V4(source),
+                                        Some(listener),
+                                    ) => sctp_reaches(netns, target, source, listener),
+                                    (Protocol::Sctp, ..) => false,
+                                    (protocol, ..) => netns
+                                        .run(move || {
+                                            answers(target, protocol == Protocol::Udp, PATIENCE)
+                                        })
+                                        .unwrap_or(false),
+                                }
                             }),
                         ));
                     }
@@ -466,6 +497,7 @@ impl Bench {
     pub fn stop(mut self) -> Result<(), String> {
         self.tcp.clear();
         self.udp.clear();
+        self.sctp.clear();
         for (_, pod) in std::mem::take(&mut self.pods) {
             self.testbed.del_pod(pod)?;
         }
@@ -478,6 +510,29 @@ impl Bench {
 
 /// The outcomes of one probe as a matrix: a row per client, a column per server; `+` connected,
 /// `-` not, `.` the pod itself.
+/// Whether an SCTP INIT from the namespace `netns` (address `source`) reaches `target`, whose
+/// listener is `listener`. Each probe sends from a port of its own, so that probes running at once
+/// are separate associations to conntrack.
+fn sctp_reaches(
+    netns: &crate::netns::Netns,
+    target: SocketAddrV4,
+    source: std::net::Ipv4Addr,
+    listener: &SctpListener,
+) -> bool {
+    static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+    let source_port = 20_000 + NEXT_PORT.fetch_add(1, Ordering::Relaxed) % 40_000;
+    let sent = netns.run(move || crate::sctp::send_inits(target, source_port));
+    if !matches!(sent, Ok(Ok(()))) {
+        return false;
+    }
+    crate::sctp::reached(
+        listener,
+        SocketAddrV4::new(source, source_port),
+        target.port(),
+        PATIENCE,
+    )
+}
+
 pub fn matrix(outcomes: &[Outcome], probe: Probe, pods: &[String]) -> String {
     let width = pods.iter().map(String::len).max().unwrap_or(1).max(5);
     let mut out = format!("{:width$}", probe.to_string());
@@ -546,7 +601,7 @@ mod tests {
         let e = Manifests::from_yaml("kind: Pod\nmetadata: {name: a}\n").unwrap_err();
         assert!(e.contains("at least two pods"), "{e}");
         assert!(parse_probes("tcp/80, udp/81").unwrap().len() == 2);
-        assert!(parse_probes("sctp/80").unwrap_err().contains("SCTP"));
+        assert_eq!(parse_probes("SCTP/80").unwrap()[0].to_string(), "sctp/80");
         assert!(parse_probes("tcp/0").is_err() && parse_probes("icmp/1").is_err());
     }
 
