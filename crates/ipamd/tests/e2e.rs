@@ -1746,6 +1746,48 @@ fn network_policies_from_the_api_server_hold_from_a_pods_first_packet() {
         .flat_map(|r| ["list", "watch"].map(|v| (v.to_string(), r.to_string())))
         .collect();
     assert_eq!(asked, expected);
+
+    // A flow the next change denies is cut, not left to live on in conntrack: web's UDP flow to
+    // db is answered, the policy then drops web, and once the daemon says the denied flows are
+    // cut (cutVersions), the flow's next datagram goes unanswered.
+    let echo_at = SocketAddr::from((db_ip, PORT + 1));
+    let _db_echoes = db
+        .netns
+        .run(move || testbed::probe::UdpEcho::bind(echo_at).unwrap())
+        .unwrap();
+    let flow = web
+        .netns
+        .run(move || {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.connect(echo_at).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            socket
+        })
+        .unwrap();
+    let answered = |socket: &std::net::UdpSocket| {
+        let mut buffer = [0u8; 8];
+        socket.send(b"ping").is_ok() && matches!(socket.recv(&mut buffer), Ok(4))
+    };
+    assert!(answered(&flow), "web's flow to db before the change");
+    kube(&tb).apply(
+        "networkpolicies",
+        serde_json::json!({"metadata": {"namespace": "default", "name": "db"},
+            "spec": {"podSelector": {"matchLabels": {"app": "db"}},
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "other"}}}]}]}}),
+    );
+    tb.wait_policy_in_force("networkpolicies", Duration::from_secs(30))
+        .unwrap();
+    let view = tb.nodes[0].introspect("/v1/network-policy").unwrap();
+    assert_eq!(
+        view["cutVersions"]["networkpolicies"], view["appliedVersions"]["networkpolicies"],
+        "{view}"
+    );
+    assert!(
+        !answered(&flow),
+        "web's established flow lived on after the change"
+    );
     tb.stop_daemon(0, Stop::Term).unwrap();
 }
 
