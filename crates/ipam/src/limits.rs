@@ -87,6 +87,28 @@ pub fn lookup(instance_type: &str) -> Option<&'static InstanceLimits> {
     table().get(instance_type)
 }
 
+const BRANCH_DATA: &str = include_str!("../data/branch-limits.tsv");
+
+/// Branch ENIs (security groups for pods) an instance of `instance_type` can carry on its trunk
+/// ENI: 0 when the type cannot take a trunk, or is not in the table. EC2 does not publish these
+/// (DescribeInstanceTypes has no such field), so they are data, as the VPC resource controller
+/// keeps them.
+pub fn branch_interfaces(instance_type: &str) -> u32 {
+    static TABLE: OnceLock<HashMap<&'static str, u32>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        BRANCH_DATA
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                l.split_once('\t')
+                    .and_then(|(t, n)| Some((t, n.trim().parse().ok()?)))
+                    .unwrap_or_else(|| panic!("bad row in branch-limits.tsv: {l}"))
+            })
+            .collect()
+    });
+    table.get(instance_type).copied().unwrap_or(0)
+}
+
 pub fn all() -> impl Iterator<Item = &'static InstanceLimits> {
     table().values()
 }
@@ -130,6 +152,29 @@ mod tests {
         for l in all() {
             assert!(l.ipv4_per_eni >= 1, "{l:?}");
             assert!(l.enis() >= 1, "{l:?}");
+        }
+    }
+
+    #[test]
+    fn branch_limits_as_the_resource_controller_advertises_them() {
+        assert_eq!(branch_interfaces("m5.large"), 9);
+        assert_eq!(branch_interfaces("m5.xlarge"), 18);
+        assert_eq!(branch_interfaces("m5.24xlarge"), 107);
+        // Not trunk-capable: Xen, and the burstable t3 family.
+        assert_eq!(branch_interfaces("m4.large"), 0);
+        assert_eq!(branch_interfaces("t3.medium"), 0);
+        assert_eq!(branch_interfaces("no.such"), 0);
+        let rows = BRANCH_DATA.lines().filter(|l| !l.starts_with('#')).count();
+        assert!(rows > 1000, "only {rows} rows");
+        // At most 120 branches, and only on types that can take /28 prefixes (Nitro or bare
+        // metal) where the limits table knows the type: trunking needs the Nitro system too.
+        for line in BRANCH_DATA.lines().filter(|l| !l.starts_with('#')) {
+            let (t, n) = line.split_once('\t').unwrap();
+            let n: u32 = n.parse().unwrap();
+            assert!(n <= 120, "{line}");
+            if let Some(limits) = lookup(t) {
+                assert!(n == 0 || limits.supports_prefixes(), "{line}: {limits:?}");
+            }
         }
     }
 

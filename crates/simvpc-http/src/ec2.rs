@@ -4,7 +4,7 @@ use crate::query::Params;
 use crate::xml::Xml;
 use ipam::net::{Ipv4Cidr, Ipv6Cidr};
 use ipam::time::Time;
-use simvpc::{codes, CreateEniRequest, Ec2Error, NetworkInterface, SimVpc};
+use simvpc::{codes, CreateEniRequest, Ec2Error, NetworkInterface, SimVpc, TrunkAssociation};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -66,6 +66,7 @@ fn run(vpc: &mut SimVpc, now: Time, action: &str, p: &Params) -> Result<Outcome,
                 prefix_count: p.number("Ipv4PrefixCount")?.unwrap_or(0),
                 tags: p.tag_specifications().into_iter().collect(),
                 client_token: p.get("ClientToken").map(str::to_string),
+                interface_type: p.get("InterfaceType").map(str::to_string),
             };
             map(vpc.create_network_interface(now, request), |eni, x| {
                 x.node("networkInterface", |x| interface(x, &eni));
@@ -225,6 +226,56 @@ fn run(vpc: &mut SimVpc, now: Time, action: &str, p: &Params) -> Result<Outcome,
                 result: Ok(x),
                 latency,
             }
+        }
+        "AssociateTrunkInterface" => {
+            let branch = p.required("BranchInterfaceId")?;
+            let trunk = p.required("TrunkInterfaceId")?;
+            if p.get("GreKey").is_some() {
+                return Err(invalid(
+                    "simvpc associates branches by VLAN (VlanId), not GRE",
+                ));
+            }
+            let vlan = p.number("VlanId")?.ok_or_else(|| Ec2Error {
+                code: crate::query::MISSING_PARAMETER,
+                message: "The request must contain the parameter VlanId".into(),
+            })?;
+            let vlan = u16::try_from(vlan).unwrap_or(0);
+            let token = p.get("ClientToken").map(str::to_string);
+            map(
+                vpc.associate_trunk_interface(now, branch, trunk, vlan, token.as_deref()),
+                |a, x| {
+                    x.node("interfaceAssociation", |x| association(x, &a));
+                    if let Some(token) = &token {
+                        x.leaf("clientToken", token);
+                    }
+                },
+            )
+        }
+        "DisassociateTrunkInterface" => map(
+            vpc.disassociate_trunk_interface(now, p.required("AssociationId")?),
+            |(), x| returned_true(x),
+        ),
+        "DescribeTrunkInterfaceAssociations" => {
+            let ids = p.list("AssociationId");
+            let mut trunk = None;
+            for (name, values) in p.filters() {
+                match (name.as_str(), values.as_slice()) {
+                    ("trunk-interface-association.trunk-interface-id", [one]) => {
+                        trunk = Some(one.clone())
+                    }
+                    _ => {
+                        return Err(invalid(format!(
+                            "simvpc filters trunk associations by trunk-interface-association.trunk-interface-id (one value), not {name}"
+                        )))
+                    }
+                }
+            }
+            map(
+                vpc.describe_trunk_interface_associations(now, &ids, trunk.as_deref()),
+                |associations, x| {
+                    x.items("interfaceAssociationSet", &associations, association);
+                },
+            )
         }
         "DescribeNetworkInterfaces" => {
             let ids = p.list("NetworkInterfaceId");
@@ -387,6 +438,14 @@ fn tag_set<'a>(x: &mut Xml, tags: impl Iterator<Item = (&'a String, &'a String)>
     x.items("tagSet", tags, |x, (k, v)| {
         x.leaf("key", k).leaf("value", v);
     });
+}
+
+fn association(x: &mut Xml, a: &TrunkAssociation) {
+    x.leaf("associationId", &a.id)
+        .leaf("branchInterfaceId", &a.branch_id)
+        .leaf("trunkInterfaceId", &a.trunk_id)
+        .leaf("interfaceProtocol", "VLAN")
+        .leaf("vlanId", a.vlan_id);
 }
 
 fn interface(x: &mut Xml, eni: &NetworkInterface) {

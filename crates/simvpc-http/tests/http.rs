@@ -70,6 +70,57 @@ fn boto3_runs_an_eni_lifecycle() {
 }
 
 #[test]
+fn boto3_runs_trunk_and_branch_associations() {
+    let Some(python) = venv_python() else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED boto3_runs_trunk_and_branch_associations: no .venv with boto3 (scripts/test.sh creates it)"
+        );
+        return;
+    };
+    let config = ServeConfig::parse(
+        r#"
+[vpc]
+cidr = "10.0.0.0/16"
+
+[[subnets]]
+name = "node-a"
+cidr = "10.0.0.0/20"
+az = "us-west-2a"
+
+[[subnets]]
+name = "other"
+cidr = "10.0.16.0/20"
+az = "us-west-2a"
+
+[[instances]]
+name = "node-1"
+type = "m5.large"
+subnet = "node-a"
+"#,
+    )
+    .unwrap();
+    let running = Server::start(&config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/boto3_trunk.py");
+    let output = Command::new(python)
+        .arg(script)
+        .args([
+            &running.ec2_url,
+            &running.instances[0].instance_id,
+            &running.names.subnets["node-a"],
+            &running.names.subnets["other"],
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "boto3 trunk failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
 fn errors_are_ec2_error_documents() {
     let running = Server::start(&ServeConfig::example(), "127.0.0.1:0".parse().unwrap()).unwrap();
     let form = [("Content-Type", "application/x-www-form-urlencoded")];

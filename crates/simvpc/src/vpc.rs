@@ -11,6 +11,9 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 /// EC2's error codes, as EC2 spells them.
+mod trunk;
+pub use trunk::{TrunkAssociation, VLAN_IDS};
+
 pub mod codes {
     pub const INSUFFICIENT_ADDRESSES: &str = "InsufficientFreeAddressesInSubnet";
     pub const INSUFFICIENT_CIDR: &str = "InsufficientCidrBlocks";
@@ -27,6 +30,7 @@ pub mod codes {
     pub const NOT_PERMITTED: &str = "OperationNotPermitted";
     pub const UNAVAILABLE: &str = "Unavailable";
     pub const UNAUTHORIZED: &str = "UnauthorizedOperation";
+    pub const ASSOCIATION_NOT_FOUND: &str = "InvalidAssociationID.NotFound";
     /// Not an EC2 code: the client gave up waiting. The call may or may not have taken effect.
     pub const TIMEOUT: &str = "RequestTimeout";
 }
@@ -71,10 +75,13 @@ pub enum Op {
     AssignIpv6Addresses,
     UnassignIpv6Addresses,
     CreateTags,
+    AssociateTrunkInterface,
+    DisassociateTrunkInterface,
+    DescribeTrunkInterfaceAssociations,
 }
 
 impl Op {
-    pub const ALL: [Op; 13] = [
+    pub const ALL: [Op; 16] = [
         Op::DescribeInstances,
         Op::DescribeNetworkInterfaces,
         Op::DescribeSubnets,
@@ -88,13 +95,17 @@ impl Op {
         Op::AssignIpv6Addresses,
         Op::UnassignIpv6Addresses,
         Op::CreateTags,
+        Op::AssociateTrunkInterface,
+        Op::DisassociateTrunkInterface,
+        Op::DescribeTrunkInterfaceAssociations,
     ];
 
     pub fn category(self) -> Category {
         match self {
-            Op::DescribeInstances | Op::DescribeNetworkInterfaces | Op::DescribeSubnets => {
-                Category::NonMutating
-            }
+            Op::DescribeInstances
+            | Op::DescribeNetworkInterfaces
+            | Op::DescribeSubnets
+            | Op::DescribeTrunkInterfaceAssociations => Category::NonMutating,
             _ => Category::Mutating,
         }
     }
@@ -114,6 +125,9 @@ impl Op {
             Op::AssignIpv6Addresses => "AssignIpv6Addresses",
             Op::UnassignIpv6Addresses => "UnassignIpv6Addresses",
             Op::CreateTags => "CreateTags",
+            Op::AssociateTrunkInterface => "AssociateTrunkInterface",
+            Op::DisassociateTrunkInterface => "DisassociateTrunkInterface",
+            Op::DescribeTrunkInterfaceAssociations => "DescribeTrunkInterfaceAssociations",
         }
     }
 }
@@ -330,6 +344,8 @@ pub struct CreateEniRequest {
     pub tags: BTreeMap<String, String>,
     /// EC2's idempotency token: a repeat with the same token returns the ENI the first call made.
     pub client_token: Option<String>,
+    /// `interface` (the default), `trunk` or `branch`.
+    pub interface_type: Option<String>,
 }
 
 impl From<&ipam::ec2::CreateEni> for CreateEniRequest {
@@ -342,6 +358,7 @@ impl From<&ipam::ec2::CreateEni> for CreateEniRequest {
             prefix_count: c.prefixes,
             tags: c.tags.iter().cloned().collect(),
             client_token: Some(c.client_token.clone()),
+            interface_type: None,
         }
     }
 }
@@ -380,6 +397,9 @@ pub struct SimVpc {
     detaching: BinaryHeap<Reverse<(Time, String)>>,
     /// Client token of each CreateNetworkInterface that took effect, to the ENI it made.
     client_tokens: HashMap<String, String>,
+    /// Branch ENIs on trunk ENIs, by association id, and the client token of each that was given one.
+    associations: BTreeMap<String, TrunkAssociation>,
+    association_tokens: HashMap<String, String>,
     buckets: BTreeMap<Category, TokenBucket>,
     config: SimConfig,
     rng: SmallRng,
@@ -416,6 +436,8 @@ impl SimVpc {
             attachment_enis: HashMap::new(),
             detaching: BinaryHeap::new(),
             client_tokens: HashMap::new(),
+            associations: BTreeMap::new(),
+            association_tokens: HashMap::new(),
             buckets,
             rng: SmallRng::seed_from_u64(config.seed),
             config,
@@ -696,7 +718,9 @@ impl SimVpc {
     /// Terminates an instance: ENIs with DeleteOnTermination go, the others are left `available` (leaked).
     pub fn terminate_instance(&mut self, instance_id: &str) {
         self.instances.remove(instance_id);
-        for id in self.attached.remove(instance_id).unwrap_or_default() {
+        let attached = self.attached.remove(instance_id).unwrap_or_default();
+        self.drop_associations_of_instance(&attached);
+        for id in attached {
             let eni = self.enis.get_mut(&id).expect("listed");
             if eni
                 .attachment
@@ -896,6 +920,15 @@ impl SimVpc {
         }
     }
 
+    fn eni(&self, id: &str) -> Result<&NetworkInterface, Ec2Error> {
+        self.enis.get(id).ok_or_else(|| {
+            Ec2Error::new(
+                codes::ENI_NOT_FOUND,
+                format!("The networkInterface ID '{id}' does not exist"),
+            )
+        })
+    }
+
     fn eni_mut(&mut self, id: &str) -> Result<&mut NetworkInterface, Ec2Error> {
         self.enis.get_mut(id).ok_or_else(|| {
             Ec2Error::new(
@@ -941,6 +974,16 @@ impl SimVpc {
             {
                 return Ok(made.clone());
             }
+            let interface_type = match req.interface_type.as_deref() {
+                None | Some("interface") => "interface",
+                Some(kind @ ("trunk" | "branch")) => kind,
+                Some(other) => {
+                    return Err(Ec2Error::new(
+                        codes::INVALID_PARAMETER,
+                        format!("simvpc makes interface, trunk and branch ENIs, not {other:?}"),
+                    ))
+                }
+            };
             let Some((_, addrs)) = vpc.subnets.get_mut(&req.subnet_id) else {
                 return Err(Ec2Error::new(
                     codes::SUBNET_NOT_FOUND,
@@ -991,6 +1034,7 @@ impl SimVpc {
             );
             eni.secondary_ips = ips;
             eni.prefixes = prefixes;
+            eni.interface_type = interface_type.into();
             if let Some(token) = req.client_token {
                 vpc.client_tokens.insert(token, id.clone());
             }
@@ -1023,6 +1067,11 @@ impl SimVpc {
             let Some(&(_, card_max)) = inst.limits.cards.iter().find(|(c, _)| *c == network_card_index) else {
                 return Err(Ec2Error::new(codes::INVALID_PARAMETER, format!("network card index {network_card_index} does not exist")));
             };
+            vpc.check_trunk_attach(
+                eni,
+                &inst.instance_type,
+                vpc.attached.get(instance_id).map_or(&[][..], Vec::as_slice),
+            )?;
             let on_instance: Vec<&Attachment> = vpc.attachments_of(instance_id).collect();
             if on_instance.iter().any(|a| a.device_index == device_index && a.network_card_index == network_card_index) {
                 return Err(Ec2Error::new(
@@ -1082,6 +1131,11 @@ impl SimVpc {
                     format!("The attachment ID '{attachment_id}' does not exist"),
                 )
             })?;
+            let eni_id = eni.id.clone();
+            if let Some(e) = vpc.trunk_in_use(&vpc.enis[&eni_id]) {
+                return Err(e);
+            }
+            let eni = vpc.enis.get_mut(&eni_id).expect("just found");
             let a = eni.attachment.as_mut().expect("found by attachment");
             if a.device_index == 0 && a.network_card_index == 0 {
                 return Err(Ec2Error::new(
@@ -1100,6 +1154,9 @@ impl SimVpc {
 
     pub fn delete_network_interface(&mut self, now: Time, eni_id: &str) -> Reply<()> {
         self.call(Op::DeleteNetworkInterface, now, |vpc| {
+            if let Some(e) = vpc.trunk_in_use(vpc.eni(eni_id)?) {
+                return Err(e);
+            }
             if vpc.eni_mut(eni_id)?.attachment.is_some() {
                 return Err(Ec2Error::new(
                     codes::ENI_IN_USE,
