@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod action;
+pub mod branch;
 pub mod checkpoint;
 pub mod choreography;
 pub mod config;

@@ -18,12 +18,15 @@
 //!
 //! Traffic from the node itself (kubelet probes) is the datapath's to allow; it is not a policy
 //! matter here.
+//!
+//! `sgp` selects pods the same way for security groups for pods (`SecurityGroupPolicy`).
 
 #![forbid(unsafe_code)]
 
 pub mod endpoints;
 pub mod ipset;
 mod model;
+pub mod sgp;
 
 pub use ipset::IpSet;
 pub use model::*;
