@@ -15,6 +15,81 @@ pub struct ServeConfig {
     pub instances: Vec<InstanceConfig>,
     #[serde(default)]
     pub ec2: Ec2Behaviour,
+    /// Groups with rules, enforced where traffic crosses the VPC (the demo's fabric); groups not
+    /// listed here are not modelled and allow everything.
+    #[serde(default)]
+    pub security_groups: Vec<SecurityGroupConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityGroupConfig {
+    pub id: String,
+    #[serde(default)]
+    pub ingress: Vec<RuleConfig>,
+    #[serde(default)]
+    pub egress: Vec<RuleConfig>,
+}
+
+/// `{ protocol = "tcp", ports = "5432", from_groups = ["sg-app"] }`; or `cidrs = [...]`;
+/// `to_groups` in egress rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub protocol: String,
+    /// `5432` or `1024-65535`; every port when absent.
+    #[serde(default)]
+    pub ports: Option<String>,
+    #[serde(default)]
+    pub cidrs: Vec<Ipv4Cidr>,
+    #[serde(default)]
+    pub from_groups: Vec<String>,
+    #[serde(default)]
+    pub to_groups: Vec<String>,
+}
+
+impl RuleConfig {
+    /// The rule, in `group`'s `direction` (`ingress` takes `from_groups`, `egress` `to_groups`).
+    fn rule(&self, group: &str, direction: &str) -> Result<simvpc::Rule, String> {
+        let at = format!("security group {group}, {direction} rule");
+        let protocol: simvpc::Protocol = self.protocol.parse().map_err(|e| format!("{at}: {e}"))?;
+        let ports = match self.ports.as_deref() {
+            None => None,
+            Some(text) => {
+                let (first, last) = text.split_once('-').unwrap_or((text, text));
+                let port = |p: &str| p.trim().parse::<u16>().ok();
+                match (port(first), port(last)) {
+                    (Some(first), Some(last)) if first <= last => Some((first, last)),
+                    _ => return Err(format!("{at}: ports {text:?} is not a port or a range")),
+                }
+            }
+        };
+        if ports.is_some() && !matches!(protocol, simvpc::Protocol::Tcp | simvpc::Protocol::Udp) {
+            return Err(format!("{at}: ports apply to tcp and udp only"));
+        }
+        let (groups, wrong) = match direction {
+            "ingress" => (
+                &self.from_groups,
+                (!self.to_groups.is_empty()).then_some("to_groups"),
+            ),
+            _ => (
+                &self.to_groups,
+                (!self.from_groups.is_empty()).then_some("from_groups"),
+            ),
+        };
+        if let Some(wrong) = wrong {
+            return Err(format!("{at}: {wrong} belongs to the other direction"));
+        }
+        if self.cidrs.is_empty() && groups.is_empty() {
+            return Err(format!("{at}: names no peer (cidrs or groups)"));
+        }
+        Ok(simvpc::Rule {
+            protocol: Some(protocol),
+            ports,
+            cidrs: self.cidrs.clone(),
+            groups: groups.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,6 +250,22 @@ security_groups = ["sg-0000000000000001"]
             ..SimConfig::default()
         };
         let mut vpc = SimVpc::new(self.vpc.cidr, sim);
+        for group in &self.security_groups {
+            if vpc.security_group(&group.id).is_some() {
+                return Err(format!("security group {} is defined twice", group.id));
+            }
+            let rules = |direction: &str, rules: &[RuleConfig]| {
+                rules
+                    .iter()
+                    .map(|r| r.rule(&group.id, direction))
+                    .collect::<Result<Vec<_>, String>>()
+            };
+            vpc.define_security_group(simvpc::SecurityGroup {
+                id: group.id.clone(),
+                ingress: rules("ingress", &group.ingress)?,
+                egress: rules("egress", &group.egress)?,
+            });
+        }
         for cidr in &self.vpc.secondary_cidrs {
             vpc.add_cidr(*cidr);
         }
@@ -282,6 +373,63 @@ mod tests {
         .err()
         .unwrap();
         assert!(bad_type.contains("m5.huge"), "{bad_type}");
+    }
+
+    #[test]
+    fn security_groups_are_read_with_their_rules_and_mistakes_named() {
+        let config = |groups: &str| {
+            ServeConfig::parse(&format!("[vpc]\ncidr = \"10.0.0.0/16\"\n{groups}"))
+                .and_then(|c| c.build().map(|(vpc, _)| vpc))
+        };
+        let vpc = config(
+            r#"
+[[security_groups]]
+id = "sg-db"
+ingress = [{ protocol = "tcp", ports = "5432", from_groups = ["sg-app"] },
+           { protocol = "udp", ports = "1000-2000", cidrs = ["10.0.0.0/16"] }]
+egress = [{ protocol = "all", cidrs = ["0.0.0.0/0"] }]
+"#,
+        )
+        .unwrap();
+        let db = vpc.security_group("sg-db").unwrap();
+        assert_eq!(db.ingress[0].ports, Some((5432, 5432)));
+        assert_eq!(db.ingress[0].groups, ["sg-app"]);
+        assert_eq!(db.ingress[1].ports, Some((1000, 2000)));
+        assert_eq!(db.egress[0].protocol, Some(simvpc::Protocol::All));
+        for (group, expected) in [
+            (
+                r#"id = "g"
+ingress = [{ protocol = "gre", cidrs = ["10.0.0.0/8"] }]"#,
+                "protocol \"gre\"",
+            ),
+            (
+                r#"id = "g"
+ingress = [{ protocol = "tcp", ports = "90-80", cidrs = ["10.0.0.0/8"] }]"#,
+                "not a port or a range",
+            ),
+            (
+                r#"id = "g"
+ingress = [{ protocol = "icmp", ports = "1", cidrs = ["10.0.0.0/8"] }]"#,
+                "tcp and udp only",
+            ),
+            (
+                r#"id = "g"
+ingress = [{ protocol = "tcp", to_groups = ["sg-x"] }]"#,
+                "to_groups belongs to the other direction",
+            ),
+            (
+                r#"id = "g"
+egress = [{ protocol = "tcp" }]"#,
+                "names no peer",
+            ),
+        ] {
+            let error = config(&format!("[[security_groups]]\n{group}\n"))
+                .err()
+                .expect("refused");
+            assert!(error.contains(expected), "{group}: {error}");
+        }
+        let twice = config("[[security_groups]]\nid = \"g\"\n[[security_groups]]\nid = \"g\"\n");
+        assert!(twice.err().expect("refused").contains("defined twice"));
     }
 
     #[test]

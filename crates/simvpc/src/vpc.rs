@@ -11,7 +11,9 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 /// EC2's error codes, as EC2 spells them.
+mod security;
 mod trunk;
+pub use security::{Flow, Protocol, Rule, SecurityGroup};
 pub use trunk::{TrunkAssociation, VLAN_IDS};
 
 pub mod codes {
@@ -400,6 +402,8 @@ pub struct SimVpc {
     /// Branch ENIs on trunk ENIs, by association id, and the client token of each that was given one.
     associations: BTreeMap<String, TrunkAssociation>,
     association_tokens: HashMap<String, String>,
+    /// The groups given rules (`define_security_group`); others are not modelled.
+    security_groups: BTreeMap<String, SecurityGroup>,
     buckets: BTreeMap<Category, TokenBucket>,
     config: SimConfig,
     rng: SmallRng,
@@ -438,6 +442,7 @@ impl SimVpc {
             client_tokens: HashMap::new(),
             associations: BTreeMap::new(),
             association_tokens: HashMap::new(),
+            security_groups: BTreeMap::new(),
             buckets,
             rng: SmallRng::seed_from_u64(config.seed),
             config,

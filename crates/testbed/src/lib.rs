@@ -315,6 +315,7 @@ fn built_in_vpc(options: &Options) -> Result<ServeConfig, String> {
             })
             .collect(),
         ec2: options.ec2.clone(),
+        security_groups: Vec::new(),
     })
 }
 
