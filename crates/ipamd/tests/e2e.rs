@@ -2239,3 +2239,106 @@ fn policy_endpoints_as_eks_writes_them_are_enforced() {
     assert_eq!(asked, expected);
     tb.stop_daemon(0, Stop::Term).unwrap();
 }
+
+/// A TCP connection from `pod` to `to:port`: whether it was accepted within 3 s.
+fn connects(pod: &Pod, to: IpAddr, port: u16) -> bool {
+    pod.netns
+        .run(move || {
+            std::net::TcpStream::connect_timeout(
+                &SocketAddr::from((to, port)),
+                Duration::from_secs(3),
+            )
+            .is_ok()
+        })
+        .unwrap()
+}
+
+/// Security group rules of the VPC file hold in the fabric, statefully, for pods whose addresses
+/// are their node ENIs' (EC2 judges a pod's traffic by its ENI's groups): app's pods reach db's on
+/// 5432 and on nothing else, db's reach app's on nothing, and replies always come back.
+#[test]
+fn security_group_rules_hold_between_nodes_in_the_fabric() {
+    let config = testbed::ServeConfig::parse(
+        r#"
+[vpc]
+cidr = "10.0.0.0/16"
+
+[[subnets]]
+name = "nodes"
+cidr = "10.0.0.0/20"
+az = "us-west-2a"
+tags = { "kubernetes.io/role/cni" = "1" }
+
+[[instances]]
+name = "app"
+type = "m5.large"
+subnet = "nodes"
+security_groups = ["sg-app"]
+
+[[instances]]
+name = "db"
+type = "m5.large"
+subnet = "nodes"
+security_groups = ["sg-db"]
+
+[[security_groups]]
+id = "sg-app"
+egress = [{ protocol = "all", cidrs = ["0.0.0.0/0"] }]
+
+[[security_groups]]
+id = "sg-db"
+ingress = [{ protocol = "tcp", ports = "5432", from_groups = ["sg-app"] }]
+egress = [{ protocol = "all", cidrs = ["0.0.0.0/0"] }]
+"#,
+    )
+    .unwrap();
+    let mut options = options(&[]);
+    options.vpc = Some(config);
+    let Some(mut tb) = testbed("security_groups_in_the_fabric", options) else {
+        return;
+    };
+    tb.start_daemon(0).unwrap();
+    tb.start_daemon(1).unwrap();
+    let app = tb.add_pod(0).unwrap();
+    let db = tb.add_pod(1).unwrap();
+    let mut listeners = Vec::new();
+    for (pod, port) in [(&db, 5432), (&db, 80), (&app, 80)] {
+        let at = SocketAddr::from((pod.ip, port));
+        listeners.push(pod.netns.run(move || WhoAmI::bind(at).unwrap()).unwrap());
+    }
+    let table = || {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &tb.fabric.netns,
+                "nft",
+                "list",
+                "table",
+                "ip",
+            ])
+            .arg(testbed::fabric::SECURITY_TABLE)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    assert!(
+        connects(&app, db.ip, 5432),
+        "app {} reaches db {} on 5432\n{}\n{:?}",
+        app.ip,
+        db.ip,
+        table(),
+        tb.fabric.errors()
+    );
+    // WhoAmI answers with the client's address: the reply came back through the fabric.
+    assert_eq!(tb.seen_as(&app.netns, db.ip, 5432).unwrap(), app.ip);
+    assert!(!connects(&app, db.ip, 80), "db takes 5432 only");
+    assert!(!connects(&db, app.ip, 80), "app takes nothing in");
+    assert!(table().contains("chain in-"), "{}", table());
+    drop(listeners);
+    for pod in [app, db] {
+        tb.del_pod(pod).unwrap();
+    }
+    tb.stop_daemon(0, Stop::Term).unwrap();
+    tb.stop_daemon(1, Stop::Term).unwrap();
+}

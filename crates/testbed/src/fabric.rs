@@ -26,6 +26,105 @@ struct Wired {
     neighbours: BTreeSet<(Ipv4Addr, String, String)>,
     /// (delegated /80, the ENI's link-local address, bridge).
     routes: BTreeSet<(Ipv6Cidr, Ipv6Addr, String)>,
+    /// The security groups' table as last applied, if any group has rules.
+    security: Option<String>,
+}
+
+/// The nftables table that enforces security group rules in the fabric.
+pub const SECURITY_TABLE: &str = "vpc-security-groups";
+
+/// An ENI's addresses as nftables elements: primary, secondaries and prefixes.
+fn elements(eni: &simvpc::NetworkInterface) -> Vec<String> {
+    std::iter::once(eni.primary_ip.to_string())
+        .chain(eni.secondary_ips.iter().map(|ip| ip.to_string()))
+        .chain(eni.prefixes.iter().map(|p| p.to_string()))
+        .collect()
+}
+
+/// The security groups of the VPC as one nftables table for the fabric's forward path, or none
+/// when no group has rules. As EC2: flows are tracked, so replies pass; a flow's first packet goes
+/// through the sender's egress chain (by source address, through a verdict map) and the receiver's
+/// ingress chain (by destination address), each returning on the first rule that allows it and
+/// dropping otherwise; ENIs whose groups are not all modelled have no chain. One rule per peer
+/// (a CIDR, or an address of an ENI holding one of the rule's groups), as peers may overlap and an
+/// nftables set may not.
+pub fn security_ruleset(vpc: &SimVpc) -> Option<String> {
+    use std::fmt::Write;
+    let enis: Vec<&simvpc::NetworkInterface> = vpc.interfaces().collect();
+    if !enis.iter().any(|e| vpc.groups_modelled(&e.security_groups)) {
+        return None;
+    }
+    let mut out = format!("table ip {SECURITY_TABLE} {{\n");
+    let mut maps: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for eni in enis
+        .iter()
+        .filter(|e| vpc.groups_modelled(&e.security_groups))
+    {
+        for (direction, prefix, peer_field) in
+            [("egress", "eg", "daddr"), ("ingress", "in", "saddr")]
+        {
+            let chain = format!("{prefix}-{}", eni.id);
+            let _ = writeln!(out, "  chain {chain} {{");
+            for group in eni
+                .security_groups
+                .iter()
+                .filter_map(|g| vpc.security_group(g))
+            {
+                let rules = if direction == "egress" {
+                    &group.egress
+                } else {
+                    &group.ingress
+                };
+                for rule in rules {
+                    let what = match (rule.protocol.unwrap_or(simvpc::Protocol::All), rule.ports) {
+                        (simvpc::Protocol::All, _) => String::new(),
+                        (simvpc::Protocol::Icmp, _) => " meta l4proto icmp".into(),
+                        (p, ports) => {
+                            let name = if p == simvpc::Protocol::Tcp {
+                                "tcp"
+                            } else {
+                                "udp"
+                            };
+                            match ports {
+                                Some((first, last)) if first == last => {
+                                    format!(" meta l4proto {name} th dport {first}")
+                                }
+                                Some((first, last)) => {
+                                    format!(" meta l4proto {name} th dport {first}-{last}")
+                                }
+                                None => format!(" meta l4proto {name}"),
+                            }
+                        }
+                    };
+                    let members = enis
+                        .iter()
+                        .filter(|e| e.security_groups.iter().any(|g| rule.groups.contains(g)))
+                        .flat_map(|e| elements(e));
+                    let peers = rule.cidrs.iter().map(|c| c.to_string()).chain(members);
+                    for peer in peers {
+                        let _ = writeln!(out, "    ip {peer_field} {peer}{what} return");
+                    }
+                }
+            }
+            let _ = writeln!(out, "    drop\n  }}");
+            let entries = maps.entry(direction).or_default();
+            for element in elements(eni) {
+                entries.push(format!("{element} : jump {chain}"));
+            }
+        }
+    }
+    for (map, entries) in &maps {
+        let _ = writeln!(
+            out,
+            "  map {map} {{\n    type ipv4_addr : verdict\n    flags interval\n    elements = {{ {} }}\n  }}",
+            entries.join(", ")
+        );
+    }
+    out.push_str(
+        "  chain forward {\n    type filter hook forward priority filter; policy accept;\n    \
+         ct state established,related accept\n    ip saddr vmap @egress\n    ip daddr vmap @ingress\n  }\n}\n",
+    );
+    Some(out)
 }
 
 /// The VPC's IPv6 router as an instance sees it.
@@ -219,8 +318,19 @@ impl Fabric {
             commands.push(format!("route del {prefix}"));
         }
         wired.routes = routes;
+        let security = security_ruleset(vpc);
+        let security_script = (security != wired.security).then(|| match &security {
+            Some(table) => {
+                format!("table ip {SECURITY_TABLE}\ndelete table ip {SECURITY_TABLE}\n{table}")
+            }
+            None => format!("delete table ip {SECURITY_TABLE}\n"),
+        });
+        wired.security = security;
         drop(wired);
         let mut result = ip_batch(&self.netns, &commands);
+        if let Some(script) = security_script {
+            result = result.and_then(|_| nft_in(&self.netns, &script));
+        }
         for bridge in new_bridges {
             for (key, value) in [
                 ("proxy_arp", "1"),
@@ -236,6 +346,33 @@ impl Fabric {
             self.errors.lock().expect("errors lock").push(e);
         }
     }
+}
+
+/// Runs an nftables script in the named namespace `netns`.
+fn nft_in(netns: &str, script: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft: {e}"))?;
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(script.as_bytes())
+        .map_err(|e| format!("nft: {e}"))?;
+    let output = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "nft in {netns}: {}\n{script}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

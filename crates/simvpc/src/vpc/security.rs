@@ -88,6 +88,12 @@ impl SimVpc {
         self.security_groups.get(id)
     }
 
+    /// Whether every one of `groups` has rules (and there is one): only then do they restrict an
+    /// ENI's traffic, as a group not modelled allows everything.
+    pub fn groups_modelled(&self, groups: &[String]) -> bool {
+        !groups.is_empty() && groups.iter().all(|g| self.security_groups.contains_key(g))
+    }
+
     /// The groups of the ENI that holds `address` (primary or secondary, or in one of its
     /// prefixes), if one does.
     pub fn groups_of_address(&self, address: Ipv4Addr) -> Option<&[String]> {
@@ -104,13 +110,13 @@ impl SimVpc {
     /// Whether `groups` let `flow` through in one direction: `outbound` for the sender's egress,
     /// else the receiver's ingress. No modelled group among them: everything passes.
     fn groups_allow(&self, groups: &[String], flow: &Flow, outbound: bool) -> bool {
+        if !self.groups_modelled(groups) {
+            return true;
+        }
         let modelled: Vec<&SecurityGroup> = groups
             .iter()
             .filter_map(|g| self.security_groups.get(g))
             .collect();
-        if modelled.len() < groups.len() || modelled.is_empty() {
-            return true;
-        }
         let peer = if outbound {
             flow.destination
         } else {
