@@ -380,6 +380,58 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_security_table_has_chains_only_for_enis_whose_groups_have_rules() {
+        let mut vpc = SimVpc::new("10.0.0.0/16".parse().unwrap(), simvpc::SimConfig::default());
+        let subnet = vpc
+            .add_subnet("10.0.0.0/20".parse().unwrap(), "us-west-2a", &[])
+            .unwrap();
+        let mut eni = |groups: &[&str]| {
+            vpc.create_network_interface(
+                ipam::Time::ZERO,
+                simvpc::CreateEniRequest {
+                    subnet_id: subnet.clone(),
+                    security_groups: groups.iter().map(|g| g.to_string()).collect(),
+                    ..simvpc::CreateEniRequest::default()
+                },
+            )
+            .result
+            .unwrap()
+        };
+        let (db, app, open) = (
+            eni(&["sg-db"]),
+            eni(&["sg-app"]),
+            eni(&["sg-db", "sg-none"]),
+        );
+        assert_eq!(security_ruleset(&vpc), None, "no group has rules");
+        vpc.define_security_group(simvpc::SecurityGroup {
+            id: "sg-db".into(),
+            ingress: vec![simvpc::Rule {
+                protocol: Some(simvpc::Protocol::Tcp),
+                ports: Some((5432, 5432)),
+                groups: vec!["sg-app".into()],
+                ..simvpc::Rule::default()
+            }],
+            egress: vec![],
+        });
+        let table = security_ruleset(&vpc).unwrap();
+        assert!(table.contains(&format!("chain in-{} {{", db.id)), "{table}");
+        assert!(
+            table.contains(&format!(
+                "ip saddr {} meta l4proto tcp th dport 5432 return",
+                app.primary_ip
+            )),
+            "{table}"
+        );
+        // sg-app has no rules and sg-none neither: those ENIs are not restricted.
+        assert!(!table.contains(&format!("chain in-{}", app.id)), "{table}");
+        assert!(!table.contains(&format!("chain in-{}", open.id)), "{table}");
+        assert!(
+            table.contains(&format!("{} : jump eg-{}", db.primary_ip, db.id)),
+            "{table}"
+        );
+    }
+
+    #[test]
     fn a_nics_link_local_address_is_its_modified_eui64() {
         assert_eq!(
             link_local("02:fa:00:00:00:01"),
