@@ -2255,7 +2255,8 @@ fn connects(pod: &Pod, to: IpAddr, port: u16) -> bool {
 
 /// Security group rules of the VPC file hold in the fabric, statefully, for pods whose addresses
 /// are their node ENIs' (EC2 judges a pod's traffic by its ENI's groups): app's pods reach db's on
-/// 5432 and on nothing else, db's reach app's on nothing, and replies always come back.
+/// 5432 and on nothing else, db's reach app's on nothing, and replies always come back; the VPC
+/// host `store` (sg-db too) takes app's pods on 5432 and nobody else.
 #[test]
 fn security_group_rules_hold_between_nodes_in_the_fabric() {
     let config = testbed::ServeConfig::parse(
@@ -2289,6 +2290,12 @@ egress = [{ protocol = "all", cidrs = ["0.0.0.0/0"] }]
 id = "sg-db"
 ingress = [{ protocol = "tcp", ports = "5432", from_groups = ["sg-app"] }]
 egress = [{ protocol = "all", cidrs = ["0.0.0.0/0"] }]
+
+[[hosts]]
+name = "store"
+subnet = "nodes"
+security_groups = ["sg-db"]
+ports = ["tcp/5432", "tcp/80"]
 "#,
     )
     .unwrap();
@@ -2335,6 +2342,20 @@ egress = [{ protocol = "all", cidrs = ["0.0.0.0/0"] }]
     assert!(!connects(&app, db.ip, 80), "db takes 5432 only");
     assert!(!connects(&db, app.ip, 80), "app takes nothing in");
     assert!(table().contains("chain in-"), "{}", table());
+    let store = &tb.hosts[0];
+    assert_eq!(store.name, "store");
+    assert_eq!(
+        tb.seen_as(&app.netns, IpAddr::V4(store.ip), 5432).unwrap(),
+        app.ip
+    );
+    assert!(
+        !connects(&app, IpAddr::V4(store.ip), 80),
+        "store takes 5432 only"
+    );
+    assert!(
+        !connects(&db, IpAddr::V4(store.ip), 5432),
+        "store takes sg-app only"
+    );
     drop(listeners);
     for pod in [app, db] {
         tb.del_pod(pod).unwrap();

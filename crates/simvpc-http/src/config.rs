@@ -1,8 +1,9 @@
 //! What `vpcctl simvpc serve` builds: the VPC, its subnets and the instances, and how EC2 behaves.
 
 use ipam::net::{Ipv4Cidr, Ipv6Cidr};
+use ipam::time::Time;
 use serde::Deserialize;
-use simvpc::{Category, Op, Preattached, SimConfig, SimVpc};
+use simvpc::{Category, CreateEniRequest, Op, Preattached, SimConfig, SimVpc};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -19,6 +20,41 @@ pub struct ServeConfig {
     /// listed here are not modelled and allow everything.
     #[serde(default)]
     pub security_groups: Vec<SecurityGroupConfig>,
+    /// Hosts of the VPC that are not nodes (a database, a service): each an ENI of its own with
+    /// its groups, serving its ports (the demo wires and serves them).
+    #[serde(default)]
+    pub hosts: Vec<HostConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    pub name: String,
+    pub subnet: String,
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    /// `tcp/5432`, `udp/53`.
+    #[serde(default)]
+    pub ports: Vec<String>,
+}
+
+impl HostConfig {
+    /// The ports it serves, as (udp, port).
+    pub fn served(&self) -> Result<Vec<(bool, u16)>, String> {
+        self.ports
+            .iter()
+            .map(|p| {
+                let bad = || format!("host {}: port {p:?}: write tcp/PORT or udp/PORT", self.name);
+                let (protocol, port) = p.split_once('/').ok_or_else(bad)?;
+                let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+                match protocol {
+                    "tcp" => Ok((false, port)),
+                    "udp" => Ok((true, port)),
+                    _ => Err(bad()),
+                }
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +225,8 @@ impl Default for Ec2Behaviour {
 pub struct Names {
     pub subnets: BTreeMap<String, String>,
     pub instances: BTreeMap<String, String>,
+    /// Host name → its ENI's id.
+    pub hosts: BTreeMap<String, String>,
 }
 
 impl ServeConfig {
@@ -338,6 +376,28 @@ security_groups = ["sg-0000000000000001"]
                 return Err(format!("two instances are named {}", instance.name));
             }
         }
+        for host in &self.hosts {
+            host.served()?;
+            let subnet = names
+                .subnets
+                .get(&host.subnet)
+                .ok_or_else(|| format!("host {}: no subnet named {}", host.name, host.subnet))?;
+            let eni = vpc
+                .create_network_interface(
+                    Time::ZERO,
+                    CreateEniRequest {
+                        subnet_id: subnet.clone(),
+                        description: format!("VPC host {}", host.name),
+                        security_groups: host.security_groups.clone(),
+                        ..CreateEniRequest::default()
+                    },
+                )
+                .result
+                .map_err(|e| format!("host {}: {e}", host.name))?;
+            if names.hosts.insert(host.name.clone(), eni.id).is_some() {
+                return Err(format!("two hosts are named {}", host.name));
+            }
+        }
         Ok((vpc, names))
     }
 }
@@ -430,6 +490,35 @@ egress = [{ protocol = "tcp" }]"#,
         }
         let twice = config("[[security_groups]]\nid = \"g\"\n[[security_groups]]\nid = \"g\"\n");
         assert!(twice.err().expect("refused").contains("defined twice"));
+    }
+
+    #[test]
+    fn hosts_get_an_eni_with_their_groups_and_mistakes_are_named() {
+        let config = |hosts: &str| {
+            ServeConfig::parse(&format!(
+                "[vpc]\ncidr = \"10.0.0.0/16\"\n[[subnets]]\nname = \"a\"\ncidr = \"10.0.0.0/24\"\naz = \"z\"\n{hosts}"
+            ))
+            .and_then(|c| c.build())
+        };
+        let (vpc, names) = config(
+            "[[hosts]]\nname = \"db\"\nsubnet = \"a\"\nsecurity_groups = [\"sg-db\"]\nports = [\"tcp/5432\", \"udp/53\"]\n",
+        )
+        .unwrap();
+        let eni = vpc
+            .interfaces()
+            .find(|e| e.id == names.hosts["db"])
+            .unwrap();
+        assert_eq!(eni.security_groups, ["sg-db"]);
+        assert!(eni.attachment.is_none());
+        for (hosts, expected) in [
+            ("[[hosts]]\nname = \"db\"\nsubnet = \"b\"\n", "no subnet named b"),
+            ("[[hosts]]\nname = \"db\"\nsubnet = \"a\"\nports = [\"sctp/1\"]\n", "write tcp/PORT or udp/PORT"),
+            ("[[hosts]]\nname = \"db\"\nsubnet = \"a\"\nports = [\"tcp/0\"]\n", "write tcp/PORT"),
+            ("[[hosts]]\nname = \"db\"\nsubnet = \"a\"\n[[hosts]]\nname = \"db\"\nsubnet = \"a\"\n", "two hosts are named db"),
+        ] {
+            let error = config(hosts).err().expect("refused");
+            assert!(error.contains(expected), "{hosts}: {error}");
+        }
     }
 
     #[test]

@@ -331,20 +331,68 @@ impl Fabric {
         if let Some(script) = security_script {
             result = result.and_then(|_| nft_in(&self.netns, &script));
         }
-        for bridge in new_bridges {
+        if let Err(e) = result.and_then(|_| self.configure_bridges(&new_bridges)) {
+            self.errors.lock().expect("errors lock").push(e);
+        }
+    }
+
+    /// A new bridge answers ARP for its whole subnet (private-VLAN style) and redirects nothing.
+    fn configure_bridges(&self, bridges: &[String]) -> Result<(), String> {
+        for bridge in bridges {
             for (key, value) in [
                 ("proxy_arp", "1"),
                 ("proxy_arp_pvlan", "1"),
                 ("send_redirects", "0"),
             ] {
-                result = result.and_then(|_| {
-                    sysctl(&self.netns, &format!("net.ipv4.conf.{bridge}.{key}"), value)
-                });
+                sysctl(&self.netns, &format!("net.ipv4.conf.{bridge}.{key}"), value)?;
             }
         }
-        if let Err(e) = result {
-            self.errors.lock().expect("errors lock").push(e);
-        }
+        Ok(())
+    }
+
+    /// Wires a host of the VPC that is not a node (an ENI of its own, never attached) into its
+    /// subnet: a link whose far end is the host's `eth0`, with the ENI's MAC and address, routed
+    /// through the subnet's router. Its traffic crosses the VPC's router like a node's, so its
+    /// security groups hold. Returns its address.
+    pub fn add_host(&self, vpc: &SimVpc, eni_id: &str, host: &str) -> Result<Ipv4Addr, String> {
+        let eni = vpc
+            .interfaces()
+            .find(|e| e.id == eni_id)
+            .ok_or_else(|| format!("no ENI {eni_id}"))?;
+        let cidr_v6 = vpc.subnet(&eni.subnet_id).and_then(|s| s.ipv6_cidr);
+        let (mut commands, mut new_bridges) = (Vec::new(), Vec::new());
+        let bridge = self.bridge_for(
+            &eni.subnet_id,
+            (eni.subnet_cidr, cidr_v6),
+            &mut commands,
+            &mut new_bridges,
+        );
+        let port = format!("h{}", &eni.id[eni.id.len().saturating_sub(12)..]);
+        commands.push(format!(
+            "link add {port} type veth peer name eth0 address {} netns {host}",
+            eni.mac
+        ));
+        commands.push(format!("link set {port} master {bridge} up"));
+        commands.push(format!(
+            "neigh replace {} lladdr {} dev {bridge} nud permanent",
+            eni.primary_ip, eni.mac
+        ));
+        ip_batch(&self.netns, &commands)?;
+        self.configure_bridges(&new_bridges)?;
+        ip_batch(
+            host,
+            &[
+                "link set lo up".to_string(),
+                format!(
+                    "addr add {}/{} dev eth0",
+                    eni.primary_ip,
+                    eni.subnet_cidr.prefix_len()
+                ),
+                "link set eth0 up".to_string(),
+                format!("route add default via {}", gateway(eni.subnet_cidr)),
+            ],
+        )?;
+        Ok(eni.primary_ip)
     }
 }
 

@@ -244,6 +244,18 @@ pub struct Testbed {
     pub kube: Option<kube_api::KubeApi>,
     pub ipv6: bool,
     unprivileged: bool,
+    /// The VPC file's `[[hosts]]`, wired and serving their ports.
+    pub hosts: Vec<Host>,
+}
+
+/// A host of the VPC that is not a node: its own namespace on its subnet, an ENI's address and
+/// security groups, serving its ports while it lives.
+pub struct Host {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub netns: Netns,
+    _tcp: Vec<probe::WhoAmI>,
+    _udp: Vec<probe::UdpEcho>,
 }
 
 /// YAML documents as JSON, through PyYAML in the test venv (`python`): the manifests' parser.
@@ -316,6 +328,7 @@ fn built_in_vpc(options: &Options) -> Result<ServeConfig, String> {
             .collect(),
         ec2: options.ec2.clone(),
         security_groups: Vec::new(),
+        hosts: Vec::new(),
     })
 }
 
@@ -355,6 +368,7 @@ impl Testbed {
             Some(config) => config.clone(),
             None => built_in_vpc(options)?,
         };
+        let host_configs = config.hosts.clone();
         let first_subnet = config
             .instances
             .first()
@@ -384,6 +398,7 @@ impl Testbed {
             kube: None,
             ipv6: options.ipv6,
             unprivileged: options.unprivileged,
+            hosts: Vec::new(),
         };
         if options.kubernetes {
             let listen: SocketAddr = "0.0.0.0:0".parse().expect("an address");
@@ -517,6 +532,38 @@ impl Testbed {
                 daemon: None,
             });
         }
+        for host in &host_configs {
+            let eni = &testbed.server.as_ref().expect("started above").names.hosts[&host.name];
+            let netns = Netns::create(&format!("{}-", host.name))?;
+            let ip = fabric.add_host(&vpc_model.lock().expect("vpc lock"), eni, &netns.name)?;
+            let (mut tcp, mut udp) = (Vec::new(), Vec::new());
+            for (is_udp, port) in host.served()? {
+                let at = SocketAddr::from((ip, port));
+                if is_udp {
+                    udp.push(
+                        netns
+                            .run(move || probe::UdpEcho::bind(at))?
+                            .map_err(|e| format!("host {}: serving udp/{port}: {e}", host.name))?,
+                    );
+                } else {
+                    tcp.push(
+                        netns
+                            .run(move || probe::WhoAmI::bind(at))?
+                            .map_err(|e| format!("host {}: serving tcp/{port}: {e}", host.name))?,
+                    );
+                }
+            }
+            testbed.hosts.push(Host {
+                name: host.name.clone(),
+                ip,
+                netns,
+                _tcp: tcp,
+                _udp: udp,
+            });
+        }
+        // The hosts' ENIs were made before any node ran: the fabric's security table takes them in
+        // now rather than at the first EC2 change.
+        fabric.follow(&vpc_model.lock().expect("vpc lock"));
         let errors = fabric.errors();
         if !errors.is_empty() {
             return Err(format!("fabric: {}", errors.join("; ")));
