@@ -101,7 +101,7 @@ fn kubernetes_network_policy_cases_hold_through_the_bench() {
         .iter()
         .map(|p| p.parse().unwrap())
         .collect();
-    let mut bench = Bench::start(&model, &all, 2, Vec::new(), binaries).unwrap();
+    let mut bench = Bench::start(&model, &all, 2, None, Vec::new(), binaries).unwrap();
     let ids: Vec<String> = model.pods.iter().map(BenchPod::id).collect();
     let mut failures = Vec::new();
     let (mut steps, mut probes) = (0, 0);
@@ -198,7 +198,7 @@ fn kubernetes_network_policy_cases_hold_through_the_bench() {
                         ))
                         .collect::<Vec<_>>()
                         .join("; "),
-                    matrix(&outcomes, probe, &ids)
+                    matrix(&outcomes, probe, &ids, &ids)
                 ));
             }
         }

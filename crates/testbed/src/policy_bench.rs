@@ -258,13 +258,14 @@ pub struct Bench {
 }
 
 impl Bench {
-    /// Starts `nodes` nodes with `settings` (the daemons' environment, over NetworkPolicy on in
-    /// standard mode), creates the namespaces and pods and has every pod serve `probes` and its
-    /// container ports. No policy yet.
+    /// Starts `nodes` nodes (or the instances of `vpc`, whose hosts are probed too) with
+    /// `settings` (the daemons' environment, over NetworkPolicy on in standard mode), creates the
+    /// namespaces and pods and has every pod serve `probes` and its container ports. No policy yet.
     pub fn start(
         manifests: &Manifests,
         probes: &[Probe],
         nodes: usize,
+        vpc: Option<crate::ServeConfig>,
         settings: Vec<(String, String)>,
         binaries: Binaries,
     ) -> Result<Bench, String> {
@@ -281,6 +282,7 @@ impl Bench {
                 nodes: nodes.max(1),
                 kubernetes: true,
                 daemon_env: env,
+                vpc,
                 ..Options::default()
             },
             binaries,
@@ -378,6 +380,15 @@ impl Bench {
 
     pub fn pods(&self) -> impl Iterator<Item = (&BenchPod, &Pod)> {
         self.pods.iter().map(|(s, p)| (s, p))
+    }
+
+    /// What the matrix's columns show: every pod, then every VPC host as `vpc/<name>`.
+    pub fn servers(&self) -> Vec<String> {
+        self.pods
+            .iter()
+            .map(|(spec, _)| spec.id())
+            .chain(self.testbed.hosts.iter().map(|h| format!("vpc/{}", h.name)))
+            .collect()
     }
 
     fn api(&self) -> &crate::kube_api::KubeApi {
@@ -481,6 +492,26 @@ impl Bench {
                     }
                 }
             }
+            // The VPC's hosts, over TCP and UDP (they serve no SCTP).
+            for (from_spec, from) in &self.pods {
+                for host in &self.testbed.hosts {
+                    for probe in probes.iter().filter(|p| p.protocol != Protocol::Sctp) {
+                        let target = SocketAddr::new(IpAddr::V4(host.ip), probe.port);
+                        let udp = probe.protocol == Protocol::Udp;
+                        let netns = &from.netns;
+                        running.push((
+                            from_spec.id(),
+                            format!("vpc/{}", host.name),
+                            *probe,
+                            scope.spawn(move || {
+                                netns
+                                    .run(move || answers(target, udp, PATIENCE))
+                                    .unwrap_or(false)
+                            }),
+                        ));
+                    }
+                }
+            }
             for (from, to, probe, handle) in running {
                 outcomes.push(Outcome {
                     from,
@@ -533,16 +564,27 @@ fn sctp_reaches(
     )
 }
 
-pub fn matrix(outcomes: &[Outcome], probe: Probe, pods: &[String]) -> String {
-    let width = pods.iter().map(String::len).max().unwrap_or(1).max(5);
+pub fn matrix(
+    outcomes: &[Outcome],
+    probe: Probe,
+    clients: &[String],
+    servers: &[String],
+) -> String {
+    let width = clients
+        .iter()
+        .chain(servers)
+        .map(String::len)
+        .max()
+        .unwrap_or(1)
+        .max(5);
     let mut out = format!("{:width$}", probe.to_string());
-    for to in pods {
+    for to in servers {
         out += &format!(" {to:>width$}");
     }
     out.push('\n');
-    for from in pods {
+    for from in clients {
         out += &format!("{from:width$}");
-        for to in pods {
+        for to in servers {
             let cell = if from == to {
                 "."
             } else {
@@ -622,7 +664,8 @@ mod tests {
                 connected: false,
             },
         ];
-        let text = matrix(&outcomes, probe, &["x/a".into(), "x/b".into()]);
+        let pods = ["x/a".to_string(), "x/b".to_string()];
+        let text = matrix(&outcomes, probe, &pods, &pods);
         let rows: Vec<&str> = text.lines().collect();
         assert_eq!(
             rows[1].split_whitespace().collect::<Vec<_>>(),

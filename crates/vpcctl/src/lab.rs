@@ -74,7 +74,8 @@ pub enum Command {
         #[arg(long)]
         custom_networking: bool,
         /// The simulated VPC from a file (docs/simvpc.md: subnets, instances and the ENIs they
-        /// start with); its instances are the nodes, a subnet named `pods` is custom networking's.
+        /// start with, security groups with rules, hosts); its instances are the nodes, a subnet
+        /// named `pods` is custom networking's, its groups are enforced in the fabric.
         #[arg(long, value_name = "FILE")]
         vpc: Option<std::path::PathBuf>,
         /// A daemon setting, as in the DaemonSet's environment (repeatable): --set WARM_IP_TARGET=2.
@@ -93,11 +94,12 @@ pub enum Command {
         ipv6: bool,
         /// The NetworkPolicy bench (docs/network-policy.md): Namespaces, Pods and NetworkPolicies
         /// from this multi-document YAML, the policies enforced by the daemons through the API
-        /// server, every ordered pair of pods probed on every `--probe`; prints the matrix.
+        /// server, every ordered pair of pods probed on every `--probe` (and with --vpc, every pod
+        /// to every host of the file, as vpc/<name>); prints the matrix.
         #[arg(long, value_name = "FILE")]
         manifests: Option<std::path::PathBuf>,
-        /// With --manifests: what to probe, as tcp/80,udp/53 (every pod serves these and its
-        /// container ports).
+        /// With --manifests: what to probe, as tcp/80,udp/53,sctp/80 (every pod serves these and
+        /// its container ports).
         #[arg(long, default_value = "tcp/80", requires = "manifests")]
         probe: String,
     },
@@ -197,13 +199,20 @@ pub fn run(command: Command) -> Result<(), String> {
                 return Err("--nodes must be at least 1".into());
             }
             if let Some(path) = manifests {
-                if ipv6 || custom_networking || vpc.is_some() || keep {
+                if ipv6 || custom_networking || keep {
                     return Err(
-                        "--manifests runs the NetworkPolicy bench on IPv4 nodes: drop --ipv6, --custom-networking, --vpc and --keep"
+                        "--manifests runs the NetworkPolicy bench on IPv4 nodes: drop --ipv6, --custom-networking and --keep"
                             .into(),
                     );
                 }
-                return policy_bench(&path, &probe, nodes, json);
+                let vpc = match vpc {
+                    Some(_) if nodes != 1 => {
+                        return Err("--nodes: with --vpc the nodes are the file's instances".into())
+                    }
+                    Some(path) => Some(read_vpc(&path).map_err(|e| format!("--vpc {e}"))?),
+                    None => None,
+                };
+                return policy_bench(&path, &probe, nodes, vpc, json);
             }
             let vpc = match vpc {
                 Some(path) => Some(read_vpc(&path).map_err(|e| format!("--vpc {e}"))?),
@@ -497,6 +506,7 @@ fn policy_bench(
     path: &std::path::Path,
     probes: &str,
     nodes: usize,
+    vpc: Option<simvpc_http::ServeConfig>,
     json: bool,
 ) -> Result<(), String> {
     use testbed::policy_bench::{matrix, parse_probes, to_json, Bench, Manifests};
@@ -504,6 +514,7 @@ fn policy_bench(
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let manifests = Manifests::from_yaml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let binaries = testbed::Binaries::locate()?;
+    let nodes = vpc.as_ref().map_or(nodes, |v| v.instances.len());
     eprintln!(
         "{} namespaces, {} pods, {} policies on {nodes} node(s); probing {}",
         manifests.namespaces.len(),
@@ -515,11 +526,12 @@ fn policy_bench(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let mut bench = Bench::start(&manifests, &probes, nodes, Vec::new(), binaries)?;
+    let mut bench = Bench::start(&manifests, &probes, nodes, vpc, Vec::new(), binaries)?;
     let outcome = bench
         .set_policies(&manifests.policies)
         .map(|()| bench.probe(&probes));
     let ids: Vec<String> = bench.pods().map(|(spec, _)| spec.id()).collect();
+    let servers = bench.servers();
     let stopped = bench.stop();
     let outcomes = outcome?;
     stopped?;
@@ -528,7 +540,7 @@ fn policy_bench(
     } else {
         println!("policies in force on every node; + connected, - not, . the pod itself (rows: clients, columns: servers)");
         for probe in &probes {
-            println!("\n{}", matrix(&outcomes, *probe, &ids));
+            println!("\n{}", matrix(&outcomes, *probe, &ids, &servers));
         }
     }
     Ok(())

@@ -219,3 +219,90 @@ fn the_ipv6_demo_proves_its_traffic_and_reports_each_pods_addresses() {
         "{stderr}"
     );
 }
+
+/// The policy bench on a VPC file: the file's instances are the nodes, and its hosts are probed
+/// too (`vpc/<name>`), behind the security groups the fabric enforces: the pod on the node whose
+/// ENIs carry sg-app reaches the database host, the other does not.
+#[test]
+fn the_policy_bench_probes_the_vpc_files_hosts_behind_their_security_groups() {
+    if !root("the_policy_bench_probes_the_vpc_files_hosts_behind_their_security_groups") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = dir.path().join("vpc.toml");
+    std::fs::write(
+        &vpc,
+        r#"
+[vpc]
+cidr = "10.2.0.0/16"
+
+[[subnets]]
+name = "nodes"
+cidr = "10.2.0.0/20"
+az = "us-west-2a"
+tags = { "kubernetes.io/role/cni" = "1" }
+
+[[instances]]
+name = "app"
+type = "m5.large"
+subnet = "nodes"
+security_groups = ["sg-app"]
+
+[[instances]]
+name = "batch"
+type = "m5.large"
+subnet = "nodes"
+security_groups = ["sg-batch"]
+
+[[security_groups]]
+id = "sg-app"
+egress = [{ protocol = "all", cidrs = ["0.0.0.0/0"] }]
+
+[[security_groups]]
+id = "sg-batch"
+egress = [{ protocol = "all", cidrs = ["0.0.0.0/0"] }]
+
+[[security_groups]]
+id = "sg-db"
+ingress = [{ protocol = "tcp", ports = "5432", from_groups = ["sg-app"] }]
+
+[[hosts]]
+name = "db"
+subnet = "nodes"
+security_groups = ["sg-db"]
+ports = ["tcp/5432"]
+"#,
+    )
+    .unwrap();
+    let manifests = dir.path().join("pods.yaml");
+    std::fs::write(
+        &manifests,
+        "kind: Namespace\nmetadata: {name: shop}\n---\n\
+         kind: Pod\nmetadata: {namespace: shop, name: web}\nspec: {nodeName: app}\n---\n\
+         kind: Pod\nmetadata: {namespace: shop, name: job}\nspec: {nodeName: batch}\n",
+    )
+    .unwrap();
+    let output = vpcctl()
+        .args(["demo", "--json", "--probe", "tcp/5432", "--vpc"])
+        .arg(&vpc)
+        .arg("--manifests")
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    let connected = |from: &str, to: &str| {
+        report["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["from"] == from && p["to"] == to)
+            .unwrap_or_else(|| panic!("{from} -> {to} not probed: {report}"))["connected"]
+            .as_bool()
+            .unwrap()
+    };
+    assert!(connected("shop/web", "vpc/db"), "{report}");
+    assert!(!connected("shop/job", "vpc/db"), "{report}");
+}
