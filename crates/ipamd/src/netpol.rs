@@ -23,6 +23,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Waits between tries to cut flows when the conntrack walk fails.
+const CUT_RETRY: ipam::pacing::Backoff =
+    ipam::pacing::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+
 /// How long a new pod's ADD reply waits for the pod to reach this node's watch.
 pub const KNOWN_WITHIN: Duration = Duration::from_secs(2);
 use tokio::sync::{mpsc, oneshot};
@@ -391,10 +395,13 @@ async fn cut_flows(
             job.addresses.extend(more.addresses);
             job.versions = more.versions;
         }
-        if !job.addresses.is_empty() {
+        // A failed walk (the conntrack tool missing or refused) is tried again, with whatever
+        // queued meanwhile: a flow a policy denies is not to be left running for want of a retry.
+        let mut tries = 0;
+        while !job.addresses.is_empty() {
             job.addresses.sort();
             job.addresses.dedup();
-            let addresses = std::mem::take(&mut job.addresses);
+            let addresses = job.addresses.clone();
             let result =
                 tokio::task::spawn_blocking(move || datapath::netpol::forget_flows(&addresses))
                     .await;
@@ -402,11 +409,19 @@ async fn cut_flows(
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()))
             {
-                Ok(()) => metrics.flows_cut(job.since.elapsed()),
+                Ok(()) => {
+                    metrics.flows_cut(job.since.elapsed());
+                    job.addresses.clear();
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, "flows a NetworkPolicy change denies could not be cut");
+                    tries += 1;
+                    tracing::error!(error = %e, tries, "flows a NetworkPolicy change denies could not be cut; trying again");
                     metrics.count("awscni_ipamd_error_count", &[("fn", "networkPolicyFlows")]);
-                    continue;
+                    tokio::time::sleep(CUT_RETRY.ceiling(tries - 1)).await;
+                    while let Ok(more) = jobs.try_recv() {
+                        job.addresses.extend(more.addresses);
+                        job.versions = more.versions;
+                    }
                 }
             }
         }
