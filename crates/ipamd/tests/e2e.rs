@@ -2363,3 +2363,98 @@ ports = ["tcp/5432", "tcp/80"]
     tb.stop_daemon(0, Stop::Term).unwrap();
     tb.stop_daemon(1, Stop::Term).unwrap();
 }
+
+/// A flow cut that fails (the conntrack tool refusing its first batch of deletes) is tried again
+/// rather than left until the next change: the denied flow is cut all the same, and the failure
+/// is counted.
+#[test]
+fn a_failed_flow_cut_is_tried_again() {
+    let real = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|dir| std::path::Path::new(dir).join("conntrack"))
+        .find(|p| p.is_file());
+    let Some(real) = real else {
+        skip(
+            "a_failed_flow_cut_is_tried_again",
+            "no conntrack tool (scripts/test.sh installs it)",
+        );
+        return;
+    };
+    let tools = tempfile::tempdir().unwrap();
+    let marker = tools.path().join("refused-once");
+    let script = tools.path().join("conntrack");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = -R ] && [ ! -e {marker} ]; then touch {marker}; echo 'refused by the test' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+            marker = marker.display(),
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        tools.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut options = options(&[("ENABLE_NETWORK_POLICY", "true"), ("PATH", &path)]);
+    options.kubernetes = true;
+    let Some(mut tb) = testbed("a_failed_flow_cut_is_tried_again", options) else {
+        return;
+    };
+    kube(&tb).apply(
+        "namespaces",
+        serde_json::json!({"metadata": {"name": "default",
+            "labels": {"kubernetes.io/metadata.name": "default"}}}),
+    );
+    tb.start_daemon(0).unwrap();
+    let web = tb.add_pod_labelled(0, &[("app", "web")]).unwrap();
+    let db = tb.add_pod_labelled(0, &[("app", "db")]).unwrap();
+    let echo_at = SocketAddr::from((db.ip, PORT));
+    let _echo = db
+        .netns
+        .run(move || testbed::probe::UdpEcho::bind(echo_at).unwrap())
+        .unwrap();
+    let flow = web
+        .netns
+        .run(move || {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.connect(echo_at).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            socket
+        })
+        .unwrap();
+    let answered = |socket: &std::net::UdpSocket| {
+        let mut buffer = [0u8; 8];
+        socket.send(b"ping").is_ok() && matches!(socket.recv(&mut buffer), Ok(4))
+    };
+    assert!(answered(&flow), "web's flow to db before any policy");
+    kube(&tb).apply(
+        "networkpolicies",
+        serde_json::json!({"metadata": {"namespace": "default", "name": "db"},
+            "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]}}),
+    );
+    tb.wait_policy_in_force("networkpolicies", Duration::from_secs(30))
+        .unwrap();
+    assert!(
+        marker.exists(),
+        "the first batch of deletes was never asked for"
+    );
+    assert!(
+        !answered(&flow),
+        "the denied flow lived on after a failed cut"
+    );
+    let metrics = tb.nodes[0].metrics().unwrap();
+    assert!(
+        metrics.contains("awscni_ipamd_error_count{fn=\"networkPolicyFlows\"} 1"),
+        "{metrics}"
+    );
+    for pod in [web, db] {
+        tb.del_pod(pod).unwrap();
+    }
+    tb.stop_daemon(0, Stop::Term).unwrap();
+}
