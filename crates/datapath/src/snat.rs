@@ -184,7 +184,9 @@ pub fn remove() -> Result<()> {
     nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
 }
 
-pub(crate) fn nft(script: &str) -> Result<()> {
+/// Applies an nftables script in one transaction, in the caller's namespace (the SNAT and
+/// NetworkPolicy tables use it, and the testbed's fabric for its security groups).
+pub fn nft(script: &str) -> Result<()> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())

@@ -1601,6 +1601,26 @@ fn deny_egress_of(app: &str) -> Value {
                  "policyTypes": ["Egress"], "egress": []}})
 }
 
+/// A UDP socket in `pod`'s namespace connected to `to`: a flow conntrack tracks once answered.
+fn udp_flow(pod: &Pod, to: SocketAddr) -> std::net::UdpSocket {
+    pod.netns
+        .run(move || {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.connect(to).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            socket
+        })
+        .unwrap()
+}
+
+/// Whether a datagram on `flow` is echoed back (by a `UdpEcho`) within its read timeout.
+fn answered(flow: &std::net::UdpSocket) -> bool {
+    let mut buffer = [0u8; 8];
+    flow.send(b"ping").is_ok() && matches!(flow.recv(&mut buffer), Ok(4))
+}
+
 /// Whether a connection from `pod` to `to` is answered, and how long it took either way.
 fn reach(tb: &Testbed, pod: &Pod, to: IpAddr) -> (bool, Duration) {
     let started = Instant::now();
@@ -1755,21 +1775,7 @@ fn network_policies_from_the_api_server_hold_from_a_pods_first_packet() {
         .netns
         .run(move || testbed::probe::UdpEcho::bind(echo_at).unwrap())
         .unwrap();
-    let flow = web
-        .netns
-        .run(move || {
-            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-            socket.connect(echo_at).unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_millis(500)))
-                .unwrap();
-            socket
-        })
-        .unwrap();
-    let answered = |socket: &std::net::UdpSocket| {
-        let mut buffer = [0u8; 8];
-        socket.send(b"ping").is_ok() && matches!(socket.recv(&mut buffer), Ok(4))
-    };
+    let flow = udp_flow(&web, echo_at);
     assert!(answered(&flow), "web's flow to db before the change");
     kube(&tb).apply(
         "networkpolicies",
@@ -2417,21 +2423,7 @@ fn a_failed_flow_cut_is_tried_again() {
         .netns
         .run(move || testbed::probe::UdpEcho::bind(echo_at).unwrap())
         .unwrap();
-    let flow = web
-        .netns
-        .run(move || {
-            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-            socket.connect(echo_at).unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_millis(500)))
-                .unwrap();
-            socket
-        })
-        .unwrap();
-    let answered = |socket: &std::net::UdpSocket| {
-        let mut buffer = [0u8; 8];
-        socket.send(b"ping").is_ok() && matches!(socket.recv(&mut buffer), Ok(4))
-    };
+    let flow = udp_flow(&web, echo_at);
     assert!(answered(&flow), "web's flow to db before any policy");
     kube(&tb).apply(
         "networkpolicies",

@@ -5,27 +5,12 @@ Usage: boto3_lifecycle.py <endpoint> <instance-id> <subnet-id>
 """
 import ipaddress
 import sys
-import time
 
-import boto3
-from botocore.exceptions import ClientError
+from boto3_ec2 import client, error_code, wait_available
 
 endpoint, instance_id, subnet_id = sys.argv[1:4]
-ec2 = boto3.client(
-    "ec2",
-    endpoint_url=endpoint,
-    region_name="us-west-2",
-    aws_access_key_id="test",
-    aws_secret_access_key="test",
-)
+ec2 = client(endpoint)
 
-
-def error_code(call, **kwargs):
-    try:
-        call(**kwargs)
-    except ClientError as e:
-        return e.response["Error"]["Code"]
-    raise AssertionError(f"{call.__name__} should have failed")
 
 
 reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
@@ -104,10 +89,7 @@ assert error_code(
 
 assert error_code(ec2.delete_network_interface, NetworkInterfaceId=eni_id) == "InvalidNetworkInterface.InUse"
 ec2.detach_network_interface(AttachmentId=attachment_id)
-deadline = time.time() + 10
-while ec2.describe_network_interfaces(NetworkInterfaceIds=[eni_id])["NetworkInterfaces"][0]["Status"] != "available":
-    assert time.time() < deadline, "the ENI never became available"
-    time.sleep(0.2)
+wait_available(ec2, eni_id)
 ec2.delete_network_interface(NetworkInterfaceId=eni_id)
 assert error_code(
     ec2.describe_network_interfaces, NetworkInterfaceIds=[eni_id]

@@ -4,27 +4,12 @@ their errors as EC2's Query protocol carries them.
 Usage: boto3_trunk.py <endpoint> <instance-id (m5.large)> <subnet-id> <other-subnet-id>
 """
 import sys
-import time
 
-import boto3
-from botocore.exceptions import ClientError
+from boto3_ec2 import client, error_code, wait_available
 
 endpoint, instance_id, subnet_id, other_subnet_id = sys.argv[1:5]
-ec2 = boto3.client(
-    "ec2",
-    endpoint_url=endpoint,
-    region_name="us-west-2",
-    aws_access_key_id="test",
-    aws_secret_access_key="test",
-)
+ec2 = client(endpoint)
 
-
-def error_code(call, **kwargs):
-    try:
-        call(**kwargs)
-    except ClientError as e:
-        return e.response["Error"]["Code"]
-    raise AssertionError(f"{call.__name__} should have failed")
 
 
 def interface(kind, subnet=subnet_id):
@@ -101,9 +86,6 @@ assert error_code(
 for b in branches + [other]:
     ec2.delete_network_interface(NetworkInterfaceId=b)
 ec2.detach_network_interface(AttachmentId=trunk_attachment["AttachmentId"])
-deadline = time.time() + 10
-while ec2.describe_network_interfaces(NetworkInterfaceIds=[trunk])["NetworkInterfaces"][0]["Status"] != "available":
-    assert time.time() < deadline, "the trunk never became available"
-    time.sleep(0.2)
+wait_available(ec2, trunk)
 ec2.delete_network_interface(NetworkInterfaceId=trunk)
 print("boto3 trunk ok")

@@ -10,7 +10,7 @@
 //! block's `::1`), and every /80 delegated to an ENI a route through that ENI's link-local address,
 //! as the VPC routes a prefix to the ENI that holds it.
 
-use crate::netns::{ip_batch, sysctl};
+use crate::netns::{ip_batch, nft, sysctl};
 use ipam::{Ipv4Cidr, Ipv6Cidr};
 use simvpc::{AttachmentStatus, SimVpc};
 use std::collections::{BTreeMap, BTreeSet};
@@ -329,7 +329,7 @@ impl Fabric {
         drop(wired);
         let mut result = ip_batch(&self.netns, &commands);
         if let Some(script) = security_script {
-            result = result.and_then(|_| nft_in(&self.netns, &script));
+            result = result.and_then(|_| nft(&self.netns, &script));
         }
         if let Err(e) = result.and_then(|_| self.configure_bridges(&new_bridges)) {
             self.errors.lock().expect("errors lock").push(e);
@@ -394,33 +394,6 @@ impl Fabric {
         )?;
         Ok(eni.primary_ip)
     }
-}
-
-/// Runs an nftables script in the named namespace `netns`.
-fn nft_in(netns: &str, script: &str) -> Result<(), String> {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", netns, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("nft: {e}"))?;
-    child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(script.as_bytes())
-        .map_err(|e| format!("nft: {e}"))?;
-    let output = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "nft in {netns}: {}\n{script}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -63,6 +63,16 @@ pub fn sysctl(netns: &str, key: &str, value: &str) -> Result<(), String> {
         .map_err(|e| format!("{netns}: {path}: {e}"))
 }
 
+/// Applies an nftables script inside `netns`, in one transaction (`datapath::snat::nft`, from a
+/// thread that entered the namespace).
+pub fn nft(netns: &str, script: &str) -> Result<(), String> {
+    let ns = datapath::netns::NetNs::open(format!("/var/run/netns/{netns}"))
+        .map_err(|e| e.to_string())?;
+    ns.run(|| datapath::snat::nft(script))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{netns}: {e}"))
+}
+
 /// A network namespace that is deleted, with everything in it, when dropped.
 #[derive(Debug)]
 pub struct Netns {

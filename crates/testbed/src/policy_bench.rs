@@ -384,10 +384,20 @@ impl Bench {
 
     /// What the matrix's columns show: every pod, then every VPC host as `vpc/<name>`.
     pub fn servers(&self) -> Vec<String> {
+        self.targets().into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// Every pod, then the VPC's hosts, with their addresses.
+    fn targets(&self) -> Vec<(String, IpAddr)> {
         self.pods
             .iter()
-            .map(|(spec, _)| spec.id())
-            .chain(self.testbed.hosts.iter().map(|h| format!("vpc/{}", h.name)))
+            .map(|(spec, pod)| (spec.id(), pod.ip))
+            .chain(
+                self.testbed
+                    .hosts
+                    .iter()
+                    .map(|h| (format!("vpc/{}", h.name), IpAddr::V4(h.ip))),
+            )
             .collect()
     }
 
@@ -454,23 +464,28 @@ impl Bench {
 
     /// Every ordered pair of distinct pods on every probe, all at once.
     pub fn probe(&self, probes: &[Probe]) -> Vec<Outcome> {
+        // Hosts serve TCP and UDP only: SCTP is probed where a listener sees it arrive.
+        let targets = self.targets();
         let mut outcomes = Vec::new();
         std::thread::scope(|scope| {
             let mut running = Vec::new();
             for (from_spec, from) in &self.pods {
-                for (to_spec, to) in &self.pods {
-                    if from_spec.id() == to_spec.id() {
+                for (to, to_ip) in &targets {
+                    if from_spec.id() == *to {
                         continue;
                     }
+                    let listener = self.sctp.get(to_ip);
                     for probe in probes {
-                        let target = SocketAddr::new(to.ip, probe.port);
+                        if probe.protocol == Protocol::Sctp && listener.is_none() {
+                            continue;
+                        }
+                        let target = SocketAddr::new(*to_ip, probe.port);
                         let netns = &from.netns;
-                        let listener = self.sctp.get(&to.ip);
                         let from_ip = from.ip;
                         let probe = *probe;
                         running.push((
                             from_spec.id(),
-                            to_spec.id(),
+                            to.clone(),
                             probe,
                             scope.spawn(move || {
                                 match (probe.protocol, target, from_ip, listener) {
@@ -487,26 +502,6 @@ impl Bench {
                                         })
                                         .unwrap_or(false),
                                 }
-                            }),
-                        ));
-                    }
-                }
-            }
-            // The VPC's hosts, over TCP and UDP (they serve no SCTP).
-            for (from_spec, from) in &self.pods {
-                for host in &self.testbed.hosts {
-                    for probe in probes.iter().filter(|p| p.protocol != Protocol::Sctp) {
-                        let target = SocketAddr::new(IpAddr::V4(host.ip), probe.port);
-                        let udp = probe.protocol == Protocol::Udp;
-                        let netns = &from.netns;
-                        running.push((
-                            from_spec.id(),
-                            format!("vpc/{}", host.name),
-                            *probe,
-                            scope.spawn(move || {
-                                netns
-                                    .run(move || answers(target, udp, PATIENCE))
-                                    .unwrap_or(false)
                             }),
                         ));
                     }
