@@ -123,7 +123,9 @@ impl Enforcement {
             .any(|p| p.namespace == local.namespace && p.name == local.name)
     }
 
-    fn take(&mut self, input: Input, replies: &mut Vec<Waiting>) {
+    /// Takes one input; whether it changed what the rules are computed from (the cluster's view,
+    /// the local pods), so that questions and a finished cut cost no evaluation.
+    fn take(&mut self, input: Input, replies: &mut Vec<Waiting>) -> bool {
         match input {
             Input::Cluster(cluster, versions) => {
                 self.cluster = Some(cluster);
@@ -167,6 +169,7 @@ impl Enforcement {
             }
             Input::Inspect(answer) => {
                 let _ = answer.send(self.describe());
+                return false;
             }
             Input::Pods(answer) => {
                 let pods = self
@@ -176,9 +179,14 @@ impl Enforcement {
                     .map(|l| (l.namespace.clone(), l.name.clone(), self.host_veth(l)))
                     .collect();
                 let _ = answer.send(pods);
+                return false;
             }
-            Input::FlowsCut(versions) => self.cut = versions,
+            Input::FlowsCut(versions) => {
+                self.cut = versions;
+                return false;
+            }
         }
+        true
     }
 
     /// Every local pod with what its policies allow each way, by policy, in words a person reads.
@@ -441,6 +449,8 @@ async fn run(
     // Whether the table is wholly this daemon's (replaced once the cluster was known).
     let mut owned = false;
     let mut waiting: Vec<Waiting> = Vec::new();
+    // Whether the last table was refused: it is tried again at the next wake-up, whatever wakes.
+    let mut refused = false;
     loop {
         let deadline = waiting.iter().map(|w| w.until).min();
         let first = tokio::select! {
@@ -453,26 +463,29 @@ async fn run(
             _ = sleep_until(deadline) => None,
         };
         let started = Instant::now();
+        let mut changed = refused;
         if let Some(first) = first {
-            state.take(first, &mut waiting);
+            changed |= state.take(first, &mut waiting);
         }
         while let Ok(more) = inputs.try_recv() {
-            state.take(more, &mut waiting);
+            changed |= state.take(more, &mut waiting);
         }
         // Until the cluster's first view the table is left as the last daemon left it, but for
         // pods ADDed since, whose rules go in on top; from the first view on, the table is this
         // daemon's: replaced whole once, then updated.
         let synced = state.synced();
-        let rules = if synced {
-            state.rules()
+        let rules = if !changed {
+            None
+        } else if synced {
+            Some(state.rules())
         } else {
-            state.rules_of_added()
+            Some(state.rules_of_added())
         };
         let mut failure = None;
         let fresh = std::mem::take(&mut state.fresh);
         let whole = synced && !owned;
         let mut cut = Vec::new();
-        if whole || applied.as_ref() != Some(&rules) {
+        if let Some(rules) = rules.filter(|r| whole || applied.as_ref() != Some(r)) {
             let table = rules.clone();
             cut = datapath::netpol::changed_addresses(applied.as_deref().unwrap_or(&[]), &rules);
             cut.retain(|ip| !fresh.contains(ip));
@@ -514,6 +527,7 @@ async fn run(
                 }
             }
         }
+        refused = failure.is_some();
         let advanced = failure.is_none() && state.applied != state.versions;
         if failure.is_none() {
             state.applied = state.versions.clone();
