@@ -7,7 +7,8 @@ use crate::{
 };
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
-    self as sdk, Filter, NetworkInterfaceAttachmentChanges, ResourceType, Tag, TagSpecification,
+    self as sdk, Filter, NetworkInterfaceAttachmentChanges, NetworkInterfaceCreationType,
+    ResourceType, Tag, TagSpecification,
 };
 use ipam::limits::InstanceLimits;
 use ipam::net::{Ipv4Cidr, Ipv6Cidr};
@@ -406,6 +407,9 @@ impl Ec2 for AwsEc2 {
                 if request.prefixes > 0 {
                     call = call.ipv4_prefix_count(request.prefixes as i32);
                 }
+                if let Some(kind) = request.interface_type {
+                    call = call.interface_type(NetworkInterfaceCreationType::from(kind));
+                }
                 call.send()
             })
             .await?;
@@ -567,6 +571,50 @@ impl Ec2 for AwsEc2 {
                 self.client
                     .delete_network_interface()
                     .network_interface_id(eni_id)
+                    .send()
+            })
+            .await
+            .map(drop),
+        )
+    }
+
+    async fn associate_trunk_interface(
+        &self,
+        branch_id: &str,
+        trunk_id: &str,
+        vlan: u16,
+        client_token: &str,
+    ) -> Result<String> {
+        let output = self
+            .call("AssociateTrunkInterface", Category::Mutating, || {
+                self.client
+                    .associate_trunk_interface()
+                    .branch_interface_id(branch_id)
+                    .trunk_interface_id(trunk_id)
+                    .vlan_id(i32::from(vlan))
+                    .client_token(client_token)
+                    .send()
+            })
+            .await?;
+        output
+            .interface_association()
+            .and_then(|a| a.association_id())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                CloudError::new(
+                    "AssociateTrunkInterface",
+                    "EmptyReply",
+                    "no interfaceAssociation in the reply",
+                )
+            })
+    }
+
+    async fn disassociate_trunk_interface(&self, association_id: &str) -> Result<()> {
+        not_found_is_done(
+            self.call("DisassociateTrunkInterface", Category::Mutating, || {
+                self.client
+                    .disassociate_trunk_interface()
+                    .association_id(association_id)
                     .send()
             })
             .await

@@ -91,6 +91,19 @@ pub trait Ec2: Send + Sync {
         attachment_id: &str,
     ) -> impl Future<Output = Result<()>> + Send;
     fn delete_network_interface(&self, eni_id: &str) -> impl Future<Output = Result<()>> + Send;
+    /// AssociateTrunkInterface (security groups for pods): `branch_id` on `trunk_id` under `vlan`.
+    /// Returns the association id; a repeat with the same token returns the first association.
+    fn associate_trunk_interface(
+        &self,
+        branch_id: &str,
+        trunk_id: &str,
+        vlan: u16,
+        client_token: &str,
+    ) -> impl Future<Output = Result<String>> + Send;
+    fn disassociate_trunk_interface(
+        &self,
+        association_id: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
     fn create_tags(
         &self,
         resource_id: &str,

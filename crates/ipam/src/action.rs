@@ -2,6 +2,7 @@
 //! actions and learns from their outcomes), the pool (which accounts for them while they run) and the
 //! choreography (which carries them out).
 
+use crate::branches::{Branch, GroupSet};
 use crate::net::Ipv4Cidr;
 use crate::pool::EniInfo;
 
@@ -52,16 +53,45 @@ pub enum Action {
     FreeEni { eni: String },
     /// DescribeNetworkInterfaces of one ENI whose state we got wrong.
     ResyncEni { eni: String },
+    /// Security groups for pods: CreateNetworkInterface with `InterfaceType=trunk` (no addresses),
+    /// attached like any other ENI; it carries the node's branch ENIs.
+    CreateTrunk {
+        subnet: String,
+        security_groups: Vec<String>,
+    },
+    /// CreateNetworkInterface with `InterfaceType=branch` and the pod's groups in the trunk's subnet,
+    /// then AssociateTrunkInterface under `vlan`.
+    CreateBranch {
+        groups: GroupSet,
+        vlan: u16,
+        trunk: String,
+        subnet_id: String,
+        subnet: Ipv4Cidr,
+    },
+    /// DisassociateTrunkInterface, then DeleteNetworkInterface.
+    FreeBranch { branch: Branch },
 }
 
 impl Action {
+    /// Whether it is about branch ENIs, which [`crate::branches::Branches`] accounts for (the pool
+    /// and the policy have no part in them).
+    pub fn is_branch(&self) -> bool {
+        matches!(
+            self,
+            Action::CreateBranch { .. } | Action::FreeBranch { .. }
+        )
+    }
+
     pub fn eni(&self) -> Option<&str> {
         match self {
             Action::AssignAddresses { eni, .. }
             | Action::ReleaseAddresses { eni, .. }
             | Action::FreeEni { eni }
             | Action::ResyncEni { eni } => Some(eni),
-            Action::CreateEni { .. } => None,
+            Action::CreateEni { .. }
+            | Action::CreateTrunk { .. }
+            | Action::CreateBranch { .. }
+            | Action::FreeBranch { .. } => None,
         }
     }
 
@@ -87,6 +117,8 @@ pub enum Outcome {
     Done,
     /// ResyncEni: the addresses EC2 says the ENI has (None: the ENI no longer exists).
     Synced(Option<Vec<Ipv4Cidr>>),
+    /// CreateBranch: the branch, associated with the trunk.
+    BranchCreated(Branch),
     Failed(Failure),
 }
 

@@ -10,6 +10,7 @@
 //! caller.
 
 use crate::action::{Failure, Outcome};
+use crate::branches::Branch;
 use crate::ec2::{
     format_rfc3339, CloudError, CreateEni, Eni, ErrorKind, SubnetInfo, CLUSTER_TAG, CREATED_AT_TAG,
     DESCRIPTION_PREFIX, INSTANCE_TAG,
@@ -98,6 +99,18 @@ pub enum Request {
     Delete {
         eni: String,
     },
+    /// AssociateTrunkInterface: a branch ENI on the trunk under a VLAN id; the token makes a repeat
+    /// after a lost reply return the first association.
+    Associate {
+        branch: String,
+        trunk: String,
+        vlan: u16,
+        client_token: String,
+    },
+    /// DisassociateTrunkInterface.
+    Disassociate {
+        association_id: String,
+    },
     /// Configure a hot-plugged ENI's link (waiting for it to show up is the host's business).
     SetupLink(LinkSpec),
     /// Remove what [`Request::SetupLink`] put on the host.
@@ -119,6 +132,8 @@ impl Request {
             Request::KeepOnTermination { .. } => "ModifyNetworkInterfaceAttribute",
             Request::Detach { .. } => "DetachNetworkInterface",
             Request::Delete { .. } => "DeleteNetworkInterface",
+            Request::Associate { .. } => "AssociateTrunkInterface",
+            Request::Disassociate { .. } => "DisassociateTrunkInterface",
             Request::SetupLink(_) => "SetupEniLink",
             Request::TeardownLink(_) => "TeardownEniLink",
         }
@@ -131,8 +146,8 @@ impl Request {
 }
 
 /// A successful reply, by request: `Addresses` for the assigns, `Enis` for DescribeEni (EC2's
-/// NotFound comes as an error), `Subnets`, `Eni` for Create, `Attachment` (its id) for Attach,
-/// `Done` for the rest.
+/// NotFound comes as an error), `Subnets`, `Eni` for Create, `Attachment` (its id) for Attach and
+/// Associate, `Done` for the rest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
     Done,
@@ -324,6 +339,12 @@ enum Stage {
     },
     FreeDetach,
     FreeDelete,
+    /// A new branch, to associate with the trunk.
+    Associate {
+        eni: Box<Eni>,
+    },
+    BranchDisassociate,
+    BranchDelete,
 }
 
 impl Choreography {
@@ -436,6 +457,28 @@ impl Choreography {
                     },
                 ),
             },
+            Action::CreateTrunk { subnet, .. } => {
+                let stage = Stage::Create {
+                    subnets: vec![subnet.clone()],
+                    index: 0,
+                };
+                let request = self.create_request(&action, subnet, 0, &token, now);
+                (stage, request)
+            }
+            Action::CreateBranch { subnet_id, .. } => {
+                let stage = Stage::Create {
+                    subnets: vec![subnet_id.clone()],
+                    index: 0,
+                };
+                let request = self.create_request(&action, subnet_id, 0, &token, now);
+                (stage, request)
+            }
+            Action::FreeBranch { branch } => (
+                Stage::BranchDisassociate,
+                Request::Disassociate {
+                    association_id: branch.association_id.clone(),
+                },
+            ),
             Action::FreeEni { eni } => match self.attached.get(eni) {
                 Some(a) => (
                     Stage::FreeTeardown {
@@ -465,14 +508,25 @@ impl Choreography {
         token: &str,
         now: Time,
     ) -> Request {
-        let Action::CreateEni {
-            security_groups,
-            kind,
-            count,
-            ..
-        } = action
-        else {
-            unreachable!("only CreateEni creates");
+        let (security_groups, kind, count, interface_type) = match action {
+            Action::CreateEni {
+                security_groups,
+                kind,
+                count,
+                ..
+            } => (security_groups.as_slice(), *kind, *count, None),
+            Action::CreateTrunk {
+                security_groups, ..
+            } => (
+                security_groups.as_slice(),
+                AddressKind::Ip,
+                0,
+                Some("trunk"),
+            ),
+            Action::CreateBranch { groups, .. } => {
+                (groups.groups(), AddressKind::Ip, 0, Some("branch"))
+            }
+            _ => unreachable!("only CreateEni, CreateTrunk and CreateBranch create"),
         };
         let facts = &self.facts;
         let mut tags = vec![
@@ -489,16 +543,17 @@ impl Choreography {
         Request::Create(CreateEni {
             subnet_id: subnet_id.to_string(),
             description: self.description.clone(),
-            security_groups: security_groups.clone(),
-            secondary_ips: if *kind == AddressKind::Ip { *count } else { 0 },
-            prefixes: if *kind == AddressKind::Prefix {
-                *count
+            security_groups: security_groups.to_vec(),
+            secondary_ips: if kind == AddressKind::Ip { count } else { 0 },
+            prefixes: if kind == AddressKind::Prefix {
+                count
             } else {
                 0
             },
             tags,
             // A token names one request: another subnet is another request.
             client_token: format!("{token}-{index}"),
+            interface_type,
         })
     }
 
@@ -643,6 +698,79 @@ impl Choreography {
                     Step::Call(request),
                 )
             }
+
+            (Stage::Create { .. }, Ok(Reply::Eni(eni)))
+                if matches!(run.action, Action::CreateBranch { .. }) =>
+            {
+                let Action::CreateBranch { trunk, vlan, .. } = &run.action else {
+                    unreachable!("just matched");
+                };
+                if eni.primary_ip.is_none() {
+                    let error = node_error(
+                        "CreateNetworkInterface",
+                        "NoPrimaryAddress",
+                        format!("branch {} has no primary IPv4 address", eni.id),
+                    );
+                    return self.undo(eni.id, None, error, true);
+                }
+                let request = Request::Associate {
+                    branch: eni.id.clone(),
+                    trunk: trunk.clone(),
+                    vlan: *vlan,
+                    client_token: format!("{}-associate", run.token),
+                };
+                (Some(Stage::Associate { eni }), Step::Call(request))
+            }
+            (Stage::Associate { eni }, Ok(Reply::Attachment(association_id))) => {
+                let Action::CreateBranch {
+                    groups,
+                    vlan,
+                    subnet,
+                    ..
+                } = &run.action
+                else {
+                    unreachable!("only a branch is associated");
+                };
+                let branch = Branch {
+                    eni_id: eni.id.clone(),
+                    mac: eni.mac.clone(),
+                    ip: eni.primary_ip.expect("checked when it was created"),
+                    subnet: *subnet,
+                    vlan: *vlan,
+                    association_id,
+                    groups: groups.clone(),
+                };
+                done(run, Outcome::BranchCreated(branch), None)
+            }
+            // Not associated: the branch is deleted (nothing is attached) and the action fails.
+            (Stage::Associate { eni }, Err(e)) => self.undo(eni.id, None, e, true),
+
+            (Stage::BranchDisassociate, reply) => match reply {
+                Ok(_)
+                | Err(CloudError {
+                    kind: ErrorKind::NotFound,
+                    ..
+                }) => {
+                    let Action::FreeBranch { branch } = &run.action else {
+                        unreachable!("only a branch is disassociated");
+                    };
+                    (
+                        Some(Stage::BranchDelete),
+                        Step::Call(Request::Delete {
+                            eni: branch.eni_id.clone(),
+                        }),
+                    )
+                }
+                Err(e) => failed(run, e),
+            },
+            (Stage::BranchDelete, reply) => match reply {
+                Ok(_)
+                | Err(CloudError {
+                    kind: ErrorKind::NotFound,
+                    ..
+                }) => done(run, Outcome::Done, None),
+                Err(e) => failed(run, e),
+            },
 
             (Stage::Create { .. }, Ok(Reply::Eni(eni))) => match self.reserve_device() {
                 Some(device) => {
@@ -829,7 +957,7 @@ impl Choreography {
                         subnet_cidr: link.subnet,
                         primary_ip: link.primary_ip,
                         is_primary: false,
-                        is_trunk: false,
+                        is_trunk: matches!(run.action, Action::CreateTrunk { .. }),
                         is_efa: false,
                         excluded: false,
                     };
@@ -1683,5 +1811,152 @@ mod tests {
             "{:?}",
             d.actions
         );
+    }
+
+    fn branch_action() -> Action {
+        Action::CreateBranch {
+            groups: crate::branches::GroupSet::new(["sg-db", "sg-app", "sg-db"]),
+            vlan: 7,
+            trunk: "eni-trunk".into(),
+            subnet_id: "subnet-primary".into(),
+            subnet: "10.0.1.0/24".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_branch_is_created_with_its_groups_and_associated_under_its_vlan() {
+        let mut ch = Choreography::new(facts());
+        let (asked, finished) = drive(&mut ch, branch_action(), |r| match r {
+            Request::Associate { .. } => Ok(Reply::Attachment("trunk-assoc-1".into())),
+            other => happy(other),
+        });
+        assert_eq!(
+            ops(&asked),
+            ["CreateNetworkInterface", "AssociateTrunkInterface"]
+        );
+        let Request::Create(c) = &asked[0].1 else {
+            panic!("{asked:?}")
+        };
+        assert_eq!(c.interface_type, Some("branch"));
+        assert_eq!(c.security_groups, ["sg-app", "sg-db"]);
+        assert_eq!((c.secondary_ips, c.prefixes), (0, 0));
+        assert!(c.tags.iter().any(|(k, v)| k == INSTANCE_TAG && v == "i-1"));
+        assert_eq!(
+            asked[1].1,
+            Request::Associate {
+                branch: "eni-new".into(),
+                trunk: "eni-trunk".into(),
+                vlan: 7,
+                client_token: "tok-associate".into(),
+            }
+        );
+        let Outcome::BranchCreated(b) = finished.outcome else {
+            panic!("{finished:?}")
+        };
+        assert_eq!(
+            (b.eni_id.as_str(), b.vlan, b.association_id.as_str(), b.ip),
+            ("eni-new", 7, "trunk-assoc-1", Ipv4Addr::new(10, 0, 1, 7))
+        );
+    }
+
+    #[test]
+    fn a_branch_that_cannot_be_associated_is_deleted_and_the_action_fails() {
+        let mut ch = Choreography::new(facts());
+        let (asked, finished) = drive(&mut ch, branch_action(), |r| match r {
+            Request::Associate { .. } => Err(error(ErrorKind::Other, "InvalidParameterValue")),
+            other => happy(other),
+        });
+        assert_eq!(
+            ops(&asked),
+            [
+                "CreateNetworkInterface",
+                "AssociateTrunkInterface",
+                "DeleteNetworkInterface"
+            ]
+        );
+        assert_eq!(finished.outcome, Outcome::Failed(Failure::Other));
+        assert_eq!(finished.error.unwrap().code, "InvalidParameterValue");
+    }
+
+    #[test]
+    fn a_lost_association_reply_is_asked_again_with_the_same_token() {
+        let mut ch = Choreography::new(facts());
+        let mut tokens = Vec::new();
+        let (_, finished) = drive(&mut ch, branch_action(), |r| match r {
+            Request::Associate { client_token, .. } => {
+                tokens.push(client_token.clone());
+                if tokens.len() == 1 {
+                    Err(error(ErrorKind::Unavailable, "RequestTimeout"))
+                } else {
+                    Ok(Reply::Attachment("trunk-assoc-1".into()))
+                }
+            }
+            other => happy(other),
+        });
+        assert!(matches!(finished.outcome, Outcome::BranchCreated(_)));
+        assert_eq!(tokens, ["tok-associate", "tok-associate"]);
+    }
+
+    #[test]
+    fn a_branch_is_freed_by_disassociating_then_deleting_it_and_gone_is_done() {
+        let branch = crate::branches::Branch {
+            eni_id: "eni-b".into(),
+            mac: "02:00:00:00:00:09".into(),
+            ip: Ipv4Addr::new(10, 0, 1, 9),
+            subnet: "10.0.1.0/24".parse().unwrap(),
+            vlan: 3,
+            association_id: "trunk-assoc-3".into(),
+            groups: crate::branches::GroupSet::new(["sg-1"]),
+        };
+        let free = Action::FreeBranch {
+            branch: branch.clone(),
+        };
+        let mut ch = Choreography::new(facts());
+        let (asked, finished) = drive(&mut ch, free.clone(), happy);
+        assert_eq!(
+            asked.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+            [
+                Request::Disassociate {
+                    association_id: "trunk-assoc-3".into()
+                },
+                Request::Delete {
+                    eni: "eni-b".into()
+                }
+            ]
+        );
+        assert_eq!(finished.outcome, Outcome::Done);
+        // Already disassociated and deleted (a repeat after a restart): done all the same.
+        let (_, finished) = drive(&mut ch, free, |_| {
+            Err(error(ErrorKind::NotFound, "InvalidAssociationID.NotFound"))
+        });
+        assert_eq!(finished.outcome, Outcome::Done);
+    }
+
+    #[test]
+    fn a_trunk_is_created_without_addresses_attached_kept_and_reported_as_a_trunk() {
+        let mut ch = Choreography::new(facts());
+        ch.avoid_device(0);
+        let trunk = Action::CreateTrunk {
+            subnet: "subnet-primary".into(),
+            security_groups: vec!["sg-node".into()],
+        };
+        let (asked, finished) = drive(&mut ch, trunk, |r| match r {
+            Request::Create(c) => Ok(Reply::Eni(Box::new(Eni {
+                secondary_ips: vec![],
+                ..new_eni("eni-trunk", &c.subnet_id)
+            }))),
+            other => happy(other),
+        });
+        let Request::Create(c) = &asked[0].1 else {
+            panic!("{asked:?}")
+        };
+        assert_eq!(c.interface_type, Some("trunk"));
+        assert_eq!((c.secondary_ips, c.prefixes), (0, 0));
+        assert!(ops(&asked).contains(&"AttachNetworkInterface"));
+        let Outcome::EniCreated { eni, blocks } = finished.outcome else {
+            panic!("{finished:?}")
+        };
+        assert!(eni.is_trunk && blocks.is_empty(), "{eni:?}");
+        assert_eq!(eni.device_number, 1);
     }
 }

@@ -75,6 +75,9 @@ pub struct Config {
     pub eni_config_annotation: String,
     pub eni_config_label: String,
     pub pod_eni: bool,
+    /// `WARM_BRANCH_TARGET` (ours): spare branch ENIs kept per set of security groups the node's
+    /// pods use, with `ENABLE_POD_ENI` where the node makes its own branches.
+    pub warm_branch_target: u32,
     pub ipv4: bool,
     pub ipv6: bool,
     pub subnet_discovery: bool,
@@ -214,6 +217,7 @@ impl Config {
         "ENI_CONFIG_ANNOTATION_DEF",
         "ENI_CONFIG_LABEL_DEF",
         "ENABLE_POD_ENI",
+        "WARM_BRANCH_TARGET",
         "ENABLE_IPv4",
         "ENABLE_IPv6",
         "ENABLE_SUBNET_DISCOVERY",
@@ -284,6 +288,7 @@ impl Config {
                 .string("ENI_CONFIG_ANNOTATION_DEF", "k8s.amazonaws.com/eniConfig"),
             eni_config_label: env.string("ENI_CONFIG_LABEL_DEF", "k8s.amazonaws.com/eniConfig"),
             pod_eni: env.bool("ENABLE_POD_ENI", false)?,
+            warm_branch_target: env.count("WARM_BRANCH_TARGET", 0)?,
             // The code default is false but every manifest and the README say true: IPv4 clusters set nothing.
             ipv4: env.bool("ENABLE_IPv4", true)?,
             ipv6: env.bool("ENABLE_IPv6", false)?,
@@ -418,6 +423,13 @@ impl Config {
             return Err(ConfigError::Conflict(
                 "VPC_CNI_NETWORK_POLICY_INPUT=policyendpoints chooses where enforced policies come from, \
                  which needs ENABLE_NETWORK_POLICY=true"
+                    .into(),
+            ));
+        }
+        if self.warm_branch_target > 0 && !self.pod_eni {
+            return Err(ConfigError::Conflict(
+                "WARM_BRANCH_TARGET keeps spare branch ENIs for security groups for pods, which needs \
+                 ENABLE_POD_ENI=true"
                     .into(),
             ));
         }

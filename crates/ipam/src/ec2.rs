@@ -148,6 +148,8 @@ pub struct CreateEni {
     /// EC2's idempotency token; repeat a creation whose outcome is unknown with the same token and
     /// EC2 returns the ENI the first call made instead of making another. Empty: a fresh one.
     pub client_token: String,
+    /// `InterfaceType`: None for a plain interface, `trunk` or `branch` (security groups for pods).
+    pub interface_type: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,6 +5,7 @@
 
 pub mod action;
 pub mod branch;
+pub mod branches;
 pub mod checkpoint;
 pub mod choreography;
 pub mod config;

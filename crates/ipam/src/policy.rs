@@ -59,6 +59,10 @@ pub struct PolicyMemory {
     pub retry_after: Option<Time>,
     pub consecutive_failures: u32,
     pub last_shrink: Option<Time>,
+    /// No new trunk until then, after its creation failed (its own backoff: a trunk that cannot be
+    /// made must not hold back the pods' addresses).
+    pub trunk_retry_after: Option<Time>,
+    pub trunk_failures: u32,
 }
 
 /// Holds after a failure, as upstream: a subnet out of addresses, a refused attachment.
@@ -78,6 +82,16 @@ impl PolicyMemory {
     /// instead of prefixes for as long, when it had no free /28) or a refused attachment, and
     /// exponential backoff after a failure nobody classified. A success of growth ends the backoff.
     pub fn learn(&mut self, action: &Action, outcome: &Outcome, now: Time) {
+        if let Action::CreateTrunk { .. } = action {
+            if let Outcome::Failed(_) = outcome {
+                self.trunk_failures += 1;
+                self.trunk_retry_after = Some(now + FAILURE_BACKOFF.ceiling(self.trunk_failures));
+            } else {
+                self.trunk_failures = 0;
+                self.trunk_retry_after = None;
+            }
+            return;
+        }
         match outcome {
             Outcome::Failed(Failure::InsufficientCidr)
                 if action.kind() == Some(AddressKind::Prefix) =>
@@ -179,6 +193,7 @@ pub fn decide(
         d.stalls.push(Stall::NodeUnschedulable);
         return d;
     }
+    trunk(&ctx, &mut d);
     grow(&ctx, demand, &mut d);
     let growing = pool.inflight.addresses > 0 || d.actions.iter().any(|a| a.kind().is_some());
     if !growing && demand.pending_adds == 0 {
@@ -347,16 +362,48 @@ fn grow(ctx: &Ctx, demand: &Demand, d: &mut Decision) {
     }
 }
 
+/// Whether a trunk ENI is wanted and neither there nor on its way: security groups for pods on an
+/// instance type that can carry branches (on one that cannot, no slot is given up for nothing).
+fn trunk_missing(pool: &Pool, s: &PoolSettings) -> bool {
+    s.pod_eni
+        && crate::limits::branch_interfaces(&pool.node.instance_type) > 0
+        && !pool.inflight.trunk
+        && !pool.enis().iter().any(|e| e.info.is_trunk)
+}
+
+/// Standalone security groups for pods: the node makes its trunk in its primary subnet, with its
+/// own groups, as soon as a slot allows.
+fn trunk(ctx: &Ctx, d: &mut Decision) {
+    let (pool, s) = (ctx.pool, ctx.s);
+    if !s.create_trunk || !trunk_missing(pool, s) {
+        return;
+    }
+    if let Some(t) = active(ctx.memory.trunk_retry_after, ctx.now) {
+        d.wake_at = earliest(d.wake_at, Some(t));
+        return;
+    }
+    // The slot eni_room keeps free is this one.
+    if enis_used(pool) < eni_limit(pool, s) {
+        d.actions.push(Action::CreateTrunk {
+            subnet: pool.node.primary_subnet.clone(),
+            security_groups: pool.node.security_groups.clone(),
+        });
+    }
+}
+
+fn eni_limit(pool: &Pool, s: &PoolSettings) -> u32 {
+    s.max_eni
+        .map_or(pool.node.max_enis, |m| m.min(pool.node.max_enis))
+}
+
+fn enis_used(pool: &Pool) -> u32 {
+    pool.enis().len() as u32 + pool.inflight.enis + pool.node.unmanaged_enis
+}
+
 /// How many more ENIs may be attached: MAX_ENI, unmanaged ENIs and a slot kept for the SGP trunk.
 fn eni_room(pool: &Pool, s: &PoolSettings) -> u32 {
-    let max = s
-        .max_eni
-        .map_or(pool.node.max_enis, |m| m.min(pool.node.max_enis));
-    let has_trunk = pool.enis().iter().any(|e| e.info.is_trunk);
-    let trunk_reserve = u32::from(s.pod_eni && !has_trunk);
-    let used =
-        pool.enis().len() as u32 + pool.inflight.enis + pool.node.unmanaged_enis + trunk_reserve;
-    max.saturating_sub(used)
+    let trunk_reserve = u32::from(trunk_missing(pool, s));
+    eni_limit(pool, s).saturating_sub(enis_used(pool) + trunk_reserve)
 }
 
 /// Releases idle addresses beyond the targets, and idle addresses of the kind the pool does not grow with

@@ -326,6 +326,8 @@ pub struct InFlight {
     pub enis: u32,
     /// Slots requested with the ENIs being created: their other slots can be filled once they exist.
     pub eni_slots: u32,
+    /// The trunk ENI is being created (it is one of `enis`).
+    pub trunk: bool,
 }
 
 /// Address counts over the ENIs that may give addresses to pods.
@@ -693,6 +695,12 @@ impl Pool {
                     e.freeing = true;
                 }
             }
+            Action::CreateTrunk { .. } => {
+                self.inflight.enis += 1;
+                self.inflight.trunk = true;
+            }
+            // Branch ENIs are associated, not attached: no slot of the pool's.
+            Action::CreateBranch { .. } | Action::FreeBranch { .. } => {}
             Action::ResyncEni { eni } => {
                 // The read now under way answers every doubt raised before it; a call that times out
                 // while it runs raises a new one, and the ENI is read again.
@@ -760,6 +768,14 @@ impl Pool {
                     e.needs_resync = true;
                 }
             }
+            Action::CreateTrunk { .. } => {
+                self.inflight.enis -= 1;
+                self.inflight.trunk = false;
+                if let Outcome::EniCreated { eni, .. } = &outcome {
+                    self.add_eni(eni.clone(), now);
+                }
+            }
+            Action::CreateBranch { .. } | Action::FreeBranch { .. } => {}
             Action::ResyncEni { eni } => {
                 if let Some(e) = self.eni_mut(eni) {
                     e.resyncing = false;

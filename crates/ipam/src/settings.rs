@@ -16,6 +16,9 @@ pub struct PoolSettings {
     pub ip_cooldown: Duration,
     pub custom_networking: bool,
     pub pod_eni: bool,
+    /// With `pod_eni`, the node makes its own trunk ENI (standalone mode); on EKS the VPC resource
+    /// controller does, and the slot is only kept free for it.
+    pub create_trunk: bool,
     pub subnet_discovery: bool,
     pub manage_enis_non_schedulable: bool,
 }
@@ -38,6 +41,7 @@ impl PoolSettings {
             ip_cooldown: c.ip_cooldown,
             custom_networking: c.custom_networking,
             pod_eni: c.pod_eni,
+            create_trunk: false,
             subnet_discovery: c.subnet_discovery,
             manage_enis_non_schedulable: c.manage_enis_non_schedulable,
         }

@@ -50,7 +50,18 @@ fn eni(n: u32) -> EniInfo {
 
 /// A pool with ENIs 0..enis, each holding `per_eni` /32s (or /28s when `prefixes`), `pods` assigned.
 fn pool(s: &PoolSettings, enis: u32, per_eni: u32, prefixes: bool, pods: u32) -> Pool {
-    let mut p = Pool::new(node(), s);
+    pool_on(node(), s, enis, per_eni, prefixes, pods)
+}
+
+fn pool_on(
+    node: NodeSpec,
+    s: &PoolSettings,
+    enis: u32,
+    per_eni: u32,
+    prefixes: bool,
+    pods: u32,
+) -> Pool {
+    let mut p = Pool::new(node, s);
     for n in 0..enis {
         p.add_eni(eni(n), Time::ZERO);
         let blocks: Vec<Ipv4Cidr> = (0..per_eni)
@@ -243,9 +254,13 @@ fn max_eni_and_the_trunk_slot_limit_new_enis() {
     let s = settings(&[("MAX_ENI", "2")]);
     let a = act(&pool(&s, 2, 5, false, 6), &s, 0);
     assert!(a.is_empty(), "{a:?}");
-    let s = settings(&[("ENABLE_POD_ENI", "true")]);
+    let mut s = settings(&[("ENABLE_POD_ENI", "true")]);
+    let m5 = NodeSpec {
+        instance_type: "m5.large".into(),
+        ..node()
+    };
     let d = decide(
-        &pool(&s, 2, 5, false, 6),
+        &pool_on(m5.clone(), &s, 2, 5, false, 6),
         &PolicyMemory::default(),
         &s,
         LATER,
@@ -253,8 +268,42 @@ fn max_eni_and_the_trunk_slot_limit_new_enis() {
     );
     assert!(
         d.actions.is_empty() && d.stalls == [Stall::NoRoomForEni],
+        "the last slot is the trunk's: {d:?}"
+    );
+    // A t3 cannot carry a trunk: nothing is kept for one.
+    let a = act(&pool(&s, 2, 5, false, 6), &s, 0);
+    assert!(matches!(a.as_slice(), [Action::CreateEni { .. }]), "{a:?}");
+
+    // Standalone: the node makes the trunk itself, once, in its primary subnet with its groups.
+    s.create_trunk = true;
+    let mut p = pool_on(m5, &s, 2, 5, false, 6);
+    let a = act(&p, &s, 0);
+    let trunk = Action::CreateTrunk {
+        subnet: "subnet-a".into(),
+        security_groups: vec!["sg-1".into()],
+    };
+    assert_eq!(a, std::slice::from_ref(&trunk));
+    p.begin(&trunk);
+    let a = act(&p, &s, 3);
+    assert!(a.is_empty(), "neither a second trunk nor an ENI: {a:?}");
+    // It failed: tried again after its own backoff, which holds nothing else back.
+    let mut memory = PolicyMemory::default();
+    memory.learn(&trunk, &Outcome::Failed(Failure::Other), LATER);
+    p.complete(&trunk, Outcome::Failed(Failure::Other), LATER);
+    let d = decide(&p, &memory, &s, LATER, &Demand { pending_adds: 3 });
+    assert!(
+        d.actions.is_empty() && d.wake_at == Some(LATER + Duration::from_secs(2)),
         "{d:?}"
     );
+    assert!(memory.retry_after.is_none());
+    let d = decide(
+        &p,
+        &memory,
+        &s,
+        LATER + Duration::from_secs(2),
+        &Demand::default(),
+    );
+    assert_eq!(d.actions, [trunk]);
 }
 
 #[test]

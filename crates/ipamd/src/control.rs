@@ -265,6 +265,10 @@ fn function_of(action: &Action) -> &'static str {
         Action::AssignAddresses { .. } | Action::CreateEni { .. } => "increaseDatastorePool",
         Action::ReleaseAddresses { .. } | Action::FreeEni { .. } => "decreaseDatastorePool",
         Action::ResyncEni { .. } => "nodeIPPoolReconcile",
+        // Upstream's controller names: the branch ENI provider's work.
+        Action::CreateTrunk { .. } => "createTrunk",
+        Action::CreateBranch { .. } => "createBranch",
+        Action::FreeBranch { .. } => "deleteBranch",
     }
 }
 

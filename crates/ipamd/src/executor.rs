@@ -268,6 +268,23 @@ impl<E: Ec2, L: Links> Executor<E, L> {
                 .timed(op, self.ec2.delete_network_interface(eni))
                 .await
                 .map(|()| Reply::Done),
+            Request::Associate {
+                branch,
+                trunk,
+                vlan,
+                client_token,
+            } => self
+                .timed(
+                    op,
+                    self.ec2
+                        .associate_trunk_interface(branch, trunk, *vlan, client_token),
+                )
+                .await
+                .map(Reply::Attachment),
+            Request::Disassociate { association_id } => self
+                .timed(op, self.ec2.disassociate_trunk_interface(association_id))
+                .await
+                .map(|()| Reply::Done),
             Request::SetupLink(link) => {
                 let result = self.links.setup(link).await;
                 if let Err(e) = &result {

@@ -178,6 +178,27 @@ impl Ec2 for SimEc2 {
         .await
     }
 
+    async fn associate_trunk_interface(
+        &self,
+        branch_id: &str,
+        trunk_id: &str,
+        vlan: u16,
+        client_token: &str,
+    ) -> cloud::Result<String> {
+        self.answer("AssociateTrunkInterface", |vpc, now| {
+            vpc.associate_trunk_interface(now, branch_id, trunk_id, vlan, Some(client_token))
+        })
+        .await
+        .map(|a| a.id)
+    }
+
+    async fn disassociate_trunk_interface(&self, association_id: &str) -> cloud::Result<()> {
+        self.answer("DisassociateTrunkInterface", |vpc, now| {
+            vpc.disassociate_trunk_interface(now, association_id)
+        })
+        .await
+    }
+
     async fn create_tags(&self, _: &str, _: &[(String, String)]) -> cloud::Result<()> {
         Self::not_simulated("CreateTags")
     }

@@ -2,6 +2,7 @@ use crate::node::{Next, Nexts, Node, RETRY};
 use crate::queue::EventQueue;
 use crate::report::{Calls, NodeReady, Report, Sample, Waits};
 use crate::scenario::Scenario;
+use ipam::branches::{BranchSettings, GroupSet, BRANCH_COOLDOWN};
 use ipam::choreography::NodeFacts;
 use ipam::maxpods::{max_pods, MaxPodsOptions};
 use ipam::pool::{EniConfigSpec, NodeSpec};
@@ -79,6 +80,8 @@ pub struct Cluster {
     unschedulable: u64,
     timeline: Vec<Sample>,
     mutating_refill_per_sec: f64,
+    /// The scenario's sets of security groups for pods.
+    group_sets: Vec<GroupSet>,
 }
 
 fn exp(rng: &mut SmallRng, mean_secs: f64) -> Duration {
@@ -89,7 +92,18 @@ impl Cluster {
     pub fn new(scenario: Scenario) -> Result<Cluster, String> {
         let config = Config::from_lookup(|k| scenario.settings.get(k).cloned())
             .map_err(|e| e.to_string())?;
-        let settings = PoolSettings::from_config(&config);
+        let mut settings = PoolSettings::from_config(&config);
+        // The simulated VPC has no resource controller: nodes make their own trunks and branches.
+        settings.create_trunk = config.pod_eni;
+        if config.pod_eni && config.ipv6 {
+            return Err("security groups for pods on IPv6 nodes are not simulated".into());
+        }
+        let group_sets = scenario
+            .workload
+            .security_group_sets
+            .iter()
+            .map(|set| GroupSet::new(set.iter().cloned()))
+            .collect();
         let mut sim = SimConfig {
             seed: scenario.seed,
             ..SimConfig::default()
@@ -189,6 +203,7 @@ impl Cluster {
             unschedulable: 0,
             timeline: Vec::new(),
             mutating_refill_per_sec,
+            group_sets,
         };
         for (group, g) in cluster.scenario.nodes.clone().iter().enumerate() {
             for i in 0..g.count {
@@ -301,6 +316,13 @@ impl Cluster {
             ..NodeFacts::default()
         };
         let mut node = Node::new(facts, pool, self.settings.clone(), self.now);
+        if self.config.pod_eni {
+            node = node.with_branches(BranchSettings {
+                limit: limits::branch_interfaces(&g.instance_type),
+                warm_target: self.config.warm_branch_target,
+                cooldown: BRANCH_COOLDOWN,
+            });
+        }
         if self.config.ipv6 {
             node = node.ipv6(primary.id.clone(), self.config.v4_egress);
         }
@@ -352,20 +374,36 @@ impl Cluster {
         }
         let pod = self.next_pod;
         self.next_pod += 1;
-        n.pod_arrives(pod, self.now);
-        let next = n.plan(&mut self.vpc, self.now);
-        self.apply(node, next);
+        self.pod_arrives(node, pod);
         Some(pod)
+    }
+
+    /// The groups a SecurityGroupPolicy gives `pod`: the scenario's share of pods, chosen from the
+    /// pod's number (not the random stream, so that adding the feature changes no other draw), each
+    /// taking the sets in turn.
+    fn groups_for(&self, pod: u64) -> Option<&GroupSet> {
+        if self.group_sets.is_empty() {
+            return None;
+        }
+        let share = self.scenario.workload.security_group_share.unwrap_or(1.0);
+        (ipam::pacing::unit_from(pod ^ self.scenario.seed) < share)
+            .then(|| &self.group_sets[pod as usize % self.group_sets.len()])
+    }
+
+    fn pod_arrives(&mut self, node: usize, pod: u64) {
+        match self.groups_for(pod).cloned() {
+            Some(groups) => self.nodes[node].pod_with_groups_arrives(pod, &groups, self.now),
+            None => self.nodes[node].pod_arrives(pod, self.now),
+        }
+        let next = self.nodes[node].plan(&mut self.vpc, self.now);
+        self.apply(node, next);
     }
 
     /// Starts a pod on a node that stays until `stop_pod` (for tests that need exact pod counts).
     pub fn start_pod(&mut self, node: usize) -> u64 {
         let pod = self.next_pod;
         self.next_pod += 1;
-        let n = &mut self.nodes[node];
-        n.pod_arrives(pod, self.now);
-        let next = n.plan(&mut self.vpc, self.now);
-        self.apply(node, next);
+        self.pod_arrives(node, pod);
         pod
     }
 
@@ -379,7 +417,9 @@ impl Cluster {
     /// Runs events for `d` of simulated time, checking the invariants after each if asked.
     pub fn run_for(&mut self, d: Duration, check: bool) -> Result<(), String> {
         let until = self.now + d;
-        while let Some(at) = self.queue.peek_time() {
+        // Without moving the queue on: pods started between two runs are events before the next
+        // one queued, and the queue takes no event before the last time it moved to.
+        while let Some(at) = self.queue.next_time() {
             if at > until || !self.step()? {
                 break;
             }
@@ -606,9 +646,14 @@ impl Cluster {
         r.leaked_enis = self
             .vpc
             .interfaces()
-            .filter(|e| e.attachment.is_none() && e.tags.contains_key(ipam::ec2::INSTANCE_TAG))
+            .filter(|e| self.unused(e) && e.tags.contains_key(ipam::ec2::INSTANCE_TAG))
             .count() as u64;
         r
+    }
+
+    /// An ENI neither attached nor, as a branch, associated with a trunk.
+    fn unused(&self, e: &simvpc::NetworkInterface) -> bool {
+        e.attachment.is_none() && !self.vpc.is_associated_branch(&e.id)
     }
 
     /// The invariants that must hold after every event; an error names the first one broken.
@@ -619,6 +664,9 @@ impl Cluster {
                 if !seen.insert(a.ip) {
                     return Err(format!("{} assigned twice (again to {key:?})", a.ip));
                 }
+            }
+            if let Some(b) = n.branches() {
+                b.check().map_err(|e| format!("{}: {e}", n.instance_id()))?;
             }
             if n.counters.cooldown_violations > 0 {
                 return Err(format!(
@@ -658,7 +706,7 @@ impl Cluster {
             if n.calls_in_flight() == 0 {
                 // Every ENI the node created is attached to it or deleted: none is left behind.
                 if let Some(leaked) = self.vpc.interfaces().find(|e| {
-                    e.attachment.is_none()
+                    self.unused(e)
                         && e.tags.get(ipam::ec2::INSTANCE_TAG).map(String::as_str)
                             == Some(n.instance_id())
                 }) {

@@ -1,6 +1,7 @@
 //! One simulated node: the real pool engine, the daemon's choreography of EC2 calls
 //! (`ipam::choreography`) interpreted against the simulated VPC on the virtual clock, and its pods.
 
+use ipam::branches::{Ask, BranchSettings, Branches, GroupSet, Trunk};
 use ipam::choreography::{self, Choreography, NodeFacts, Reply, Request, Run};
 use ipam::ec2::{CloudError, ErrorKind};
 use ipam::pacing::Backoff;
@@ -69,8 +70,19 @@ const V6_CALL: u64 = RETRY - 1;
 /// AWS backend's own pacing; this is its shape, without the jitter.
 const V6_BACKOFF: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(20));
 
+/// Security groups for pods, as a standalone node runs them: its pods with groups get branch ENIs on
+/// the trunk the node made, from `ipam::branches`.
+struct Sgp {
+    branches: Branches,
+    /// Pods in line for a branch, and since when.
+    waiting: Vec<(u64, IpamKey, Time)>,
+    running: FxHashMap<u64, IpamKey>,
+}
+
 pub struct Node {
     pub pool: Pool,
+    // Boxed: most nodes have no pods with security groups.
+    sgp: Option<Box<Sgp>>,
     // Boxed: most nodes are IPv4, and what each pod event touches stays small.
     v6: Option<Box<V6>>,
     pub memory: PolicyMemory,
@@ -98,6 +110,7 @@ impl Node {
         }
         Node {
             pool,
+            sgp: None,
             v6: None,
             memory: PolicyMemory::default(),
             settings,
@@ -127,6 +140,59 @@ impl Node {
         self
     }
 
+    /// Security groups for pods: pods that come with groups get branch ENIs.
+    pub fn with_branches(mut self, settings: BranchSettings) -> Node {
+        self.sgp = Some(Box::new(Sgp {
+            branches: Branches::new(settings),
+            waiting: Vec::new(),
+            running: FxHashMap::default(),
+        }));
+        self
+    }
+
+    pub fn branches(&self) -> Option<&Branches> {
+        self.sgp.as_ref().map(|s| &s.branches)
+    }
+
+    /// A pod that a SecurityGroupPolicy selects: a warm branch with its groups at once, or one made
+    /// for it.
+    pub fn pod_with_groups_arrives(&mut self, pod: u64, groups: &GroupSet, now: Time) {
+        let sgp = self
+            .sgp
+            .as_mut()
+            .expect("a node with security groups for pods");
+        let key = IpamKey {
+            container_id: pod.to_string(),
+            ..IpamKey::default()
+        };
+        match sgp.branches.ask(&key, groups, now) {
+            Ask::Ready(_) => {
+                sgp.running.insert(pod, key);
+                self.counters.add_waits.push(Duration::ZERO);
+            }
+            Ask::Wait => sgp.waiting.push((pod, key, now)),
+        }
+    }
+
+    /// Pods in line whose branch has come.
+    fn serve_branch_waiters(&mut self, now: Time) {
+        let Some(sgp) = self.sgp.as_mut() else { return };
+        let (branches, running, waits) = (
+            &sgp.branches,
+            &mut sgp.running,
+            &mut self.counters.add_waits,
+        );
+        sgp.waiting.retain(|(pod, key, since)| {
+            if branches.get(key).is_some() {
+                running.insert(*pod, key.clone());
+                waits.push(now.since(*since));
+                false
+            } else {
+                true
+            }
+        });
+    }
+
     pub fn is_ipv6(&self) -> bool {
         self.v6.is_some()
     }
@@ -154,12 +220,17 @@ impl Node {
                 .map_or(0, |v6| usize::from(v6.pool.is_none()))
     }
 
-    pub fn pending_adds(&self) -> usize {
-        self.pending_adds.len()
+    pub fn pods(&self) -> usize {
+        self.running.len()
+            + self.pending_adds.len()
+            + self
+                .sgp
+                .as_ref()
+                .map_or(0, |s| s.running.len() + s.waiting.len())
     }
 
-    pub fn pods(&self) -> usize {
-        self.running.len() + self.pending_adds.len()
+    pub fn pending_adds(&self) -> usize {
+        self.pending_adds.len() + self.sgp.as_ref().map_or(0, |s| s.waiting.len())
     }
 
     pub fn pod_arrives(&mut self, pod: u64, now: Time) {
@@ -178,6 +249,17 @@ impl Node {
 
     /// A pod deleted while still waiting for an address just stops waiting.
     pub fn pod_leaves(&mut self, pod: u64, now: Time) {
+        if let Some(sgp) = &mut self.sgp {
+            if let Some(key) = sgp.running.remove(&pod) {
+                sgp.branches.release(&key, now);
+                return;
+            }
+            if let Some(i) = sgp.waiting.iter().position(|(p, _, _)| *p == pod) {
+                let (_, key, _) = sgp.waiting.swap_remove(i);
+                sgp.branches.cancel(&key);
+                return;
+            }
+        }
         if let Some(v6) = &mut self.v6 {
             match self.running.remove(&pod) {
                 Some(key) => {
@@ -243,26 +325,41 @@ impl Node {
         }
         self.pool.expire_cooldowns(now, self.settings.ip_cooldown);
         self.serve_pending(now);
+        self.serve_branch_waiters(now);
         let demand = Demand {
             pending_adds: self.pending_adds.len() as u32,
         };
         let d = decide(&self.pool, &self.memory, &self.settings, now, &demand);
         let mut next = Nexts::new();
+        let mut wake_at = d.wake_at;
         for action in d.actions {
             self.pool.begin(&action);
             self.memory.began(&action, now);
-            let id = self.next_call;
-            self.next_call += 1;
-            // Reproducible: the jitter and the token follow from the node and the call.
-            let token = match action {
-                Action::CreateEni { .. } => format!("{}-{id}", self.instance_id()),
-                _ => String::new(),
-            };
-            let run = self.choreography.start(action, id, token, now);
-            self.calls.insert(id, Call { run, reply: None });
-            next.extend(self.drive(id, None, vpc, now));
+            next.extend(self.start(action, vpc, now));
         }
-        if let Some(w) = d.wake_at {
+        if let Some(sgp) = &mut self.sgp {
+            if sgp.branches.trunk().is_none() {
+                if let Some(t) = self.pool.enis().iter().find(|e| e.info.is_trunk) {
+                    sgp.branches.set_trunk(Trunk {
+                        eni_id: t.info.id.clone(),
+                        subnet_id: t.info.subnet_id.clone(),
+                        subnet: t.info.subnet_cidr,
+                    });
+                }
+            }
+            let d = sgp.branches.decide(now);
+            for action in &d.actions {
+                sgp.branches.begin(action);
+            }
+            wake_at = match (wake_at, d.wake_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            for action in d.actions {
+                next.extend(self.start(action, vpc, now));
+            }
+        }
+        if let Some(w) = wake_at {
             if self.next_wake.is_none_or(|t| w < t || t <= now) {
                 self.next_wake = Some(w);
                 next.push(Next::Wake(w));
@@ -273,6 +370,22 @@ impl Node {
             next.push(Next::Ready);
         }
         next
+    }
+
+    /// Starts an action through the choreography.
+    fn start(&mut self, action: Action, vpc: &mut SimVpc, now: Time) -> Nexts {
+        let id = self.next_call;
+        self.next_call += 1;
+        // Reproducible: the jitter and the token follow from the node and the call.
+        let token = match action {
+            Action::CreateEni { .. } | Action::CreateTrunk { .. } | Action::CreateBranch { .. } => {
+                format!("{}-{id}", self.instance_id())
+            }
+            _ => String::new(),
+        };
+        let run = self.choreography.start(action, id, token, now);
+        self.calls.insert(id, Call { run, reply: None });
+        self.drive(id, None, vpc, now)
     }
 
     /// Goes on with call `id`: from its first request (`reply` None) or with the reply to its last
@@ -301,6 +414,13 @@ impl Node {
                 }
                 choreography::Next::Done(finished) => {
                     let call = self.calls.remove(&id).expect("live call");
+                    if call.run.action().is_branch() {
+                        let sgp = self.sgp.as_mut().expect("branch actions need branches");
+                        sgp.branches
+                            .complete(call.run.action(), finished.outcome, now);
+                        self.serve_branch_waiters(now);
+                        return self.plan(vpc, now);
+                    }
                     let dropped = choreography::settle(
                         &mut self.pool,
                         &mut self.memory,
@@ -476,6 +596,21 @@ fn call_vpc(
         Request::Delete { eni } => {
             answer(op, vpc.delete_network_interface(now, eni), |()| Reply::Done)
         }
+        Request::Associate {
+            branch,
+            trunk,
+            vlan,
+            client_token,
+        } => answer(
+            op,
+            vpc.associate_trunk_interface(now, branch, trunk, *vlan, Some(client_token)),
+            |a| Reply::Attachment(a.id),
+        ),
+        Request::Disassociate { association_id } => answer(
+            op,
+            vpc.disassociate_trunk_interface(now, association_id),
+            |()| Reply::Done,
+        ),
         Request::SetupLink(_) | Request::TeardownLink(_) => {
             unreachable!("host effects are not EC2 calls")
         }

@@ -67,6 +67,19 @@ impl<E> EventQueue<E> {
         Some(Time(self.last))
     }
 
+    /// The next event's time, leaving the queue as it is (so events before it may still be
+    /// pushed); slower than [`EventQueue::peek_time`], which moves on to it.
+    pub fn next_time(&self) -> Option<Time> {
+        if !self.due.is_empty() {
+            return Some(Time(self.last));
+        }
+        if self.occupied == 0 {
+            return None;
+        }
+        let i = self.occupied.trailing_zeros() as usize + 1;
+        self.buckets[i].iter().map(|(at, _)| Time(*at)).min()
+    }
+
     pub fn pop(&mut self) -> Option<(Time, E)> {
         let at = self.peek_time()?;
         Some((at, self.due.pop_front().expect("peek_time found one")))
@@ -77,6 +90,19 @@ impl<E> EventQueue<E> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn looking_at_the_next_time_leaves_room_for_earlier_events() {
+        let mut q = EventQueue::default();
+        q.push(Time(10), 'a');
+        q.push(Time(120), 'b');
+        assert_eq!(q.pop(), Some((Time(10), 'a')));
+        assert_eq!(q.next_time(), Some(Time(120)));
+        q.push(Time(60), 'c');
+        assert_eq!(q.pop(), Some((Time(60), 'c')), "not held back to 120");
+        assert_eq!(q.pop(), Some((Time(120), 'b')));
+        assert_eq!(q.next_time(), None);
+    }
 
     proptest! {
         /// Scheduled as the simulator does (never before the event being processed), events come out

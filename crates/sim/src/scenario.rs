@@ -99,6 +99,13 @@ pub struct Workload {
     /// A CSV file of pod creates and deletes (`t_secs,node,action,pod`), relative to the scenario file.
     #[serde(default)]
     pub trace: Option<String>,
+    /// Security groups for pods (with `ENABLE_POD_ENI=true`): the sets of groups pods are given, one
+    /// after another; each such pod gets a branch ENI instead of an address from the pool.
+    #[serde(default)]
+    pub security_group_sets: Vec<Vec<String>>,
+    /// The share of pods, 0 to 1, that a SecurityGroupPolicy selects (1 when unset).
+    #[serde(default)]
+    pub security_group_share: Option<f64>,
 }
 
 /// The arrival rate peaks at `peak_hour` and is `trough_ratio` of the peak twelve hours later, along a
@@ -287,6 +294,30 @@ impl Scenario {
                     "workload.daily needs 0 <= trough_ratio <= 1 and 0 <= peak_hour < 24".into(),
                 ));
             }
+        }
+        let pod_eni = s.settings.get("ENABLE_POD_ENI").map(String::as_str) == Some("true");
+        if !w.security_group_sets.is_empty() && !pod_eni {
+            return Err(ScenarioError::Invalid(
+                "workload.security_group_sets needs ENABLE_POD_ENI=\"true\" in [settings]".into(),
+            ));
+        }
+        if w.security_group_sets.iter().any(Vec::is_empty) {
+            return Err(ScenarioError::Invalid(
+                "workload.security_group_sets: a set needs at least one group".into(),
+            ));
+        }
+        match w.security_group_share {
+            Some(share) if !(0.0..=1.0).contains(&share) => {
+                return Err(ScenarioError::Invalid(
+                    "workload.security_group_share must be between 0 and 1".into(),
+                ))
+            }
+            Some(_) if w.security_group_sets.is_empty() => {
+                return Err(ScenarioError::Invalid(
+                    "workload.security_group_share needs security_group_sets".into(),
+                ))
+            }
+            _ => {}
         }
         for b in &w.bursts {
             if b.mean_lifetime_secs.is_some_and(|l| l <= 0.0) || b.every_secs == Some(0) {

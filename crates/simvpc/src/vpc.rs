@@ -360,7 +360,7 @@ impl From<&ipam::ec2::CreateEni> for CreateEniRequest {
             prefix_count: c.prefixes,
             tags: c.tags.iter().cloned().collect(),
             client_token: Some(c.client_token.clone()),
-            interface_type: None,
+            interface_type: c.interface_type.map(str::to_string),
         }
     }
 }

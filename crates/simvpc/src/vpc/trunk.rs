@@ -23,6 +23,11 @@ fn invalid(message: String) -> Ec2Error {
 }
 
 impl SimVpc {
+    /// Whether `eni_id` is a branch associated with a trunk (it is in use, though never attached).
+    pub fn is_associated_branch(&self, eni_id: &str) -> bool {
+        self.associations.values().any(|a| a.branch_id == eni_id)
+    }
+
     /// The associations of `trunk_id`'s branches.
     fn associations_of<'a>(
         &'a self,
