@@ -6,6 +6,7 @@ use cloud::aws::AwsEc2;
 use cloud::throttle::Pacing;
 use cloud::{CreateEni, Ec2, EniQuery, ErrorKind};
 use ipam::net::Ipv6Cidr;
+use ipam::ownership::InterfaceType;
 use simvpc_http::{ServeConfig, Server};
 use std::io::Write;
 use std::net::TcpStream;
@@ -136,6 +137,9 @@ async fn lifecycle(t: &Target) {
         .unwrap();
 
     ipv6_prefixes(t, &created.id).await;
+    if t.strict {
+        trunk_and_branch(t).await;
+    }
 
     if t.strict {
         assert!(attached.delete_on_termination);
@@ -321,6 +325,98 @@ async fn ipv6_prefixes(t: &Target, eni_id: &str) {
     assert_eq!(no_block.kind, ErrorKind::InvalidParameter, "{no_block}");
     assert!(no_block.message.contains("IPv6"), "{no_block}");
     t.ec2.delete_network_interface(&elsewhere.id).await.unwrap();
+}
+
+/// A trunk, a branch associated with it under a VLAN id, and their undoing, through the SDK's
+/// requests and replies (moto has none of the trunk calls).
+async fn trunk_and_branch(t: &Target) {
+    let create = |kind: &'static str| CreateEni {
+        subnet_id: t.subnet_id.clone(),
+        security_groups: vec![SG.into()],
+        interface_type: Some(kind),
+        ..Default::default()
+    };
+    let trunk = t
+        .ec2
+        .create_network_interface(&create("trunk"))
+        .await
+        .unwrap();
+    assert_eq!(trunk.interface_type, InterfaceType::Trunk);
+    let taken: Vec<u32> = t
+        .ec2
+        .describe_instance(&t.instance_id)
+        .await
+        .unwrap()
+        .enis
+        .iter()
+        .map(|e| e.device_index)
+        .collect();
+    let device = (1..).find(|d| !taken.contains(d)).unwrap();
+    let attachment = t
+        .ec2
+        .attach_network_interface(&trunk.id, &t.instance_id, device, 0)
+        .await
+        .unwrap();
+    let branch = t
+        .ec2
+        .create_network_interface(&create("branch"))
+        .await
+        .unwrap();
+    assert_eq!(branch.interface_type, InterfaceType::parse("branch"));
+    let association = t
+        .ec2
+        .associate_trunk_interface(&branch.id, &trunk.id, 7, "conformance-7")
+        .await
+        .unwrap();
+    // A repeat after a lost reply: the same association, not a second one.
+    let again = t
+        .ec2
+        .associate_trunk_interface(&branch.id, &trunk.id, 7, "conformance-7")
+        .await
+        .unwrap();
+    assert_eq!(again, association);
+    let other = t
+        .ec2
+        .create_network_interface(&create("branch"))
+        .await
+        .unwrap();
+    let taken = t
+        .ec2
+        .associate_trunk_interface(&other.id, &trunk.id, 7, "conformance-other")
+        .await
+        .unwrap_err();
+    assert_eq!(taken.kind, ErrorKind::InvalidParameter, "{taken}");
+    let in_use = t
+        .ec2
+        .delete_network_interface(&branch.id)
+        .await
+        .unwrap_err();
+    assert_eq!(in_use.kind, ErrorKind::InUse, "{in_use}");
+
+    t.ec2
+        .disassociate_trunk_interface(&association)
+        .await
+        .unwrap();
+    // Gone already is done, as for detach and delete.
+    t.ec2
+        .disassociate_trunk_interface(&association)
+        .await
+        .unwrap();
+    for eni in [&branch.id, &other.id] {
+        t.ec2.delete_network_interface(eni).await.unwrap();
+    }
+    t.ec2.detach_network_interface(&attachment).await.unwrap();
+    // Detaching takes EC2 a moment; until then the trunk is in use.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match t.ec2.delete_network_interface(&trunk.id).await {
+            Ok(()) => break,
+            Err(e) if e.kind == ErrorKind::InUse && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("deleting the detached trunk: {e}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ mod result;
 
 use conf::{Env, K8sArgs, NetConf, SUPPORTED_VERSIONS};
 use datapath::netns::NetNs;
-use datapath::pod::{self, AddError, Family, PodAddress, PodLink, PodNetwork};
+use datapath::pod::{self, AddError, Family, HostRoutes, PodAddress, PodLink, PodNetwork};
 use error::{CniError, Code};
 use proto::{Attachment, DelReason, ErrorKind, PodRef, ProtoError, Reply, Request};
 use std::io::{Read, Write};
@@ -157,6 +157,7 @@ fn pod_address(conf: &NetConf, allocation: proto::Allocation) -> Result<PodAddre
         address: allocation.address,
         route_table: allocation.route_table,
         egress_v4: allocation.egress_v4,
+        host_routes: HostRoutes::Main,
     })
 }
 
@@ -374,6 +375,7 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
                 address: recorded.address,
                 route_table: allocation.route_table,
                 egress_v4: allocation.egress_v4,
+                host_routes: HostRoutes::Main,
             },
         },
     )?);

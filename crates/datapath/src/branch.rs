@@ -98,7 +98,7 @@ pub fn add(
             })
     });
     if wired.is_err() {
-        let _ = remove(&link.host_veth, branch.vlan, branch.address);
+        let _ = remove(&link.host_veth, branch);
     }
     wired
 }
@@ -146,11 +146,9 @@ async fn create_vlan(handle: &Handle, branch: &BranchLink, name: &str) -> Result
         .address(branch.mac.to_vec())
         .build();
     match handle.link().add(vlan).execute().await {
-        Err(e) if nl::errno(&e) == Some(libc::EOPNOTSUPP) => {
-            return Err(Error::Invalid(format!(
-                "this kernel cannot create VLAN links (no 802.1Q support): {name} for the branch ENI"
-            )))
-        }
+        Err(e) if nl::errno(&e) == Some(libc::EOPNOTSUPP) => return Err(Error::Invalid(format!(
+            "this kernel cannot create VLAN links (no 802.1Q support): {name} for the branch ENI"
+        ))),
         other => other.context(|| format!("creating VLAN {name} on {}", branch.trunk))?,
     }
     nl::link_by_name(handle, name)
@@ -159,26 +157,34 @@ async fn create_vlan(handle: &Handle, branch: &BranchLink, name: &str) -> Result
         .ok_or_else(|| Error::Invalid(format!("{name} vanished")))
 }
 
-/// Removes what [`add`] put on the host: the rules of either mode, the branch's table, the VLAN link
-/// and the pod's host routing. Idempotent. The veth goes with the pod's namespace.
-pub fn remove(host_veth: &str, vlan: u16, address: Ipv4Addr) -> Result<()> {
-    let name = vlan_link(vlan);
-    let table = route_table(vlan);
-    pod::remove(host_veth, IpAddr::V4(address))?;
+/// Removes what [`add`] put on the host: the pod's rules of either mode and its routes, and the
+/// VLAN link with its rule and table when the link is the branch's (its MAC): a link of that name
+/// with another MAC is another branch's now, and stays. Idempotent. The veth goes with the pod's
+/// namespace.
+pub fn remove(host_veth: &str, branch: &BranchLink) -> Result<()> {
+    let name = vlan_link(branch.vlan);
+    let table = route_table(branch.vlan);
+    pod::remove(host_veth, IpAddr::V4(branch.address))?;
     nl::run(|handle| async move {
+        let vlan = nl::link_by_name(&handle, &name).await?;
+        let ours = vlan
+            .as_ref()
+            .is_none_or(|l| nl::link_mac(l) == Some(&branch.mac[..]));
         pod::delete_rules(&handle, |r| {
             r.priority == STRICT_PRIORITY
                 && r.table == table
-                && matches!(r.iif.as_deref(), Some(i) if i == host_veth || i == name)
+                && (r.iif.as_deref() == Some(host_veth)
+                    || (ours && r.iif.as_deref() == Some(&name)))
         })
         .await?;
         for route in nl::ipv4_routes(&handle).await? {
-            if nl::route_table(&route) == table {
+            let to_pod = nl::route_destination(&route) == Some((branch.address, 32));
+            if nl::route_table(&route) == table && (ours || to_pod) {
                 tolerate_missing(handle.route().del(route).execute().await)
-                    .context(|| format!("flushing table {table}"))?;
+                    .context(|| format!("deleting a route of table {table}"))?;
             }
         }
-        if let Some(link) = nl::link_by_name(&handle, &name).await? {
+        if let (Some(link), true) = (vlan, ours) {
             tolerate_missing(handle.link().del(link.header.index).execute().await)
                 .context(|| format!("deleting {name}"))?;
         }

@@ -3,6 +3,7 @@
 //! Everything here is IPv4. Work inside a pod's network namespace happens on a thread of its own
 //! (`setns` is per thread), so the caller's thread never changes namespace.
 
+pub mod branch;
 pub mod names;
 pub mod netns;
 pub mod netpol;

@@ -293,12 +293,13 @@ pub(crate) async fn ipv4_rules(handle: &Handle) -> Result<Vec<RuleMessage>> {
 }
 
 /// A rule as (priority, from, to, fwmark, table), the fields this crate writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RuleView {
     pub priority: u32,
     pub from: Option<(Ipv4Addr, u8)>,
     pub to: Option<(Ipv4Addr, u8)>,
     pub fwmark: Option<u32>,
+    pub iif: Option<String>,
     pub table: u32,
 }
 
@@ -308,6 +309,7 @@ pub(crate) fn rule_view(rule: &RuleMessage) -> RuleView {
         from: None,
         to: None,
         fwmark: None,
+        iif: None,
         table: rule.header.table as u32,
     };
     for attribute in &rule.attributes {
@@ -318,6 +320,7 @@ pub(crate) fn rule_view(rule: &RuleMessage) -> RuleView {
                 view.to = Some((*ip, rule.header.dst_len))
             }
             RuleAttribute::FwMark(mark) => view.fwmark = Some(*mark),
+            RuleAttribute::Iifname(name) => view.iif = Some(name.clone()),
             RuleAttribute::Table(t) => view.table = *t,
             _ => {}
         }

@@ -65,6 +65,19 @@ pub struct PodAddress {
     pub route_table: u32,
     /// An IPv6 pod's IPv4 egress address, on `v4if0`.
     pub egress_v4: Option<Ipv4Addr>,
+    pub host_routes: HostRoutes,
+}
+
+/// How the host reaches an IPv4 pod and steers its traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostRoutes {
+    /// A /32 route in `main` and rules by address: to the pod through `main`, from it through its
+    /// route table when that is another.
+    #[default]
+    Main,
+    /// Only through its route table, steered by interface: a branch pod in strict mode
+    /// ([`crate::branch`]), which the node itself reaches through the VPC.
+    Table,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,6 +272,15 @@ fn wire_host_side(
         }
         set_up(&handle, index, &link.host_veth).await?;
         match pod.address {
+            IpAddr::V4(address) if pod.host_routes == HostRoutes::Table => {
+                route_to_link_in(&handle, address, index, &link.host_veth, pod.route_table).await?;
+                let mut from_pod =
+                    rule(crate::branch::STRICT_PRIORITY, None, None, pod.route_table);
+                from_pod
+                    .attributes
+                    .push(RuleAttribute::Iifname(link.host_veth.clone()));
+                add_rule(&handle, from_pod).await?;
+            }
             IpAddr::V4(address) => {
                 route_to_link(&handle, address, index, &link.host_veth).await?;
                 add_rule(
@@ -323,10 +345,21 @@ async fn set_up(handle: &Handle, index: u32, name: &str) -> Result<()> {
 
 /// `<address>/32 dev <link> scope link` in main.
 async fn route_to_link(handle: &Handle, address: Ipv4Addr, index: u32, name: &str) -> Result<()> {
+    route_to_link_in(handle, address, index, name, MAIN_TABLE).await
+}
+
+async fn route_to_link_in(
+    handle: &Handle,
+    address: Ipv4Addr,
+    index: u32,
+    name: &str,
+    table: u32,
+) -> Result<()> {
     let route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(address, 32)
         .output_interface(index)
         .scope(RouteScope::Link)
+        .table_id(table)
         .build();
     handle
         .route()
@@ -334,7 +367,7 @@ async fn route_to_link(handle: &Handle, address: Ipv4Addr, index: u32, name: &st
         .replace()
         .execute()
         .await
-        .context(|| format!("adding route {address}/32 dev {name}"))
+        .context(|| format!("adding route {address}/32 dev {name} table {table}"))
 }
 
 /// Creates the veth pair `ifname` (here, `mac`) / `host_veth` (`host_mac`, placed straight into the

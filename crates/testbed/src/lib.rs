@@ -10,6 +10,7 @@ pub mod netns;
 pub mod policy_bench;
 pub mod probe;
 pub mod sctp;
+pub mod vlan;
 
 use fabric::{gateway, Fabric};
 pub use netns::Netns;

@@ -169,7 +169,13 @@ pub struct VlanPort {
 }
 
 /// Creates `name` in `netns` as VLAN `vlan` of `parent`, with `mac`, up.
-pub fn add(netns: &Netns, parent: &str, vlan: u16, name: &str, mac: &str) -> Result<VlanPort, String> {
+pub fn add(
+    netns: &Netns,
+    parent: &str,
+    vlan: u16,
+    name: &str,
+    mac: &str,
+) -> Result<VlanPort, String> {
     let peer = format!("vp{vlan}.{}", parent.chars().take(8).collect::<String>());
     let n = netns.name.as_str();
     ip(&[
