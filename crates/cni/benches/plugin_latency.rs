@@ -136,6 +136,7 @@ fn main() {
                     172 + (i / 250) as u8,
                     (i % 250 + 2) as u8,
                 )),
+                branch: None,
             })
             .collect(),
     );

@@ -2,6 +2,7 @@
 //! and the `CNI_ARGS` key-value pairs. Everything is validated before anything is touched.
 
 use crate::error::{CniError, Code};
+use datapath::branch::Enforcing;
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -27,6 +28,8 @@ struct RawConf {
     enable_ipv6: Option<bool>,
     #[serde(rename = "enableV4Egress")]
     enable_v4_egress: Option<bool>,
+    #[serde(rename = "podSGEnforcingMode")]
+    pod_sg_enforcing_mode: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -38,8 +41,8 @@ pub struct ValidAttachment {
 }
 
 /// The plugin's configuration, as upstream's conflist spells it (upstream-plugin.md §1.2), plus
-/// `ipamdSocket`, where to reach the daemon. Keys it does not use (`podSGEnforcingMode`,
-/// `pluginLogLevel`, `capabilities`, ...) pass, as the spec asks.
+/// `ipamdSocket`, where to reach the daemon. Keys it does not use (`pluginLogLevel`,
+/// `capabilities`, ...) pass, as the spec asks.
 #[derive(Debug, Clone)]
 pub struct NetConf {
     pub cni_version: String,
@@ -55,6 +58,9 @@ pub struct NetConf {
     pub ipv6: bool,
     /// `enableV4Egress` (ENABLE_V4_EGRESS, default true): an IPv6 pod also gets `v4if0`.
     pub v4_egress: bool,
+    /// `podSGEnforcingMode` (POD_SECURITY_GROUP_ENFORCING_MODE, default strict): how a pod with a
+    /// branch ENI is wired.
+    pub pod_sg_enforcing: Enforcing,
 }
 
 impl NetConf {
@@ -102,6 +108,16 @@ impl NetConf {
             None => DEFAULT_MTU,
             Some(value) => parse_mtu(&value)?,
         };
+        let pod_sg_enforcing = match raw.pod_sg_enforcing_mode.as_deref() {
+            None | Some("strict") => Enforcing::Strict,
+            Some("standard") => Enforcing::Standard,
+            Some(other) => {
+                return Err(CniError::new(
+                    Code::InvalidConfig,
+                    format!("podSGEnforcingMode {other:?} must be strict or standard"),
+                ))
+            }
+        };
         Ok(Self {
             cni_version,
             name,
@@ -118,6 +134,7 @@ impl NetConf {
             valid_attachments: raw.valid_attachments,
             ipv6: raw.enable_ipv6.unwrap_or(false),
             v4_egress: raw.enable_v4_egress.unwrap_or(true),
+            pod_sg_enforcing,
         })
     }
 

@@ -10,6 +10,7 @@ mod error;
 mod result;
 
 use conf::{Env, K8sArgs, NetConf, SUPPORTED_VERSIONS};
+use datapath::branch::{BranchLink, Enforcing};
 use datapath::netns::NetNs;
 use datapath::pod::{self, AddError, Family, HostRoutes, PodAddress, PodLink, PodNetwork};
 use error::{CniError, Code};
@@ -138,6 +139,26 @@ fn family(env: &Env, conf: &NetConf, args: &K8sArgs) -> Family {
     }
 }
 
+/// A branch ENI as `datapath::branch` wires it.
+fn branch_link(
+    address: std::net::IpAddr,
+    branch: proto::BranchAllocation,
+) -> Result<BranchLink, CniError> {
+    let std::net::IpAddr::V4(address) = address else {
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            format!("vpc-ipamd gave the branch ENI an IPv6 address ({address}): IPv6 branch pods are not supported"),
+        ));
+    };
+    Ok(BranchLink {
+        vlan: branch.vlan,
+        mac: branch.mac,
+        address,
+        subnet: (branch.subnet, branch.subnet_len),
+        trunk_mac: branch.trunk_mac,
+    })
+}
+
 /// The daemon's answer as the pod's address, if it is what the configuration prepared the pod for.
 fn pod_address(conf: &NetConf, allocation: proto::Allocation) -> Result<PodAddress, CniError> {
     let wanted_egress = conf.ipv6 && conf.v4_egress;
@@ -153,11 +174,21 @@ fn pod_address(conf: &NetConf, allocation: proto::Allocation) -> Result<PodAddre
             ),
         ));
     }
+    let host_routes = match allocation.branch {
+        Some(branch) => {
+            branch_link(allocation.address, branch)?;
+            match conf.pod_sg_enforcing {
+                Enforcing::Strict => HostRoutes::Table,
+                Enforcing::Standard => HostRoutes::Main,
+            }
+        }
+        None => HostRoutes::Main,
+    };
     Ok(PodAddress {
         address: allocation.address,
         route_table: allocation.route_table,
         egress_v4: allocation.egress_v4,
-        host_routes: HostRoutes::Main,
+        host_routes,
     })
 }
 
@@ -211,10 +242,13 @@ fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<String, CniError> {
             ));
         }
     };
+    // A branch ENI (security groups for pods) is wired once the pod is: its VLAN comes last.
+    let branch = std::cell::Cell::new(None);
     let allocate = || match proto::call(&conf.ipamd_socket, &request, ADD_TIMEOUT)
         .map_err(|e| daemon_error(conf, e))?
     {
         Reply::Added { allocation } => {
+            branch.set(allocation.branch);
             pod_address(conf, allocation).inspect_err(|_| give_back(allocation.address))
         }
         Reply::Error { kind, message } => Err(reply_error(kind, message)),
@@ -233,6 +267,17 @@ fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<String, CniError> {
             return Err(error.into());
         }
     };
+    if let Some(b) = branch.get() {
+        let b = branch_link(allocated.address, b)?;
+        if let Err(e) = datapath::branch::finish(&link.host_veth, &b, conf.pod_sg_enforcing) {
+            give_back(allocated.address);
+            return Err(e.into());
+        }
+        log.write(&format!(
+            "branch ENI: VLAN {} ({:?})",
+            b.vlan, conf.pod_sg_enforcing
+        ));
+    }
     log.write(&format!(
         "added {} table {} on {} (IPv4 egress {:?})",
         allocated.address, allocated.route_table, link.host_veth, allocated.egress_v4
@@ -293,11 +338,22 @@ fn del(env: &Env, conf: &NetConf, log: &Log) -> Result<(), CniError> {
         .as_ref()
         .map(|r| r.host_veth.clone())
         .unwrap_or_else(|| host_veth(env, conf, &args));
-    if let Some(address) = released
-        .map(|a| a.address)
-        .or_else(|| recorded.as_ref().map(|r| r.address))
-    {
-        pod::remove(&host_veth, address)?;
+    match released {
+        Some(proto::Allocation {
+            address,
+            branch: Some(branch),
+            ..
+        }) => datapath::branch::remove(&host_veth, &branch_link(address, branch)?)?,
+        // Without the daemon, a branch pod's VLAN link and table stay for the daemon's own
+        // clean-up; its address's routes go now.
+        _ => {
+            if let Some(address) = released
+                .map(|a| a.address)
+                .or_else(|| recorded.as_ref().map(|r| r.address))
+            {
+                pod::remove(&host_veth, address)?;
+            }
+        }
     }
     // The egress pair itself goes with the pod's namespace; its route is taken now, as its
     // address may be given to the next pod.

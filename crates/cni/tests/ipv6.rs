@@ -106,6 +106,7 @@ fn v6_server(pods: &[(u16, u8)]) -> AddressServer {
                 device_number: 0,
                 route_table: 254,
                 egress_v4: Some(egress_ip(egress)),
+                branch: None,
             })
             .collect(),
     )
@@ -383,6 +384,7 @@ fn a_daemon_and_a_conflist_of_different_families_fail_the_add_and_leave_nothing(
         device_number: 0,
         route_table: 254,
         egress_v4: None,
+        branch: None,
     }]);
     let run = plugin(
         Some(&vpc.node),

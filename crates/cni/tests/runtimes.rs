@@ -210,6 +210,7 @@ fn ipv6() -> Family {
             device_number: 0,
             route_table: 254,
             egress_v4: Some(Ipv4Addr::new(169, 254, 172, 2)),
+            branch: None,
         }]),
         pod: POD_IP6.into(),
         node: NODE_IP6.into(),

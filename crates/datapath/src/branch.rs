@@ -39,8 +39,8 @@ pub struct BranchLink {
     pub address: Ipv4Addr,
     /// The branch's subnet, whose first address is its router.
     pub subnet: (Ipv4Addr, u8),
-    /// The trunk ENI's link on the host.
-    pub trunk: String,
+    /// The trunk ENI's MAC: its link on the host, whatever its name, carries the VLAN.
+    pub trunk_mac: [u8; 6],
 }
 
 /// `vlan.eth.<vlan>`, upstream's name.
@@ -81,7 +81,7 @@ pub fn add(
         )));
     }
     let table = route_table(branch.vlan);
-    let wired = add_vlan(branch, enforcing).and_then(|()| {
+    let wired = wire_vlan(branch, enforcing).and_then(|()| {
         let address = PodAddress {
             address: IpAddr::V4(branch.address),
             route_table: table,
@@ -103,9 +103,19 @@ pub fn add(
     wired
 }
 
+/// The plugin's second half, once the pod is wired with [`crate::pod::add`] for a branch: its
+/// VLAN. When that fails, the pod's host state goes, its veth too, and the error is returned.
+pub fn finish(host_veth: &str, branch: &BranchLink, enforcing: Enforcing) -> Result<()> {
+    wire_vlan(branch, enforcing).inspect_err(|_| {
+        let _ = remove(host_veth, branch);
+        let _ = pod::remove_veth(host_veth);
+    })
+}
+
 /// The VLAN link (created, or taken over when it is there with the branch's MAC), its table's
-/// routes, and in strict mode its rule.
-fn add_vlan(branch: &BranchLink, enforcing: Enforcing) -> Result<()> {
+/// routes, and in strict mode its rule. The plugin calls it once the pod is wired ([`add`] does
+/// both, in the other order).
+pub fn wire_vlan(branch: &BranchLink, enforcing: Enforcing) -> Result<()> {
     let name = vlan_link(branch.vlan);
     let table = route_table(branch.vlan);
     nl::run(|handle| async move {
@@ -136,20 +146,27 @@ fn add_vlan(branch: &BranchLink, enforcing: Enforcing) -> Result<()> {
 }
 
 async fn create_vlan(handle: &Handle, branch: &BranchLink, name: &str) -> Result<u32> {
-    let Some(trunk) = nl::link_by_name(handle, &branch.trunk).await? else {
-        return Err(Error::Invalid(format!(
-            "the trunk ENI's link {} is not on the host",
-            branch.trunk
-        )));
-    };
+    let trunk = nl::all_links(handle)
+        .await?
+        .into_iter()
+        .find(|l| nl::link_mac(l) == Some(&branch.trunk_mac[..]))
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "the trunk ENI ({}) has no link on the host",
+                nl::mac_string(&branch.trunk_mac)
+            ))
+        })?;
+    let trunk_name = nl::link_name(&trunk).unwrap_or_default().to_string();
     let vlan = LinkVlan::new(name, trunk.header.index, branch.vlan)
         .address(branch.mac.to_vec())
         .build();
     match handle.link().add(vlan).execute().await {
-        Err(e) if nl::errno(&e) == Some(libc::EOPNOTSUPP) => return Err(Error::Invalid(format!(
+        Err(e) if nl::errno(&e) == Some(libc::EOPNOTSUPP) => {
+            return Err(Error::Invalid(format!(
             "this kernel cannot create VLAN links (no 802.1Q support): {name} for the branch ENI"
-        ))),
-        other => other.context(|| format!("creating VLAN {name} on {}", branch.trunk))?,
+        )))
+        }
+        other => other.context(|| format!("creating VLAN {name} on {trunk_name}"))?,
     }
     nl::link_by_name(handle, name)
         .await?

@@ -592,7 +592,7 @@ pub fn remove_egress(egress_veth: &str, address: Ipv4Addr) -> Result<()> {
 }
 
 /// Removes a host veth, and with it the pod's end. Idempotent.
-fn remove_veth(host_veth: &str) -> Result<()> {
+pub(crate) fn remove_veth(host_veth: &str) -> Result<()> {
     nl::run(|handle| async move {
         if let Some(link) = nl::link_by_name(&handle, host_veth).await? {
             tolerate_missing(handle.link().del(link.header.index).execute().await)

@@ -162,6 +162,7 @@ fn allocation(a: &Assignment) -> Allocation {
         device_number: a.device_number,
         route_table: a.route_table,
         egress_v4: None,
+        branch: None,
     }
 }
 
@@ -172,6 +173,7 @@ fn v6_allocation(a: &V6Assignment) -> Allocation {
         device_number: 0,
         route_table: datapath::MAIN_TABLE,
         egress_v4: a.egress_v4,
+        branch: None,
     }
 }
 

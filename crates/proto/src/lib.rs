@@ -93,6 +93,22 @@ pub struct Allocation {
     /// out), when ENABLE_V4_EGRESS is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_v4: Option<Ipv4Addr>,
+    /// Security groups for pods: the pod's own branch ENI, whose address `address` is; the plugin
+    /// wires the pod through the trunk instead of the node's ENIs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<BranchAllocation>,
+}
+
+/// A pod's branch ENI, as the plugin wires it (upstream's `vpc.amazonaws.com/pod-eni` entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchAllocation {
+    pub vlan: u16,
+    pub mac: [u8; 6],
+    /// The branch's subnet: its first address is the router.
+    pub subnet: Ipv4Addr,
+    pub subnet_len: u8,
+    /// The trunk ENI's MAC: its link on the host carries the branch's VLAN.
+    pub trunk_mac: [u8; 6],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -425,6 +441,7 @@ mod tests {
                         device_number: 1,
                         route_table: 2,
                         egress_v4: None,
+                        branch: None,
                     },
                 },
                 _ => Reply::Error {
@@ -444,6 +461,7 @@ mod tests {
                     device_number: 1,
                     route_table: 2,
                     egress_v4: None,
+                    branch: None,
                 }
             }
         );
@@ -458,6 +476,7 @@ mod tests {
                 device_number: 1,
                 route_table: 2,
                 egress_v4: None,
+                branch: None,
             },
         };
         assert_eq!(serde_json::to_string(&v4).unwrap(), written);
@@ -467,6 +486,7 @@ mod tests {
             device_number: 0,
             route_table: 254,
             egress_v4: Some(Ipv4Addr::new(169, 254, 172, 9)),
+            branch: None,
         };
         let text = serde_json::to_string(&v6).unwrap();
         assert!(text.contains(r#""address":"2600:1f14::7""#), "{text}");

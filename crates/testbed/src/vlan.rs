@@ -9,7 +9,7 @@
 //!
 //! The programs are a dozen instructions each, assembled here: no compiler, no loader library.
 
-use crate::netns::{ip, Netns};
+use crate::netns::ip;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// One eBPF instruction as the kernel reads it (`struct bpf_insn`).
@@ -168,37 +168,41 @@ pub struct VlanPort {
     _links: [OwnedFd; 2],
 }
 
-/// Creates `name` in `netns` as VLAN `vlan` of `parent`, with `mac`, up.
+/// Creates `name` in the named namespace `netns` as VLAN `vlan` of `parent`, with `mac`, up.
 pub fn add(
-    netns: &Netns,
+    netns: &str,
     parent: &str,
     vlan: u16,
     name: &str,
     mac: &str,
 ) -> Result<VlanPort, String> {
     let peer = format!("vp{vlan}.{}", parent.chars().take(8).collect::<String>());
-    let n = netns.name.as_str();
+    let n = netns;
     ip(&[
         "-n", n, "link", "add", name, "address", mac, "type", "veth", "peer", "name", &peer,
     ])?;
     for link in [name, peer.as_str()] {
         ip(&["-n", n, "link", "set", link, "up"])?;
     }
-    let links = netns.run(|| -> Result<[OwnedFd; 2], String> {
-        let index = |link: &str| {
-            let c = std::ffi::CString::new(link).map_err(|e| e.to_string())?;
-            // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
-            match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-                0 => Err(format!("{link} is not in {n}")),
-                i => Ok(i),
-            }
-        };
-        let (parent_index, peer_index) = (index(parent)?, index(&peer)?);
-        Ok([
-            attach_ingress(&load(&tag(vlan, parent_index))?, peer_index)?,
-            attach_ingress(&load(&untag(vlan, peer_index))?, parent_index)?,
-        ])
-    })??;
+    let namespace =
+        datapath::netns::NetNs::open(format!("/var/run/netns/{n}")).map_err(|e| e.to_string())?;
+    let links = namespace
+        .run(|| -> Result<[OwnedFd; 2], String> {
+            let index = |link: &str| {
+                let c = std::ffi::CString::new(link).map_err(|e| e.to_string())?;
+                // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+                match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+                    0 => Err(format!("{link} is not in {n}")),
+                    i => Ok(i),
+                }
+            };
+            let (parent_index, peer_index) = (index(parent)?, index(&peer)?);
+            Ok([
+                attach_ingress(&load(&tag(vlan, parent_index))?, peer_index)?,
+                attach_ingress(&load(&untag(vlan, peer_index))?, parent_index)?,
+            ])
+        })
+        .map_err(|e| e.to_string())??;
     Ok(VlanPort {
         name: name.to_string(),
         _links: links,

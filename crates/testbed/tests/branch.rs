@@ -15,6 +15,7 @@ use testbed::vlan::{self, VlanPort};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
 const ROUTER: &str = "10.0.0.1";
+const TRUNK_MAC: [u8; 6] = [0x02, 0x7a, 0, 0, 0, 1];
 
 fn root(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -67,6 +68,15 @@ impl Vpc {
                 n,
             ],
             vec!["-n", r, "link", "set", "trunk", "up"],
+            vec![
+                "-n",
+                n,
+                "link",
+                "set",
+                "trunk",
+                "address",
+                &mac_text(TRUNK_MAC),
+            ],
             vec!["-n", n, "link", "set", "trunk", "up"],
         ] {
             ip(&args).unwrap();
@@ -94,7 +104,7 @@ impl Vpc {
         let port = format!("br{vlan}");
         self.ports.push(
             vlan::add(
-                &self.router,
+                &self.router.name,
                 "trunk",
                 vlan,
                 &port,
@@ -131,8 +141,16 @@ impl Vpc {
         ] {
             ip(&args).unwrap();
         }
-        self.ports
-            .push(vlan::add(&self.node, "trunk", vlan, &branch::vlan_link(vlan), &mac).unwrap());
+        self.ports.push(
+            vlan::add(
+                &self.node.name,
+                "trunk",
+                vlan,
+                &branch::vlan_link(vlan),
+                &mac,
+            )
+            .unwrap(),
+        );
         self.branch_link(vlan)
     }
 
@@ -142,7 +160,7 @@ impl Vpc {
             mac: branch_mac(vlan),
             address: pod_ip(vlan),
             subnet: (Ipv4Addr::new(10, 0, 0, 0), 24),
-            trunk: "trunk".into(),
+            trunk_mac: TRUNK_MAC,
         }
     }
 

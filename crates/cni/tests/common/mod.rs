@@ -69,6 +69,7 @@ impl AddressServer {
                     device_number,
                     route_table,
                     egress_v4: None,
+                    branch: None,
                 })
                 .collect(),
         )
