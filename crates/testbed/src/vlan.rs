@@ -161,6 +161,10 @@ fn attach_ingress(program: &OwnedFd, ifindex: u32) -> Result<OwnedFd, String> {
     bpf(BPF_LINK_CREATE, &mut attr).map_err(|e| format!("attaching with TCX: {e}"))
 }
 
+/// VLANs one parent can carry here: each is a TCX program on the parent's ingress, and the kernel
+/// takes at most 64 per hook.
+pub const MAX_PER_PARENT: usize = 60;
+
 /// An emulated VLAN sub-interface; its programs stay attached while it lives.
 #[derive(Debug)]
 pub struct VlanPort {
