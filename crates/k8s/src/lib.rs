@@ -9,6 +9,7 @@ mod config_map;
 mod eniconfig;
 mod events;
 mod node;
+mod pod_eni;
 mod pods;
 mod policy_endpoints;
 mod policy_inputs;
@@ -19,6 +20,7 @@ pub use config_map::Data as ConfigMapData;
 pub use eniconfig::{EniConfig, EniConfigBody, EniConfigSelection};
 pub use events::Reporter;
 pub use node::NodeView;
+pub use pod_eni::{pod_eni_of, requests_pod_eni, PodEni, PodEniError, POD_ENI_RESOURCE};
 pub use pods::{PodRef, PodSnapshot};
 
 use k8s_openapi::api::core::v1::Node;

@@ -26,6 +26,7 @@ const KINDS: &[(&str, &str, bool, &str)] = &[
         "NetworkPolicy",
     ),
     ("eniconfigs", "crd.k8s.amazonaws.com", false, "ENIConfig"),
+    ("cninodes", "vpcresources.k8s.aws", false, "CNINode"),
     (
         "policyendpoints",
         "networking.k8s.aws",
@@ -77,7 +78,9 @@ fn kind_of(resource: &str) -> Option<(&'static str, &'static str, bool, &'static
 fn api_version(group: &str) -> String {
     match group {
         "" => "v1".to_string(),
-        "crd.k8s.amazonaws.com" | "networking.k8s.aws" => format!("{group}/v1alpha1"),
+        "crd.k8s.amazonaws.com" | "networking.k8s.aws" | "vpcresources.k8s.aws" => {
+            format!("{group}/v1alpha1")
+        }
         _ => format!("{group}/v1"),
     }
 }
@@ -408,6 +411,7 @@ fn answer(shared: &Shared, request: &Request) -> (u16, Value) {
         ("GET", Some(_)) => "get",
         ("GET", None) => "list",
         ("POST", None) => "create",
+        ("PATCH", Some(_)) => "patch",
         _ => return status(405, "MethodNotAllowed", "not served here"),
     };
     let mut store = shared.store.lock().expect("store");
@@ -429,6 +433,28 @@ fn answer(shared: &Shared, request: &Request) -> (u16, Value) {
                     &format!("{resource} \"{}\" not found", key.2),
                 ),
             }
+        }
+        "patch" => {
+            // A JSON merge patch (RFC 7386), the only kind the daemon sends.
+            let key = (
+                resource.to_string(),
+                namespace.clone(),
+                name.unwrap_or_default(),
+            );
+            let Some(mut object) = store.objects.get(&key).cloned() else {
+                return status(
+                    404,
+                    "NotFound",
+                    &format!("{resource} \"{}\" not found", key.2),
+                );
+            };
+            let Ok(patch) = serde_json::from_slice::<Value>(&request.body) else {
+                return status(400, "BadRequest", "the patch is not JSON");
+            };
+            merge_patch(&mut object, &patch);
+            store.put(resource, (key.1.clone(), key.2.clone()), object);
+            shared.changed.notify_all();
+            (200, store.objects[&key].clone())
         }
         "list" => {
             let items: Vec<Value> = store
@@ -484,6 +510,23 @@ fn answer(shared: &Shared, request: &Request) -> (u16, Value) {
                 201,
                 store.objects[&(resource.to_string(), namespace, name)].clone(),
             )
+        }
+    }
+}
+
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(fields) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    for (key, value) in fields {
+        if value.is_null() {
+            target.as_object_mut().expect("an object").remove(key);
+        } else {
+            merge_patch(&mut target[key.as_str()], value);
         }
     }
 }
