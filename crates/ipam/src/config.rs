@@ -455,8 +455,7 @@ impl Config {
     }
 
     /// Settings the daemon reads but does not implement yet, each named with its value: a user who
-    /// relies on one (network policy, security groups for pods) must not get a node without it and
-    /// no word. The simulator, which models only the pool, does not call this.
+    /// relies on one must not get a node without it and no word. The simulator, which models only the pool, does not call this.
     pub fn unsupported_by_daemon(&self) -> Result<(), ConfigError> {
         let refuse = |name: &'static str, value: &str, what: &str| {
             Err(Env::invalid(
@@ -468,11 +467,12 @@ impl Config {
                 ),
             ))
         };
-        if self.pod_eni {
+        if self.warm_branch_target > 0 {
             return refuse(
-                "ENABLE_POD_ENI",
-                "true",
-                "security groups for pods (branch ENIs)",
+                "WARM_BRANCH_TARGET",
+                &self.warm_branch_target.to_string(),
+                "making branch ENIs on the node (standalone security groups for pods; on EKS the \
+                 VPC resource controller makes them)",
             );
         }
         if self.annotate_pod_ip {
@@ -753,8 +753,19 @@ mod tests {
     #[test]
     fn settings_not_built_yet_are_refused_by_name() {
         assert_eq!(Config::default().unsupported_by_daemon(), Ok(()));
+        let eks = cfg(&[("ENABLE_POD_ENI", "true")]).unwrap();
+        assert_eq!(
+            eks.unsupported_by_daemon(),
+            Ok(()),
+            "security groups for pods on EKS"
+        );
+        let standalone = cfg(&[("ENABLE_POD_ENI", "true"), ("WARM_BRANCH_TARGET", "2")])
+            .unwrap()
+            .unsupported_by_daemon()
+            .unwrap_err()
+            .to_string();
+        assert!(standalone.contains("WARM_BRANCH_TARGET"), "{standalone}");
         for (name, value) in [
-            ("ENABLE_POD_ENI", "true"),
             ("ENABLE_MULTI_NIC", "true"),
             ("ENABLE_IMDS_ONLY_MODE", "true"),
             ("ANNOTATE_POD_IP", "true"),

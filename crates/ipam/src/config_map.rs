@@ -369,14 +369,14 @@ mod tests {
 
     #[test]
     fn a_setting_the_daemon_refuses_is_dropped_with_the_checks_reason() {
-        let s = ClusterSettings::from_data(&data(&[("enable-pod-eni", "true")]));
+        let s = ClusterSettings::from_data(&data(&[("annotate-pod-ip", "true")]));
         let (config, taken) = layered(&s, &ClusterSettings::default(), &|_| None, &|c| {
             c.unsupported_by_daemon()
         })
         .unwrap();
-        assert!(!config.pod_eni);
+        assert!(!config.annotate_pod_ip);
         assert!(
-            taken.refused[0].starts_with("enable-pod-eni=\"true\": security groups for pods"),
+            taken.refused[0].starts_with("annotate-pod-ip=\"true\": annotating pods"),
             "{:?}",
             taken.refused
         );

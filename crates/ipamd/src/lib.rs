@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod branches;
 pub mod control;
 pub mod executor;
 pub mod http;

@@ -161,7 +161,9 @@ fn main() -> ExitCode {
         .build()
         .expect("a tokio runtime");
     if args.init_node {
-        return match runtime.block_on(startup::init_node(config.ipv6)) {
+        let strict_branches =
+            config.pod_eni && config.pod_sg_enforcing_mode == ipam::config::SgEnforcingMode::Strict;
+        return match runtime.block_on(startup::init_node(config.ipv6, strict_branches)) {
             Ok(link) => {
                 tracing::info!(primary = %link, ipv6 = %config.ipv6, "node sysctls set");
                 ExitCode::SUCCESS
@@ -217,6 +219,34 @@ fn report_refused_settings(args: &Args, message: &str) {
     });
     if let Err(why) = sent {
         eprintln!("vpc-ipamd: could not send the StartFailed Event: {why}");
+    }
+}
+
+/// Security groups for pods: the SecurityGroupsForPods feature on this node's CNINode, so that the
+/// VPC resource controller attaches a trunk ENI; tried until it takes (the controller makes the
+/// CNINode when the node joins), with one Warning Event while it does not.
+async fn ask_for_a_trunk(cluster: Arc<Cluster>) {
+    let mut warned = false;
+    loop {
+        match cluster.enable_security_groups_for_pods().await {
+            Ok(added) => {
+                tracing::info!(added, "CNINode has SecurityGroupsForPods");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "CNINode");
+                if !warned {
+                    warned = true;
+                    if let Err(why) = cluster
+                        .warn_now("SecurityGroupsForPods", &e.to_string())
+                        .await
+                    {
+                        tracing::warn!(error = %why, "could not send the Event");
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
     }
 }
 
@@ -426,9 +456,26 @@ async fn run(
         );
     }
 
+    let branches = if config.pod_eni {
+        let Some((cluster, _)) = &cluster else {
+            return Err("ENABLE_POD_ENI=true needs the Kubernetes API server (in a cluster, or KUBECONFIG): pods' branch ENIs are in their annotations, which the VPC resource controller writes; this daemon does not make branch ENIs itself yet".into());
+        };
+        tokio::spawn(ask_for_a_trunk(cluster.clone()));
+        Some(Arc::new(ipamd::branches::Branches::new(
+            Box::new(cluster.clone()),
+            Box::new(ipamd::branches::Ec2Trunk {
+                executor: started.executor.clone(),
+                instance_id: started.identity.instance_id.clone(),
+            }),
+            started.trunk_mac,
+            ipamd::branches::ANNOTATION_PATIENCE,
+        )))
+    } else {
+        None
+    };
     let listener = Listener::bind(&args.socket)
         .map_err(|e| format!("plugin socket {}: {e}", args.socket.display()))?;
-    ipamd::plugin_socket::spawn(listener, events.clone()).map_err(|e| e.to_string())?;
+    ipamd::plugin_socket::spawn(listener, events.clone(), branches).map_err(|e| e.to_string())?;
     if !config.disable_introspection {
         let listener = tokio::net::TcpListener::bind(&config.introspection_bind)
             .await

@@ -2,22 +2,31 @@
 //! the control loop's answer (a request is a few hundred bytes and the answer comes from memory, so
 //! a thread is cheaper than an async runtime's machinery for it; see docs/architecture.md).
 
+use crate::branches::Branches;
 use crate::control::Event;
 use proto::{ErrorKind, Listener, Reply};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-/// Serves `listener` on a thread of its own until the process ends.
+/// Serves `listener` on a thread of its own until the process ends. With `branches` (security
+/// groups for pods), a branch pod's ADD and DEL are answered here, on the caller's runtime.
 pub fn spawn(
     listener: Listener,
     events: mpsc::UnboundedSender<Event>,
+    branches: Option<Arc<Branches>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let branches = branches.map(|b| (b, tokio::runtime::Handle::current()));
     std::thread::Builder::new()
         .name("plugin-socket".into())
-        .spawn(move || accept(listener, events))
+        .spawn(move || accept(listener, events, branches))
 }
 
-fn accept(listener: Listener, events: mpsc::UnboundedSender<Event>) {
+fn accept(
+    listener: Listener,
+    events: mpsc::UnboundedSender<Event>,
+    branches: Option<(Arc<Branches>, tokio::runtime::Handle)>,
+) {
     loop {
         let stream = match listener.accept() {
             Ok(s) => s,
@@ -28,12 +37,33 @@ fn accept(listener: Listener, events: mpsc::UnboundedSender<Event>) {
             }
         };
         let events = events.clone();
+        let branches = branches.clone();
         let _ = std::thread::Builder::new()
             .name("plugin-request".into())
             .stack_size(128 * 1024)
             .spawn(move || {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
                 let _ = proto::serve_one(&stream, |request| {
+                    if let Some((branches, runtime)) = &branches {
+                        // On the runtime's threads: this one's stack is small, and reading the
+                        // pod takes the Kubernetes client's.
+                        let (branches, asked) = (branches.clone(), request.clone());
+                        let (tx, answer) = oneshot::channel();
+                        runtime.spawn(async move {
+                            let _ = tx.send(branches.answer(&asked).await);
+                        });
+                        match answer.blocking_recv() {
+                            Ok(Some(reply)) => return reply,
+                            Ok(None) => {}
+                            // Not an address of the pool for a pod that may want a branch.
+                            Err(_) => {
+                                return Reply::Error {
+                                    kind: ErrorKind::Unavailable,
+                                    message: "the pod's branch ENI could not be looked up".into(),
+                                }
+                            }
+                        }
+                    }
                     let (reply, answer) = oneshot::channel();
                     if events.send(Event::Plugin { request, reply }).is_err() {
                         return Reply::Error {

@@ -65,12 +65,16 @@ pub struct Started {
     pub executor: Arc<Executor>,
     pub identity: Identity,
     pub vpc_id: String,
+    /// The trunk ENI's MAC (security groups for pods), when one was attached at start.
+    pub trunk_mac: Option<[u8; 6]>,
 }
 
 /// What the privileged init container does before the daemon's container starts without privileges:
 /// the node's sysctls (/proc/sys is read-only in a container that is not privileged), on the link
 /// that has the primary ENI's MAC. Returns that link's name.
-pub async fn init_node(ipv6: bool) -> Result<String, StartError> {
+/// With `strict_branches` (ENABLE_POD_ENI in strict mode), the node's part of wiring branch pods:
+/// the `local` rule moved below theirs and TCP's early demultiplexing off.
+pub async fn init_node(ipv6: bool, strict_branches: bool) -> Result<String, StartError> {
     let (identity, _) = fetch_identity().await?;
     let mac = executor::parse_mac(&identity.primary_mac).ok_or_else(|| {
         StartError::Config(format!(
@@ -91,6 +95,9 @@ pub async fn init_node(ipv6: bool) -> Result<String, StartError> {
     if ipv6 {
         let link = primary.clone();
         blocking(move || node::setup_host_v6(&link)).await?;
+    }
+    if strict_branches {
+        blocking(datapath::branch::setup_strict_node).await?;
     }
     Ok(primary)
 }
@@ -313,6 +320,10 @@ pub async fn start(
             ))
         })?
         .clone();
+    let trunk_mac = attached
+        .iter()
+        .find(|e| e.interface_type == ipam::ownership::InterfaceType::Trunk)
+        .and_then(|e| executor::parse_mac(&e.mac));
     // Which attached ENIs are ours: the others are never configured, assigned from, released or
     // freed, only counted against the instance's ENI limit (and their device index avoided).
     let roles: HashMap<String, Role> = attached
@@ -661,5 +672,6 @@ pub async fn start(
         executor,
         identity,
         vpc_id: primary.vpc_id.clone(),
+        trunk_mac,
     })
 }

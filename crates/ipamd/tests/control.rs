@@ -676,7 +676,7 @@ async fn the_plugin_socket_serves_root_and_refuses_anyone_else() {
     let node = start(Setup::default());
     let socket = node._dir.path().join("run/ipamd.sock");
     let listener = proto::Listener::bind(&socket).unwrap();
-    ipamd::plugin_socket::spawn(listener, node.events.clone()).unwrap();
+    ipamd::plugin_socket::spawn(listener, node.events.clone(), None).unwrap();
     let root = std::fs::metadata(node._dir.path().join("a-file"))
         .unwrap()
         .uid()

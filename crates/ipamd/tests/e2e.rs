@@ -2450,3 +2450,99 @@ fn a_failed_flow_cut_is_tried_again() {
     }
     tb.stop_daemon(0, Stop::Term).unwrap();
 }
+
+/// Security groups for pods on EKS: the daemon asks for a trunk through the node's CNINode, and
+/// answers a pod the controller annotated with its branch (the trunk's MAC from EC2), at ADD and at
+/// DEL, through its real socket; other pods still take the pool's addresses.
+#[test]
+fn a_branch_pod_is_answered_from_its_annotation_and_the_cninode_asks_for_a_trunk() {
+    let mut options = Options {
+        instance_type: "m5.xlarge".into(),
+        preattached: vec![pre(
+            1,
+            "trunk",
+            0,
+            &[("node.k8s.amazonaws.com/no_manage", "false")],
+        )],
+        ..options(&[
+            ("ENABLE_POD_ENI", "true"),
+            ("POD_SECURITY_GROUP_ENFORCING_MODE", "standard"),
+        ])
+    };
+    options.kubernetes = true;
+    let Some(mut tb) = testbed("a_branch_pod_is_answered_from_its_annotation", options) else {
+        return;
+    };
+    let node = tb.nodes[0].name.clone();
+    kube(&tb).apply(
+        "cninodes",
+        serde_json::json!({"metadata": {"name": node}, "spec": {"features": []}}),
+    );
+    let trunk = node0_enis(&tb, |d| d == 1)[0].0.clone();
+    let trunk_mac: [u8; 6] = {
+        let model = tb.vpc_model();
+        let vpc = model.lock().unwrap();
+        let mac = &vpc.interfaces().find(|e| e.id == trunk).unwrap().mac;
+        ipam::choreography::parse_mac(mac).unwrap()
+    };
+    tb.start_daemon(0).unwrap();
+    wait_for("SecurityGroupsForPods on the CNINode", || {
+        kube(&tb).objects("cninodes")[0]["spec"]["features"]
+            == serde_json::json!([{"name": "SecurityGroupsForPods"}])
+    });
+
+    kube(&tb).apply(
+        "pods",
+        serde_json::json!({"metadata": {"namespace": "shop", "name": "db-0", "annotations": {
+            "vpc.amazonaws.com/pod-eni": r#"[{"eniId":"eni-0b1","ifAddress":"02:00:00:00:00:0b","privateIp":"10.0.3.77","vlanId":4,"subnetCidr":"10.0.0.0/16","associationID":"trunk-assoc-1"}]"#}},
+            "spec": {"nodeName": node, "containers": [{"name": "db", "image": "x",
+                "resources": {"limits": {"vpc.amazonaws.com/pod-eni": "1"}}}]}}),
+    );
+    let attachment = proto::Attachment {
+        container_id: "sandbox-db-0".into(),
+        ifname: "eth0".into(),
+        network: "aws-cni".into(),
+    };
+    let pod = proto::PodRef {
+        namespace: "shop".into(),
+        name: "db-0".into(),
+        infra_container_id: String::new(),
+        uid: String::new(),
+    };
+    let socket = tb.nodes[0].socket();
+    let log = tb.nodes[0].daemon_log();
+    let call = |request: &proto::Request| {
+        proto::call(&socket, request, Duration::from_secs(15)).unwrap_or_else(|e| {
+            panic!(
+                "{e}; the daemon's log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })
+    };
+    let proto::Reply::Added { allocation } = call(&proto::Request::Add {
+        attachment: attachment.clone(),
+        pod: pod.clone(),
+        netns: "/var/run/netns/none".into(),
+    }) else {
+        panic!("a branch pod's ADD")
+    };
+    assert_eq!(allocation.address.to_string(), "10.0.3.77");
+    let branch = allocation.branch.expect("the branch");
+    assert_eq!((branch.vlan, branch.trunk_mac), (4, trunk_mac));
+    assert_eq!(allocation.route_table, 104);
+    let proto::Reply::Deleted { released } = call(&proto::Request::Del {
+        attachment,
+        pod: Some(pod),
+        reason: proto::DelReason::PodDeleted,
+    }) else {
+        panic!("a branch pod's DEL")
+    };
+    assert_eq!(released, Some(allocation));
+
+    // A pod without security groups: an address of the pool, wired and reachable as ever.
+    let web = tb.add_pod(0).unwrap();
+    let pool: ipam::Ipv4Cidr = "10.0.0.0/16".parse().unwrap();
+    assert!(pool.contains(ipv4(&web)));
+    tb.del_pod(web).unwrap();
+    tb.stop_daemon(0, Stop::Term).unwrap();
+}

@@ -26,7 +26,7 @@ pub enum PodEni {
     NotRequested,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PodEniError {
     #[error("pod {0} asks for {POD_ENI_RESOURCE} but the VPC resource controller has not annotated it with its branch ENI after {1:?}; is the controller running, and does the node have a trunk ENI?")]
     NotYetAnnotated(String, Duration),

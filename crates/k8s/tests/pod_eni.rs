@@ -65,7 +65,10 @@ async fn the_cninode_feature_and_the_pod_annotation() {
         json!([{"name": "CustomNetworking", "value": "pods-a"}, {"name": "SecurityGroupsForPods"}]),
         "the features already there are kept"
     );
-    assert!(!cluster.enable_security_groups_for_pods().await.unwrap(), "once");
+    assert!(
+        !cluster.enable_security_groups_for_pods().await.unwrap(),
+        "once"
+    );
 
     // A pod that asks for nothing takes the node's addresses; an annotated one its branch.
     api.apply("pods", pod("web", false, None));

@@ -15,6 +15,7 @@ const OVERLAYS: &[&str] = &[
     "ipv6",
     "network-policy",
     "network-policy-eks",
+    "security-groups-for-pods",
 ];
 
 fn root() -> PathBuf {

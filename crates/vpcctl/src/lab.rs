@@ -248,8 +248,21 @@ pub fn run(command: Command) -> Result<(), String> {
                     .find(|(n, _)| n == k)
                     .map(|(_, v)| v.clone())
             })
-            .and_then(|c| c.unsupported_by_daemon())
-            .map_err(|e| format!("--set: {e}"))?;
+            .and_then(|c| c.unsupported_by_daemon().map(|()| c))
+            .map_err(|e| format!("--set: {e}"))
+            .and_then(|c| {
+                // The demo's VPC has no resource controller to give pods branch ENIs.
+                if c.pod_eni {
+                    Err(
+                        "--set: ENABLE_POD_ENI=true: the demo has no VPC resource controller to \
+                         annotate pods with branch ENIs (security groups for pods are shown by \
+                         vpcctl simulate and the tests; docs/security-groups-for-pods.md)"
+                            .to_string(),
+                    )
+                } else {
+                    Ok(())
+                }
+            })?;
             let binaries = testbed::Binaries::locate()?;
             let options = testbed::demo::DemoOptions {
                 nodes,

@@ -1,0 +1,362 @@
+//! Security groups for pods on EKS (`ENABLE_POD_ENI=true`): the VPC resource controller gives each
+//! pod a SecurityGroupPolicy selects a branch ENI on the node's trunk and writes it in the pod's
+//! annotation; the daemon answers that pod's ADD with the branch instead of an address of its pool,
+//! and its DEL with the branch again, so that the plugin wires and unwires the pod behind its VLAN.
+//! These answers are the plugin socket's, before the control loop: a branch is the controller's, not
+//! the pool's, and reading the pod must not hold up other pods' ADDs.
+
+use cloud::{Ec2, EniQuery};
+use ipam::branch::BranchEni;
+use ipam::ownership::InterfaceType;
+use k8s::{PodEni, PodEniError};
+use proto::{Allocation, BranchAllocation, ErrorKind, Reply, Request};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How long an ADD waits for the controller's annotation on a pod that asks for a branch.
+pub const ANNOTATION_PATIENCE: Duration = Duration::from_secs(8);
+
+/// Where pods' branch ENIs are read: the API server, in the daemon.
+pub trait PodEniSource: Send + Sync {
+    fn pod_eni<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        patience: Duration,
+    ) -> BoxFuture<'a, Result<PodEni, PodEniError>>;
+}
+
+impl PodEniSource for std::sync::Arc<k8s::Cluster> {
+    fn pod_eni<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        patience: Duration,
+    ) -> BoxFuture<'a, Result<PodEni, PodEniError>> {
+        Box::pin(k8s::Cluster::pod_eni(self, namespace, name, patience))
+    }
+}
+
+/// Where the trunk ENI's MAC is found when start-up did not see a trunk (the controller attaches it
+/// after the node asked for the feature): EC2, once.
+pub trait TrunkSource: Send + Sync {
+    fn trunk_mac(&self) -> BoxFuture<'_, Result<Option<[u8; 6]>, String>>;
+}
+
+/// The trunk among the instance's ENIs, as EC2 lists them, through the executor's client.
+pub struct Ec2Trunk<E, L> {
+    pub executor: std::sync::Arc<crate::executor::Executor<E, L>>,
+    pub instance_id: String,
+}
+
+impl<E: Ec2, L: crate::executor::Links> TrunkSource for Ec2Trunk<E, L> {
+    fn trunk_mac(&self) -> BoxFuture<'_, Result<Option<[u8; 6]>, String>> {
+        Box::pin(async move {
+            let query = EniQuery {
+                filters: vec![(
+                    "attachment.instance-id".into(),
+                    vec![self.instance_id.clone()],
+                )],
+                ..EniQuery::default()
+            };
+            let enis = self
+                .executor
+                .ec2
+                .describe_network_interfaces(&query)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(enis
+                .iter()
+                .find(|e| e.interface_type == InterfaceType::Trunk)
+                .and_then(|e| crate::executor::parse_mac(&e.mac)))
+        })
+    }
+}
+
+pub struct Branches {
+    pods: Box<dyn PodEniSource>,
+    trunks: Box<dyn TrunkSource>,
+    trunk_mac: Mutex<Option<[u8; 6]>>,
+    patience: Duration,
+}
+
+fn error(kind: ErrorKind, message: String) -> Reply {
+    Reply::Error { kind, message }
+}
+
+impl Branches {
+    /// `trunk_mac`: the trunk start-up found among the node's ENIs, if any.
+    pub fn new(
+        pods: Box<dyn PodEniSource>,
+        trunks: Box<dyn TrunkSource>,
+        trunk_mac: Option<[u8; 6]>,
+        patience: Duration,
+    ) -> Branches {
+        Branches {
+            pods,
+            trunks,
+            trunk_mac: Mutex::new(trunk_mac),
+            patience,
+        }
+    }
+
+    /// The answer to a branch pod's ADD or DEL; None for any other request, which goes to the
+    /// control loop.
+    pub async fn answer(&self, request: &Request) -> Option<Reply> {
+        match request {
+            Request::Add { pod, .. } => {
+                let branches = match self
+                    .pods
+                    .pod_eni(&pod.namespace, &pod.name, self.patience)
+                    .await
+                {
+                    Ok(PodEni::NotRequested) => return None,
+                    Ok(PodEni::Branches(b)) => b,
+                    Err(e @ PodEniError::Malformed(..)) => {
+                        return Some(error(ErrorKind::BadRequest, e.to_string()))
+                    }
+                    Err(e) => return Some(error(ErrorKind::Unavailable, e.to_string())),
+                };
+                Some(match self.allocation(&branches).await {
+                    Ok(allocation) => Reply::Added { allocation },
+                    Err(e) => error(ErrorKind::Unavailable, e),
+                })
+            }
+            Request::Del { pod: Some(pod), .. } => {
+                // The pod is still there at its sandbox's DEL (its object goes once the kubelet has
+                // torn it down); when it is not, the plugin falls back to its prevResult.
+                let Ok(PodEni::Branches(branches)) = self
+                    .pods
+                    .pod_eni(&pod.namespace, &pod.name, Duration::ZERO)
+                    .await
+                else {
+                    return None;
+                };
+                let released = self.allocation(&branches).await.ok()?;
+                Some(Reply::Deleted {
+                    released: Some(released),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    async fn trunk(&self) -> Result<[u8; 6], String> {
+        if let Some(mac) = *self.trunk_mac.lock().expect("trunk") {
+            return Ok(mac);
+        }
+        let found = self.trunks.trunk_mac().await?.ok_or_else(|| {
+            "the node has no trunk ENI yet: the VPC resource controller attaches one once the node's \
+             CNINode has SecurityGroupsForPods"
+                .to_string()
+        })?;
+        *self.trunk_mac.lock().expect("trunk") = Some(found);
+        Ok(found)
+    }
+
+    /// The pod's (first) branch as the plugin wires it.
+    async fn allocation(&self, branches: &[BranchEni]) -> Result<Allocation, String> {
+        let b = branches
+            .first()
+            .ok_or("the pod's branch ENI annotation is an empty list")?;
+        let (Some(address), Some(subnet)) = (b.ipv4, b.subnet_v4) else {
+            return Err(format!(
+                "branch {} has no IPv4 address or subnet: IPv6 branch pods are not supported",
+                b.eni_id
+            ));
+        };
+        let mac = crate::executor::parse_mac(&b.mac)
+            .ok_or_else(|| format!("branch {}: MAC {:?}", b.eni_id, b.mac))?;
+        Ok(Allocation {
+            address: address.into(),
+            device_number: 0,
+            route_table: datapath::branch::route_table(b.vlan_id),
+            egress_v4: None,
+            branch: Some(BranchAllocation {
+                vlan: b.vlan_id,
+                mac,
+                subnet: subnet.addr(),
+                subnet_len: subnet.prefix_len(),
+                trunk_mac: self.trunk().await?,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::{Attachment, DelReason, PodRef};
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    const TRUNK: [u8; 6] = [0x02, 0x7a, 0, 0, 0, 1];
+
+    /// Pods by name: their annotation's branches, nothing asked for, or an error.
+    struct Pods(HashMap<&'static str, Result<PodEni, PodEniError>>);
+
+    impl PodEniSource for Pods {
+        fn pod_eni<'a>(
+            &'a self,
+            _: &'a str,
+            name: &'a str,
+            _: Duration,
+        ) -> BoxFuture<'a, Result<PodEni, PodEniError>> {
+            let answer = self
+                .0
+                .get(name)
+                .cloned()
+                .unwrap_or(Err(PodEniError::Api(name.into(), "404 not found".into())));
+            Box::pin(async move { answer })
+        }
+    }
+
+    /// A trunk EC2 lists once it is attached; counts the lookups.
+    struct Trunks(Option<[u8; 6]>, Arc<AtomicU32>);
+
+    impl TrunkSource for Trunks {
+        fn trunk_mac(&self) -> BoxFuture<'_, Result<Option<[u8; 6]>, String>> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            let mac = self.0;
+            Box::pin(async move { Ok(mac) })
+        }
+    }
+
+    fn branch() -> BranchEni {
+        ipam::branch::parse_pod_eni(
+            r#"[{"eniId":"eni-b","ifAddress":"02:00:00:00:00:0b","privateIp":"10.0.0.77","vlanId":4,"subnetCidr":"10.0.0.0/24"}]"#,
+        )
+        .unwrap()
+        .remove(0)
+    }
+
+    fn pod(name: &str) -> PodRef {
+        PodRef {
+            namespace: "shop".into(),
+            name: name.into(),
+            infra_container_id: String::new(),
+            uid: String::new(),
+        }
+    }
+
+    fn add(name: &str) -> Request {
+        Request::Add {
+            attachment: Attachment {
+                container_id: format!("sandbox-{name}"),
+                ifname: "eth0".into(),
+                network: "aws-cni".into(),
+            },
+            pod: pod(name),
+            netns: "/var/run/netns/x".into(),
+        }
+    }
+
+    fn del(name: &str) -> Request {
+        Request::Del {
+            attachment: Attachment {
+                container_id: format!("sandbox-{name}"),
+                ifname: "eth0".into(),
+                network: "aws-cni".into(),
+            },
+            pod: Some(pod(name)),
+            reason: DelReason::PodDeleted,
+        }
+    }
+
+    fn branches(trunk_at_start: Option<[u8; 6]>, lookups: Arc<AtomicU32>) -> Branches {
+        let pods = Pods(HashMap::from([
+            ("db", Ok(PodEni::Branches(vec![branch()]))),
+            ("web", Ok(PodEni::NotRequested)),
+            (
+                "late",
+                Err(PodEniError::NotYetAnnotated(
+                    "shop/late".into(),
+                    ANNOTATION_PATIENCE,
+                )),
+            ),
+            (
+                "bad",
+                Err(PodEniError::Malformed("shop/bad".into(), "vlanId 0".into())),
+            ),
+        ]));
+        Branches::new(
+            Box::new(pods),
+            Box::new(Trunks(Some(TRUNK), lookups)),
+            trunk_at_start,
+            ANNOTATION_PATIENCE,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_branch_pod_is_answered_with_its_branch_and_others_go_to_the_pool() {
+        let lookups = Arc::new(AtomicU32::new(0));
+        let b = branches(None, lookups.clone());
+        let Some(Reply::Added { allocation }) = b.answer(&add("db")).await else {
+            panic!()
+        };
+        assert_eq!(allocation.address.to_string(), "10.0.0.77");
+        assert_eq!(allocation.route_table, 104);
+        let branch = allocation.branch.unwrap();
+        assert_eq!(
+            (
+                branch.vlan,
+                branch.mac,
+                branch.subnet.to_string(),
+                branch.subnet_len
+            ),
+            (4, [2, 0, 0, 0, 0, 0x0b], "10.0.0.0".into(), 24)
+        );
+        assert_eq!(branch.trunk_mac, TRUNK, "found in EC2");
+        b.answer(&add("db")).await.unwrap();
+        assert_eq!(lookups.load(Ordering::SeqCst), 1, "EC2 asked once");
+
+        assert_eq!(b.answer(&add("web")).await, None, "the pool's");
+        assert_eq!(b.answer(&del("web")).await, None);
+        assert_eq!(
+            b.answer(&del("gone")).await,
+            None,
+            "a pod gone goes to the pool"
+        );
+        let Some(Reply::Deleted {
+            released: Some(released),
+        }) = b.answer(&del("db")).await
+        else {
+            panic!()
+        };
+        assert_eq!(released, allocation);
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_bad_annotation_and_a_missing_trunk_are_errors_that_say_so() {
+        let b = branches(Some(TRUNK), Arc::new(AtomicU32::new(0)));
+        let Some(Reply::Error { kind, message }) = b.answer(&add("late")).await else {
+            panic!()
+        };
+        assert_eq!(kind, ErrorKind::Unavailable);
+        assert!(message.contains("VPC resource controller"), "{message}");
+        let Some(Reply::Error { kind, .. }) = b.answer(&add("bad")).await else {
+            panic!()
+        };
+        assert_eq!(kind, ErrorKind::BadRequest);
+
+        let no_trunk = Branches::new(
+            Box::new(Pods(HashMap::from([(
+                "db",
+                Ok(PodEni::Branches(vec![branch()])),
+            )]))),
+            Box::new(Trunks(None, Arc::new(AtomicU32::new(0)))),
+            None,
+            ANNOTATION_PATIENCE,
+        );
+        let Some(Reply::Error { kind, message }) = no_trunk.answer(&add("db")).await else {
+            panic!()
+        };
+        assert_eq!(kind, ErrorKind::Unavailable);
+        assert!(message.contains("no trunk ENI"), "{message}");
+    }
+}
