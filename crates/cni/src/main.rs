@@ -10,7 +10,7 @@ mod error;
 mod result;
 
 use conf::{Env, K8sArgs, NetConf, SUPPORTED_VERSIONS};
-use datapath::branch::{BranchLink, Enforcing};
+use datapath::branch::BranchLink;
 use datapath::netns::NetNs;
 use datapath::pod::{self, AddError, Family, HostRoutes, PodAddress, PodLink, PodNetwork};
 use error::{CniError, Code};
@@ -177,10 +177,7 @@ fn pod_address(conf: &NetConf, allocation: proto::Allocation) -> Result<PodAddre
     let host_routes = match allocation.branch {
         Some(branch) => {
             branch_link(allocation.address, branch)?;
-            match conf.pod_sg_enforcing {
-                Enforcing::Strict => HostRoutes::Table,
-                Enforcing::Standard => HostRoutes::Main,
-            }
+            datapath::branch::host_routes(conf.pod_sg_enforcing)
         }
         None => HostRoutes::Main,
     };

@@ -67,40 +67,33 @@ fn iif_rule(link: &str, table: u32) -> RuleMessage {
     rule
 }
 
-/// Wires the pod with its branch. Nothing is left behind when it fails.
+/// How the host reaches a branch pod in each mode.
+pub fn host_routes(enforcing: Enforcing) -> HostRoutes {
+    match enforcing {
+        Enforcing::Strict => HostRoutes::Table,
+        Enforcing::Standard => HostRoutes::Main,
+    }
+}
+
+/// Wires the pod with its branch as the plugin does: the pod first, then its VLAN ([`finish`]).
+/// Nothing is left behind when it fails.
 pub fn add(
     netns: &crate::netns::NetNs,
     link: &PodLink,
     branch: &BranchLink,
     enforcing: Enforcing,
 ) -> Result<Wired> {
-    if !(1..=4094).contains(&branch.vlan) {
-        return Err(Error::Invalid(format!(
-            "VLAN id {} is outside 1..=4094",
-            branch.vlan
-        )));
-    }
-    let table = route_table(branch.vlan);
-    let wired = wire_vlan(branch, enforcing).and_then(|()| {
-        let address = PodAddress {
-            address: IpAddr::V4(branch.address),
-            route_table: table,
-            egress_v4: None,
-            host_routes: match enforcing {
-                Enforcing::Strict => HostRoutes::Table,
-                Enforcing::Standard => HostRoutes::Main,
-            },
-        };
-        pod::add(netns, link, || Ok::<_, Error>(address))
-            .map(|(wired, _)| wired)
-            .map_err(|e| match e {
-                AddError::Allocation(e) | AddError::Wiring { error: e, .. } => e,
-            })
-    });
-    if wired.is_err() {
-        let _ = remove(&link.host_veth, branch);
-    }
-    wired
+    let address = PodAddress {
+        address: IpAddr::V4(branch.address),
+        route_table: route_table(branch.vlan),
+        egress_v4: None,
+        host_routes: host_routes(enforcing),
+    };
+    let (wired, _) = pod::add(netns, link, || Ok::<_, Error>(address)).map_err(|e| match e {
+        AddError::Allocation(e) | AddError::Wiring { error: e, .. } => e,
+    })?;
+    finish(&link.host_veth, branch, enforcing)?;
+    Ok(wired)
 }
 
 /// The plugin's second half, once the pod is wired with [`crate::pod::add`] for a branch: its
@@ -116,6 +109,12 @@ pub fn finish(host_veth: &str, branch: &BranchLink, enforcing: Enforcing) -> Res
 /// routes, and in strict mode its rule. The plugin calls it once the pod is wired ([`add`] does
 /// both, in the other order).
 pub fn wire_vlan(branch: &BranchLink, enforcing: Enforcing) -> Result<()> {
+    if !(1..=4094).contains(&branch.vlan) {
+        return Err(Error::Invalid(format!(
+            "VLAN id {} is outside 1..=4094",
+            branch.vlan
+        )));
+    }
     let name = vlan_link(branch.vlan);
     let table = route_table(branch.vlan);
     nl::run(|handle| async move {
