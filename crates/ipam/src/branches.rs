@@ -282,7 +282,8 @@ impl Branches {
             }
         }
         // Spares: what is under way and not promised counts towards the target.
-        for set in self.in_use() {
+        let in_use = self.in_use();
+        for &set in &in_use {
             let warm = self.warm.get(set).map_or(0, VecDeque::len) as u32;
             let spare = warm + under_way.get(set).copied().unwrap_or(0);
             let short = self.settings.warm_target.saturating_sub(spare);
@@ -320,7 +321,6 @@ impl Branches {
         }
 
         // Warm branches past their cooldown, beyond the target of a set in use.
-        let in_use = self.in_use();
         for (set, line) in &self.warm {
             let keep = if in_use.contains(set) {
                 self.settings.warm_target as usize

@@ -244,13 +244,17 @@ mod tests {
         }
     }
 
+    fn attachment(name: &str) -> Attachment {
+        Attachment {
+            container_id: format!("sandbox-{name}"),
+            ifname: "eth0".into(),
+            network: "aws-cni".into(),
+        }
+    }
+
     fn add(name: &str) -> Request {
         Request::Add {
-            attachment: Attachment {
-                container_id: format!("sandbox-{name}"),
-                ifname: "eth0".into(),
-                network: "aws-cni".into(),
-            },
+            attachment: attachment(name),
             pod: pod(name),
             netns: "/var/run/netns/x".into(),
         }
@@ -258,11 +262,7 @@ mod tests {
 
     fn del(name: &str) -> Request {
         Request::Del {
-            attachment: Attachment {
-                container_id: format!("sandbox-{name}"),
-                ifname: "eth0".into(),
-                network: "aws-cni".into(),
-            },
+            attachment: attachment(name),
             pod: Some(pod(name)),
             reason: DelReason::PodDeleted,
         }

@@ -1,15 +1,16 @@
 //! The Kubernetes side against the test API server (testbed::kube_api) over HTTP on loopback:
 //! real kube-rs requests, real watches.
 
-use k8s::{Cluster, ClusterSettings, PodRef};
+use k8s::PodRef;
 use serde_json::json;
 use std::time::Duration;
 use testbed::kube_api::KubeApi;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
-const NODE: &str = "ip-10-0-0-10.us-west-2.compute.internal";
-const KEY: &str = "k8s.amazonaws.com/eniConfig";
+mod common;
+
+use common::{KEY, NODE};
 
 fn node(labels: serde_json::Value) -> serde_json::Value {
     json!({"metadata": {"name": NODE, "labels": labels},
@@ -22,24 +23,6 @@ fn eni_config(name: &str, subnet: &str) -> serde_json::Value {
 
 fn pod(namespace: &str, name: &str, node: &str) -> serde_json::Value {
     json!({"metadata": {"namespace": namespace, "name": name}, "spec": {"nodeName": node}})
-}
-
-async fn connect(api: &KubeApi) -> Cluster {
-    let dir = std::env::temp_dir().join(format!("k8s-api-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("kubeconfig");
-    std::fs::write(&file, api.kubeconfig("127.0.0.1")).unwrap();
-    // The only test in this binary: nothing else reads the environment concurrently.
-    std::env::set_var("KUBECONFIG", &file);
-    Cluster::connect(ClusterSettings {
-        node_name: NODE.into(),
-        own_pod: Some("aws-node-x1".into()),
-        endpoint: None,
-        eni_config_annotation: KEY.into(),
-        eni_config_label: KEY.into(),
-    })
-    .await
-    .expect("a client")
 }
 
 async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
@@ -56,7 +39,7 @@ async fn node_eniconfig_pods_and_events_through_a_real_client() {
     api.apply("eniconfigs", eni_config("pods-a", "subnet-0aaa"));
     api.apply("pods", pod("default", "web-1", NODE));
     api.apply("pods", pod("default", "elsewhere", "another-node"));
-    let cluster = connect(&api).await;
+    let cluster = common::connect(&api, "api").await;
     cluster
         .wait_reachable(Some(Duration::from_secs(5)))
         .await

@@ -2,31 +2,15 @@
 //! VPC resource controller give the node a trunk, and the pod annotation read at ADD, waited for
 //! while the controller has not written it.
 
-use k8s::{Cluster, ClusterSettings, PodEni, PodEniError};
+use k8s::{PodEni, PodEniError};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use testbed::kube_api::KubeApi;
 
-const NODE: &str = "ip-10-0-0-10.us-west-2.compute.internal";
-const ANNOTATION: &str = r#"[{"eniId":"eni-0b1","ifAddress":"02:00:00:00:00:0b","privateIp":"10.0.0.77","vlanId":4,"subnetCidr":"10.0.0.0/24","associationID":"trunk-assoc-1"}]"#;
+mod common;
 
-async fn connect(api: &KubeApi) -> Cluster {
-    let dir = std::env::temp_dir().join(format!("k8s-pod-eni-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("kubeconfig");
-    std::fs::write(&file, api.kubeconfig("127.0.0.1")).unwrap();
-    // The only test in this binary: nothing else reads the environment concurrently.
-    std::env::set_var("KUBECONFIG", &file);
-    Cluster::connect(ClusterSettings {
-        node_name: NODE.into(),
-        own_pod: None,
-        endpoint: None,
-        eni_config_annotation: "k8s.amazonaws.com/eniConfig".into(),
-        eni_config_label: "k8s.amazonaws.com/eniConfig".into(),
-    })
-    .await
-    .unwrap()
-}
+use common::NODE;
+const ANNOTATION: &str = r#"[{"eniId":"eni-0b1","ifAddress":"02:00:00:00:00:0b","privateIp":"10.0.0.77","vlanId":4,"subnetCidr":"10.0.0.0/24","associationID":"trunk-assoc-1"}]"#;
 
 fn pod(name: &str, asks: bool, annotation: Option<&str>) -> serde_json::Value {
     let resources = if asks {
@@ -45,7 +29,7 @@ fn pod(name: &str, asks: bool, annotation: Option<&str>) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cninode_feature_and_the_pod_annotation() {
     let api = KubeApi::start("127.0.0.1:0".parse().unwrap()).unwrap();
-    let cluster = connect(&api).await;
+    let cluster = common::connect(&api, "pod-eni").await;
 
     // No CNINode yet (the controller makes it when the node joins): a clear error.
     let e = cluster

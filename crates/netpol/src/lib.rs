@@ -320,16 +320,20 @@ fn resolve(pod: &Pod, name: &str, protocol: Protocol) -> Option<u16> {
         .map(|p| p.port)
 }
 
+/// Labels from pairs, for the crate's tests.
+#[cfg(test)]
+pub(crate) fn test_labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::test_labels as labels;
 
     fn pod(namespace: &str, name: &str, app: &str, ip: &str) -> Pod {
         Pod {

@@ -236,12 +236,7 @@ pub struct Cluster {
 mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::test_labels as labels;
 
     #[test]
     fn selectors_as_kubernetes_reads_them() {

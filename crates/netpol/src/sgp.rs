@@ -76,12 +76,7 @@ mod tests {
     use super::*;
     use crate::{Operator, Requirement};
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::test_labels as labels;
 
     fn selector(pairs: &[(&str, &str)]) -> Selector {
         Selector {

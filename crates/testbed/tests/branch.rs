@@ -332,13 +332,15 @@ fn a_branch_that_cannot_be_wired_leaves_nothing_behind() {
     let pod_ns = Netns::create("brbad").unwrap();
     let netns = pod_ns.open().unwrap();
     let branch = vpc.branch_link(9);
+    let refused = || {
+        vpc.node
+            .run(|| branch::add(&netns, &link(9), &branch, Enforcing::Strict))
+            .unwrap()
+            .unwrap_err()
+            .to_string()
+    };
     // No VLAN link to adopt, and this kernel cannot make one: a clear error.
-    let e = vpc
-        .node
-        .run(|| branch::add(&netns, &link(9), &branch, Enforcing::Strict))
-        .unwrap()
-        .unwrap_err()
-        .to_string();
+    let e = refused();
     assert!(e.contains("VLAN") && e.contains("vlan.eth.9"), "{e}");
     // A VLAN link of that name with another MAC is not taken over.
     ip(&[
@@ -356,14 +358,8 @@ fn a_branch_that_cannot_be_wired_leaves_nothing_behind() {
         "other9",
     ])
     .unwrap();
-    let e = vpc
-        .node
-        .run(|| branch::add(&netns, &link(9), &branch, Enforcing::Strict))
-        .unwrap()
-        .unwrap_err()
-        .to_string();
+    let e = refused();
     assert!(e.contains("another MAC"), "{e}");
     ip(&["-n", &vpc.node.name, "link", "del", "other9"]).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
     assert_eq!(host_state(&vpc.node), before);
 }
