@@ -3,7 +3,7 @@
 use crate::throttle::{Category, Pacer, Pacing};
 use crate::{
     CloudError, CreateEni, Ec2, Eni, EniAttachment, EniQuery, ErrorKind, InstanceEni, InstanceInfo,
-    Result, SubnetInfo,
+    Result, SubnetInfo, TrunkAssociation,
 };
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
@@ -620,6 +620,47 @@ impl Ec2 for AwsEc2 {
             .await
             .map(drop),
         )
+    }
+
+    async fn describe_trunk_interface_associations(
+        &self,
+        trunk_id: &str,
+    ) -> Result<Vec<TrunkAssociation>> {
+        let filter = [(
+            "trunk-interface-association.trunk-interface-id".to_string(),
+            vec![trunk_id.to_string()],
+        )];
+        let mut found = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .call(
+                    "DescribeTrunkInterfaceAssociations",
+                    Category::NonMutating,
+                    || {
+                        self.client
+                            .describe_trunk_interface_associations()
+                            .set_filters(Some(filters(&filter)))
+                            .set_next_token(token.clone())
+                            .send()
+                    },
+                )
+                .await?;
+            found.extend(page.interface_associations().iter().filter_map(|a| {
+                Some(TrunkAssociation {
+                    association_id: a.association_id()?.to_string(),
+                    branch_id: a.branch_interface_id()?.to_string(),
+                    vlan: u16::try_from(a.vlan_id()?).ok()?,
+                })
+            }));
+            token = page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
+            if token.is_none() {
+                return Ok(found);
+            }
+        }
     }
 
     async fn create_tags(&self, resource_id: &str, tags: &[(String, String)]) -> Result<()> {

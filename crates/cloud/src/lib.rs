@@ -104,6 +104,11 @@ pub trait Ec2: Send + Sync {
         &self,
         association_id: &str,
     ) -> impl Future<Output = Result<()>> + Send;
+    /// DescribeTrunkInterfaceAssociations of one trunk, every page.
+    fn describe_trunk_interface_associations(
+        &self,
+        trunk_id: &str,
+    ) -> impl Future<Output = Result<Vec<TrunkAssociation>>> + Send;
     fn create_tags(
         &self,
         resource_id: &str,

@@ -18,6 +18,14 @@ impl EniQuery {
     }
 }
 
+/// A branch ENI's association with a trunk, as DescribeTrunkInterfaceAssociations lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrunkAssociation {
+    pub association_id: String,
+    pub branch_id: String,
+    pub vlan: u16,
+}
+
 /// An ENI as DescribeInstances lists it: enough to pick a free device index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceEni {

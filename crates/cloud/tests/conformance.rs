@@ -375,6 +375,19 @@ async fn trunk_and_branch(t: &Target) {
         .await
         .unwrap();
     assert_eq!(again, association);
+    let listed = t
+        .ec2
+        .describe_trunk_interface_associations(&trunk.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        listed,
+        vec![cloud::TrunkAssociation {
+            association_id: association.clone(),
+            branch_id: branch.id.clone(),
+            vlan: 7,
+        }]
+    );
     let other = t
         .ec2
         .create_network_interface(&create("branch"))

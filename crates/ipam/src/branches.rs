@@ -12,9 +12,10 @@
 use crate::action::{Action, Failure, Outcome};
 use crate::net::Ipv4Cidr;
 use crate::pacing::Backoff;
-use crate::pool::IpamKey;
+use crate::pool::{IpamKey, PodMeta};
 use crate::time::Time;
 use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -153,6 +154,24 @@ impl Branches {
     pub fn restore(&mut self, key: IpamKey, branch: Branch) {
         self.vlans.insert(branch.vlan);
         self.assigned.insert(key, branch);
+    }
+
+    /// A branch on the trunk that no pod has (a warm one saved at the last stop, or one EC2 shows
+    /// that the last run made and did not live to record): warm from `now`, for the next pod with
+    /// its groups, deleted after the cooldown otherwise.
+    pub fn adopt(&mut self, branch: Branch, now: Time) {
+        self.vlans.insert(branch.vlan);
+        self.park(branch, now);
+    }
+
+    /// Every pod's branch.
+    pub fn assignments(&self) -> impl Iterator<Item = (&IpamKey, &Branch)> {
+        self.assigned.iter()
+    }
+
+    /// Branches no pod has, waiting for one.
+    pub fn warm_branches(&self) -> impl Iterator<Item = &Branch> {
+        self.warm.values().flatten().map(|w| &w.branch)
     }
 
     /// The pod's branch: the one it has (an ADD repeated), a warm one with its groups, or a place in
@@ -429,6 +448,169 @@ impl Branches {
         }
         Ok(())
     }
+}
+
+/// The format of the file the node's branches are saved in beside the checkpoint (ours: upstream's
+/// checkpoint holds the pool's addresses, and upstream's reader must not take a branch's address for
+/// one of its own after a move back).
+pub const SAVED_VERSION: &str = "vpc-cni-rs-branches/1";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedBranches {
+    pub version: String,
+    pub branches: Vec<SavedBranch>,
+}
+
+/// A branch as saved: a pod's (with the pod) or warm (without).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedBranch {
+    pub eni_id: String,
+    pub mac: String,
+    pub ip: Ipv4Addr,
+    pub subnet: Ipv4Cidr,
+    pub vlan: u16,
+    #[serde(rename = "associationID")]
+    pub association_id: String,
+    pub groups: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<SavedPod>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedPod {
+    pub network_name: String,
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub if_name: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl SavedBranch {
+    pub fn new(branch: &Branch, pod: Option<(&IpamKey, &PodMeta)>) -> SavedBranch {
+        SavedBranch {
+            eni_id: branch.eni_id.clone(),
+            mac: branch.mac.clone(),
+            ip: branch.ip,
+            subnet: branch.subnet,
+            vlan: branch.vlan,
+            association_id: branch.association_id.clone(),
+            groups: branch.groups.groups().to_vec(),
+            pod: pod.map(|(key, meta)| SavedPod {
+                network_name: key.network_name.clone(),
+                container_id: key.container_id.clone(),
+                if_name: key.if_name.clone(),
+                namespace: meta.namespace.clone(),
+                name: meta.name.clone(),
+            }),
+        }
+    }
+
+    pub fn branch(&self) -> Branch {
+        Branch {
+            eni_id: self.eni_id.clone(),
+            mac: self.mac.clone(),
+            ip: self.ip,
+            subnet: self.subnet,
+            vlan: self.vlan,
+            association_id: self.association_id.clone(),
+            groups: GroupSet::new(self.groups.iter().cloned()),
+        }
+    }
+
+    pub fn key(&self) -> Option<(IpamKey, PodMeta)> {
+        self.pod.as_ref().map(|p| {
+            (
+                IpamKey::new(&p.network_name, &p.container_id, &p.if_name),
+                PodMeta {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    interfaces_count: 1,
+                },
+            )
+        })
+    }
+}
+
+impl SavedBranches {
+    pub fn parse(bytes: &[u8]) -> Result<SavedBranches, String> {
+        let saved: SavedBranches = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if saved.version != SAVED_VERSION {
+            return Err(format!(
+                "version {:?}, where {SAVED_VERSION:?} is read",
+                saved.version
+            ));
+        }
+        Ok(saved)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("plain data serialises")
+    }
+}
+
+/// A branch associated with the trunk, as EC2 shows it (DescribeTrunkInterfaceAssociations, then
+/// DescribeNetworkInterfaces for its address and groups).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Associated {
+    pub association_id: String,
+    pub eni_id: String,
+    pub vlan: u16,
+    /// Its MAC, address and groups; None when EC2 did not list the ENI.
+    pub eni: Option<(String, Ipv4Addr, Vec<String>)>,
+}
+
+/// The node's branches at start, from the saved file and from EC2, which has the last word.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Pods' branches, as saved and still associated.
+    pub assigned: Vec<(IpamKey, PodMeta, Branch)>,
+    /// Warm as saved, and those the last run made and did not record (killed between EC2's
+    /// answer and the file): warm again, reused or deleted after the cooldown. An association
+    /// whose ENI EC2 did not describe holds its VLAN id as a branch of no groups, which no pod
+    /// takes and the cooldown deletes.
+    pub warm: Vec<Branch>,
+    /// Saved but no longer associated with the trunk (deleted by someone else, or the trunk is
+    /// new): forgotten.
+    pub gone: Vec<SavedBranch>,
+}
+
+/// What the node's branches are at start: EC2's associations on the node's trunk decide which
+/// exist; the file says which pod has which. A branch is never deleted here: one the file does not
+/// know becomes warm: the last run made it for an ADD it did not answer (the reply waits for the
+/// file), which the kubelet repeats and a warm branch with the pod's groups then serves.
+pub fn reconcile(saved: &[SavedBranch], trunk_subnet: Ipv4Cidr, ec2: &[Associated]) -> Reconciled {
+    let mut r = Reconciled::default();
+    for s in saved {
+        match ec2.iter().find(|a| a.association_id == s.association_id) {
+            Some(a) if a.eni_id == s.eni_id && a.vlan == s.vlan => match s.key() {
+                Some((key, meta)) => r.assigned.push((key, meta, s.branch())),
+                None => r.warm.push(s.branch()),
+            },
+            _ => r.gone.push(s.clone()),
+        }
+    }
+    for a in ec2 {
+        if saved.iter().any(|s| s.association_id == a.association_id) {
+            continue;
+        }
+        let (mac, ip, groups) =
+            a.eni
+                .clone()
+                .unwrap_or((String::new(), Ipv4Addr::UNSPECIFIED, Vec::new()));
+        r.warm.push(Branch {
+            eni_id: a.eni_id.clone(),
+            mac,
+            ip,
+            subnet: trunk_subnet,
+            vlan: a.vlan,
+            association_id: a.association_id.clone(),
+            groups: GroupSet::new(groups),
+        });
+    }
+    r
 }
 
 #[cfg(test)]
@@ -720,5 +902,118 @@ mod tests {
             assert_eq!(b.assigned(), pods.len().min(limit), "round {round}");
             assert_eq!(b.waiting(), pods.len() - b.assigned(), "round {round}");
         }
+    }
+
+    fn saved(eni: &str, vlan: u16, pod: Option<&str>) -> SavedBranch {
+        let branch = Branch {
+            eni_id: eni.into(),
+            mac: "02:00:00:00:00:01".into(),
+            ip: Ipv4Addr::new(10, 0, 0, vlan as u8),
+            subnet: "10.0.0.0/24".parse().unwrap(),
+            vlan,
+            association_id: format!("assoc-{eni}"),
+            groups: set(&["sg-b", "sg-a"]),
+        };
+        let meta = PodMeta {
+            namespace: "shop".into(),
+            name: pod.unwrap_or_default().into(),
+            interfaces_count: 1,
+        };
+        let k = pod.map(key);
+        SavedBranch::new(&branch, k.as_ref().map(|k| (k, &meta)))
+    }
+
+    fn associated(eni: &str, vlan: u16, listed: bool) -> Associated {
+        Associated {
+            association_id: format!("assoc-{eni}"),
+            eni_id: eni.into(),
+            vlan,
+            eni: listed.then(|| {
+                (
+                    "02:00:00:00:00:09".into(),
+                    Ipv4Addr::new(10, 0, 0, 99),
+                    vec!["sg-c".into()],
+                )
+            }),
+        }
+    }
+
+    #[test]
+    fn saved_branches_read_back_and_a_foreign_version_is_refused() {
+        let file = SavedBranches {
+            version: SAVED_VERSION.into(),
+            branches: vec![saved("eni-1", 1, Some("db-0")), saved("eni-2", 2, None)],
+        };
+        let back = SavedBranches::parse(&file.to_json()).unwrap();
+        assert_eq!(back, file);
+        let (k, meta) = back.branches[0].key().unwrap();
+        assert_eq!((k, meta.name.as_str()), (key("db-0"), "db-0"));
+        assert_eq!(back.branches[0].branch().groups, set(&["sg-a", "sg-b"]));
+        assert!(back.branches[1].key().is_none());
+        let other = br#"{"version": "vpc-cni-rs-branches/9", "branches": []}"#;
+        assert!(SavedBranches::parse(other).unwrap_err().contains("/9"));
+        assert!(SavedBranches::parse(b"{\"version\":").is_err());
+    }
+
+    #[test]
+    fn ec2_decides_which_branches_exist_and_the_file_whose_they_are() {
+        let file = [
+            saved("eni-1", 1, Some("db-0")),
+            saved("eni-2", 2, None),
+            saved("eni-3", 3, Some("gone-0")),
+            saved("eni-4", 4, Some("moved-0")),
+        ];
+        let ec2 = [
+            associated("eni-1", 1, true),
+            associated("eni-2", 2, true),
+            // Same association, another VLAN: not what the file says (a new trunk reused ids).
+            associated("eni-4", 9, true),
+            // Made and associated by a run killed before it wrote the file.
+            associated("eni-5", 5, true),
+            // An association whose ENI EC2 did not describe: its VLAN id stays taken.
+            associated("eni-6", 6, false),
+        ];
+        let subnet: Ipv4Cidr = "10.0.0.0/24".parse().unwrap();
+        let r = reconcile(&file, subnet, &ec2);
+        let assigned: Vec<_> = r
+            .assigned
+            .iter()
+            .map(|(k, _, b)| (k.clone(), b.vlan))
+            .collect();
+        assert_eq!(assigned, vec![(key("db-0"), 1)]);
+        let warm: Vec<_> = r.warm.iter().map(|b| (b.eni_id.as_str(), b.vlan)).collect();
+        assert_eq!(warm, vec![("eni-2", 2), ("eni-5", 5), ("eni-6", 6)]);
+        assert!(r.warm[2].groups.groups().is_empty());
+        assert_eq!(r.warm[1].groups, set(&["sg-c"]), "EC2's groups");
+        assert_eq!(r.warm[1].subnet, subnet);
+        let gone: Vec<_> = r.gone.iter().map(|s| s.eni_id.as_str()).collect();
+        assert_eq!(gone, vec!["eni-3", "eni-4"]);
+
+        let mut b = branches(10, 0);
+        for (k, _, branch) in r.assigned {
+            b.restore(k, branch);
+        }
+        for branch in r.warm {
+            b.adopt(branch, T0);
+        }
+        b.check().unwrap();
+        assert_eq!((b.assigned(), b.warm()), (1, 3));
+        // The adopted branch serves a pod with its groups; the other set's is deleted after the
+        // cooldown.
+        assert!(
+            matches!(b.ask(&key("c-0"), &set(&["sg-c"]), T0), Ask::Ready(x) if x.eni_id == "eni-5")
+        );
+        let later = T0 + BRANCH_COOLDOWN;
+        let mut freed: Vec<_> = b
+            .decide(later)
+            .actions
+            .into_iter()
+            .map(|a| match a {
+                Action::FreeBranch { branch } => branch.eni_id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        freed.sort();
+        assert_eq!(freed, vec!["eni-2".to_string(), "eni-6".to_string()]);
     }
 }

@@ -75,6 +75,10 @@ pub struct Config {
     pub eni_config_annotation: String,
     pub eni_config_label: String,
     pub pod_eni: bool,
+    /// `POD_ENI_MANAGER=node` (ours): with `ENABLE_POD_ENI`, the node makes its own trunk and branch
+    /// ENIs (a cluster without the VPC resource controller); `controller`, the default, leaves them
+    /// to the controller as on EKS.
+    pub node_makes_branches: bool,
     /// `WARM_BRANCH_TARGET` (ours): spare branch ENIs kept per set of security groups the node's
     /// pods use, with `ENABLE_POD_ENI` where the node makes its own branches.
     pub warm_branch_target: u32,
@@ -218,6 +222,7 @@ impl Config {
         "ENI_CONFIG_LABEL_DEF",
         "ENABLE_POD_ENI",
         "WARM_BRANCH_TARGET",
+        "POD_ENI_MANAGER",
         "ENABLE_IPv4",
         "ENABLE_IPv6",
         "ENABLE_SUBNET_DISCOVERY",
@@ -288,6 +293,18 @@ impl Config {
                 .string("ENI_CONFIG_ANNOTATION_DEF", "k8s.amazonaws.com/eniConfig"),
             eni_config_label: env.string("ENI_CONFIG_LABEL_DEF", "k8s.amazonaws.com/eniConfig"),
             pod_eni: env.bool("ENABLE_POD_ENI", false)?,
+            node_makes_branches: match env.raw("POD_ENI_MANAGER").as_deref().map(str::trim) {
+                None | Some("controller") => false,
+                Some("node") => true,
+                Some(v) => {
+                    return Err(Env::invalid(
+                        "POD_ENI_MANAGER",
+                        v,
+                        "expected controller (the VPC resource controller makes branch ENIs) or \
+                         node (this daemon makes its node's)",
+                    ))
+                }
+            },
             warm_branch_target: env.count("WARM_BRANCH_TARGET", 0)?,
             // The code default is false but every manifest and the README say true: IPv4 clusters set nothing.
             ipv4: env.bool("ENABLE_IPv4", true)?,
@@ -426,10 +443,18 @@ impl Config {
                     .into(),
             ));
         }
-        if self.warm_branch_target > 0 && !self.pod_eni {
+        if self.node_makes_branches && !self.pod_eni {
             return Err(ConfigError::Conflict(
-                "WARM_BRANCH_TARGET keeps spare branch ENIs for security groups for pods, which needs \
+                "POD_ENI_MANAGER=node makes branch ENIs for security groups for pods, which needs \
                  ENABLE_POD_ENI=true"
+                    .into(),
+            ));
+        }
+        if self.warm_branch_target > 0 && !self.node_makes_branches {
+            return Err(ConfigError::Conflict(
+                "WARM_BRANCH_TARGET keeps spare branch ENIs on a node that makes its own, which needs \
+                 ENABLE_POD_ENI=true and POD_ENI_MANAGER=node (on EKS the VPC resource controller \
+                 makes a branch per pod)"
                     .into(),
             ));
         }
@@ -467,12 +492,11 @@ impl Config {
                 ),
             ))
         };
-        if self.warm_branch_target > 0 {
+        if self.node_makes_branches && self.ipv6 {
             return refuse(
-                "WARM_BRANCH_TARGET",
-                &self.warm_branch_target.to_string(),
-                "making branch ENIs on the node (standalone security groups for pods; on EKS the \
-                 VPC resource controller makes them)",
+                "POD_ENI_MANAGER",
+                "node",
+                "branch ENIs made by the node for IPv6 pods",
             );
         }
         if self.annotate_pod_ip {
@@ -759,12 +783,44 @@ mod tests {
             Ok(()),
             "security groups for pods on EKS"
         );
-        let standalone = cfg(&[("ENABLE_POD_ENI", "true"), ("WARM_BRANCH_TARGET", "2")])
-            .unwrap()
-            .unsupported_by_daemon()
-            .unwrap_err()
-            .to_string();
-        assert!(standalone.contains("WARM_BRANCH_TARGET"), "{standalone}");
+        let node = cfg(&[
+            ("ENABLE_POD_ENI", "true"),
+            ("POD_ENI_MANAGER", "node"),
+            ("WARM_BRANCH_TARGET", "2"),
+        ])
+        .unwrap();
+        assert!(node.node_makes_branches);
+        assert_eq!(
+            node.unsupported_by_daemon(),
+            Ok(()),
+            "the node's own branches"
+        );
+        let v6 = cfg(&[
+            ("ENABLE_POD_ENI", "true"),
+            ("POD_ENI_MANAGER", "node"),
+            ("ENABLE_IPv6", "true"),
+            ("ENABLE_IPv4", "false"),
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+        ])
+        .unwrap()
+        .unsupported_by_daemon()
+        .unwrap_err()
+        .to_string();
+        assert!(v6.contains("POD_ENI_MANAGER"), "{v6}");
+        for (bad, named) in [
+            (
+                vec![("ENABLE_POD_ENI", "true"), ("WARM_BRANCH_TARGET", "2")],
+                "POD_ENI_MANAGER=node",
+            ),
+            (vec![("POD_ENI_MANAGER", "node")], "ENABLE_POD_ENI"),
+            (
+                vec![("ENABLE_POD_ENI", "true"), ("POD_ENI_MANAGER", "nodes")],
+                "POD_ENI_MANAGER",
+            ),
+        ] {
+            let e = cfg(&bad).unwrap_err().to_string();
+            assert!(e.contains(named), "{bad:?}: {e}");
+        }
         for (name, value) in [
             ("ENABLE_MULTI_NIC", "true"),
             ("ENABLE_IMDS_ONLY_MODE", "true"),

@@ -41,7 +41,7 @@ impl PoolSettings {
             ip_cooldown: c.ip_cooldown,
             custom_networking: c.custom_networking,
             pod_eni: c.pod_eni,
-            create_trunk: false,
+            create_trunk: c.pod_eni && c.node_makes_branches,
             subnet_discovery: c.subnet_discovery,
             manage_enis_non_schedulable: c.manage_enis_non_schedulable,
         }

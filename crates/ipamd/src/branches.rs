@@ -4,6 +4,10 @@
 //! and its DEL with the branch again, so that the plugin wires and unwires the pod behind its VLAN.
 //! These answers are the plugin socket's, before the control loop: a branch is the controller's, not
 //! the pool's, and reading the pod must not hold up other pods' ADDs.
+//!
+//! Where the node makes its branches (`POD_ENI_MANAGER=node`), the plugin socket reads only the
+//! pod's groups ([`PodGroupsSource`]) and the control loop gives the branch (`ipam::branches`);
+//! [`restore`] finds the branches of the last run at start.
 
 use cloud::{Ec2, EniQuery};
 use ipam::branch::BranchEni;
@@ -39,6 +43,87 @@ impl PodEniSource for std::sync::Arc<k8s::Cluster> {
     ) -> BoxFuture<'a, Result<PodEni, PodEniError>> {
         Box::pin(k8s::Cluster::pod_eni(self, namespace, name, patience))
     }
+}
+
+/// Where a pod's security groups are read when the node makes its branches: the API server's
+/// SecurityGroupPolicies and ServiceAccounts, in the daemon.
+pub trait PodGroupsSource: Send + Sync {
+    fn pod_groups<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, PodEniError>>;
+}
+
+impl PodGroupsSource for std::sync::Arc<k8s::Cluster> {
+    fn pod_groups<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, PodEniError>> {
+        Box::pin(k8s::Cluster::pod_groups(self, namespace, name))
+    }
+}
+
+/// How the plugin socket finds a pod's branch with security groups for pods on.
+pub enum PodEniMode {
+    /// The VPC resource controller made it and annotated the pod (EKS).
+    Controller(std::sync::Arc<Branches>),
+    /// The node makes it: the socket reads the pod's groups, the control loop gives the branch.
+    Node(std::sync::Arc<dyn PodGroupsSource>),
+}
+
+/// The node's branches at start (`POD_ENI_MANAGER=node`): the associations EC2 lists on the trunk,
+/// read with the file saved by the last run (`ipam::branches::reconcile`); nothing without a trunk
+/// (its branches went with it).
+pub async fn restore(
+    ec2: &impl Ec2,
+    trunk: Option<&ipam::pool::EniInfo>,
+    saved: &[ipam::branches::SavedBranch],
+) -> cloud::Result<ipam::branches::Reconciled> {
+    use ipam::branches::{reconcile, Associated};
+    let Some(trunk) = trunk else {
+        return Ok(reconcile(
+            saved,
+            ipam::Ipv4Cidr::host([0, 0, 0, 0].into()),
+            &[],
+        ));
+    };
+    let associations = ec2.describe_trunk_interface_associations(&trunk.id).await?;
+    let unknown: Vec<String> = associations
+        .iter()
+        .filter(|a| !saved.iter().any(|s| s.association_id == a.association_id))
+        .map(|a| a.branch_id.clone())
+        .collect();
+    let described = if unknown.is_empty() {
+        Vec::new()
+    } else {
+        // One missing id fails the whole call: those associations then keep their VLAN ids until
+        // the cooldown deletes them (`reconcile`).
+        match ec2
+            .describe_network_interfaces(&EniQuery {
+                ids: unknown,
+                ..EniQuery::default()
+            })
+            .await
+        {
+            Err(e) if e.kind == cloud::ErrorKind::NotFound => Vec::new(),
+            other => other?,
+        }
+    };
+    let associated: Vec<Associated> = associations
+        .into_iter()
+        .map(|a| Associated {
+            eni: described
+                .iter()
+                .find(|e| e.id == a.branch_id)
+                .and_then(|e| Some((e.mac.clone(), e.primary_ip?, e.security_groups.clone()))),
+            association_id: a.association_id,
+            eni_id: a.branch_id,
+            vlan: a.vlan,
+        })
+        .collect();
+    Ok(reconcile(saved, trunk.subnet_cidr, &associated))
 }
 
 /// Where the trunk ENI's MAC is found when start-up did not see a trunk (the controller attaches it

@@ -32,12 +32,19 @@ pub const DRAIN: Duration = Duration::from_secs(5);
 /// checkpoint was unreadable; their container id is the pod's host veth name.
 pub const RECOVERED_NETWORK: &str = "recovered";
 
+#[path = "control_branches.rs"]
+mod branches;
+pub use branches::NodeBranches;
+
 pub type Inspector = Box<dyn FnOnce(&Control) + Send>;
 
 pub enum Event {
     Plugin {
         request: Request,
         reply: oneshot::Sender<Reply>,
+        /// An ADD's security groups where the node makes branches and a SecurityGroupPolicy
+        /// selects the pod: it gets a branch ENI, not an address of the pool.
+        groups: Option<ipam::branches::GroupSet>,
     },
     Finished {
         action: Action,
@@ -102,11 +109,13 @@ struct Waiting {
     since: Instant,
 }
 
-/// A reply held until the checkpoint is on disk; `assigned` is undone if the write fails.
+/// A reply held until the checkpoint is on disk; `assigned` (or `branch`) is undone if the write
+/// fails.
 struct Outgoing {
     reply: oneshot::Sender<Reply>,
     message: Reply,
     assigned: Option<IpamKey>,
+    branch: Option<IpamKey>,
 }
 
 /// The wall clock, for start-up (the control loop reads its [`Clock`]).
@@ -211,6 +220,8 @@ pub struct Control {
     netpol: Option<mpsc::UnboundedSender<crate::netpol::Input>>,
     told_netpol: HashSet<IpamKey>,
     settings_view: SettingsView,
+    /// The node's own branch ENIs (`POD_ENI_MANAGER=node`).
+    branches: Option<NodeBranches>,
 }
 
 /// What the loop is made of: the pool and settings start-up built, and its effects on the world (the
@@ -324,6 +335,7 @@ impl Control {
             netpol: None,
             told_netpol: HashSet::new(),
             settings_view: SettingsView::default(),
+            branches: None,
         }
     }
 
@@ -575,7 +587,13 @@ impl Control {
         let wake = self
             .wake_at
             .map(|t| Instant::now() + t.since(wall).max(Duration::from_millis(1)));
-        let deadline = self.waiting.front().map(|w| w.since + ADD_WAIT);
+        let deadline = self
+            .waiting
+            .front()
+            .map(|w| w.since + ADD_WAIT)
+            .into_iter()
+            .chain(self.branches.as_ref().and_then(NodeBranches::deadline))
+            .min();
         let drain = match self.phase {
             Phase::Draining { until } => Some(until),
             _ => None,
@@ -586,6 +604,7 @@ impl Control {
     fn after_events(&mut self) {
         self.expire_waiting();
         self.serve_waiting();
+        self.serve_branch_waiters();
         self.plan();
         self.flush();
         if self.phase == Phase::Warming
@@ -612,11 +631,21 @@ impl Control {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Plugin { request, reply } => self.request(request, reply),
+            Event::Plugin {
+                request: Request::Add {
+                    attachment, pod, ..
+                },
+                reply,
+                groups: Some(groups),
+            } => self.branch_add(attachment, pod, groups, reply),
+            Event::Plugin { request, reply, .. } => self.request(request, reply),
             Event::Finished { action, report } => self.finished(action, report),
             Event::Inspect(inspect) => inspect(self),
             Event::EniConfig { source, spec } => self.eni_config_changed(source, spec),
-            Event::PodsOnNode(pods) => self.release_vanished_pods(&pods),
+            Event::PodsOnNode(pods) => {
+                self.release_vanished_pods(&pods);
+                self.release_vanished_branch_pods(&pods);
+            }
             Event::Node(view) => self.node_changed(&view),
             Event::Imds(network) => self.reconcile(network),
             Event::Settings { pool, view } => {
@@ -635,6 +664,9 @@ impl Control {
                     tracing::info!(drain_s = %(until - Instant::now()).as_secs(), "stopping: no new allocations, DEL still served");
                 }
                 self.phase = Phase::Draining { until };
+                if let Some(b) = &mut self.branches {
+                    b.refuse_waiting("vpc-ipamd is stopping");
+                }
                 for w in self.waiting.drain(..) {
                     let _ = w.reply.send(Reply::Error {
                         kind: ErrorKind::Unavailable,
@@ -650,6 +682,7 @@ impl Control {
             reply,
             message,
             assigned: None,
+            branch: None,
         });
     }
 
@@ -707,6 +740,7 @@ impl Control {
                         reply,
                         message,
                         assigned,
+                        branch: None,
                     });
                     return;
                 }
@@ -740,6 +774,16 @@ impl Control {
                 self.metrics
                     .count("awscni_del_ip_req_count", &[("reason", reason_label)]);
                 let key = key_of(&attachment);
+                if let Some(released) = self.branch_del(&key) {
+                    return self.outbox.push(Outgoing {
+                        reply,
+                        message: Reply::Deleted {
+                            released: Some(released),
+                        },
+                        assigned: None,
+                        branch: None,
+                    });
+                }
                 if let Some(i) = self.waiting.iter().position(|w| w.key == key) {
                     let w = self.waiting.remove(i).expect("index is in range");
                     let _ = w.reply.send(Reply::Error {
@@ -773,6 +817,7 @@ impl Control {
                     Some(v6) => v6.assignment(&key).map(v6_allocation),
                     None => self.pool.assignment(&key).map(allocation),
                 };
+                let found = found.or_else(|| self.branch_lookup(&key));
                 self.send(reply, Reply::Found { allocation: found });
             }
             Request::Status => {
@@ -1062,6 +1107,7 @@ impl Control {
                     allocation: allocation(a),
                 },
                 assigned: Some(w.key),
+                branch: None,
             });
         }
     }
@@ -1083,19 +1129,11 @@ impl Control {
         self.stalls = decision.stalls;
         self.wake_at = decision.wake_at;
         for action in decision.actions {
-            tracing::debug!(action = ?action, "action");
             self.pool.begin(&action);
             self.memory.began(&action, now);
-            self.actions_in_flight += 1;
-            *self.in_progress.entry(function_of(&action)).or_default() += 1;
-            let executor = self.executor.clone();
-            let events = self.events.clone();
-            let clock = self.clock;
-            tokio::spawn(async move {
-                let report = executor.run(&action, clock).await;
-                let _ = events.send(Event::Finished { action, report });
-            });
+            self.spawn(action);
         }
+        self.plan_branches();
     }
 
     fn finished(&mut self, action: Action, report: Report) {
@@ -1119,6 +1157,9 @@ impl Control {
             }
         }
         let failed = matches!(report.outcome, Outcome::Failed(_));
+        if action.is_branch() {
+            return self.branch_finished(&action, report.outcome);
+        }
         if failed && matches!(action, Action::CreateEni { .. }) {
             self.metrics.count("awscni_eni_allocation_error_count", &[]);
         }
@@ -1179,6 +1220,7 @@ impl Control {
                 self.outbox = outbox;
             }
         }
+        self.save_branches();
         // New addresses the checkpoint holds (a failed write took them back above).
         let given = self
             .outbox

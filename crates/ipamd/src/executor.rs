@@ -85,6 +85,8 @@ pub trait Actions: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Report> + Send + 'a>>;
     fn avoid_device(&self, device: u32);
     fn stop_avoiding(&self, device: u32);
+    /// The MAC of an ENI the executor configured or adopted (a branch's trunk).
+    fn mac_of(&self, eni_id: &str) -> Option<[u8; 6]>;
     /// Calls EC2 throttled so far, by operation.
     fn throttled(&self) -> Vec<(&'static str, u64)>;
 }
@@ -104,6 +106,10 @@ impl<E: Ec2 + 'static, L: Links> Actions for Executor<E, L> {
 
     fn stop_avoiding(&self, device: u32) {
         Executor::stop_avoiding(self, device)
+    }
+
+    fn mac_of(&self, eni_id: &str) -> Option<[u8; 6]> {
+        self.link_of(eni_id).map(|l| l.mac)
     }
 
     fn throttled(&self) -> Vec<(&'static str, u64)> {

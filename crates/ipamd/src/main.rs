@@ -458,18 +458,27 @@ async fn run(
 
     let branches = if config.pod_eni {
         let Some((cluster, _)) = &cluster else {
-            return Err("ENABLE_POD_ENI=true needs the Kubernetes API server (in a cluster, or KUBECONFIG): pods' branch ENIs are in their annotations, which the VPC resource controller writes; this daemon does not make branch ENIs itself yet".into());
+            return Err("ENABLE_POD_ENI=true needs the Kubernetes API server (in a cluster, or KUBECONFIG): a pod's security groups come from its SecurityGroupPolicies (POD_ENI_MANAGER=node), or its branch ENI from the VPC resource controller's annotation".into());
         };
-        tokio::spawn(ask_for_a_trunk(cluster.clone()));
-        Some(Arc::new(ipamd::branches::Branches::new(
-            Box::new(cluster.clone()),
-            Box::new(ipamd::branches::Ec2Trunk {
-                executor: started.executor.clone(),
-                instance_id: started.identity.instance_id.clone(),
-            }),
-            started.trunk_mac,
-            ipamd::branches::ANNOTATION_PATIENCE,
-        )))
+        if config.node_makes_branches {
+            let branches =
+                node_branches(&config, &started.executor.ec2, &control, &started.identity).await?;
+            control = control.with_node_branches(branches);
+            Some(ipamd::branches::PodEniMode::Node(Arc::new(cluster.clone())))
+        } else {
+            tokio::spawn(ask_for_a_trunk(cluster.clone()));
+            Some(ipamd::branches::PodEniMode::Controller(Arc::new(
+                ipamd::branches::Branches::new(
+                    Box::new(cluster.clone()),
+                    Box::new(ipamd::branches::Ec2Trunk {
+                        executor: started.executor.clone(),
+                        instance_id: started.identity.instance_id.clone(),
+                    }),
+                    started.trunk_mac,
+                    ipamd::branches::ANNOTATION_PATIENCE,
+                ),
+            )))
+        }
     } else {
         None
     };
@@ -514,6 +523,54 @@ async fn run(
     tracing::info!(socket = %args.socket.display(), introspection = %config.introspection_bind, metrics = %args.metrics_bind, "serving");
     control.run(started.receiver).await;
     Ok(())
+}
+
+/// The node's own branch ENIs at start (`POD_ENI_MANAGER=node`): the file the last run saved, read
+/// against the associations EC2 lists on the trunk. An unreadable file stops the start: guessing
+/// which running pod has which branch could give one pod's address to another.
+async fn node_branches(
+    config: &Config,
+    ec2: &impl cloud::Ec2,
+    control: &ipamd::control::Control,
+    identity: &cloud::identity::Identity,
+) -> Result<ipamd::control::NodeBranches, String> {
+    use ipam::branches::{BranchSettings, Branches, BRANCH_COOLDOWN};
+    let store = Store::new(&config.backing_store);
+    let saved = store.load_branches().map_err(|e| {
+        format!("{e}: move it aside to start over (the branches of running pods then wait for their pods' next ADD)")
+    })?;
+    let trunk = control
+        .pool()
+        .enis()
+        .iter()
+        .find(|e| e.info.is_trunk)
+        .map(|e| &e.info);
+    let found = ipamd::branches::restore(ec2, trunk, &saved)
+        .await
+        .map_err(|e| format!("reading the trunk's branch ENIs: {e}"))?;
+    for gone in &found.gone {
+        tracing::warn!(branch = %gone.eni_id, vlan = %gone.vlan, pod = ?gone.pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)), "a saved branch ENI is no longer on the trunk");
+    }
+    let limit = ipam::limits::branch_interfaces(&identity.instance_type);
+    if limit == 0 {
+        tracing::warn!(instance_type = %identity.instance_type, "this instance type cannot carry a trunk ENI: pods with security groups cannot start here");
+    }
+    let mut engine = Branches::new(BranchSettings {
+        limit,
+        warm_target: config.warm_branch_target,
+        cooldown: BRANCH_COOLDOWN,
+    });
+    let now = ipamd::control::now();
+    let mut pods = std::collections::HashMap::new();
+    tracing::info!(given = %found.assigned.len(), warm = %found.warm.len(), gone = %found.gone.len(), "branch ENIs restored");
+    for (key, meta, branch) in found.assigned {
+        engine.restore(key.clone(), branch);
+        pods.insert(key, meta);
+    }
+    for branch in found.warm {
+        engine.adopt(branch, now);
+    }
+    Ok(ipamd::control::NodeBranches::new(engine, pods))
 }
 
 /// The watches that feed the control loop: the pods on this node (snapshots at least every half

@@ -2,21 +2,22 @@
 //! the control loop's answer (a request is a few hundred bytes and the answer comes from memory, so
 //! a thread is cheaper than an async runtime's machinery for it; see docs/architecture.md).
 
-use crate::branches::Branches;
+use crate::branches::PodEniMode;
 use crate::control::Event;
-use proto::{ErrorKind, Listener, Reply};
+use proto::{ErrorKind, Listener, Reply, Request};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// Serves `listener` on a thread of its own until the process ends. With `branches` (security
-/// groups for pods), a branch pod's ADD and DEL are answered here, on the caller's runtime.
+/// groups for pods), a branch pod's ADD and DEL are answered here (EKS's controller), or its
+/// groups read here for the control loop (the node's own branches), on the caller's runtime.
 pub fn spawn(
     listener: Listener,
     events: mpsc::UnboundedSender<Event>,
-    branches: Option<Arc<Branches>>,
+    branches: Option<PodEniMode>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let branches = branches.map(|b| (b, tokio::runtime::Handle::current()));
+    let branches = branches.map(|b| (Arc::new(b), tokio::runtime::Handle::current()));
     std::thread::Builder::new()
         .name("plugin-socket".into())
         .spawn(move || accept(listener, events, branches))
@@ -25,7 +26,7 @@ pub fn spawn(
 fn accept(
     listener: Listener,
     events: mpsc::UnboundedSender<Event>,
-    branches: Option<(Arc<Branches>, tokio::runtime::Handle)>,
+    branches: Option<(Arc<PodEniMode>, tokio::runtime::Handle)>,
 ) {
     loop {
         let stream = match listener.accept() {
@@ -44,17 +45,19 @@ fn accept(
             .spawn(move || {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
                 let _ = proto::serve_one(&stream, |request| {
-                    if let Some((branches, runtime)) = &branches {
+                    let mut groups = None;
+                    if let Some((mode, runtime)) = &branches {
                         // On the runtime's threads: this one's stack is small, and reading the
                         // pod takes the Kubernetes client's.
-                        let (branches, asked) = (branches.clone(), request.clone());
+                        let (mode, asked) = (mode.clone(), request.clone());
                         let (tx, answer) = oneshot::channel();
                         runtime.spawn(async move {
-                            let _ = tx.send(branches.answer(&asked).await);
+                            let _ = tx.send(route(&mode, &asked).await);
                         });
                         match answer.blocking_recv() {
-                            Ok(Some(reply)) => return reply,
-                            Ok(None) => {}
+                            Ok(Route::Reply(reply)) => return reply,
+                            Ok(Route::Branch(g)) => groups = Some(g),
+                            Ok(Route::Pool) => {}
                             // Not an address of the pool for a pod that may want a branch.
                             Err(_) => {
                                 return Reply::Error {
@@ -65,7 +68,14 @@ fn accept(
                         }
                     }
                     let (reply, answer) = oneshot::channel();
-                    if events.send(Event::Plugin { request, reply }).is_err() {
+                    if events
+                        .send(Event::Plugin {
+                            request,
+                            reply,
+                            groups,
+                        })
+                        .is_err()
+                    {
                         return Reply::Error {
                             kind: ErrorKind::Unavailable,
                             message: "vpc-ipamd is stopping".into(),
@@ -77,5 +87,37 @@ fn accept(
                     })
                 });
             });
+    }
+}
+
+/// Where a request goes with security groups for pods on.
+enum Route {
+    /// Answered here (EKS: the controller's annotation; or an error reading the pod).
+    Reply(Reply),
+    /// To the control loop, for a branch with these groups.
+    Branch(ipam::branches::GroupSet),
+    /// To the control loop, as any request.
+    Pool,
+}
+
+async fn route(mode: &PodEniMode, request: &Request) -> Route {
+    match mode {
+        PodEniMode::Controller(branches) => match branches.answer(request).await {
+            Some(reply) => Route::Reply(reply),
+            None => Route::Pool,
+        },
+        PodEniMode::Node(source) => {
+            let Request::Add { pod, .. } = request else {
+                return Route::Pool;
+            };
+            match source.pod_groups(&pod.namespace, &pod.name).await {
+                Ok(groups) if groups.is_empty() => Route::Pool,
+                Ok(groups) => Route::Branch(ipam::branches::GroupSet::new(groups)),
+                Err(e) => Route::Reply(Reply::Error {
+                    kind: ErrorKind::Unavailable,
+                    message: e.to_string(),
+                }),
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The checkpoint file: written atomically (temporary file, fsync, rename, fsync of the directory)
 //! so that a crash at any moment leaves either the old or the new checkpoint, never a torn one.
 
+use ipam::branches::{SavedBranch, SavedBranches, SAVED_VERSION};
 use ipam::checkpoint::{Checkpoint, CheckpointError};
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -15,7 +16,13 @@ pub enum StoreError {
         path: PathBuf,
         source: CheckpointError,
     },
+    #[error("branch ENIs {path}: {message}")]
+    CorruptBranches { path: PathBuf, message: String },
 }
+
+/// Where the node's branch ENIs are saved when it makes them (`POD_ENI_MANAGER=node`): beside
+/// the checkpoint, in a file of ours.
+const BRANCHES_FILE: &str = "vpc-cni-rs-branches.json";
 
 pub struct Store {
     path: PathBuf,
@@ -66,23 +73,31 @@ impl Store {
     }
 
     pub fn save(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
-        let dir = self
-            .path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).map_err(|source| self.io(source))?;
-        let mut temporary = self.path.clone().into_os_string();
-        temporary.push(".tmp");
-        let temporary = PathBuf::from(temporary);
-        let write = || -> io::Result<()> {
-            let mut file = File::create(&temporary)?;
-            file.write_all(&checkpoint.to_json())?;
-            file.sync_all()?;
-            fs::rename(&temporary, &self.path)?;
-            File::open(dir)?.sync_all()
+        write_atomically(&self.path, &checkpoint.to_json())
+    }
+
+    pub fn branches_path(&self) -> PathBuf {
+        self.path.with_file_name(BRANCHES_FILE)
+    }
+
+    /// The branches saved by the last run; none on a node that never made one.
+    pub fn load_branches(&self) -> Result<Vec<SavedBranch>, StoreError> {
+        let path = self.branches_path();
+        match fs::read(&path) {
+            Ok(bytes) => SavedBranches::parse(&bytes)
+                .map(|s| s.branches)
+                .map_err(|message| StoreError::CorruptBranches { path, message }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
+    }
+
+    pub fn save_branches(&self, branches: Vec<SavedBranch>) -> Result<(), StoreError> {
+        let file = SavedBranches {
+            version: SAVED_VERSION.into(),
+            branches,
         };
-        write().map_err(|source| self.io(source))
+        write_atomically(&self.branches_path(), &file.to_json())
     }
 
     fn io(&self, source: io::Error) -> StoreError {
@@ -91,6 +106,28 @@ impl Store {
             source,
         }
     }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut temporary = path.to_path_buf().into_os_string();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    let write = || -> io::Result<()> {
+        fs::create_dir_all(dir)?;
+        let mut file = File::create(&temporary)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&temporary, path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().map_err(|source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]

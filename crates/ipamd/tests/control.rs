@@ -199,6 +199,26 @@ impl Ec2 for SimEc2 {
         .await
     }
 
+    async fn describe_trunk_interface_associations(
+        &self,
+        trunk_id: &str,
+    ) -> cloud::Result<Vec<cloud::TrunkAssociation>> {
+        self.answer("DescribeTrunkInterfaceAssociations", |vpc, now| {
+            vpc.describe_trunk_interface_associations(now, &[], Some(trunk_id))
+        })
+        .await
+        .map(|found| {
+            found
+                .into_iter()
+                .map(|a| cloud::TrunkAssociation {
+                    association_id: a.id,
+                    branch_id: a.branch_id,
+                    vlan: a.vlan_id,
+                })
+                .collect()
+        })
+    }
+
     async fn create_tags(&self, _: &str, _: &[(String, String)]) -> cloud::Result<()> {
         Self::not_simulated("CreateTags")
     }
@@ -253,6 +273,8 @@ struct Setup {
     vanished_pod_grace: Option<Duration>,
     /// An IPv6 node's /80 (ENABLE_IPv6), with IPv4 egress.
     v6_prefix: Option<&'static str>,
+    /// The node makes its own branch ENIs (POD_ENI_MANAGER=node) with this WARM_BRANCH_TARGET.
+    node_branches: Option<u32>,
 }
 
 impl Default for Setup {
@@ -267,6 +289,7 @@ impl Default for Setup {
             checkpoint: "state/ipam.json",
             vanished_pod_grace: None,
             v6_prefix: None,
+            node_branches: None,
         }
     }
 }
@@ -290,7 +313,15 @@ fn start(setup: Setup) -> Node {
         .unwrap()
         .clone();
 
-    let lookup: BTreeMap<&str, &str> = setup.settings.iter().copied().collect();
+    let mut lookup: BTreeMap<&str, &str> = setup.settings.iter().copied().collect();
+    let warm_branches = setup.node_branches.map(|n| n.to_string());
+    if let Some(n) = &warm_branches {
+        lookup.extend([
+            ("ENABLE_POD_ENI", "true"),
+            ("POD_ENI_MANAGER", "node"),
+            ("WARM_BRANCH_TARGET", n.as_str()),
+        ]);
+    }
     let config = Config::from_lookup(|k| lookup.get(k).map(|v| v.to_string())).unwrap();
     let settings = PoolSettings::from_config(&config);
     let spec = NodeSpec {
@@ -357,6 +388,17 @@ fn start(setup: Setup) -> Node {
     if let Some(grace) = setup.vanished_pod_grace {
         control = control.in_cluster(k8s::Reporter::disabled(), grace);
     }
+    if config.node_makes_branches {
+        let engine = ipam::branches::Branches::new(ipam::branches::BranchSettings {
+            limit: ipam::limits::branch_interfaces("m5.large"),
+            warm_target: config.warm_branch_target,
+            cooldown: ipam::branches::BRANCH_COOLDOWN,
+        });
+        control = control.with_node_branches(ipamd::control::NodeBranches::new(
+            engine,
+            Default::default(),
+        ));
+    }
     let stopped = tokio::spawn(control.run(receiver));
     Node {
         events,
@@ -392,9 +434,44 @@ impl Node {
     fn send(&self, request: Request) -> oneshot::Receiver<Reply> {
         let (reply, answer) = oneshot::channel();
         self.events
-            .send(Event::Plugin { request, reply })
+            .send(Event::Plugin {
+                request,
+                reply,
+                groups: None,
+            })
             .expect("the loop runs");
         answer
+    }
+
+    /// An ADD of a pod whose SecurityGroupPolicies give it `groups` (the plugin socket read them).
+    fn add_with_groups(
+        &self,
+        container: &str,
+        name: &str,
+        groups: &[&str],
+    ) -> oneshot::Receiver<Reply> {
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(Event::Plugin {
+                request: Request::Add {
+                    attachment: attachment(container),
+                    pod: pod(name),
+                    netns: "/var/run/netns/x".into(),
+                },
+                reply,
+                groups: Some(ipam::branches::GroupSet::new(groups.iter().copied())),
+            })
+            .expect("the loop runs");
+        answer
+    }
+
+    async fn del(&self, container: &str, name: &str) -> Reply {
+        self.ask(Request::Del {
+            attachment: attachment(container),
+            pod: Some(pod(name)),
+            reason: DelReason::PodDeleted,
+        })
+        .await
     }
 
     async fn ask(&self, request: Request) -> Reply {
@@ -755,5 +832,135 @@ async fn an_ipv6_add_takes_a_128_and_an_egress_address_without_ec2_and_del_retur
             }
         ),
         "{status:?}"
+    );
+}
+
+/// Where the node makes its branch ENIs: a pod with groups waits while the node makes its trunk and
+/// a branch with the pod's groups, associated under a VLAN id; its DEL leaves the branch warm, and
+/// the next pod with the same groups takes it without an EC2 call; a branch of groups no pod uses
+/// goes after the cooldown; a pod without groups takes the pool's address as ever.
+#[tokio::test(start_paused = true)]
+async fn the_node_makes_a_trunk_and_branches_and_reuses_a_branch_for_the_same_groups() {
+    let node = start(Setup {
+        node_branches: Some(0),
+        ..Setup::default()
+    });
+    let first = added(
+        &node
+            .add_with_groups("c1", "db-0", &["sg-db"])
+            .await
+            .unwrap(),
+    );
+    let trunk = node
+        .ec2
+        .vpc()
+        .interfaces()
+        .find(|e| e.interface_type == "trunk")
+        .map(|e| (e.id.clone(), e.mac.clone()))
+        .expect("a trunk ENI");
+    let branch = first.branch.expect("a branch pod");
+    assert_eq!(
+        (branch.vlan, first.route_table),
+        (1, 101),
+        "the first VLAN id"
+    );
+    assert_eq!(
+        branch.trunk_mac,
+        ipam::choreography::parse_mac(&trunk.1).unwrap()
+    );
+    let (branch_eni, associated) = {
+        let vpc = node.ec2.vpc();
+        let b = vpc
+            .interfaces()
+            .find(|e| e.interface_type == "branch")
+            .expect("a branch ENI")
+            .clone();
+        let associated = vpc.is_associated_branch(&b.id);
+        (b, associated)
+    };
+    assert!(associated, "associated with the trunk");
+    assert_eq!(branch_eni.security_groups, ["sg-db"]);
+    assert_eq!(v4(&first), branch_eni.primary_ip);
+    let saved = std::fs::read_to_string(node.checkpoint.with_file_name("vpc-cni-rs-branches.json"))
+        .unwrap();
+    assert!(
+        saved.contains("db-0") && saved.contains(&branch_eni.id),
+        "{saved}"
+    );
+    assert_eq!(
+        node.ask(Request::Lookup {
+            attachment: attachment("c1")
+        })
+        .await,
+        Reply::Found {
+            allocation: Some(first)
+        },
+        "CHECK finds the branch"
+    );
+
+    // A rolling update: the pod goes, its successor with the same groups takes the warm branch.
+    let creations = |node: &Node| {
+        node.ec2
+            .calls()
+            .iter()
+            .filter(|c| **c == "CreateNetworkInterface")
+            .count()
+    };
+    let made = creations(&node);
+    assert_eq!(
+        node.del("c1", "db-0").await,
+        Reply::Deleted {
+            released: Some(first)
+        },
+        "DEL gives the branch back for the plugin to unwire"
+    );
+    let second = added(
+        &node
+            .add_with_groups("c2", "db-1", &["sg-db"])
+            .await
+            .unwrap(),
+    );
+    assert_eq!(second, first, "the same branch");
+    assert_eq!(creations(&node), made, "no EC2 call");
+
+    // Other groups: another branch, another VLAN id.
+    let web = added(
+        &node
+            .add_with_groups("c3", "web-0", &["sg-web", "sg-db"])
+            .await
+            .unwrap(),
+    );
+    assert_eq!(web.branch.unwrap().vlan, 2);
+    assert_ne!(v4(&web), v4(&first));
+
+    // Without groups: the pool's address.
+    let plain = added(&node.add("c4", "plain-0").await.unwrap());
+    assert!(plain.branch.is_none());
+
+    // web-0 goes; its branch is warm for the cooldown, then deleted; db-1's stays.
+    assert!(matches!(
+        node.del("c3", "web-0").await,
+        Reply::Deleted { released: Some(_) }
+    ));
+    tokio::time::sleep(ipam::branches::BRANCH_COOLDOWN + Duration::from_secs(5)).await;
+    let branches = node
+        .inspect(|c| {
+            let b = c.node_branches().unwrap().engine();
+            (b.assigned(), b.warm())
+        })
+        .await;
+    assert_eq!(branches, (1, 0), "db-1's branch, none warm");
+    let left: Vec<String> = node
+        .ec2
+        .vpc()
+        .interfaces()
+        .filter(|e| e.interface_type == "branch")
+        .map(|e| e.id.clone())
+        .collect();
+    assert_eq!(left, [branch_eni.id], "web's branch deleted in EC2");
+    let calls = node.ec2.calls();
+    assert!(
+        calls.contains(&"DisassociateTrunkInterface") && calls.contains(&"DeleteNetworkInterface"),
+        "{calls:?}"
     );
 }

@@ -6,9 +6,11 @@
 
 use crate::Cluster;
 use ipam::branch::{parse_pod_eni, BranchEni, POD_ENI_ANNOTATION};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::Api;
+use netpol::sgp::{groups_for, SecurityGroupPolicy};
 use std::time::Duration;
 
 /// The extended resource a pod selected by a SecurityGroupPolicy requests (the controller's webhook
@@ -79,7 +81,89 @@ fn cni_nodes() -> ApiResource {
     }
 }
 
+fn security_group_policies() -> ApiResource {
+    ApiResource {
+        group: "vpcresources.k8s.aws".into(),
+        version: "v1beta1".into(),
+        api_version: "vpcresources.k8s.aws/v1beta1".into(),
+        kind: "SecurityGroupPolicy".into(),
+        plural: "securitygrouppolicies".into(),
+    }
+}
+
+/// A SecurityGroupPolicy as the API serves it (`spec.podSelector`, `spec.serviceAccountSelector`,
+/// `spec.securityGroups.groupIds`). A selector that does not parse is absent, which leaves a policy
+/// with neither invalid, as the controller's validation would have refused it.
+pub fn security_group_policy(object: &DynamicObject) -> SecurityGroupPolicy {
+    let spec = &object.data["spec"];
+    let selector = |field: &str| {
+        serde_json::from_value::<LabelSelector>(spec.get(field)?.clone())
+            .ok()
+            .map(|s| crate::policy_inputs::selector(&s))
+    };
+    SecurityGroupPolicy {
+        namespace: object.metadata.namespace.clone().unwrap_or_default(),
+        name: object.metadata.name.clone().unwrap_or_default(),
+        pod_selector: selector("podSelector"),
+        service_account_selector: selector("serviceAccountSelector"),
+        groups: spec["securityGroups"]["groupIds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g.as_str().map(str::to_string))
+            .collect(),
+    }
+}
+
 impl Cluster {
+    /// The security groups of a pod's branch ENI where the node makes branches itself: the union
+    /// over the SecurityGroupPolicies of its namespace that select it (by its labels and its
+    /// service account's), read at the ADD, so that a policy changed a moment before applies.
+    /// Empty when none selects it, or when the SecurityGroupPolicy CRD is not installed.
+    pub async fn pod_groups(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Vec<String>, PodEniError> {
+        let who = format!("{namespace}/{name}");
+        let api = |e: kube::Error| PodEniError::Api(who.clone(), e.to_string());
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let pod = pods.get(name).await.map_err(api)?;
+        let policies: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &security_group_policies());
+        let policies: Vec<SecurityGroupPolicy> = match policies.list(&Default::default()).await {
+            Ok(list) => list.items.iter().map(security_group_policy).collect(),
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Vec::new()),
+            Err(e) => return Err(api(e)),
+        };
+        if policies.iter().all(|p| p.invalid().is_some()) {
+            return Ok(Vec::new());
+        }
+        let pod_labels = pod.metadata.labels.clone().unwrap_or_default();
+        let mut account_labels = Default::default();
+        if policies
+            .iter()
+            .any(|p| p.service_account_selector.is_some())
+        {
+            let account = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".into());
+            let accounts: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+            account_labels = match accounts.get_opt(&account).await.map_err(api)? {
+                Some(sa) => sa.metadata.labels.unwrap_or_default(),
+                None => Default::default(),
+            };
+        }
+        Ok(groups_for(
+            namespace,
+            &pod_labels,
+            &account_labels,
+            &policies,
+        ))
+    }
+
     /// Adds [`SGP_FEATURE`] to this node's CNINode (`vpcresources.k8s.aws/v1alpha1`), keeping the
     /// features already there. True when it was added, false when it was there already. The VPC
     /// resource controller makes the CNINode when the node joins; until then this fails, saying so.

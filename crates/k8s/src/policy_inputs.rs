@@ -14,7 +14,7 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Resource, ResourceExt};
 use std::collections::BTreeMap;
 
-fn selector(s: &LabelSelector) -> netpol::Selector {
+pub(crate) fn selector(s: &LabelSelector) -> netpol::Selector {
     netpol::Selector {
         match_labels: s.match_labels.clone().unwrap_or_default(),
         match_expressions: s

@@ -27,6 +27,13 @@ const KINDS: &[(&str, &str, bool, &str)] = &[
     ),
     ("eniconfigs", "crd.k8s.amazonaws.com", false, "ENIConfig"),
     ("cninodes", "vpcresources.k8s.aws", false, "CNINode"),
+    ("serviceaccounts", "", true, "ServiceAccount"),
+    (
+        "securitygrouppolicies",
+        "vpcresources.k8s.aws",
+        true,
+        "SecurityGroupPolicy",
+    ),
     (
         "policyendpoints",
         "networking.k8s.aws",
@@ -75,8 +82,9 @@ fn kind_of(resource: &str) -> Option<(&'static str, &'static str, bool, &'static
     KINDS.iter().copied().find(|k| k.0 == resource)
 }
 
-fn api_version(group: &str) -> String {
+fn api_version(group: &str, kind: &str) -> String {
     match group {
+        _ if kind == "SecurityGroupPolicy" => format!("{group}/v1beta1"),
         "" => "v1".to_string(),
         "crd.k8s.amazonaws.com" | "networking.k8s.aws" | "vpcresources.k8s.aws" => {
             format!("{group}/v1alpha1")
@@ -139,7 +147,7 @@ impl KubeApi {
             .as_str()
             .expect("a name")
             .to_string();
-        object["apiVersion"] = json!(api_version(group));
+        object["apiVersion"] = json!(api_version(group, kind));
         object["kind"] = json!(kind);
         let mut store = self.shared.store.lock().expect("store");
         store.put(resource, (namespace, name), object);
@@ -480,7 +488,7 @@ fn answer(shared: &Shared, request: &Request) -> (u16, Value) {
             };
             (
                 200,
-                json!({"apiVersion": if request.metadata_only { "meta.k8s.io/v1".to_string() } else { api_version(&group) },
+                json!({"apiVersion": if request.metadata_only { "meta.k8s.io/v1".to_string() } else { api_version(&group, kind) },
                        "kind": list_kind,
                        "metadata": {"resourceVersion": store.version.to_string()},
                        "items": items}),
@@ -498,7 +506,7 @@ fn answer(shared: &Shared, request: &Request) -> (u16, Value) {
                 object["metadata"]["name"] = json!(format!("{prefix}{}", store.version + 1));
             }
             object["metadata"]["namespace"] = json!(namespace);
-            object["apiVersion"] = json!(api_version(&group));
+            object["apiVersion"] = json!(api_version(&group, kind));
             object["kind"] = json!(kind);
             let name = object["metadata"]["name"]
                 .as_str()

@@ -1,0 +1,435 @@
+//! The control loop's part in security groups for pods where the node makes its branches
+//! (`POD_ENI_MANAGER=node`): `ipam::branches` decides, the executor runs its actions through the
+//! one choreography, and the loop answers a pod with groups from a warm branch or once one is made.
+//! Branches are saved beside the checkpoint before an ADD or DEL is answered, as addresses are.
+
+use super::{key_of, Control, Event, Outgoing, ADD_WAIT};
+use ipam::branches::{Ask, Branch, Branches, GroupSet, SavedBranch, Trunk};
+use ipam::{Action, IpamKey, PodMeta};
+use proto::{Allocation, Attachment, BranchAllocation, ErrorKind, PodRef, Reply};
+use std::collections::HashMap;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// The node's branches and the pods waiting for one.
+pub struct NodeBranches {
+    engine: Branches,
+    /// The pod of each branch given, for the file and for pods that vanish.
+    pods: HashMap<IpamKey, PodMeta>,
+    waiting: Vec<Waiter>,
+    /// Pods of branches the API server did not list, since when.
+    absent_since: HashMap<IpamKey, ipam::Time>,
+    dirty: bool,
+}
+
+struct Waiter {
+    key: IpamKey,
+    meta: PodMeta,
+    reply: oneshot::Sender<Reply>,
+    since: Instant,
+}
+
+impl NodeBranches {
+    /// `engine` with what start-up restored; `pods` names the pod of each assigned branch.
+    pub fn new(engine: Branches, pods: HashMap<IpamKey, PodMeta>) -> NodeBranches {
+        NodeBranches {
+            engine,
+            pods,
+            waiting: Vec::new(),
+            absent_since: HashMap::new(),
+            dirty: false,
+        }
+    }
+
+    pub fn engine(&self) -> &Branches {
+        &self.engine
+    }
+
+    /// Every pod's branch with its pod, and the warm ones without, as saved.
+    fn saved(&self) -> Vec<SavedBranch> {
+        let mut saved: Vec<SavedBranch> = self
+            .engine
+            .assignments()
+            .map(|(key, b)| SavedBranch::new(b, self.pods.get(key).map(|m| (key, m))))
+            .chain(
+                self.engine
+                    .warm_branches()
+                    .map(|b| SavedBranch::new(b, None)),
+            )
+            .collect();
+        saved.sort_by_key(|s| s.vlan);
+        saved
+    }
+
+    /// The earliest deadline of a pod waiting for a branch.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.waiting.iter().map(|w| w.since + ADD_WAIT).min()
+    }
+
+    pub(super) fn refuse_waiting(&mut self, message: &str) {
+        for w in self.waiting.drain(..) {
+            self.engine.cancel(&w.key);
+            let _ = w.reply.send(Reply::Error {
+                kind: ErrorKind::Unavailable,
+                message: message.into(),
+            });
+        }
+    }
+}
+
+fn pod_meta(pod: PodRef) -> PodMeta {
+    PodMeta {
+        namespace: pod.namespace,
+        name: pod.name,
+        interfaces_count: 1,
+    }
+}
+
+impl Control {
+    /// With the node's own branches (`POD_ENI_MANAGER=node`).
+    pub fn with_node_branches(mut self, branches: NodeBranches) -> Control {
+        self.branches = Some(branches);
+        self
+    }
+
+    pub fn node_branches(&self) -> Option<&NodeBranches> {
+        self.branches.as_ref()
+    }
+
+    /// How the plugin wires `branch`: behind its VLAN on the trunk, whose MAC the executor has
+    /// from start-up or from the trunk's creation.
+    fn branch_allocation(&self, branch: &Branch) -> Result<Allocation, String> {
+        let trunk = self
+            .branches
+            .as_ref()
+            .and_then(|b| b.engine.trunk())
+            .ok_or("the node has no trunk ENI")?;
+        let trunk_mac = self
+            .executor
+            .mac_of(&trunk.eni_id)
+            .ok_or_else(|| format!("the trunk ENI {}'s link is not known", trunk.eni_id))?;
+        let mac = crate::executor::parse_mac(&branch.mac)
+            .ok_or_else(|| format!("branch {}: MAC {:?}", branch.eni_id, branch.mac))?;
+        Ok(Allocation {
+            address: branch.ip.into(),
+            device_number: 0,
+            route_table: datapath::branch::route_table(branch.vlan),
+            egress_v4: None,
+            branch: Some(BranchAllocation {
+                vlan: branch.vlan,
+                mac,
+                subnet: branch.subnet.addr(),
+                subnet_len: branch.subnet.prefix_len(),
+                trunk_mac,
+            }),
+        })
+    }
+
+    fn branch_reply(&self, branch: &Branch) -> Reply {
+        match self.branch_allocation(branch) {
+            Ok(allocation) => Reply::Added { allocation },
+            Err(message) => Reply::Error {
+                kind: ErrorKind::Internal,
+                message,
+            },
+        }
+    }
+
+    /// An ADD of a pod whose SecurityGroupPolicies give it `groups`: its branch, a warm one with
+    /// its groups, or a place in line for one being made.
+    pub(super) fn branch_add(
+        &mut self,
+        attachment: Attachment,
+        pod: PodRef,
+        groups: GroupSet,
+        reply: oneshot::Sender<Reply>,
+    ) {
+        self.metrics.count("awscni_add_ip_req_count", &[]);
+        let now = self.clock.now();
+        let key = key_of(&attachment);
+        let draining = matches!(self.phase, super::Phase::Draining { .. });
+        let Some(b) = &mut self.branches else {
+            return self.send(
+                reply,
+                Reply::Error {
+                    kind: ErrorKind::Internal,
+                    message: "a branch asked of a node that does not make branches".into(),
+                },
+            );
+        };
+        if let Some(branch) = b.engine.get(&key).cloned() {
+            let message = self.branch_reply(&branch);
+            return self.send(reply, message);
+        }
+        if draining {
+            return self.send(
+                reply,
+                Reply::Error {
+                    kind: ErrorKind::Unavailable,
+                    message: "vpc-ipamd is stopping".into(),
+                },
+            );
+        }
+        let meta = pod_meta(pod);
+        match b.engine.ask(&key, &groups, now) {
+            Ask::Ready(branch) => {
+                tracing::debug!(branch = %branch.eni_id, vlan = %branch.vlan, pod = %meta.name, "branch given");
+                b.pods.insert(key.clone(), meta);
+                b.dirty = true;
+                let message = self.branch_reply(&branch);
+                self.outbox.push(Outgoing {
+                    reply,
+                    message,
+                    assigned: None,
+                    branch: Some(key),
+                });
+            }
+            Ask::Wait => {
+                let waiter = Waiter {
+                    key,
+                    meta,
+                    reply,
+                    since: Instant::now(),
+                };
+                // A retried ADD takes the place of the one it retries.
+                if let Some(old) = b.waiting.iter_mut().find(|w| w.key == waiter.key) {
+                    let old = std::mem::replace(old, waiter);
+                    let _ = old.reply.send(Reply::Error {
+                        kind: ErrorKind::Unavailable,
+                        message: "superseded by a retry of the same ADD".into(),
+                    });
+                } else {
+                    b.waiting.push(waiter);
+                }
+            }
+        }
+    }
+
+    /// A DEL of a branch pod: its branch turns warm for the next pod with its groups. None when
+    /// `key` has no branch (the pool's, or nobody's).
+    pub(super) fn branch_del(&mut self, key: &IpamKey) -> Option<Allocation> {
+        let now = self.clock.now();
+        let b = self.branches.as_mut()?;
+        if let Some(i) = b.waiting.iter().position(|w| &w.key == key) {
+            let w = b.waiting.swap_remove(i);
+            b.engine.cancel(key);
+            let _ = w.reply.send(Reply::Error {
+                kind: ErrorKind::Unavailable,
+                message: "the pod was deleted while it waited for its branch ENI".into(),
+            });
+        }
+        let branch = b.engine.release(key, now)?;
+        b.pods.remove(key);
+        b.dirty = true;
+        tracing::debug!(branch = %branch.eni_id, vlan = %branch.vlan, "branch released");
+        // Its allocation as it was given, so that the plugin can unwire it; the branch is warm.
+        self.branch_allocation(&branch).ok()
+    }
+
+    pub(super) fn branch_lookup(&self, key: &IpamKey) -> Option<Allocation> {
+        let branch = self.branches.as_ref()?.engine.get(key)?;
+        self.branch_allocation(branch).ok()
+    }
+
+    /// Answers pods whose branch came, and those that waited too long.
+    pub(super) fn serve_branch_waiters(&mut self) {
+        let Some(b) = &mut self.branches else {
+            return;
+        };
+        let mut served = Vec::new();
+        let mut i = 0;
+        while i < b.waiting.len() {
+            let w = &b.waiting[i];
+            let given = b.engine.get(&w.key).cloned();
+            if given.is_none() && !w.reply.is_closed() && w.since.elapsed() < ADD_WAIT {
+                i += 1;
+                continue;
+            }
+            let w = b.waiting.swap_remove(i);
+            match given {
+                Some(branch) => {
+                    self.metrics.add_waited(w.since.elapsed());
+                    b.pods.insert(w.key.clone(), w.meta);
+                    b.dirty = true;
+                    served.push((w.key, w.reply, branch));
+                }
+                None => {
+                    b.engine.cancel(&w.key);
+                    if !w.reply.is_closed() {
+                        let message = format!(
+                            "no branch ENI became available in {}s ({} pods in line, {} branches given, {} warm)",
+                            ADD_WAIT.as_secs(),
+                            b.engine.waiting(),
+                            b.engine.assigned(),
+                            b.engine.warm()
+                        );
+                        tracing::warn!(pod = %w.meta.name, why = %message, "ADD timed out");
+                        let _ = w.reply.send(Reply::Error {
+                            kind: ErrorKind::NoAddressAvailable,
+                            message,
+                        });
+                    }
+                }
+            }
+        }
+        for (key, reply, branch) in served {
+            let message = self.branch_reply(&branch);
+            self.outbox.push(Outgoing {
+                reply,
+                message,
+                assigned: None,
+                branch: Some(key),
+            });
+        }
+    }
+
+    /// The branches to make and delete now, started through the executor.
+    pub(super) fn plan_branches(&mut self) {
+        let now = self.clock.now();
+        let Some(b) = &mut self.branches else {
+            return;
+        };
+        if b.engine.trunk().is_none() {
+            if let Some(t) = self.pool.enis().iter().find(|e| e.info.is_trunk) {
+                tracing::info!(trunk = %t.info.id, "branch ENIs go on this trunk");
+                b.engine.set_trunk(Trunk {
+                    eni_id: t.info.id.clone(),
+                    subnet_id: t.info.subnet_id.clone(),
+                    subnet: t.info.subnet_cidr,
+                });
+            }
+        }
+        let decision = b.engine.decide(now);
+        for action in &decision.actions {
+            b.engine.begin(action);
+        }
+        if let Some(t) = decision.wake_at {
+            self.wake_at = Some(self.wake_at.map_or(t, |w| w.min(t)));
+        }
+        for action in decision.actions {
+            self.spawn(action);
+        }
+    }
+
+    pub(super) fn branch_finished(&mut self, action: &Action, outcome: ipam::action::Outcome) {
+        let now = self.clock.now();
+        if let Some(b) = &mut self.branches {
+            b.engine.complete(action, outcome, now);
+            b.dirty = true;
+        }
+    }
+
+    /// Saves the branches if they changed; a failed write takes back the branches just given (they
+    /// turn warm) and their ADDs fail.
+    pub(super) fn save_branches(&mut self) {
+        let Some(b) = &mut self.branches else {
+            return;
+        };
+        if !b.dirty {
+            return;
+        }
+        b.dirty = false;
+        let Err(e) = self.store.save_branches(b.saved()) else {
+            return;
+        };
+        tracing::error!(error = %e, "saving branch ENIs failed; their ADDs are refused");
+        self.metrics
+            .count("awscni_ipamd_error_count", &[("fn", "checkpoint")]);
+        let now = self.clock.now();
+        for out in &mut self.outbox {
+            if let Some(key) = out.branch.take() {
+                b.engine.release(&key, now);
+                b.pods.remove(&key);
+                out.message = Reply::Error {
+                    kind: ErrorKind::Internal,
+                    message: format!("the branch ENIs could not be saved: {e}"),
+                };
+            }
+        }
+        b.dirty = true;
+    }
+
+    /// Branches of pods the API server no longer lists (for the grace period) turn warm, and
+    /// their host side goes, as a DEL would have done.
+    pub(super) fn release_vanished_branch_pods(
+        &mut self,
+        pods: &std::collections::HashSet<k8s::PodRef>,
+    ) {
+        let now = self.clock.now();
+        let grace = self.vanished_pod_grace;
+        let Some(b) = &mut self.branches else {
+            return;
+        };
+        let mut gone = Vec::new();
+        for (key, meta) in &b.pods {
+            let pod = k8s::PodRef {
+                namespace: meta.namespace.clone(),
+                name: meta.name.clone(),
+            };
+            if pods.contains(&pod) {
+                b.absent_since.remove(key);
+                continue;
+            }
+            let since = *b.absent_since.entry(key.clone()).or_insert(now);
+            if now.since(since) >= grace {
+                gone.push(key.clone());
+            }
+        }
+        let mut unwire = Vec::new();
+        for key in gone {
+            b.absent_since.remove(&key);
+            let meta = b.pods.remove(&key);
+            if let (Some(branch), Some(meta)) = (b.engine.release(&key, now), meta) {
+                b.dirty = true;
+                self.metrics
+                    .count("vpccni_vanished_pod_releases_total", &[]);
+                tracing::info!(branch = %branch.eni_id, pod = %format!("{}/{}", meta.namespace, meta.name), "released the branch of a pod the API server no longer has");
+                unwire.push((meta, branch));
+            }
+        }
+        let links: Vec<(String, datapath::branch::BranchLink)> = unwire
+            .into_iter()
+            .filter_map(|(meta, branch)| {
+                let a = self.branch_allocation(&branch).ok()?.branch?;
+                let host_veth = datapath::names::host_veth_name(
+                    &self.veth_prefix,
+                    &datapath::names::pod_key(&meta.namespace, &meta.name),
+                );
+                let link = datapath::branch::BranchLink {
+                    vlan: a.vlan,
+                    mac: a.mac,
+                    address: branch.ip,
+                    subnet: (a.subnet, a.subnet_len),
+                    trunk_mac: a.trunk_mac,
+                };
+                Some((host_veth, link))
+            })
+            .collect();
+        if !links.is_empty() {
+            tokio::task::spawn_blocking(move || {
+                for (veth, link) in links {
+                    if let Err(e) = datapath::branch::remove(&veth, &link) {
+                        tracing::warn!(error = %e, "removing a vanished branch pod's host side");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Starts `action` on the executor; its end comes back as [`Event::Finished`].
+    pub(super) fn spawn(&mut self, action: Action) {
+        tracing::debug!(action = ?action, "action");
+        self.actions_in_flight += 1;
+        *self
+            .in_progress
+            .entry(super::function_of(&action))
+            .or_default() += 1;
+        let executor = self.executor.clone();
+        let events = self.events.clone();
+        let clock = self.clock;
+        tokio::spawn(async move {
+            let report = executor.run(&action, clock).await;
+            let _ = events.send(Event::Finished { action, report });
+        });
+    }
+}
