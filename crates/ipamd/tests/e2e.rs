@@ -2546,3 +2546,171 @@ fn a_branch_pod_is_answered_from_its_annotation_and_the_cninode_asks_for_a_trunk
     tb.del_pod(web).unwrap();
     tb.stop_daemon(0, Stop::Term).unwrap();
 }
+
+/// Where the node makes its branches (`POD_ENI_MANAGER=node`), through the real daemon, its socket,
+/// the simulated VPC over HTTP and the test API server: the daemon makes its trunk; a pod that a
+/// SecurityGroupPolicy selects gets a branch with the policy's groups; after a kill -9 the pod's
+/// branch is still its own, and a branch the killed run made without recording it serves the next
+/// pod with its groups instead of a new one.
+#[test]
+fn the_node_makes_branches_from_security_group_policies_and_keeps_them_across_a_kill() {
+    let mut options = Options {
+        instance_type: "m5.xlarge".into(),
+        ..options(&[
+            ("ENABLE_POD_ENI", "true"),
+            ("POD_ENI_MANAGER", "node"),
+            ("POD_SECURITY_GROUP_ENFORCING_MODE", "standard"),
+        ])
+    };
+    options.kubernetes = true;
+    let Some(mut tb) = testbed("the_node_makes_branches", options) else {
+        return;
+    };
+    let node = tb.nodes[0].name.clone();
+    let policy = |tb: &Testbed, name: &str, app: &str, group: &str| {
+        kube(tb).apply(
+            "securitygrouppolicies",
+            serde_json::json!({"metadata": {"namespace": "shop", "name": name}, "spec": {
+                "podSelector": {"matchLabels": {"app": app}},
+                "securityGroups": {"groupIds": [group]}}}),
+        )
+    };
+    let pod_object = |tb: &Testbed, name: &str, app: &str| {
+        kube(tb).apply(
+            "pods",
+            serde_json::json!({"metadata": {"namespace": "shop", "name": name, "labels": {"app": app}},
+                "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]}}),
+        )
+    };
+    policy(&tb, "db", "db", "sg-db");
+    pod_object(&tb, "db-0", "db");
+    tb.start_daemon(0).unwrap();
+
+    let socket = tb.nodes[0].socket();
+    let log = tb.nodes[0].daemon_log();
+    let call = |request: &proto::Request| {
+        proto::call(&socket, request, Duration::from_secs(30)).unwrap_or_else(|e| {
+            panic!(
+                "{e}; the daemon's log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })
+    };
+    let sandbox = |name: &str| proto::Attachment {
+        container_id: format!("sandbox-{name}"),
+        ifname: "eth0".into(),
+        network: "aws-cni".into(),
+    };
+    let add = |name: &str| {
+        let reply = call(&proto::Request::Add {
+            attachment: sandbox(name),
+            pod: proto::PodRef {
+                namespace: "shop".into(),
+                name: name.into(),
+                infra_container_id: String::new(),
+                uid: String::new(),
+            },
+            netns: "/var/run/netns/none".into(),
+        });
+        match reply {
+            proto::Reply::Added { allocation } => allocation,
+            other => panic!("ADD of {name}: {other:?}"),
+        }
+    };
+    let db = add("db-0");
+    let branch = db.branch.expect("a branch for the policy's pod");
+    let (trunk, made) = {
+        let model = tb.vpc_model();
+        let vpc = model.lock().unwrap();
+        let trunk = vpc
+            .interfaces()
+            .find(|e| e.interface_type == "trunk")
+            .expect("the daemon made a trunk")
+            .clone();
+        let made: Vec<_> = vpc
+            .interfaces()
+            .filter(|e| e.interface_type == "branch")
+            .cloned()
+            .collect();
+        (trunk, made)
+    };
+    assert_eq!(
+        trunk.attachment.as_ref().map(|a| a.instance_id.as_str()),
+        Some(tb.nodes[0].instance_id.as_str())
+    );
+    assert_eq!(made.len(), 1);
+    assert_eq!(made[0].security_groups, ["sg-db"]);
+    assert_eq!(db.address, IpAddr::V4(made[0].primary_ip));
+    assert_eq!(
+        branch.trunk_mac,
+        ipam::choreography::parse_mac(&trunk.mac).unwrap()
+    );
+
+    // The daemon killed; meanwhile (as if it had died between EC2's answer and its file) a branch
+    // with sg-web on VLAN 7.
+    tb.stop_daemon(0, Stop::Kill).unwrap();
+    let unrecorded = tb.out_of_band(|vpc| {
+        let now = ipam::Time::ZERO;
+        let eni = vpc
+            .create_network_interface(
+                now,
+                simvpc::CreateEniRequest {
+                    subnet_id: trunk.subnet_id.clone(),
+                    description: "aws-k8s-branch-eni".into(),
+                    security_groups: vec!["sg-web".into()],
+                    secondary_ip_count: 0,
+                    prefix_count: 0,
+                    tags: Default::default(),
+                    client_token: None,
+                    interface_type: Some("branch".into()),
+                },
+            )
+            .result
+            .unwrap();
+        vpc.associate_trunk_interface(now, &eni.id, &trunk.id, 7, None)
+            .result
+            .unwrap();
+        eni
+    });
+    tb.start_daemon(0).unwrap();
+    let lookup = call(&proto::Request::Lookup {
+        attachment: sandbox("db-0"),
+    });
+    assert_eq!(
+        lookup,
+        proto::Reply::Found {
+            allocation: Some(db)
+        },
+        "the pod's branch is still its own"
+    );
+    assert_eq!(add("db-0"), db, "a repeated ADD");
+
+    policy(&tb, "web", "web", "sg-web");
+    pod_object(&tb, "web-0", "web");
+    let web = add("web-0");
+    assert_eq!(web.branch.map(|b| b.vlan), Some(7));
+    assert_eq!(web.address, IpAddr::V4(unrecorded.primary_ip));
+    let branches = tb
+        .vpc_model()
+        .lock()
+        .unwrap()
+        .interfaces()
+        .filter(|e| e.interface_type == "branch")
+        .count();
+    assert_eq!(branches, 2, "no branch made for web-0");
+
+    // A pod that no policy selects: the pool's address.
+    pod_object(&tb, "plain-0", "plain");
+    assert!(add("plain-0").branch.is_none());
+    let del = call(&proto::Request::Del {
+        attachment: sandbox("db-0"),
+        pod: None,
+        reason: proto::DelReason::PodDeleted,
+    });
+    assert_eq!(
+        del,
+        proto::Reply::Deleted { released: Some(db) },
+        "a DEL without the pod's name still finds its branch"
+    );
+    tb.stop_daemon(0, Stop::Term).unwrap();
+}
