@@ -470,7 +470,8 @@ fn warning_events(tb: &Testbed, reason: &str) -> Vec<Value> {
 }
 
 /// What the base's ClusterRole and Role grant, as (verb, group, resource).
-fn granted_by_rbac() -> Option<BTreeSet<(String, String, String)>> {
+/// What deploy/base/serviceaccount.yaml and `overlays` (their paths under deploy/) grant.
+fn granted_by_rbac(overlays: &[&str]) -> Option<BTreeSet<(String, String, String)>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let python = root.join(".venv/bin/python");
     if !python.is_file() {
@@ -480,7 +481,11 @@ fn granted_by_rbac() -> Option<BTreeSet<(String, String, String)>> {
         );
         return None;
     }
-    let yaml = std::fs::read_to_string(root.join("deploy/base/serviceaccount.yaml")).unwrap();
+    let mut yaml = std::fs::read_to_string(root.join("deploy/base/serviceaccount.yaml")).unwrap();
+    for overlay in overlays {
+        yaml.push_str("\n---\n");
+        yaml.push_str(&std::fs::read_to_string(root.join("deploy").join(overlay)).unwrap());
+    }
     let mut granted = BTreeSet::new();
     for doc in testbed::yaml_documents(&python, &yaml) {
         if doc["kind"] != "ClusterRole" && doc["kind"] != "Role" {
@@ -577,7 +582,7 @@ fn kubernetes_custom_networking_follows_the_nodes_eniconfig_and_rbac_covers_exac
         .into_iter()
         .map(|a| (a.verb, a.group, a.resource))
         .collect();
-    if let Some(granted) = granted_by_rbac() {
+    if let Some(granted) = granted_by_rbac(&[]) {
         assert_eq!(
             used, granted,
             "RBAC (deploy/base/serviceaccount.yaml) differs from what the daemon asks"
@@ -2713,4 +2718,16 @@ fn the_node_makes_branches_from_security_group_policies_and_keeps_them_across_a_
         "a DEL without the pod's name still finds its branch"
     );
     tb.stop_daemon(0, Stop::Term).unwrap();
+    let used: BTreeSet<(String, String, String)> = kube(&tb)
+        .accesses()
+        .into_iter()
+        .map(|a| (a.verb, a.group, a.resource))
+        .collect();
+    if let Some(granted) = granted_by_rbac(&["overlays/security-groups-for-pods-node/rbac.yaml"]) {
+        let missing: Vec<_> = used.difference(&granted).collect();
+        assert!(
+            missing.is_empty(),
+            "not granted by the overlay's RBAC: {missing:?}"
+        );
+    }
 }

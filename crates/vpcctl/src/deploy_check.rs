@@ -16,6 +16,7 @@ const OVERLAYS: &[&str] = &[
     "network-policy",
     "network-policy-eks",
     "security-groups-for-pods",
+    "security-groups-for-pods-node",
 ];
 
 fn root() -> PathBuf {
