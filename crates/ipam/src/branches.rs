@@ -150,6 +150,10 @@ impl Branches {
         self.trunk.as_ref()
     }
 
+    pub fn settings(&self) -> &BranchSettings {
+        &self.settings
+    }
+
     /// A branch a pod already has (read from the checkpoint at start): its VLAN id is taken.
     pub fn restore(&mut self, key: IpamKey, branch: Branch) {
         self.vlans.insert(branch.vlan);

@@ -161,6 +161,20 @@ impl Control {
             let message = self.branch_reply(&branch);
             return self.send(reply, message);
         }
+        if b.engine.settings().limit == 0 {
+            let message = format!(
+                "pod {}/{} has security groups (a SecurityGroupPolicy selects it) but this node's \
+                 instance type {} cannot carry a trunk ENI: schedule it on a type that can",
+                pod.namespace, pod.name, self.pool.node.instance_type
+            );
+            return self.send(
+                reply,
+                Reply::Error {
+                    kind: ErrorKind::NoAddressAvailable,
+                    message,
+                },
+            );
+        }
         if draining {
             return self.send(
                 reply,

@@ -36,6 +36,9 @@ struct Shared {
     clock: Clock,
     calls: Mutex<Vec<&'static str>>,
     lose_next: Mutex<Vec<&'static str>>,
+    /// After this many calls EC2 acts on the next ones but their replies never come: the daemon
+    /// dies there, as far as the loop can tell.
+    halt_after: Mutex<Option<usize>>,
 }
 
 impl SimEc2 {
@@ -56,9 +59,21 @@ impl SimEc2 {
         operation: &'static str,
         call: impl FnOnce(&mut SimVpc, Time) -> simvpc::Reply<T>,
     ) -> cloud::Result<T> {
+        let halted = |made: usize| self.0.halt_after.lock().unwrap().is_some_and(|n| made > n);
+        if halted(self.calls().len()) {
+            // Dead: nothing more reaches EC2.
+            return std::future::pending().await;
+        }
         let reply = call(&mut self.vpc(), self.0.clock.now());
         tokio::time::sleep(reply.latency).await;
-        self.0.calls.lock().unwrap().push(operation);
+        let made = {
+            let mut calls = self.0.calls.lock().unwrap();
+            calls.push(operation);
+            calls.len()
+        };
+        if halted(made) {
+            return std::future::pending().await;
+        }
         let mut lose = self.0.lose_next.lock().unwrap();
         if let Some(i) = lose.iter().position(|o| *o == operation) {
             lose.remove(i);
@@ -275,6 +290,8 @@ struct Setup {
     v6_prefix: Option<&'static str>,
     /// The node makes its own branch ENIs (POD_ENI_MANAGER=node) with this WARM_BRANCH_TARGET.
     node_branches: Option<u32>,
+    /// Its branch limit, when not the instance type's (0: a type that cannot carry a trunk).
+    branch_limit: Option<u32>,
 }
 
 impl Default for Setup {
@@ -290,6 +307,7 @@ impl Default for Setup {
             vanished_pod_grace: None,
             v6_prefix: None,
             node_branches: None,
+            branch_limit: None,
         }
     }
 }
@@ -306,12 +324,75 @@ fn start(setup: Setup) -> Node {
     let instance_id = vpc
         .launch_instance("m5.large", &nodes_subnet, &["sg-nodes"])
         .unwrap();
-    let instance = vpc.instance(&instance_id).unwrap().clone();
-    let primary = vpc
+    let ec2 = SimEc2(Arc::new(Shared {
+        vpc: Mutex::new(vpc),
+        clock,
+        calls: Mutex::default(),
+        lose_next: Mutex::default(),
+        halt_after: Mutex::default(),
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a-file"), "").unwrap();
+    launch(setup, ec2, instance_id, pods_subnet, dir, None)
+}
+
+/// The node's daemon killed (its loop dropped wherever it was) and started again on the same EC2
+/// and state directory, as start-up does: the ENIs EC2 shows attached, the branches of the file
+/// read against the trunk's associations.
+async fn restart(node: Node, setup: Setup) -> Node {
+    node.stopped.abort();
+    let _ = node.stopped.await;
+    *node.ec2.0.halt_after.lock().unwrap() = None;
+    let store = Store::new(&node.checkpoint);
+    let saved = store.load_branches().unwrap();
+    let trunk = node
+        .ec2
+        .vpc()
         .interfaces()
-        .find(|e| e.id == instance.primary_eni)
-        .unwrap()
-        .clone();
+        .find(|e| e.interface_type == "trunk" && attached_to(e, &node.instance_id))
+        .map(|e| ipam::pool::EniInfo {
+            is_trunk: true,
+            ..e.eni_info(e.attachment.as_ref().unwrap().device_index)
+        });
+    let restored = ipamd::branches::restore(&node.ec2, trunk.as_ref(), &saved)
+        .await
+        .unwrap();
+    launch(
+        setup,
+        node.ec2,
+        node.instance_id,
+        node.pods_subnet,
+        node._dir,
+        Some(restored),
+    )
+}
+
+fn attached_to(eni: &simvpc::NetworkInterface, instance_id: &str) -> bool {
+    eni.attachment
+        .as_ref()
+        .is_some_and(|a| a.instance_id == instance_id)
+}
+
+fn launch(
+    setup: Setup,
+    ec2: SimEc2,
+    instance_id: String,
+    pods_subnet: String,
+    dir: tempfile::TempDir,
+    restored: Option<ipam::branches::Reconciled>,
+) -> Node {
+    let clock = ec2.0.clock;
+    let (instance, attached) = {
+        let vpc = ec2.vpc();
+        let instance = vpc.instance(&instance_id).unwrap().clone();
+        let attached: Vec<simvpc::NetworkInterface> = vpc
+            .interfaces()
+            .filter(|e| attached_to(e, &instance_id))
+            .cloned()
+            .collect();
+        (instance, attached)
+    };
+    let nodes_subnet = instance.subnet_id.clone();
 
     let mut lookup: BTreeMap<&str, &str> = setup.settings.iter().copied().collect();
     let warm_branches = setup.node_branches.map(|n| n.to_string());
@@ -340,14 +421,7 @@ fn start(setup: Setup) -> Node {
         unschedulable: false,
     };
     let mut pool = Pool::new(spec, &settings);
-    pool.add_eni(primary.eni_info(0), clock.now());
 
-    let ec2 = SimEc2(Arc::new(Shared {
-        vpc: Mutex::new(vpc),
-        clock,
-        calls: Mutex::default(),
-        lose_next: Mutex::default(),
-    }));
     let links = RecordedLinks::default();
     let metrics = Arc::new(Metrics::default());
     let executor = Executor::new(
@@ -365,9 +439,19 @@ fn start(setup: Setup) -> Node {
         metrics.clone(),
     );
     executor.avoid_device(0);
+    for eni in &attached {
+        let device = eni.attachment.as_ref().unwrap().device_index;
+        let info = ipam::pool::EniInfo {
+            is_trunk: eni.interface_type == "trunk",
+            ..eni.eni_info(device)
+        };
+        pool.add_eni(info, clock.now());
+        pool.sync_eni(&eni.id, &ipamd::executor::blocks_of(&eni.to_ec2()));
+        if device > 0 {
+            executor.adopt(&eni.to_ec2(), eni.subnet_cidr);
+        }
+    }
 
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("a-file"), "").unwrap();
     let checkpoint = dir.path().join(setup.checkpoint);
     let (events, receiver) = mpsc::unbounded_channel();
     let v6 = setup
@@ -389,15 +473,24 @@ fn start(setup: Setup) -> Node {
         control = control.in_cluster(k8s::Reporter::disabled(), grace);
     }
     if config.node_makes_branches {
-        let engine = ipam::branches::Branches::new(ipam::branches::BranchSettings {
-            limit: ipam::limits::branch_interfaces("m5.large"),
+        let mut engine = ipam::branches::Branches::new(ipam::branches::BranchSettings {
+            limit: setup
+                .branch_limit
+                .unwrap_or_else(|| ipam::limits::branch_interfaces("m5.large")),
             warm_target: config.warm_branch_target,
             cooldown: ipam::branches::BRANCH_COOLDOWN,
         });
-        control = control.with_node_branches(ipamd::control::NodeBranches::new(
-            engine,
-            Default::default(),
-        ));
+        let mut pods = std::collections::HashMap::new();
+        if let Some(r) = restored {
+            for (key, meta, branch) in r.assigned {
+                engine.restore(key.clone(), branch);
+                pods.insert(key, meta);
+            }
+            for branch in r.warm {
+                engine.adopt(branch, clock.now());
+            }
+        }
+        control = control.with_node_branches(ipamd::control::NodeBranches::new(engine, pods));
     }
     let stopped = tokio::spawn(control.run(receiver));
     Node {
@@ -963,4 +1056,263 @@ async fn the_node_makes_a_trunk_and_branches_and_reuses_a_branch_for_the_same_gr
         calls.contains(&"DisassociateTrunkInterface") && calls.contains(&"DeleteNetworkInterface"),
         "{calls:?}"
     );
+}
+
+/// On an instance type that cannot carry a trunk, a pod with groups is refused at once, saying
+/// why, rather than waiting for a branch that cannot come.
+#[tokio::test(start_paused = true)]
+async fn a_pod_with_groups_is_refused_at_once_where_no_trunk_can_be() {
+    let node = start(Setup {
+        node_branches: Some(0),
+        branch_limit: Some(0),
+        ..Setup::default()
+    });
+    let started = tokio::time::Instant::now();
+    let reply = node
+        .add_with_groups("c1", "db-0", &["sg-db"])
+        .await
+        .unwrap();
+    let Reply::Error { kind, message } = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(kind, proto::ErrorKind::NoAddressAvailable);
+    assert!(message.contains("cannot carry a trunk"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(1), "at once");
+}
+
+/// How far the lives of two branch pods got: db-0 (sg-db) starts, web-0 (sg-web) starts while
+/// db-0 runs, both end; then their branches are deleted after the cooldown.
+#[derive(Clone, Copy, Debug, Default)]
+struct Life {
+    /// Each pod's ADD answered (with its branch), and its DEL answered.
+    added: [Option<proto::Allocation>; 2],
+    deleted: [bool; 2],
+    gone: bool,
+}
+
+const PODS: [(&str, &str, &str); 2] = [("c1", "db-0", "sg-db"), ("c2", "web-0", "sg-web")];
+
+/// Goes on with the pods' lives as the kubelet would: what was not answered is asked again. Each
+/// step gives up when no answer comes (the daemon died).
+async fn live(node: &Node, mut life: Life) -> Life {
+    let patience = Duration::from_secs(60);
+    for (i, (container, name, group)) in PODS.iter().enumerate() {
+        if life.added[i].is_none() {
+            let add = node.add_with_groups(container, name, &[group]);
+            match tokio::time::timeout(patience, add).await {
+                Ok(Ok(Reply::Added { allocation })) => life.added[i] = Some(allocation),
+                _ => return life,
+            }
+        }
+    }
+    for (i, (container, name, _)) in PODS.iter().enumerate() {
+        if !life.deleted[i] {
+            match tokio::time::timeout(patience, node.del(container, name)).await {
+                Ok(Reply::Deleted { released }) if released == life.added[i] => {
+                    life.deleted[i] = true
+                }
+                Ok(other) => panic!("DEL of a branch pod: {other:?}"),
+                Err(_) => return life,
+            }
+        }
+    }
+    tokio::time::sleep(ipam::branches::BRANCH_COOLDOWN + Duration::from_secs(30)).await;
+    let (warm, in_flight) = node
+        .inspect(|c| {
+            let b = c.node_branches().unwrap().engine();
+            (b.warm(), b.in_flight())
+        })
+        .await;
+    life.gone = warm == 0 && in_flight == 0;
+    life
+}
+
+/// kill -9 after each EC2 step of a branch pod's life (the trunk's creation, the branch's creation
+/// and association, its disassociation and deletion after the pod left, and the pool's own calls
+/// around them): the daemon started again and the kubelet's retries finish the life; then no branch
+/// is associated with the trunk, the leaked-ENI collector finds every branch and trunk the dead
+/// run left unattached, one trunk remains, and a pod that had its branch when the daemon died
+/// still has it, in EC2 too.
+#[tokio::test(start_paused = true)]
+async fn a_kill_after_any_ec2_step_of_a_branch_pods_life_leaks_nothing_and_keeps_branches_in_use() {
+    let setup = || Setup {
+        settings: vec![("WARM_IP_TARGET", "1")],
+        node_branches: Some(0),
+        ..Setup::default()
+    };
+    let steps = {
+        let node = start(setup());
+        let life = live(&node, Life::default()).await;
+        assert!(life.gone, "{life:?}");
+        node.ec2.calls()
+    };
+    for op in [
+        "CreateNetworkInterface",
+        "AttachNetworkInterface",
+        "AssociateTrunkInterface",
+        "DisassociateTrunkInterface",
+        "DeleteNetworkInterface",
+    ] {
+        assert!(steps.contains(&op), "{op} in {steps:?}");
+    }
+    // Kills that left a pod running with its branch, and leftovers the collector deleted.
+    let (mut running, mut collected) = (0, 0);
+    for (k, step) in steps.iter().enumerate() {
+        let node = start(setup());
+        *node.ec2.0.halt_after.lock().unwrap() = Some(k);
+        let before = live(&node, Life::default()).await;
+        assert!(!before.gone, "killed after {k} calls: {before:?}");
+        let node = restart(node, setup()).await;
+        for (i, (container, ..)) in PODS.iter().enumerate() {
+            let (Some(given), false) = (before.added[i], before.deleted[i]) else {
+                continue;
+            };
+            running += 1;
+            let found = node
+                .ask(Request::Lookup {
+                    attachment: attachment(container),
+                })
+                .await;
+            assert_eq!(
+                found,
+                Reply::Found {
+                    allocation: Some(given)
+                },
+                "killed after {k} calls ({}): the running pod's branch",
+                step
+            );
+            let address = v4(&given);
+            assert!(
+                node.ec2
+                    .vpc()
+                    .interfaces()
+                    .any(|e| e.primary_ip == address && e.interface_type == "branch"),
+                "killed after {k} calls: the running pod's branch is in EC2"
+            );
+        }
+        let after = live(&node, before).await;
+        assert!(after.gone, "killed after {k} calls ({}): {after:?}", step);
+        let (assigned, warm) = node
+            .inspect(|c| {
+                let b = c.node_branches().unwrap().engine();
+                (b.assigned(), b.warm())
+            })
+            .await;
+        assert_eq!((assigned, warm), (0, 0));
+
+        let vpc_id = node.ec2.vpc().vpc_id.clone();
+        let report = cloud::gc::collect_leaked_enis(
+            &node.ec2,
+            &cloud::gc::LeakScan {
+                vpc_id,
+                cluster_name: Some("test".into()),
+            },
+            std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + 86_400),
+        )
+        .await
+        .unwrap();
+        collected += report.deleted.len();
+        let vpc = node.ec2.vpc();
+        let left: Vec<(String, bool)> = vpc
+            .interfaces()
+            .filter(|e| e.interface_type == "branch" || e.interface_type == "trunk")
+            .map(|e| (e.interface_type.clone(), attached_to(e, &node.instance_id)))
+            .collect();
+        assert_eq!(
+            left,
+            [("trunk".to_string(), true)],
+            "killed after {k} calls ({}); the collector deleted {:?}",
+            step,
+            report.deleted
+        );
+    }
+    eprintln!(
+        "{} steps: {steps:?}; {running} kills left a pod running, {collected} ENIs collected",
+        steps.len()
+    );
+    assert!(running > 0 && collected > 0, "{running} {collected}");
+}
+
+/// 250 branch pods come and go over three sets of groups, a few running at once: every ADD is
+/// answered with a branch of its pod's groups, no two running pods share one, the branches are
+/// reused (far fewer made than pods), and once the cooldown is over EC2 holds no branch.
+#[tokio::test(start_paused = true)]
+async fn two_hundred_and_fifty_branch_pods_reuse_branches_and_leave_none_behind() {
+    use rand::{Rng, SeedableRng};
+    let node = start(Setup {
+        settings: vec![("WARM_IP_TARGET", "1")],
+        node_branches: Some(0),
+        ..Setup::default()
+    });
+    let sets = [&["sg-a"][..], &["sg-b"], &["sg-a", "sg-c"]];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let mut running: Vec<(String, usize, proto::Allocation)> = Vec::new();
+    for n in 0..250 {
+        if running.len() >= 6 || (!running.is_empty() && rng.gen_bool(0.4)) {
+            let (container, _, given) = running.swap_remove(rng.gen_range(0..running.len()));
+            let reply = node.del(&container, &container).await;
+            assert_eq!(
+                reply,
+                Reply::Deleted {
+                    released: Some(given)
+                }
+            );
+        }
+        let set = rng.gen_range(0..sets.len());
+        let container = format!("c{n}");
+        let given = added(
+            &node
+                .add_with_groups(&container, &container, sets[set])
+                .await
+                .unwrap(),
+        );
+        let vlan = given.branch.expect("a branch").vlan;
+        assert!(
+            running
+                .iter()
+                .all(|(_, _, a)| a.branch.unwrap().vlan != vlan),
+            "VLAN {vlan} given twice"
+        );
+        let address = v4(&given);
+        let groups = node
+            .ec2
+            .vpc()
+            .interfaces()
+            .find(|e| e.primary_ip == address && e.interface_type == "branch")
+            .map(|e| e.security_groups.clone())
+            .expect("the branch in EC2");
+        let mut wanted: Vec<String> = sets[set].iter().map(|g| g.to_string()).collect();
+        wanted.sort();
+        assert_eq!(groups, wanted, "pod {n}'s branch has its groups");
+        running.push((container, set, given));
+        // Sometimes the next pod comes after a pause longer than the cooldown.
+        if rng.gen_bool(0.05) {
+            tokio::time::sleep(ipam::branches::BRANCH_COOLDOWN * 2).await;
+        }
+    }
+    for (container, _, given) in running.drain(..) {
+        assert_eq!(
+            node.del(&container, &container).await,
+            Reply::Deleted {
+                released: Some(given)
+            }
+        );
+    }
+    tokio::time::sleep(ipam::branches::BRANCH_COOLDOWN + Duration::from_secs(30)).await;
+    let made = node
+        .ec2
+        .calls()
+        .iter()
+        .filter(|c| **c == "AssociateTrunkInterface")
+        .count();
+    // A branch per pod would make 250; twelve pauses past the cooldown each start over.
+    assert!(made * 2 < 250, "{made} branches made for 250 pods");
+    let left = node
+        .ec2
+        .vpc()
+        .interfaces()
+        .filter(|e| e.interface_type == "branch")
+        .count();
+    assert_eq!(left, 0, "branches left in EC2");
+    eprintln!("250 branch pods: {made} branches made");
 }
