@@ -6,11 +6,18 @@
 //! (proxy ARP on the bridge, private-VLAN style): nothing on a node answers ARP for pod addresses,
 //! so traffic between nodes always goes through the router, which knows where each address lives.
 //!
+//! A branch ENI associated with a trunk (security groups for pods) is a VLAN of the trunk's link:
+//! the fabric demultiplexes the trunk's tagged frames to a port of the branch's own on the subnet's
+//! bridge, and the node gets the branch's VLAN link for the plugin to adopt (this kernel cannot make
+//! VLAN links: both ends are `crate::vlan`'s emulation, over real 802.1Q frames). The branch's
+//! address is the branch's on the bridge, and its security groups hold as any ENI's.
+//!
 //! A subnet with an IPv6 block gets the VPC's IPv6 router on its bridge (`fe80:ec2::1`, and the
 //! block's `::1`), and every /80 delegated to an ENI a route through that ENI's link-local address,
 //! as the VPC routes a prefix to the ENI that holds it.
 
-use crate::netns::{ip_batch, nft, sysctl};
+use crate::netns::{ip, ip_batch, nft, sysctl};
+use crate::vlan::VlanPort;
 use ipam::{Ipv4Cidr, Ipv6Cidr};
 use simvpc::{AttachmentStatus, SimVpc};
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,7 +35,25 @@ struct Wired {
     routes: BTreeSet<(Ipv6Cidr, Ipv6Addr, String)>,
     /// The security groups' table as last applied, if any group has rules.
     security: Option<String>,
+    /// Branch ENI id → its VLAN's two ends.
+    branches: BTreeMap<String, BranchPorts>,
 }
+
+/// A branch's VLAN on its trunk: its port on the fabric's bridge, and the node's VLAN link.
+struct BranchPorts {
+    vlan: u16,
+    mac: String,
+    node: String,
+    /// The trunk's link on the node.
+    parent: String,
+    fabric: VlanPort,
+    /// None once the plugin deleted it (a pod's DEL), until [`Fabric::restore_vlan_links`].
+    on_node: Option<VlanPort>,
+}
+
+/// What a branch needs wired: (node namespace, the trunk's fabric port, the trunk's device index,
+/// VLAN id, the branch's MAC, the branch's bridge).
+type BranchWanted = (String, String, u32, u16, String, String);
 
 /// The nftables table that enforces security group rules in the fabric.
 pub const SECURITY_TABLE: &str = "vpc-security-groups";
@@ -290,6 +315,34 @@ impl Fabric {
                 );
             }
         }
+        let mut branches: BTreeMap<String, BranchWanted> = BTreeMap::new();
+        for a in vpc.associations() {
+            let (Some((node, port, device)), Some(branch)) = (
+                links.get(&a.trunk_id),
+                vpc.interfaces().find(|e| e.id == a.branch_id),
+            ) else {
+                continue;
+            };
+            let cidr_v6 = vpc.subnet(&branch.subnet_id).and_then(|s| s.ipv6_cidr);
+            let bridge = self.bridge_for(
+                &branch.subnet_id,
+                (branch.subnet_cidr, cidr_v6),
+                &mut commands,
+                &mut new_bridges,
+            );
+            neighbours.insert((branch.primary_ip, branch.mac.clone(), bridge.clone()));
+            branches.insert(
+                branch.id.clone(),
+                (
+                    node.clone(),
+                    port.clone(),
+                    *device,
+                    a.vlan_id,
+                    branch.mac.clone(),
+                    bridge,
+                ),
+            );
+        }
         let mut wired = self.wired.lock().expect("wired lock");
         let gone: Vec<String> = wired
             .links
@@ -326,14 +379,110 @@ impl Fabric {
             None => format!("delete table ip {SECURITY_TABLE}\n"),
         });
         wired.security = security;
-        drop(wired);
+        // Branches whose association ended: their ports go (their programs with them).
+        let ended: Vec<String> = wired
+            .branches
+            .keys()
+            .filter(|id| !branches.contains_key(*id))
+            .cloned()
+            .collect();
+        let ended: Vec<BranchPorts> = ended
+            .iter()
+            .filter_map(|id| wired.branches.remove(id))
+            .collect();
         let mut result = ip_batch(&self.netns, &commands);
+        for ports in ended {
+            result = result.and_then(|_| self.unwire_branch(ports));
+        }
         if let Some(script) = security_script {
             result = result.and_then(|_| nft(&self.netns, &script));
         }
-        if let Err(e) = result.and_then(|_| self.configure_bridges(&new_bridges)) {
+        result = result.and_then(|_| self.configure_bridges(&new_bridges));
+        for (id, wanted) in branches {
+            if result.is_err() {
+                break;
+            }
+            if wired.branches.contains_key(&id) {
+                continue;
+            }
+            match self.wire_branch(&id, wanted) {
+                Ok(ports) => {
+                    wired.branches.insert(id, ports);
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        drop(wired);
+        if let Err(e) = result {
             self.errors.lock().expect("errors lock").push(e);
         }
+    }
+
+    /// The branch's port on its bridge (VLAN `vlan` of the trunk's port, a MAC of the fabric's:
+    /// a bridge port with the branch's own MAC would take its frames for the bridge) and its VLAN
+    /// link on the node, `vlan.eth.<vlan>` on the trunk's link with the branch's MAC.
+    fn wire_branch(&self, id: &str, wanted: BranchWanted) -> Result<BranchPorts, String> {
+        let (node, trunk_port, device, vlan, mac, bridge) = wanted;
+        let port = format!("b{}", &id[id.len().saturating_sub(12)..]);
+        let fabric_mac = format!("02:fb{}", &mac[5..]);
+        let fabric = crate::vlan::add(&self.netns, &trunk_port, vlan, &port, &fabric_mac)?;
+        ip(&["-n", &self.netns, "link", "set", &port, "master", &bridge])?;
+        let parent = format!("eth{device}");
+        let on_node = crate::vlan::add(
+            &node,
+            &parent,
+            vlan,
+            &datapath::branch::vlan_link(vlan),
+            &mac,
+        )?;
+        Ok(BranchPorts {
+            vlan,
+            mac,
+            node,
+            parent,
+            fabric,
+            on_node: Some(on_node),
+        })
+    }
+
+    fn unwire_branch(&self, ports: BranchPorts) -> Result<(), String> {
+        let link = datapath::branch::vlan_link(ports.vlan);
+        if ports.on_node.is_some()
+            && self.node_link_mac(&ports.node, &link).as_deref() == Some(&ports.mac)
+        {
+            ip(&["-n", &ports.node, "link", "del", &link])?;
+        }
+        ip(&["-n", &self.netns, "link", "del", &ports.fabric.name])?;
+        Ok(())
+    }
+
+    /// The MAC of `link` in `netns`, if it exists.
+    fn node_link_mac(&self, netns: &str, link: &str) -> Option<String> {
+        let out = ip(&["-n", netns, "-o", "link", "show", link]).ok()?;
+        let after = out.split("link/ether ").nth(1)?;
+        after.split_whitespace().next().map(str::to_string)
+    }
+
+    /// VLAN links of associated branches that a pod's DEL removed, made again: on a node the plugin
+    /// makes the link at ADD, which this kernel cannot, so the testbed keeps one per branch.
+    pub fn restore_vlan_links(&self) -> Result<(), String> {
+        let mut wired = self.wired.lock().expect("wired lock");
+        for ports in wired.branches.values_mut() {
+            let link = datapath::branch::vlan_link(ports.vlan);
+            if self.node_link_mac(&ports.node, &link).is_some() {
+                continue;
+            }
+            // The old programs first: the parent's would still take the VLAN's frames.
+            ports.on_node = None;
+            ports.on_node = Some(crate::vlan::add(
+                &ports.node,
+                &ports.parent,
+                ports.vlan,
+                &link,
+                &ports.mac,
+            )?);
+        }
+        Ok(())
     }
 
     /// A new bridge answers ARP for its whole subnet (private-VLAN style) and redirects nothing.

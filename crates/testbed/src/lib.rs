@@ -952,7 +952,8 @@ impl Testbed {
         if let Some(api) = &self.kube {
             api.delete("pods", &pod.namespace, &pod.name);
         }
-        Ok(())
+        // A branch pod's DEL removed its VLAN link, which the next pod on the branch needs.
+        self.fabric.restore_vlan_links()
     }
 
     /// CNI GC as containerd 2 runs it: every attachment of the network not in `valid` is collected.

@@ -100,6 +100,8 @@ pub struct BenchPod {
     pub containers: Value,
     /// The container ports that can be served: (protocol, port).
     pub serves: BTreeSet<Probe>,
+    /// `spec.serviceAccountName`, which a SecurityGroupPolicy may select by.
+    pub service_account: Option<String>,
 }
 
 impl BenchPod {
@@ -108,13 +110,18 @@ impl BenchPod {
     }
 }
 
-/// Namespaces, pods and NetworkPolicies from multi-document YAML.
+/// Namespaces, pods, NetworkPolicies, SecurityGroupPolicies and ServiceAccounts from
+/// multi-document YAML.
 #[derive(Clone, Debug, Default)]
 pub struct Manifests {
     /// Name → labels.
     pub namespaces: BTreeMap<String, Map<String, Value>>,
     pub pods: Vec<BenchPod>,
     pub policies: Vec<Value>,
+    /// With any, the nodes make branch ENIs for the pods these select (POD_ENI_MANAGER=node), and
+    /// the VPC's security groups hold for those pods on their own.
+    pub security_group_policies: Vec<Value>,
+    pub service_accounts: Vec<Value>,
 }
 
 fn name_of(doc: &Value, what: &str) -> Result<String, String> {
@@ -142,12 +149,18 @@ impl Manifests {
             .pods
             .iter()
             .map(|p| p.namespace.clone())
-            .chain(out.policies.iter().map(|p| {
-                p["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or("default")
-                    .to_string()
-            }))
+            .chain(
+                out.policies
+                    .iter()
+                    .chain(&out.security_group_policies)
+                    .chain(&out.service_accounts)
+                    .map(|p| {
+                        p["metadata"]["namespace"]
+                            .as_str()
+                            .unwrap_or("default")
+                            .to_string()
+                    }),
+            )
             .collect();
         for namespace in named {
             out.namespaces.entry(namespace).or_default();
@@ -184,6 +197,16 @@ impl Manifests {
             "NetworkPolicy" => {
                 name_of(&doc, "a NetworkPolicy")?;
                 self.policies.push(doc);
+                Ok(())
+            }
+            "SecurityGroupPolicy" => {
+                name_of(&doc, "a SecurityGroupPolicy")?;
+                self.security_group_policies.push(doc);
+                Ok(())
+            }
+            "ServiceAccount" => {
+                name_of(&doc, "a ServiceAccount")?;
+                self.service_accounts.push(doc);
                 Ok(())
             }
             "Pod" => {
@@ -226,11 +249,15 @@ impl Manifests {
                     node: doc["spec"]["nodeName"].as_str().map(str::to_string),
                     containers,
                     serves,
+                    service_account: doc["spec"]["serviceAccountName"]
+                        .as_str()
+                        .map(str::to_string),
                 });
                 Ok(())
             }
             other => Err(format!(
-                "kind {other:?}: the bench takes Namespace, Pod and NetworkPolicy objects"
+                "kind {other:?}: the bench takes Namespace, Pod, NetworkPolicy, \
+                 SecurityGroupPolicy and ServiceAccount objects"
             )),
         }
     }
@@ -276,6 +303,12 @@ impl Bench {
                 "standard".to_string(),
             ),
         ];
+        if !manifests.security_group_policies.is_empty() {
+            env.extend(
+                [("ENABLE_POD_ENI", "true"), ("POD_ENI_MANAGER", "node")]
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            );
+        }
         env.extend(settings);
         let mut testbed = Testbed::start(
             &Options {
@@ -295,6 +328,18 @@ impl Bench {
                 "namespaces",
                 json!({"metadata": {"name": name, "labels": labels}}),
             );
+        }
+        for (resource, objects) in [
+            ("serviceaccounts", &manifests.service_accounts),
+            ("securitygrouppolicies", &manifests.security_group_policies),
+        ] {
+            for object in objects {
+                let mut object = object.clone();
+                if object["metadata"]["namespace"].is_null() {
+                    object["metadata"]["namespace"] = json!("default");
+                }
+                api.apply(resource, object);
+            }
         }
         for i in 0..testbed.nodes.len() {
             testbed.start_daemon(i)?;
@@ -323,6 +368,9 @@ impl Bench {
             let mut object_spec = json!({});
             if !spec.containers.is_null() {
                 object_spec["containers"] = spec.containers.clone();
+            }
+            if let Some(account) = &spec.service_account {
+                object_spec["serviceAccountName"] = json!(account);
             }
             let pod = testbed.add_pod_object(
                 node,

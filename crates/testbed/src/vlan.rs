@@ -180,7 +180,14 @@ pub fn add(
     name: &str,
     mac: &str,
 ) -> Result<VlanPort, String> {
-    let peer = format!("vp{vlan}.{}", parent.chars().take(8).collect::<String>());
+    // Unique in the namespace whatever the names' lengths (a link's name has 15 bytes at most).
+    let peer = {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in parent.bytes().chain(vlan.to_be_bytes()).chain(name.bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("vq{:012x}", h & 0xffff_ffff_ffff)
+    };
     let n = netns;
     ip(&[
         "-n", n, "link", "add", name, "address", mac, "type", "veth", "peer", "name", &peer,

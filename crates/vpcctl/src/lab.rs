@@ -251,12 +251,12 @@ pub fn run(command: Command) -> Result<(), String> {
             .and_then(|c| c.unsupported_by_daemon().map(|()| c))
             .map_err(|e| format!("--set: {e}"))
             .and_then(|c| {
-                // The demo's VPC has no resource controller to give pods branch ENIs.
+                // A pod's groups come from SecurityGroupPolicies, which only --manifests gives.
                 if c.pod_eni {
                     Err(
-                        "--set: ENABLE_POD_ENI=true: the demo has no VPC resource controller to \
-                         annotate pods with branch ENIs (security groups for pods are shown by \
-                         vpcctl simulate and the tests; docs/security-groups-for-pods.md)"
+                        "--set: ENABLE_POD_ENI=true: security groups for pods come from \
+                         SecurityGroupPolicies; give them with --manifests (the nodes then make \
+                         their own branch ENIs; docs/security-groups-for-pods.md)"
                             .to_string(),
                     )
                 } else {
@@ -529,10 +529,11 @@ fn policy_bench(
     let binaries = testbed::Binaries::locate()?;
     let nodes = vpc.as_ref().map_or(nodes, |v| v.instances.len());
     eprintln!(
-        "{} namespaces, {} pods, {} policies on {nodes} node(s); probing {}",
+        "{} namespaces, {} pods, {} policies, {} security group policies on {nodes} node(s); probing {}",
         manifests.namespaces.len(),
         manifests.pods.len(),
         manifests.policies.len(),
+        manifests.security_group_policies.len(),
         probes
             .iter()
             .map(|p| p.to_string())

@@ -306,3 +306,92 @@ ports = ["tcp/5432"]
     assert!(connected("shop/web", "vpc/db"), "{report}");
     assert!(!connected("shop/job", "vpc/db"), "{report}");
 }
+
+/// Security groups for pods in the bench: the node makes branch ENIs for the pods a
+/// SecurityGroupPolicy selects (by its labels, or by its ServiceAccount's), with the policy's
+/// groups, and the fabric holds them: on one node, the pod given sg-app reaches the database host
+/// on 5432 and the pod without groups does not; strict mode sends even same-node traffic through
+/// the VPC, where sg-app (no ingress rule) keeps the other pod out.
+#[test]
+fn security_group_policies_give_pods_branches_whose_groups_the_vpc_holds() {
+    if !root("security_group_policies_give_pods_branches_whose_groups_the_vpc_holds") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = dir.path().join("vpc.toml");
+    std::fs::write(
+        &vpc,
+        r#"
+[vpc]
+cidr = "10.3.0.0/16"
+
+[[subnets]]
+name = "nodes"
+cidr = "10.3.0.0/20"
+az = "us-west-2a"
+
+[[instances]]
+name = "node"
+type = "m5.large"
+subnet = "nodes"
+security_groups = ["sg-node"]
+
+[[security_groups]]
+id = "sg-node"
+ingress = [{ protocol = "all", cidrs = ["10.3.0.0/16"] }]
+egress = [{ protocol = "all", cidrs = ["0.0.0.0/0"] }]
+
+[[security_groups]]
+id = "sg-app"
+egress = [{ protocol = "all", cidrs = ["0.0.0.0/0"] }]
+
+[[security_groups]]
+id = "sg-db"
+ingress = [{ protocol = "tcp", ports = "5432", from_groups = ["sg-app"] }]
+
+[[hosts]]
+name = "db"
+subnet = "nodes"
+security_groups = ["sg-db"]
+ports = ["tcp/5432"]
+"#,
+    )
+    .unwrap();
+    let manifests = dir.path().join("pods.yaml");
+    std::fs::write(
+        &manifests,
+        "kind: Namespace\nmetadata: {name: shop}\n---\n\
+         kind: ServiceAccount\nmetadata: {namespace: shop, name: api, labels: {tier: front}}\n---\n\
+         kind: SecurityGroupPolicy\napiVersion: vpcresources.k8s.aws/v1beta1\n\
+         metadata: {namespace: shop, name: front}\n\
+         spec: {serviceAccountSelector: {matchLabels: {tier: front}}, securityGroups: {groupIds: [sg-app]}}\n---\n\
+         kind: Pod\nmetadata: {namespace: shop, name: web}\nspec: {serviceAccountName: api}\n---\n\
+         kind: Pod\nmetadata: {namespace: shop, name: job}\n",
+    )
+    .unwrap();
+    let output = vpcctl()
+        .args(["demo", "--json", "--probe", "tcp/5432", "--vpc"])
+        .arg(&vpc)
+        .arg("--manifests")
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    let connected = |from: &str, to: &str| {
+        report["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["from"] == from && p["to"] == to)
+            .unwrap_or_else(|| panic!("{from} -> {to} not probed: {report}"))["connected"]
+            .as_bool()
+            .unwrap()
+    };
+    assert!(connected("shop/web", "vpc/db"), "{report}\n{stderr}");
+    assert!(!connected("shop/job", "vpc/db"), "{report}");
+    assert!(!connected("shop/job", "shop/web"), "strict: {report}");
+    assert!(connected("shop/web", "shop/job"), "{report}");
+}

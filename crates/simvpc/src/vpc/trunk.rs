@@ -28,6 +28,11 @@ impl SimVpc {
         self.associations.values().any(|a| a.branch_id == eni_id)
     }
 
+    /// Every association of a branch with a trunk (the fabric wires them).
+    pub fn associations(&self) -> impl Iterator<Item = &TrunkAssociation> {
+        self.associations.values()
+    }
+
     /// The associations of `trunk_id`'s branches.
     fn associations_of<'a>(
         &'a self,
