@@ -47,6 +47,7 @@ fn model() -> Manifests {
                 node: None,
                 containers: json!([{"name": "serve", "ports": ports.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>()}]),
                 serves: ports.iter().map(|(_, probe)| *probe).collect(),
+                service_account: None,
             });
         }
     }
