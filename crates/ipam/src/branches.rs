@@ -146,6 +146,23 @@ impl Branches {
         self.trunk = Some(trunk);
     }
 
+    /// Takes the pool's trunk ENI as the branches' trunk if there is none yet (the pool's policy
+    /// makes it, or start-up found it). True when it was taken now.
+    pub fn take_trunk_from(&mut self, pool: &crate::pool::Pool) -> bool {
+        if self.trunk.is_some() {
+            return false;
+        }
+        let Some(t) = pool.enis().iter().find(|e| e.info.is_trunk) else {
+            return false;
+        };
+        self.trunk = Some(Trunk {
+            eni_id: t.info.id.clone(),
+            subnet_id: t.info.subnet_id.clone(),
+            subnet: t.info.subnet_cidr,
+        });
+        true
+    }
+
     pub fn trunk(&self) -> Option<&Trunk> {
         self.trunk.as_ref()
     }

@@ -4,7 +4,7 @@
 //! Branches are saved beside the checkpoint before an ADD or DEL is answered, as addresses are.
 
 use super::{key_of, Control, Event, Outgoing, ADD_WAIT};
-use ipam::branches::{Ask, Branch, Branches, GroupSet, SavedBranch, Trunk};
+use ipam::branches::{Ask, Branch, Branches, GroupSet, SavedBranch};
 use ipam::{Action, IpamKey, PodMeta};
 use proto::{Allocation, Attachment, BranchAllocation, ErrorKind, PodRef, Reply};
 use std::collections::HashMap;
@@ -125,6 +125,17 @@ impl Control {
         })
     }
 
+    /// Answers with the branch `key` was just given, once the branches are saved.
+    fn answer_with_branch(&mut self, key: IpamKey, reply: oneshot::Sender<Reply>, branch: &Branch) {
+        let message = self.branch_reply(branch);
+        self.outbox.push(Outgoing {
+            reply,
+            message,
+            assigned: None,
+            branch: Some(key),
+        });
+    }
+
     fn branch_reply(&self, branch: &Branch) -> Reply {
         match self.branch_allocation(branch) {
             Ok(allocation) => Reply::Added { allocation },
@@ -190,13 +201,7 @@ impl Control {
                 tracing::debug!(branch = %branch.eni_id, vlan = %branch.vlan, pod = %meta.name, "branch given");
                 b.pods.insert(key.clone(), meta);
                 b.dirty = true;
-                let message = self.branch_reply(&branch);
-                self.outbox.push(Outgoing {
-                    reply,
-                    message,
-                    assigned: None,
-                    branch: Some(key),
-                });
+                self.answer_with_branch(key, reply, &branch);
             }
             Ask::Wait => {
                 let waiter = Waiter {
@@ -287,13 +292,7 @@ impl Control {
             }
         }
         for (key, reply, branch) in served {
-            let message = self.branch_reply(&branch);
-            self.outbox.push(Outgoing {
-                reply,
-                message,
-                assigned: None,
-                branch: Some(key),
-            });
+            self.answer_with_branch(key, reply, &branch);
         }
     }
 
@@ -303,15 +302,9 @@ impl Control {
         let Some(b) = &mut self.branches else {
             return;
         };
-        if b.engine.trunk().is_none() {
-            if let Some(t) = self.pool.enis().iter().find(|e| e.info.is_trunk) {
-                tracing::info!(trunk = %t.info.id, "branch ENIs go on this trunk");
-                b.engine.set_trunk(Trunk {
-                    eni_id: t.info.id.clone(),
-                    subnet_id: t.info.subnet_id.clone(),
-                    subnet: t.info.subnet_cidr,
-                });
-            }
+        if b.engine.take_trunk_from(&self.pool) {
+            let trunk = b.engine.trunk().map(|t| t.eni_id.as_str());
+            tracing::info!(trunk = ?trunk, "branch ENIs go on this trunk");
         }
         let decision = b.engine.decide(now);
         for action in &decision.actions {

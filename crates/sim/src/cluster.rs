@@ -90,11 +90,29 @@ fn exp(rng: &mut SmallRng, mean_secs: f64) -> Duration {
 
 impl Cluster {
     pub fn new(scenario: Scenario) -> Result<Cluster, String> {
-        let config = Config::from_lookup(|k| scenario.settings.get(k).cloned())
-            .map_err(|e| e.to_string())?;
-        let mut settings = PoolSettings::from_config(&config);
-        // The simulated VPC has no resource controller: nodes make their own trunks and branches.
-        settings.create_trunk = config.pod_eni;
+        // The simulated VPC has no resource controller: with security groups for pods, nodes make
+        // their own trunks and branches (POD_ENI_MANAGER=node unless the scenario says otherwise,
+        // which is refused below).
+        let pod_eni = Config::from_lookup(|k| {
+            (k == "ENABLE_POD_ENI")
+                .then(|| scenario.settings.get(k).cloned())
+                .flatten()
+        })
+        .map_err(|e| e.to_string())?
+        .pod_eni;
+        let config = Config::from_lookup(|k| match scenario.settings.get(k) {
+            None if k == "POD_ENI_MANAGER" && pod_eni => Some("node".into()),
+            v => v.cloned(),
+        })
+        .map_err(|e| e.to_string())?;
+        if config.pod_eni && !config.node_makes_branches {
+            return Err(
+                "POD_ENI_MANAGER=controller: the simulated VPC has no resource controller; \
+                        its nodes make their own branch ENIs (POD_ENI_MANAGER=node)"
+                    .into(),
+            );
+        }
+        let settings = PoolSettings::from_config(&config);
         if config.pod_eni && config.ipv6 {
             return Err("security groups for pods on IPv6 nodes are not simulated".into());
         }

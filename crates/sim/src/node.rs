@@ -1,7 +1,7 @@
 //! One simulated node: the real pool engine, the daemon's choreography of EC2 calls
 //! (`ipam::choreography`) interpreted against the simulated VPC on the virtual clock, and its pods.
 
-use ipam::branches::{Ask, BranchSettings, Branches, GroupSet, Trunk};
+use ipam::branches::{Ask, BranchSettings, Branches, GroupSet};
 use ipam::choreography::{self, Choreography, NodeFacts, Reply, Request, Run};
 use ipam::ec2::{CloudError, ErrorKind};
 use ipam::pacing::Backoff;
@@ -338,15 +338,7 @@ impl Node {
             next.extend(self.start(action, vpc, now));
         }
         if let Some(sgp) = &mut self.sgp {
-            if sgp.branches.trunk().is_none() {
-                if let Some(t) = self.pool.enis().iter().find(|e| e.info.is_trunk) {
-                    sgp.branches.set_trunk(Trunk {
-                        eni_id: t.info.id.clone(),
-                        subnet_id: t.info.subnet_id.clone(),
-                        subnet: t.info.subnet_cidr,
-                    });
-                }
-            }
+            sgp.branches.take_trunk_from(&self.pool);
             let d = sgp.branches.decide(now);
             for action in &d.actions {
                 sgp.branches.begin(action);

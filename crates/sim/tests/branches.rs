@@ -5,6 +5,15 @@ use sim::{Cluster, Scenario};
 use std::time::Duration;
 
 fn cluster(instance_type: &str, count: u32, workload: &str, settings: &str) -> Cluster {
+    try_cluster(instance_type, count, workload, settings).unwrap()
+}
+
+fn try_cluster(
+    instance_type: &str,
+    count: u32,
+    workload: &str,
+    settings: &str,
+) -> Result<Cluster, String> {
     let text = format!(
         r#"
 name = "sgp"
@@ -23,7 +32,7 @@ ENABLE_POD_ENI = "true"
 {settings}
 "#
     );
-    Cluster::new(Scenario::parse(&text).unwrap()).unwrap()
+    Cluster::new(Scenario::parse(&text).unwrap())
 }
 
 fn calls(c: &Cluster, op: &str) -> u64 {
@@ -175,4 +184,16 @@ security_group_sets = [["sg-app"]]
         .unwrap_err()
         .to_string();
     assert!(e.contains("security_group_share"), "{e}");
+}
+
+/// The simulated nodes make their own branches: the scenario need not say POD_ENI_MANAGER=node,
+/// and one that says controller is told there is none.
+#[test]
+fn the_simulated_nodes_make_their_branches_and_a_controller_is_refused() {
+    let workload = "pods_per_node = 0\nmean_lifetime_secs = 1\nsecurity_group_sets = [[\"sg-a\"]]";
+    assert!(try_cluster("m5.large", 1, workload, "WARM_BRANCH_TARGET = \"1\"").is_ok());
+    let e = try_cluster("m5.large", 1, workload, "POD_ENI_MANAGER = \"controller\"")
+        .err()
+        .expect("refused");
+    assert!(e.contains("no resource controller"), "{e}");
 }
