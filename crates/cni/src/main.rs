@@ -292,6 +292,7 @@ fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<String, CniError> {
             .as_deref()
             .zip(wired.egress_macs)
             .map(|(veth, (host_mac, pod_mac))| (veth, host_mac, pod_mac)),
+        branch: branch.get().map(|b| (b.vlan, b.mac)),
     }
     .to_json()
     .to_string())
@@ -335,22 +336,22 @@ fn del(env: &Env, conf: &NetConf, log: &Log) -> Result<(), CniError> {
         .as_ref()
         .map(|r| r.host_veth.clone())
         .unwrap_or_else(|| host_veth(env, conf, &args));
-    match released {
-        Some(proto::Allocation {
-            address,
-            branch: Some(branch),
-            ..
-        }) => datapath::branch::remove(&host_veth, &branch_link(address, branch)?)?,
-        // Without the daemon, a branch pod's VLAN link and table stay for the daemon's own
-        // clean-up; its address's routes go now.
-        _ => {
-            if let Some(address) = released
-                .map(|a| a.address)
-                .or_else(|| recorded.as_ref().map(|r| r.address))
-            {
-                pod::remove(&host_veth, address)?;
-            }
+    // A branch pod's VLAN, from the daemon or else from prevResult (on EKS the daemon cannot
+    // find it once the pod object is gone).
+    let address = released
+        .map(|a| a.address)
+        .or_else(|| recorded.as_ref().map(|r| r.address));
+    let branch = match released {
+        Some(a) => a.branch.map(|b| (b.vlan, b.mac)),
+        None => None,
+    }
+    .or_else(|| recorded.as_ref().and_then(|r| r.branch));
+    match (address, branch) {
+        (Some(std::net::IpAddr::V4(address)), Some((vlan, mac))) => {
+            datapath::branch::remove(&host_veth, vlan, &mac, address)?
         }
+        (Some(address), _) => pod::remove(&host_veth, address)?,
+        (None, _) => {}
     }
     // The egress pair itself goes with the pod's namespace; its route is taken now, as its
     // address may be given to the next pod.

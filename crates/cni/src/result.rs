@@ -19,6 +19,8 @@ pub struct Recorded {
     pub egress_veth: Option<String>,
     /// Only upstream's results carry it.
     pub route_table: Option<u32>,
+    /// A branch pod's VLAN id and branch MAC, from the VLAN link the result lists.
+    pub branch: Option<(u16, [u8; 6])>,
 }
 
 pub struct AddResult<'a> {
@@ -32,6 +34,9 @@ pub struct AddResult<'a> {
     /// An IPv6 pod's `v4if0` pair: the host end's name and MAC, and the pod end's MAC. Listed as
     /// interfaces but its address is not among the IPs: the pod's IP is its IPv6 address alone.
     pub egress: Option<(&'a str, [u8; 6], [u8; 6])>,
+    /// A branch pod's VLAN link on the host (`vlan.eth.<vlan>`) and the branch's MAC: listed so
+    /// that a DEL finds them when the daemon no longer can (its pod object gone, on EKS).
+    pub branch: Option<(u16, [u8; 6])>,
 }
 
 impl AddResult<'_> {
@@ -65,6 +70,12 @@ impl AddResult<'_> {
                 "name": datapath::pod::EGRESS_IFNAME,
                 "mac": mac_string(&pod_mac),
                 "sandbox": self.netns,
+            }));
+        }
+        if let Some((vlan, mac)) = self.branch {
+            interfaces.push(json!({
+                "name": datapath::branch::vlan_link(vlan),
+                "mac": mac_string(&mac),
             }));
         }
         json!({
@@ -115,18 +126,39 @@ pub fn recorded(prev: &Value, ifname: &str) -> Result<Recorded, CniError> {
         .position(|i| i["name"] == datapath::pod::EGRESS_IFNAME && i["sandbox"].is_string())
         .and_then(|at| interfaces[at.checked_sub(1)?]["name"].as_str())
         .map(str::to_string);
+    let branch = interfaces.iter().find_map(|i| {
+        let vlan = i["name"]
+            .as_str()?
+            .strip_prefix("vlan.eth.")?
+            .parse()
+            .ok()?;
+        let mac = parse_mac(i["mac"].as_str()?)?;
+        (i["sandbox"].is_null() && datapath::branch::vlan_link(vlan) == i["name"])
+            .then_some((vlan, mac))
+    });
     match addresses.as_slice() {
         [address] => Ok(Recorded {
             host_veth,
             address: *address,
             egress_veth,
             route_table,
+            branch,
         }),
         _ => Err(malformed(&format!(
             "expected one address on {ifname}, found {}",
             addresses.len()
         ))),
     }
+}
+
+/// `mac_string`'s inverse.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }
 
 fn mac_string(mac: &[u8; 6]) -> String {
@@ -151,6 +183,7 @@ mod tests {
             netns: "/var/run/netns/x",
             address: Ipv4Addr::new(10, 0, 1, 7).into(),
             egress: None,
+            branch: None,
         }
         .to_json()
     }
@@ -176,8 +209,39 @@ mod tests {
                 address: Ipv4Addr::new(10, 0, 1, 7).into(),
                 egress_veth: None,
                 route_table: None,
+                branch: None,
             }
         );
+    }
+
+    /// A branch pod's result lists its VLAN link with the branch's MAC (a real interface with a
+    /// real MAC, so strict runtimes take it), and a DEL reads both back.
+    #[test]
+    fn a_branch_pods_result_keeps_its_vlan_for_del() {
+        let mut value = AddResult {
+            cni_version: "1.0.0",
+            host_veth: "enib5faff8a083",
+            host_mac: [0x02, 0, 0, 0, 0, 1],
+            ifname: "eth0",
+            pod_mac: [0x0a, 0, 0, 0, 0, 2],
+            netns: "/var/run/netns/x",
+            address: Ipv4Addr::new(10, 0, 1, 7).into(),
+            egress: None,
+            branch: Some((4, [0x02, 0xb0, 0, 0, 0, 0x0b])),
+        }
+        .to_json();
+        assert_eq!(
+            value["interfaces"][2],
+            json!({"name": "vlan.eth.4", "mac": "02:b0:00:00:00:0b"})
+        );
+        let back = recorded(&value, "eth0").unwrap();
+        assert_eq!(back.branch, Some((4, [0x02, 0xb0, 0, 0, 0, 0x0b])));
+        assert_eq!(back.host_veth, "enib5faff8a083");
+        // Not a VLAN link: a name that only looks like one, or a MAC that is not one.
+        value["interfaces"][2]["name"] = json!("vlan.eth.04");
+        assert_eq!(recorded(&value, "eth0").unwrap().branch, None);
+        value["interfaces"][2] = json!({"name": "vlan.eth.4", "mac": "4"});
+        assert_eq!(recorded(&value, "eth0").unwrap().branch, None);
     }
 
     #[test]
@@ -219,6 +283,7 @@ mod tests {
                 [0x02, 0, 0, 0, 0, 3],
                 [0x0a, 0, 0, 0, 0, 4],
             )),
+            branch: None,
         }
         .to_json();
         assert_eq!(value["ips"].as_array().unwrap().len(), 1);

@@ -202,3 +202,36 @@ fn standard_mode_and_a_bad_mode_in_the_conflist() {
     echo.join().unwrap();
     assert_eq!(vpc.to_branch(), 0);
 }
+
+/// A DEL the daemon cannot answer with the branch (on EKS once the pod object is gone, or the
+/// daemon down) still takes the VLAN link, its rules and its table away: the ADD's result lists the
+/// VLAN link with the branch's MAC, and the runtime gives it back as prevResult.
+#[test]
+fn a_branch_pods_del_without_the_daemon_finds_its_vlan_in_prev_result() {
+    if !can_run_datapath_tests("a_branch_pods_del_without_the_daemon_finds_its_vlan_in_prev_result")
+    {
+        return;
+    }
+    let vpc = vpc();
+    let mut server = server();
+    let pod = Netns::new("sgpod");
+    let netns = pod.path().display().to_string();
+    let conf = conf("1.0.0", &server.socket, json!({}));
+    let added = plugin(Some(&vpc.node), &env("ADD", &netns), &conf);
+    assert_eq!(added.status, 0, "{}", added.raw);
+    assert_eq!(
+        added.stdout["interfaces"][2],
+        json!({"name": "vlan.eth.5", "mac": mac_text(BRANCH_MAC)})
+    );
+    server.stop();
+    let mut del_conf: Value = serde_json::from_str(&conf).unwrap();
+    del_conf["prevResult"] = added.stdout.clone();
+    let deleted = plugin(Some(&vpc.node), &env("DEL", &netns), &del_conf.to_string());
+    assert_eq!(deleted.status, 0, "{}", deleted.raw);
+    let links = sh(&format!("ip -n {} -o link show", vpc.node.name));
+    assert!(!links.contains("vlan.eth.5"), "{links}");
+    let rules_now = rules(&vpc.node);
+    assert!(!rules_now.contains("105"), "{rules_now}");
+    let table = sh(&format!("ip -n {} route show table 105", vpc.node.name));
+    assert!(table.trim().is_empty(), "{table}");
+}

@@ -100,7 +100,7 @@ pub fn add(
 /// VLAN. When that fails, the pod's host state goes, its veth too, and the error is returned.
 pub fn finish(host_veth: &str, branch: &BranchLink, enforcing: Enforcing) -> Result<()> {
     wire_vlan(branch, enforcing).inspect_err(|_| {
-        let _ = remove(host_veth, branch);
+        let _ = remove(host_veth, branch.vlan, &branch.mac, branch.address);
         let _ = pod::remove_veth(host_veth);
     })
 }
@@ -173,19 +173,20 @@ async fn create_vlan(handle: &Handle, branch: &BranchLink, name: &str) -> Result
         .ok_or_else(|| Error::Invalid(format!("{name} vanished")))
 }
 
-/// Removes what [`add`] put on the host: the pod's rules of either mode and its routes, and the
-/// VLAN link with its rule and table when the link is the branch's (its MAC): a link of that name
-/// with another MAC is another branch's now, and stays. Idempotent. The veth goes with the pod's
-/// namespace.
-pub fn remove(host_veth: &str, branch: &BranchLink) -> Result<()> {
-    let name = vlan_link(branch.vlan);
-    let table = route_table(branch.vlan);
-    pod::remove(host_veth, IpAddr::V4(branch.address))?;
+/// Removes what [`add`] put on the host for the pod at `address` behind VLAN `vlan` of the branch
+/// with `mac`: the pod's rules of either mode and its routes, and the VLAN link with its rule and
+/// table when the link is the branch's (its MAC): a link of that name with another MAC is another
+/// branch's now, and stays. Idempotent. The veth goes with the pod's namespace. Needs nothing the
+/// pod's prevResult does not keep, so a DEL can clean up without the daemon.
+pub fn remove(host_veth: &str, vlan: u16, mac: &[u8; 6], address: Ipv4Addr) -> Result<()> {
+    let name = vlan_link(vlan);
+    let table = route_table(vlan);
+    pod::remove(host_veth, IpAddr::V4(address))?;
     nl::run(|handle| async move {
         let vlan = nl::link_by_name(&handle, &name).await?;
         let ours = vlan
             .as_ref()
-            .is_none_or(|l| nl::link_mac(l) == Some(&branch.mac[..]));
+            .is_none_or(|l| nl::link_mac(l) == Some(&mac[..]));
         pod::delete_rules(&handle, |r| {
             r.priority == STRICT_PRIORITY
                 && r.table == table
@@ -194,7 +195,7 @@ pub fn remove(host_veth: &str, branch: &BranchLink) -> Result<()> {
         })
         .await?;
         for route in nl::ipv4_routes(&handle).await? {
-            let to_pod = nl::route_destination(&route) == Some((branch.address, 32));
+            let to_pod = nl::route_destination(&route) == Some((address, 32));
             if nl::route_table(&route) == table && (ours || to_pod) {
                 tolerate_missing(handle.route().del(route).execute().await)
                     .context(|| format!("deleting a route of table {table}"))?;

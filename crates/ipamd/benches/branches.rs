@@ -170,7 +170,8 @@ fn main() {
     let before = ec2_ms(&tb, "CreateNetworkInterface") + ec2_ms(&tb, "AssociateTrunkInterface");
     pod(&tb, "api-cold", "api");
     let (cold, _) = add(&socket, "api-cold");
-    let ec2 = ec2_ms(&tb, "CreateNetworkInterface") + ec2_ms(&tb, "AssociateTrunkInterface") - before;
+    let ec2 =
+        ec2_ms(&tb, "CreateNetworkInterface") + ec2_ms(&tb, "AssociateTrunkInterface") - before;
     let overhead = ms(cold) - ec2;
     println!(
         "branch ADD, cold (a branch made for the pod): {:.1} ms, of which EC2 {ec2:.1} ms; the daemon's own {overhead:.1} ms against the {TARGET_COLD_OVERHEAD_MS} ms target: ratio {:.2}",

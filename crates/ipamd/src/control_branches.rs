@@ -394,28 +394,21 @@ impl Control {
                 unwire.push((meta, branch));
             }
         }
-        let links: Vec<(String, datapath::branch::BranchLink)> = unwire
+        let links: Vec<(String, Branch, [u8; 6])> = unwire
             .into_iter()
             .filter_map(|(meta, branch)| {
-                let a = self.branch_allocation(&branch).ok()?.branch?;
+                let mac = crate::executor::parse_mac(&branch.mac)?;
                 let host_veth = datapath::names::host_veth_name(
                     &self.veth_prefix,
                     &datapath::names::pod_key(&meta.namespace, &meta.name),
                 );
-                let link = datapath::branch::BranchLink {
-                    vlan: a.vlan,
-                    mac: a.mac,
-                    address: branch.ip,
-                    subnet: (a.subnet, a.subnet_len),
-                    trunk_mac: a.trunk_mac,
-                };
-                Some((host_veth, link))
+                Some((host_veth, branch, mac))
             })
             .collect();
         if !links.is_empty() {
             tokio::task::spawn_blocking(move || {
-                for (veth, link) in links {
-                    if let Err(e) = datapath::branch::remove(&veth, &link) {
+                for (veth, branch, mac) in links {
+                    if let Err(e) = datapath::branch::remove(&veth, branch.vlan, &mac, branch.ip) {
                         tracing::warn!(error = %e, "removing a vanished branch pod's host side");
                     }
                 }

@@ -272,7 +272,7 @@ fn strict_mode_sends_even_same_node_traffic_and_the_nodes_probes_through_the_vpc
     // DEL leaves nothing of the pod on the host.
     let five = vpc.branch_link(5);
     vpc.node
-        .run(|| branch::remove("vlan00000005", &five))
+        .run(|| branch::remove("vlan00000005", five.vlan, &five.mac, five.address))
         .unwrap()
         .unwrap();
     // The runtime deletes the pod's namespace, and the veth with it.
@@ -297,7 +297,7 @@ fn strict_mode_sends_even_same_node_traffic_and_the_nodes_probes_through_the_vpc
     );
     // Idempotent.
     vpc.node
-        .run(|| branch::remove("vlan00000005", &five))
+        .run(|| branch::remove("vlan00000005", five.vlan, &five.mac, five.address))
         .unwrap()
         .unwrap();
 }
