@@ -45,6 +45,13 @@ impl NodeBranches {
         &self.engine
     }
 
+    /// Every pod's branch, with the pod.
+    pub fn given(&self) -> impl Iterator<Item = (&IpamKey, Option<&PodMeta>, &Branch)> {
+        self.engine
+            .assignments()
+            .map(|(key, b)| (key, self.pods.get(key), b))
+    }
+
     /// Every pod's branch with its pod, and the warm ones without, as saved.
     fn saved(&self) -> Vec<SavedBranch> {
         let mut saved: Vec<SavedBranch> = self

@@ -211,8 +211,53 @@ pub fn pods(control: &Control) -> Value {
             })
         }));
     }
+    if let Some(b) = control.node_branches() {
+        pods.extend(b.given().map(|(k, meta, branch)| {
+            json!({
+                "namespace": meta.map(|m| m.namespace.as_str()),
+                "name": meta.map(|m| m.name.as_str()),
+                "network": k.network_name,
+                "ip": branch.ip.to_string(),
+                "eni": branch.eni_id,
+                "vlan": branch.vlan,
+                "routeTable": datapath::branch::route_table(branch.vlan),
+                "securityGroups": branch.groups.groups(),
+            })
+        }));
+    }
     pods.sort_by_key(|p| (p["namespace"].to_string(), p["name"].to_string()));
     Value::Array(pods)
+}
+
+fn branch_json(branch: &ipam::branches::Branch) -> Value {
+    json!({
+        "eni": branch.eni_id,
+        "ip": branch.ip.to_string(),
+        "vlan": branch.vlan,
+        "associationID": branch.association_id,
+        "securityGroups": branch.groups.groups(),
+    })
+}
+
+/// `/v1/branches`, where the node makes its branch ENIs: the trunk, the limit and warm target, each
+/// pod's branch, the warm ones, and how many pods wait; None otherwise.
+pub fn branches(control: &Control) -> Option<Value> {
+    let b = control.node_branches()?;
+    let engine = b.engine();
+    let settings = engine.settings();
+    Some(json!({
+        "trunk": engine.trunk().map(|t| &t.eni_id),
+        "limit": settings.limit,
+        "warmTarget": settings.warm_target,
+        "given": b.given().map(|(_, meta, branch)| {
+            let mut v = branch_json(branch);
+            v["pod"] = json!(meta.map(|m| format!("{}/{}", m.namespace, m.name)));
+            v
+        }).collect::<Vec<_>>(),
+        "warm": engine.warm_branches().map(branch_json).collect::<Vec<_>>(),
+        "waiting": engine.waiting(),
+        "inFlight": engine.in_flight(),
+    }))
 }
 
 /// `/v1/status`: what `vpcctl status` shows.
@@ -336,6 +381,7 @@ const COMMANDS: &[&str] = &[
     "/v1/pods",
     "/v1/status",
     "/v1/eni-configs",
+    "/v1/branches",
     "/v1/network-policy",
     "/v1/networkutils-env-settings",
     "/v1/ipamd-env-settings",
@@ -361,6 +407,14 @@ pub fn introspection_routes(
                 "/v1/enis" => from_loop(ask(&events, enis).await),
                 "/v1/pods" => from_loop(ask(&events, pods).await),
                 "/v1/status" => from_loop(ask(&events, status).await),
+                "/v1/branches" => match ask(&events, branches).await {
+                    Some(Some(v)) => Response::json(&v),
+                    Some(None) => Response::text(
+                        404,
+                        "this node does not make branch ENIs (POD_ENI_MANAGER=node)",
+                    ),
+                    None => Response::text(503, "the control loop did not answer"),
+                },
                 "/v1/eni-configs" => match ask(&events, eni_config).await {
                     Some(Some(config)) => Response::json(&config),
                     Some(None) => Response::text(404, "this node has no ENIConfig"),

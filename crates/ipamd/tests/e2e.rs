@@ -2703,6 +2703,35 @@ fn the_node_makes_branches_from_security_group_policies_and_keeps_them_across_a_
         .filter(|e| e.interface_type == "branch")
         .count();
     assert_eq!(branches, 2, "no branch made for web-0");
+    let view = tb.nodes[0].introspect("/v1/branches").unwrap();
+    assert_eq!(view["trunk"], trunk.id.as_str(), "{view}");
+    let given: BTreeSet<(String, u64)> = view["given"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["pod"].as_str().unwrap().to_string(),
+                b["vlan"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        given,
+        BTreeSet::from([
+            ("shop/db-0".to_string(), u64::from(branch.vlan)),
+            ("shop/web-0".to_string(), 7)
+        ]),
+        "{view}"
+    );
+    let pods = tb.nodes[0].introspect("/v1/pods").unwrap();
+    let web_pod = pods
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "web-0")
+        .unwrap_or_else(|| panic!("{pods}"));
+    assert_eq!(web_pod["securityGroups"], serde_json::json!(["sg-web"]));
 
     // A pod that no policy selects: the pool's address.
     pod_object(&tb, "plain-0", "plain");
