@@ -140,6 +140,20 @@ pub fn parse_pod_eni(annotation: &str) -> Result<Vec<BranchEni>, String> {
     Ok(branches)
 }
 
+/// The annotation for a pod whose branch the node made itself, as EKS's controller writes it (its
+/// keys, `vlanId` among them), so that tools that read the controller's annotation read this one.
+pub fn pod_eni_annotation(branch: &crate::branches::Branch) -> String {
+    serde_json::json!([{
+        "eniId": branch.eni_id,
+        "ifAddress": branch.mac,
+        "privateIp": branch.ip.to_string(),
+        "vlanId": branch.vlan,
+        "subnetCidr": branch.subnet.to_string(),
+        "associationID": branch.association_id,
+    }])
+    .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +260,37 @@ mod tests {
         assert!(parse_pod_eni(&twice)
             .unwrap_err()
             .contains("entry 1: vlanId 1 is used twice"));
+    }
+
+    #[test]
+    fn the_annotation_the_node_writes_reads_back_as_the_controllers_does() {
+        let branch = crate::branches::Branch {
+            eni_id: "eni-0b1".into(),
+            mac: "02:00:00:00:00:0b".into(),
+            ip: Ipv4Addr::new(10, 0, 3, 77),
+            subnet: "10.0.0.0/16".parse().unwrap(),
+            vlan: 4,
+            association_id: "trunk-assoc-1".into(),
+            groups: crate::branches::GroupSet::new(["sg-a"]),
+        };
+        let text = pod_eni_annotation(&branch);
+        assert!(
+            text.contains("\"vlanId\":4"),
+            "the controller's key: {text}"
+        );
+        let back = parse_pod_eni(&text).unwrap();
+        assert_eq!(
+            back,
+            vec![BranchEni {
+                eni_id: "eni-0b1".into(),
+                mac: "02:00:00:00:00:0b".into(),
+                ipv4: Some(Ipv4Addr::new(10, 0, 3, 77)),
+                ipv6: None,
+                vlan_id: 4,
+                subnet_v4: Some("10.0.0.0/16".parse().unwrap()),
+                subnet_v6: None,
+                association_id: "trunk-assoc-1".into(),
+            }]
+        );
     }
 }

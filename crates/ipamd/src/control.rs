@@ -34,7 +34,7 @@ pub const RECOVERED_NETWORK: &str = "recovered";
 
 #[path = "control_branches.rs"]
 mod branches;
-pub use branches::NodeBranches;
+pub use branches::{BranchAnnotation, NodeBranches};
 
 pub type Inspector = Box<dyn FnOnce(&Control) + Send>;
 
@@ -222,6 +222,7 @@ pub struct Control {
     settings_view: SettingsView,
     /// The node's own branch ENIs (`POD_ENI_MANAGER=node`).
     branches: Option<NodeBranches>,
+    annotate_branches: Option<mpsc::UnboundedSender<BranchAnnotation>>,
 }
 
 /// What the loop is made of: the pool and settings start-up built, and its effects on the world (the
@@ -336,6 +337,7 @@ impl Control {
             told_netpol: HashSet::new(),
             settings_view: SettingsView::default(),
             branches: None,
+            annotate_branches: None,
         }
     }
 
@@ -1221,6 +1223,7 @@ impl Control {
             }
         }
         self.save_branches();
+        self.annotate_given();
         // New addresses the checkpoint holds (a failed write took them back above).
         let given = self
             .outbox

@@ -84,6 +84,15 @@ impl NodeBranches {
     }
 }
 
+/// A pod to annotate with its branch (`vpc.amazonaws.com/pod-eni`), for the task that talks to the
+/// API server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BranchAnnotation {
+    pub namespace: String,
+    pub name: String,
+    pub value: String,
+}
+
 fn pod_meta(pod: PodRef) -> PodMeta {
     PodMeta {
         namespace: pod.namespace,
@@ -101,6 +110,15 @@ impl Control {
 
     pub fn node_branches(&self) -> Option<&NodeBranches> {
         self.branches.as_ref()
+    }
+
+    /// Each pod given a branch is sent to `annotator`, to be annotated with it.
+    pub fn annotating_branches(
+        mut self,
+        annotator: tokio::sync::mpsc::UnboundedSender<BranchAnnotation>,
+    ) -> Control {
+        self.annotate_branches = Some(annotator);
+        self
     }
 
     /// How the plugin wires `branch`: behind its VLAN on the trunk, whose MAC the executor has
@@ -361,6 +379,25 @@ impl Control {
             }
         }
         b.dirty = true;
+    }
+
+    /// Has each pod whose new branch is saved and about to be answered annotated with it.
+    pub(super) fn annotate_given(&self) {
+        let (Some(annotate), Some(b)) = (&self.annotate_branches, &self.branches) else {
+            return;
+        };
+        for out in &self.outbox {
+            let (Some(key), Reply::Added { .. }) = (&out.branch, &out.message) else {
+                continue;
+            };
+            if let (Some(meta), Some(branch)) = (b.pods.get(key), b.engine.get(key)) {
+                let _ = annotate.send(BranchAnnotation {
+                    namespace: meta.namespace.clone(),
+                    name: meta.name.clone(),
+                    value: ipam::branch::pod_eni_annotation(branch),
+                });
+            }
+        }
     }
 
     /// Branches of pods the API server no longer lists (for the grace period) turn warm, and

@@ -463,7 +463,23 @@ async fn run(
         if config.node_makes_branches {
             let branches =
                 node_branches(&config, &started.executor.ec2, &control, &started.identity).await?;
-            control = control.with_node_branches(branches);
+            let (annotate, mut to_annotate) = mpsc::unbounded_channel();
+            control = control
+                .with_node_branches(branches)
+                .annotating_branches(annotate);
+            let annotator = cluster.clone();
+            tokio::spawn(async move {
+                while let Some(a) = to_annotate.recv().await {
+                    let ipamd::control::BranchAnnotation {
+                        namespace,
+                        name,
+                        value,
+                    } = a;
+                    if let Err(e) = annotator.annotate_pod_eni(&namespace, &name, &value).await {
+                        tracing::warn!(error = %e, "pod annotation");
+                    }
+                }
+            });
             Some(ipamd::branches::PodEniMode::Node(Arc::new(cluster.clone())))
         } else {
             tokio::spawn(ask_for_a_trunk(cluster.clone()));

@@ -13,6 +13,13 @@ use testbed::{Binaries, Options, Pod, Stop, Testbed};
 const PORT: u16 = 7000;
 
 /// An IPv4 pod's address.
+fn ipv4_of(allocation: &proto::Allocation) -> Ipv4Addr {
+    match allocation.address {
+        IpAddr::V4(ip) => ip,
+        other => panic!("{other} is not an IPv4 address"),
+    }
+}
+
 fn ipv4(pod: &Pod) -> Ipv4Addr {
     match pod.ip {
         IpAddr::V4(ip) => ip,
@@ -2624,6 +2631,20 @@ fn the_node_makes_branches_from_security_group_policies_and_keeps_them_across_a_
     };
     let db = add("db-0");
     let branch = db.branch.expect("a branch for the policy's pod");
+    // Annotated as EKS's controller does, for the tools that read it.
+    wait_for("db-0 annotated with its branch", || {
+        kube(&tb)
+            .objects("pods")
+            .iter()
+            .find(|p| p["metadata"]["name"] == "db-0")
+            .and_then(|p| {
+                p["metadata"]["annotations"]["vpc.amazonaws.com/pod-eni"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .and_then(|a| ipam::branch::parse_pod_eni(&a).ok())
+            .is_some_and(|b| b[0].vlan_id == branch.vlan && b[0].ipv4 == Some(ipv4_of(&db)))
+    });
     let (trunk, made) = {
         let model = tb.vpc_model();
         let vpc = model.lock().unwrap();

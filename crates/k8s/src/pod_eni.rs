@@ -164,6 +164,24 @@ impl Cluster {
         ))
     }
 
+    /// Writes the branch the node gave the pod in its `vpc.amazonaws.com/pod-eni` annotation, as
+    /// the controller would have (a JSON merge patch of that one annotation).
+    pub async fn annotate_pod_eni(
+        &self,
+        namespace: &str,
+        name: &str,
+        value: &str,
+    ) -> Result<(), crate::ClusterError> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let patch = serde_json::json!({"metadata": {"annotations": {POD_ENI_ANNOTATION: value}}});
+        pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(drop)
+            .map_err(crate::api_error(format!(
+                "annotating pod {namespace}/{name} with its branch ENI"
+            )))
+    }
+
     /// Adds [`SGP_FEATURE`] to this node's CNINode (`vpcresources.k8s.aws/v1alpha1`), keeping the
     /// features already there. True when it was added, false when it was there already. The VPC
     /// resource controller makes the CNINode when the node joins; until then this fails, saying so.
