@@ -250,6 +250,24 @@ async fn ask_for_a_trunk(cluster: Arc<Cluster>) {
     }
 }
 
+/// Where the node makes its branches: their number on the Node (`vpc.amazonaws.com/pod-eni`), as
+/// EKS's controller advertises it; tried every 30 s until it takes. None on a type without a trunk.
+async fn advertise_branches(cluster: Arc<Cluster>, branches: u32) {
+    if branches == 0 {
+        return;
+    }
+    loop {
+        match cluster.advertise_branch_capacity(branches).await {
+            Ok(()) => {
+                tracing::info!(branches, "pod-eni capacity advertised on the Node");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "advertising the node's branch capacity"),
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+}
+
 /// The API server when the environment places the daemon in a cluster, and whether it answered.
 /// It must answer before start-up goes on when custom networking reads the ENIConfig from it;
 /// otherwise the daemon starts without it after 30 s and its watches keep trying.
@@ -467,6 +485,10 @@ async fn run(
             control = control
                 .with_node_branches(branches)
                 .annotating_branches(annotate);
+            tokio::spawn(advertise_branches(
+                cluster.clone(),
+                ipam::limits::branch_interfaces(&started.identity.instance_type),
+            ));
             let annotator = cluster.clone();
             tokio::spawn(async move {
                 while let Some(a) = to_annotate.recv().await {

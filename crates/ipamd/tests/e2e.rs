@@ -2631,6 +2631,13 @@ fn the_node_makes_branches_from_security_group_policies_and_keeps_them_across_a_
     };
     let db = add("db-0");
     let branch = db.branch.expect("a branch for the policy's pod");
+    // The node's branch capacity (m5.xlarge: 18), as EKS's controller advertises it.
+    wait_for("pod-eni capacity on the Node", || {
+        kube(&tb)
+            .objects("nodes")
+            .iter()
+            .any(|n| n["status"]["capacity"]["vpc.amazonaws.com/pod-eni"] == "18")
+    });
     // Annotated as EKS's controller does, for the tools that read it.
     wait_for("db-0 annotated with its branch", || {
         kube(&tb)

@@ -182,6 +182,25 @@ impl Cluster {
             )))
     }
 
+    /// Advertises the node's branch capacity, `vpc.amazonaws.com/pod-eni` in its status, as EKS's
+    /// controller does once the trunk is attached, for pods that request the resource.
+    pub async fn advertise_branch_capacity(
+        &self,
+        branches: u32,
+    ) -> Result<(), crate::ClusterError> {
+        let node = &self.settings.node_name;
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
+        let patch =
+            serde_json::json!({"status": {"capacity": {POD_ENI_RESOURCE: branches.to_string()}}});
+        nodes
+            .patch_status(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(drop)
+            .map_err(crate::api_error(format!(
+                "advertising {POD_ENI_RESOURCE} on node {node}"
+            )))
+    }
+
     /// Adds [`SGP_FEATURE`] to this node's CNINode (`vpcresources.k8s.aws/v1alpha1`), keeping the
     /// features already there. True when it was added, false when it was there already. The VPC
     /// resource controller makes the CNINode when the node joins; until then this fails, saying so.

@@ -310,7 +310,8 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
     })
 }
 
-/// Where a path points: (group, resource, namespace, name).
+/// Where a path points: (group, resource, namespace, name), with `/status` after the name the
+/// status subresource (`resource` is then `nodes/status`, as RBAC names it).
 fn route(path: &[String]) -> Option<(String, String, Option<String>, Option<String>)> {
     let rest = match path {
         [api, v1, rest @ ..] if api == "api" && v1 == "v1" => (String::new(), rest),
@@ -318,16 +319,22 @@ fn route(path: &[String]) -> Option<(String, String, Option<String>, Option<Stri
         _ => return None,
     };
     let (group, rest) = rest;
-    match rest {
-        [ns, namespace, resource, tail @ ..] if ns == "namespaces" && tail.len() <= 1 => Some((
-            group,
-            resource.clone(),
-            Some(namespace.clone()),
-            tail.first().cloned(),
-        )),
-        [resource, tail @ ..] if tail.len() <= 1 => {
-            Some((group, resource.clone(), None, tail.first().cloned()))
+    let (namespace, resource, tail) = match rest {
+        [ns, namespace, resource, tail @ ..] if ns == "namespaces" => {
+            (Some(namespace.clone()), resource, tail)
         }
+        [resource, tail @ ..] => (None, resource, tail),
+        _ => return None,
+    };
+    match tail {
+        [] => Some((group, resource.clone(), namespace, None)),
+        [name] => Some((group, resource.clone(), namespace, Some(name.clone()))),
+        [name, sub] if sub == "status" => Some((
+            group,
+            format!("{resource}/status"),
+            namespace,
+            Some(name.clone()),
+        )),
         _ => None,
     }
 }
@@ -408,6 +415,9 @@ fn answer(shared: &Shared, request: &Request) -> (u16, Value) {
     let Some((group, resource, namespace, name)) = route(&request.path) else {
         return status(404, "NotFound", "no such path");
     };
+    if let Some(object) = resource.strip_suffix("/status") {
+        return patch_status(shared, request, group, object, namespace, name);
+    }
     let Some((resource, kind_group, namespaced, kind)) = kind_of(&resource) else {
         return status(
             404,
@@ -523,6 +533,50 @@ fn answer(shared: &Shared, request: &Request) -> (u16, Value) {
             )
         }
     }
+}
+
+/// A JSON merge patch of an object's status (`PATCH .../NAME/status`): only `status` changes.
+fn patch_status(
+    shared: &Shared,
+    request: &Request,
+    group: String,
+    resource: &str,
+    namespace: Option<String>,
+    name: Option<String>,
+) -> (u16, Value) {
+    let Some((resource, kind_group, ..)) = kind_of(resource) else {
+        return status(404, "NotFound", "no such path");
+    };
+    if request.method != "PATCH" || group != kind_group {
+        return status(405, "MethodNotAllowed", "not served here");
+    }
+    let mut store = shared.store.lock().expect("store");
+    store.accesses.insert(Access {
+        verb: "patch".into(),
+        group,
+        resource: format!("{resource}/status"),
+    });
+    let key = (
+        resource.to_string(),
+        namespace.unwrap_or_default(),
+        name.unwrap_or_default(),
+    );
+    let Some(mut object) = store.objects.get(&key).cloned() else {
+        return status(
+            404,
+            "NotFound",
+            &format!("{resource} \"{}\" not found", key.2),
+        );
+    };
+    let Ok(patch) = serde_json::from_slice::<Value>(&request.body) else {
+        return status(400, "BadRequest", "the patch is not JSON");
+    };
+    if !patch["status"].is_null() {
+        merge_patch(&mut object["status"], &patch["status"]);
+    }
+    store.put(resource, (key.1.clone(), key.2.clone()), object);
+    shared.changed.notify_all();
+    (200, store.objects[&key].clone())
 }
 
 fn merge_patch(target: &mut Value, patch: &Value) {
