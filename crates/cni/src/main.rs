@@ -385,6 +385,7 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     let netns = NetNs::open(&env.netns)?;
     let lookup = Request::Lookup {
         attachment: attachment(env, conf),
+        pod: Some(pod_ref(&args)),
     };
     let allocation = match proto::call(&conf.ipamd_socket, &lookup, OTHER_TIMEOUT)
         .map_err(|e| daemon_error(conf, e))?
@@ -416,6 +417,21 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
             allocation.address, recorded.address
         ));
     }
+    let branch = allocation
+        .branch
+        .map(|b| branch_link(allocation.address, b))
+        .transpose()?;
+    let host_routes = match branch {
+        Some(_) => datapath::branch::host_routes(conf.pod_sg_enforcing),
+        None => HostRoutes::Main,
+    };
+    if let Some(b) = &branch {
+        problems.extend(datapath::branch::check(
+            &recorded.host_veth,
+            b,
+            conf.pod_sg_enforcing,
+        )?);
+    }
     problems.extend(pod::check(
         &netns,
         &PodNetwork {
@@ -429,7 +445,7 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
                 address: recorded.address,
                 route_table: allocation.route_table,
                 egress_v4: allocation.egress_v4,
-                host_routes: HostRoutes::Main,
+                host_routes,
             },
         },
     )?);

@@ -142,6 +142,28 @@ fn a_branch_pod_is_wired_behind_its_vlan_and_del_takes_it_all_away() {
 
     let mut del_conf: Value = serde_json::from_str(&conf).unwrap();
     del_conf["prevResult"] = added.stdout.clone();
+    // CHECK: the branch's VLAN, table and strict rules, besides the pod's own wiring.
+    let check = || {
+        plugin(
+            Some(&vpc.node),
+            &env("CHECK", &netns),
+            &del_conf.to_string(),
+        )
+    };
+    let healthy = check();
+    assert_eq!(healthy.status, 0, "{}", healthy.raw);
+    sh(&format!(
+        "ip -n {} rule del iif vlan.eth.5 priority 10 lookup 105",
+        vpc.node.name
+    ));
+    let broken = check();
+    assert_eq!(broken.stdout["code"], 100, "{}", broken.raw);
+    let details = broken.stdout["details"].as_str().unwrap_or_default();
+    assert!(
+        details.contains("rule 'iif vlan.eth.5 lookup 105 priority 10' is missing"),
+        "{}",
+        broken.raw
+    );
     let deleted = plugin(Some(&vpc.node), &env("DEL", &netns), &del_conf.to_string());
     assert_eq!(deleted.status, 0, "{}", deleted.raw);
     let links = sh(&format!("ip -n {} -o link show", vpc.node.name));

@@ -18,6 +18,7 @@ use crate::pod::{self, AddError, HostRoutes, PodAddress, PodLink, Wired};
 use crate::{Context, Error, Result};
 use rtnetlink::packet_route::rule::RuleMessage;
 use rtnetlink::{Handle, LinkUnspec, LinkVlan};
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 
 /// Rules of strict mode; below them, the `local` table at [`LOCAL_PRIORITY`].
@@ -207,6 +208,81 @@ pub fn remove(host_veth: &str, vlan: u16, mac: &[u8; 6], address: Ipv4Addr) -> R
         }
         Ok(())
     })
+}
+
+/// CHECK's part for the branch: what [`wire_vlan`] and, in strict mode, the pod's rule by its veth
+/// set up, each difference in words; empty when it is all there.
+pub fn check(host_veth: &str, branch: &BranchLink, enforcing: Enforcing) -> Result<Vec<String>> {
+    let name = vlan_link(branch.vlan);
+    let table = route_table(branch.vlan);
+    nl::run(|handle| async move {
+        let mut problems = Vec::new();
+        match nl::link_by_name(&handle, &name).await? {
+            None => problems.push(format!("{name} does not exist")),
+            Some(link) => {
+                if nl::link_mac(&link) != Some(&branch.mac[..]) {
+                    problems.push(format!(
+                        "{name} does not have the branch's MAC {}",
+                        nl::mac_string(&branch.mac)
+                    ));
+                }
+                if !nl::link_is_up(&link) {
+                    problems.push(format!("{name} is down"));
+                }
+                let out = nl::ipv4_routes(&handle).await?.iter().any(|r| {
+                    nl::route_table(r) == table
+                        && nl::route_destination(r) == Some((Ipv4Addr::UNSPECIFIED, 0))
+                        && nl::route_oif(r) == Some(link.header.index)
+                });
+                if !out {
+                    problems.push(format!("table {table} has no default route through {name}"));
+                }
+            }
+        }
+        if enforcing == Enforcing::Strict {
+            let rules: Vec<_> = nl::ipv4_rules(&handle)
+                .await?
+                .iter()
+                .map(nl::rule_view)
+                .collect();
+            for link in [host_veth, name.as_str()] {
+                let found = rules.iter().any(|r| {
+                    r.priority == STRICT_PRIORITY
+                        && r.table == table
+                        && r.iif.as_deref() == Some(link)
+                });
+                if !found {
+                    problems.push(format!(
+                        "rule 'iif {link} lookup {table} priority {STRICT_PRIORITY}' is missing"
+                    ));
+                }
+            }
+        }
+        Ok(problems)
+    })
+}
+
+/// The addresses of standard-mode branch pods wired on this host: a from-pod rule (priority
+/// [`pod::FROM_POD_PRIORITY`]) into the table of a `vlan.eth.<vlan>` link that is there. CNI GC
+/// leaves them alone whatever the daemon keeps: on EKS their branch is the controller's, which the
+/// daemon does not hold, and their DEL removes them (strict-mode pods have nothing GC looks at).
+pub(crate) async fn standard_pods(handle: &Handle) -> Result<HashSet<Ipv4Addr>> {
+    let tables: HashSet<u32> = nl::all_links(handle)
+        .await?
+        .iter()
+        .filter_map(|l| nl::link_name(l)?.strip_prefix("vlan.eth.")?.parse().ok())
+        .map(route_table)
+        .collect();
+    Ok(nl::ipv4_rules(handle)
+        .await?
+        .iter()
+        .map(nl::rule_view)
+        .filter(|r| r.priority == pod::FROM_POD_PRIORITY && tables.contains(&r.table))
+        .filter_map(|r| match r.from {
+            Some((ip, 32)) => Some(ip),
+            _ => None,
+        })
+        .collect())
 }
 
 /// The node's part of strict mode: the `local` table's rule moved from priority 0 to

@@ -627,12 +627,18 @@ pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
                 link.mtu
             ));
         }
+        let host_table = match pod.host_routes {
+            HostRoutes::Main => MAIN_TABLE,
+            HostRoutes::Table => pod.route_table,
+        };
         let routes = nl::ipv4_routes(&handle).await?;
         let to_pod = routes.iter().find(|r| {
-            nl::route_table(r) == MAIN_TABLE && nl::route_destination(r) == Some((address, 32))
+            nl::route_table(r) == host_table && nl::route_destination(r) == Some((address, 32))
         });
         match to_pod {
-            None => problems.push(format!("host has no route to {}/32", address)),
+            None => problems.push(format!(
+                "host has no route to {address}/32 in table {host_table}"
+            )),
             Some(r) if nl::route_oif(r) != Some(veth.header.index) => problems.push(format!(
                 "host route to {}/32 does not go to {}",
                 address, link.host_veth
@@ -652,6 +658,10 @@ pub fn check(netns: &NetNs, pod: &PodNetwork) -> Result<Vec<String>> {
                     && r.table == table
             })
         };
+        // Steered by interface instead (crate::branch::check).
+        if pod.host_routes == HostRoutes::Table {
+            return Ok((problems, nl::link_mac(&veth).map(<[u8]>::to_vec)));
+        }
         if !has(TO_POD_PRIORITY, None, Some(address), MAIN_TABLE) {
             problems.push(format!(
                 "rule 'to {} lookup main priority {TO_POD_PRIORITY}' is missing",
@@ -887,12 +897,16 @@ pub fn wired_addresses(veth_prefix: &str) -> Result<Vec<(IpAddr, String)>> {
 /// Removes host state of pods that are gone: every /32 or /128 route in main to a veth named with
 /// `veth_prefix` whose address is not in `keep`, that veth, and the priority-512 and -1536 rules of
 /// addresses not in `keep`. Veths with no route are left alone: an ADD may be halfway through.
-/// Returns what was removed, in words. (CNI GC: the runtime named every attachment still valid.)
+/// Branch pods' are never removed here ([`crate::branch::standard_pods`]). Returns what was
+/// removed, in words. (CNI GC: the runtime named every attachment still valid.)
 pub fn collect_leftovers(
     veth_prefix: &str,
     keep: &std::collections::HashSet<IpAddr>,
 ) -> Result<Vec<String>> {
-    remove_host_state(veth_prefix, &|ip| !keep.contains(&ip))
+    let branch_pods = nl::run(|handle| async move { crate::branch::standard_pods(&handle).await })?;
+    remove_host_state(veth_prefix, &|ip| {
+        !keep.contains(&ip) && !matches!(ip, IpAddr::V4(v4) if branch_pods.contains(&v4))
+    })
 }
 
 /// Removes the host state of exactly these addresses: their routes to veths named with

@@ -189,8 +189,8 @@ impl Branches {
         }
     }
 
-    /// The answer to a branch pod's ADD or DEL; None for any other request, which goes to the
-    /// control loop.
+    /// The answer to a branch pod's ADD, CHECK or DEL; None for any other request, which goes to
+    /// the control loop.
     pub async fn answer(&self, request: &Request) -> Option<Reply> {
         match request {
             Request::Add { pod, .. } => {
@@ -208,6 +208,22 @@ impl Branches {
                 };
                 Some(match self.allocation(&branches).await {
                     Ok(allocation) => Reply::Added { allocation },
+                    Err(e) => error(ErrorKind::Unavailable, e),
+                })
+            }
+            // CHECK: what the annotation says, which only the pod has.
+            Request::Lookup { pod: Some(pod), .. } => {
+                let Ok(PodEni::Branches(branches)) = self
+                    .pods
+                    .pod_eni(&pod.namespace, &pod.name, Duration::ZERO)
+                    .await
+                else {
+                    return None;
+                };
+                Some(match self.allocation(&branches).await {
+                    Ok(allocation) => Reply::Found {
+                        allocation: Some(allocation),
+                    },
                     Err(e) => error(ErrorKind::Unavailable, e),
                 })
             }
@@ -400,6 +416,18 @@ mod tests {
         b.answer(&add("db")).await.unwrap();
         assert_eq!(lookups.load(Ordering::SeqCst), 1, "EC2 asked once");
 
+        let check = |name: &str| Request::Lookup {
+            attachment: attachment(name),
+            pod: Some(pod(name)),
+        };
+        assert_eq!(
+            b.answer(&check("db")).await,
+            Some(Reply::Found {
+                allocation: Some(allocation)
+            }),
+            "CHECK finds the branch in the annotation"
+        );
+        assert_eq!(b.answer(&check("web")).await, None, "the pool's");
         assert_eq!(b.answer(&add("web")).await, None, "the pool's");
         assert_eq!(b.answer(&del("web")).await, None);
         assert_eq!(

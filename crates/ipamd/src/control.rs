@@ -708,6 +708,11 @@ impl Control {
                     };
                     return self.send(reply, message);
                 }
+                // A repeated ADD of a pod given a branch, whose groups since went: still its branch.
+                if let Some(allocation) = self.branch_lookup(&key) {
+                    return self.send(reply, Reply::Added { allocation });
+                }
+                self.supersede_branch_wait(&key);
                 if matches!(self.phase, Phase::Draining { .. }) {
                     return self.send(
                         reply,
@@ -813,7 +818,7 @@ impl Control {
                 });
                 self.send(reply, Reply::Deleted { released });
             }
-            Request::Lookup { attachment } => {
+            Request::Lookup { attachment, .. } => {
                 let key = key_of(&attachment);
                 let found = match &self.v6 {
                     Some(v6) => v6.assignment(&key).map(v6_allocation),
@@ -850,12 +855,18 @@ impl Control {
                         self.dirty = true;
                     }
                 }
-                let keep = self.assigned().into_iter().map(|(_, _, ip)| ip).collect();
+                let branches = self.collect_branches(&network, &valid);
+                let keep = self
+                    .assigned()
+                    .into_iter()
+                    .map(|(_, _, ip)| ip)
+                    .chain(self.branch_addresses())
+                    .collect();
                 self.send(
                     reply,
                     Reply::Collected {
                         keep,
-                        released: doomed.len() as u32,
+                        released: doomed.len() as u32 + branches,
                     },
                 );
             }

@@ -93,6 +93,13 @@ pub struct BranchAnnotation {
     pub value: String,
 }
 
+fn superseded() -> Reply {
+    Reply::Error {
+        kind: ErrorKind::Unavailable,
+        message: "superseded by a retry of the same ADD".into(),
+    }
+}
+
 fn pod_meta(pod: PodRef) -> PodMeta {
     PodMeta {
         namespace: pod.namespace,
@@ -183,6 +190,19 @@ impl Control {
         self.metrics.count("awscni_add_ip_req_count", &[]);
         let now = self.clock.now();
         let key = key_of(&attachment);
+        // A repeated ADD of a pod that got the pool's address before a SecurityGroupPolicy
+        // selected it keeps that address: one pod, one address, until its DEL.
+        if let Some(a) = self.pool.assignment(&key) {
+            let message = Reply::Added {
+                allocation: super::allocation(a),
+            };
+            return self.send(reply, message);
+        }
+        // A retry, now with groups, of an ADD still waiting for the pool takes its place.
+        if let Some(i) = self.waiting.iter().position(|w| w.key == key) {
+            let old = self.waiting.remove(i).expect("index is in range");
+            let _ = old.reply.send(superseded());
+        }
         let draining = matches!(self.phase, super::Phase::Draining { .. });
         let Some(b) = &mut self.branches else {
             return self.send(
@@ -238,14 +258,22 @@ impl Control {
                 // A retried ADD takes the place of the one it retries.
                 if let Some(old) = b.waiting.iter_mut().find(|w| w.key == waiter.key) {
                     let old = std::mem::replace(old, waiter);
-                    let _ = old.reply.send(Reply::Error {
-                        kind: ErrorKind::Unavailable,
-                        message: "superseded by a retry of the same ADD".into(),
-                    });
+                    let _ = old.reply.send(superseded());
                 } else {
                     b.waiting.push(waiter);
                 }
             }
+        }
+    }
+
+    /// A retry, now without groups, of an ADD still waiting for a branch: it stops waiting (the
+    /// pool's path takes its place).
+    pub(super) fn supersede_branch_wait(&mut self, key: &IpamKey) {
+        let Some(b) = &mut self.branches else { return };
+        if let Some(i) = b.waiting.iter().position(|w| &w.key == key) {
+            let old = b.waiting.swap_remove(i);
+            b.engine.cancel(key);
+            let _ = old.reply.send(superseded());
         }
     }
 
@@ -438,6 +466,50 @@ impl Control {
                 unwire.push((meta, branch));
             }
         }
+        self.unwire_branch_pods(unwire);
+    }
+
+    /// CNI GC: the branches of `network`'s attachments that the runtime no longer lists turn warm,
+    /// and their host side goes, as a DEL would have done. Returns how many.
+    pub(super) fn collect_branches(
+        &mut self,
+        network: &str,
+        valid: &std::collections::HashSet<IpamKey>,
+    ) -> u32 {
+        let now = self.clock.now();
+        let Some(b) = &mut self.branches else {
+            return 0;
+        };
+        let doomed: Vec<IpamKey> = b
+            .engine
+            .assignments()
+            .filter(|(k, _)| k.network_name == network && !valid.contains(k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut unwire = Vec::new();
+        for key in &doomed {
+            b.absent_since.remove(key);
+            let meta = b.pods.remove(key);
+            if let Some(branch) = b.engine.release(key, now) {
+                b.dirty = true;
+                tracing::info!(branch = %branch.eni_id, ip = %branch.ip, container = %key.container_id, "collected");
+                unwire.extend(meta.map(|m| (m, branch)));
+            }
+        }
+        self.unwire_branch_pods(unwire);
+        doomed.len() as u32
+    }
+
+    /// The addresses of the branches given to pods: GC keeps their host side.
+    pub(super) fn branch_addresses(&self) -> Vec<std::net::IpAddr> {
+        self.branches
+            .iter()
+            .flat_map(|b| b.engine.assignments().map(|(_, branch)| branch.ip.into()))
+            .collect()
+    }
+
+    /// Removes the host side of pods whose branch was taken back without their DEL, off the loop.
+    fn unwire_branch_pods(&self, unwire: Vec<(PodMeta, Branch)>) {
         let links: Vec<(String, Branch, [u8; 6])> = unwire
             .into_iter()
             .filter_map(|(meta, branch)| {

@@ -982,7 +982,8 @@ async fn the_node_makes_a_trunk_and_branches_and_reuses_a_branch_for_the_same_gr
     );
     assert_eq!(
         node.ask(Request::Lookup {
-            attachment: attachment("c1")
+            attachment: attachment("c1"),
+            pod: None,
         })
         .await,
         Reply::Found {
@@ -1055,6 +1056,65 @@ async fn the_node_makes_a_trunk_and_branches_and_reuses_a_branch_for_the_same_gr
     assert!(
         calls.contains(&"DisassociateTrunkInterface") && calls.contains(&"DeleteNetworkInterface"),
         "{calls:?}"
+    );
+}
+
+/// CNI GC where the node makes its branches: a branch pod the runtime still lists keeps its branch,
+/// and its address is in `keep` (else the plugin removes its host side); one it no longer lists
+/// gives its branch back, warm. A repeated ADD keeps what the pod was given whichever way it comes.
+#[tokio::test(start_paused = true)]
+async fn gc_keeps_the_branches_of_valid_attachments_and_takes_back_the_others() {
+    let node = start(Setup {
+        node_branches: Some(0),
+        ..Setup::default()
+    });
+    let db = added(
+        &node
+            .add_with_groups("c1", "db-0", &["sg-db"])
+            .await
+            .unwrap(),
+    );
+    let web = added(
+        &node
+            .add_with_groups("c2", "web-0", &["sg-web"])
+            .await
+            .unwrap(),
+    );
+    let plain = added(&node.add("c3", "plain-0").await.unwrap());
+    let reply = node
+        .ask(Request::Gc {
+            network: "aws-cni".into(),
+            valid: vec![attachment("c1"), attachment("c3")],
+        })
+        .await;
+    let Reply::Collected { keep, released } = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(released, 1);
+    assert!(
+        keep.contains(&db.address) && keep.contains(&plain.address),
+        "{keep:?}"
+    );
+    assert!(!keep.contains(&web.address), "{keep:?}");
+    let branches = node
+        .inspect(|c| {
+            let b = c.node_branches().unwrap().engine();
+            (b.assigned(), b.warm())
+        })
+        .await;
+    assert_eq!(branches, (1, 1), "db-0's given, web-0's warm");
+
+    // db-0's policy went since its ADD: a repeated ADD still gets its branch.
+    assert_eq!(added(&node.add("c1", "db-0").await.unwrap()), db);
+    // A policy selected plain-0 since its ADD: it keeps the pool's address.
+    assert_eq!(
+        added(
+            &node
+                .add_with_groups("c3", "plain-0", &["sg-db"])
+                .await
+                .unwrap()
+        ),
+        plain
     );
 }
 
@@ -1171,6 +1231,7 @@ async fn a_kill_after_any_ec2_step_of_a_branch_pods_life_leaks_nothing_and_keeps
             let found = node
                 .ask(Request::Lookup {
                     attachment: attachment(container),
+                    pod: None,
                 })
                 .await;
             assert_eq!(

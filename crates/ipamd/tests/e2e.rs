@@ -2542,6 +2542,16 @@ fn a_branch_pod_is_answered_from_its_annotation_and_the_cninode_asks_for_a_trunk
     let branch = allocation.branch.expect("the branch");
     assert_eq!((branch.vlan, branch.trunk_mac), (4, trunk_mac));
     assert_eq!(allocation.route_table, 104);
+    assert_eq!(
+        call(&proto::Request::Lookup {
+            attachment: attachment.clone(),
+            pod: Some(pod.clone()),
+        }),
+        proto::Reply::Found {
+            allocation: Some(allocation)
+        },
+        "CHECK finds the branch in the annotation"
+    );
     let proto::Reply::Deleted { released } = call(&proto::Request::Del {
         attachment,
         pod: Some(pod),
@@ -2708,6 +2718,7 @@ fn the_node_makes_branches_from_security_group_policies_and_keeps_them_across_a_
     tb.start_daemon(0).unwrap();
     let lookup = call(&proto::Request::Lookup {
         attachment: sandbox("db-0"),
+        pod: None,
     });
     assert_eq!(
         lookup,

@@ -61,7 +61,13 @@ pub enum Request {
         reason: DelReason,
     },
     /// The attachment's current address, without changing anything (CHECK uses it).
-    Lookup { attachment: Attachment },
+    Lookup {
+        attachment: Attachment,
+        /// The pod, from CNI_ARGS: on EKS a branch pod's address is in its annotation, which the
+        /// daemon reads by the pod's name. Absent from older plugins.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pod: Option<PodRef>,
+    },
     /// Can the daemon give out addresses now?
     Status,
     /// Release every assignment of `network` whose attachment is not in `valid`.

@@ -5,7 +5,8 @@
 //! is what its security groups would see. Needs root; skipped, loudly, without it.
 
 use datapath::branch::{self, BranchLink, Enforcing};
-use datapath::pod::{Family, PodLink};
+use datapath::pod::{self, Family, PodLink};
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::Duration;
@@ -320,6 +321,44 @@ fn standard_mode_keeps_same_node_traffic_on_the_node() {
     );
     assert!(rules.contains("1536:\tfrom 10.0.0.5 lookup 105"), "{rules}");
     assert!(!rules.contains("iif"), "{rules}");
+}
+
+/// CNI GC removes the host side of addresses the daemon does not keep, but never a wired branch
+/// pod's: on EKS the daemon does not hold the controller's branches. One whose VLAN is gone (a DEL
+/// that stopped halfway) is a leftover like any other.
+#[test]
+fn gc_leaves_branch_pods_alone_whatever_the_daemon_keeps() {
+    if !root("gc_leaves_branch_pods_alone_whatever_the_daemon_keeps") {
+        return;
+    }
+    let mut vpc = Vpc::build();
+    let (a, _a) = pod(&mut vpc, 5, Enforcing::Standard);
+    let (_b, _b_listener) = pod(&mut vpc, 6, Enforcing::Standard);
+    let (_c, _c_listener) = pod(&mut vpc, 7, Enforcing::Standard);
+    ip(&["-n", &vpc.node.name, "link", "del", "vlan.eth.7"]).unwrap();
+
+    let removed = vpc
+        .node
+        .run(|| pod::collect_leftovers("vlan", &HashSet::new()))
+        .unwrap()
+        .unwrap();
+    assert!(
+        removed
+            .iter()
+            .any(|r| r == "route 10.0.0.7 dev vlan00000007"),
+        "{removed:?}"
+    );
+    assert!(
+        removed
+            .iter()
+            .all(|r| r.contains("10.0.0.7") || r.contains("vlan00000007")),
+        "only pod 7's: {removed:?}"
+    );
+    assert_eq!(from(&a, pod_ip(6)), Ok(IpAddr::V4(pod_ip(5))));
+    assert_eq!(from(&vpc.node, pod_ip(5)), Ok(IpAddr::V4(NODE_IP)));
+    let rules = ip(&["-n", &vpc.node.name, "rule", "show"]).unwrap();
+    assert!(rules.contains("1536:\tfrom 10.0.0.6 lookup 106"), "{rules}");
+    assert!(!rules.contains("10.0.0.7"), "{rules}");
 }
 
 #[test]

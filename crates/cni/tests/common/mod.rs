@@ -158,7 +158,7 @@ fn handle(state: &Mutex<ServerState>, request: Request) -> Reply {
             }
             Reply::Deleted { released }
         }
-        Request::Lookup { attachment } => Reply::Found {
+        Request::Lookup { attachment, .. } => Reply::Found {
             allocation: state.assigned.get(&attachment).copied(),
         },
         Request::Status => Reply::Status {
