@@ -379,11 +379,12 @@ impl Control {
         }
     }
 
-    /// Every assignment as NetworkPolicy sees it: (namespace, pod, address).
+    /// Every assignment as NetworkPolicy sees it, branch pods' too: (namespace, pod, address).
     fn pod_addresses(&self) -> HashMap<IpamKey, (String, String, std::net::IpAddr)> {
         self.assigned()
             .into_iter()
             .map(|(k, meta, ip)| (k.clone(), (meta.namespace.clone(), meta.name.clone(), ip)))
+            .chain(self.branch_pods())
             .collect()
     }
 
@@ -405,6 +406,7 @@ impl Control {
             let new_pod = out
                 .assigned
                 .as_ref()
+                .or(out.branch.as_ref())
                 .filter(|_| matches!(out.message, Reply::Added { .. }))
                 .and_then(|key| Some((key.clone(), current.get(key)?.clone())));
             match new_pod {

@@ -508,6 +508,20 @@ impl Control {
             .collect()
     }
 
+    /// Each pod with a branch, as NetworkPolicy sees it: its host veth carries its traffic as any
+    /// pod's, whichever way the branch's packets go on the host.
+    pub(super) fn branch_pods(&self) -> Vec<(IpamKey, (String, String, std::net::IpAddr))> {
+        self.branches
+            .iter()
+            .flat_map(NodeBranches::given)
+            .filter_map(|(key, meta, branch)| {
+                let meta = meta?;
+                let pod = (meta.namespace.clone(), meta.name.clone(), branch.ip.into());
+                Some((key.clone(), pod))
+            })
+            .collect()
+    }
+
     /// Removes the host side of pods whose branch was taken back without their DEL, off the loop.
     fn unwire_branch_pods(&self, unwire: Vec<(PodMeta, Branch)>) {
         let links: Vec<(String, Branch, [u8; 6])> = unwire

@@ -292,7 +292,8 @@ ports = ["tcp/5432"]
 /// SecurityGroupPolicy selects (by its labels, or by its ServiceAccount's), with the policy's
 /// groups, and the fabric holds them: on one node, the pod given sg-app reaches the database host
 /// on 5432 and the pod without groups does not; strict mode sends even same-node traffic through
-/// the VPC, where sg-app (no ingress rule) keeps the other pod out.
+/// the VPC, where sg-app (no ingress rule) keeps the other pod out. A NetworkPolicy holds a branch
+/// pod as any other: `admin` has web's groups, but its policy lets it reach only pods.
 #[test]
 fn security_group_policies_give_pods_branches_whose_groups_the_vpc_holds() {
     if !root("security_group_policies_give_pods_branches_whose_groups_the_vpc_holds") {
@@ -347,6 +348,12 @@ ports = ["tcp/5432"]
          metadata: {namespace: shop, name: front}\n\
          spec: {serviceAccountSelector: {matchLabels: {tier: front}}, securityGroups: {groupIds: [sg-app]}}\n---\n\
          kind: Pod\nmetadata: {namespace: shop, name: web}\nspec: {serviceAccountName: api}\n---\n\
+         kind: Pod\nmetadata: {namespace: shop, name: admin, labels: {role: admin}}\n\
+         spec: {serviceAccountName: api}\n---\n\
+         kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\n\
+         metadata: {namespace: shop, name: admin-pods-only}\n\
+         spec: {podSelector: {matchLabels: {role: admin}}, policyTypes: [Egress], \
+         egress: [{to: [{namespaceSelector: {}}]}]}\n---\n\
          kind: Pod\nmetadata: {namespace: shop, name: job}\n",
     )
     .unwrap();
@@ -356,6 +363,8 @@ ports = ["tcp/5432"]
     assert!(!connected("shop/job", "vpc/db"), "{report}");
     assert!(!connected("shop/job", "shop/web"), "strict: {report}");
     assert!(connected("shop/web", "shop/job"), "{report}");
+    assert!(!connected("shop/admin", "vpc/db"), "the policy: {report}");
+    assert!(connected("shop/admin", "shop/job"), "{report}");
 }
 
 /// `vpcctl demo --json --probe PROBE --vpc VPC --manifests MANIFESTS`'s report, the run asserted
