@@ -211,7 +211,9 @@ impl Branches {
                     Err(e) => error(ErrorKind::Unavailable, e),
                 })
             }
-            // CHECK: what the annotation says, which only the pod has.
+            // CHECK: what the annotation says, which only the pod has. A pod the API server does
+            // not show as a branch pod (or cannot show now) is looked up in the pool, so that the
+            // CHECK of a pod of the pool never depends on the API server.
             Request::Lookup { pod: Some(pod), .. } => {
                 let Ok(PodEni::Branches(branches)) = self
                     .pods
