@@ -128,10 +128,13 @@ impl Cluster {
         let who = format!("{namespace}/{name}");
         let api = |e: kube::Error| PodEniError::Api(who.clone(), e.to_string());
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let pod = pods.get(name).await.map_err(api)?;
         let policies: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), namespace, &security_group_policies());
-        let policies: Vec<SecurityGroupPolicy> = match policies.list(&Default::default()).await {
+        // Both at once: every ADD on the node waits for them, groups or not.
+        let list = Default::default();
+        let (pod, policies) = tokio::join!(pods.get(name), policies.list(&list));
+        let pod = pod.map_err(api)?;
+        let policies: Vec<SecurityGroupPolicy> = match policies {
             Ok(list) => list.items.iter().map(security_group_policy).collect(),
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Vec::new()),
             Err(e) => return Err(api(e)),
