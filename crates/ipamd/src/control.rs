@@ -57,7 +57,16 @@ pub enum Event {
         spec: Result<EniConfigSpec, String>,
     },
     /// Every pod the API server has on this node, sent on each change and periodically.
-    PodsOnNode(HashSet<k8s::PodRef>),
+    PodsOnNode(k8s::PodSnapshot),
+    /// On EKS, a branch pod's ADD answered from the VPC resource controller's annotation
+    /// (`message`): the loop tells NetworkPolicy of the pod and sends the answer once its rules are
+    /// in.
+    ControllerBranchAdded {
+        pod: k8s::PodRef,
+        ip: std::net::IpAddr,
+        reply: oneshot::Sender<Reply>,
+        message: Reply,
+    },
     /// This node's Node object, at each change: the kubelet's `--max-pods`, cordoned or not.
     Node(k8s::NodeView),
     /// The instance's ENIs, their addresses and the VPC's CIDRs, as IMDS shows them now.
@@ -222,6 +231,8 @@ pub struct Control {
     settings_view: SettingsView,
     /// The node's own branch ENIs (`POD_ENI_MANAGER=node`).
     branches: Option<NodeBranches>,
+    /// On EKS, the pods the VPC resource controller gave a branch.
+    controller_branches: Option<HashMap<IpamKey, branches::ControllerPod>>,
     annotate_branches: Option<mpsc::UnboundedSender<BranchAnnotation>>,
 }
 
@@ -337,6 +348,7 @@ impl Control {
             told_netpol: HashSet::new(),
             settings_view: SettingsView::default(),
             branches: None,
+            controller_branches: None,
             annotate_branches: None,
         }
     }
@@ -385,6 +397,7 @@ impl Control {
             .into_iter()
             .map(|(k, meta, ip)| (k.clone(), (meta.namespace.clone(), meta.name.clone(), ip)))
             .chain(self.branch_pods())
+            .chain(self.controller_branch_pods())
             .collect()
     }
 
@@ -646,10 +659,17 @@ impl Control {
             Event::Finished { action, report } => self.finished(action, report),
             Event::Inspect(inspect) => inspect(self),
             Event::EniConfig { source, spec } => self.eni_config_changed(source, spec),
-            Event::PodsOnNode(pods) => {
-                self.release_vanished_pods(&pods);
-                self.release_vanished_branch_pods(&pods);
+            Event::PodsOnNode(snapshot) => {
+                self.release_vanished_pods(&snapshot.pods);
+                self.release_vanished_branch_pods(&snapshot.pods);
+                self.follow_controller_branches(&snapshot);
             }
+            Event::ControllerBranchAdded {
+                pod,
+                ip,
+                reply,
+                message,
+            } => self.controller_branch_added(pod, ip, reply, message),
             Event::Node(view) => self.node_changed(&view),
             Event::Imds(network) => self.reconcile(network),
             Event::Settings { pool, view } => {
@@ -863,6 +883,11 @@ impl Control {
                     .into_iter()
                     .map(|(_, _, ip)| ip)
                     .chain(self.branch_addresses())
+                    .chain(
+                        self.controller_branch_pods()
+                            .into_iter()
+                            .map(|(_, (.., ip))| ip),
+                    )
                     .collect();
                 self.send(
                     reply,

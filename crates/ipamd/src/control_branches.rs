@@ -93,6 +93,22 @@ pub struct BranchAnnotation {
     pub value: String,
 }
 
+/// A pod of this node that the VPC resource controller gave a branch (EKS), as NetworkPolicy sees
+/// it.
+pub struct ControllerPod {
+    namespace: String,
+    name: String,
+    ip: std::net::IpAddr,
+    /// When its ADD was answered: the pods watch may not show it yet.
+    since: ipam::Time,
+}
+
+/// Such a pod's name for NetworkPolicy, the same across the daemon's restarts (its sandbox's is not
+/// known after one).
+fn controller_key(namespace: &str, name: &str) -> IpamKey {
+    IpamKey::new("controller-branch", &format!("{namespace}/{name}"), "eth0")
+}
+
 fn superseded() -> Reply {
     Reply::Error {
         kind: ErrorKind::Unavailable,
@@ -505,6 +521,77 @@ impl Control {
         self.branches
             .iter()
             .flat_map(|b| b.engine.assignments().map(|(_, branch)| branch.ip.into()))
+            .collect()
+    }
+
+    /// On EKS: the pods the controller gave a branch are told to NetworkPolicy like the pool's (their
+    /// traffic crosses their host veth as any pod's), from the pods watch (the annotation; so also
+    /// after a restart) and from their ADDs.
+    pub fn with_controller_branches(mut self) -> Control {
+        self.controller_branches = Some(HashMap::new());
+        self
+    }
+
+    pub(super) fn controller_branch_added(
+        &mut self,
+        pod: k8s::PodRef,
+        ip: std::net::IpAddr,
+        reply: oneshot::Sender<Reply>,
+        message: Reply,
+    ) {
+        let now = self.clock.now();
+        let key = controller_key(&pod.namespace, &pod.name);
+        let tracked = self.controller_branches.as_mut().map(|pods| {
+            let entry = ControllerPod {
+                namespace: pod.namespace,
+                name: pod.name,
+                ip,
+                since: now,
+            };
+            pods.insert(key.clone(), entry);
+        });
+        self.outbox.push(Outgoing {
+            reply,
+            message,
+            assigned: None,
+            branch: tracked.map(|_| key),
+        });
+    }
+
+    /// The controller's branch pods as the API server lists them: a pod gone (its ADD answered
+    /// longer than the grace ago) is forgotten.
+    pub(super) fn follow_controller_branches(&mut self, snapshot: &k8s::PodSnapshot) {
+        let now = self.clock.now();
+        let grace = self.vanished_pod_grace;
+        let Some(pods) = &mut self.controller_branches else {
+            return;
+        };
+        pods.retain(|_, p| {
+            let pod = k8s::PodRef {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+            };
+            snapshot.pods.contains(&pod) || now.since(p.since) < grace
+        });
+        for (pod, ip) in &snapshot.branches {
+            let key = controller_key(&pod.namespace, &pod.name);
+            let entry = pods.entry(key).or_insert_with(|| ControllerPod {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                ip: (*ip).into(),
+                since: now,
+            });
+            entry.ip = (*ip).into();
+        }
+    }
+
+    pub(super) fn controller_branch_pods(
+        &self,
+    ) -> Vec<(IpamKey, (String, String, std::net::IpAddr))> {
+        self.controller_branches
+            .iter()
+            .flatten()
+            .map(|(key, p)| (key.clone(), (p.namespace.clone(), p.name.clone(), p.ip)))
             .collect()
     }
 

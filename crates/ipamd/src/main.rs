@@ -505,6 +505,7 @@ async fn run(
             Some(ipamd::branches::PodEniMode::Node(Arc::new(cluster.clone())))
         } else {
             tokio::spawn(ask_for_a_trunk(cluster.clone()));
+            control = control.with_controller_branches();
             Some(ipamd::branches::PodEniMode::Controller(Arc::new(
                 ipamd::branches::Branches::new(
                     Box::new(cluster.clone()),
@@ -638,7 +639,7 @@ fn follow_cluster(
             cluster
                 .follow_pods(
                     (grace / 2).max(Duration::from_secs(1)),
-                    move |snapshot| drop(events.send(Event::PodsOnNode(snapshot.pods))),
+                    move |snapshot| drop(events.send(Event::PodsOnNode(snapshot))),
                     watch_error,
                 )
                 .await

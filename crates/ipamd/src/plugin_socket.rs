@@ -55,7 +55,9 @@ fn accept(
                             let _ = tx.send(route(&mode, &asked).await);
                         });
                         match answer.blocking_recv() {
-                            Ok(Route::Reply(reply)) => return reply,
+                            Ok(Route::Reply(reply)) => {
+                                return through_loop(&events, &request, reply)
+                            }
                             Ok(Route::Branch(g)) => groups = Some(g),
                             Ok(Route::Pool) => {}
                             // Not an address of the pool for a pod that may want a branch.
@@ -88,6 +90,31 @@ fn accept(
                 });
             });
     }
+}
+
+/// On EKS a branch pod's ADD answer goes through the control loop, which tells NetworkPolicy of the
+/// pod and sends the answer once its rules are in; any other answer comes straight back.
+fn through_loop(events: &mpsc::UnboundedSender<Event>, request: &Request, reply: Reply) -> Reply {
+    let (Request::Add { pod, .. }, Reply::Added { allocation }) = (request, &reply) else {
+        return reply;
+    };
+    if allocation.branch.is_none() {
+        return reply;
+    }
+    let (tx, answer) = oneshot::channel();
+    let event = Event::ControllerBranchAdded {
+        pod: k8s::PodRef {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+        },
+        ip: allocation.address,
+        reply: tx,
+        message: reply.clone(),
+    };
+    if events.send(event).is_err() {
+        return reply;
+    }
+    answer.blocking_recv().unwrap_or(reply)
 }
 
 /// Where a request goes with security groups for pods on.

@@ -793,15 +793,16 @@ async fn a_pod_the_api_server_no_longer_lists_loses_its_address_after_the_grace(
     added(&node.add("c1", "web-1").await.unwrap());
     added(&node.add("c2", "web-2").await.unwrap());
     let listed = |names: &[&str]| {
-        Event::PodsOnNode(
-            names
+        Event::PodsOnNode(k8s::PodSnapshot {
+            pods: names
                 .iter()
                 .map(|n| k8s::PodRef {
                     namespace: "default".into(),
                     name: n.to_string(),
                 })
                 .collect::<HashSet<_>>(),
-        )
+            branches: Default::default(),
+        })
     };
     node.events.send(listed(&["web-2"])).unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;

@@ -2479,6 +2479,8 @@ fn a_branch_pod_is_answered_from_its_annotation_and_the_cninode_asks_for_a_trunk
         ..options(&[
             ("ENABLE_POD_ENI", "true"),
             ("POD_SECURITY_GROUP_ENFORCING_MODE", "standard"),
+            ("ENABLE_NETWORK_POLICY", "true"),
+            ("VPC_CNI_VANISHED_POD_GRACE_SECONDS", "2"),
         ])
     };
     options.kubernetes = true;
@@ -2552,6 +2554,35 @@ fn a_branch_pod_is_answered_from_its_annotation_and_the_cninode_asks_for_a_trunk
         },
         "CHECK finds the branch in the annotation"
     );
+    // NetworkPolicy holds the branch pod as any pod: told at its ADD, and after a restart from the
+    // annotation the pods watch shows.
+    let policy_pods = |tb: &Testbed| {
+        let view = tb.nodes[0].introspect("/v1/network-policy").unwrap();
+        view["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}/{} {}",
+                    p["namespace"].as_str().unwrap(),
+                    p["name"].as_str().unwrap(),
+                    p["address"].as_str().unwrap()
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        policy_pods(&tb).contains(&"shop/db-0 10.0.3.77".to_string()),
+        "{:?}",
+        policy_pods(&tb)
+    );
+    tb.stop_daemon(0, Stop::Kill).unwrap();
+    tb.start_daemon(0).unwrap();
+    wait_for(
+        "the branch pod known to NetworkPolicy after a restart",
+        || policy_pods(&tb).contains(&"shop/db-0 10.0.3.77".to_string()),
+    );
     let proto::Reply::Deleted { released } = call(&proto::Request::Del {
         attachment,
         pod: Some(pod),
@@ -2560,6 +2591,10 @@ fn a_branch_pod_is_answered_from_its_annotation_and_the_cninode_asks_for_a_trunk
         panic!("a branch pod's DEL")
     };
     assert_eq!(released, Some(allocation));
+    assert!(kube(&tb).delete("pods", "shop", "db-0"));
+    wait_for("the deleted branch pod gone from NetworkPolicy", || {
+        !policy_pods(&tb).iter().any(|p| p.starts_with("shop/db-0"))
+    });
 
     // A pod without security groups: an address of the pool, wired and reachable as ever.
     let web = tb.add_pod(0).unwrap();

@@ -8,7 +8,8 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, metadata_watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::Api;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -30,14 +31,27 @@ impl PodRef {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodSnapshot {
     pub pods: HashSet<PodRef>,
+    /// The pods whose `vpc.amazonaws.com/pod-eni` annotation gives them a branch ENI, with its
+    /// IPv4 address (security groups for pods on EKS: the daemon does not hand those out).
+    pub branches: HashMap<PodRef, Ipv4Addr>,
+}
+
+/// The branch address in a pod's annotation, if it has a well-formed one.
+fn branch_address(meta: &PartialObjectMeta<Pod>) -> Option<Ipv4Addr> {
+    let text = meta
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ipam::branch::POD_ENI_ANNOTATION)?;
+    ipam::branch::parse_pod_eni(text).ok()?.first()?.ipv4
 }
 
 /// The watch's events folded into the current set. `current` is `None` until the first listing
 /// completes and again while the watch is failing: a stale set would make live pods look gone.
 #[derive(Default)]
 struct Tracker {
-    pods: HashSet<PodRef>,
-    listing: Option<HashSet<PodRef>>,
+    pods: HashMap<PodRef, Option<Ipv4Addr>>,
+    listing: Option<HashMap<PodRef, Option<Ipv4Addr>>>,
     listed: bool,
     healthy: bool,
 }
@@ -46,10 +60,10 @@ impl Tracker {
     fn apply(&mut self, event: Event<PartialObjectMeta<Pod>>) {
         self.healthy = true;
         match event {
-            Event::Init => self.listing = Some(HashSet::new()),
+            Event::Init => self.listing = Some(HashMap::new()),
             Event::InitApply(p) => {
                 if let Some(listing) = &mut self.listing {
-                    listing.insert(PodRef::of(&p));
+                    listing.insert(PodRef::of(&p), branch_address(&p));
                 }
             }
             Event::InitDone => {
@@ -59,7 +73,7 @@ impl Tracker {
                 }
             }
             Event::Apply(p) => {
-                self.pods.insert(PodRef::of(&p));
+                self.pods.insert(PodRef::of(&p), branch_address(&p));
             }
             Event::Delete(p) => {
                 self.pods.remove(&PodRef::of(&p));
@@ -73,7 +87,12 @@ impl Tracker {
 
     fn current(&self) -> Option<PodSnapshot> {
         (self.listed && self.healthy && self.listing.is_none()).then(|| PodSnapshot {
-            pods: self.pods.clone(),
+            pods: self.pods.keys().cloned().collect(),
+            branches: self
+                .pods
+                .iter()
+                .filter_map(|(pod, ip)| Some((pod.clone(), (*ip)?)))
+                .collect(),
         })
     }
 }
@@ -140,6 +159,43 @@ mod tests {
             },
             _phantom: Default::default(),
         }
+    }
+
+    fn annotated(name: &str, annotation: &str) -> PartialObjectMeta<Pod> {
+        let mut p = pod(name);
+        p.metadata.annotations = Some(
+            [(
+                ipam::branch::POD_ENI_ANNOTATION.to_string(),
+                annotation.to_string(),
+            )]
+            .into(),
+        );
+        p
+    }
+
+    #[test]
+    fn branch_pods_are_those_whose_annotation_gives_them_an_address() {
+        let mut t = Tracker::default();
+        t.apply(Event::Init);
+        t.apply(Event::InitApply(pod("plain")));
+        t.apply(Event::InitApply(annotated("bad", "[{\"vlanId\": 0}]")));
+        t.apply(Event::InitDone);
+        assert!(t.current().unwrap().branches.is_empty());
+        let branch = r#"[{"eniId":"eni-1","ifAddress":"02:00:00:00:00:0b","privateIp":"10.0.3.77","vlanId":4,"subnetCidr":"10.0.0.0/16"}]"#;
+        // The controller annotates a pod that was already listed.
+        t.apply(Event::Apply(annotated("db", branch)));
+        let snapshot = t.current().unwrap();
+        assert_eq!(snapshot.pods.len(), 3);
+        let db = PodRef {
+            namespace: "default".into(),
+            name: "db".into(),
+        };
+        assert_eq!(
+            snapshot.branches,
+            [(db, "10.0.3.77".parse().unwrap())].into()
+        );
+        t.apply(Event::Delete(annotated("db", branch)));
+        assert!(t.current().unwrap().branches.is_empty());
     }
 
     fn names(t: &Tracker) -> Option<Vec<String>> {
