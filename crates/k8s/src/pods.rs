@@ -1,5 +1,6 @@
 //! The pods scheduled on this node, from a metadata-only watch: the daemon compares them with its
-//! assignments and releases those whose pod is gone (the kubelet never sent DEL).
+//! assignments and releases those whose pod is gone (the kubelet never sent DEL), and on EKS learns
+//! from their annotations which have a branch ENI of the VPC resource controller's.
 
 use crate::Cluster;
 use futures::StreamExt;
