@@ -174,6 +174,10 @@ mod tests {
     use std::net::Ipv4Addr;
 
     fn result(version: &str) -> Value {
+        with_branch(version, None)
+    }
+
+    fn with_branch(version: &str, branch: Option<(u16, [u8; 6])>) -> Value {
         AddResult {
             cni_version: version,
             host_veth: "enib5faff8a083",
@@ -183,7 +187,7 @@ mod tests {
             netns: "/var/run/netns/x",
             address: Ipv4Addr::new(10, 0, 1, 7).into(),
             egress: None,
-            branch: None,
+            branch,
         }
         .to_json()
     }
@@ -218,18 +222,7 @@ mod tests {
     /// real MAC, so strict runtimes take it), and a DEL reads both back.
     #[test]
     fn a_branch_pods_result_keeps_its_vlan_for_del() {
-        let mut value = AddResult {
-            cni_version: "1.0.0",
-            host_veth: "enib5faff8a083",
-            host_mac: [0x02, 0, 0, 0, 0, 1],
-            ifname: "eth0",
-            pod_mac: [0x0a, 0, 0, 0, 0, 2],
-            netns: "/var/run/netns/x",
-            address: Ipv4Addr::new(10, 0, 1, 7).into(),
-            egress: None,
-            branch: Some((4, [0x02, 0xb0, 0, 0, 0, 0x0b])),
-        }
-        .to_json();
+        let mut value = with_branch("1.0.0", Some((4, [0x02, 0xb0, 0, 0, 0, 0x0b])));
         assert_eq!(
             value["interfaces"][2],
             json!({"name": "vlan.eth.4", "mac": "02:b0:00:00:00:0b"})

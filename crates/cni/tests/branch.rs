@@ -110,6 +110,16 @@ fn rules(node: &Netns) -> String {
     sh(&format!("ip -n {} rule show", node.name))
 }
 
+/// Nothing of VLAN 5 is left on the node: no link, no rule, no route in its table.
+fn assert_branch_gone(node: &Netns) {
+    let links = sh(&format!("ip -n {} -o link show", node.name));
+    assert!(!links.contains("vlan.eth.5"), "{links}");
+    let rules_now = rules(node);
+    assert!(!rules_now.contains("105"), "{rules_now}");
+    let table = sh(&format!("ip -n {} route show table 105", node.name));
+    assert!(table.trim().is_empty(), "{table}");
+}
+
 #[test]
 fn a_branch_pod_is_wired_behind_its_vlan_and_del_takes_it_all_away() {
     if !can_run_datapath_tests("a_branch_pod_is_wired_behind_its_vlan_and_del_takes_it_all_away") {
@@ -166,12 +176,7 @@ fn a_branch_pod_is_wired_behind_its_vlan_and_del_takes_it_all_away() {
     );
     let deleted = plugin(Some(&vpc.node), &env("DEL", &netns), &del_conf.to_string());
     assert_eq!(deleted.status, 0, "{}", deleted.raw);
-    let links = sh(&format!("ip -n {} -o link show", vpc.node.name));
-    assert!(!links.contains("vlan.eth.5"), "{links}");
-    let rules_now = rules(&vpc.node);
-    assert!(!rules_now.contains("105"), "{rules_now}");
-    let table = sh(&format!("ip -n {} route show table 105", vpc.node.name));
-    assert!(table.trim().is_empty(), "{table}");
+    assert_branch_gone(&vpc.node);
 }
 
 #[test]
@@ -250,10 +255,5 @@ fn a_branch_pods_del_without_the_daemon_finds_its_vlan_in_prev_result() {
     del_conf["prevResult"] = added.stdout.clone();
     let deleted = plugin(Some(&vpc.node), &env("DEL", &netns), &del_conf.to_string());
     assert_eq!(deleted.status, 0, "{}", deleted.raw);
-    let links = sh(&format!("ip -n {} -o link show", vpc.node.name));
-    assert!(!links.contains("vlan.eth.5"), "{links}");
-    let rules_now = rules(&vpc.node);
-    assert!(!rules_now.contains("105"), "{rules_now}");
-    let table = sh(&format!("ip -n {} route show table 105", vpc.node.name));
-    assert!(table.trim().is_empty(), "{table}");
+    assert_branch_gone(&vpc.node);
 }

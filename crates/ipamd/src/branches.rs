@@ -215,13 +215,7 @@ impl Branches {
             // not show as a branch pod (or cannot show now) is looked up in the pool, so that the
             // CHECK of a pod of the pool never depends on the API server.
             Request::Lookup { pod: Some(pod), .. } => {
-                let Ok(PodEni::Branches(branches)) = self
-                    .pods
-                    .pod_eni(&pod.namespace, &pod.name, Duration::ZERO)
-                    .await
-                else {
-                    return None;
-                };
+                let branches = self.annotated(pod).await?;
                 Some(match self.allocation(&branches).await {
                     Ok(allocation) => Reply::Found {
                         allocation: Some(allocation),
@@ -232,18 +226,25 @@ impl Branches {
             Request::Del { pod: Some(pod), .. } => {
                 // The pod is still there at its sandbox's DEL (its object goes once the kubelet has
                 // torn it down); when it is not, the plugin falls back to its prevResult.
-                let Ok(PodEni::Branches(branches)) = self
-                    .pods
-                    .pod_eni(&pod.namespace, &pod.name, Duration::ZERO)
-                    .await
-                else {
-                    return None;
-                };
+                let branches = self.annotated(pod).await?;
                 let released = self.allocation(&branches).await.ok()?;
                 Some(Reply::Deleted {
                     released: Some(released),
                 })
             }
+            _ => None,
+        }
+    }
+
+    /// The pod's branches as its annotation says now, without waiting; None when it has none or
+    /// cannot be read.
+    async fn annotated(&self, pod: &proto::PodRef) -> Option<Vec<BranchEni>> {
+        match self
+            .pods
+            .pod_eni(&pod.namespace, &pod.name, Duration::ZERO)
+            .await
+        {
+            Ok(PodEni::Branches(branches)) => Some(branches),
             _ => None,
         }
     }

@@ -455,28 +455,15 @@ fn answer(shared: &Shared, request: &Request) -> (u16, Value) {
                 ),
             }
         }
-        "patch" => {
-            // A JSON merge patch (RFC 7386), the only kind the daemon sends.
-            let key = (
-                resource.to_string(),
-                namespace.clone(),
-                name.unwrap_or_default(),
-            );
-            let Some(mut object) = store.objects.get(&key).cloned() else {
-                return status(
-                    404,
-                    "NotFound",
-                    &format!("{resource} \"{}\" not found", key.2),
-                );
-            };
-            let Ok(patch) = serde_json::from_slice::<Value>(&request.body) else {
-                return status(400, "BadRequest", "the patch is not JSON");
-            };
-            merge_patch(&mut object, &patch);
-            store.put(resource, (key.1.clone(), key.2.clone()), object);
-            shared.changed.notify_all();
-            (200, store.objects[&key].clone())
-        }
+        // A JSON merge patch (RFC 7386), the only kind the daemon sends.
+        "patch" => patch_object(
+            &mut store,
+            shared,
+            resource,
+            (namespace.clone(), name.unwrap_or_default()),
+            &request.body,
+            merge_patch,
+        ),
         "list" => {
             let items: Vec<Value> = store
                 .objects
@@ -556,11 +543,31 @@ fn patch_status(
         group,
         resource: format!("{resource}/status"),
     });
-    let key = (
-        resource.to_string(),
-        namespace.unwrap_or_default(),
-        name.unwrap_or_default(),
-    );
+    patch_object(
+        &mut store,
+        shared,
+        resource,
+        (namespace.unwrap_or_default(), name.unwrap_or_default()),
+        &request.body,
+        |object, patch| {
+            if !patch["status"].is_null() {
+                merge_patch(&mut object["status"], &patch["status"]);
+            }
+        },
+    )
+}
+
+/// Applies the patch in `body` to the stored object at `key` with `apply`, stores the result and
+/// wakes the watches; the answer is the object as stored.
+fn patch_object(
+    store: &mut Store,
+    shared: &Shared,
+    resource: &'static str,
+    (namespace, name): (String, String),
+    body: &[u8],
+    apply: impl FnOnce(&mut Value, &Value),
+) -> (u16, Value) {
+    let key = (resource.to_string(), namespace, name);
     let Some(mut object) = store.objects.get(&key).cloned() else {
         return status(
             404,
@@ -568,12 +575,10 @@ fn patch_status(
             &format!("{resource} \"{}\" not found", key.2),
         );
     };
-    let Ok(patch) = serde_json::from_slice::<Value>(&request.body) else {
+    let Ok(patch) = serde_json::from_slice::<Value>(body) else {
         return status(400, "BadRequest", "the patch is not JSON");
     };
-    if !patch["status"].is_null() {
-        merge_patch(&mut object["status"], &patch["status"]);
-    }
+    apply(&mut object, &patch);
     store.put(resource, (key.1.clone(), key.2.clone()), object);
     shared.changed.notify_all();
     (200, store.objects[&key].clone())
