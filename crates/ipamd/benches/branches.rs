@@ -118,32 +118,6 @@ fn branch_calls(tb: &Testbed) -> u64 {
         .sum()
 }
 
-/// Waits until the pool has `addresses` available (none cooling down or assigned).
-fn warm_pool(tb: &Testbed, addresses: usize) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        let status = tb.nodes[0].introspect("/v1/status").expect("introspection");
-        if status["addresses"]["available"].as_u64() >= Some(addresses as u64) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the pool never held {addresses} addresses");
-}
-
-/// Waits until the daemon has no EC2 action in flight and no ADD waiting.
-fn settle(tb: &Testbed) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        let status = tb.nodes[0].introspect("/v1/status").expect("introspection");
-        if status["ec2ActionsInFlight"] == 0 && status["pendingAdds"] == 0 {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the daemon never settled");
-}
-
 fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -184,7 +158,7 @@ fn main() {
     // The trunk and a first branch; then a branch for another set of groups, cold.
     pod(&tb, "web-first", "web");
     add(&socket, "web-first");
-    settle(&tb);
+    tb.nodes[0].settle().expect("the daemon settles");
     let before = ec2_ms(&tb, "CreateNetworkInterface") + ec2_ms(&tb, "AssociateTrunkInterface");
     pod(&tb, "api-cold", "api");
     let (cold, _) = add(&socket, "api-cold");
@@ -207,7 +181,11 @@ fn main() {
         warm.push(add(&socket, &name).0);
         previous = name;
     }
-    warm_pool(&tb, PLAIN_ADDS);
+    tb.nodes[0]
+        .wait_status("the warm pool", |s| {
+            s["addresses"]["available"].as_u64() >= Some(PLAIN_ADDS as u64)
+        })
+        .expect("the pool holds the plain pods' addresses");
     let mut plain = Vec::new();
     for i in 0..PLAIN_ADDS {
         let name = format!("plain-{i}");
@@ -236,13 +214,13 @@ fn main() {
 
     // A rolling update of 20 pods, after every spare from above is gone.
     std::thread::sleep(ipam::branches::BRANCH_COOLDOWN + Duration::from_secs(5));
-    settle(&tb);
+    tb.nodes[0].settle().expect("the daemon settles");
     let old: Vec<String> = (0..ROLLING).map(|i| format!("web-old-{i}")).collect();
     for name in &old {
         pod(&tb, name, "web");
         add(&socket, name);
     }
-    settle(&tb);
+    tb.nodes[0].settle().expect("the daemon settles");
     let start = branch_calls(&tb);
     for (i, name) in old.iter().enumerate() {
         let new = format!("web-new-{i}");
@@ -251,7 +229,7 @@ fn main() {
         del(&socket, name);
     }
     std::thread::sleep(ipam::branches::BRANCH_COOLDOWN + Duration::from_secs(5));
-    settle(&tb);
+    tb.nodes[0].settle().expect("the daemon settles");
     let calls = branch_calls(&tb) - start;
     let upstream = ROLLING as u64 * CALLS_PER_POD_UPSTREAM;
     println!(

@@ -70,19 +70,6 @@ fn del(socket: &std::path::Path, i: usize) {
     );
 }
 
-/// Waits until the daemon has no EC2 action in flight.
-fn settle(tb: &Testbed) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        let status = tb.nodes[0].introspect("/v1/status").expect("introspection");
-        if status["ec2ActionsInFlight"] == 0 && status["pendingAdds"] == 0 {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the daemon never settled");
-}
-
 /// Every call EC2 answered for the node since it started, by operation.
 fn ec2_calls_per_100_pods(env: &[(&str, &str)]) -> (u64, String) {
     let mut daemon_env: Vec<(String, String)> = env
@@ -103,11 +90,11 @@ fn ec2_calls_per_100_pods(env: &[(&str, &str)]) -> (u64, String) {
         for i in 0..20 {
             add(&socket, wave * 20 + i);
         }
-        settle(&tb);
+        tb.nodes[0].settle().expect("the daemon settles");
         for i in 0..20 {
             del(&socket, wave * 20 + i);
         }
-        settle(&tb);
+        tb.nodes[0].settle().expect("the daemon settles");
     }
     let model = tb.vpc_model();
     let vpc = model.lock().expect("vpc lock");
@@ -161,7 +148,7 @@ fn idle_node_hour(window: Duration) -> (f64, f64, u64) {
     for i in 0..5 {
         add(&socket, i);
     }
-    settle(&tb);
+    tb.nodes[0].settle().expect("the daemon settles");
     // Two reconciles to see the pool as it is now.
     std::thread::sleep(Duration::from_secs(3));
     let calls = |tb: &Testbed| -> u64 {

@@ -183,6 +183,28 @@ impl Node {
         serde_json::from_str(&body).map_err(|e| format!("{path}: {e}: {body}"))
     }
 
+    /// Polls `/v1/status` until `ready` holds (up to two minutes); the status that satisfied it.
+    pub fn wait_status(&self, what: &str, ready: impl Fn(&Value) -> bool) -> Result<Value, String> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = self.introspect("/v1/status")?;
+            if ready(&status) {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("{what}: not so after 120 s: {status}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the daemon has no EC2 action in flight and no ADD waiting.
+    pub fn settle(&self) -> Result<Value, String> {
+        self.wait_status("the daemon settled", |s| {
+            s["ec2ActionsInFlight"] == 0 && s["pendingAdds"] == 0
+        })
+    }
+
     pub fn metrics(&self) -> Result<String, String> {
         match self.http_get(METRICS, "/metrics")? {
             (200, body) => Ok(body),
