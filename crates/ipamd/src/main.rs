@@ -226,17 +226,13 @@ fn report_refused_settings(args: &Args, message: &str) {
 /// VPC resource controller attaches a trunk ENI; tried until it takes (the controller makes the
 /// CNINode when the node joins), with one Warning Event while it does not.
 async fn ask_for_a_trunk(cluster: Arc<Cluster>) {
-    let mut warned = false;
-    loop {
-        match cluster.enable_security_groups_for_pods().await {
-            Ok(added) => {
-                tracing::info!(added, "CNINode has SecurityGroupsForPods");
-                return;
-            }
-            Err(e) => {
+    let added = until_it_takes(|tries| {
+        let cluster = cluster.clone();
+        async move {
+            let result = cluster.enable_security_groups_for_pods().await;
+            if let Err(e) = &result {
                 tracing::warn!(error = %e, "CNINode");
-                if !warned {
-                    warned = true;
+                if tries == 0 {
                     if let Err(why) = cluster
                         .warn_now("SecurityGroupsForPods", &e.to_string())
                         .await
@@ -245,27 +241,49 @@ async fn ask_for_a_trunk(cluster: Arc<Cluster>) {
                     }
                 }
             }
+            result
         }
-        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    tracing::info!(added, "CNINode has SecurityGroupsForPods");
+}
+
+/// The API server's answer to a write the node needs once (its CNINode's feature, its Node's
+/// capacity), tried again after each failure with the one backoff, 1 s growing to 30 s.
+async fn until_it_takes<T, E, F>(mut attempt: impl FnMut(u32) -> F) -> T
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    const RETRY: ipam::pacing::Backoff =
+        ipam::pacing::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut tries = 0;
+    loop {
+        if let Ok(done) = attempt(tries).await {
+            return done;
+        }
+        tokio::time::sleep(RETRY.ceiling(tries)).await;
+        tries += 1;
     }
 }
 
 /// Where the node makes its branches: their number on the Node (`vpc.amazonaws.com/pod-eni`), as
-/// EKS's controller advertises it; tried every 30 s until it takes. None on a type without a trunk.
+/// EKS's controller advertises it; tried until it takes. None on a type without a trunk.
 async fn advertise_branches(cluster: Arc<Cluster>, branches: u32) {
     if branches == 0 {
         return;
     }
-    loop {
-        match cluster.advertise_branch_capacity(branches).await {
-            Ok(()) => {
-                tracing::info!(branches, "pod-eni capacity advertised on the Node");
-                return;
+    until_it_takes(|_| {
+        let cluster = cluster.clone();
+        async move {
+            let result = cluster.advertise_branch_capacity(branches).await;
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, "advertising the node's branch capacity");
             }
-            Err(e) => tracing::warn!(error = %e, "advertising the node's branch capacity"),
+            result
         }
-        tokio::time::sleep(Duration::from_secs(30)).await;
-    }
+    })
+    .await;
+    tracing::info!(branches, "pod-eni capacity advertised on the Node");
 }
 
 /// The API server when the environment places the daemon in a cluster, and whether it answered.
